@@ -1,0 +1,3 @@
+from forkproxy.cli import main
+
+raise SystemExit(main())

@@ -20,12 +20,15 @@ record that does not fit before the end of the data area is preceded by a wrap m
 (``len == 0xFFFFFFFF``) and starts at offset 0; a record never straddles the end, so the
 consumer can hand out a single contiguous memoryview.
 
+Records longer than ``max_payload`` (half the data area minus the header) are refused like
+pushes into a full ring: then a record always fits into an empty ring, whatever the offset.
+
 ``seq`` is the record's position in 8-byte units modulo 2**32. It increments by record
 length rather than by one, but it needs no producer state: a restarted producer that
 resumes from ``head`` computes the same numbers the consumer expects. A header left in the
-slot by the previous lap carries the position of that lap (``data_size`` bytes earlier,
-``data_size <= 2**32``), and a header read from the middle of old payload matches with
-probability 2**-32, so a record whose header was not written in this lap is never
+slot by an earlier lap carries that lap's position (it would match only if written a
+multiple of 2**35 bytes earlier), and a header read from the middle of old payload matches
+with probability 2**-32, so a record whose header was not written in this lap is not
 delivered: the consumer counts it in ``lost`` and resynchronises to ``head``.
 
 Ordering. The producer writes payload, then header, then ``head`` (the commit); it never

@@ -10,6 +10,7 @@ switched to, so :func:`install_callbacks` puts each where OpenSSL looks for it.
 
 from __future__ import annotations
 
+import _ssl
 import hashlib
 import ssl
 from collections.abc import Callable, Iterable, Sequence
@@ -245,7 +246,9 @@ def build_server_context(
     root.ticket_callback = None
     root.status_callback = None
     if len(contexts) > 1:
-        root.sni_callback = _sni_switcher(root)
+        # set through the C descriptor: gevent's wrapper only understands gevent sockets,
+        # the switcher below handles those and plain SSLObjects (memory BIOs) alike
+        _ssl._SSLContext.sni_callback.__set__(root, _sni_switcher(root))
     return root
 
 
@@ -264,7 +267,10 @@ def _sni_switcher(
                 if ctx is None:
                     ctx = default.context_for(server_name)
                 if ctx is not default:
-                    sslobj.context = ctx
+                    # gevent hands us its _contextawaresock; the SSL socket is behind it
+                    ref = getattr(sslobj, "_sslsock", None)
+                    target = ref() if ref is not None else sslobj
+                    target.context = ctx
         except Exception:
             pass
         return None

@@ -498,7 +498,7 @@ class OCSPUpdater:
     """Refreshes every certificate's staple and publishes it into the key store.
 
     ``sources[i]`` is the certificate in slot i (its position in the config); None for
-    a certificate without stapling. ``on_result(slot, result)`` sees every attempt (for
+    a slot this updater leaves alone (no stapling). ``on_result(slot, result)`` sees every attempt (for
     logs and metrics). Run :meth:`start` once, then :meth:`run_due` whenever its returned
     deadline passes (or :meth:`run` in a greenlet).
     """
@@ -522,7 +522,9 @@ class OCSPUpdater:
     def publish(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         for slot, src in enumerate(self.sources):
-            entry = src.staple(now) if src is not None else None
+            if src is None:  # not managed here: never touched
+                continue
+            entry = src.staple(now)
             der = entry[0] if entry else None
             if der is None:
                 if self.published.get(slot, b"") is not None:

@@ -240,9 +240,11 @@ def ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
         raise OpenSSLError("SSLContext holds no SSL_CTX pointer at the expected offset")
 
     def agrees() -> bool:
-        return int(lib.SSL_CTX_get_options(p)) == int(ctx.options) and int(
-            lib.SSL_CTX_get_verify_mode(p)
-        ) == int(ctx.verify_mode)
+        # CPython maps SSL_VERIFY_* (NONE 0, PEER 1, PEER|FAIL_IF_NO_PEER_CERT 3) to CERT_*
+        mode = {0: 0, 1: 1, 3: 2}.get(int(lib.SSL_CTX_get_verify_mode(p)) & 0x3, -1)
+        return int(lib.SSL_CTX_get_options(p)) == int(ctx.options) and mode == int(
+            ctx.verify_mode
+        )
 
     if not agrees():
         raise OpenSSLError(
@@ -588,19 +590,33 @@ def self_test(handshake: bool = True) -> SelfTestResult:
         )
 
 
-def _client_staple_reader(store: list[bytes]) -> Callable[[int, int], int]:
+def request_ocsp_status(client: ssl.SSLContext) -> list[bytes]:
+    """Make a *client* context ask for OCSP stapling; every staple received (b"" for
+    none) is appended to the returned list. For the self-test and tests."""
     lib = library()
+    p = ssl_ctx_pointer(client)
+    received: list[bytes] = []
 
     def cb(s: int, _arg: int) -> int:
         try:
             ptr = ctypes.c_void_p()
             n = lib.SSL_ctrl(s, _SSL_CTRL_GET_TLSEXT_STATUS_REQ_OCSP_RESP, 0, ctypes.byref(ptr))
-            store.append(ctypes.string_at(ptr.value, n) if n > 0 and ptr.value else b"")
+            received.append(ctypes.string_at(ptr.value, n) if n > 0 and ptr.value else b"")
         except BaseException:
-            store.append(b"")
+            received.append(b"")
         return 1
 
-    return cb
+    c_cb = _STATUS_CB(cb)
+    generic = ctypes.cast(c_cb, _GENERIC_CB)
+    _keep_alive(client, c_cb)
+    _keep_alive(client, generic)
+    if (
+        lib.SSL_CTX_ctrl(p, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_TYPE, _TLSEXT_STATUSTYPE_ocsp, None)
+        != 1
+    ):
+        raise OpenSSLError("cannot request OCSP status on a client context")
+    lib.SSL_CTX_callback_ctrl(p, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB, generic)
+    return received
 
 
 def _handshake_test() -> None:
@@ -650,19 +666,7 @@ def _handshake_test() -> None:
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname = False
     client.verify_mode = ssl.CERT_NONE
-    lib = library()
-    cp = ssl_ctx_pointer(client)
-    received: list[bytes] = []
-    client_cb = _STATUS_CB(_client_staple_reader(received))
-    _keep_alive(client, client_cb)
-    if (
-        lib.SSL_CTX_ctrl(cp, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_TYPE, _TLSEXT_STATUSTYPE_ocsp, None)
-        != 1
-    ):
-        raise OpenSSLError("cannot request OCSP status on the test client")
-    lib.SSL_CTX_callback_ctrl(
-        cp, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB, ctypes.cast(client_cb, _GENERIC_CB)
-    )
+    received = request_ocsp_status(client)
 
     def run(session: ssl.SSLSession | None) -> ssl.SSLObject:
         ci, co, si, so = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()

@@ -1,0 +1,441 @@
+"""Typed configuration: TOML -> msgspec Structs, then semantic checks.
+
+Every error carries the file and the dotted key path (``upstream.app.servers[1].weight``)
+so an operator can fix it without reading code. Unknown keys are errors. Durations
+("250ms", "30s", "5m", "1h") become float seconds and sizes ("8k", "1m") become ints
+while decoding, so the rest of the program never parses strings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+
+class ConfigError(Exception):
+    """One or more `FILE: path.to.key: message` problems."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Duration(float):
+    """Seconds, written in the config as "250ms", "30s", "5m", "1h" or "1d"."""
+
+
+class Size(int):
+    """Bytes, written in the config as "512", "8k", "1m" or "1g"."""
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_duration(text: str) -> Duration:
+    m = _DURATION_RE.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"expected a duration like '250ms', '30s', '5m', '1h', got {text!r}")
+    return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
+
+
+def parse_size(text: str | int) -> Size:
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return Size(text)
+    m = _SIZE_RE.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"expected a size like '512', '8k', '1m', got {text!r}")
+    return Size(int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def _dec_hook(tp, obj):
+    if tp is Duration:
+        return parse_duration(obj)
+    if tp is Size:
+        return parse_size(obj)
+    raise NotImplementedError(f"unsupported type {tp}")
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+Positive = Annotated[int, Meta(ge=1)]
+
+
+class ServerConfig(_Section, kw_only=True):
+    workers: Positive | Literal["auto"] = "auto"
+    workers_per_core: Positive = 1
+    cpu_affinity: Literal["auto", "off"] | list[Annotated[int, Meta(ge=0)]] = "auto"
+    pidfile: str = "forkproxy.pid"
+    user: str = ""
+    group: str = ""
+    graceful_timeout: Duration = Duration(30.0)
+    #: a worker that has not reported a heartbeat for this long is replaced
+    heartbeat_timeout: Duration = Duration(30.0)
+    #: idle keep-alive client connections are closed after this long
+    keepalive_timeout: Duration = Duration(75.0)
+    #: the whole request head must arrive within this time (408 otherwise)
+    client_header_timeout: Duration = Duration(60.0)
+    #: time allowed between two reads of a request body (408 otherwise)
+    client_body_timeout: Duration = Duration(60.0)
+    #: time allowed between two successful writes to the client
+    send_timeout: Duration = Duration(60.0)
+    #: longest request line accepted (414 above)
+    max_request_line: Size = Size(8192)
+    #: longest single header line accepted (431 above)
+    max_header_size: Size = Size(8192)
+    #: most header fields in one request (431 above)
+    max_header_count: Positive = 100
+    #: all request header bytes together (431 above)
+    max_headers_total: Size = Size(32768)
+    #: largest request body accepted ("0" = unlimited; 413 above)
+    max_body_size: Size = Size(1024**3)
+    #: copy buffer per direction for bodies
+    buffer_size: Size = Size(256 * 1024)
+    #: most concurrent client connections per worker (new ones wait in the kernel backlog)
+    max_connections: Positive = 10000
+    #: listen(2) backlog of every listening socket
+    backlog: Positive = 4096
+    #: bytes of each worker's shared-memory ring of request contexts
+    ring_size: Size = Size(1 << 20)
+
+
+class LogConfig(_Section, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    error_log: str = "-"
+    access_log: str = "-"
+    format: Literal["json", "console"] = "json"
+
+
+class AdminConfig(_Section, kw_only=True):
+    listen: str = "127.0.0.1:9901"
+    #: required when listen is not a loopback address (sent as "Authorization: Bearer TOKEN")
+    token: str = ""
+
+
+class CertificateConfig(_Section, kw_only=True):
+    cert: str
+    key: str
+    ocsp_responder: str = ""
+
+
+class TLSConfig(_Section, kw_only=True):
+    certificates: list[CertificateConfig]
+    session_tickets: bool = True
+    ticket_key_rotation: Duration = Duration(3600.0)
+    ticket_key_file: str = ""
+    ocsp_stapling: bool = True
+    alpn: list[str] = field(default_factory=lambda: ["http/1.1"])
+
+
+class ListenerConfig(_Section, kw_only=True):
+    listen: str
+    upstream: str = ""
+    tls: TLSConfig | None = None
+    proxy_protocol: bool = False
+
+
+class RouteConfig(_Section, kw_only=True):
+    host: str = "*"
+    path_prefix: str = "/"
+    upstream: str
+
+
+class ServerAddress(_Section, kw_only=True):
+    address: str
+    weight: Positive = 1
+
+
+class UpstreamConfig(_Section, kw_only=True):
+    servers: Annotated[list[ServerAddress], Meta(min_length=1)]
+    keepalive: Annotated[int, Meta(ge=0)] = 64
+    keepalive_timeout: Duration = Duration(55.0)
+    keepalive_requests: Positive = 10000
+    connect_timeout: Duration = Duration(2.0)
+    read_timeout: Duration = Duration(30.0)
+    send_timeout: Duration = Duration(30.0)
+
+
+class Config(_Section, kw_only=True):
+    server: ServerConfig = field(default_factory=ServerConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    listener: list[ListenerConfig] = field(default_factory=list)
+    route: list[RouteConfig] = field(default_factory=list)
+    upstream: dict[str, UpstreamConfig] = field(default_factory=dict)
+    #: the file this was loaded from (set by load(), not a config key)
+    path: str = ""
+
+
+# -- addresses -------------------------------------------------------------------------
+
+
+class ListenAddress(Struct, frozen=True):
+    """One parsed `listen` value. iface is set for "IFACE:PORT"."""
+
+    host: str
+    port: int
+    iface: str = ""
+    wildcard: bool = False
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse "HOST:PORT", "[V6]:PORT", "*:PORT" or "IFACE:PORT" (no name resolution)."""
+    if not isinstance(text, str) or ":" not in text:
+        raise ValueError(f"expected 'HOST:PORT', '[V6]:PORT', '*:PORT' or 'IFACE:PORT', got {text!r}")
+    if text.startswith("["):
+        end = text.find("]:")
+        if end < 0:
+            raise ValueError(f"expected '[V6]:PORT', got {text!r}")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address")
+    else:
+        host, _, port_text = text.rpartition(":")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 0-65535, got {port_text!r}")
+    port = int(port_text)
+    if host == "*":
+        return ListenAddress("0.0.0.0", port, wildcard=True)
+    try:
+        ipaddress.ip_address(host)
+        return ListenAddress(host, port)
+    except ValueError:
+        pass
+    if not host:
+        raise ValueError(f"missing host in {text!r}")
+    if _is_interface(host):
+        return ListenAddress("", port, iface=host)
+    return ListenAddress(host, port)
+
+
+def _is_interface(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+        return True
+    except OSError:
+        return False
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Upstream server address "HOST:PORT" or "[V6]:PORT"."""
+    addr = parse_listen(text)
+    if addr.iface or addr.wildcard:
+        raise ValueError(f"expected 'HOST:PORT', got {text!r}")
+    return addr.host, addr.port
+
+
+# -- loading ---------------------------------------------------------------------------
+
+_PATH_RE = re.compile(r" - at `\$(.*)`$")
+
+
+def _format_validation(path: str, exc: msgspec.ValidationError, prefix: str = "") -> str:
+    msg = str(exc)
+    key = ""
+    m = _PATH_RE.search(msg)
+    if m:
+        key = m.group(1).lstrip(".")
+        msg = msg[: m.start()]
+    if prefix:
+        key = f"{prefix}.{key}" if key and not key.startswith("[") else prefix + key
+    # msgspec says "Expected `int` >= 1"; keep its words, drop the backticks
+    msg = msg.replace("`", "")
+    if msg.startswith("Expected"):
+        msg = "e" + msg[1:]
+    if msg.startswith("Object contains unknown field"):
+        field_name = msg.split()[-1].strip("'\"")
+        key = f"{key}.{field_name}" if key else field_name
+        msg = "unknown key"
+    if msg.startswith("Object missing required field"):
+        field_name = msg.split()[-1].strip("'\"")
+        key = f"{key}.{field_name}" if key else field_name
+        msg = "required key is missing"
+    return f"{path}: {key or '(top)'}: {msg}"
+
+
+def load(path: str, *, check_files: bool = True) -> Config:
+    """Read, decode and validate a config file; raise ConfigError listing every problem."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: (file): {e.strerror}"])
+    return loads(data, path, check_files=check_files)
+
+
+def loads(data: bytes | str, path: str = "<string>", *, check_files: bool = True) -> Config:
+    try:
+        raw = tomllib.loads(data.decode() if isinstance(data, bytes) else data)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: (syntax): {e}"])
+    # upstreams are converted one by one so errors name the upstream (msgspec says [...])
+    ups = raw.get("upstream")
+    if isinstance(ups, dict):
+        converted = {}
+        for name, value in ups.items():
+            try:
+                converted[name] = msgspec.convert(value, UpstreamConfig, dec_hook=_dec_hook)
+            except msgspec.ValidationError as e:
+                raise ConfigError([_format_validation(path, e, f"upstream.{name}")])
+        raw["upstream"] = converted
+    try:
+        cfg = msgspec.convert(raw, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as e:
+        raise ConfigError([_format_validation(path, e)])
+    cfg = msgspec.structs.replace(cfg, path=os.path.abspath(path) if path != "<string>" else path)
+    problems = validate(cfg, check_files=check_files)
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+    return cfg
+
+
+def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
+    """Cross-field checks msgspec cannot express; returns 'key: message' strings."""
+    problems: list[str] = []
+    base = os.path.dirname(cfg.path) if cfg.path and cfg.path != "<string>" else "."
+    if not cfg.listener:
+        problems.append("listener: at least one [[listener]] is required")
+    seen: dict[ListenAddress, int] = {}
+    for i, lst in enumerate(cfg.listener):
+        key = f"listener[{i}]"
+        try:
+            addr = parse_listen(lst.listen)
+            if addr in seen:
+                problems.append(f"{key}.listen: same address as listener[{seen[addr]}]")
+            seen[addr] = i
+        except ValueError as e:
+            problems.append(f"{key}.listen: {e}")
+        if lst.upstream and lst.upstream not in cfg.upstream:
+            problems.append(f"{key}.upstream: no upstream named {lst.upstream!r}")
+        if not lst.upstream and not cfg.route:
+            problems.append(f"{key}.upstream: required when no [[route]] is defined")
+        if lst.tls is not None:
+            problems.extend(_validate_tls(f"{key}.tls", lst.tls, base, check_files))
+    for i, route in enumerate(cfg.route):
+        key = f"route[{i}]"
+        if route.upstream not in cfg.upstream:
+            problems.append(f"{key}.upstream: no upstream named {route.upstream!r}")
+        if not route.path_prefix.startswith("/"):
+            problems.append(f"{key}.path_prefix: must start with '/'")
+        host = route.host
+        if host != "*" and (not host or "*" in host.lstrip("*.") or (host.startswith("*") and not host.startswith("*."))):
+            problems.append(f"{key}.host: expected an exact host, '*.suffix' or '*', got {host!r}")
+    for name, up in cfg.upstream.items():
+        for j, srv in enumerate(up.servers):
+            try:
+                parse_hostport(srv.address)
+            except ValueError as e:
+                problems.append(f"upstream.{name}.servers[{j}].address: {e}")
+    if cfg.admin.listen:
+        try:
+            addr = parse_listen(cfg.admin.listen)
+            if not _is_loopback(addr) and not cfg.admin.token:
+                problems.append("admin.token: required when admin.listen is not a loopback address")
+        except ValueError as e:
+            problems.append(f"admin.listen: {e}")
+    if isinstance(cfg.server.cpu_affinity, list):
+        usable = os.sched_getaffinity(0)
+        for j, cpu in enumerate(cfg.server.cpu_affinity):
+            if cpu not in usable:
+                problems.append(f"server.cpu_affinity[{j}]: CPU {cpu} is not usable (usable: {sorted(usable)})")
+    if cfg.server.user:
+        import pwd
+
+        try:
+            pwd.getpwnam(cfg.server.user)
+        except KeyError:
+            problems.append(f"server.user: no such user {cfg.server.user!r}")
+    if cfg.server.group:
+        import grp
+
+        try:
+            grp.getgrnam(cfg.server.group)
+        except KeyError:
+            problems.append(f"server.group: no such group {cfg.server.group!r}")
+    if cfg.log.level not in ("debug", "info", "warning", "error"):
+        problems.append("log.level: unknown level")
+    return problems
+
+
+def _is_loopback(addr: ListenAddress) -> bool:
+    if addr.iface:
+        return addr.iface == "lo"
+    if addr.host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr.host).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_tls(key: str, tls: TLSConfig, base: str, check_files: bool) -> list[str]:
+    problems = []
+    if not tls.certificates:
+        problems.append(f"{key}.certificates: at least one certificate is required")
+    for j, cert in enumerate(tls.certificates):
+        ckey = f"{key}.certificates[{j}]"
+        for attr in ("cert", "key"):
+            p = resolve_path(getattr(cert, attr), base)
+            if check_files and not os.access(p, os.R_OK):
+                problems.append(f"{ckey}.{attr}: cannot read {p}")
+        if check_files and not problems:
+            try:
+                from forkproxy.tls.context import check_cert_key
+            except ImportError:  # pragma: no cover - TLS module missing
+                continue
+            err = check_cert_key(resolve_path(cert.cert, base), resolve_path(cert.key, base))
+            if err:
+                problems.append(f"{ckey}.key: {err}")
+    if tls.ticket_key_file and check_files:
+        p = resolve_path(tls.ticket_key_file, base)
+        if not os.access(p, os.R_OK):
+            problems.append(f"{key}.ticket_key_file: cannot read {p}")
+        elif os.stat(p).st_mode & 0o077:
+            problems.append(f"{key}.ticket_key_file: {p} must not be readable by group or others (chmod 600)")
+    if tls.ticket_key_rotation < 1:
+        problems.append(f"{key}.ticket_key_rotation: must be at least 1s")
+    for proto in tls.alpn:
+        if proto not in ("http/1.1",):
+            problems.append(f"{key}.alpn: unsupported protocol {proto!r} (only 'http/1.1')")
+    return problems
+
+
+def resolve_path(p: str, base: str) -> str:
+    """Relative paths in the config are relative to the config file's directory."""
+    return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+
+def worker_count(cfg: Config) -> int:
+    if cfg.server.workers == "auto":
+        return max(1, len(os.sched_getaffinity(0))) * cfg.server.workers_per_core
+    return int(cfg.server.workers)
+
+
+def worker_cpus(cfg: Config, n: int) -> list[int | None]:
+    """CPU each worker slot is pinned to (None = not pinned)."""
+    aff = cfg.server.cpu_affinity
+    if aff == "off":
+        return [None] * n
+    cpus = sorted(os.sched_getaffinity(0)) if aff == "auto" else list(aff)
+    return [cpus[i % len(cpus)] for i in range(n)]
+
+
+def log_path(cfg: Config, p: str) -> str:
+    """A log destination with relative paths resolved against the config's directory."""
+    if p in ("-", "off", ""):
+        return p
+    base = os.path.dirname(cfg.path) if cfg.path and cfg.path != "<string>" else "."
+    return resolve_path(p, base)

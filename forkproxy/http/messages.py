@@ -1,0 +1,107 @@
+"""Sans-IO HTTP/1.1 message pieces shared by the downstream and upstream sides.
+
+Nothing here touches a socket: header classification, head serialisation and the
+prebuilt error responses, so they are tested by feeding bytes in.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: hop-by-hop headers never forwarded in either direction (RFC 9110 7.6.1); lower-case
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"content-length",  # re-framed by us from what was parsed
+    }
+)
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+#: bytes a header value may not contain (RFC 9110 5.5: no CTL except HTAB)
+BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: a valid header name (token)
+TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+REASONS = {
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class HTTPError(Exception):
+    """A request the proxy answers itself with `status`; close=True means the framing is
+    no longer trustworthy and the connection must close after the response."""
+
+    def __init__(self, status: int, reason: str = "", close: bool = True):
+        super().__init__(reason or REASONS.get(status, b"").decode())
+        self.status = status
+        self.close = close
+
+
+def error_response(status: int, close: bool, detail: str = "") -> bytes:
+    """A complete small text/plain response the proxy generates itself."""
+    reason = REASONS.get(status, b"Error")
+    body = b"%d %s\n" % (status, reason)
+    if detail:
+        body = body[:-1] + b": " + detail.encode("latin-1", "replace") + b"\n"
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"Server: forkproxy\r\nContent-Type: text/plain\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: close\r\n\r\n" if close else b"\r\n",
+            body,
+        )
+    )
+
+
+_PREBUILT = {(s, c): error_response(s, c) for s in REASONS if s >= 400 for c in (True, False)}
+
+
+def prebuilt_error(status: int, close: bool) -> bytes:
+    return _PREBUILT.get((status, close)) or error_response(status, close)
+
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """Lower-cased tokens of all Connection header values."""
+    out: set[bytes] = set()
+    for v in values:
+        for tok in v.split(b","):
+            tok = tok.strip().lower()
+            if tok:
+                out.add(tok)
+    return out
+
+
+def chunk(data: bytes | memoryview) -> list[bytes | memoryview]:
+    """The pieces of one chunk in chunked transfer coding."""
+    return [b"%x\r\n" % len(data), data, b"\r\n"]
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,122 @@
+"""Sans-IO upstream response parsing with the same strictness as requests.
+
+The head is handed to httptools as exactly the bytes up to the blank line, so the
+proxy knows where the body starts: Content-Length bodies are then copied straight
+through without touching the parser (it cost 15% CPU on 1 MiB bodies in the probe);
+chunked bodies keep going through the parser, which de-chunks them.
+"""
+
+from __future__ import annotations
+
+import httptools
+
+from forkproxy.http.messages import BAD_VALUE_RE, HOP_BY_HOP, TOKEN_RE
+
+HEAD_END = b"\r\n\r\n"
+
+
+class BadResponse(Exception):
+    """The upstream sent something we will not relay (answered 502, connection dropped)."""
+
+
+class ResponseHead:
+    __slots__ = ("status", "reason", "version", "headers", "content_length", "chunked",
+                 "keep_alive", "connection")
+
+    def __init__(self):
+        self.status = 0
+        self.reason = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.connection: list[bytes] = []
+
+
+class ResponseParser:
+    """One per upstream exchange. parse_head() then, for chunked bodies, feed_body()."""
+
+    __slots__ = ("_parser", "head", "_sink", "complete", "extra")
+
+    def __init__(self):
+        self._parser = httptools.HttpResponseParser(self)
+        self.head = ResponseHead()
+        self._sink = None
+        self.complete = False
+        self.extra = False  # bytes arrived after the end of the message
+
+    def parse_head(self, data) -> ResponseHead:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            raise BadResponse(str(cause) if cause else str(e))
+        except httptools.HttpParserError as e:
+            raise BadResponse(f"malformed response head: {e}")
+        if self.head.status == 0:
+            raise BadResponse("incomplete response head")
+        return self.head
+
+    def feed_body(self, data, sink) -> None:
+        """De-chunk `data`, calling sink(piece) for each body piece."""
+        self._sink = sink
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if cause is not None and not isinstance(cause, BadResponse):
+                raise cause  # the sink failed (client went away): not the upstream's fault
+            raise BadResponse(str(cause) if cause else str(e))
+        except httptools.HttpParserError as e:
+            raise BadResponse(f"malformed response body: {e}")
+        finally:
+            self._sink = None
+
+    # -- callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self):
+        if self.head.status:
+            self.extra = True
+            raise BadResponse("data after the end of the response")
+
+    def on_status(self, reason: bytes):
+        self.head.reason += reason
+
+    def on_header(self, name: bytes, value: bytes):
+        head = self.head
+        if BAD_VALUE_RE.search(value) or not TOKEN_RE.match(name):
+            raise BadResponse("invalid character in response header")
+        lname = name.lower()
+        if lname == b"content-length":
+            if not value.isdigit() or len(value) > 18:
+                raise BadResponse("invalid Content-Length in response")
+            n = int(value)
+            if head.content_length is not None and head.content_length != n:
+                raise BadResponse("conflicting Content-Length in response")
+            head.content_length = n
+        elif lname == b"transfer-encoding":
+            if head.chunked or value.strip().lower() != b"chunked":
+                raise BadResponse("unsupported Transfer-Encoding in response")
+            head.chunked = True
+        elif lname == b"connection":
+            head.connection.append(value)
+        elif lname not in HOP_BY_HOP:
+            head.headers.append((name, value))
+
+    def on_headers_complete(self):
+        head = self.head
+        p = self._parser
+        head.status = p.get_status_code()
+        head.version = p.get_http_version()
+        # httptools reports False once the message is complete: read it here
+        head.keep_alive = p.should_keep_alive()
+        if head.chunked and head.content_length is not None:
+            raise BadResponse("Content-Length with Transfer-Encoding in response")
+
+    def on_body(self, body: bytes):
+        if self._sink is not None:
+            self._sink(body)
+
+    def on_message_complete(self):
+        self.complete = True

@@ -1,0 +1,511 @@
+"""One downstream client connection: read requests, forward them, relay responses.
+
+A greenlet per connection (not per request). Requests are handled strictly in order,
+which is what makes pipelining correct: the parser queues at most one recv buffer of
+events, and the next request is only looked at once the previous response is relayed.
+
+Hot-path rules: no logging, no per-request allocation that can be avoided (the recv
+buffer for client reads is shared by all connections of the worker because the parser
+copies what it keeps before any greenlet switch), one send per response head (+ the
+start of the body), and error responses are prebuilt bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket as pysocket
+import time
+
+from gevent import socket
+
+from forkproxy.context import (
+    N_TIMES,
+    T_ACCEPT,
+    T_CONNECT_START,
+    T_CONNECTED,
+    T_END,
+    T_FIRST_BYTE,
+    T_HEADERS,
+    T_SENT,
+    T_TLS,
+)
+from forkproxy.http.messages import (
+    CONTINUE_100,
+    IDEMPOTENT,
+    LAST_CHUNK,
+    HTTPError,
+    connection_tokens,
+    prebuilt_error,
+)
+from forkproxy.http.request import BODY, END, HEAD, RequestParser
+from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser
+from forkproxy.worker.upstream import UpstreamConn
+
+_timeout = socket.timeout
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class ClientGone(Exception):
+    """The client closed or reset the connection, or stopped reading (send_timeout)."""
+
+
+class UpstreamFailed(Exception):
+    """The exchange with the upstream failed; status says what the client gets."""
+
+    def __init__(self, status: int, detail: str, retryable: bool = False):
+        super().__init__(detail)
+        self.status = status
+        self.retryable = retryable
+
+
+def send_all(sock, data) -> None:
+    """sendall without gevent's per-call getsockopt(SO_SNDBUF)."""
+    try:
+        n = sock.send(data)
+        if n == len(data):
+            return
+        view = memoryview(data)[n:]
+        while view:
+            n = sock.send(view)
+            view = view[n:]
+    except (OSError, _timeout) as e:
+        raise ClientGone(str(e))
+
+
+class Connection:
+    """State of one client connection; `serve()` runs until the connection closes."""
+
+    __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
+                 "tls_resumed", "tls_version", "closing", "body_done")
+
+    def __init__(self, ws, listener, sock, addr, t_accept: float):
+        self.ws = ws
+        self.listener = listener
+        self.sock = sock
+        self.remote = addr[0] if isinstance(addr, tuple) else "unix"
+        self.parser = RequestParser(ws.limits)
+        self.t_accept = t_accept
+        self.t_tls = 0.0
+        self.idle = True
+        self.tls_resumed = None
+        self.tls_version = ""
+        self.closing = False
+        self.body_done = True
+
+    # -- reading -------------------------------------------------------------------
+
+    def _fill(self, timeout: float) -> bool:
+        """Read once from the client into the worker's shared buffer and parse it.
+
+        Returns False on EOF. The parser copies everything it keeps before we can
+        switch greenlets, so sharing one buffer across connections is safe."""
+        sock = self.sock
+        sock.settimeout(timeout)
+        ws = self.ws
+        try:
+            n = sock.recv_into(ws.rbuf)
+        except _timeout:
+            raise HTTPError(408, "client timed out")
+        except OSError as e:
+            if e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EBADF):
+                return False
+            raise
+        if n == 0:
+            return False
+        self.parser.feed(ws.rview[:n])
+        return True
+
+    def serve(self) -> None:
+        ws = self.ws
+        events = self.parser.events
+        try:
+            while True:
+                if not events:
+                    # waiting for the start of a request (idle) or the rest of its head
+                    self.idle = not self.parser.in_head
+                    if self.idle and (self.closing or ws.draining):
+                        return
+                    timeout = ws.keepalive_timeout if self.idle else ws.header_timeout
+                    try:
+                        if not self._fill(timeout):
+                            return
+                    except HTTPError as e:
+                        if e.status == 408 and self.idle:
+                            return  # idle keep-alive timeout: just close
+                        raise
+                    continue
+                self.idle = False
+                kind, req = events.popleft()
+                if kind == END:  # the end of a request without a body
+                    continue
+                if kind != HEAD:  # cannot happen: bodies are consumed by handle()
+                    raise HTTPError(400, "unexpected body")
+                self.body_done = not req.has_body
+                if not self.handle(req):
+                    return
+        except HTTPError as e:
+            ws.stats_errors += 1
+            self._reply_error(e.status, True, None)
+        except ClientGone:
+            pass
+        finally:
+            self.idle = False
+            self._close()
+
+    def _close(self) -> None:
+        sock = self.sock
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def _reply_error(self, status: int, close: bool, req) -> None:
+        try:
+            send_all(self.sock, prebuilt_error(status, close))
+        except ClientGone:
+            pass
+        if req is not None:
+            self.ws.record(self, req, status, 0, None, None, 0, [0.0] * N_TIMES)
+
+    # -- one request -----------------------------------------------------------------
+
+    def handle(self, req) -> bool:
+        """Forward one request and relay its response; False = close the connection."""
+        ws = self.ws
+        times = [0.0] * N_TIMES
+        times[T_ACCEPT] = self.t_accept
+        times[T_TLS] = self.t_tls
+        times[T_HEADERS] = now = time.monotonic()
+        self.t_accept = now  # the next request on this connection starts here
+        self.t_tls = 0.0
+        upstream = ws.router.route(req.host, req.path, self.listener.default_upstream)
+        rid = req.request_id or ws.new_request_id()
+        req.request_id = rid
+        if upstream is None:
+            return self._fail(req, 503, times, None, "no upstream")
+        head = self._upstream_head(req, rid)
+        exclude = None
+        tries = 2 if len(upstream.servers) > 1 else 1
+        conn = None
+        while True:
+            server = upstream.pick(exclude)
+            if server is None:
+                return self._fail(req, 503, times, None, "no server available")
+            times[T_CONNECT_START] = time.monotonic()
+            try:
+                conn = server.acquire()
+            except _timeout:
+                tries -= 1
+                if tries > 0:
+                    exclude = server
+                    continue
+                return self._fail(req, 504, times, server, "upstream connect timeout")
+            except OSError as e:
+                tries -= 1
+                if tries > 0:
+                    exclude = server
+                    continue
+                return self._fail(req, 502, times, server, f"upstream connect: {e.strerror or e}")
+            if conn.reused and req.method not in IDEMPOTENT and _peer_closed(conn.sock):
+                # never resend a non-idempotent request: check a pooled socket first
+                server.release(conn, False)
+                server.close_idle()
+                continue
+            times[T_CONNECTED] = time.monotonic()
+            try:
+                return self._exchange(req, head, conn, times)
+            except UpstreamFailed as e:
+                conn.reusable = False
+                if e.retryable and not req.has_body and req.method in IDEMPOTENT:
+                    # a pooled connection the upstream had closed while idle: retry fresh
+                    server.close_idle()
+                    continue
+                return self._fail(req, e.status, times, server, str(e))
+            finally:
+                server.release(conn, conn.reusable)
+
+    def _fail(self, req, status: int, times, server, detail: str) -> bool:
+        """Answer an upstream failure ourselves; keep the connection if framing allows."""
+        keep = req.keep_alive and not self.closing and not self._body_pending()
+        times[T_END] = time.monotonic()
+        try:
+            send_all(self.sock, prebuilt_error(status, not keep))
+        except ClientGone:
+            keep = False
+        self.ws.record(self, req, status, 0, server, None, 0, times, detail)
+        return keep
+
+    def _body_pending(self) -> bool:
+        """True while unread request body bytes make the connection unusable."""
+        return not self.body_done
+
+    def _upstream_head(self, req, rid: bytes) -> bytes:
+        headers = req.headers
+        if req.connection:
+            drop = connection_tokens(req.connection) - {b"close", b"keep-alive"}
+            if drop:
+                headers = [h for h in headers if h[0].lower() not in drop]
+        xff = req.forwarded_for + b", " + self.remote.encode() if req.forwarded_for else self.remote.encode()
+        parts = [req.method.encode(), b" ", req.path, b" HTTP/1.1\r\nHost: ", req.host or self.listener.host_fallback, b"\r\n"]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", self.listener.scheme,
+                  b"\r\nX-Request-Id: ", rid, b"\r\n")
+        if req.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif req.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n\r\n" % req.content_length)
+        else:
+            parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _exchange(self, req, head: bytes, conn: UpstreamConn, times) -> bool:
+        """Send the request (head + streamed body) and relay the response."""
+        ws = self.ws
+        up = conn.sock
+        cfg = conn.server.cfg
+        up.settimeout(cfg.send_timeout)
+        try:
+            if req.has_body:
+                if req.expect_continue:
+                    send_all(self.sock, CONTINUE_100)
+                up.sendall(head)
+                bytes_in = self._stream_body(req, up)
+            else:
+                n = up.send(head)
+                if n != len(head):
+                    up.sendall(memoryview(head)[n:])
+                bytes_in = 0
+        except (OSError, _timeout) as e:
+            if isinstance(e, _timeout):
+                raise UpstreamFailed(504, "upstream send timeout")
+            raise UpstreamFailed(502, f"upstream send: {e}", retryable=conn.reused)
+        times[T_SENT] = time.monotonic()
+        buf = ws.get_buffer()
+        try:
+            return self._relay(req, conn, buf, times, bytes_in)
+        finally:
+            ws.put_buffer(buf)
+
+    def _stream_body(self, req, up) -> int:
+        """Copy the request body to the upstream as parsed; re-frame chunked bodies."""
+        events = self.parser.events
+        ws = self.ws
+        chunked = req.chunked
+        total = 0
+        while True:
+            if not events:
+                try:
+                    if not self._fill(ws.body_timeout):
+                        raise ClientGone("client closed during the request body")
+                except HTTPError as e:
+                    # 408/413/400 mid-body: tell the client, the upstream exchange is void
+                    self.closing = True
+                    raise UpstreamAbort(e.status)
+                continue
+            kind, data = events.popleft()
+            if kind == BODY:
+                total += len(data)
+                if chunked:
+                    up.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+                else:
+                    up.sendall(data)
+            elif kind == END:
+                if chunked:
+                    up.sendall(LAST_CHUNK)
+                self.body_done = True
+                return total
+            else:  # pragma: no cover - a HEAD before END is a parser bug
+                raise HTTPError(400, "request framing error")
+
+    def _relay(self, req, conn: UpstreamConn, buf: bytearray, times, bytes_in: int) -> bool:
+        ws = self.ws
+        up = conn.sock
+        server = conn.server
+        view = memoryview(buf)
+        up.settimeout(server.cfg.read_timeout)
+        # -- response head -------------------------------------------------------------
+        n = 0
+        start = 0
+        while True:
+            try:
+                got = up.recv_into(view[n:])
+            except _timeout:
+                raise UpstreamFailed(504, "upstream read timeout")
+            except OSError as e:
+                raise UpstreamFailed(502, f"upstream read: {e.strerror or e}", retryable=conn.reused and n == 0)
+            if got == 0:
+                raise UpstreamFailed(502, "upstream closed before the response", retryable=conn.reused and n == 0)
+            if not times[T_FIRST_BYTE]:
+                times[T_FIRST_BYTE] = time.monotonic()
+            n += got
+            end = buf.find(HEAD_END, max(start, n - got - 3), n)
+            if end < 0:
+                if n >= MAX_RESPONSE_HEAD or n >= len(buf):
+                    raise UpstreamFailed(502, "upstream response head too large")
+                continue
+            head_len = end + 4
+            parser = ResponseParser()
+            try:
+                rhead = parser.parse_head(view[start:head_len])
+            except BadResponse as e:
+                raise UpstreamFailed(502, f"bad upstream response: {e}")
+            if 100 <= rhead.status < 200:
+                if rhead.status == 101:
+                    raise UpstreamFailed(502, "unexpected 101 from upstream")
+                start = head_len  # interim response (100, 103): skip it
+                continue
+            break
+        # -- framing decisions (RFC 9112 6.3) ------------------------------------------
+        status = rhead.status
+        body_start = head_len
+        if req.method == "HEAD" or status == 204 or status == 304:
+            mode = 0  # no body
+        elif rhead.chunked:
+            mode = 2
+        elif rhead.content_length is not None:
+            mode = 1
+        else:
+            mode = 3  # until the upstream closes
+        client_11 = req.version != "1.0"
+        keep = req.keep_alive and not self.closing and not ws.draining and (client_11 or mode < 2)
+        up_reusable = rhead.keep_alive and mode != 3
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, rhead.reason)]
+        for name, value in rhead.headers:
+            parts += (name, b": ", value, b"\r\n")
+        if mode == 1 or (mode == 0 and rhead.content_length is not None):
+            parts.append(b"Content-Length: %d\r\n" % rhead.content_length)
+        elif mode >= 2 and client_11:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep:
+            parts.append(b"Connection: close\r\n\r\n")
+        elif not client_11:
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        out_head = b"".join(parts)
+        bytes_out = 0
+        csock = self.sock
+        csock.settimeout(ws.send_timeout)
+        # -- body ----------------------------------------------------------------------
+        try:
+            if mode == 0:
+                if n > body_start:
+                    up_reusable = False
+                send_all(csock, out_head)
+            elif mode == 1:
+                length = rhead.content_length
+                have = n - body_start
+                if have > length:
+                    up_reusable = False  # the upstream sent more than it announced
+                    have = length
+                if have == length or have < 16384:
+                    send_all(csock, out_head + view[body_start : body_start + have])
+                else:
+                    send_all(csock, out_head)
+                    send_all(csock, view[body_start : body_start + have])
+                bytes_out = have
+                remaining = length - have
+                while remaining:
+                    try:
+                        got = up.recv_into(view, min(remaining, len(buf)))
+                    except (OSError, _timeout) as e:
+                        raise UpstreamBroken(f"upstream body: {e}")
+                    if got == 0:
+                        raise UpstreamBroken("upstream closed mid-body")
+                    send_all(csock, view[:got])
+                    remaining -= got
+                    bytes_out += got
+            else:
+                send_all(csock, out_head)
+                if mode == 2:
+                    bytes_out = self._relay_chunked(parser, up, view, body_start, n, client_11)
+                    if parser.extra:
+                        up_reusable = False
+                else:
+                    bytes_out = self._relay_until_close(up, view, body_start, n, client_11)
+        except UpstreamBroken as e:
+            times[T_END] = time.monotonic()
+            ws.record(self, req, status, bytes_out, server, conn, bytes_in, times, str(e))
+            return False  # the client sees a truncated response: the only honest signal
+        except ClientGone:
+            times[T_END] = time.monotonic()
+            ws.record(self, req, status, bytes_out, server, conn, bytes_in, times, "client gone")
+            return False
+        conn.reusable = up_reusable
+        times[T_END] = time.monotonic()
+        ws.record(self, req, status, bytes_out, server, conn, bytes_in, times)
+        return keep
+
+    def _relay_chunked(self, parser, up, view, start, n, client_11) -> int:
+        csock = self.sock
+        sent = [0]
+
+        def sink(piece):
+            sent[0] += len(piece)
+            if client_11:
+                send_all(csock, b"%x\r\n%s\r\n" % (len(piece), piece))
+            else:
+                send_all(csock, piece)
+
+        try:
+            if n > start:
+                parser.feed_body(view[start:n], sink)
+            while not parser.complete:
+                try:
+                    got = up.recv_into(view)
+                except (OSError, _timeout) as e:
+                    raise UpstreamBroken(f"upstream body: {e}")
+                if got == 0:
+                    raise UpstreamBroken("upstream closed mid-body")
+                parser.feed_body(view[:got], sink)
+        except BadResponse as e:
+            if parser.complete:
+                return sent[0]
+            raise UpstreamBroken(f"bad chunked body from upstream: {e}")
+        if client_11:
+            send_all(csock, LAST_CHUNK)
+        return sent[0]
+
+    def _relay_until_close(self, up, view, start, n, client_11) -> int:
+        csock = self.sock
+        total = 0
+        if n > start:
+            piece = view[start:n]
+            send_all(csock, b"%x\r\n%s\r\n" % (len(piece), piece) if client_11 else piece)
+            total += len(piece)
+        while True:
+            try:
+                got = up.recv_into(view)
+            except (OSError, _timeout) as e:
+                raise UpstreamBroken(f"upstream body: {e}")
+            if got == 0:
+                break
+            piece = view[:got]
+            send_all(csock, b"%x\r\n%s\r\n" % (got, piece) if client_11 else piece)
+            total += got
+        if client_11:
+            send_all(csock, LAST_CHUNK)
+        return total
+
+
+class UpstreamBroken(Exception):
+    """The upstream failed after the response head reached the client."""
+
+
+class UpstreamAbort(UpstreamFailed):
+    """The client's request body failed mid-stream (timeout, too large, malformed)."""
+
+    def __init__(self, status: int):
+        super().__init__(status, "request body failed")
+
+
+def _peer_closed(sock) -> bool:
+    """True if a pooled socket has been closed by the peer (or has unexpected data)."""
+    try:
+        data = sock._sock.recv(1, pysocket.MSG_PEEK | pysocket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True if data == b"" else True

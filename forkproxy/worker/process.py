@@ -1,0 +1,324 @@
+"""The worker process: a gevent hub pinned to one CPU, accepting on its own
+SO_REUSEPORT sockets, one greenlet per client connection.
+
+Runs in the child right after fork(). Everything it needs was imported by the master
+before fork (shared copy-on-write pages, see gc.freeze() in the arbiter).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import signal
+import socket as pysocket
+import sys
+import time
+
+import gevent
+from gevent import socket
+from gevent.event import Event
+
+from forkproxy.context import RequestContext, encoder
+from forkproxy.http.request import Limits
+from forkproxy.worker.connection import Connection
+from forkproxy.worker.router import Router
+from forkproxy.worker.upstream import build_upstreams
+
+
+class ListenerRuntime:
+    """What a connection needs to know about the listener it came in on."""
+
+    __slots__ = ("name", "default_upstream", "scheme", "host_fallback", "tls_context",
+                 "proxy_protocol")
+
+    def __init__(self, name: str, default_upstream, scheme: bytes, tls_context=None,
+                 proxy_protocol: bool = False):
+        self.name = name
+        self.default_upstream = default_upstream
+        self.scheme = scheme
+        self.host_fallback = name.encode()
+        self.tls_context = tls_context
+        self.proxy_protocol = proxy_protocol
+
+
+class WorkerSpec:
+    """Everything the master hands a worker at fork (documented fork-shared state)."""
+
+    def __init__(self, *, cfg, slot: int, index: int, generation: int, cpu: int | None,
+                 sockets: list, ready_fd: int, lifeline_fd: int, ring=None, table=None,
+                 keystore=None, logger=None, uid=None, gid=None, groups=None):
+        self.cfg = cfg
+        self.slot = slot
+        self.index = index  # worker-table entry / ring number
+        self.generation = generation
+        self.cpu = cpu
+        self.sockets = sockets  # [(listener_index, socket)] for this slot
+        self.ready_fd = ready_fd
+        self.lifeline_fd = lifeline_fd
+        self.ring = ring
+        self.table = table
+        self.keystore = keystore
+        self.logger = logger
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+
+
+class WorkerState:
+    """Per-worker state shared by all its connections (no locks: one thread)."""
+
+    def __init__(self, spec: WorkerSpec):
+        cfg = spec.cfg
+        srv = cfg.server
+        self.spec = spec
+        self.pid = os.getpid()
+        self.limits = Limits(srv.max_request_line, srv.max_header_size, srv.max_header_count,
+                             srv.max_headers_total, srv.max_body_size)
+        self.keepalive_timeout = srv.keepalive_timeout
+        self.header_timeout = srv.client_header_timeout
+        self.body_timeout = srv.client_body_timeout
+        self.send_timeout = srv.send_timeout
+        self.buffer_size = srv.buffer_size
+        self.upstreams = build_upstreams(cfg.upstream)
+        self.router = Router(cfg.route, self.upstreams)
+        self.rbuf = bytearray(65536)
+        self.rview = memoryview(self.rbuf)
+        self._buffers: list[bytearray] = []
+        self.draining = False
+        self.connections: set[Connection] = set()
+        self.requests = 0
+        self.stats_errors = 0
+        self._rid_prefix = b"%08x" % (int.from_bytes(os.urandom(4), "big"))
+        self._rid = 0
+        self.ring = spec.ring
+        self._encbuf = bytearray(512)
+        self.listener_names: list[str] = []
+
+    def new_request_id(self) -> bytes:
+        self._rid += 1
+        return b"%s%08x" % (self._rid_prefix, self._rid)
+
+    def get_buffer(self) -> bytearray:
+        return self._buffers.pop() if self._buffers else bytearray(self.buffer_size)
+
+    def put_buffer(self, buf: bytearray) -> None:
+        if len(self._buffers) < 64:
+            self._buffers.append(buf)
+
+    def record(self, conn, req, status, bytes_out, server, upconn, bytes_in, times,
+               error: str = "") -> None:
+        """Leave the request context in the ring (never blocks; drops when full)."""
+        self.requests += 1
+        ring = self.ring
+        if ring is None:
+            return
+        ctx = RequestContext(
+            time.time(), req.request_id.decode("latin-1"), self.pid, conn.listener.name,
+            conn.remote, req.method, req.path.decode("latin-1"), status, bytes_in, bytes_out,
+            server.upstream.name if server is not None else "",
+            server.address if server is not None else "",
+            upconn.reused if upconn is not None else False,
+            conn.tls_resumed, conn.tls_version, times, error,
+        )
+        buf = self._encbuf
+        encoder.encode_into(ctx, buf)
+        ring.push(buf)
+
+
+def _set_pdeathsig() -> None:
+    """Ask the kernel to SIGTERM us when the master dies (plus the lifeline pipe)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run(spec: WorkerSpec) -> None:
+    """Worker main; never returns (exits the process)."""
+    code = 0
+    try:
+        _run(spec)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    except BaseException as e:  # the master logs our exit status; say why on stderr
+        try:
+            if spec.logger is not None:
+                spec.logger.exception("worker crashed", error=str(e))
+            else:
+                print(f"forkproxy worker {os.getpid()} crashed: {e!r}", file=sys.stderr)
+        finally:
+            code = 3
+    finally:
+        os._exit(code)
+
+
+def _run(spec: WorkerSpec) -> None:
+    _set_pdeathsig()
+    if os.getppid() == 1:
+        raise SystemExit(0)
+    gevent.reinit()
+    gc.enable()
+    if spec.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {spec.cpu})
+        except OSError:
+            pass
+    if spec.uid is not None:
+        if spec.groups is not None:
+            os.setgroups(spec.groups)
+        if spec.gid is not None:
+            os.setgid(spec.gid)
+        os.setuid(spec.uid)
+    ws = WorkerState(spec)
+    cfg = spec.cfg
+    stop = Event()
+    graceful = Event()
+
+    def on_quit():
+        graceful.set()
+
+    def on_term():
+        stop.set()
+
+    gevent.signal_handler(signal.SIGQUIT, on_quit)
+    gevent.signal_handler(signal.SIGTERM, on_term)
+    gevent.signal_handler(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGWINCH, signal.SIG_IGN)
+    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    listeners = []
+    for li, lsock in spec.sockets:
+        lcfg = cfg.listener[li]
+        default = ws.upstreams.get(lcfg.upstream) if lcfg.upstream else None
+        tls_ctx = None
+        if lcfg.tls is not None:
+            from forkproxy.worker.tls import worker_tls_context
+
+            tls_ctx = worker_tls_context(cfg, li, spec.keystore)
+        lr = ListenerRuntime(lcfg.listen, default, b"https" if tls_ctx else b"http", tls_ctx,
+                             lcfg.proxy_protocol)
+        listeners.append((lsock, lr))
+
+    slots_free = Event()
+    slots_free.set()
+    max_conns = cfg.server.max_connections
+
+    def handle(sock, addr, lr, t_accept):
+        conn = Connection(ws, lr, sock, addr, t_accept)
+        ws.connections.add(conn)
+        try:
+            if lr.tls_context is not None:
+                from forkproxy.worker.tls import handshake
+
+                if not handshake(conn):
+                    return
+            conn.serve()
+        except Exception as e:  # a bug must not take the worker down with it
+            if spec.logger is not None:
+                spec.logger.exception("connection failed", remote=conn.remote, error=str(e))
+            try:
+                sock.close()
+            except OSError:
+                pass
+        finally:
+            ws.connections.discard(conn)
+            if len(ws.connections) < max_conns:
+                slots_free.set()
+
+    def accept_loop(lsock, lr):
+        gsock = socket.socket(fileno=os.dup(lsock.fileno()))
+        backoff = 0.0
+        try:
+            while not graceful.is_set():
+                if len(ws.connections) >= max_conns:
+                    slots_free.clear()
+                    slots_free.wait(1.0)
+                    continue
+                try:
+                    sock, addr = gsock.accept()
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        backoff = min(max(backoff * 2, 0.01), 1.0)
+                        if spec.logger is not None:
+                            spec.logger.warning("accept failed, backing off",
+                                                error=e.strerror, backoff=backoff)
+                        gevent.sleep(backoff)
+                        continue
+                    if graceful.is_set() or e.errno == errno.EBADF:
+                        return
+                    continue
+                backoff = 0.0
+                try:
+                    sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+                gevent.spawn(handle, sock, addr, lr, time.monotonic())
+        finally:
+            gsock.close()
+
+    acceptors = [gevent.spawn(accept_loop, lsock, lr) for lsock, lr in listeners]
+
+    # the master's end of the lifeline closes when it dies: exit then
+    def lifeline():
+        try:
+            socket.wait_read(spec.lifeline_fd)
+        except Exception:
+            pass
+        stop.set()
+
+    gevent.spawn(lifeline)
+
+    table = spec.table
+
+    def heartbeat():
+        while True:
+            if table is not None:
+                table.beat(spec.index, ws.requests, len(ws.connections))
+            gevent.sleep(1.0)
+
+    hb = gevent.spawn(heartbeat)
+    if table is not None:
+        table.beat(spec.index, 0, 0)
+    try:
+        os.write(spec.ready_fd, b"R")
+        os.close(spec.ready_fd)
+    except OSError:
+        pass
+
+    # wait for QUIT (graceful) or TERM/INT/master death (fast)
+    while not stop.is_set() and not graceful.is_set():
+        gevent.wait([stop, graceful], count=1)
+    if stop.is_set():
+        raise SystemExit(0)
+    # graceful: stop accepting, let in-flight requests finish, close idle keep-alives
+    ws.draining = True
+    gevent.killall(acceptors, block=False)
+    for lsock, _ in listeners:
+        try:
+            lsock.close()
+        except OSError:
+            pass
+    deadline = time.monotonic() + cfg.server.graceful_timeout
+    while ws.connections and time.monotonic() < deadline and not stop.is_set():
+        for conn in list(ws.connections):
+            if conn.idle:
+                conn.idle = False
+                try:
+                    conn.sock.shutdown(pysocket.SHUT_RDWR)
+                except OSError:
+                    pass
+        gevent.sleep(0.05)
+    hb.kill(block=False)
+    if table is not None:
+        table.beat(spec.index, ws.requests, len(ws.connections))
+    for up in ws.upstreams.values():
+        up.close_idle()
+    raise SystemExit(0)

@@ -459,7 +459,7 @@ def s_client(
 
 
 def ticket_key_name(session_file: Path) -> bytes:
-    """The 16-byte key name at the start of the session's ticket."""
+    """The 16-byte key name at the start of a saved session's ticket."""
     out = subprocess.run(
         ["openssl", "sess_id", "-in", str(session_file), "-noout", "-text"],
         capture_output=True,
@@ -467,8 +467,14 @@ def ticket_key_name(session_file: Path) -> bytes:
         check=True,
         timeout=10,
     ).stdout
-    after = out.split("TLS session ticket:", 1)[1]
-    hexbytes = []
+    return last_ticket_key_name(out)
+
+
+def last_ticket_key_name(text: str) -> bytes:
+    """The key name of the last ``TLS session ticket:`` dump in s_client/sess_id text
+    (s_client prints the session after the handshake and after each TLS 1.3 ticket)."""
+    after = text.rsplit("TLS session ticket:", 1)[1]
+    hexbytes: list[str] = []
     for line in after.splitlines()[1:]:
         m = re.match(r"\s*[0-9a-f]{4} - ((?:[0-9a-f]{2}[ -]+)+)", line)
         if not m:

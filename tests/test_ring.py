@@ -359,9 +359,14 @@ def test_aligned_u64_store_is_atomic_across_processes(children):
     pid = children.start(_flip_word, mapping, index)
     await_condition(lambda: q[1] == 1)
     seen: dict[int, int] = {}
-    for _ in range(2_000_000):
-        v = q[index]
-        seen[v] = seen.get(v, 0) + 1
+    reads = 0
+    deadline = time.monotonic() + 20
+    # At least 2M reads, and on until the flipping child was seen in both states.
+    while reads < 2_000_000 or len(seen) < 2 and time.monotonic() < deadline:
+        for _ in range(100_000):
+            v = q[index]
+            seen[v] = seen.get(v, 0) + 1
+        reads += 100_000
     q[0] = 1
     assert os.waitstatus_to_exitcode(children.reap(pid)) == 0
     torn = set(seen) - {_PATTERN_A, _PATTERN_B}

@@ -219,11 +219,12 @@ class Ring:
     def drain(self, handler: Callable[[memoryview], None], max_records: int = 4096) -> int:
         """Call ``handler`` on up to ``max_records`` committed records, oldest first.
 
-        The memoryview points into the mapping and is released when the handler returns:
-        copy or decode what you need (``msgspec`` decoding copies). A handler that keeps an
-        export of it gets a BufferError here. ``tail`` is published once, after the batch;
-        if the handler raises, the records handed out so far (including that one) are
-        consumed and the exception propagates. Returns the number of records handled.
+        The memoryview points into the mapping and the producer may overwrite it once the
+        batch is published: copy or decode what you need (``msgspec`` decoding copies). It
+        is released when the handler returns, so a kept reference fails loudly instead of
+        showing a later record (slices of it are not covered). ``tail`` is published once,
+        after the batch; if the handler raises, the records handed out so far (including
+        that one) are consumed and the exception propagates. Returns the number handled.
         """
         q = self._q
         buf = self._buf

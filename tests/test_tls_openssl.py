@@ -88,13 +88,20 @@ def test_self_test_ok() -> None:
 
 
 @pytest.mark.parametrize("proto", PROTOS)
-def test_ticket_from_one_process_resumes_on_the_other(env: Env, proto: str) -> None:
-    sess = env.dir / f"cross-{proto}.pem"
-    first = env.client(env.a, proto=proto, sess_out=sess)
+@pytest.mark.parametrize("servername", ["localhost", "www.a.test"])
+def test_ticket_from_one_process_resumes_on_the_other(
+    env: Env, proto: str, servername: str
+) -> None:
+    """www.a.test is served from a context the SNI callback switched to: tickets still
+    go through the callback on the initial context."""
+    sess = env.dir / f"cross-{proto}-{servername}.pem"
+    first = env.client(env.a, proto=proto, sess_out=sess, servername=servername)
     assert first.new and first.verified, first.out
     assert tlsutil.ticket_key_name(sess) == env.store.keys()[0][:16]
+    if proto == "tls1_2":
+        assert "TLS session ticket lifetime hint: 3600 (seconds)" in first.out
     for server in (env.b, env.a, env.b):
-        again = env.client(server, proto=proto, sess_in=sess)
+        again = env.client(server, proto=proto, sess_in=sess, servername=servername)
         assert again.reused, again.out
         assert again.server_line["reused"] == "1"
 

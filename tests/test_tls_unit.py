@@ -10,6 +10,7 @@ import random
 import ssl
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,10 +36,17 @@ UTC = datetime.UTC
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> tlsutil.Pki:
-    p = tlsutil.Pki.create(tmp_path_factory.mktemp("pki"))
-    p.issue_leaves("http://127.0.0.1:9/")  # never contacted in this module
-    return p
+def pki() -> Iterator[tlsutil.Pki]:
+    for d in tlsutil.temp_dir():
+        p = tlsutil.Pki.create(d)
+        p.issue_leaves("http://127.0.0.1:9/")  # never contacted in this module
+        yield p
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """Shadows pytest's (which keeps directories around): removed after each test."""
+    yield from tlsutil.temp_dir()
 
 
 # ---------------------------------------------------------------- key store
@@ -594,4 +602,26 @@ def test_keystore_header_layout_is_stable() -> None:
     store = KeyStore.create(max_keys=2, slots=1, staple_max=64)
     magic, version, mk, slots, smax, size = struct.unpack_from("<8sIIIIQ", store._mm, 0)
     assert (magic, version, mk, slots, smax, size) == (b"FPKEYST1", 1, 2, 1, 64, store.size)
+    store.close()
+
+
+def test_worker_reader_is_read_only_and_follows_the_writer() -> None:
+    store = KeyStore.create()
+    store.rotate()
+    fd = store.fd
+    assert fd is not None
+    pid = os.fork()
+    if pid == 0:  # a worker: swap to a read-only view, then try to write
+        code = 1
+        try:
+            ro = store.reader()
+            try:
+                ro.rotate()
+            except KeyStoreError:
+                code = 0 if len(ro.keys()) == 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(store.keys()) == 1  # the worker's reader() did not affect the master
     store.close()

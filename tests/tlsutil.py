@@ -7,12 +7,14 @@ import datetime
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,6 +222,15 @@ class Pki:
 
     def pairs(self, *names: str) -> list[tuple[str, str]]:
         return [(str(self.leaves[n].cert_path), str(self.leaves[n].key_path)) for n in names]
+
+
+def temp_dir(prefix: str = "forkproxy-test-") -> Iterator[Path]:
+    """A directory removed afterwards (pytest's tmp_path keeps the last runs)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- processes

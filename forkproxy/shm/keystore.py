@@ -90,9 +90,11 @@ def _layout_size(max_keys: int, slots: int, staple_max: int) -> tuple[int, int, 
 class KeyStore:
     """The shared store. Create in the master before forking; workers read it.
 
-    Writers: :meth:`rotate`, :meth:`set_keys`, :meth:`set_staple`, :meth:`clear_staple`
-    (one writing process at a time: the master). Readers: :meth:`keys`,
-    :meth:`staple`, :meth:`generation` (any number of processes, no locks).
+    Writers: :meth:`rotate`, :meth:`set_keys` (keys section), :meth:`set_staple`,
+    :meth:`clear_staple` (staple slots). One writing process per section at a time
+    (the master for keys; the master or the OCSP helper for staples). Readers:
+    :meth:`keys`, :meth:`staple`, :meth:`generation` (any number of processes, no
+    locks); a worker should switch to :meth:`reader` after fork.
     """
 
     def __init__(self, fd: int | None, mm: mmap.mmap, *, writable: bool) -> None:
@@ -174,6 +176,18 @@ class KeyStore:
         if not readonly:
             store._repair()
         return store
+
+    def reader(self) -> KeyStore:
+        """A read-only mapping of the same store, for a worker (writes then fault
+        instead of corrupting the master's keys). Unmaps this one; an anonymous mapping
+        cannot be re-mapped and is returned as is."""
+        if self._fd is None:
+            return self
+        ro = KeyStore.from_fd(self._fd, readonly=True)
+        self._q.release()
+        self._mm.close()
+        self._fd = None
+        return ro
 
     @property
     def fd(self) -> int | None:

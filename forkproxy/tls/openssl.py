@@ -242,16 +242,15 @@ def ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
     def agrees() -> bool:
         # CPython maps SSL_VERIFY_* (NONE 0, PEER 1, PEER|FAIL_IF_NO_PEER_CERT 3) to CERT_*
         mode = {0: 0, 1: 1, 3: 2}.get(int(lib.SSL_CTX_get_verify_mode(p)) & 0x3, -1)
-        return int(lib.SSL_CTX_get_options(p)) == int(ctx.options) and mode == int(
-            ctx.verify_mode
-        )
+        return int(lib.SSL_CTX_get_options(p)) == int(ctx.options) and mode == int(ctx.verify_mode)
 
     if not agrees():
         raise OpenSSLError(
             "SSL_CTX pointer check failed: options/verify mode read through the offset "
             "differ from the SSLContext's (CPython struct layout changed?)"
         )
-    probe = ssl.OP_NO_COMPRESSION if not ctx.options & ssl.OP_NO_COMPRESSION else 0
+    candidates = (ssl.OP_NO_COMPRESSION, ssl.OP_CIPHER_SERVER_PREFERENCE, ssl.OP_NO_RENEGOTIATION)
+    probe = next((int(o) for o in candidates if not ctx.options & o), 0)
     if probe:  # a second sample guards against a coincidental match
         ctx.options |= probe
         try:

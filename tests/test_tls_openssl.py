@@ -104,6 +104,9 @@ def test_ticket_from_one_process_resumes_on_the_other(
         again = env.client(server, proto=proto, sess_in=sess, servername=servername)
         assert again.reused, again.out
         assert again.server_line["reused"] == "1"
+        if proto == "tls1_3":  # single-use tickets: a fresh one under the current key
+            assert "Post-Handshake New Session Ticket arrived" in again.out
+            assert tlsutil.last_ticket_key_name(again.out) == env.store.keys()[0][:16]
 
 
 @pytest.mark.parametrize("proto", PROTOS)

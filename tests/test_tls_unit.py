@@ -302,6 +302,10 @@ def test_ticket_resumes_on_another_context_sharing_keys(
     assert c2.session_reused and s2.session_reused
     assert a.ticket_callback.stats.encrypted >= 1
     assert b.ticket_callback.stats.decrypted_current == 1
+    # TLS 1.3: a fresh single-use ticket after every resumption; TLS 1.2 keeps its ticket
+    renewed = version == ssl.TLSVersion.TLSv1_3
+    assert b.ticket_callback.stats.encrypted == (1 if renewed else 0)
+    assert (c2.session.id != c.session.id) == renewed
     assert a.ticket_callback.stats.errors == b.ticket_callback.stats.errors == 0
     store.close()
 

@@ -46,6 +46,7 @@ _SSL_CTRL_SET_TLSEXT_STATUS_REQ_TYPE = 65
 _SSL_CTRL_GET_TLSEXT_STATUS_REQ_OCSP_RESP = 70
 _SSL_CTRL_SET_TLSEXT_STATUS_REQ_OCSP_RESP = 71
 _TLSEXT_STATUSTYPE_ocsp = 1
+_TLS1_3_VERSION = 0x0304
 SSL_TLSEXT_ERR_OK = 0
 SSL_TLSEXT_ERR_NOACK = 3
 _SUPPORTED_PYTHON = ((3, 11), (3, 12))
@@ -92,6 +93,7 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "SSL_CTX_set_tlsext_ticket_key_evp_cb": (ctypes.c_int, [ctypes.c_void_p, _TICKET_CB]),
     "SSL_ctrl": (ctypes.c_long, [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]),
     "SSL_get_certificate": (ctypes.c_void_p, [ctypes.c_void_p]),
+    "SSL_version": (ctypes.c_int, [ctypes.c_void_p]),
     "i2d_X509": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p]),
     "RAND_bytes": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
     "CRYPTO_malloc": (ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_char_p, ctypes.c_int]),
@@ -395,7 +397,10 @@ class TicketKeyCallback:
                 raise OpenSSLError("EVP_MAC_CTX_set_params failed")
             if current:
                 self.stats.decrypted_current += 1
-                return 1
+                # TLS 1.3 tickets are single-use (RFC 8446 C.4) and OpenSSL 3.0 sends a
+                # new one after a resumption only when asked to (2), unlike its built-in
+                # keys; TLS 1.2 clients keep reusing theirs, so no renewal there.
+                return 2 if lib.SSL_version(s) == _TLS1_3_VERSION else 1
             self.stats.decrypted_old += 1
             return 2  # accepted; OpenSSL issues a fresh ticket under the current key
         except BaseException as e:  # never unwind through OpenSSL

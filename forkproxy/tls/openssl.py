@@ -31,7 +31,9 @@ __all__ = [
     "install_ocsp_status_callback",
     "install_ticket_key_callback",
     "library",
+    "request_ocsp_status",
     "self_test",
+    "session_timeout",
     "set_session_timeout",
     "ssl_ctx_pointer",
 ]
@@ -41,7 +43,6 @@ NAME_LEN = 16
 
 # OpenSSL constants (ssl.h / tls1.h, stable ABI values)
 _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB = 63
-_SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB_ARG = 64
 _SSL_CTRL_SET_TLSEXT_STATUS_REQ_TYPE = 65
 _SSL_CTRL_GET_TLSEXT_STATUS_REQ_OCSP_RESP = 70
 _SSL_CTRL_SET_TLSEXT_STATUS_REQ_OCSP_RESP = 71
@@ -626,7 +627,6 @@ def request_ocsp_status(client: ssl.SSLContext) -> list[bytes]:
 def _handshake_test() -> None:
     """Two MemoryBIO handshakes: full (staple + ticket) then resumed from that ticket."""
     import datetime
-    import tempfile
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -647,20 +647,19 @@ def _handshake_test() -> None:
         .sign(key, hashes.SHA256())
     )
     cert_der = cert.public_bytes(serialization.Encoding.DER)
-    with tempfile.TemporaryDirectory(prefix="forkproxy-selftest-") as d:
-        path = os.path.join(d, "self.pem")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
-            f.write(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # load_cert_chain wants a path: a memfd keeps the throwaway key off every disk
+    fd = os.memfd_create("forkproxy-selftest", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server.load_cert_chain(path)
+        server.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
     staple = b"forkproxy-self-test-staple"
     expected_fp = hashlib.sha256(cert_der).digest()
     keys = (os.urandom(KEY_RECORD),)

@@ -195,10 +195,16 @@ class Proxy:
         return out
 
     def ready(self) -> bool:
-        return any(e.get("event") == "workers ready" for e in self.log_events())
+        pid = self.proc.pid
+        return any(e.get("event") == "workers ready" and e.get("pid") == pid
+                   for e in self.log_events())
 
     def workers_pids(self, master: int | None = None) -> list[int]:
-        return [p for p in children_of(master or self.proc.pid) if _cmd(p).find("forkproxy") >= 0]
+        return [p for p in children_of(master or self.proc.pid) if comm(p).startswith("fp-worker")]
+
+    def manager_pid(self, master: int | None = None) -> int | None:
+        found = [p for p in children_of(master or self.proc.pid) if comm(p) == "fp-manager"]
+        return found[0] if found else None
 
     def send(self, sig) -> None:
         os.kill(self.proc.pid, sig)
@@ -231,6 +237,14 @@ class Proxy:
             _kill(k)
         self.proc.kill()
         self.proc.wait()
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _cmd(pid: int) -> str:

@@ -25,6 +25,7 @@ from forkproxy import config as config_mod
 from forkproxy import log as log_mod
 from forkproxy.master import daemon
 from forkproxy.master.listeners import BindError, BoundListener, enable_migrate_req
+from forkproxy.proctitle import set_name
 from forkproxy.shm.table import WorkerTable
 
 SIGNALS = [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
@@ -392,6 +393,7 @@ class Arbiter:
         sockets = [(li, s) for li, bl in enumerate(self.bound) for s in bl.sockets[slot]]
         pid = os.fork()
         if pid == 0:
+            set_name(f"fp-worker-{slot}")
             self._child_after_fork(keep_fds={w})
             keep = {id(s) for _, s in sockets}
             for bl in self.bound + self.closing_listeners:
@@ -441,6 +443,7 @@ class Arbiter:
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
+            set_name("fp-manager")
             self._child_after_fork(keep_fds={w})
             for bl in self.bound:
                 bl.close()
@@ -632,6 +635,7 @@ class Arbiter:
         for ring in self.rings.values():
             ring.close()
         daemon.remove_pidfile(self.pidfile, os.getpid())
+        daemon.remove_pidfile(self.pidfile + ".oldbin", os.getpid())
         self.log.info("master exiting")
 
     def _tell_starter(self, text: str) -> None:
@@ -660,6 +664,9 @@ def _describe(status: int) -> str:
 
 def _preload() -> None:
     """Import what children use so its pages are shared (gc.freeze keeps them clean)."""
+    import pprint  # noqa: F401  (gevent's hub formats contexts with it)
+    import traceback  # noqa: F401
+
     import gevent  # noqa: F401
     import gevent.event  # noqa: F401
     import gevent.socket  # noqa: F401

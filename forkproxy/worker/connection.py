@@ -76,7 +76,7 @@ class Connection:
     """State of one client connection; `serve()` runs until the connection closes."""
 
     __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
-                 "tls_resumed", "tls_version", "closing", "body_done")
+                 "tls_resumed", "tls_version", "closing", "body_done", "idle_since")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -91,6 +91,7 @@ class Connection:
         self.tls_version = ""
         self.closing = False
         self.body_done = True
+        self.idle_since = t_accept
 
     # -- reading -------------------------------------------------------------------
 
@@ -122,8 +123,12 @@ class Connection:
             while True:
                 if not events:
                     # waiting for the start of a request (idle) or the rest of its head
-                    self.idle = not self.parser.in_head
-                    if self.idle and (self.closing or ws.draining):
+                    if self.parser.in_head:
+                        self.idle = False
+                    elif not self.idle:
+                        self.idle = True
+                        self.idle_since = time.monotonic()
+                    if self.closing:
                         return
                     timeout = ws.keepalive_timeout if self.idle else ws.header_timeout
                     try:
@@ -134,8 +139,8 @@ class Connection:
                             return  # idle keep-alive timeout: just close
                         raise
                     continue
-                self.idle = False
                 kind, req = events.popleft()
+                self.idle = False
                 if kind == END:  # the end of a request without a body
                     continue
                 if kind != HEAD:  # cannot happen: bodies are consumed by handle()

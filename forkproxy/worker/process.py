@@ -25,6 +25,11 @@ from forkproxy.worker.connection import Connection
 from forkproxy.worker.router import Router
 from forkproxy.worker.upstream import build_upstreams
 
+#: during a graceful stop, idle keep-alive connections are closed after this long idle
+DRAIN_IDLE = 0.5
+#: fault injection for tests of the master's supervision ("startup": crash at start-up)
+FAULT = os.environ.get("FORKPROXY_FAULT", "")
+
 
 class ListenerRuntime:
     """What a connection needs to know about the listener it came in on."""
@@ -158,6 +163,8 @@ def run(spec: WorkerSpec) -> None:
 
 def _run(spec: WorkerSpec) -> None:
     _set_pdeathsig()
+    if FAULT == "startup":
+        raise RuntimeError("fault injected: FORKPROXY_FAULT=startup")
     if os.getppid() == 1:
         raise SystemExit(0)
     gevent.reinit()
@@ -167,16 +174,11 @@ def _run(spec: WorkerSpec) -> None:
             os.sched_setaffinity(0, {spec.cpu})
         except OSError:
             pass
-    if spec.uid is not None:
-        if spec.groups is not None:
-            os.setgroups(spec.groups)
-        if spec.gid is not None:
-            os.setgid(spec.gid)
-        os.setuid(spec.uid)
     ws = WorkerState(spec)
     cfg = spec.cfg
     stop = Event()
     graceful = Event()
+    gevent.get_hub()  # the hub and everything it imports exist before privileges drop
 
     def on_quit():
         graceful.set()
@@ -206,6 +208,14 @@ def _run(spec: WorkerSpec) -> None:
         lr = ListenerRuntime(lcfg.listen, default, b"https" if tls_ctx else b"http", tls_ctx,
                              lcfg.proxy_protocol)
         listeners.append((lsock, lr))
+
+    # drop privileges last: after this, files under the master's home may be unreadable
+    if spec.uid is not None:
+        if spec.groups is not None:
+            os.setgroups(spec.groups)
+        if spec.gid is not None:
+            os.setgid(spec.gid)
+        os.setuid(spec.uid)
 
     slots_free = Event()
     slots_free.set()
@@ -306,10 +316,14 @@ def _run(spec: WorkerSpec) -> None:
             lsock.close()
         except OSError:
             pass
+    # An idle keep-alive connection is closed only once it has been idle for a moment
+    # during the drain: a client that is using it gets its next response with
+    # "Connection: close" instead of racing our close with its request.
     deadline = time.monotonic() + cfg.server.graceful_timeout
     while ws.connections and time.monotonic() < deadline and not stop.is_set():
+        now = time.monotonic()
         for conn in list(ws.connections):
-            if conn.idle:
+            if conn.idle and now - conn.idle_since > DRAIN_IDLE:
                 conn.idle = False
                 try:
                     conn.sock.shutdown(pysocket.SHUT_RDWR)

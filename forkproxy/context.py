@@ -1,9 +1,15 @@
-"""The request context a worker leaves for every request.
+"""The records a worker leaves in its ring: one request context per request, and a
+periodic gauges record.
 
-Encoded with msgspec as a msgpack array (array_like: field names are not repeated in
+Encoded with msgspec as msgpack arrays (array_like: field names are not repeated in
 every record) into the worker's shared-memory ring; decoded by the collector, which
-derives the access log line and the metrics from it. Times are monotonic seconds taken
-in the worker; 0.0 means "that phase did not happen" (no TLS, pooled connection, ...).
+derives the access log line and the metrics from them. The two record types form a
+tagged union: the first array element is the tag (1 = request, 2 = gauges), so one
+:data:`decoder` reads both. Times in a request context are monotonic seconds taken in
+the worker; 0.0 means "that phase did not happen" (no TLS, pooled connection, ...).
+
+Compatibility: fields are positional. Never reorder or remove one; add new ones at the
+end with a default.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ PHASES = {
 }
 
 
-class RequestContext(msgspec.Struct, array_like=True, gc=False):
+class RequestContext(msgspec.Struct, array_like=True, gc=False, tag=1):
     ts: float  # wall-clock time the response completed
     request_id: str
     worker: int  # worker pid
@@ -45,8 +51,34 @@ class RequestContext(msgspec.Struct, array_like=True, gc=False):
     error: str = ""
 
 
+class UpstreamGauge(msgspec.Struct, array_like=True, gc=False):
+    """One upstream server's connection pool in one worker, at the time of the record."""
+
+    upstream: str
+    server: str  # "HOST:PORT" as configured
+    active: int  # connections lent to an exchange right now
+    idle: int  # connections waiting in the keep-alive pool
+
+
+class WorkerGauges(msgspec.Struct, array_like=True, gc=False, tag=2):
+    """Point-in-time values of one worker, pushed about once a second (not per request).
+
+    Built by :func:`forkproxy.manager.profiling.gauges`. The collector keeps the latest
+    record per worker pid and forgets it once the worker leaves the worker table.
+    """
+
+    worker: int  # worker pid
+    mono: float  # time.monotonic() when taken
+    greenlets: int  # greenlets alive, -1 when not counted (counting costs a gc walk)
+    connections: int  # client connections open
+    upstreams: list[UpstreamGauge] = msgspec.field(default_factory=list)
+
+
+#: everything a worker may push into its ring
+Record = RequestContext | WorkerGauges
+
 encoder = msgspec.msgpack.Encoder()
-decoder = msgspec.msgpack.Decoder(RequestContext)
+decoder = msgspec.msgpack.Decoder(Record)
 
 
 def phase_durations(ctx: RequestContext) -> dict[str, float]:

@@ -1,0 +1,231 @@
+"""The access log, written by the manager from request contexts.
+
+Formats:
+
+* ``json`` (CONTRACT.md): one object per line with at least ``ts``, ``request_id``,
+  ``remote``, ``method``, ``path``, ``status``, ``bytes_out``, ``upstream``,
+  ``upstream_addr``, ``duration_ms``, ``phases`` (phase name -> milliseconds, only the
+  phases that happened), ``tls_resumed`` (null on plain-text listeners) and ``worker``
+  (pid); also ``listener``, ``bytes_in``, ``upstream_reused``, ``tls_version`` and
+  ``error`` (empty unless the proxy answered an upstream failure itself).
+* ``console``: one human-readable line, nginx-like::
+
+    2025-01-02T03:04:05.678Z 127.0.0.1 "GET /x" 200 1234B 12.3ms app=127.0.0.1:9000 \
+rid=6f1c...01 w=4242 connect=0.2 first_byte=11.8 body=0.1
+
+``ts`` is the end of the response, UTC, ISO 8601 with milliseconds. ``duration_ms``
+runs from the complete request head to the end of the response (nginx's
+``$request_time`` starts at the first byte read; a keep-alive connection's idle time is
+not part of a request).
+
+Lines are buffered in memory and written with one ``write(2)`` when the buffer passes
+``BUFFER_BYTES`` or when :meth:`AccessLog.flush` is called (the manager does so at least
+twice a second and on exit). ``off`` keeps nothing. :meth:`AccessLog.reopen` (USR1)
+writes what is buffered to the old file, then opens the path again (logrotate renamed
+it). Writes to a regular file never wait on a reader; ``-`` (stdout) may block the manager
+if whatever reads stdout stops reading: point ``access_log`` at a file under load.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import msgspec
+
+from forkproxy.context import RequestContext
+from forkproxy.manager.metrics import request_duration
+
+BUFFER_BYTES = 64 * 1024
+
+_json = msgspec.json.Encoder()
+
+
+class _Clock:
+    """ISO 8601 UTC timestamps with milliseconds; the seconds part is cached."""
+
+    __slots__ = ("sec", "prefix")
+
+    def __init__(self):
+        self.sec = -1
+        self.prefix = ""
+
+    def iso(self, ts: float) -> str:
+        sec = int(ts)
+        if sec != self.sec:
+            self.sec = sec
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        ms = int((ts - sec) * 1000)
+        return f"{self.prefix}.{ms:03d}Z"
+
+
+_clock = _Clock()
+
+
+def json_line(ctx: RequestContext, ph: dict[str, float]) -> bytes:
+    """One JSON access log line (with the trailing newline)."""
+    return _json.encode({
+        "ts": _clock.iso(ctx.ts),
+        "request_id": ctx.request_id,
+        "remote": ctx.remote,
+        "method": ctx.method,
+        "path": ctx.path,
+        "status": ctx.status,
+        "bytes_out": ctx.bytes_out,
+        "upstream": ctx.upstream,
+        "upstream_addr": ctx.upstream_addr,
+        "duration_ms": round(request_duration(ctx) * 1000.0, 3),
+        "phases": {name: round(v * 1000.0, 3) for name, v in ph.items()},
+        "tls_resumed": ctx.tls_resumed,
+        "worker": ctx.worker,
+        "listener": ctx.listener,
+        "bytes_in": ctx.bytes_in,
+        "upstream_reused": ctx.reused,
+        "tls_version": ctx.tls_version,
+        "error": ctx.error,
+    }) + b"\n"
+
+
+#: short phase names for the console format
+_SHORT = {
+    "accept_to_headers": "headers",
+    "tls_handshake": "tls",
+    "upstream_connect": "connect",
+    "request_send": "send",
+    "upstream_first_byte": "first_byte",
+    "response_body": "body",
+}
+_CONSOLE_ESCAPES = {c: f"\\x{c:02x}" for c in range(32)}
+_CONSOLE_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\", 127: "\\x7f"})
+
+
+def console_line(ctx: RequestContext, ph: dict[str, float]) -> bytes:
+    """One human-readable access log line (with the trailing newline)."""
+    path = ctx.path.translate(_CONSOLE_ESCAPES)
+    method = ctx.method.translate(_CONSOLE_ESCAPES)
+    parts = [
+        _clock.iso(ctx.ts), ctx.remote or "-", f'"{method} {path}"', str(ctx.status),
+        f"{ctx.bytes_out}B", f"{request_duration(ctx) * 1000.0:.1f}ms",
+        f"{ctx.upstream or '-'}={ctx.upstream_addr or '-'}" + ("+" if ctx.reused else ""),
+        f"rid={ctx.request_id}", f"w={ctx.worker}",
+    ]
+    if ctx.tls_resumed is not None:
+        parts.append(f"tls={ctx.tls_version or '?'}{'/resumed' if ctx.tls_resumed else ''}")
+    for name, v in ph.items():
+        parts.append(f"{_SHORT.get(name, name)}={v * 1000.0:.1f}")
+    if ctx.error:
+        parts.append(f'error="{ctx.error.translate(_CONSOLE_ESCAPES)}"')
+    return (" ".join(parts) + "\n").encode("utf-8", "backslashreplace")
+
+
+FORMATTERS = {"json": json_line, "console": console_line}
+
+
+class AccessLog:
+    """Buffered access log file; all methods run in the manager's one thread."""
+
+    def __init__(self, path: str, fmt: str = "json", logger=None):
+        self.logger = logger
+        self.path = path
+        self.fmt = fmt
+        self.format = FORMATTERS[fmt]
+        self.fd = -1
+        self.own_fd = False
+        self.buf: list[bytes] = []
+        self.size = 0
+        self.lines = 0  # written (or handed to write(2)) since start
+        self.errors = 0  # lines lost to failed writes
+        self._last_error = 0.0
+        self._open()
+
+    @property
+    def enabled(self) -> bool:
+        return self.path not in ("off", "")
+
+    def _open(self) -> None:
+        if not self.enabled:
+            self.fd, self.own_fd = -1, False
+        elif self.path == "-":
+            self.fd, self.own_fd = 1, False
+        else:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                              0o640)
+            self.own_fd = True
+
+    def write(self, ctx: RequestContext, ph: dict[str, float]) -> None:
+        if self.fd < 0:
+            return
+        line = self.format(ctx, ph)
+        self.buf.append(line)
+        self.size += len(line)
+        if self.size >= BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        data = b"".join(self.buf)
+        n_lines = len(self.buf)
+        self.buf.clear()
+        self.size = 0
+        if self.fd < 0:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            self.lines += n_lines
+        except OSError as e:
+            if e.errno == errno.EINTR:  # pragma: no cover - PEP 475 retries
+                return
+            lost = bytes(view).count(b"\n")  # lines not (completely) written
+            self.errors += lost
+            self.lines += n_lines - lost
+            now = time.monotonic()
+            if self.logger is not None and now - self._last_error > 10.0:
+                self._last_error = now
+                self.logger.error("access log write failed, lines lost", path=self.path,
+                                  error=e.strerror, lost_so_far=self.errors)
+
+    def reopen(self) -> None:
+        """USR1: flush to the old file, then open the path again (logrotate renamed it)."""
+        self.flush()
+        if not self.own_fd:
+            return
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            if self.logger is not None:
+                self.logger.error("cannot reopen the access log, still writing to the old file",
+                                  path=self.path, error=e.strerror)
+            return
+        old, self.fd = self.fd, fd
+        os.close(old)
+
+    def reconfigure(self, path: str, fmt: str) -> None:
+        """HUP: switch file and/or format (flushes to the old destination first)."""
+        self.fmt = fmt
+        self.format = FORMATTERS[fmt]
+        if path == self.path:
+            return
+        self.flush()
+        old_fd, old_own, old_path = self.fd, self.own_fd, self.path
+        self.path = path
+        try:
+            self._open()
+        except OSError as e:
+            if self.logger is not None:
+                self.logger.error("cannot open the new access log, keeping the old one",
+                                  path=path, error=e.strerror)
+            self.fd, self.own_fd, self.path = old_fd, old_own, old_path
+            return
+        if old_own:
+            os.close(old_fd)
+
+    def close(self) -> None:
+        self.flush()
+        if self.own_fd:
+            os.close(self.fd)
+        self.fd, self.own_fd = -1, False

@@ -1,0 +1,396 @@
+"""Aggregation of request contexts and worker gauges, and the Prometheus text exposition.
+
+Everything is aggregated in the manager, over all workers: a worker only pushes one
+request context per request and a gauges record about once a second. Counters live in
+plain dicts keyed by label tuples; histograms keep one count per bucket (not cumulative:
+an observation is one bisect and one increment) and are made cumulative when rendered.
+
+Process-level values that have no per-request source (workers in the table, their RSS,
+ring drops, TCP sockets by state from netlink sock_diag) are sampled at scrape time by
+:class:`Sampler`; the manager passes them to :meth:`Metrics.render`.
+
+Counters restart from zero when the manager process is restarted (Prometheus' ``rate()``
+handles counter resets); ``forkproxy_ring_dropped_total`` lives in shared memory and
+does not.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from bisect import bisect_left
+from collections.abc import Iterable
+
+from forkproxy.context import (
+    PHASES,
+    T_ACCEPT,
+    T_CONNECTED,
+    T_END,
+    T_HEADERS,
+    T_TLS,
+    RequestContext,
+    WorkerGauges,
+)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: request duration buckets (seconds)
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0)
+#: phase buckets: finer at the low end, a pooled connection or a loopback send take us
+PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: Linux TCP states (include/net/tcp_states.h), index = state number
+TCP_STATES = ("", "established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2",
+              "time_wait", "close", "close_wait", "last_ack", "listen", "closing",
+              "new_syn_recv")
+
+
+class Histogram:
+    """Bucket counts (per bucket, not cumulative), sum and count of observations."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        # Prometheus buckets are "le": a value equal to a bound belongs to that bucket
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """[(upper bound, observations <= bound)], ending with (inf, count)."""
+        out = []
+        acc = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            acc += n
+            out.append((bound, acc))
+        return out
+
+    def quantile(self, q: float) -> float:
+        """Estimate like PromQL's histogram_quantile (linear within the bucket)."""
+        if not self.count:
+            return float("nan")
+        rank = q * self.count
+        prev_bound, prev_acc = 0.0, 0
+        for bound, acc in self.cumulative():
+            if acc >= rank:
+                if bound == float("inf"):
+                    return prev_bound
+                in_bucket = acc - prev_acc
+                if not in_bucket:
+                    return bound
+                return prev_bound + (bound - prev_bound) * (rank - prev_acc) / in_bucket
+            prev_bound, prev_acc = bound, acc
+        return prev_bound
+
+
+def request_duration(ctx: RequestContext) -> float:
+    """Seconds from the request head being complete (else accepted) to the response's end."""
+    t = ctx.times
+    end = t[T_END]
+    start = t[T_HEADERS] or t[T_ACCEPT]
+    if end and start and end >= start:
+        return end - start
+    return 0.0
+
+
+def phases(ctx: RequestContext) -> dict[str, float]:
+    """Seconds per phase that happened (the same as context.phase_durations, inlined)."""
+    t = ctx.times
+    out = {}
+    for name, (a, b) in _PHASE_LIST:
+        ta = t[a]
+        tb = t[b]
+        if ta and tb and tb >= ta:
+            out[name] = tb - ta
+    return out
+
+
+_PHASE_LIST = list(PHASES.items())
+
+
+class Metrics:
+    """Aggregates over all workers; one instance per manager process."""
+
+    def __init__(self):
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.durations: dict[tuple[str, str], Histogram] = {}
+        self.phases: dict[str, Histogram] = {name: Histogram(PHASE_BUCKETS) for name in PHASES}
+        self.tls: dict[bool, int] = {}
+        self.reuse: dict[tuple[str, bool], int] = {}
+        self.bytes_in: dict[str, int] = {}
+        self.bytes_out: dict[str, int] = {}
+        self.gauges: dict[int, WorkerGauges] = {}
+        self.records = 0
+        self.gauge_records = 0
+        self.decode_errors = 0
+
+    # -- input ------------------------------------------------------------------------
+
+    def observe(self, ctx: RequestContext, ph: dict[str, float]) -> None:
+        """One request context; ``ph`` is :func:`phases` of it (shared with the access log)."""
+        self.records += 1
+        listener = ctx.listener
+        upstream = ctx.upstream
+        key = (listener, upstream, ctx.status)
+        req = self.requests
+        req[key] = req.get(key, 0) + 1
+        dkey = (listener, upstream)
+        h = self.durations.get(dkey)
+        if h is None:
+            h = self.durations[dkey] = Histogram(DURATION_BUCKETS)
+        h.observe(request_duration(ctx))
+        hists = self.phases
+        reused = ctx.reused
+        for name, value in ph.items():
+            if reused and name == "upstream_connect":
+                continue  # taking a pooled connection is not a connect
+            hists[name].observe(value)
+        t = ctx.times
+        if t[T_TLS]:  # the first request of a TLS connection carries its handshake
+            resumed = bool(ctx.tls_resumed)
+            self.tls[resumed] = self.tls.get(resumed, 0) + 1
+        if upstream and t[T_CONNECTED]:
+            rkey = (upstream, reused)
+            self.reuse[rkey] = self.reuse.get(rkey, 0) + 1
+        if ctx.bytes_in:
+            self.bytes_in[listener] = self.bytes_in.get(listener, 0) + ctx.bytes_in
+        if ctx.bytes_out:
+            self.bytes_out[listener] = self.bytes_out.get(listener, 0) + ctx.bytes_out
+
+    def observe_gauges(self, g: WorkerGauges) -> None:
+        self.gauge_records += 1
+        self.gauges[g.worker] = g
+
+    def forget_workers(self, live_pids: Iterable[int]) -> None:
+        live = set(live_pids)
+        for pid in [p for p in self.gauges if p not in live]:
+            del self.gauges[pid]
+
+    # -- output -----------------------------------------------------------------------
+
+    def render(self, sample: Sample | None = None) -> str:
+        """The Prometheus text exposition (format 0.0.4)."""
+        w = _Writer()
+        w.family("forkproxy_requests_total", "counter",
+                 "Requests answered, by listener, upstream and status code.")
+        for (listener, upstream, code), n in sorted(self.requests.items()):
+            w.sample("forkproxy_requests_total",
+                     (("listener", listener), ("upstream", upstream), ("code", str(code))), n)
+        w.family("forkproxy_request_duration_seconds", "histogram",
+                 "Time from the complete request head to the end of the response.")
+        for (listener, upstream), h in sorted(self.durations.items()):
+            w.histogram("forkproxy_request_duration_seconds",
+                        (("listener", listener), ("upstream", upstream)), h)
+        w.family("forkproxy_phase_duration_seconds", "histogram",
+                 "Time spent per request phase (upstream_connect: new connections only).")
+        for name, h in self.phases.items():
+            w.histogram("forkproxy_phase_duration_seconds", (("phase", name),), h)
+        w.family("forkproxy_tls_handshakes_total", "counter",
+                 "TLS handshakes of connections that carried a request, by session resumption.")
+        for resumed in (False, True):
+            w.sample("forkproxy_tls_handshakes_total",
+                     (("resumed", "true" if resumed else "false"),), self.tls.get(resumed, 0))
+        w.family("forkproxy_upstream_reuse_total", "counter",
+                 "Requests sent upstream, by whether the connection came from the pool.")
+        for (upstream, reused), n in sorted(self.reuse.items()):
+            w.sample("forkproxy_upstream_reuse_total",
+                     (("upstream", upstream), ("reused", "true" if reused else "false")), n)
+        w.family("forkproxy_received_bytes_total", "counter",
+                 "Request body bytes received from clients, by listener.")
+        for listener, n in sorted(self.bytes_in.items()):
+            w.sample("forkproxy_received_bytes_total", (("listener", listener),), n)
+        w.family("forkproxy_sent_bytes_total", "counter",
+                 "Response bytes sent to clients, by listener.")
+        for listener, n in sorted(self.bytes_out.items()):
+            w.sample("forkproxy_sent_bytes_total", (("listener", listener),), n)
+
+        live = self.gauges
+        if sample is not None:
+            live = {pid: g for pid, g in self.gauges.items() if pid in sample.worker_pids}
+        conns: dict[tuple[str, str], int] = {}
+        for g in live.values():
+            for u in g.upstreams:
+                for state, n in (("active", u.active), ("idle", u.idle)):
+                    key = (u.upstream, state)
+                    conns[key] = conns.get(key, 0) + n
+        w.family("forkproxy_upstream_connections", "gauge",
+                 "Upstream connections in all workers, by state (active: in an exchange, "
+                 "idle: in the keep-alive pool).")
+        for (upstream, state), n in sorted(conns.items()):
+            w.sample("forkproxy_upstream_connections",
+                     (("upstream", upstream), ("state", state)), n)
+        w.family("forkproxy_worker_greenlets", "gauge",
+                 "Greenlets alive per worker (a steady rise is a leak).")
+        for pid, g in sorted(live.items()):
+            if g.greenlets >= 0:
+                w.sample("forkproxy_worker_greenlets", (("pid", str(pid)),), g.greenlets)
+        w.family("forkproxy_worker_client_connections", "gauge",
+                 "Client connections open per worker.")
+        for pid, g in sorted(live.items()):
+            w.sample("forkproxy_worker_client_connections", (("pid", str(pid)),), g.connections)
+
+        if sample is not None:
+            sample.render_into(w)
+        w.family("forkproxy_collector_records_total", "counter",
+                 "Records the manager read from the rings, by kind.")
+        w.sample("forkproxy_collector_records_total", (("kind", "request"),), self.records)
+        w.sample("forkproxy_collector_records_total", (("kind", "gauges"),), self.gauge_records)
+        w.family("forkproxy_collector_decode_errors_total", "counter",
+                 "Ring records that did not decode (version skew or corruption).")
+        w.sample("forkproxy_collector_decode_errors_total", (), self.decode_errors)
+        return w.text()
+
+
+class Sample:
+    """Values read at scrape time from the worker table, the rings, /proc and netlink."""
+
+    def __init__(self, *, master_pid: int = 0, generation: int = 0,
+                 workers: list[dict] | None = None, ring_dropped: int = 0, ring_lost: int = 0,
+                 tcp: dict[tuple[str, str], int] | None = None, access_log_errors: int = 0,
+                 access_log_lines: int = 0):
+        self.master_pid = master_pid
+        self.generation = generation
+        self.workers = workers or []
+        self.worker_pids = {w["pid"] for w in self.workers}
+        self.ring_dropped = ring_dropped
+        self.ring_lost = ring_lost
+        self.tcp = tcp
+        self.access_log_errors = access_log_errors
+        self.access_log_lines = access_log_lines
+
+    def render_into(self, w: _Writer) -> None:
+        w.family("forkproxy_workers", "gauge", "Worker processes in the worker table.")
+        w.sample("forkproxy_workers", (), len(self.workers))
+        w.family("forkproxy_workers_by_generation", "gauge", "Worker processes by generation.")
+        gens: dict[int, int] = {}
+        for wk in self.workers:
+            gens[wk["generation"]] = gens.get(wk["generation"], 0) + 1
+        for gen, n in sorted(gens.items()):
+            w.sample("forkproxy_workers_by_generation", (("generation", str(gen)),), n)
+        w.family("forkproxy_generation", "gauge", "The master's current configuration generation.")
+        w.sample("forkproxy_generation", (), self.generation)
+        w.family("forkproxy_worker_resident_bytes", "gauge", "Resident set size per worker.")
+        for wk in sorted(self.workers, key=lambda x: x["pid"]):
+            if wk.get("rss") is not None:
+                w.sample("forkproxy_worker_resident_bytes", (("pid", str(wk["pid"])),),
+                         wk["rss"])
+        w.family("forkproxy_worker_requests_total", "counter",
+                 "Requests per worker (from its heartbeat, about once a second).")
+        for wk in sorted(self.workers, key=lambda x: x["pid"]):
+            w.sample("forkproxy_worker_requests_total", (("pid", str(wk["pid"])),),
+                     wk["requests"])
+        w.family("forkproxy_ring_dropped_total", "counter",
+                 "Request contexts dropped because a worker's ring was full.")
+        w.sample("forkproxy_ring_dropped_total", (), self.ring_dropped)
+        w.family("forkproxy_ring_lost_total", "counter",
+                 "Ring resynchronisations after an invalid record (e.g. a worker killed "
+                 "mid-write).")
+        w.sample("forkproxy_ring_lost_total", (), self.ring_lost)
+        w.family("forkproxy_access_log_lines_total", "counter", "Access log lines written.")
+        w.sample("forkproxy_access_log_lines_total", (), self.access_log_lines)
+        w.family("forkproxy_access_log_write_errors_total", "counter",
+                 "Access log writes that failed (lines lost).")
+        w.sample("forkproxy_access_log_write_errors_total", (), self.access_log_errors)
+        if self.tcp is not None:
+            w.family("forkproxy_tcp_connections", "gauge",
+                     "TCP sockets on each listener's port by state (netlink sock_diag).")
+            for (listener, state), n in sorted(self.tcp.items()):
+                w.sample("forkproxy_tcp_connections",
+                         (("listener", listener), ("state", state)), n)
+
+
+# -- sampling at scrape time -------------------------------------------------------------
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of a process from /proc/PID/statm (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def tcp_states(listeners: list[tuple[str, int]]) -> dict[tuple[str, str], int]:
+    """{(listener, state): sockets} for the local ports of the listeners (blocking netlink).
+
+    ``listeners`` is [(listen text, port)]. Every state is reported, zeros included, so
+    dashboards see a stable set of series. Costs about 50 us per socket returned (DESIGN.md):
+    run it in a thread, at scrape time only.
+    """
+    from pyroute2 import DiagSocket
+
+    out: dict[tuple[str, str], int] = {}
+    for name, _ in listeners:
+        for state in TCP_STATES[1:]:
+            out[(name, state)] = 0
+    with DiagSocket() as ds:
+        ds.bind()
+        for name, port in listeners:
+            if not port:
+                continue
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                for msg in ds.get_sock_stats(family=fam, states=0xFFF, sport=port):
+                    st = msg["idiag_state"]
+                    if 0 < st < len(TCP_STATES):
+                        key = (name, TCP_STATES[st])
+                        out[key] = out.get(key, 0) + 1
+    return out
+
+
+# -- text exposition ---------------------------------------------------------------------
+
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
+
+
+def _labels(pairs) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{str(v).translate(_ESCAPES)}"' for k, v in pairs) + "}"
+
+
+def _num(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if v != v:
+        return "NaN"
+    if v == float("inf"):
+        return "+Inf"
+    if v == float("-inf"):
+        return "-Inf"
+    return repr(float(v))
+
+
+class _Writer:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, labels, value) -> None:
+        self.lines.append(f"{name}{_labels(labels)} {_num(value)}")
+
+    def histogram(self, name: str, labels, h: Histogram) -> None:
+        labels = tuple(labels)
+        for bound, acc in h.cumulative():
+            self.lines.append(f"{name}_bucket{_labels(labels + (('le', _num(bound)),))} {acc}")
+        self.lines.append(f"{name}_sum{_labels(labels)} {_num(h.sum)}")
+        self.lines.append(f"{name}_count{_labels(labels)} {h.count}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"

@@ -1,0 +1,356 @@
+"""The manager process: drains the workers' rings; owns the access log, the metrics and the
+admin endpoint. Forked by the master (forkproxy/master/arbiter.py ``_start_manager``).
+
+One gevent hub, no threads except gevent's pool for the blocking netlink sample at
+scrape time. Greenlets: one collector loop per ring (collector.py), the access log
+flusher, the admin servers, the lifeline watcher.
+
+Signals from the master (handled in the hub, the work done in greenlets):
+
+  HUP   re-read the config file (access log path/format, admin listen/token, log level)
+  USR1  reopen the access log and the error log (logrotate)
+  QUIT  drain every ring, flush, exit 0 (the master sends it once the workers are gone)
+  TERM  the same, fast (the master's fast stop)
+  INT   ignored: Ctrl-C reaches the whole process group; the master decides
+
+The master's death (the lifeline pipe reaches EOF, or PR_SET_PDEATHSIG) is a QUIT.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import time
+
+FLUSH_INTERVAL = 0.5
+FORGET_INTERVAL = 5.0
+TCP_SAMPLE_TIMEOUT = 5.0
+
+
+class Manager:
+    def __init__(self, arbiter, logger):
+        from forkproxy import config as config_mod
+        from forkproxy.manager.accesslog import AccessLog
+        from forkproxy.manager.admin import Admin
+        from forkproxy.manager.collector import Collector
+        from forkproxy.manager.metrics import Metrics
+
+        self.config_mod = config_mod
+        self.arbiter = arbiter
+        self.log = logger
+        self.cfg = arbiter.cfg
+        self.table = arbiter.table
+        self.rings = {i: r for i, r in (getattr(arbiter, "rings", None) or {}).items()
+                      if r is not None}
+        self.metrics = Metrics()
+        cfg = self.cfg
+        try:
+            self.accesslog = AccessLog(config_mod.log_path(cfg, cfg.log.access_log),
+                                       cfg.log.format, logger)
+        except OSError as e:
+            logger.error("cannot open the access log: access logging is off",
+                         path=cfg.log.access_log, error=e.strerror)
+            self.accesslog = AccessLog("off", cfg.log.format, logger)
+        self.collector = Collector(self.rings, self.on_batch, table=self.table, logger=logger)
+        self.admin = Admin(self, logger)
+        self.admin_socks = None
+        if cfg.admin.listen:
+            try:
+                self.admin_socks = Admin.bind(cfg.admin.listen)
+            except Exception as e:
+                logger.error("cannot listen on the admin address, will retry",
+                             listen=cfg.admin.listen,
+                             error=str(getattr(e, "strerror", None) or e))
+        self.started = time.time()
+        self.stop_mode = ""
+
+    # -- records ----------------------------------------------------------------------
+
+    def on_batch(self, items: list) -> None:
+        from forkproxy.context import RequestContext
+        from forkproxy.manager.metrics import phases
+
+        metrics = self.metrics
+        observe = metrics.observe
+        write = self.accesslog.write
+        for rec in items:
+            if type(rec) is RequestContext:
+                ph = phases(rec)
+                observe(rec, ph)
+                write(rec, ph)
+            else:
+                metrics.observe_gauges(rec)
+
+    # -- what the admin endpoint shows ------------------------------------------------
+
+    def workers(self) -> list[dict]:
+        from forkproxy.manager.metrics import rss_bytes
+
+        now_mono = time.monotonic()
+        now = time.time()
+        out = []
+        for index, e in self.table.live():
+            pid = e["pid"]
+            g = self.metrics.gauges.get(pid)
+            hb = e["heartbeat"]
+            out.append({
+                "pid": pid,
+                "slot": e["slot"],
+                "index": index,
+                "cpu": e["cpu"],
+                "generation": e["generation"],
+                "started": e["started"],
+                "uptime": round(now - e["started"], 3) if e["started"] else None,
+                "requests": e["requests"],
+                "connections": e["connections"],
+                "rss": rss_bytes(pid),
+                "heartbeat_age": round(now_mono - hb, 3) if hb else None,
+                "greenlets": g.greenlets if g is not None and g.greenlets >= 0 else None,
+            })
+        out.sort(key=lambda w: (w["generation"], w["slot"], w["pid"]))
+        return out
+
+    def worker_pids(self) -> list[int]:
+        return [e["pid"] for _, e in self.table.live()]
+
+    def status(self) -> dict:
+        master_pid, generation = self.table.master()
+        cfg = self.cfg
+        return {
+            "master_pid": master_pid,
+            "manager_pid": os.getpid(),
+            "generation": generation,
+            "config": cfg.path,
+            "listeners": [lcfg.listen for lcfg in cfg.listener],
+            "admin": cfg.admin.listen,
+            "access_log": self.accesslog.path,
+            "manager_started": self.started,
+            "ring_dropped": self.collector.dropped,
+            "workers": self.workers(),
+        }
+
+    def healthy(self) -> bool:
+        from forkproxy.manager.admin import HEALTHY_WITHIN
+
+        now = time.monotonic()
+        return any(e["heartbeat"] and now - e["heartbeat"] < HEALTHY_WITHIN
+                   for _, e in self.table.live())
+
+    def tcp_sample(self) -> dict | None:
+        """TCP sockets by state per listener port, from netlink in gevent's thread pool."""
+        import gevent
+
+        from forkproxy.manager.metrics import tcp_states
+
+        listeners = []
+        for lcfg in self.cfg.listener:
+            try:
+                listeners.append((lcfg.listen, self.config_mod.parse_listen(lcfg.listen).port))
+            except ValueError:
+                continue
+        if not listeners:
+            return None
+        try:
+            return gevent.get_hub().threadpool.spawn(tcp_states, listeners).get(
+                timeout=TCP_SAMPLE_TIMEOUT)
+        except Exception as e:
+            self.log.warning("sock_diag sample failed", error=str(e))
+            return None
+
+    def metrics_text(self) -> str:
+        from forkproxy.manager.metrics import Sample
+
+        master_pid, generation = self.table.master()
+        workers = self.workers()
+        self.metrics.forget_workers(w["pid"] for w in workers)
+        self.metrics.decode_errors = self.collector.decode_errors
+        sample = Sample(master_pid=master_pid, generation=generation, workers=workers,
+                        ring_dropped=self.collector.dropped, ring_lost=self.collector.lost,
+                        tcp=self.tcp_sample(), access_log_lines=self.accesslog.lines,
+                        access_log_errors=self.accesslog.errors)
+        return self.metrics.render(sample)
+
+    # -- signals ----------------------------------------------------------------------
+
+    def reload(self) -> None:
+        from forkproxy import log as log_mod
+
+        config_mod = self.config_mod
+        try:
+            cfg = config_mod.load(self.cfg.path)
+        except config_mod.ConfigError as e:
+            self.log.error("reload failed: invalid config, keeping the running one",
+                           errors=e.problems)
+            return
+        try:
+            log_mod.setup(config_mod.log_path(cfg, cfg.log.error_log), cfg.log.level,
+                          cfg.log.format, "manager")
+            self.log = log_mod.rebind("manager")
+        except OSError as e:
+            self.log.error("cannot open the new error log", error=e.strerror)
+        for obj in (self.accesslog, self.admin, self.collector):
+            obj.logger = self.log
+        self.cfg = cfg
+        self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format)
+        self.admin.serve(cfg.admin.listen, cfg.admin.token)
+        self.log.info("manager reloaded", access_log=self.accesslog.path,
+                      admin=cfg.admin.listen)
+
+    def reopen(self) -> None:
+        from forkproxy import log as log_mod
+
+        log_mod.reopen()
+        self.accesslog.reopen()
+        self.log.info("logs reopened", access_log=self.accesslog.path)
+
+    # -- main -------------------------------------------------------------------------
+
+    def serve(self, ready_w: int | None) -> None:
+        import gevent
+        from gevent.event import Event
+
+        stop = Event()
+
+        def request_stop(mode: str) -> None:
+            if not self.stop_mode:
+                self.stop_mode = mode
+            stop.set()
+
+        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self._guard, self.reload))
+        gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(self._guard, self.reopen))
+        gevent.signal_handler(signal.SIGQUIT, request_stop, "quit")
+        gevent.signal_handler(signal.SIGTERM, request_stop, "term")
+        for sig in (signal.SIGINT, signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN,
+                    signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
+
+        lifeline = getattr(self.arbiter, "lifeline_r", None)
+        if lifeline is not None:
+            def watch_lifeline():
+                from gevent.socket import wait_read
+
+                try:
+                    wait_read(lifeline)
+                except Exception:
+                    pass
+                request_stop("master gone")
+
+            gevent.spawn(watch_lifeline)
+
+        cfg = self.cfg
+        if cfg.admin.listen:
+            if self.admin_socks is not None:
+                self.admin.serve(cfg.admin.listen, cfg.admin.token, self.admin_socks)
+            else:
+                self.admin.serve(cfg.admin.listen, cfg.admin.token)
+        self.admin_socks = None
+        self.collector.start()
+
+        def flusher():
+            last_forget = time.monotonic()
+            while True:
+                gevent.sleep(FLUSH_INTERVAL)
+                self.accesslog.flush()
+                now = time.monotonic()
+                if now - last_forget > FORGET_INTERVAL:
+                    last_forget = now
+                    self.metrics.forget_workers(self.worker_pids())
+
+        flush_g = gevent.spawn(flusher)
+        if ready_w is not None:
+            try:
+                os.write(ready_w, b"R")
+                os.close(ready_w)
+            except OSError:
+                pass
+        self.log.info("manager started", rings=len(self.rings),
+                      access_log=self.accesslog.path, admin=cfg.admin.listen or "off")
+        stop.wait()
+        # drain what the workers left, write it, go
+        t0 = time.monotonic()
+        self.admin.stop()
+        self.collector.stop()
+        flush_g.kill(block=False)
+        n = self.collector.drain_all()
+        self.accesslog.close()
+        self.log.info("manager exiting", reason=self.stop_mode, drained=n,
+                      seconds=round(time.monotonic() - t0, 3),
+                      dropped=self.collector.dropped)
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except Exception as e:
+            self.log.exception("manager signal handling failed", error=str(e))
+
+
+def _set_pdeathsig() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _drop_privileges(arbiter) -> None:
+    uid = getattr(arbiter, "uid", None)
+    if uid is None:
+        return
+    groups = getattr(arbiter, "groups", None)
+    gid = getattr(arbiter, "gid", None)
+    if groups is not None:
+        os.setgroups(groups)
+    if gid is not None:
+        os.setgid(gid)
+    os.setuid(uid)
+
+
+def _preload() -> None:
+    """Import, while still privileged, what is otherwise imported lazily later."""
+    import gevent.threadpool  # noqa: F401
+    import pyroute2  # noqa: F401
+    from pyroute2 import DiagSocket  # noqa: F401
+
+    import forkproxy.context  # noqa: F401
+    import forkproxy.manager.metrics  # noqa: F401
+
+
+def run(arbiter, ready_w: int | None) -> None:
+    """Manager main, in the child right after fork; never returns (exits the process)."""
+    code = 0
+    logger = None
+    try:
+        _set_pdeathsig()
+        if os.getppid() == 1:
+            raise SystemExit(0)
+        import gevent
+
+        gevent.reinit()
+        gc.enable()
+        from forkproxy import log as log_mod
+
+        logger = log_mod.rebind("manager")
+        _preload()
+        manager = Manager(arbiter, logger)
+        _drop_privileges(arbiter)
+        manager.serve(ready_w)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    except BaseException as e:
+        try:
+            if logger is not None:
+                logger.exception("manager crashed", error=str(e))
+            else:
+                print(f"forkproxy manager {os.getpid()} crashed: {e!r}", file=sys.stderr)
+        finally:
+            code = 3
+    finally:
+        try:
+            sys.stdout.flush()
+        except Exception:
+            pass
+        os._exit(code)

@@ -132,10 +132,15 @@ class CertificateConfig(_Section, kw_only=True):
 class TLSConfig(_Section, kw_only=True):
     certificates: list[CertificateConfig]
     session_tickets: bool = True
+    #: a new ticket key every interval; the previous key still decrypts for one more
     ticket_key_rotation: Duration = Duration(3600.0)
+    #: nginx-style file of 80-byte keys (first encrypts) shared by several hosts, 0600
     ticket_key_file: str = ""
     ocsp_stapling: bool = True
     alpn: list[str] = field(default_factory=lambda: ["http/1.1"])
+    #: if the OpenSSL shim's self-test fails: serve with per-process tickets and no
+    #: stapling (logged loudly) instead of refusing to start
+    allow_degraded: bool = False
 
 
 class ListenerConfig(_Section, kw_only=True):
@@ -324,6 +329,11 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
             problems.append(f"{key}.upstream: required when no [[route]] is defined")
         if lst.tls is not None:
             problems.extend(_validate_tls(f"{key}.tls", lst.tls, base, check_files))
+    tls_files = {(lst.tls.ticket_key_file, lst.tls.ticket_key_rotation)
+                 for lst in cfg.listener if lst.tls is not None}
+    if len(tls_files) > 1:
+        problems.append("listener.tls: every TLS listener shares one ticket key store: "
+                        "ticket_key_file and ticket_key_rotation must be the same")
     for i, route in enumerate(cfg.route):
         key = f"route[{i}]"
         if route.upstream not in cfg.upstream:
@@ -431,6 +441,10 @@ def worker_cpus(cfg: Config, n: int) -> list[int | None]:
         return [None] * n
     cpus = sorted(os.sched_getaffinity(0)) if aff == "auto" else list(aff)
     return [cpus[i % len(cpus)] for i in range(n)]
+
+
+def config_dir(cfg: Config) -> str:
+    return os.path.dirname(cfg.path) if cfg.path and cfg.path != "<string>" else "."
 
 
 def log_path(cfg: Config, p: str) -> str:

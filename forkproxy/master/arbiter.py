@@ -34,6 +34,10 @@ READY_TIMEOUT = 30.0
 INHERIT_ENV = "FORKPROXY_INHERIT"
 
 
+class TLSSetupError(Exception):
+    pass
+
+
 class WorkerProc:
     __slots__ = ("pid", "slot", "index", "generation", "cpu", "started", "ready", "ready_fd",
                  "retiring", "kill_at", "kind")
@@ -180,10 +184,26 @@ class Arbiter:
         except ImportError:  # the ring module is optional while it is being built
             Ring = None
         self._ring_cls = Ring
-        if any(lcfg.tls is not None for lcfg in self.cfg.listener):
-            from forkproxy.master.tickets import create_keystore
+        self._setup_tls(self.cfg, self._inherited_keystore_fd)
 
-            self.keystore = create_keystore(self, self._inherited_keystore_fd)
+    def _setup_tls(self, cfg, inherited_fd) -> None:
+        """Self-test the OpenSSL shim, then create (or adopt) the ticket key store."""
+        tls = [lcfg.tls for lcfg in cfg.listener if lcfg.tls is not None]
+        if not tls or self.keystore is not None:
+            return
+        from forkproxy.master.tickets import create_keystore
+        from forkproxy.tls.openssl import self_test
+
+        result = self_test()
+        if not result.ok:
+            if all(t.allow_degraded for t in tls):
+                self.log.error("TLS DEGRADED: per-process session tickets, no OCSP stapling",
+                               reason=result.message)
+                return
+            raise TLSSetupError(f"{result.message}; set [listener.tls] allow_degraded = true "
+                                "to serve TLS without shared tickets and stapling")
+        self.log.info("TLS shim self-test passed", library=result.library)
+        create_keystore(self, inherited_fd)
 
     def ring_for(self, index: int):
         if self._ring_cls is None:
@@ -201,7 +221,7 @@ class Arbiter:
     def run(self) -> int:
         try:
             self.setup()
-        except (BindError, daemon.PidfileError, OSError) as e:
+        except (BindError, daemon.PidfileError, TLSSetupError, OSError) as e:
             msg = str(e)
             self.log.error("cannot start", error=msg)
             self._tell_starter(f"error: {msg}")
@@ -455,6 +475,10 @@ class Arbiter:
 
     def _maintain(self) -> None:
         now = time.monotonic()
+        if self.keystore is not None:
+            from forkproxy.master.tickets import rotate_if_due
+
+            rotate_if_due(self)
         if self.manager is None and not self.stopping:
             self._start_manager()
         self.spawn_missing()
@@ -543,11 +567,12 @@ class Arbiter:
         self.pending_since = time.monotonic()
         self.slot_failures.clear()
         self.slot_next_spawn.clear()
-        if self.keystore is None and any(lcfg.tls is not None for lcfg in new_cfg.listener):
-            from forkproxy.master.tickets import create_keystore
-
-            self.keystore = create_keystore(self, None)
-        elif self.keystore is not None:
+        if self.keystore is None:
+            try:
+                self._setup_tls(new_cfg, None)
+            except TLSSetupError as e:
+                self.log.error("TLS listeners added but the shim is unusable", error=str(e))
+        else:
             from forkproxy.master.tickets import reload_keystore
 
             reload_keystore(self)
@@ -675,6 +700,7 @@ def _preload() -> None:
 
     import forkproxy.worker.connection  # noqa: F401
     import forkproxy.worker.process  # noqa: F401
+    import forkproxy.worker.tls  # noqa: F401
 
     try:
         import forkproxy.manager.process  # noqa: F401

@@ -39,6 +39,7 @@ from forkproxy.http.messages import (
 )
 from forkproxy.http.request import BODY, END, HEAD, RequestParser
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser
+from forkproxy.worker.tls import close_notify
 from forkproxy.worker.upstream import UpstreamConn
 
 _timeout = socket.timeout
@@ -159,6 +160,9 @@ class Connection:
 
     def _close(self) -> None:
         sock = self.sock
+        if self.tls_resumed is not None:
+            close_notify(sock)
+            return
         try:
             sock.close()
         except OSError:

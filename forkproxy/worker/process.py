@@ -21,6 +21,7 @@ from gevent.event import Event
 
 from forkproxy.context import RequestContext, encoder
 from forkproxy.http.request import Limits
+from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.connection import Connection
 from forkproxy.worker.router import Router
 from forkproxy.worker.upstream import build_upstreams
@@ -196,15 +197,14 @@ def _run(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
+    keystore = spec.keystore.reader() if spec.keystore is not None else None
     listeners = []
     for li, lsock in spec.sockets:
         lcfg = cfg.listener[li]
         default = ws.upstreams.get(lcfg.upstream) if lcfg.upstream else None
         tls_ctx = None
         if lcfg.tls is not None:
-            from forkproxy.worker.tls import worker_tls_context
-
-            tls_ctx = worker_tls_context(cfg, li, spec.keystore)
+            tls_ctx = worker_tls.worker_tls_context(cfg, li, keystore)
         lr = ListenerRuntime(lcfg.listen, default, b"https" if tls_ctx else b"http", tls_ctx,
                              lcfg.proxy_protocol)
         listeners.append((lsock, lr))
@@ -225,11 +225,8 @@ def _run(spec: WorkerSpec) -> None:
         conn = Connection(ws, lr, sock, addr, t_accept)
         ws.connections.add(conn)
         try:
-            if lr.tls_context is not None:
-                from forkproxy.worker.tls import handshake
-
-                if not handshake(conn):
-                    return
+            if lr.tls_context is not None and not worker_tls.handshake(conn):
+                return
             conn.serve()
         except Exception as e:  # a bug must not take the worker down with it
             if spec.logger is not None:

@@ -1,0 +1,75 @@
+"""TLS in a worker: the listener's context (shared ticket keys + staples from the
+master's key store) and the handshake of an accepted connection."""
+
+from __future__ import annotations
+
+import ssl
+import time
+
+from gevent import socket
+
+from forkproxy import config as config_mod
+from forkproxy.master.tickets import ticket_lifetime
+from forkproxy.tls.context import build_server_context, install_callbacks, staple_provider_for
+
+_HANDSHAKE_ERRORS = (ssl.SSLError, OSError, socket.timeout, ValueError)
+
+
+def slot_base(cfg, li: int) -> int:
+    """Staple slots are numbered over all TLS listeners' certificates in config order."""
+    return sum(len(lcfg.tls.certificates) for lcfg in cfg.listener[:li] if lcfg.tls is not None)
+
+
+def worker_tls_context(cfg, li: int, keystore):
+    """Build listener li's context; keystore None = degraded (per-process tickets)."""
+    tls = cfg.listener[li].tls
+    base = config_mod.config_dir(cfg)
+    pairs = [(config_mod.resolve_path(c.cert, base), config_mod.resolve_path(c.key, base))
+             for c in tls.certificates]
+    ctx = build_server_context(pairs, alpn=tuple(tls.alpn))
+    if not tls.session_tickets:
+        for c in ctx.contexts():
+            c.options |= ssl.OP_NO_TICKET
+    if keystore is not None:
+        install_callbacks(
+            ctx,
+            keys_provider=keystore.keys if tls.session_tickets else None,
+            staple_provider=(staple_provider_for(ctx, keystore.staple, slot_base(cfg, li))
+                             if tls.ocsp_stapling else None),
+            session_timeout=ticket_lifetime(cfg),
+        )
+    return ctx
+
+
+def handshake(conn) -> bool:
+    """Wrap the accepted socket and complete the handshake; False = give up quietly."""
+    raw = conn.sock
+    raw.settimeout(conn.ws.header_timeout)
+    try:
+        ssock = conn.listener.tls_context.wrap_socket(raw, server_side=True,
+                                                      do_handshake_on_connect=False)
+        ssock.do_handshake()
+    except _HANDSHAKE_ERRORS:
+        try:
+            raw.close()
+        except OSError:
+            pass
+        return False
+    conn.sock = ssock
+    conn.t_tls = time.monotonic()
+    conn.tls_resumed = ssock.session_reused
+    conn.tls_version = ssock.version() or ""
+    return True
+
+
+def close_notify(sock) -> None:
+    """Send close_notify (OpenSSL 3 clients drop sessions of unclean closes) and close."""
+    try:
+        sock.settimeout(0.2)
+        sock.unwrap()
+    except _HANDSHAKE_ERRORS:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass

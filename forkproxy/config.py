@@ -137,6 +137,8 @@ class TLSConfig(_Section, kw_only=True):
     #: nginx-style file of 80-byte keys (first encrypts) shared by several hosts, 0600
     ticket_key_file: str = ""
     ocsp_stapling: bool = True
+    #: first retry after a failed OCSP fetch (doubling, jittered, up to 1h)
+    ocsp_retry: Duration = Duration(30.0)
     alpn: list[str] = field(default_factory=lambda: ["http/1.1"])
     #: if the OpenSSL shim's self-test fails: serve with per-process tickets and no
     #: stapling (logged loudly) instead of refusing to start

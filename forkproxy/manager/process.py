@@ -195,8 +195,26 @@ class Manager:
         self.cfg = cfg
         self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format)
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
+        self.start_stapling()
         self.log.info("manager reloaded", access_log=self.accesslog.path,
                       admin=cfg.admin.listen)
+
+    def start_stapling(self) -> None:
+        """OCSP stapling for the current config (restarted on reload)."""
+        import gevent
+        from gevent.event import Event
+
+        old = getattr(self, "_staple_stop", None)
+        if old is not None:
+            old.set()
+        keystore = getattr(self.arbiter, "keystore", None)
+        if keystore is None:
+            return
+        from forkproxy.tls import stapling
+
+        stop = self._staple_stop = Event()
+        cfg, log = self.cfg, self.log
+        gevent.spawn(self._guard, lambda: stapling.run(cfg, keystore, log, stop))
 
     def reopen(self) -> None:
         from forkproxy import log as log_mod
@@ -247,6 +265,7 @@ class Manager:
                 self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.admin_socks = None
         self.collector.start()
+        self.start_stapling()
 
         def flusher():
             last_forget = time.monotonic()
@@ -317,6 +336,7 @@ def _preload() -> None:
 
     import forkproxy.context  # noqa: F401
     import forkproxy.manager.metrics  # noqa: F401
+    import forkproxy.tls.stapling  # noqa: F401
 
 
 def run(arbiter, ready_w: int | None) -> None:

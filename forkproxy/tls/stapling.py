@@ -19,8 +19,10 @@ def staple_sources(cfg) -> list[StapleSource | None]:
             if not lcfg.tls.ocsp_stapling:
                 sources.append(None)
                 continue
-            sources.append(StapleSource(config_mod.resolve_path(c.cert, base),
-                                        responder=c.ocsp_responder or None))
+            src = StapleSource(config_mod.resolve_path(c.cert, base),
+                               responder=c.ocsp_responder or None)
+            src.backoff.base = lcfg.tls.ocsp_retry
+            sources.append(src)
     return sources
 
 

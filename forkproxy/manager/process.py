@@ -225,7 +225,11 @@ class Manager:
 
     # -- main -------------------------------------------------------------------------
 
-    def serve(self, ready_w: int | None) -> None:
+    def serve(self, ready_w: int | None, early_signals: list[int] | None = None,
+              before_loop=None) -> None:
+        """Serve until QUIT/TERM/master death. ``early_signals`` arrived during start-up;
+        ``before_loop`` runs after the ready byte is written, before any greenlet runs
+        (slow imports, then dropping privileges: nothing is served as root)."""
         import gevent
         from gevent.event import Event
 
@@ -240,9 +244,15 @@ class Manager:
         gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(self._guard, self.reopen))
         gevent.signal_handler(signal.SIGQUIT, request_stop, "quit")
         gevent.signal_handler(signal.SIGTERM, request_stop, "term")
-        for sig in (signal.SIGINT, signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN,
-                    signal.SIGTTOU):
-            signal.signal(sig, signal.SIG_IGN)
+        for sig in early_signals or ():
+            if sig == signal.SIGQUIT:
+                request_stop("quit")
+            elif sig == signal.SIGTERM:
+                request_stop("term")
+            elif sig == signal.SIGHUP:
+                gevent.spawn(self._guard, self.reload)
+            elif sig == signal.SIGUSR1:
+                gevent.spawn(self._guard, self.reopen)
 
         lifeline = getattr(self.arbiter, "lifeline_r", None)
         if lifeline is not None:
@@ -284,6 +294,8 @@ class Manager:
                 os.close(ready_w)
             except OSError:
                 pass
+        if before_loop is not None:
+            before_loop()
         self.log.info("manager started", rings=len(self.rings),
                       access_log=self.accesslog.path, admin=cfg.admin.listen or "off")
         stop.wait()
@@ -329,7 +341,11 @@ def _drop_privileges(arbiter) -> None:
 
 
 def _preload() -> None:
-    """Import, while still privileged, what is otherwise imported lazily later."""
+    """Import, while still privileged, what is otherwise imported lazily later.
+
+    pyroute2 takes about 150 ms to import: that happens after the ready byte, and before
+    any greenlet (admin included) runs, so nothing is served before privileges drop.
+    """
     import gevent.threadpool  # noqa: F401
     import pyroute2  # noqa: F401
     from pyroute2 import DiagSocket  # noqa: F401
@@ -343,10 +359,18 @@ def run(arbiter, ready_w: int | None) -> None:
     """Manager main, in the child right after fork; never returns (exits the process)."""
     code = 0
     logger = None
+    early: list[int] = []
     try:
+        # until the hub's handlers are installed, stop and reload requests are queued, not
+        # fatal: a QUIT right after start must still drain the rings and flush the log
+        for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: early.append(signum))
+        for sig in (signal.SIGINT, signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN,
+                    signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
         _set_pdeathsig()
         if os.getppid() == 1:
-            raise SystemExit(0)
+            early.append(signal.SIGTERM)  # the master is already gone: drain and go
         import gevent
 
         gevent.reinit()
@@ -354,10 +378,13 @@ def run(arbiter, ready_w: int | None) -> None:
         from forkproxy import log as log_mod
 
         logger = log_mod.rebind("manager")
-        _preload()
         manager = Manager(arbiter, logger)
-        _drop_privileges(arbiter)
-        manager.serve(ready_w)
+
+        def before_loop():
+            _preload()
+            _drop_privileges(arbiter)
+
+        manager.serve(ready_w, early, before_loop)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
     except BaseException as e:

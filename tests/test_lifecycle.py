@@ -186,6 +186,7 @@ def test_start_daemonizes_and_reports_errors(tmp_path, origin, proxies):
             os.kill(pid, signal.SIGKILL)
     # port in use: start fails with the reason
     blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT from above
     blocker.bind(("127.0.0.1", p.port))
     blocker.listen(1)
     try:

@@ -16,7 +16,7 @@ import errno
 import socket as pysocket
 import time
 
-from gevent import socket
+from gevent import getcurrent, socket
 
 from forkproxy.context import (
     N_TIMES,
@@ -44,6 +44,15 @@ from forkproxy.worker.upstream import UpstreamConn
 
 _timeout = socket.timeout
 MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class Deadline(socket.timeout):
+    """Raised into a connection's greenlet by the worker's deadline sweeper.
+
+    Sockets have no gevent timeout (a Timeout object and a libev timer per blocking
+    call cost ~6% of a tiny request): before each blocking step the connection sets
+    `deadline` (a float store) and one sweeper greenlet per worker expires late ones.
+    It subclasses socket.timeout so every timeout handler treats it alike."""
 
 
 class ClientGone(Exception):
@@ -77,7 +86,8 @@ class Connection:
     """State of one client connection; `serve()` runs until the connection closes."""
 
     __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
-                 "tls_resumed", "tls_version", "closing", "body_done", "idle_since")
+                 "tls_resumed", "tls_version", "closing", "body_done", "idle_since", "deadline",
+                 "greenlet")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -93,6 +103,8 @@ class Connection:
         self.closing = False
         self.body_done = True
         self.idle_since = t_accept
+        self.deadline = 0.0  # monotonic time after which the sweeper raises Deadline
+        self.greenlet = None
 
     # -- reading -------------------------------------------------------------------
 
@@ -102,7 +114,7 @@ class Connection:
         Returns False on EOF. The parser copies everything it keeps before we can
         switch greenlets, so sharing one buffer across connections is safe."""
         sock = self.sock
-        sock.settimeout(timeout)
+        self.deadline = time.monotonic() + timeout
         ws = self.ws
         try:
             n = sock.recv_into(ws.rbuf)
@@ -120,6 +132,7 @@ class Connection:
     def serve(self) -> None:
         ws = self.ws
         events = self.parser.events
+        self.greenlet = getcurrent()
         try:
             while True:
                 if not events:
@@ -273,13 +286,13 @@ class Connection:
         ws = self.ws
         up = conn.sock
         cfg = conn.server.cfg
-        up.settimeout(cfg.send_timeout)
+        self.deadline = time.monotonic() + cfg.send_timeout
         try:
             if req.has_body:
                 if req.expect_continue:
                     send_all(self.sock, CONTINUE_100)
                 up.sendall(head)
-                bytes_in = self._stream_body(req, up)
+                bytes_in = self._stream_body(req, up, cfg.send_timeout)
             else:
                 n = up.send(head)
                 if n != len(head):
@@ -296,7 +309,7 @@ class Connection:
         finally:
             ws.put_buffer(buf)
 
-    def _stream_body(self, req, up) -> int:
+    def _stream_body(self, req, up, send_timeout: float) -> int:
         """Copy the request body to the upstream as parsed; re-frame chunked bodies."""
         events = self.parser.events
         ws = self.ws
@@ -314,6 +327,7 @@ class Connection:
                 continue
             kind, data = events.popleft()
             if kind == BODY:
+                self.deadline = time.monotonic() + send_timeout
                 total += len(data)
                 if chunked:
                     up.sendall(b"%x\r\n%s\r\n" % (len(data), data))
@@ -332,7 +346,8 @@ class Connection:
         up = conn.sock
         server = conn.server
         view = memoryview(buf)
-        up.settimeout(server.cfg.read_timeout)
+        read_timeout = server.cfg.read_timeout
+        self.deadline = time.monotonic() + read_timeout
         # -- response head -------------------------------------------------------------
         n = 0
         start = 0
@@ -395,7 +410,8 @@ class Connection:
         out_head = b"".join(parts)
         bytes_out = 0
         csock = self.sock
-        csock.settimeout(ws.send_timeout)
+        send_timeout = ws.send_timeout
+        self.deadline = time.monotonic() + send_timeout
         # -- body ----------------------------------------------------------------------
         try:
             if mode == 0:
@@ -416,23 +432,27 @@ class Connection:
                 bytes_out = have
                 remaining = length - have
                 while remaining:
+                    self.deadline = time.monotonic() + read_timeout
                     try:
                         got = up.recv_into(view, min(remaining, len(buf)))
                     except (OSError, _timeout) as e:
                         raise UpstreamBroken(f"upstream body: {e}")
                     if got == 0:
                         raise UpstreamBroken("upstream closed mid-body")
+                    self.deadline = time.monotonic() + send_timeout
                     send_all(csock, view[:got])
                     remaining -= got
                     bytes_out += got
             else:
                 send_all(csock, out_head)
                 if mode == 2:
-                    bytes_out = self._relay_chunked(parser, up, view, body_start, n, client_11)
+                    bytes_out = self._relay_chunked(parser, up, view, body_start, n, client_11,
+                                                    max(read_timeout, send_timeout))
                     if parser.extra:
                         up_reusable = False
                 else:
-                    bytes_out = self._relay_until_close(up, view, body_start, n, client_11)
+                    bytes_out = self._relay_until_close(up, view, body_start, n, client_11,
+                                                        max(read_timeout, send_timeout))
         except UpstreamBroken as e:
             times[T_END] = time.monotonic()
             ws.record(self, req, status, bytes_out, server, conn, bytes_in, times, str(e))
@@ -446,7 +466,7 @@ class Connection:
         ws.record(self, req, status, bytes_out, server, conn, bytes_in, times)
         return keep
 
-    def _relay_chunked(self, parser, up, view, start, n, client_11) -> int:
+    def _relay_chunked(self, parser, up, view, start, n, client_11, timeout) -> int:
         csock = self.sock
         sent = [0]
 
@@ -461,6 +481,7 @@ class Connection:
             if n > start:
                 parser.feed_body(view[start:n], sink)
             while not parser.complete:
+                self.deadline = time.monotonic() + timeout
                 try:
                     got = up.recv_into(view)
                 except (OSError, _timeout) as e:
@@ -476,7 +497,7 @@ class Connection:
             send_all(csock, LAST_CHUNK)
         return sent[0]
 
-    def _relay_until_close(self, up, view, start, n, client_11) -> int:
+    def _relay_until_close(self, up, view, start, n, client_11, timeout) -> int:
         csock = self.sock
         total = 0
         if n > start:
@@ -484,6 +505,7 @@ class Connection:
             send_all(csock, b"%x\r\n%s\r\n" % (len(piece), piece) if client_11 else piece)
             total += len(piece)
         while True:
+            self.deadline = time.monotonic() + timeout
             try:
                 got = up.recv_into(view)
             except (OSError, _timeout) as e:

@@ -22,10 +22,12 @@ from gevent.event import Event
 from forkproxy.context import RequestContext, encoder
 from forkproxy.http.request import Limits
 from forkproxy.worker import tls as worker_tls
-from forkproxy.worker.connection import Connection
+from forkproxy.worker.connection import Connection, Deadline
 from forkproxy.worker.router import Router
 from forkproxy.worker.upstream import build_upstreams
 
+#: how often connection deadlines are checked (timeouts are this coarse)
+SWEEP_INTERVAL = 0.1
 #: during a graceful stop, idle keep-alive connections are closed after this long idle
 DRAIN_IDLE = 0.5
 #: fault injection for tests of the master's supervision ("startup": crash at start-up)
@@ -272,6 +274,27 @@ def _run(spec: WorkerSpec) -> None:
             gsock.close()
 
     acceptors = [gevent.spawn(accept_loop, lsock, lr) for lsock, lr in listeners]
+
+    # one timer for all connections: expire the ones past their deadline
+    hub = gevent.get_hub()
+
+    def expire(conn):
+        d = conn.deadline
+        g = conn.greenlet
+        if d and d < time.monotonic() and g is not None and not g.dead:
+            conn.deadline = 0.0
+            g.throw(Deadline("timed out"))
+
+    def sweeper():
+        while True:
+            gevent.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for conn in ws.connections:
+                d = conn.deadline
+                if d and d < now:
+                    hub.loop.run_callback(expire, conn)
+
+    gevent.spawn(sweeper)
 
     # the master's end of the lifeline closes when it dies: exit then
     def lifeline():

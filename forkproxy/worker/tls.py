@@ -55,6 +55,7 @@ def handshake(conn) -> bool:
         except OSError:
             pass
         return False
+    ssock.settimeout(None)  # later steps are bounded by the connection's deadline
     conn.sock = ssock
     conn.t_tls = time.monotonic()
     conn.tls_resumed = ssock.session_reused

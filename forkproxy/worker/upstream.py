@@ -79,6 +79,7 @@ class Server:
             sock.close()
             raise
         sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+        sock.settimeout(None)  # later steps are bounded by the connection's deadline
         self.connects += 1
         self.active += 1
         return UpstreamConn(sock, self)

@@ -43,6 +43,7 @@ from forkproxy.manager.metrics import (
     Metrics,
     Sample,
     phases,
+    phases_ms,
     request_duration,
     tcp_states,
 )
@@ -127,6 +128,10 @@ def test_request_duration_and_phases_from_timestamps():
     assert ph["request_send"] == pytest.approx(0.0005)
     assert ph["upstream_first_byte"] == pytest.approx(0.2)
     assert ph["response_body"] == pytest.approx(0.01)
+    ms: dict = {}
+    Metrics().observe(c, ms)  # the access log's phases come from the same pass
+    assert ms == phases_ms(c)
+    assert ms["accept_to_headers"] == 2.0 and ms["upstream_first_byte"] == 200.0
     # a 400 before any timestamp was taken: no phases, zero duration
     bad = RequestContext(1.0, "x", 1, "l", "r", "GET", "/", 400, 0, 0, "", "", False, None, "",
                          [0.0] * N_TIMES)
@@ -141,16 +146,16 @@ def test_exposition_parses_and_counts():
     m = Metrics()
     for i in range(7):
         c = ctx(rid=f"a{i}", first_byte=0.2, reused=i > 0)
-        m.observe(c, phases(c))
+        m.observe(c)
     for i in range(3):
         c = ctx(rid=f"b{i}", status=502, first_byte=0.001, error="upstream connect: refused")
-        m.observe(c, phases(c))
+        m.observe(c)
     c = ctx(rid="t1", tls=True, tls_at=0.002, listener="127.0.0.1:8443")
-    m.observe(c, phases(c))
+    m.observe(c)
     c = ctx(rid="t2", tls=False, tls_at=0.004, listener="127.0.0.1:8443")
-    m.observe(c, phases(c))
+    m.observe(c)
     c = ctx(rid="t3", tls=True, listener="127.0.0.1:8443")  # 2nd request on a TLS connection
-    m.observe(c, phases(c))
+    m.observe(c)
     m.observe_gauges(WorkerGauges(4242, 1.0, 17, 3, [UpstreamGauge("app", "127.0.0.1:9000", 2, 5)]))
     m.observe_gauges(WorkerGauges(4343, 1.0, 9, 1, [UpstreamGauge("app", "127.0.0.1:9000", 1, 4)]))
     sample = Sample(master_pid=1, generation=3, ring_dropped=5, ring_lost=1,
@@ -200,7 +205,7 @@ def test_every_histogram_is_well_formed():
     m = Metrics()
     for v in (0.0, 0.0001, 0.00010001, 59.9, 61.0):
         c = ctx(first_byte=v)
-        m.observe(c, phases(c))
+        m.observe(c)
     for fam in text_string_to_metric_families(m.render()):
         if fam.type != "histogram":
             continue
@@ -225,7 +230,7 @@ def test_every_histogram_is_well_formed():
 def test_label_values_are_escaped():
     m = Metrics()
     c = ctx(upstream='we"ird\\name\nx')
-    m.observe(c, phases(c))
+    m.observe(c)
     fams = families(m.render())
     labels = [s.labels for s in fams["forkproxy_requests"].samples]
     assert labels == [{"listener": "127.0.0.1:8080", "upstream": 'we"ird\\name\nx', "code": "200"}]
@@ -267,7 +272,7 @@ def test_tcp_states_from_sock_diag_match_the_sockets():
 
 def test_json_line_has_the_contract_fields():
     c = ctx(rid="abc", status=201, path='/p?q="1"', first_byte=0.25, bytes_out=99)
-    line = json_line(c, phases(c))
+    line = json_line(c, phases_ms(c))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     rec = json.loads(line)
     for key in ("ts", "request_id", "remote", "method", "path", "status", "bytes_out",
@@ -287,7 +292,7 @@ def test_json_line_has_the_contract_fields():
 def test_console_line_is_one_escaped_line():
     c = ctx(rid="abc", path='/a"b\nc', tls=True, tls_at=0.001, reused=True,
             error="upstream timeout")
-    line = console_line(c, phases(c)).decode()
+    line = console_line(c, phases_ms(c)).decode()
     assert line.count("\n") == 1 and line.endswith("\n")
     assert line.startswith("2023-11-14T22:13:20.123Z 127.0.0.1 \"GET /a\\\"b\\x0ac\" 200 1234B ")
     assert "app=127.0.0.1:9000+" in line and "rid=abc" in line and "w=4242" in line
@@ -308,22 +313,22 @@ def test_access_log_buffers_then_flushes_and_reopens(tmp_path):
     path = str(tmp_path / "access.log")
     log = AccessLog(path, "json")
     c = ctx()
-    log.write(c, phases(c))
+    log.write(c, phases_ms(c))
     assert os.path.getsize(path) == 0  # buffered
     log.flush()
     assert _nlines(path) == 1
     # past the buffer threshold a write goes out on its own
-    n = accesslog.BUFFER_BYTES // len(json_line(c, phases(c))) + 2
+    n = accesslog.BUFFER_BYTES // len(json_line(c, phases_ms(c))) + 2
     for _ in range(n):
-        log.write(c, phases(c))
+        log.write(c, phases_ms(c))
     assert _nlines(path) > 1
     log.flush()
     assert _nlines(path) == n + 1
     # logrotate: rename, reopen, the next lines go to a new file
     os.rename(path, path + ".1")
-    log.write(c, phases(c))
+    log.write(c, phases_ms(c))
     log.reopen()  # what was buffered still belongs to the old file
-    log.write(c, phases(c))
+    log.write(c, phases_ms(c))
     log.close()
     assert _nlines(path + ".1") == n + 2
     assert _nlines(path) == 1
@@ -333,11 +338,11 @@ def test_access_log_buffers_then_flushes_and_reopens(tmp_path):
 def test_access_log_off_and_reconfigure(tmp_path):
     log = AccessLog("off", "json")
     c = ctx()
-    log.write(c, phases(c))
+    log.write(c, phases_ms(c))
     assert log.buf == []
     path = str(tmp_path / "a.log")
     log.reconfigure(path, "console")
-    log.write(c, phases(c))
+    log.write(c, phases_ms(c))
     log.flush()
     assert _read(path).startswith("2023-11-14T22:13:20.123Z 127.0.0.1 \"GET /x\"")
     log.reconfigure(str(tmp_path / "missing-dir" / "b.log"), "json")  # cannot open: keep a.log
@@ -349,7 +354,7 @@ def test_access_log_counts_lines_lost_to_write_errors(tmp_path):
     log = AccessLog("/dev/full", "json")
     c = ctx()
     for _ in range(5):
-        log.write(c, phases(c))
+        log.write(c, phases_ms(c))
     log.flush()
     assert log.errors == 5 and log.lines == 0
     log.close()

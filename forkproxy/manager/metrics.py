@@ -48,21 +48,26 @@ TCP_STATES = ("", "established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2
 
 
 class Histogram:
-    """Bucket counts (per bucket, not cumulative), sum and count of observations."""
+    """Bucket counts (per bucket, not cumulative) and sum of observations.
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    Metrics.observe inlines :meth:`observe` (it runs for every request and phase).
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
-        self.count = 0
 
     def observe(self, value: float) -> None:
         # Prometheus buckets are "le": a value equal to a bound belongs to that bucket
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
-        self.count += 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
     def cumulative(self) -> list[tuple[float, int]]:
         """[(upper bound, observations <= bound)], ending with (inf, count)."""
@@ -113,6 +118,11 @@ def phases(ctx: RequestContext) -> dict[str, float]:
     return out
 
 
+def phases_ms(ctx: RequestContext) -> dict[str, float]:
+    """Milliseconds (rounded to the microsecond) per phase that happened."""
+    return {name: int(v * 1e6 + 0.5) / 1000 for name, v in phases(ctx).items()}
+
+
 _PHASE_LIST = list(PHASES.items())
 
 
@@ -123,6 +133,9 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.durations: dict[tuple[str, str], Histogram] = {}
         self.phases: dict[str, Histogram] = {name: Histogram(PHASE_BUCKETS) for name in PHASES}
+        # (name, start index, end index, histogram, is the connect phase) per phase
+        self._plan = [(name, a, b, self.phases[name], name == "upstream_connect")
+                      for name, (a, b) in PHASES.items()]
         self.tls: dict[bool, int] = {}
         self.reuse: dict[tuple[str, bool], int] = {}
         self.bytes_in: dict[str, int] = {}
@@ -134,26 +147,42 @@ class Metrics:
 
     # -- input ------------------------------------------------------------------------
 
-    def observe(self, ctx: RequestContext, ph: dict[str, float]) -> None:
-        """One request context; ``ph`` is :func:`phases` of it (shared with the access log)."""
+    def observe(self, ctx: RequestContext, ms: dict[str, float] | None = None) -> None:
+        """Count one request context. If ``ms`` is a dict, it receives the phases that
+        happened in milliseconds (for the access log: one pass over the timestamps).
+
+        Runs for every request: histogram updates are inlined (one bisect, one increment).
+        """
         self.records += 1
         listener = ctx.listener
         upstream = ctx.upstream
         key = (listener, upstream, ctx.status)
         req = self.requests
         req[key] = req.get(key, 0) + 1
-        dkey = (listener, upstream)
-        h = self.durations.get(dkey)
+        h = self.durations.get((listener, upstream))
         if h is None:
-            h = self.durations[dkey] = Histogram(DURATION_BUCKETS)
-        h.observe(request_duration(ctx))
-        hists = self.phases
-        reused = ctx.reused
-        for name, value in ph.items():
-            if reused and name == "upstream_connect":
-                continue  # taking a pooled connection is not a connect
-            hists[name].observe(value)
+            h = self.durations[(listener, upstream)] = Histogram(DURATION_BUCKETS)
         t = ctx.times
+        end = t[T_END]
+        start = t[T_HEADERS] or t[T_ACCEPT]
+        d = end - start if end and start and end >= start else 0.0
+        h.counts[bisect_left(DURATION_BUCKETS, d)] += 1
+        h.sum += d
+        reused = ctx.reused
+        for name, a, b, h, is_connect in self._plan:
+            ta = t[a]
+            if not ta:
+                continue
+            tb = t[b]
+            if not tb or tb < ta:
+                continue
+            v = tb - ta
+            if ms is not None:
+                ms[name] = int(v * 1e6 + 0.5) / 1000
+            if reused and is_connect:
+                continue  # taking a pooled connection is not a connect
+            h.counts[bisect_left(PHASE_BUCKETS, v)] += 1
+            h.sum += v
         if t[T_TLS]:  # the first request of a TLS connection carries its handshake
             resumed = bool(ctx.tls_resumed)
             self.tls[resumed] = self.tls.get(resumed, 0) + 1

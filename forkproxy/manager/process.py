@@ -70,18 +70,26 @@ class Manager:
 
     def on_batch(self, items: list) -> None:
         from forkproxy.context import RequestContext
-        from forkproxy.manager.metrics import phases
 
         metrics = self.metrics
         observe = metrics.observe
-        write = self.accesslog.write
+        log = self.accesslog
+        if not log.enabled:
+            for rec in items:
+                if type(rec) is RequestContext:
+                    observe(rec)
+                else:
+                    metrics.observe_gauges(rec)
+            return
+        entries = []
         for rec in items:
             if type(rec) is RequestContext:
-                ph = phases(rec)
-                observe(rec, ph)
-                write(rec, ph)
+                ms: dict[str, float] = {}
+                observe(rec, ms)
+                entries.append((rec, ms))
             else:
                 metrics.observe_gauges(rec)
+        log.write_many(entries)
 
     # -- what the admin endpoint shows ------------------------------------------------
 

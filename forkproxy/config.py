@@ -106,6 +106,9 @@ class ServerConfig(_Section, kw_only=True):
     max_connections: Positive = 10000
     #: listen(2) backlog of every listening socket
     backlog: Positive = 4096
+    #: relay large Content-Length response bodies with splice(2) (zero copy, plain-text
+    #: clients only); pays off when the proxy has cores to itself
+    splice: bool = False
     #: bytes of each worker's shared-memory ring of request contexts
     ring_size: Size = Size(1 << 20)
 

@@ -316,3 +316,27 @@ def test_idle_keepalive_connection_closed_after_timeout(tmp_path, origin, proxie
         waited = time.monotonic() - t0
         assert 0.25 < waited < 1.5, waited  # deadline sweeper granularity is 0.1 s
     p.stop()
+
+
+def test_splice_relays_large_bodies_exactly(tmp_path, origin, proxies):
+    p = proxies(tmp_path, origin.address, server_extra="splice = true")
+    (worker,) = p.workers_pids()
+
+    def pipes() -> int:
+        fds = os.listdir(f"/proc/{worker}/fd")
+        return sum(os.readlink(f"/proc/{worker}/fd/{fd}").startswith("pipe:") for fd in fds
+                   if os.path.exists(f"/proc/{worker}/fd/{fd}"))
+
+    pipes_before = pipes()
+    size = 20 * 1024 * 1024 + 123
+    with connect(p.port, timeout=30) as s:
+        for _ in range(2):  # the pipe goes back to the pool clean and is reused
+            s.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+            status, headers, body, _ = recv_response(s)
+            assert status == 200 and len(body) == size
+            expected = (bytes(range(256)) * (size // 256 + 1))[:size]
+            assert hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()
+        s.sendall(b"GET /tiny HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert recv_response(s)[2] == b"ok"
+    assert pipes() == pipes_before + 2  # one splice pipe, pooled for reuse
+    p.stop()

@@ -39,6 +39,7 @@ from forkproxy.http.messages import (
 )
 from forkproxy.http.request import BODY, END, HEAD, RequestParser
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser
+from forkproxy.worker.splice import SPLICE_MIN, SpliceError, splice_body
 from forkproxy.worker.tls import close_notify
 from forkproxy.worker.upstream import UpstreamConn
 
@@ -431,6 +432,16 @@ class Connection:
                     send_all(csock, view[body_start : body_start + have])
                 bytes_out = have
                 remaining = length - have
+                if remaining >= SPLICE_MIN and ws.pipes is not None and self.tls_resumed is None:
+                    try:
+                        bytes_out += splice_body(self, ws.pipes, up.fileno(), csock.fileno(),
+                                                 remaining, read_timeout, send_timeout,
+                                                 time.monotonic)
+                    except SpliceError as e:
+                        raise UpstreamBroken(str(e))
+                    except (OSError, _timeout) as e:
+                        raise ClientGone(str(e))
+                    remaining = 0
                 while remaining:
                     self.deadline = time.monotonic() + read_timeout
                     try:

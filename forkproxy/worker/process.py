@@ -24,6 +24,7 @@ from forkproxy.http.request import Limits
 from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.connection import Connection, Deadline
 from forkproxy.worker.router import Router
+from forkproxy.worker.splice import PipePool
 from forkproxy.worker.upstream import build_upstreams
 
 #: how often connection deadlines are checked (timeouts are this coarse)
@@ -100,6 +101,7 @@ class WorkerState:
         self._rid_prefix = b"%08x" % (int.from_bytes(os.urandom(4), "big"))
         self._rid = 0
         self.ring = spec.ring
+        self.pipes = PipePool() if srv.splice else None
         self._encbuf = bytearray(512)
         self.listener_names: list[str] = []
 

@@ -273,3 +273,36 @@ def test_binary_upgrade_and_rollback_under_load(tmp_path, origin, proxies):
 
 
 
+
+
+def test_hup_binds_added_and_closes_removed_listeners(tmp_path, origin, proxies):
+    from fp import free_port, port_open
+
+    p = proxies(tmp_path, origin.address, workers=2)
+    extra = free_port()
+    p.listeners = [f"127.0.0.1:{p.port}", f"127.0.0.1:{extra}"]
+    p.write_config()
+    p.send(signal.SIGHUP)
+    wait_for(lambda: len(gen_events(p, "reload complete")) == 1, what="reload")
+    assert request(extra, "GET", "/tiny")[2] == b"ok"
+    assert request(p.port, "GET", "/tiny")[2] == b"ok"
+    p.listeners = [f"127.0.0.1:{extra}"]
+    p.write_config()
+    p.send(signal.SIGHUP)
+    wait_for(lambda: len(gen_events(p, "reload complete")) == 2, what="second reload")
+    wait_for(lambda: not port_open(p.port), timeout=15, what="the removed listener to close")
+    assert request(extra, "GET", "/tiny")[2] == b"ok"
+    p.stop()
+
+
+def test_usr1_reopens_the_error_log(tmp_path, origin, proxies):
+    p = proxies(tmp_path, origin.address, workers=1)
+    rotated = p.errlog + ".1"
+    os.rename(p.errlog, rotated)
+    p.send(signal.SIGUSR1)
+    wait_for(lambda: os.path.exists(p.errlog), what="a new error log")
+    p.send(signal.SIGHUP)  # something to log into the new file
+    wait_for(lambda: gen_events(p, "reload complete"), what="reload logged in the new file")
+    with open(rotated) as f:
+        assert "reload complete" not in f.read()
+    p.stop()

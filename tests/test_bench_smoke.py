@@ -1,0 +1,50 @@
+"""scripts/bench runs: the short smoke scenario only (speed is never asserted here; a timing
+assertion on a shared machine is a flaky test). docs/BENCHMARKS.md has the real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXIT_SKIP = 77  # scripts/bench: prerequisites missing and not installable (not root)
+
+
+def _can_run() -> str | None:
+    tools = ["wrk", "nginx", "openssl", "taskset"]
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing and os.geteuid() != 0:
+        return f"needs {', '.join(missing)} (apt-get install -y wrk nginx-light) and not root"
+    return None
+
+
+@pytest.mark.timeout(180)
+def test_bench_quick_prints_a_table_with_a_ratio(tmp_path):
+    why = _can_run()
+    if why:
+        pytest.skip(why)
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench"), "--quick", "--json",
+         str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170)
+    if proc.returncode == EXIT_SKIP:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    fp_rows = [r for r in rows if r.startswith("| forkproxy |")]
+    assert fp_rows, proc.stdout
+    cells = [c.strip() for c in fp_rows[0].strip("|").split("|")]
+    assert float(cells[1].replace(",", "")) > 0  # req/s median
+    assert any(r.startswith("| nginx |") for r in rows), proc.stdout
+    assert any(r.startswith("| **forkproxy / nginx**") and "x" in r for r in rows), proc.stdout
+    results = json.loads(out_json.read_text())
+    tiny = results["scenarios"]["tiny"]["summary"]
+    assert tiny["forkproxy"]["rate"] > 0 and tiny["forkproxy"]["cpu_us"] > 0
+    assert tiny["nginx"]["rate"] > 0
+    assert (tmp_path / "bench.md").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import threading
@@ -16,6 +17,7 @@ from fp import (
     ROOT,
     alive,
     connect,
+    free_port,
     port_open,
     recv_response,
     request,
@@ -327,4 +329,54 @@ def test_worker_gauges_reach_metrics(tmp_path, origin, proxies):
     assert metric(text, "forkproxy_worker_greenlets", "forkproxy_worker_greenlets",
                   pid=str(pid)) >= 2
     assert metric(text, u, u, upstream="app", state="active") == 0
+    p.stop()
+
+
+def test_hup_switches_access_log_and_admin_address(tmp_path, origin, proxies):
+    p = proxies(tmp_path, origin.address, workers=1, admin=True)
+    first = keepalive_requests(p.port, ["/tiny"] * 2, "one")
+    wait_for(lambda: len(read_lines(p.access_log)) == 2, timeout=5, what="2 lines")
+    old_admin = p.admin_port
+    new_log = os.path.join(str(tmp_path), "access2.log")
+    text = p.config_text().replace(p.access_log, new_log)
+    p.admin_port = free_port()
+    p.write_config(text.replace(f"127.0.0.1:{old_admin}", f"127.0.0.1:{p.admin_port}"))
+    p.send(signal.SIGHUP)
+    wait_for(lambda: port_open(p.admin_port), timeout=10, what="admin on the new port")
+    wait_for(lambda: not port_open(old_admin), timeout=5, what="old admin port closed")
+    wait_for(lambda: any(e.get("event") == "reload complete" for e in p.log_events()),
+             timeout=10, what="the reload to complete")
+    second = keepalive_requests(p.port, ["/tiny"] * 3, "two")
+    wait_for(lambda: len(read_lines(new_log)) == 3, timeout=5, what="3 lines in the new log")
+    assert [ln["request_id"] for ln in read_lines(p.access_log)] == first
+    assert [ln["request_id"] for ln in read_lines(new_log)] == second
+    p.stop()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to change user")
+def test_manager_drops_privileges_and_still_reloads(tmp_path, origin, proxies):
+    nobody = pwd.getpwnam("nobody")
+    p = proxies(tmp_path, origin.address, workers=1, admin=True, server_extra='user = "nobody"')
+    first = keepalive_requests(p.port, ["/tiny"] * 2, "one")
+    assert admin_get(p, "/healthz")[0] == 200  # served: the manager is past its start-up
+    mgr = p.manager_pid()
+    with open(f"/proc/{mgr}/status") as f:
+        uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+    assert all(int(u) == nobody.pw_uid for u in uids), uids
+    wait_for(lambda: len(read_lines(p.access_log)) == 2, timeout=5, what="2 lines")
+    text = admin_get(p, "/metrics")[2].decode()
+    tcp = "forkproxy_tcp_connections"
+    assert metric(text, tcp, tcp, listener=f"127.0.0.1:{p.port}", state="listen") == 1
+    # the config lives in a root-only directory: the unprivileged manager cannot re-read
+    # it and is replaced by one forked with the master's new config
+    new_log = os.path.join(str(tmp_path), "access2.log")
+    p.write_config(p.config_text().replace(p.access_log, new_log))
+    p.send(signal.SIGHUP)
+    wait_for(lambda: (m := p.manager_pid()) and m != mgr, timeout=10, what="a new manager")
+    wait_for(lambda: any(e.get("event") == "reload complete" for e in p.log_events()),
+             timeout=10, what="the reload to complete")
+    second = keepalive_requests(p.port, ["/tiny"] * 3, "two")
+    wait_for(lambda: len(read_lines(new_log)) == 3, timeout=5, what="3 lines in the new log")
+    assert [ln["request_id"] for ln in read_lines(p.access_log)] == first
+    assert [ln["request_id"] for ln in read_lines(new_log)] == second
     p.stop()

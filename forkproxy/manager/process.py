@@ -65,6 +65,8 @@ class Manager:
                              error=str(getattr(e, "strerror", None) or e))
         self.started = time.time()
         self.stop_mode = ""
+        self.privileges_dropped = False
+        self.request_stop = None
 
     # -- records ----------------------------------------------------------------------
 
@@ -187,8 +189,18 @@ class Manager:
 
         config_mod = self.config_mod
         try:
-            cfg = config_mod.load(self.cfg.path)
+            # the master validated it (files included) before signalling us; certificates
+            # and keys may not be readable after privileges dropped
+            cfg = config_mod.load(self.cfg.path, check_files=False)
         except config_mod.ConfigError as e:
+            if self.privileges_dropped and any(": (file): " in p for p in e.problems):
+                # unreadable as the unprivileged user: a fresh manager forked by the master
+                # starts with the master's (new) config
+                self.log.info("cannot read the config file after dropping privileges: "
+                              "restarting the manager to pick it up", errors=e.problems)
+                if self.request_stop is not None:
+                    self.request_stop("restart for the new config")
+                return
             self.log.error("reload failed: invalid config, keeping the running one",
                            errors=e.problems)
             return
@@ -247,6 +259,8 @@ class Manager:
             if not self.stop_mode:
                 self.stop_mode = mode
             stop.set()
+
+        self.request_stop = request_stop
 
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self._guard, self.reload))
         gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(self._guard, self.reopen))
@@ -335,10 +349,10 @@ def _set_pdeathsig() -> None:
         pass
 
 
-def _drop_privileges(arbiter) -> None:
+def _drop_privileges(arbiter) -> bool:
     uid = getattr(arbiter, "uid", None)
     if uid is None:
-        return
+        return False
     groups = getattr(arbiter, "groups", None)
     gid = getattr(arbiter, "gid", None)
     if groups is not None:
@@ -346,6 +360,7 @@ def _drop_privileges(arbiter) -> None:
     if gid is not None:
         os.setgid(gid)
     os.setuid(uid)
+    return True
 
 
 def _preload() -> None:
@@ -390,7 +405,7 @@ def run(arbiter, ready_w: int | None) -> None:
 
         def before_loop():
             _preload()
-            _drop_privileges(arbiter)
+            manager.privileges_dropped = _drop_privileges(arbiter)
 
         manager.serve(ready_w, early, before_loop)
     except SystemExit as e:

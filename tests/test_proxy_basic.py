@@ -340,3 +340,20 @@ def test_splice_relays_large_bodies_exactly(tmp_path, origin, proxies):
         assert recv_response(s)[2] == b"ok"
     assert pipes() == pipes_before + 2  # one splice pipe, pooled for reuse
     p.stop()
+
+
+def test_proxy_protocol_v1_and_v2_feed_x_forwarded_for(tmp_path, origin, proxies):
+    from forkproxy.http.proxy_protocol import build_v1, build_v2
+
+    p = proxies(tmp_path, origin.address, listener_extra="proxy_protocol = true")
+    for header, client in [(build_v1(("203.0.113.7", 5555), ("127.0.0.1", p.port)), "203.0.113.7"),
+                           (build_v2(("2001:db8::9", 6666), ("::1", p.port)), "2001:db8::9")]:
+        with connect(p.port) as s:
+            s.sendall(header + b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body, _ = recv_response(s)
+            assert status == 200
+            assert headers_seen(body)["x-forwarded-for"] == [client]
+    with connect(p.port) as s:  # no header on a PROXY listener: closed, nothing forwarded
+        s.sendall(b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert is_closed(s)
+    p.stop()

@@ -20,6 +20,7 @@ from gevent import socket
 from gevent.event import Event
 
 from forkproxy.context import RequestContext, encoder
+from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
 from forkproxy.http.request import Limits
 from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.connection import Connection, Deadline
@@ -136,6 +137,26 @@ class WorkerState:
         ring.push(buf)
 
 
+def _wait_read(fd: int, timeout: float) -> None:
+    socket.wait_read(fd, timeout=timeout, timeout_exc=TimeoutError("PROXY header timeout"))
+
+
+def read_proxy_header(conn, sock) -> bool:
+    """A listener behind an L4 balancer: the PROXY v1/v2 header carries the client's
+    address (it then feeds X-Forwarded-For and the access log). Bad header: close."""
+    try:
+        hdr = recv_header(sock, conn.ws.header_timeout, wait_readable=_wait_read)
+    except (ProxyProtocolError, TimeoutError, OSError):
+        try:
+            sock.close()
+        except OSError:
+            pass
+        return False
+    if hdr.src is not None:
+        conn.remote = hdr.src[0]
+    return True
+
+
 def _set_pdeathsig() -> None:
     """Ask the kernel to SIGTERM us when the master dies (plus the lifeline pipe)."""
     try:
@@ -229,6 +250,8 @@ def _run(spec: WorkerSpec) -> None:
         conn = Connection(ws, lr, sock, addr, t_accept)
         ws.connections.add(conn)
         try:
+            if lr.proxy_protocol and not read_proxy_header(conn, sock):
+                return
             if lr.tls_context is not None and not worker_tls.handshake(conn):
                 return
             conn.serve()

@@ -69,7 +69,7 @@ def keepalive_requests(port: int, paths: list[str], prefix: str) -> list[str]:
 
 def test_access_log_and_metrics_match_requests_one_to_one(tmp_path, origin, proxies):
     p = proxies(tmp_path, origin.address, workers=2, admin=True)
-    n_fast, n_slow, n_conns = 300, 5, 6
+    n_fast, n_slow, n_conns = 1200, 5, 6
     results: list[list[str]] = [[] for _ in range(n_conns + 1)]
 
     def client(k):

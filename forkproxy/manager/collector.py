@@ -31,7 +31,7 @@ import msgspec
 from forkproxy.context import decoder
 
 BATCH = 1024
-COALESCE = 0.002
+COALESCE = 0.01
 WAIT_LIVE = 0.25
 WAIT_IDLE = 1.0
 

@@ -380,3 +380,45 @@ def test_manager_drops_privileges_and_still_reloads(tmp_path, origin, proxies):
     assert [ln["request_id"] for ln in read_lines(p.access_log)] == first
     assert [ln["request_id"] for ln in read_lines(new_log)] == second
     p.stop()
+
+
+def test_tls_handshakes_and_resumption_are_counted(tmp_path, origin, proxies):
+    import socket
+    import ssl
+
+    from tlsutil import Pki, client_context
+
+    (tmp_path / "pki").mkdir()
+    pki = Pki.create(tmp_path / "pki")
+    pki.issue_leaves("http://127.0.0.1:9/ocsp")  # no responder: stapling stays off
+    leaf = pki.leaves["ec"]
+    p = proxies(tmp_path, origin.address, workers=1, admin=True, listener_extra=(
+        f'[listener.tls]\ncertificates = [{{ cert = "{leaf.cert_path}", '
+        f'key = "{leaf.key_path}" }}]\nocsp_stapling = false\n'))
+    ctx = client_context(pki.ca_path, version=ssl.TLSVersion.TLSv1_2)
+    session = None
+    resumed = []
+    for i in range(2):
+        raw = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname=leaf.dns[0], session=session) as s:
+            s.sendall(f"GET /tiny HTTP/1.1\r\nHost: x\r\nX-Request-Id: tls-{i}\r\n"
+                      "Connection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200")
+            resumed.append(s.session_reused)
+            session = s.session
+    assert resumed == [False, True]
+    lines = wait_for(lambda: (ls := read_lines(p.access_log)) and len(ls) == 2 and ls,
+                     timeout=5, what="2 access log lines")
+    assert [(ln["request_id"], ln["tls_resumed"]) for ln in lines] == [("tls-0", False),
+                                                                      ("tls-1", True)]
+    assert all(ln["phases"]["tls_handshake"] > 0 for ln in lines)
+    text = admin_get(p, "/metrics")[2].decode()
+    t = "forkproxy_tls_handshakes"
+    assert metric(text, t, t + "_total", resumed="false") == 1
+    assert metric(text, t, t + "_total", resumed="true") == 1
+    ph = "forkproxy_phase_duration_seconds"
+    assert metric(text, ph, ph + "_count", phase="tls_handshake") == 2
+    p.stop()

@@ -137,6 +137,9 @@ def test_request_duration_and_phases_from_timestamps():
                          [0.0] * N_TIMES)
     assert phases(bad) == {}
     assert request_duration(bad) == 0.0
+    m = Metrics()
+    m.observe(bad)  # counted, but no zero in the duration histogram
+    assert m.requests == {("l", "", 400): 1} and m.durations == {}
 
 
 # -- exposition -------------------------------------------------------------------------

@@ -159,15 +159,16 @@ class Metrics:
         key = (listener, upstream, ctx.status)
         req = self.requests
         req[key] = req.get(key, 0) + 1
-        h = self.durations.get((listener, upstream))
-        if h is None:
-            h = self.durations[(listener, upstream)] = Histogram(DURATION_BUCKETS)
         t = ctx.times
         end = t[T_END]
         start = t[T_HEADERS] or t[T_ACCEPT]
-        d = end - start if end and start and end >= start else 0.0
-        h.counts[bisect_left(DURATION_BUCKETS, d)] += 1
-        h.sum += d
+        if end and start and end >= start:  # not for a 400 answered before any timestamp
+            h = self.durations.get((listener, upstream))
+            if h is None:
+                h = self.durations[(listener, upstream)] = Histogram(DURATION_BUCKETS)
+            d = end - start
+            h.counts[bisect_left(DURATION_BUCKETS, d)] += 1
+            h.sum += d
         reused = ctx.reused
         for name, a, b, h, is_connect in self._plan:
             ta = t[a]
@@ -214,7 +215,8 @@ class Metrics:
             w.sample("forkproxy_requests_total",
                      (("listener", listener), ("upstream", upstream), ("code", str(code))), n)
         w.family("forkproxy_request_duration_seconds", "histogram",
-                 "Time from the complete request head to the end of the response.")
+                 "Time from the complete request head to the end of the response "
+                 "(requests refused before their head was parsed are not observed).")
         for (listener, upstream), h in sorted(self.durations.items()):
             w.histogram("forkproxy_request_duration_seconds",
                         (("listener", listener), ("upstream", upstream)), h)

@@ -362,6 +362,7 @@ def test_install_start_request_quit_uninstall():
         with open(f"{etc}/tickets.key", "rb") as f:
             assert f.read() == ticket_key
         assert stat.S_IMODE(os.stat(f"{etc}/tls/server.key").st_mode) == 0o600
+        assert os.stat(f"{etc}/tls").st_gid == pw.pw_gid  # certificates readable by the user
         with open(f"{etc}/forkproxy.toml") as f:
             conf_text = f.read()
         assert f'user = "{user}"' in conf_text and f'error_log = "{logs}/error.log"' in conf_text
@@ -464,6 +465,11 @@ def test_install_start_request_quit_uninstall():
                  what="access log written after reopen")
         with open(f"{logs}/access.log") as f:
             assert json.loads(f.readline())["path"] == "/tiny"
+
+        # uninstall refuses while the user's processes run, and changes nothing
+        p = run(["bash", INSTALL, "--uninstall", "--prefix", prefix], check=False)
+        assert p.returncode != 0 and "still running" in p.stderr, p.stdout + p.stderr
+        assert os.path.exists(manifest) and pwd.getpwnam(user)
 
         run([f"{venv_bin}/forkproxy", "quit", "-c", cfg])
         wait_for(lambda: not _alive(master), timeout=20, what="master exit")

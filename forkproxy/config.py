@@ -111,6 +111,23 @@ class ServerConfig(_Section, kw_only=True):
     splice: bool = False
     #: bytes of each worker's shared-memory ring of request contexts
     ring_size: Size = Size(1 << 20)
+    #: RLIMIT_NOFILE set by each worker at start (nginx's worker_rlimit_nofile); 0 = inherit
+    worker_rlimit_nofile: Annotated[int, Meta(ge=0)] = 0
+
+
+class LimitsConfig(_Section, kw_only=True):
+    """Per-client-IP limits over all workers (nginx's limit_conn / limit_req, nodelay)."""
+
+    #: connections open at once from one client IP (0 = no limit)
+    per_ip_connections: Annotated[int, Meta(ge=0)] = 0
+    #: requests per client IP, "100r/s" or "600r/m" ("" = no limit)
+    rate: str = ""
+    #: requests above the rate accepted at once before refusing (nginx's burst, nodelay)
+    burst: Annotated[int, Meta(ge=0)] = 50
+    #: status of a request refused by either limit (nginx's limit_req_status)
+    status: Annotated[int, Meta(ge=400, le=599)] = 429
+    #: per-IP slots in the shared tables (a power of two; lossy on hash collisions)
+    zone_slots: Annotated[int, Meta(ge=1024)] = 65536
 
 
 class LogConfig(_Section, kw_only=True):
@@ -180,6 +197,7 @@ class Config(_Section, kw_only=True):
     server: ServerConfig = field(default_factory=ServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     listener: list[ListenerConfig] = field(default_factory=list)
     route: list[RouteConfig] = field(default_factory=list)
     upstream: dict[str, UpstreamConfig] = field(default_factory=dict)
@@ -382,6 +400,16 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
             problems.append(f"server.group: no such group {cfg.server.group!r}")
     if cfg.log.level not in ("debug", "info", "warning", "error"):
         problems.append("log.level: unknown level")
+    lim = cfg.limits
+    if lim.rate:
+        from forkproxy.shm.limitzone import parse_rate
+
+        try:
+            parse_rate(lim.rate)
+        except ValueError as e:
+            problems.append(f"limits.rate: {e}")
+    if lim.zone_slots & (lim.zone_slots - 1):
+        problems.append(f"limits.zone_slots: must be a power of two, got {lim.zone_slots}")
     return problems
 
 

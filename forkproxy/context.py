@@ -49,6 +49,9 @@ class RequestContext(msgspec.Struct, array_like=True, gc=False, tag=1):
     tls_version: str
     times: list[float]
     error: str = ""
+    #: why the proxy refused the request itself ("" = it did not): the reason label of
+    #: forkproxy_rejected_total (framing, headers_too_large, header_timeout, rate_limited, ...)
+    reject: str = ""
 
 
 class UpstreamGauge(msgspec.Struct, array_like=True, gc=False):

@@ -29,7 +29,13 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 #: bytes a header value may not contain (RFC 9110 5.5: no CTL except HTAB)
 BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: a valid header name (token)
-TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: a Host header or absolute-form authority: reg-name or IP literal, optional port
+#: (RFC 3986 3.2.2; no userinfo, no "/", "\\", whitespace, controls or 8-bit bytes).
+#: Colons are allowed inside the name like nginx does: clients send "::1:8080".
+HOST_RE = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%:]+)(?::[0-9]{1,5})?\Z")
+#: a response reason phrase (RFC 9112 4: HTAB, SP, VCHAR, obs-text)
+REASON_RE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*\Z")
 
 REASONS = {
     100: b"Continue",
@@ -48,17 +54,34 @@ REASONS = {
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+#: the ``reason`` label of ``forkproxy_rejected_total`` for a status, unless the raiser
+#: names a more precise one (``framing``, ``header_timeout``, ``rate_limited``, ...)
+REJECT_KINDS = {
+    400: "bad_request",
+    408: "timeout",
+    413: "body_too_large",
+    414: "uri_too_long",
+    417: "expectation",
+    429: "rate_limited",
+    431: "headers_too_large",
+    501: "not_implemented",
+    505: "version",
 }
 
 
 class HTTPError(Exception):
     """A request the proxy answers itself with `status`; close=True means the framing is
-    no longer trustworthy and the connection must close after the response."""
+    no longer trustworthy and the connection must close after the response. ``kind`` is
+    the short reason counted in ``forkproxy_rejected_total{reason}``."""
 
-    def __init__(self, status: int, reason: str = "", close: bool = True):
+    def __init__(self, status: int, reason: str = "", close: bool = True, kind: str = ""):
         super().__init__(reason or REASONS.get(status, b"").decode())
         self.status = status
         self.close = close
+        self.kind = kind or REJECT_KINDS.get(status, "error")
 
 
 def error_response(status: int, close: bool, detail: str = "") -> bytes:

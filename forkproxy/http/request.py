@@ -1,10 +1,30 @@
 """Sans-IO request parsing: bytes in, events out, strict framing.
 
-httptools (llhttp, strict mode) does the tokenising; this layer adds what a proxy must
-enforce on top (RFC 9112 framing rules, smuggling defences, size limits) and turns the
-callbacks into a queue of events so the connection loop can serve pipelined requests in
-order: ``(HEAD, Request)``, ``(BODY, bytes)``, ``(END, None)``. At most one recv buffer
-of events is ever queued, because the loop only feeds more bytes when the queue is empty.
+httptools (llhttp, strict mode: no lenient flags) does the tokenising; this layer adds
+what a proxy must enforce on top (RFC 9112 framing rules, smuggling defences, size
+limits) and turns the callbacks into a queue of events so the connection loop can serve
+pipelined requests in order: ``(HEAD, Request)``, ``(BODY, bytes)``, ``(END, None)`` and,
+last, ``(ERROR, HTTPError)`` when the bytes stop making sense. At most one recv buffer of
+events is ever queued, because the loop only feeds more bytes when the queue is empty.
+
+An error never overtakes the complete requests before it: feed() drops only the events
+of the broken message and queues the error after the requests that parsed, so a good
+request pipelined before a bad one is still served, and nothing after the bad one is.
+
+What is rejected, and by whom (tests/test_smuggling.py has a case for each):
+
+* llhttp: obs-fold, bare CR/LF in the request line, headers and chunked framing,
+  whitespace before a colon, CTL/NUL/8-bit bytes in the target, CTL/NUL in values,
+  invalid methods and versions, CL together with TE, duplicate Content-Length, invalid
+  chunk sizes (non-hex, signs, spaces, over 2**64), malformed chunk extensions, a
+  Transfer-Encoding whose last coding is not ``chunked``.
+* here: any Transfer-Encoding other than exactly ``chunked`` (400; ``gzip, chunked`` is
+  501 like nginx), TE in HTTP/1.0, conflicting Content-Length, invalid header names or
+  values, multiple or malformed Host, an absolute-form target whose authority differs
+  from Host, ``#`` in the target, versions other than 1.0/1.1, size limits (414, 431,
+  413 including chunked bodies crossing the limit mid-stream), trailer sections and
+  chunk-extension bytes beyond a budget, ``Content_Length``/``Transfer_Encoding``.
+  Trailers are validated and dropped.
 """
 
 from __future__ import annotations
@@ -13,9 +33,17 @@ from collections import deque
 
 import httptools
 
-from forkproxy.http.messages import BAD_VALUE_RE, TOKEN_RE, HTTPError
+from forkproxy.http.messages import BAD_VALUE_RE, HOST_RE, TOKEN_RE, HTTPError
 
-HEAD, BODY, END = 1, 2, 3
+HEAD, BODY, END, ERROR = 1, 2, 3, 4
+
+#: chunked framing bytes (size lines, extensions, CRLFs, trailers) allowed beyond the
+#: body itself: a fixed allowance plus this much per chunk. Legitimate clients use
+#: about 6 bytes per chunk; the budget stops a body made only of extensions or an
+#: endless trailer section (both invisible to the body-size limit).
+CHUNK_OVERHEAD_BASE = 16384
+CHUNK_OVERHEAD_PER_CHUNK = 256
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding"})
 
 
 class Limits:
@@ -56,15 +84,33 @@ class Request:
         self.forwarded_for = b""
         self.connection: list[bytes] = []
         self.upgrade = b""
-        self.header_bytes = 0
+        self.header_bytes = 0  # name + value + 4 per field, as the limits count them
 
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
 
+def _framing(msg: str) -> HTTPError:
+    return HTTPError(400, msg, kind="framing")
+
+
+def _classify(e: Exception) -> HTTPError:
+    """An llhttp error as the HTTPError the client gets."""
+    msg = str(e)
+    low = msg.lower()
+    if "chunk" in low or "transfer-encoding" in low or "content-length" in low:
+        return _framing(f"bad request: {msg}")
+    if "invalid http version" in low:
+        return HTTPError(400, f"bad request: {msg}", kind="version")
+    return HTTPError(400, f"bad request: {msg}")
+
+
 class RequestParser:
-    """Feed bytes with feed(); pop events from .events. Raises HTTPError on bad input."""
+    """Feed bytes with feed(); pop events from .events.
+
+    feed() raises only for bugs: every client error becomes an ERROR event after the
+    events of the complete requests before it (the parser is unusable afterwards)."""
 
     def __init__(self, limits: Limits):
         self.limits = limits
@@ -72,42 +118,99 @@ class RequestParser:
         self._parser = httptools.HttpRequestParser(self)
         self._req: Request | None = None
         self._in_head = False
+        self._in_body = False  # between the head and the end of a chunked message
+        self._began = False  # a message began during the current feed()
+        self._cur = 0  # events the message being parsed queued during this feed()
         self._head_bytes = 0
         self._body_bytes = 0
+        self._fed_body = 0  # body bytes produced during the current feed()
+        self._overhead = 0  # chunked framing bytes of the current message so far
+        self._chunks = 0
+        self._fields = 0
+        self._trailer_bytes = 0
+        self.failed: HTTPError | None = None
 
     # -- driving ---------------------------------------------------------------------
 
     def feed(self, data) -> None:
+        if self.failed is not None:
+            return  # nothing after an error is looked at
+        self._cur = 0
+        self._began = False
+        self._fed_body = 0
         try:
             self._parser.feed_data(data)
-        except HTTPError:
-            raise
         except httptools.HttpParserUpgrade:
-            # Upgrade/CONNECT: the head is complete; tunnelling is not supported here
-            raise HTTPError(501, "protocol upgrade not supported")
+            # Upgrade: llhttp stops after that message, which is not served either;
+            # tunnelling is not supported here
+            events = self.events
+            while events:
+                if events.pop()[0] == HEAD:
+                    break
+            self._cur = 0
+            self._fail(HTTPError(501, "protocol upgrade not supported", kind="upgrade"))
+            return
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, HTTPError):
-                raise cause
-            raise HTTPError(400, f"bad request: {e}")
+                self._fail(cause)
+                return
+            if cause is not None:
+                raise cause  # a bug in a callback: the connection logs it and answers 500
+            self._fail(HTTPError(400, f"bad request: {e}"))
+            return
         except httptools.HttpParserError as e:
-            raise HTTPError(400, f"bad request: {e}")
+            self._fail(_classify(e))
+            return
+        limits = self.limits
         if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.headers_total:
-                raise HTTPError(431, "request header too large")
+            # a head spread over several reads: httptools buffers the unfinished field,
+            # which no callback has counted yet. A head that began in this read is at
+            # most one recv buffer; after that every byte read belongs to the head.
+            if self._began:
+                req = self._req
+                self._head_bytes = req.header_bytes + len(req.target)
+            else:
+                self._head_bytes += len(data)
+                if self._head_bytes > limits.headers_total:
+                    self._fail(HTTPError(431, "request header too large"))
+        elif self._in_body and not self._began:
+            # a chunked body spread over reads: everything that was not body is framing
+            self._overhead += len(data) - self._fed_body
+            if self._overhead > CHUNK_OVERHEAD_BASE + CHUNK_OVERHEAD_PER_CHUNK * self._chunks:
+                self._fail(_framing("chunked framing overhead too large"))
+
+    def _fail(self, err: HTTPError) -> None:
+        """Drop the broken message's queued events and queue the error after the rest."""
+        events = self.events
+        for _ in range(min(self._cur, len(events))):
+            events.pop()
+        self._cur = 0
+        events.append((ERROR, err))
+        self.failed = err
+        self._in_head = self._in_body = False
 
     @property
     def in_head(self) -> bool:
         return self._in_head
+
+    def current(self) -> Request:
+        """The request being parsed (possibly incomplete), for logging a rejection."""
+        return self._req if self._req is not None else Request()
 
     # -- httptools callbacks ---------------------------------------------------------
 
     def on_message_begin(self):
         self._req = Request()
         self._in_head = True
+        self._began = True
+        self._cur = 0
         self._head_bytes = 0
         self._body_bytes = 0
+        self._overhead = 0
+        self._chunks = 0
+        self._fields = 0
+        self._trailer_bytes = 0
 
     def on_url(self, url: bytes):
         req = self._req
@@ -118,30 +221,51 @@ class RequestParser:
     def on_header(self, name: bytes, value: bytes):
         req = self._req
         size = len(name) + len(value)
-        req.header_bytes += size
-        if size > self.limits.header_size:
+        limits = self.limits
+        if size > limits.header_size:
             raise HTTPError(431, "header line too large")
-        if len(req.headers) >= self.limits.header_count:
-            raise HTTPError(431, "too many headers")
         if BAD_VALUE_RE.search(value) or not TOKEN_RE.match(name):
             raise HTTPError(400, "invalid character in header")
+        if not self._in_head:
+            # a trailer field (after the last chunk): checked, counted, never forwarded
+            self._trailer_bytes += size + 4
+            if self._trailer_bytes > limits.header_size:
+                raise HTTPError(431, "trailer section too large")
+            return
+        req.header_bytes += size + 4
+        self._fields += 1
+        if self._fields > limits.header_count:
+            raise HTTPError(431, "too many headers")
+        if req.header_bytes + len(req.target) > limits.headers_total:
+            raise HTTPError(431, "request header too large")
         lname = name.lower()
         if lname == b"content-length":
             if not value.isdigit() or len(value) > 18:
-                raise HTTPError(400, "invalid Content-Length")
+                raise _framing("invalid Content-Length")
             n = int(value)
             if req.content_length is not None and req.content_length != n:
-                raise HTTPError(400, "conflicting Content-Length")
+                raise _framing("conflicting Content-Length")
             req.content_length = n
             return
         if lname == b"transfer-encoding":
-            if req.chunked or value.strip().lower() != b"chunked":
-                raise HTTPError(400, "unsupported Transfer-Encoding")
+            if req.chunked:
+                raise _framing("more than one Transfer-Encoding")
+            coding = value.rstrip(b" ").lower()
+            if coding != b"chunked":
+                codings = [c.strip(b" ") for c in coding.split(b",")]
+                if (len(codings) > 1 and codings[-1] == b"chunked"
+                        and all(TOKEN_RE.match(c) and c != b"chunked" for c in codings[:-1])):
+                    # well-formed but not ours to decode (nginx answers the same)
+                    raise HTTPError(501, "transfer coding not implemented", kind="framing")
+                raise _framing("unsupported Transfer-Encoding")
             req.chunked = True
             return
         if lname == b"host":
             if req.host:
-                raise HTTPError(400, "duplicate Host")
+                raise HTTPError(400, "duplicate Host", kind="host")
+            value = value.rstrip(b" \t")
+            if not HOST_RE.match(value):
+                raise HTTPError(400, "invalid Host", kind="host")
             req.host = value
             return  # re-emitted first by the upstream head builder
         elif lname == b"connection":
@@ -166,49 +290,76 @@ class RequestParser:
         elif lname == b"upgrade":
             req.upgrade = value
             return
+        elif b"_" in lname and lname.replace(b"_", b"-") in _FRAMING_NAMES:
+            # Content_Length / Transfer_Encoding: servers that map "_" to "-" (CGI
+            # style) would take them for framing the proxy did not see
+            raise _framing(f"{name.decode('latin-1')}: framing header spelled with '_'")
         req.headers.append((name, value))
 
     def on_headers_complete(self):
         req = self._req
         p = self._parser
         req.method = p.get_method().decode("ascii", "replace")
-        req.version = p.get_http_version()
+        version = req.version = p.get_http_version()
         req.keep_alive = p.should_keep_alive()
         self._in_head = False
-        if req.chunked and req.content_length is not None:
-            raise HTTPError(400, "Content-Length with Transfer-Encoding")
-        if req.chunked and req.version == "1.0":
-            raise HTTPError(400, "Transfer-Encoding in HTTP/1.0")
+        if req.method == "CONNECT":
+            raise HTTPError(501, "CONNECT not supported", kind="upgrade")
+        if version != "1.1" and version != "1.0":
+            if version[0] in "23456789":
+                raise HTTPError(505, f"HTTP/{version} not supported")
+            raise HTTPError(400, f"HTTP/{version} not supported", kind="version")
+        if req.chunked:
+            if req.content_length is not None:
+                raise _framing("Content-Length with Transfer-Encoding")
+            if version == "1.0":
+                raise _framing("Transfer-Encoding in HTTP/1.0")
+            self._in_body = True
         limit = self.limits.body_size
         if limit and req.content_length is not None and req.content_length > limit:
             raise HTTPError(413, "request body too large")
         target = req.target
+        if b"#" in target:
+            raise HTTPError(400, "fragment in request target", kind="target")
         if target.startswith(b"/"):
             req.path = target
         elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
             rest = target.split(b"://", 1)[1]
-            slash = rest.find(b"/")
-            authority, path = (rest, b"/") if slash < 0 else (rest[:slash], rest[slash:])
-            if b"@" in authority or not authority:
-                raise HTTPError(400, "invalid absolute-form target")
+            end = len(rest)
+            for sep in (b"/", b"?"):
+                i = rest.find(sep)
+                if 0 <= i < end:
+                    end = i
+            authority, path = rest[:end], rest[end:]
+            if not HOST_RE.match(authority):
+                raise HTTPError(400, "invalid absolute-form target", kind="target")
             if req.host and req.host.lower() != authority.lower():
-                raise HTTPError(400, "Host differs from the absolute-form target")
+                raise HTTPError(400, "Host differs from the absolute-form target", kind="host")
             req.host = authority
-            req.path = path
+            req.path = path if path.startswith(b"/") else b"/" + path
         elif target == b"*" and req.method == "OPTIONS":
             req.path = target
         else:
-            raise HTTPError(400, "invalid request target")
-        if not req.host and req.version != "1.0":
-            raise HTTPError(400, "missing Host")
+            raise HTTPError(400, "invalid request target", kind="target")
+        if not req.host and version != "1.0":
+            raise HTTPError(400, "missing Host", kind="host")
         self.events.append((HEAD, req))
+        self._cur += 1
+
+    def on_chunk_header(self):
+        self._chunks += 1
 
     def on_body(self, body: bytes):
-        self._body_bytes += len(body)
+        n = len(body)
+        self._body_bytes += n
+        self._fed_body += n
         limit = self.limits.body_size
         if limit and self._body_bytes > limit:
             raise HTTPError(413, "request body too large")
         self.events.append((BODY, body))
+        self._cur += 1
 
     def on_message_complete(self):
+        self._in_body = False
         self.events.append((END, None))
+        self._cur = 0  # a complete message's events are never dropped

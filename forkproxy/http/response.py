@@ -4,15 +4,25 @@ The head is handed to httptools as exactly the bytes up to the blank line, so th
 proxy knows where the body starts: Content-Length bodies are then copied straight
 through without touching the parser (it cost 15% CPU on 1 MiB bodies in the probe);
 chunked bodies keep going through the parser, which de-chunks them.
+
+Rejected (the exchange is a 502 and the upstream connection is closed, never pooled):
+whatever llhttp's strict mode refuses (obs-fold, bare CR/LF, whitespace before a colon,
+CTL/NUL in header values, CL with TE, duplicate Content-Length, bad chunk framing), and
+on top: a protocol other than HTTP/1.0 or HTTP/1.1, a status outside 100-599, control
+bytes in the reason phrase (it is copied into the client's status line), invalid header
+names, a Transfer-Encoding other than exactly ``chunked``, conflicting Content-Length, a
+head over 64 KiB.
 """
 
 from __future__ import annotations
 
 import httptools
 
-from forkproxy.http.messages import BAD_VALUE_RE, HOP_BY_HOP, TOKEN_RE
+from forkproxy.http.messages import BAD_VALUE_RE, HOP_BY_HOP, REASON_RE, TOKEN_RE
 
 HEAD_END = b"\r\n\r\n"
+#: the largest response head relayed, however it arrives (one read or many)
+MAX_HEAD = 64 * 1024
 
 
 class BadResponse(Exception):
@@ -47,6 +57,10 @@ class ResponseParser:
         self.extra = False  # bytes arrived after the end of the message
 
     def parse_head(self, data) -> ResponseHead:
+        if data[:9] not in (b"HTTP/1.1 ", b"HTTP/1.0 "):
+            raise BadResponse("not an HTTP/1.x response")
+        if len(data) > MAX_HEAD:
+            raise BadResponse("response head too large")
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -54,9 +68,16 @@ class ResponseParser:
             raise BadResponse(str(cause) if cause else str(e))
         except httptools.HttpParserError as e:
             raise BadResponse(f"malformed response head: {e}")
-        if self.head.status == 0:
+        except httptools.HttpParserUpgrade:
+            pass  # a 101 with Upgrade: the head is complete, a tunnel follows (the caller's)
+        head = self.head
+        if head.status == 0:
             raise BadResponse("incomplete response head")
-        return self.head
+        if not 100 <= head.status <= 599:
+            raise BadResponse(f"invalid status {head.status}")
+        if head.reason and not REASON_RE.match(head.reason):
+            raise BadResponse("invalid character in the reason phrase")
+        return head
 
     def feed_body(self, data, sink) -> None:
         """De-chunk `data`, calling sink(piece) for each body piece."""
@@ -96,7 +117,7 @@ class ResponseParser:
                 raise BadResponse("conflicting Content-Length in response")
             head.content_length = n
         elif lname == b"transfer-encoding":
-            if head.chunked or value.strip().lower() != b"chunked":
+            if head.chunked or value.rstrip(b" ").lower() != b"chunked":
                 raise BadResponse("unsupported Transfer-Encoding in response")
             head.chunked = True
         elif lname == b"connection":

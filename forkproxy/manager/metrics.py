@@ -144,6 +144,7 @@ class Metrics:
         self.records = 0
         self.gauge_records = 0
         self.decode_errors = 0
+        self.rejected: dict[str, int] = {}
 
     # -- input ------------------------------------------------------------------------
 
@@ -194,6 +195,8 @@ class Metrics:
             self.bytes_in[listener] = self.bytes_in.get(listener, 0) + ctx.bytes_in
         if ctx.bytes_out:
             self.bytes_out[listener] = self.bytes_out.get(listener, 0) + ctx.bytes_out
+        if ctx.reject:
+            self.rejected[ctx.reject] = self.rejected.get(ctx.reject, 0) + 1
 
     def observe_gauges(self, g: WorkerGauges) -> None:
         self.gauge_records += 1
@@ -242,6 +245,12 @@ class Metrics:
                  "Response bytes sent to clients, by listener.")
         for listener, n in sorted(self.bytes_out.items()):
             w.sample("forkproxy_sent_bytes_total", (("listener", listener),), n)
+        w.family("forkproxy_rejected_total", "counter",
+                 "Requests and connections the proxy refused itself, by reason (framing, "
+                 "bad_request, headers_too_large, uri_too_long, body_too_large, "
+                 "header_timeout, body_timeout, rate_limited, conn_limit, ...).")
+        for reason, n in sorted(self.rejected.items()):
+            w.sample("forkproxy_rejected_total", (("reason", reason),), n)
 
         live = self.gauges
         if sample is not None:

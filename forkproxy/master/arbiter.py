@@ -85,6 +85,7 @@ class Arbiter:
         self.pidfile = ""
         self.rings: dict[int, object] = {}
         self.keystore = None
+        self.limit_zone = None  # per-client-IP limits shared by the workers
         self.manager = None
         self.uid = self.gid = self.groups = None
 
@@ -185,6 +186,46 @@ class Arbiter:
             Ring = None
         self._ring_cls = Ring
         self._setup_tls(self.cfg, self._inherited_keystore_fd)
+        self._setup_limits(self.cfg)
+
+    def _setup_limits(self, cfg, reloading: bool = False) -> None:
+        """The per-client-IP limit zone (shared memory, before the workers are forked).
+        Kept across reloads unless its shape changes; a generation keeps the zone it
+        was forked with."""
+        from forkproxy.shm.limitzone import LimitZone
+
+        lim = cfg.limits
+        rate, conns = bool(lim.rate), lim.per_ip_connections > 0
+        z = self.limit_zone
+        if z is not None and (z.slots, z.has_rate, z.has_conns) == (lim.zone_slots, rate, conns):
+            return
+        try:
+            self.limit_zone = LimitZone.create(lim.zone_slots, self.max_entries, rate=rate,
+                                               conns=conns)
+        except (OSError, RuntimeError) as e:
+            if not reloading:
+                raise
+            self.log.error("reload: cannot create the limits zone, keeping the old one",
+                           error=str(e))
+
+    def _setup_tls(self, cfg, inherited_fd) -> None:
+        """Self-test the OpenSSL shim, then create (or adopt) the ticket key store."""
+        tls = [lcfg.tls for lcfg in cfg.listener if lcfg.tls is not None]
+        if not tls or self.keystore is not None:
+            return
+        from forkproxy.master.tickets import create_keystore
+        from forkproxy.tls.openssl import self_test
+
+        result = self_test()
+        if not result.ok:
+            if all(t.allow_degraded for t in tls):
+                self.log.error("TLS DEGRADED: per-process session tickets, no OCSP stapling",
+                               reason=result.message)
+                return
+            raise TLSSetupError(f"{result.message}; set [listener.tls] allow_degraded = true "
+                                "to serve TLS without shared tickets and stapling")
+        self.log.info("TLS shim self-test passed", library=result.library)
+        create_keystore(self, inherited_fd)
 
     def _setup_tls(self, cfg, inherited_fd) -> None:
         """Self-test the OpenSSL shim, then create (or adopt) the ticket key store."""
@@ -353,6 +394,8 @@ class Arbiter:
                     self.log.warning("manager exited, restarting", status=_describe(status))
                 continue
             self.table.clear(w.index)
+            if self.limit_zone is not None:
+                self.limit_zone.clear_column(w.index)
             expected = w.retiring or self.stopping
             if not expected:
                 lived = time.monotonic() - w.started
@@ -426,7 +469,7 @@ class Arbiter:
                 sockets=sockets, ready_fd=w, lifeline_fd=self.lifeline_r, ring=ring,
                 table=self.table, keystore=self.keystore,
                 logger=log_mod.rebind("worker"), uid=self.uid, gid=self.gid,
-                groups=self.groups)
+                groups=self.groups, limit_zone=self.limit_zone)
             worker_process.run(spec)
             os._exit(0)
         os.close(w)
@@ -576,6 +619,7 @@ class Arbiter:
             from forkproxy.master.tickets import reload_keystore
 
             reload_keystore(self)
+        self._setup_limits(new_cfg, reloading=True)
         log_mod.setup(config_mod.log_path(new_cfg, new_cfg.log.error_log), new_cfg.log.level,
                       new_cfg.log.format)
         self.log = log_mod.rebind("master")

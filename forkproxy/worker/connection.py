@@ -37,7 +37,7 @@ from forkproxy.http.messages import (
     connection_tokens,
     prebuilt_error,
 )
-from forkproxy.http.request import BODY, END, HEAD, RequestParser
+from forkproxy.http.request import BODY, END, ERROR, HEAD, Request, RequestParser
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser
 from forkproxy.worker.splice import SPLICE_MIN, SpliceError, splice_body
 from forkproxy.worker.tls import close_notify
@@ -45,6 +45,9 @@ from forkproxy.worker.upstream import UpstreamConn
 
 _timeout = socket.timeout
 MAX_RESPONSE_HEAD = 64 * 1024
+#: lingering close after an error reply: discard input this long / this much at most
+LINGER_TIME = 1.0
+LINGER_BYTES = 256 * 1024
 
 
 class Deadline(socket.timeout):
@@ -88,7 +91,7 @@ class Connection:
 
     __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
                  "tls_resumed", "tls_version", "closing", "body_done", "idle_since", "deadline",
-                 "greenlet")
+                 "greenlet", "head_deadline", "req", "resp_started", "reject", "linger")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -106,6 +109,13 @@ class Connection:
         self.idle_since = t_accept
         self.deadline = 0.0  # monotonic time after which the sweeper raises Deadline
         self.greenlet = None
+        # client_header_timeout bounds a whole request head (a new connection's from
+        # accept); 0.0 = between requests, where keepalive_timeout applies
+        self.head_deadline = t_accept + ws.header_timeout
+        self.req = None  # the request being served (for the fault log)
+        self.resp_started = False  # response bytes went out: a fault can no longer 500
+        self.reject = ""  # why the proxy refused the request itself (the context's reject)
+        self.linger = False  # drain unread input before closing (the reply must arrive)
 
     # -- reading -------------------------------------------------------------------
 
@@ -140,34 +150,53 @@ class Connection:
                     # waiting for the start of a request (idle) or the rest of its head
                     if self.parser.in_head:
                         self.idle = False
+                        if not self.head_deadline:
+                            self.head_deadline = time.monotonic() + ws.header_timeout
                     elif not self.idle:
                         self.idle = True
                         self.idle_since = time.monotonic()
                     if self.closing:
                         return
-                    timeout = ws.keepalive_timeout if self.idle else ws.header_timeout
+                    d = self.head_deadline
+                    timeout = d - time.monotonic() if d else ws.keepalive_timeout
                     try:
                         if not self._fill(timeout):
                             return
                     except HTTPError as e:
                         if e.status == 408 and self.idle:
-                            return  # idle keep-alive timeout: just close
+                            return  # nothing of a request arrived in time: just close
+                        e.kind = "header_timeout"
                         raise
                     continue
                 kind, req = events.popleft()
                 self.idle = False
+                self.head_deadline = 0.0
                 if kind == END:  # the end of a request without a body
                     continue
-                if kind != HEAD:  # cannot happen: bodies are consumed by handle()
-                    raise HTTPError(400, "unexpected body")
+                if kind != HEAD:
+                    if kind == ERROR:  # after the requests before it were served
+                        raise req
+                    raise HTTPError(400, "unexpected body")  # bodies go through handle()
+                self.req = req
                 self.body_done = not req.has_body
+                climits = ws.client_limits
+                if climits is not None and not climits.allow_request(self.remote):
+                    if not self._refuse_request(req, climits.status):
+                        return
+                    continue
                 if not self.handle(req):
                     return
+                self.resp_started = False
+                self.req = None
         except HTTPError as e:
             ws.stats_errors += 1
-            self._reply_error(e.status, True, None)
+            self.reject = e.kind
+            self.linger = True
+            self._reply_error(e.status, True, self.req or self.parser.current())
         except ClientGone:
             pass
+        except Exception as e:  # a bug: log it, 500 if we can, keep the worker serving
+            self._fault(e)
         finally:
             self.idle = False
             self._close()
@@ -177,18 +206,97 @@ class Connection:
         if self.tls_resumed is not None:
             close_notify(sock)
             return
+        if self.linger:
+            self._linger()
         try:
             sock.close()
         except OSError:
             pass
 
+    def _linger(self) -> None:
+        """Lingering close after an error reply (nginx's lingering_close): closing with
+        unread input makes the kernel send a reset, which can destroy the reply before
+        the client reads it. Half-close, then discard input for a moment."""
+        sock = self.sock
+        self.linger = False
+        try:
+            sock.shutdown(pysocket.SHUT_WR)
+            self.deadline = time.monotonic() + LINGER_TIME
+            rbuf = self.ws.rbuf
+            budget = LINGER_BYTES
+            while budget > 0:
+                n = sock.recv_into(rbuf)
+                if not n:
+                    break
+                budget -= n
+        except (OSError, _timeout):
+            pass
+        self.deadline = 0.0
+
     def _reply_error(self, status: int, close: bool, req) -> None:
+        self.resp_started = True
         try:
             send_all(self.sock, prebuilt_error(status, close))
         except ClientGone:
             pass
         if req is not None:
-            self.ws.record(self, req, status, 0, None, None, 0, [0.0] * N_TIMES)
+            if not req.request_id:
+                req.request_id = self.ws.new_request_id()
+            times = [0.0] * N_TIMES
+            times[T_ACCEPT] = self.t_accept
+            times[T_END] = time.monotonic()
+            self.ws.record(self, req, status, 0, None, None, 0, times)
+
+    def _refuse_request(self, req, status: int) -> bool:
+        """A request over the client's rate: answered here; keep the connection if the
+        framing allows (no body to skip)."""
+        keep = req.keep_alive and not req.has_body and not self.closing and not self.ws.draining
+        self.reject = "rate_limited"
+        if not keep:
+            self.linger = True
+        req.request_id = req.request_id or self.ws.new_request_id()
+        self._reply_error(status, not keep, req)
+        self.resp_started = False
+        return keep
+
+    def refuse(self, status: int, reason: str) -> None:
+        """Refuse a whole connection before reading from it (per-IP connection limit):
+        answer ``status``, drain what the client sent, close."""
+        self.greenlet = getcurrent()
+        self.reject = reason
+        self.linger = True
+        try:
+            self._reply_error(status, True, Request())
+        finally:
+            self._close()
+
+    def _fault(self, e: BaseException) -> None:
+        """A bug while serving (not the client's fault, not the upstream's): logged with
+        the request id; answered 500 unless response bytes already went out; the
+        connection closes and the worker goes on serving the others. Not a hot path."""
+        ws = self.ws
+        req = self.req
+        if req is None:
+            req = self.parser.current()
+        if not req.request_id:
+            req.request_id = ws.new_request_id()
+        log = ws.spec.logger
+        if log is not None:
+            try:
+                log.error("request failed", request_id=req.request_id.decode("latin-1"),
+                          remote=self.remote, method=req.method,
+                          path=req.path.decode("latin-1"), error=repr(e), exc_info=e)
+            except Exception:
+                pass
+        if not self.resp_started:
+            try:
+                self._reply_error(500, True, None)
+                times = [0.0] * N_TIMES
+                times[T_ACCEPT] = self.t_accept
+                times[T_END] = time.monotonic()
+                ws.record(self, req, 500, 0, None, None, 0, times, f"internal error: {e!r}")
+            except Exception:
+                pass
 
     # -- one request -----------------------------------------------------------------
 
@@ -251,6 +359,7 @@ class Connection:
         """Answer an upstream failure ourselves; keep the connection if framing allows."""
         keep = req.keep_alive and not self.closing and not self._body_pending()
         times[T_END] = time.monotonic()
+        self.resp_started = True
         try:
             send_all(self.sock, prebuilt_error(status, not keep))
         except ClientGone:
@@ -322,11 +431,18 @@ class Connection:
                     if not self._fill(ws.body_timeout):
                         raise ClientGone("client closed during the request body")
                 except HTTPError as e:
-                    # 408/413/400 mid-body: tell the client, the upstream exchange is void
+                    # 408 mid-body: tell the client, the upstream exchange is void
                     self.closing = True
+                    self.linger = True
+                    self.reject = "body_timeout"
                     raise UpstreamAbort(e.status)
                 continue
             kind, data = events.popleft()
+            if kind == ERROR:  # 413/400 mid-body: the same
+                self.closing = True
+                self.linger = True
+                self.reject = data.kind
+                raise UpstreamAbort(data.status)
             if kind == BODY:
                 self.deadline = time.monotonic() + send_timeout
                 total += len(data)
@@ -409,6 +525,7 @@ class Connection:
         else:
             parts.append(b"\r\n")
         out_head = b"".join(parts)
+        self.resp_started = True
         bytes_out = 0
         csock = self.sock
         send_timeout = ws.send_timeout

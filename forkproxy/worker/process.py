@@ -22,6 +22,7 @@ from gevent.event import Event
 from forkproxy.context import RequestContext, encoder
 from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
 from forkproxy.http.request import Limits
+from forkproxy.shm.limitzone import ClientLimits
 from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.connection import Connection, Deadline
 from forkproxy.worker.router import Router
@@ -32,7 +33,8 @@ from forkproxy.worker.upstream import build_upstreams
 SWEEP_INTERVAL = 0.1
 #: during a graceful stop, idle keep-alive connections are closed after this long idle
 DRAIN_IDLE = 0.5
-#: fault injection for tests of the master's supervision ("startup": crash at start-up)
+#: fault injection for tests ("startup": crash at start-up; "request": a request whose
+#: path starts with /__fault__ raises inside the worker, see _inject_request_fault)
 FAULT = os.environ.get("FORKPROXY_FAULT", "")
 
 
@@ -57,7 +59,8 @@ class WorkerSpec:
 
     def __init__(self, *, cfg, slot: int, index: int, generation: int, cpu: int | None,
                  sockets: list, ready_fd: int, lifeline_fd: int, ring=None, table=None,
-                 keystore=None, logger=None, uid=None, gid=None, groups=None):
+                 keystore=None, logger=None, uid=None, gid=None, groups=None,
+                 limit_zone=None):
         self.cfg = cfg
         self.slot = slot
         self.index = index  # worker-table entry / ring number
@@ -73,6 +76,7 @@ class WorkerSpec:
         self.uid = uid
         self.gid = gid
         self.groups = groups
+        self.limit_zone = limit_zone  # per-client-IP limits (forkproxy.shm.limitzone)
 
 
 class WorkerState:
@@ -105,6 +109,10 @@ class WorkerState:
         self.pipes = PipePool() if srv.splice else None
         self._encbuf = bytearray(512)
         self.listener_names: list[str] = []
+        self.client_limits = None
+        if spec.limit_zone is not None:
+            spec.limit_zone.bind(spec.index)
+            self.client_limits = ClientLimits(spec.limit_zone, cfg.limits)
 
     def new_request_id(self) -> bytes:
         self._rid += 1
@@ -130,8 +138,10 @@ class WorkerState:
             server.upstream.name if server is not None else "",
             server.address if server is not None else "",
             upconn.reused if upconn is not None else False,
-            conn.tls_resumed, conn.tls_version, times, error,
+            conn.tls_resumed, conn.tls_version, times, error, conn.reject,
         )
+        if conn.reject:
+            conn.reject = ""
         buf = self._encbuf
         encoder.encode_into(ctx, buf)
         ring.push(buf)
@@ -168,6 +178,35 @@ def _set_pdeathsig() -> None:
         pass
 
 
+def _set_nofile(n: int, logger) -> None:
+    """RLIMIT_NOFILE = n (soft and hard: the hard limit only rises with privileges)."""
+    import resource
+
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    except (ValueError, OSError) as e:
+        if logger is not None:
+            logger.warning("cannot set worker_rlimit_nofile", value=n, error=str(e))
+
+
+def _inject_request_fault() -> None:
+    """FORKPROXY_FAULT=request: paths under /__fault__ raise in the middle of handle(),
+    the way a bug would (/__fault__/after-head raises once the response has started)."""
+    original = Connection.handle
+
+    def handle(self, req):
+        if req.path.startswith(b"/__fault__"):
+            if req.path.startswith(b"/__fault__/after-head"):
+                self.resp_started = True
+                from forkproxy.worker.connection import send_all
+
+                send_all(self.sock, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+            raise RuntimeError("fault injected: FORKPROXY_FAULT=request")
+        return original(self, req)
+
+    Connection.handle = handle
+
+
 def run(spec: WorkerSpec) -> None:
     """Worker main; never returns (exits the process)."""
     code = 0
@@ -200,6 +239,11 @@ def _run(spec: WorkerSpec) -> None:
             os.sched_setaffinity(0, {spec.cpu})
         except OSError:
             pass
+    nofile = spec.cfg.server.worker_rlimit_nofile
+    if nofile:
+        _set_nofile(nofile, spec.logger)
+    if FAULT == "request":
+        _inject_request_fault()
     ws = WorkerState(spec)
     cfg = spec.cfg
     stop = Event()
@@ -249,11 +293,18 @@ def _run(spec: WorkerSpec) -> None:
     def handle(sock, addr, lr, t_accept):
         conn = Connection(ws, lr, sock, addr, t_accept)
         ws.connections.add(conn)
+        counted = None
         try:
             if lr.proxy_protocol and not read_proxy_header(conn, sock):
                 return
             if lr.tls_context is not None and not worker_tls.handshake(conn):
                 return
+            climits = ws.client_limits
+            if climits is not None and climits.per_ip:
+                if not climits.open(conn.remote):
+                    conn.refuse(climits.status, "conn_limit")
+                    return
+                counted = conn.remote
             conn.serve()
         except Exception as e:  # a bug must not take the worker down with it
             if spec.logger is not None:
@@ -263,6 +314,8 @@ def _run(spec: WorkerSpec) -> None:
             except OSError:
                 pass
         finally:
+            if counted is not None:
+                ws.client_limits.close(counted)
             ws.connections.discard(conn)
             if len(ws.connections) < max_conns:
                 slots_free.set()

@@ -172,10 +172,27 @@ class ListenerConfig(_Section, kw_only=True):
     proxy_protocol: bool = False
 
 
+class SplitTarget(_Section, kw_only=True):
+    #: upstream that gets this share of the route's requests
+    upstream: str
+    #: share of the route's requests, relative to the other targets' weights
+    weight: Annotated[int, Meta(ge=0)] = 1
+
+
 class RouteConfig(_Section, kw_only=True):
     host: str = "*"
     path_prefix: str = "/"
-    upstream: str
+    #: upstream that serves matching requests (or give split instead)
+    upstream: str = ""
+    #: weighted traffic split between upstreams instead of one upstream (canary), e.g.
+    #: [{ upstream = "v1", weight = 95 }, { upstream = "v2", weight = 5 }]; changed by HUP
+    split: list[SplitTarget] = field(default_factory=list)
+    #: with split: keep each client on one upstream by "header:NAME", "cookie:NAME" or
+    #: "ip" ("" = exact weighted round robin, no stickiness)
+    hash: str = ""
+    #: with split: a request whose header of this name names one of the split's upstreams
+    #: goes there ("" disables the override)
+    canary_header: str = "X-Canary"
 
 
 class ServerAddress(_Section, kw_only=True):
@@ -183,14 +200,85 @@ class ServerAddress(_Section, kw_only=True):
     weight: Positive = 1
 
 
+class HealthCheckConfig(_Section, kw_only=True):
+    #: path requested with GET; a 2xx or 3xx answer in time is a success
+    path: str = "/healthz"
+    #: time between two checks of one server
+    interval: Duration = Duration(2.0)
+    #: a check that takes longer (connect included) failed
+    timeout: Duration = Duration(1.0)
+    #: consecutive successes that bring a down server back up
+    rise: Positive = 2
+    #: consecutive failures that take a server down
+    fall: Positive = 3
+    #: Host header of the check ("" = the server's address)
+    host: str = ""
+
+
+class TcpKeepaliveConfig(_Section, kw_only=True):
+    #: SO_KEEPALIVE on upstream connections
+    enabled: bool = True
+    #: idle time before the first probe (TCP_KEEPIDLE)
+    idle: Duration = Duration(60.0)
+    #: time between probes (TCP_KEEPINTVL)
+    interval: Duration = Duration(10.0)
+    #: unanswered probes before the connection is dropped (TCP_KEEPCNT)
+    count: Positive = 6
+
+
 class UpstreamConfig(_Section, kw_only=True):
     servers: Annotated[list[ServerAddress], Meta(min_length=1)]
+    #: "round_robin" (smooth weighted), "least_conn", "random_two" (power of two choices)
+    #: or "hash" (consistent: weighted rendezvous hashing on the hash key)
+    balance: Literal["round_robin", "least_conn", "random_two", "hash"] = "round_robin"
+    #: balance = "hash": the key, "header:NAME", "cookie:NAME" or "ip"; requests
+    #: without it are balanced round robin
+    hash: str = ""
     keepalive: Annotated[int, Meta(ge=0)] = 64
     keepalive_timeout: Duration = Duration(55.0)
     keepalive_requests: Positive = 10000
+    #: connections per worker and server, active and idle (0 = unlimited); a request
+    #: finding all in use waits up to queue_timeout for one, then gets 503
+    max_connections: Annotated[int, Meta(ge=0)] = 0
+    #: longest wait for a connection under max_connections
+    queue_timeout: Duration = Duration(5.0)
+    #: upstream connections are not reused once this old ("0s" = no limit)
+    max_connection_age: Duration = Duration(0.0)
+    #: TCP keep-alive probes on upstream connections
+    tcp_keepalive: TcpKeepaliveConfig = field(default_factory=TcpKeepaliveConfig)
     connect_timeout: Duration = Duration(2.0)
     read_timeout: Duration = Duration(30.0)
     send_timeout: Duration = Duration(30.0)
+    #: passive health: this many failures (connect errors, resets, timeouts, retried
+    #: statuses) within fail_timeout take a server out for fail_timeout, in each worker
+    #: on its own (0 = never; ignored for a single-server upstream)
+    max_fails: Annotated[int, Meta(ge=0)] = 1
+    #: the window of max_fails and how long an ejected server stays out
+    fail_timeout: Duration = Duration(10.0)
+    #: active health checks, run once for all workers by the helper process
+    health_check: HealthCheckConfig | None = None
+    #: a server coming back (health check up, ejection over) ramps its weight from
+    #: near zero to its full weight over this long ("0s" = at once)
+    slow_start: Duration = Duration(0.0)
+    #: further tries on another server after a failed one (see retry_on)
+    retries: Annotated[int, Meta(ge=0)] = 1
+    #: what is retried: "connect_failure" (refused, unreachable, connect timeout: any
+    #: method), and, for idempotent requests without a body, "timeout" (no response head
+    #: within per_try_timeout / read_timeout), "reset" (closed before any response
+    #: byte), "502", "503", "504" (the server's answer). Never once response bytes went
+    #: to the client
+    retry_on: list[Literal["connect_failure", "timeout", "reset", "502", "503", "504"]] = field(
+        default_factory=lambda: ["connect_failure", "reset"])
+    #: retries allowed per worker and upstream, as a share of its recent requests (the
+    #: last 5-10 s) on top of retry_budget_min
+    retry_budget: Annotated[float, Meta(ge=0.0)] = 0.2
+    #: retries allowed in each 5 s window whatever the traffic
+    retry_budget_min: Annotated[int, Meta(ge=0)] = 10
+    #: bounds each try's connect and its wait for the response head ("0s" = the
+    #: connect_timeout and read_timeout alone)
+    per_try_timeout: Duration = Duration(0.0)
+    #: an upgraded connection (WebSocket) with no bytes either way for this long is closed
+    tunnel_timeout: Duration = Duration(3600.0)
 
 
 class Config(_Section, kw_only=True):
@@ -359,8 +447,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
                         "ticket_key_file and ticket_key_rotation must be the same")
     for i, route in enumerate(cfg.route):
         key = f"route[{i}]"
-        if route.upstream not in cfg.upstream:
-            problems.append(f"{key}.upstream: no upstream named {route.upstream!r}")
+        problems.extend(_validate_route_target(key, route, cfg))
         if not route.path_prefix.startswith("/"):
             problems.append(f"{key}.path_prefix: must start with '/'")
         host = route.host
@@ -372,6 +459,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
                 parse_hostport(srv.address)
             except ValueError as e:
                 problems.append(f"upstream.{name}.servers[{j}].address: {e}")
+        problems.extend(_validate_upstream_policy(f"upstream.{name}", up))
     if cfg.admin.listen:
         try:
             addr = parse_listen(cfg.admin.listen)
@@ -422,6 +510,62 @@ def _is_loopback(addr: ListenAddress) -> bool:
         return ipaddress.ip_address(addr.host).is_loopback
     except ValueError:
         return False
+
+
+def _hash_key_problem(text: str) -> str:
+    kind, _, name = text.partition(":")
+    kind = kind.strip().lower()
+    if (kind == "ip" and not name.strip()) or (kind in ("header", "cookie") and name.strip()):
+        return ""
+    return f"expected 'header:NAME', 'cookie:NAME' or 'ip', got {text!r}"
+
+
+def _validate_route_target(key: str, route: RouteConfig, cfg: Config) -> list[str]:
+    """A route names one upstream or a split between upstreams."""
+    problems = []
+    if route.split:
+        if route.upstream:
+            problems.append(f"{key}.upstream: give upstream or split, not both")
+        seen = set()
+        for j, t in enumerate(route.split):
+            if t.upstream not in cfg.upstream:
+                problems.append(f"{key}.split[{j}].upstream: no upstream named {t.upstream!r}")
+            if t.upstream in seen:
+                problems.append(f"{key}.split[{j}].upstream: {t.upstream!r} listed twice")
+            seen.add(t.upstream)
+        if not sum(t.weight for t in route.split):
+            problems.append(f"{key}.split: at least one weight must be above 0")
+    elif not route.upstream:
+        problems.append(f"{key}.upstream: required (or give split)")
+    elif route.upstream not in cfg.upstream:
+        problems.append(f"{key}.upstream: no upstream named {route.upstream!r}")
+    if route.hash:
+        msg = _hash_key_problem(route.hash)
+        if msg:
+            problems.append(f"{key}.hash: {msg}")
+    return problems
+
+
+def _validate_upstream_policy(key: str, up: UpstreamConfig) -> list[str]:
+    problems = []
+    if up.balance == "hash":
+        if not up.hash:
+            problems.append(f"{key}.hash: required with balance = \"hash\"")
+        else:
+            msg = _hash_key_problem(up.hash)
+            if msg:
+                problems.append(f"{key}.hash: {msg}")
+    elif up.hash:
+        problems.append(f"{key}.hash: only used with balance = \"hash\"")
+    hc = up.health_check
+    if hc is not None:
+        if not hc.path.startswith("/"):
+            problems.append(f"{key}.health_check.path: must start with '/'")
+        if hc.interval <= 0 or hc.timeout <= 0:
+            problems.append(f"{key}.health_check: interval and timeout must be above 0")
+    if up.max_fails and up.fail_timeout <= 0:
+        problems.append(f"{key}.fail_timeout: must be above 0 when max_fails is set")
+    return problems
 
 
 def _validate_tls(key: str, tls: TLSConfig, base: str, check_files: bool) -> list[str]:

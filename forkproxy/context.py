@@ -52,6 +52,12 @@ class RequestContext(msgspec.Struct, array_like=True, gc=False, tag=1):
     #: why the proxy refused the request itself ("" = it did not): the reason label of
     #: forkproxy_rejected_total (framing, headers_too_large, header_timeout, rate_limited, ...)
     reject: str = ""
+    #: tries on another server after a failed one (forkproxy_upstream_retries_total);
+    #: reconnecting after a stale pooled connection is not counted
+    retries: int = 0
+    #: the request became a tunnel (Connection: Upgrade, e.g. WebSocket); bytes_in and
+    #: bytes_out are the tunnel's bytes each way, the times end when the tunnel closed
+    tunnel: bool = False
 
 
 class UpstreamGauge(msgspec.Struct, array_like=True, gc=False):
@@ -61,6 +67,16 @@ class UpstreamGauge(msgspec.Struct, array_like=True, gc=False):
     server: str  # "HOST:PORT" as configured
     active: int  # connections lent to an exchange right now
     idle: int  # connections waiting in the keep-alive pool
+    #: this worker's view: "up", "down" (active check), "ejected" (passive), "slow_start"
+    state: str = ""
+    eff_weight: int = 0  # effective weight now (configured weight x 100 when ramped up)
+    connects: int = 0  # connections opened (counters: since the worker started)
+    reuses: int = 0  # requests sent on a pooled connection
+    failures: int = 0  # failed tries (connect, reset, timeout, retried status)
+    ejections: int = 0  # passive health ejections
+    retries: int = 0  # requests retried on another server after failing on this one
+    waiting: int = 0  # requests queued for a connection (max_connections reached)
+    tunnels: int = 0  # upgraded connections (WebSocket) open now
 
 
 class WorkerGauges(msgspec.Struct, array_like=True, gc=False, tag=2):

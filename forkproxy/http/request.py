@@ -129,6 +129,11 @@ class RequestParser:
         self._fields = 0
         self._trailer_bytes = 0
         self.failed: HTTPError | None = None
+        #: the request that upgraded the connection (Connection: Upgrade, a GET without
+        #: a body; the connection tunnels it, forkproxy/worker/tunnel.py) and the bytes
+        #: the client sent after its head (the start of the tunnel)
+        self.upgrade_req: Request | None = None
+        self.leftover = b""
 
     # -- driving ---------------------------------------------------------------------
 
@@ -140,9 +145,17 @@ class RequestParser:
         self._fed_body = 0
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # Upgrade: llhttp stops after that message, which is not served either;
-            # tunnelling is not supported here
+        except httptools.HttpParserUpgrade as e:
+            req = self._req
+            if (req is not None and req.upgrade and req.method == "GET" and not req.has_body
+                    and self._tunnelable(req)):
+                # llhttp stops after the head: the events up to it stay queued, the rest
+                # of the bytes belong to the tunnel; nothing more is parsed
+                self.upgrade_req = req
+                self.leftover = bytes(data[e.args[0]:]) if e.args else b""
+                self.failed = HTTPError(400, "data after an upgrade", kind="upgrade")
+                return
+            # other upgrades (CONNECT, with a body): that message is not served either
             events = self.events
             while events:
                 if events.pop()[0] == HEAD:
@@ -193,6 +206,15 @@ class RequestParser:
     @property
     def in_head(self) -> bool:
         return self._in_head
+
+    @staticmethod
+    def _tunnelable(req: Request) -> bool:
+        """Connection: Upgrade was sent along with the Upgrade header."""
+        for value in req.connection:
+            for tok in value.split(b","):
+                if tok.strip().lower() == b"upgrade":
+                    return True
+        return False
 
     def current(self) -> Request:
         """The request being parsed (possibly incomplete), for logging a rejection."""

@@ -145,6 +145,8 @@ class Metrics:
         self.gauge_records = 0
         self.decode_errors = 0
         self.rejected: dict[str, int] = {}
+        self.retries: dict[str, int] = {}  # by upstream (rendered by manager/upstreams.py)
+        self.tunnels: dict[str, int] = {}  # by upstream, counted when a tunnel closes
 
     # -- input ------------------------------------------------------------------------
 
@@ -197,6 +199,10 @@ class Metrics:
             self.bytes_out[listener] = self.bytes_out.get(listener, 0) + ctx.bytes_out
         if ctx.reject:
             self.rejected[ctx.reject] = self.rejected.get(ctx.reject, 0) + 1
+        if ctx.retries:
+            self.retries[upstream] = self.retries.get(upstream, 0) + ctx.retries
+        if ctx.tunnel:
+            self.tunnels[upstream] = self.tunnels.get(upstream, 0) + 1
 
     def observe_gauges(self, g: WorkerGauges) -> None:
         self.gauge_records += 1

@@ -139,7 +139,14 @@ class Manager:
             "manager_started": self.started,
             "ring_dropped": self.collector.dropped,
             "workers": self.workers(),
+            "upstreams": self.upstreams_status(),
         }
+
+    def upstreams_status(self) -> dict:
+        from forkproxy.manager import upstreams
+
+        return upstreams.collect(self.cfg, self.metrics.gauges, self.worker_pids(),
+                                 getattr(self.arbiter, "health", None))
 
     def healthy(self) -> bool:
         from forkproxy.manager.admin import HEALTHY_WITHIN
@@ -180,7 +187,12 @@ class Manager:
                         ring_dropped=self.collector.dropped, ring_lost=self.collector.lost,
                         tcp=self.tcp_sample(), access_log_lines=self.accesslog.lines,
                         access_log_errors=self.accesslog.errors)
-        return self.metrics.render(sample)
+        from forkproxy.manager import upstreams
+
+        m = self.metrics
+        return m.render(sample) + upstreams.metrics_text(
+            self.cfg, m.gauges, sample.worker_pids, getattr(self.arbiter, "health", None),
+            m.retries, m.tunnels)
 
     # -- signals ----------------------------------------------------------------------
 
@@ -216,6 +228,7 @@ class Manager:
         self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format)
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.start_stapling()
+        self.start_health_checks()
         self.log.info("manager reloaded", access_log=self.accesslog.path,
                       admin=cfg.admin.listen)
 
@@ -235,6 +248,21 @@ class Manager:
         stop = self._staple_stop = Event()
         cfg, log = self.cfg, self.log
         gevent.spawn(self._guard, lambda: stapling.run(cfg, keystore, log, stop))
+
+    def start_health_checks(self) -> None:
+        """Active health checks for the current config (restarted on reload)."""
+        from forkproxy.manager.healthcheck import HealthChecker
+
+        old = getattr(self, "_checker", None)
+        if old is not None:
+            old.stop()
+        health = getattr(self.arbiter, "health", None)
+        if health is None:
+            return
+        self._checker = HealthChecker(self.cfg, health, self.log)
+        n = self._checker.start()
+        if n:
+            self.log.info("health checks started", servers=n)
 
     def reopen(self) -> None:
         from forkproxy import log as log_mod
@@ -298,6 +326,7 @@ class Manager:
         self.admin_socks = None
         self.collector.start()
         self.start_stapling()
+        self.start_health_checks()
 
         def flusher():
             last_forget = time.monotonic()

@@ -84,7 +84,9 @@ def gauges(ws, now: float | None = None) -> WorkerGauges:
         state["count"] = count_greenlets()
         cost = time.perf_counter() - t0
         state["next"] = now + max(GREENLET_COUNT_MIN_INTERVAL, cost / GREENLET_COUNT_BUDGET)
-    ups = [UpstreamGauge(up.name, s.address, s.active, len(s.idle))
+    # worker.upstream.Server.gauge(): pool, state, counters (plain stand-ins: the 4 basics)
+    ups = [s.gauge() if hasattr(s, "gauge") else
+           UpstreamGauge(up.name, s.address, s.active, len(s.idle))
            for up in ws.upstreams.values() for s in up.servers]
     return WorkerGauges(ws.pid, now, state["count"], len(ws.connections), ups)
 

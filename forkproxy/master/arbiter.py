@@ -26,6 +26,7 @@ from forkproxy import log as log_mod
 from forkproxy.master import daemon
 from forkproxy.master.listeners import BindError, BoundListener, enable_migrate_req
 from forkproxy.proctitle import set_name
+from forkproxy.shm.health import HealthTable
 from forkproxy.shm.table import WorkerTable
 
 SIGNALS = [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
@@ -72,6 +73,8 @@ class Arbiter:
         # manager is forked, so there are enough for two generations plus TTIN headroom
         self.max_entries = max(16, 4 * self.nworkers)
         self.table = WorkerTable(self.max_entries + 1)
+        # active health verdicts: written by the manager, read by the workers
+        self.health = HealthTable()
         self.free_indexes = list(range(self.max_entries - 1, -1, -1))
         self.slot_failures: dict[int, int] = {}
         self.slot_next_spawn: dict[int, float] = {}
@@ -187,6 +190,7 @@ class Arbiter:
         self._ring_cls = Ring
         self._setup_tls(self.cfg, self._inherited_keystore_fd)
         self._setup_limits(self.cfg)
+        self.health.assign(self.cfg)
 
     def _setup_limits(self, cfg, reloading: bool = False) -> None:
         """The per-client-IP limit zone (shared memory, before the workers are forked).
@@ -469,7 +473,7 @@ class Arbiter:
                 sockets=sockets, ready_fd=w, lifeline_fd=self.lifeline_r, ring=ring,
                 table=self.table, keystore=self.keystore,
                 logger=log_mod.rebind("worker"), uid=self.uid, gid=self.gid,
-                groups=self.groups, limit_zone=self.limit_zone)
+                groups=self.groups, limit_zone=self.limit_zone, health=self.health)
             worker_process.run(spec)
             os._exit(0)
         os.close(w)
@@ -620,6 +624,11 @@ class Arbiter:
 
             reload_keystore(self)
         self._setup_limits(new_cfg, reloading=True)
+        try:
+            self.health.assign(new_cfg)  # before the new workers and the manager read it
+        except RuntimeError as e:
+            self.log.error("reload: health table full, new servers have no active checks",
+                           error=str(e))
         log_mod.setup(config_mod.log_path(new_cfg, new_cfg.log.error_log), new_cfg.log.level,
                       new_cfg.log.format)
         self.log = log_mod.rebind("master")

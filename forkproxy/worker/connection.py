@@ -41,7 +41,8 @@ from forkproxy.http.request import BODY, END, ERROR, HEAD, Request, RequestParse
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser
 from forkproxy.worker.splice import SPLICE_MIN, SpliceError, splice_body
 from forkproxy.worker.tls import close_notify
-from forkproxy.worker.upstream import UpstreamConn
+from forkproxy.worker.tunnel import Upgraded, tunnel
+from forkproxy.worker.upstream import PoolTimeout, UpstreamConn
 
 _timeout = socket.timeout
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -64,12 +65,18 @@ class ClientGone(Exception):
 
 
 class UpstreamFailed(Exception):
-    """The exchange with the upstream failed; status says what the client gets."""
+    """The exchange with the upstream failed; status says what the client gets.
 
-    def __init__(self, status: int, detail: str, retryable: bool = False):
+    retryable: a pooled connection the upstream had closed (reconnect, same server).
+    kind: the retry_on condition it matches: "reset" (closed or reset before any
+    response byte), "timeout" (no response head in time), "status" (an answer in
+    retry_on, not relayed), "" (not retried: bad response, client's fault)."""
+
+    def __init__(self, status: int, detail: str, retryable: bool = False, kind: str = ""):
         super().__init__(detail)
         self.status = status
         self.retryable = retryable
+        self.kind = kind
 
 
 def send_all(sock, data) -> None:
@@ -91,7 +98,8 @@ class Connection:
 
     __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
                  "tls_resumed", "tls_version", "closing", "body_done", "idle_since", "deadline",
-                 "greenlet", "head_deadline", "req", "resp_started", "reject", "linger")
+                 "greenlet", "head_deadline", "req", "resp_started", "reject", "linger",
+                 "retries", "retry_statuses")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -116,6 +124,8 @@ class Connection:
         self.resp_started = False  # response bytes went out: a fault can no longer 500
         self.reject = ""  # why the proxy refused the request itself (the context's reject)
         self.linger = False  # drain unread input before closing (the reply must arrive)
+        self.retries = 0  # tries on another server for the current request (the context's)
+        self.retry_statuses = None  # upstream statuses _relay turns into a retry, this try
 
     # -- reading -------------------------------------------------------------------
 
@@ -314,46 +324,80 @@ class Connection:
         req.request_id = rid
         if upstream is None:
             return self._fail(req, 503, times, None, "no upstream")
+        if upstream.split:  # a canary split between upstreams: choose one
+            upstream = upstream.choose(req, self.remote)
+        if req is self.parser.upgrade_req:
+            return tunnel(self, req, upstream, self._upstream_head(req, rid), times)
         head = self._upstream_head(req, rid)
+        # retries (see UpstreamConfig.retry_on): another server each time; after the
+        # request was sent only if it can be replayed; never after response bytes went out
+        upstream.budget.request(now)
+        key = upstream.keyspec.key(req, self.remote) if upstream.keyspec is not None else None
+        replayable = not req.has_body and req.method in IDEMPOTENT
+        tries = upstream.retries
         exclude = None
-        tries = 2 if len(upstream.servers) > 1 else 1
-        conn = None
+        last = None  # (status, detail, server) of the last failed try
         while True:
-            server = upstream.pick(exclude)
+            server = upstream.pick(key, exclude)
             if server is None:
+                if last is not None:
+                    return self._fail(req, last[0], times, last[2], last[1])
                 return self._fail(req, 503, times, None, "no server available")
             times[T_CONNECT_START] = time.monotonic()
             try:
                 conn = server.acquire()
-            except _timeout:
-                tries -= 1
-                if tries > 0:
-                    exclude = server
+            except PoolTimeout as e:
+                return self._fail(req, 503, times, server, f"upstream queue: {e}")
+            except (OSError, _timeout) as e:
+                if isinstance(e, _timeout):
+                    status, detail = 504, "upstream connect timeout"
+                else:
+                    status, detail = 502, f"upstream connect: {e.strerror or e}"
+                now = time.monotonic()
+                server.failed(now)
+                if tries and upstream.retry_connect and upstream.budget.allow(now):
+                    tries -= 1
+                    exclude = self._retry(server, exclude)
+                    last = (status, detail, server)
                     continue
-                return self._fail(req, 504, times, server, "upstream connect timeout")
-            except OSError as e:
-                tries -= 1
-                if tries > 0:
-                    exclude = server
-                    continue
-                return self._fail(req, 502, times, server, f"upstream connect: {e.strerror or e}")
+                return self._fail(req, status, times, server, detail)
             if conn.reused and req.method not in IDEMPOTENT and _peer_closed(conn.sock):
                 # never resend a non-idempotent request: check a pooled socket first
                 server.release(conn, False)
                 server.close_idle()
                 continue
             times[T_CONNECTED] = time.monotonic()
+            self.retry_statuses = (upstream.retry_statuses if tries and replayable
+                                   and upstream.budget.can(times[T_CONNECTED]) else None)
             try:
                 return self._exchange(req, head, conn, times)
             except UpstreamFailed as e:
                 conn.reusable = False
-                if e.retryable and not req.has_body and req.method in IDEMPOTENT:
+                if e.retryable and replayable:
                     # a pooled connection the upstream had closed while idle: retry fresh
                     server.close_idle()
                     continue
+                if e.kind:
+                    now = time.monotonic()
+                    server.failed(now)
+                    if (tries and replayable and e.kind in upstream.retry_kinds
+                            and upstream.budget.allow(now)):
+                        tries -= 1
+                        exclude = self._retry(server, exclude)
+                        last = (e.status, str(e), server)
+                        continue
                 return self._fail(req, e.status, times, server, str(e))
             finally:
                 server.release(conn, conn.reusable)
+
+    def _retry(self, server, exclude) -> list:
+        """Count a retry away from ``server``; the servers the next pick must skip."""
+        self.retries += 1
+        server.retries += 1
+        if exclude is None:
+            return [server]
+        exclude.append(server)
+        return exclude
 
     def _fail(self, req, status: int, times, server, detail: str) -> bool:
         """Answer an upstream failure ourselves; keep the connection if framing allows."""
@@ -410,8 +454,8 @@ class Connection:
                 bytes_in = 0
         except (OSError, _timeout) as e:
             if isinstance(e, _timeout):
-                raise UpstreamFailed(504, "upstream send timeout")
-            raise UpstreamFailed(502, f"upstream send: {e}", retryable=conn.reused)
+                raise UpstreamFailed(504, "upstream send timeout", kind="timeout")
+            raise UpstreamFailed(502, f"upstream send: {e}", retryable=conn.reused, kind="reset")
         times[T_SENT] = time.monotonic()
         buf = ws.get_buffer()
         try:
@@ -464,7 +508,7 @@ class Connection:
         server = conn.server
         view = memoryview(buf)
         read_timeout = server.cfg.read_timeout
-        self.deadline = time.monotonic() + read_timeout
+        self.deadline = time.monotonic() + server.head_timeout  # per_try_timeout bounds it
         # -- response head -------------------------------------------------------------
         n = 0
         start = 0
@@ -472,11 +516,11 @@ class Connection:
             try:
                 got = up.recv_into(view[n:])
             except _timeout:
-                raise UpstreamFailed(504, "upstream read timeout")
+                raise UpstreamFailed(504, "upstream read timeout", kind="timeout")
             except OSError as e:
-                raise UpstreamFailed(502, f"upstream read: {e.strerror or e}", retryable=conn.reused and n == 0)
+                raise UpstreamFailed(502, f"upstream read: {e.strerror or e}", retryable=conn.reused and n == 0, kind="reset")
             if got == 0:
-                raise UpstreamFailed(502, "upstream closed before the response", retryable=conn.reused and n == 0)
+                raise UpstreamFailed(502, "upstream closed before the response", retryable=conn.reused and n == 0, kind="reset")
             if not times[T_FIRST_BYTE]:
                 times[T_FIRST_BYTE] = time.monotonic()
             n += got
@@ -493,12 +537,17 @@ class Connection:
                 raise UpstreamFailed(502, f"bad upstream response: {e}")
             if 100 <= rhead.status < 200:
                 if rhead.status == 101:
+                    if req is self.parser.upgrade_req:  # the tunnel takes it from here
+                        raise Upgraded(bytes(view[start:head_len]), bytes(view[head_len:n]))
                     raise UpstreamFailed(502, "unexpected 101 from upstream")
                 start = head_len  # interim response (100, 103): skip it
                 continue
             break
         # -- framing decisions (RFC 9112 6.3) ------------------------------------------
         status = rhead.status
+        if self.retry_statuses is not None and status in self.retry_statuses:
+            # retry_on names this status and a retry is possible: not relayed
+            raise UpstreamFailed(status, f"upstream answered {status}", kind="status")
         body_start = head_len
         if req.method == "HEAD" or status == 204 or status == 304:
             mode = 0  # no body

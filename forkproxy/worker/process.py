@@ -22,6 +22,7 @@ from gevent.event import Event
 from forkproxy.context import RequestContext, encoder
 from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
 from forkproxy.http.request import Limits
+from forkproxy.manager import profiling
 from forkproxy.shm.limitzone import ClientLimits
 from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.connection import Connection, Deadline
@@ -60,7 +61,7 @@ class WorkerSpec:
     def __init__(self, *, cfg, slot: int, index: int, generation: int, cpu: int | None,
                  sockets: list, ready_fd: int, lifeline_fd: int, ring=None, table=None,
                  keystore=None, logger=None, uid=None, gid=None, groups=None,
-                 limit_zone=None):
+                 limit_zone=None, health=None):
         self.cfg = cfg
         self.slot = slot
         self.index = index  # worker-table entry / ring number
@@ -77,6 +78,7 @@ class WorkerSpec:
         self.gid = gid
         self.groups = groups
         self.limit_zone = limit_zone  # per-client-IP limits (forkproxy.shm.limitzone)
+        self.health = health  # active health verdicts (forkproxy.shm.health), read-only
 
 
 class WorkerState:
@@ -94,7 +96,7 @@ class WorkerState:
         self.body_timeout = srv.client_body_timeout
         self.send_timeout = srv.send_timeout
         self.buffer_size = srv.buffer_size
-        self.upstreams = build_upstreams(cfg.upstream)
+        self.upstreams = build_upstreams(cfg.upstream, spec.health)
         self.router = Router(cfg.route, self.upstreams)
         self.rbuf = bytearray(65536)
         self.rview = memoryview(self.rbuf)
@@ -126,9 +128,12 @@ class WorkerState:
             self._buffers.append(buf)
 
     def record(self, conn, req, status, bytes_out, server, upconn, bytes_in, times,
-               error: str = "") -> None:
+               error: str = "", tunnel: bool = False) -> None:
         """Leave the request context in the ring (never blocks; drops when full)."""
         self.requests += 1
+        retries = conn.retries
+        if retries:
+            conn.retries = 0
         ring = self.ring
         if ring is None:
             return
@@ -138,7 +143,7 @@ class WorkerState:
             server.upstream.name if server is not None else "",
             server.address if server is not None else "",
             upconn.reused if upconn is not None else False,
-            conn.tls_resumed, conn.tls_version, times, error, conn.reject,
+            conn.tls_resumed, conn.tls_version, times, error, conn.reject, retries, tunnel,
         )
         if conn.reject:
             conn.reject = ""
@@ -363,10 +368,14 @@ def _run(spec: WorkerSpec) -> None:
             conn.deadline = 0.0
             g.throw(Deadline("timed out"))
 
+    upstreams = list(ws.upstreams.values())
+
     def sweeper():
         while True:
             gevent.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
+            for up in upstreams:  # health verdicts, ejections, slow start, idle sweep
+                up.refresh(now)
             for conn in ws.connections:
                 d = conn.deadline
                 if d and d < now:
@@ -390,6 +399,7 @@ def _run(spec: WorkerSpec) -> None:
         while True:
             if table is not None:
                 table.beat(spec.index, ws.requests, len(ws.connections))
+            profiling.push_gauges(ws)
             gevent.sleep(1.0)
 
     hb = gevent.spawn(heartbeat)

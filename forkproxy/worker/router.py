@@ -1,9 +1,26 @@
 """Route table compiled once per generation: host (exact > longest *.suffix > *) then
-longest path prefix; requests nothing matches go to the listener's default upstream."""
+longest path prefix; requests nothing matches go to the listener's default upstream.
+
+A route's target is an :class:`~forkproxy.worker.upstream.Upstream`, or a
+:class:`~forkproxy.worker.balancer.Split` between upstreams (``split = [...]``); the
+connection tells them apart by their ``split`` class attribute and asks a split to
+``choose(req, remote)``. A new split share takes effect with the workers of the next
+generation (HUP), which is how every config change is applied.
+"""
 
 from __future__ import annotations
 
 from forkproxy.config import RouteConfig
+from forkproxy.worker.balancer import KeySpec, Split
+
+
+def route_target(r: RouteConfig, upstreams: dict):
+    """The Upstream, or the Split, a route sends its requests to."""
+    if not r.split:
+        return upstreams[r.upstream]
+    targets = [(upstreams[t.upstream], t.weight) for t in r.split]
+    key = KeySpec(r.hash, Split.SALT) if r.hash else None
+    return Split(targets, key, r.canary_header)
 
 
 class Router:
@@ -14,7 +31,7 @@ class Router:
         suffixes: dict[bytes, list] = {}
         anyhost: list = []
         for r in routes:
-            entry = (r.path_prefix.encode(), upstreams[r.upstream])
+            entry = (r.path_prefix.encode(), route_target(r, upstreams))
             host = r.host.lower().encode()
             if host == b"*":
                 anyhost.append(entry)

@@ -1,0 +1,162 @@
+"""Active health checks, run once for all workers by the helper (manager) process.
+
+For every server of an upstream with ``health_check = {...}``, one greenlet sends
+``GET path`` every ``interval`` on a fresh connection (``Connection: close``); a 2xx or
+3xx status line within ``timeout`` (connect included) is a success. ``rise``
+consecutive successes bring a down server up, ``fall`` consecutive failures take it
+down (:class:`Verdict`, sans-IO). Every result is published in the shared health
+table (forkproxy/shm/health.py), which the workers read every SWEEP_INTERVAL: a
+verdict reaches every worker within about 0.1 s, and no worker sends a single check.
+
+A server starts "unknown" (served like an up one); the first success makes it "up"
+without a slow start, ``fall`` failures make it "down". A restarted helper, or a reload
+that keeps a server, continues from the verdict in the table.
+
+The checks restart on every reload (the helper re-reads the config on HUP).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import gevent
+from gevent import socket
+
+from forkproxy.config import parse_hostport
+from forkproxy.shm.health import (
+    DOWN,
+    ST_BAD,
+    ST_CONNECT,
+    ST_TIMEOUT,
+    UNKNOWN,
+    UP,
+    server_key,
+)
+
+MAX_STATUS_LINE = 4096
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+class Verdict:
+    """The rise/fall state machine of one server (no sockets, no clocks)."""
+
+    __slots__ = ("rise", "fall", "state", "since_ms", "ok_run", "fail_run")
+
+    def __init__(self, rise: int, fall: int, state: int = UNKNOWN, since_ms: int = 0):
+        self.rise = rise
+        self.fall = fall
+        self.state = state
+        self.since_ms = since_ms
+        self.ok_run = 0
+        self.fail_run = 0
+
+    def observe(self, ok: bool, now_ms: int) -> bool:
+        """Count one check; True if the state changed."""
+        if ok:
+            self.ok_run += 1
+            self.fail_run = 0
+            if self.state == UNKNOWN:
+                self.state, self.since_ms = UP, 0  # never down: no slow start
+                return True
+            if self.state == DOWN and self.ok_run >= self.rise:
+                self.state, self.since_ms = UP, now_ms
+                return True
+            return False
+        self.fail_run += 1
+        self.ok_run = 0
+        if self.state != DOWN and self.fail_run >= self.fall:
+            self.state, self.since_ms = DOWN, now_ms
+            return True
+        return False
+
+
+def check_once(host: str, port: int, path: str, host_header: str,
+               timeout: float) -> tuple[bool, int]:
+    """One check: (success, status) with status an HTTP status or ST_* code."""
+    sock = None
+    try:
+        with gevent.Timeout(timeout):
+            sock = socket.create_connection((host, port))
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\n"
+                         "User-Agent: forkproxy-health-check\r\nAccept: */*\r\n"
+                         "Connection: close\r\n\r\n".encode("latin-1"))
+            data = b""
+            while b"\r\n" not in data:
+                chunk = sock.recv(1024)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > MAX_STATUS_LINE:
+                    break
+    except gevent.Timeout:
+        return False, ST_TIMEOUT
+    except OSError:
+        return False, ST_CONNECT
+    finally:
+        if sock is not None:
+            sock.close()
+    parts = data.split(b"\r\n", 1)[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return False, ST_BAD
+    status = int(parts[1])
+    return 200 <= status < 400, status
+
+
+class HealthChecker:
+    """The check greenlets of one config; stop() before starting the next config's."""
+
+    def __init__(self, cfg, table, logger=None):
+        self.cfg = cfg
+        self.table = table
+        self.log = logger
+        self.greenlets: list[gevent.Greenlet] = []
+
+    def targets(self) -> list[tuple[str, str, object, int]]:
+        """[(upstream, address, HealthCheckConfig, table entry)] to check."""
+        out = []
+        index = self.table.index()
+        for name, up in self.cfg.upstream.items():
+            hc = up.health_check
+            if hc is None:
+                continue
+            for s in up.servers:
+                i = index.get(server_key(name, s.address), -1)
+                if i >= 0:
+                    out.append((name, s.address, hc, i))
+                elif self.log is not None:
+                    self.log.error("no health table entry for a server: not checked",
+                                   upstream=name, server=s.address)
+        return out
+
+    def start(self) -> int:
+        for name, address, hc, i in self.targets():
+            self.greenlets.append(gevent.spawn(self._loop, name, address, hc, i))
+        return len(self.greenlets)
+
+    def stop(self) -> None:
+        gevent.killall(self.greenlets, block=False)
+        self.greenlets = []
+
+    def _loop(self, name: str, address: str, hc, i: int) -> None:
+        table = self.table
+        host, port = parse_hostport(address)
+        host_header = hc.host or address
+        state, since = table.state(i)
+        verdict = Verdict(hc.rise, hc.fall, state, since)
+        # spread the first checks a little (many servers, one helper)
+        gevent.sleep(random.uniform(0, min(hc.interval, 1.0) * 0.2))
+        while True:
+            t0 = time.monotonic()
+            ok, status = check_once(host, port, hc.path, host_header, hc.timeout)
+            now_ms = _now_ms()
+            changed = verdict.observe(ok, now_ms)
+            table.publish(i, verdict.state, verdict.since_ms, changed, ok,
+                          int((time.monotonic() - t0) * 1e6), status, now_ms)
+            if changed and self.log is not None:
+                self.log.warning("upstream server " + ("up" if verdict.state == UP else "down"),
+                                 upstream=name, server=address, status=status)
+            gevent.sleep(max(0.0, hc.interval - (time.monotonic() - t0)))

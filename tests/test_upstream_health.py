@@ -1,0 +1,288 @@
+"""Issue 6 end to end, health: failover under load with zero client errors, recovery
+with slow start, 503 at once when every server is down, and origins in their own
+network namespaces made unreachable and silently dropping with real routes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+from fp import PY, ROOT, Origin, free_port, port_open, wait_for
+from load import Load
+from upstreams_util import UProxy, call, get, metric_value, pipelined
+
+
+@pytest.fixture
+def uproxies():
+    started = []
+
+    def make(*args, **kw):
+        p = UProxy(*args, **kw)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.kill_all()
+
+
+def _requests(origins) -> list[int]:
+    return [o.stats()["requests"] for o in origins]
+
+
+def test_failover_under_load_then_slow_start(tmp_path, uproxies):
+    origins = [Origin() for _ in range(3)]
+    try:
+        servers = ", ".join(f'{{ address = "{o.address}" }}' for o in origins)
+        body = f"""
+            [upstream.app]
+            servers = [{servers}]
+            health_check = {{ interval = "250ms", timeout = "250ms", fall = 2, rise = 2 }}
+            slow_start = "4s"
+            max_fails = 1
+            fail_timeout = "3s"
+            retries = 2
+            retry_on = ["connect_failure", "reset", "timeout"]
+            """
+        p = uproxies(tmp_path, body, workers=2, admin=True)
+        victim = origins[1]
+        load = Load(p.port, keepalive_threads=4, close_threads=2).start()
+        time.sleep(1.0)
+        sent_before = load.result.ok + load.result.failed
+        t_kill = time.monotonic()
+        victim.proc.kill()  # SIGKILL under load: in-flight requests see resets
+        victim.proc.wait()
+        ejected_at = down_at = None
+        while down_at is None and time.monotonic() - t_kill < 5:
+            s = p.server_status("app", victim.address)
+            now = time.monotonic() - t_kill
+            if ejected_at is None and s["state"] != "up":
+                ejected_at = now
+            if s["health_check"] and s["health_check"]["state"] == "down":
+                down_at = now
+            time.sleep(0.05)
+        assert down_at is not None, "the health check never marked the server down"
+        time.sleep(0.5)
+        # back on the same port: up after `rise` checks, then slow start
+        victim.__init__(victim.port)
+        up_at = wait_for(lambda: p.server_status("app", victim.address)["health_check"]
+                         ["state"] == "up" and time.monotonic(), timeout=5, what="server up")
+        c0 = _requests(origins)
+        time.sleep(1.0)
+        c1 = _requests(origins)
+        time.sleep(max(0.0, up_at + 4.5 - time.monotonic()))
+        c2 = _requests(origins)
+        time.sleep(1.0)
+        c3 = _requests(origins)
+        result = load.stop()
+        early = [b - a - 1 for a, b in zip(c0, c1, strict=True)]
+        late = [b - a - 1 for a, b in zip(c2, c3, strict=True)]
+        early_share = early[1] / sum(early)
+        late_share = late[1] / sum(late)
+        print(f"\nfailover: {result.summary()}; sent before the kill {sent_before}; "
+              f"not up in /status after {ejected_at:.2f}s, health check down after "
+              f"{down_at:.2f}s; recovered share first second {early_share:.1%}, "
+              f"after slow start {late_share:.1%}")
+        assert result.failed == 0, result.errors
+        assert result.ok > 1000
+        assert ejected_at is not None and ejected_at < 1.5
+        assert 0.005 < early_share < 0.15  # the first second of a 4 s ramp
+        assert 0.25 < late_share < 0.42  # back to its third
+        wait_for(lambda: p.server_status("app", victim.address)["state"] == "up", timeout=3,
+                 what="state up once the ramp is over")
+        assert metric_value(p.metrics(), "forkproxy_upstream_server_state", upstream="app",
+                            server=victim.address, state="up") == 1
+        p.stop()
+    finally:
+        for o in origins:
+            o.stop()
+
+
+def test_all_servers_down_is_a_quick_503(tmp_path, uproxies):
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(4)]
+    body = f"""
+        [upstream.app]
+        servers = [{{ address = "{dead[0]}" }}, {{ address = "{dead[1]}" }}]
+        health_check = {{ interval = "100ms", timeout = "100ms", fall = 1 }}
+        [upstream.passive]
+        servers = [{{ address = "{dead[2]}" }}, {{ address = "{dead[3]}" }}]
+        fail_timeout = "30s"
+        [[route]]
+        host = "passive.test"
+        upstream = "passive"
+        """
+    p = uproxies(tmp_path, body, workers=1, admin=True)
+    wait_for(lambda: all(s["state"] == "down" for s in p.status()["upstreams"]["app"]["servers"]),
+             timeout=5, what="both servers down")
+    time.sleep(0.2)  # the worker reads the verdicts every 0.1 s
+    for host in ("t", "passive.test"):
+        first = call(p.port, "GET", "/", host)
+        # passive: the first request tried both (refused: 502) and ejected them
+        assert first[0] == (503 if host == "t" else 502)
+        t0 = time.monotonic()
+        res = pipelined(p.port, [get("/", host)] * 50, conns=1)
+        took = time.monotonic() - t0
+        assert {s for s, _ in res} == {503} and took < 1.0, (host, took)
+    p.stop()
+
+
+# -- network namespaces ----------------------------------------------------------------
+
+
+def _netns_available() -> bool:
+    if os.geteuid() != 0:
+        return False
+    try:
+        from pyroute2 import netns  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.isdir("/var/run/netns") or os.access("/var/run", os.W_OK)
+
+
+class Hosts:
+    """Origins each in a network namespace, joined to this one by a veth pair (10.213.N.0/30)."""
+
+    def __init__(self, n: int):
+        from pyroute2 import IPRoute, netns
+
+        self.netns = netns
+        tag = os.getpid() % 100000
+        self.names = [f"fp6-{tag}-{i}" for i in range(n)]
+        self.procs: list[subprocess.Popen] = []
+        self.addrs = []
+        self.routes: list[tuple] = []
+        port = 8080
+        for i, name in enumerate(self.names):
+            netns.create(name)
+            host_if, ns_if = f"fp6h{tag}{i}", f"fp6n{tag}{i}"
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=host_if, kind="veth",
+                         peer={"ifname": ns_if, "net_ns_fd": name})
+                idx = ipr.link_lookup(ifname=host_if)[0]
+                ipr.addr("add", index=idx, address=f"10.213.{i}.1", prefixlen=30)
+                ipr.link("set", index=idx, state="up")
+            with IPRoute(netns=name) as nsr:
+                idx = nsr.link_lookup(ifname=ns_if)[0]
+                nsr.addr("add", index=idx, address=f"10.213.{i}.2", prefixlen=30)
+                nsr.link("set", index=idx, state="up")
+                nsr.link("set", index=nsr.link_lookup(ifname="lo")[0], state="up")
+            addr = f"10.213.{i}.2:{port}"
+            self.addrs.append(addr)
+            self.procs.append(subprocess.Popen(
+                [PY, "-m", "forkproxy", "origin", "--listen", addr], cwd=ROOT,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=lambda name=name: netns.setns(name)))
+        for i in range(n):
+            wait_for(lambda i=i: port_open(port, f"10.213.{i}.2"), what=f"origin in {self.names[i]}")
+
+    def unreachable(self, i: int) -> None:
+        """This namespace: a route saying the host cannot be reached (connect: EHOSTUNREACH)."""
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            ipr.route("add", dst=f"10.213.{i}.2/32", type="unreachable")
+        self.routes.append((None, f"10.213.{i}.2/32", "unreachable"))
+
+    def silent(self, i: int) -> None:
+        """The host's namespace: its answers to us go to a blackhole (SYNs vanish)."""
+        from pyroute2 import IPRoute
+
+        with IPRoute(netns=self.names[i]) as nsr:
+            nsr.route("add", dst=f"10.213.{i}.1/32", type="blackhole")
+        self.routes.append((self.names[i], f"10.213.{i}.1/32", "blackhole"))
+
+    def heal(self) -> None:
+        from pyroute2 import IPRoute
+
+        for ns, dst, kind in self.routes:
+            with (IPRoute(netns=ns) if ns else IPRoute()) as ipr:
+                ipr.route("del", dst=dst, type=kind)
+        self.routes = []
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        try:
+            self.heal()
+        except Exception:
+            pass
+        for name in self.names:
+            try:
+                self.netns.remove(name)  # removes the veth pair too
+            except Exception:
+                pass
+
+
+@pytest.mark.skipif(not _netns_available(), reason="needs root and pyroute2 network namespaces")
+def test_unreachable_and_silently_dropping_hosts_in_namespaces(tmp_path, uproxies):
+    hosts = Hosts(3)
+    try:
+        servers = ", ".join(f'{{ address = "{a}" }}' for a in hosts.addrs)
+        body = f"""
+            [upstream.app]
+            servers = [{servers}]
+            connect_timeout = "300ms"
+            per_try_timeout = "500ms"
+            health_check = {{ interval = "200ms", timeout = "400ms", fall = 2, rise = 1 }}
+            retries = 2
+            retry_on = ["connect_failure", "timeout", "reset"]
+            max_fails = 1
+            fail_timeout = "2s"
+            """
+        p = uproxies(tmp_path, body, workers=2, admin=True)
+
+        def run(n):
+            t0 = time.monotonic()
+            res = pipelined(p.port, [get("/tiny")] * n, conns=4, batch=8)
+            return [s for s, _ in res], time.monotonic() - t0
+
+        def served():
+            return {s["address"]: s["connects"] + s["reuses"]
+                    for s in p.status()["upstreams"]["app"]["servers"]}
+
+        statuses, _ = run(90)
+        assert statuses == [200] * 90
+        # host 1 unreachable (a route says so: refused at once), host 2 drops silently
+        hosts.unreachable(1)
+        hosts.silent(2)
+        t0 = time.monotonic()
+        statuses, took = run(200)
+        assert statuses == [200] * 200, statuses
+        # the dropping host costs a per_try_timeout for each pooled connection to it and a
+        # connect_timeout per worker, until it is ejected
+        assert took < 4.0, took
+
+        def both_down():
+            st = {s["address"]: s for s in p.status()["upstreams"]["app"]["servers"]}
+            return all(st[hosts.addrs[i]]["health_check"]["state"] == "down" for i in (1, 2))
+        wait_for(both_down, timeout=5, what="health checks mark both down")
+        down_after = time.monotonic() - t0
+        time.sleep(1.2)  # gauges
+        before = served()
+        statuses, took = run(200)
+        assert statuses == [200] * 200 and took < 3.0
+        time.sleep(1.2)
+        after = served()
+        assert after[hosts.addrs[0]] - before[hosts.addrs[0]] == 200
+        # healed: checked up again and served again
+        hosts.heal()
+        wait_for(lambda: all(s["health_check"]["state"] == "up"
+                             for s in p.status()["upstreams"]["app"]["servers"]),
+                 timeout=5, what="all up again")
+        time.sleep(0.3)
+        before = served()
+        statuses, _ = run(300)
+        assert statuses == [200] * 300
+        time.sleep(1.2)
+        after = served()
+        assert all(after[a] - before[a] > 50 for a in hosts.addrs), (before, after)
+        print(f"\nnetns: both hosts marked down {down_after:.2f}s after the routes changed")
+        p.stop()
+    finally:
+        hosts.close()
+    assert not any(n in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                       text=True).stdout for n in hosts.names)
+

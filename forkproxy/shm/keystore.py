@@ -276,9 +276,11 @@ class KeyStore:
 
     def _read_keys(self) -> tuple[int, tuple[bytes, ...], int]:
         q, mm, w = self._q, self._mm, _KEYS_OFF // 8
-        for _ in range(_READ_RETRIES):
+        for i in range(_READ_RETRIES):
             s1 = q[w]
             if s1 & 1:
+                if i & 63 == 63:
+                    os.sched_yield()  # the writer may be descheduled mid-write: let it run
                 continue
             gen = q[w + 1]
             (count,) = struct.unpack_from("<I", mm, _KEYS_OFF + 16)
@@ -347,9 +349,11 @@ class KeyStore:
         if cached is not None and cached[0] == seq:
             _, der, expires = cached
         else:
-            for _ in range(_READ_RETRIES):
+            for i in range(_READ_RETRIES):
                 s1 = self._q[w]
                 if s1 & 1:
+                    if i & 63 == 63:
+                        os.sched_yield()
                     continue
                 expires, n = struct.unpack_from("<dI", self._mm, off + 8)
                 n = min(n, self.staple_max)

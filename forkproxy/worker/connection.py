@@ -367,7 +367,8 @@ class Connection:
                 server.close_idle()
                 continue
             times[T_CONNECTED] = time.monotonic()
-            self.retry_statuses = (upstream.retry_statuses if tries and replayable
+            rs = upstream.retry_statuses  # None unless retry_on names statuses
+            self.retry_statuses = (rs if rs is not None and tries and replayable
                                    and upstream.budget.can(times[T_CONNECTED]) else None)
             try:
                 return self._exchange(req, head, conn, times)

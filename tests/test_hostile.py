@@ -485,6 +485,45 @@ def test_shared_memory_segments_are_0600(tmp_path, rec, proxies):
     p.stop()
 
 
+def test_ticket_keys_in_memory_are_0600(tmp_path, rec, proxies):
+    crt, key = _self_signed(tmp_path)
+    p = proxies(tmp_path, rec.address,
+                listener_extra=f'[listener.tls]\ncertificates = [{{ cert = "{crt}", '
+                               f'key = "{key}" }}]\nocsp_stapling = false\n')
+    found = []
+    for pid in [p.proc.pid, *p.workers_pids()]:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if "forkproxy-keystore" in target:
+                found.append(stat.S_IMODE(os.stat(f"/proc/{pid}/fd/{fd}").st_mode))
+    assert found and set(found) == {0o600}, found
+    p.stop()
+
+
+def test_max_connections_per_worker_waits_in_the_backlog(tmp_path, rec, proxies):
+    p = proxies(tmp_path, rec.address, server_extra="max_connections = 3")
+    held = [connect(p.port) for _ in range(3)]
+    try:
+        for c in held:
+            c.sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.3)
+        with connect(p.port) as extra:  # the kernel queues it; the worker does not accept
+            extra.sendall(b"GET /extra HTTP/1.1\r\nHost: x\r\n\r\n")
+            extra.settimeout(0.7)
+            with pytest.raises(TimeoutError):
+                extra.sock.recv(1)
+            held.pop().close()
+            extra.settimeout(5)
+            assert recv_response(extra)[0] == 200
+    finally:
+        for c in held:
+            c.close()
+    p.stop()
+
+
 def test_limits_config_is_validated(tmp_path):
     from forkproxy import config
 

@@ -145,6 +145,7 @@ class KeyStore:
         if memfd:
             fd = os.memfd_create("forkproxy-keystore", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
+                os.fchmod(fd, 0o600)  # memfds are born 0777; these are the ticket keys
                 os.ftruncate(fd, size)
                 # readers must never see the file shrink under them (SIGBUS)
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)

@@ -264,6 +264,31 @@ def test_rejections_are_counted_by_reason(tmp_path, rec, proxies):
     p.stop()
 
 
+def test_rejected_request_is_logged_as_itself(tmp_path, rec, proxies):
+    """The access log line of a refused request after a served one on the same
+    connection has its own request id and the target that was asked for."""
+    import json
+
+    p = proxies(tmp_path, rec.address)
+    with connect(p.port) as c:
+        c.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /second HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+        got, closed = read_all(c.sock)
+    assert statuses(got) == [200, 400] and closed
+
+    def lines():
+        try:
+            with open(p.access_log) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except OSError:
+            return []
+
+    logged = wait_for(lambda: len(lines()) == 2 and lines(), timeout=5, what="2 log lines")
+    assert [(e["path"], e["status"]) for e in logged] == [("/first", 200), ("/second", 400)]
+    assert logged[0]["request_id"] != logged[1]["request_id"]
+    p.stop()
+
+
 # -- faults -------------------------------------------------------------------------------
 
 

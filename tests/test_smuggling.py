@@ -440,6 +440,30 @@ def test_malformed_responses_are_502_and_never_reused(tmp_path, proxies):
         origin.stop()
 
 
+def test_interim_responses_in_the_same_read_as_the_final_one(tmp_path, proxies):
+    """103 Early Hints (or 100) and the final response in one segment: the final head is
+    already buffered and must be parsed from the buffer, not waited for."""
+    origin = ScriptedOrigin({
+        "hints": b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+                 b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        "two": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n"
+               b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    })
+    try:
+        p = proxies(tmp_path, origin.address, upstream_extra='read_timeout = "3s"')
+        for name in ("hints", "two"):
+            t0 = time.monotonic()
+            with connect(p.port) as c:
+                c.sendall(b"GET /r/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                          % name.encode())
+                got, closed = read_all(c.sock, timeout=5)
+            assert statuses(got) == [200] and closed, (name, got)
+            assert time.monotonic() - t0 < 1.0, name
+        p.stop()
+    finally:
+        origin.stop()
+
+
 def test_chunked_413_discovered_mid_stream_closes_both_sides(tmp_path, proxies):
     """The upstream already has the head and part of the body when the limit is crossed:
     the client gets 413, the upstream exchange is abandoned (never a complete request)."""

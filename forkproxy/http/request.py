@@ -117,6 +117,7 @@ class RequestParser:
         self.events: deque = deque()
         self._parser = httptools.HttpRequestParser(self)
         self._req: Request | None = None
+        self._emitted = False  # _req went out as a HEAD event (it is not "current")
         self._in_head = False
         self._in_body = False  # between the head and the end of a chunked message
         self._began = False  # a message began during the current feed()
@@ -217,13 +218,20 @@ class RequestParser:
         return False
 
     def current(self) -> Request:
-        """The request being parsed (possibly incomplete), for logging a rejection."""
-        return self._req if self._req is not None else Request()
+        """The request being parsed (possibly incomplete), for logging a rejection; a
+        fresh one when the failure came before its first byte was parsed."""
+        req = self._req
+        if req is None or self._emitted:
+            return Request()
+        if not req.path and req.target:
+            req.path = bytes(req.target[:1024])  # the log shows what was asked for
+        return req
 
     # -- httptools callbacks ---------------------------------------------------------
 
     def on_message_begin(self):
         self._req = Request()
+        self._emitted = False
         self._in_head = True
         self._began = True
         self._cur = 0
@@ -366,6 +374,7 @@ class RequestParser:
         if not req.host and version != "1.0":
             raise HTTPError(400, "missing Host", kind="host")
         self.events.append((HEAD, req))
+        self._emitted = True
         self._cur += 1
 
     def on_chunk_header(self):

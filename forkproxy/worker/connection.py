@@ -267,6 +267,7 @@ class Connection:
         req.request_id = req.request_id or self.ws.new_request_id()
         self._reply_error(status, not keep, req)
         self.resp_started = False
+        self.req = None
         return keep
 
     def refuse(self, status: int, reason: str) -> None:
@@ -514,22 +515,25 @@ class Connection:
         n = 0
         start = 0
         while True:
-            try:
-                got = up.recv_into(view[n:])
-            except _timeout:
-                raise UpstreamFailed(504, "upstream read timeout", kind="timeout")
-            except OSError as e:
-                raise UpstreamFailed(502, f"upstream read: {e.strerror or e}", retryable=conn.reused and n == 0, kind="reset")
-            if got == 0:
-                raise UpstreamFailed(502, "upstream closed before the response", retryable=conn.reused and n == 0, kind="reset")
-            if not times[T_FIRST_BYTE]:
-                times[T_FIRST_BYTE] = time.monotonic()
-            n += got
-            end = buf.find(HEAD_END, max(start, n - got - 3), n)
+            # after an interim response (100, 103) the next head may be buffered already
+            end = buf.find(HEAD_END, start, n) if start else -1
             if end < 0:
-                if n >= MAX_RESPONSE_HEAD or n >= len(buf):
-                    raise UpstreamFailed(502, "upstream response head too large")
-                continue
+                try:
+                    got = up.recv_into(view[n:])
+                except _timeout:
+                    raise UpstreamFailed(504, "upstream read timeout", kind="timeout")
+                except OSError as e:
+                    raise UpstreamFailed(502, f"upstream read: {e.strerror or e}", retryable=conn.reused and n == 0, kind="reset")
+                if got == 0:
+                    raise UpstreamFailed(502, "upstream closed before the response", retryable=conn.reused and n == 0, kind="reset")
+                if not times[T_FIRST_BYTE]:
+                    times[T_FIRST_BYTE] = time.monotonic()
+                n += got
+                end = buf.find(HEAD_END, max(start, n - got - 3), n)
+                if end < 0:
+                    if n >= MAX_RESPONSE_HEAD or n >= len(buf):
+                        raise UpstreamFailed(502, "upstream response head too large")
+                    continue
             head_len = end + 4
             parser = ResponseParser()
             try:

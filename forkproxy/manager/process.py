@@ -420,6 +420,8 @@ def run(arbiter, ready_w: int | None) -> None:
         for sig in (signal.SIGINT, signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN,
                     signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
+        # the master forked us with its signals blocked; handlers are in place now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals())
         _set_pdeathsig()
         if os.getppid() == 1:
             early.append(signal.SIGTERM)  # the master is already gone: drain and go

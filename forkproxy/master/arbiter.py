@@ -231,25 +231,6 @@ class Arbiter:
         self.log.info("TLS shim self-test passed", library=result.library)
         create_keystore(self, inherited_fd)
 
-    def _setup_tls(self, cfg, inherited_fd) -> None:
-        """Self-test the OpenSSL shim, then create (or adopt) the ticket key store."""
-        tls = [lcfg.tls for lcfg in cfg.listener if lcfg.tls is not None]
-        if not tls or self.keystore is not None:
-            return
-        from forkproxy.master.tickets import create_keystore
-        from forkproxy.tls.openssl import self_test
-
-        result = self_test()
-        if not result.ok:
-            if all(t.allow_degraded for t in tls):
-                self.log.error("TLS DEGRADED: per-process session tickets, no OCSP stapling",
-                               reason=result.message)
-                return
-            raise TLSSetupError(f"{result.message}; set [listener.tls] allow_degraded = true "
-                                "to serve TLS without shared tickets and stapling")
-        self.log.info("TLS shim self-test passed", library=result.library)
-        create_keystore(self, inherited_fd)
-
     def ring_for(self, index: int):
         if self._ring_cls is None:
             return None
@@ -458,7 +439,7 @@ class Arbiter:
         cpu = self.cpus[slot % len(self.cpus)]
         r, w = os.pipe2(os.O_CLOEXEC)
         sockets = [(li, s) for li, bl in enumerate(self.bound) for s in bl.sockets[slot]]
-        pid = os.fork()
+        pid = self._fork()
         if pid == 0:
             set_name(f"fp-worker-{slot}")
             self._child_after_fork(keep_fds={w})
@@ -479,6 +460,15 @@ class Arbiter:
         os.close(w)
         self.table.assign(index, pid, slot, generation, cpu)
         self.workers[pid] = WorkerProc(pid, slot, index, generation, cpu, r)
+
+    def _fork(self) -> int:
+        """fork() with the master's signals blocked: the child keeps them blocked (pending,
+        not lost, not fatal) until it has installed its own handlers and unblocks them."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        return pid
 
     def _child_after_fork(self, keep_fds=()) -> None:
         """Undo the master's signal set-up in a child."""
@@ -508,7 +498,7 @@ class Arbiter:
         except ImportError:
             return
         r, w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        pid = self._fork()
         if pid == 0:
             set_name("fp-manager")
             self._child_after_fork(keep_fds={w})
@@ -547,7 +537,8 @@ class Arbiter:
         # first generation ready: tell `forkproxy start` and systemd
         if not self.announced_ready:
             ready = [w for w in self.workers.values() if w.kind == "worker" and w.ready]
-            if len(ready) >= self.nworkers:
+            manager_ready = self.manager is None or self.manager.ready
+            if len(ready) >= self.nworkers and manager_ready:
                 self.announced_ready = True
                 self._tell_starter("ok")
                 daemon.sd_notify(f"READY=1\nMAINPID={os.getpid()}")

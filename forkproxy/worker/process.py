@@ -270,6 +270,9 @@ def _run(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    profiling.install_worker_hook(spec.logger)
+    # the master forked us with its signals blocked; our handlers are in place now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals())
 
     keystore = spec.keystore.reader() if spec.keystore is not None else None
     listeners = []
@@ -295,9 +298,7 @@ def _run(spec: WorkerSpec) -> None:
     slots_free.set()
     max_conns = cfg.server.max_connections
 
-    def handle(sock, addr, lr, t_accept):
-        conn = Connection(ws, lr, sock, addr, t_accept)
-        ws.connections.add(conn)
+    def handle(conn, sock, lr):
         counted = None
         try:
             if lr.proxy_protocol and not read_proxy_header(conn, sock):
@@ -352,7 +353,11 @@ def _run(spec: WorkerSpec) -> None:
                     sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
                 except OSError:
                     pass
-                gevent.spawn(handle, sock, addr, lr, time.monotonic())
+                # registered before its greenlet runs: a drain that starts in between
+                # still waits for it instead of exiting with the socket unserved
+                conn = Connection(ws, lr, sock, addr, time.monotonic())
+                ws.connections.add(conn)
+                gevent.spawn(handle, conn, sock, lr)
         finally:
             gsock.close()
 

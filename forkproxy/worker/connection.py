@@ -177,6 +177,8 @@ class Connection:
                             return  # nothing of a request arrived in time: just close
                         e.kind = "header_timeout"
                         raise
+                    if not self.t_accept:  # keep-alive: the request began with these bytes
+                        self.t_accept = time.monotonic()
                     continue
                 kind, req = events.popleft()
                 self.idle = False
@@ -318,7 +320,7 @@ class Connection:
         times[T_ACCEPT] = self.t_accept
         times[T_TLS] = self.t_tls
         times[T_HEADERS] = now = time.monotonic()
-        self.t_accept = now  # the next request on this connection starts here
+        self.t_accept = 0.0  # the next request starts when its first bytes arrive
         self.t_tls = 0.0
         upstream = ws.router.route(req.host, req.path, self.listener.default_upstream)
         rid = req.request_id or ws.new_request_id()

@@ -378,7 +378,7 @@ def test_no_upstream_connection_leaks_after_1000_errors(tmp_path, origin, uproxi
             return "client_abort"
 
         def slow():
-            return "timeout" if call(p.port, "GET", "/sleep/300", "slow.test")[0] == 504 else "?"
+            return "timeout" if call(p.port, "GET", "/sleep/1500", "slow.test")[0] == 504 else "?"
 
         def cut_body():
             with connect(p.port) as c:
@@ -492,11 +492,12 @@ def test_status_shows_upstream_state(tmp_path, three, uproxies):
 
     def reported():
         s = p.status()["upstreams"]["app"]["servers"]
-        return s if all(x["reuses"] + x["connects"] == 50 for x in s) else None
-    servers = wait_for(reported, timeout=5, what="gauges with 100 requests")
+        return s if all(x["reuses"] + x["connects"] == 50 and x["health_check"]["checks"]
+                        for x in s) else None
+    servers = wait_for(reported, timeout=5, what="gauges with 100 requests, checks done")
     for s in servers:
         assert s["state"] == "up" and s["connects"] == 1 and s["reuse_ratio"] == 0.98
-        assert s["idle"] == 1 and s["health_check"]["state"] == "up"
+        assert s["idle"] == 1 and s["health_check"]["state"] == "up", s
     text = p.metrics()
     assert metric_value(text, "forkproxy_upstream_server_state", upstream="app",
                         server=three[0].address, state="up") == 1

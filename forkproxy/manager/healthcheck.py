@@ -157,6 +157,9 @@ class HealthChecker:
             table.publish(i, verdict.state, verdict.since_ms, changed, ok,
                           int((time.monotonic() - t0) * 1e6), status, now_ms)
             if changed and self.log is not None:
-                self.log.warning("upstream server " + ("up" if verdict.state == UP else "down"),
-                                 upstream=name, server=address, status=status)
+                if verdict.state == DOWN:
+                    self.log.warning("upstream server down", upstream=name, server=address,
+                                     status=status)
+                elif verdict.since_ms:  # back after being down (a first verdict is quiet)
+                    self.log.warning("upstream server up", upstream=name, server=address)
             gevent.sleep(max(0.0, hc.interval - (time.monotonic() - t0)))

@@ -50,6 +50,8 @@ UNKNOWN, UP, DOWN = 0, 1, 2
 STATE_NAMES = {UNKNOWN: "unknown", UP: "up", DOWN: "down"}
 #: LAST_STATUS values below 100
 ST_NONE, ST_TIMEOUT, ST_CONNECT, ST_BAD = 0, 1, 2, 3
+_RESULTS = {ST_NONE: "none", ST_TIMEOUT: "timeout", ST_CONNECT: "connect failed",
+            ST_BAD: "bad response"}
 
 
 def server_key(upstream: str, address: str) -> int:
@@ -128,13 +130,15 @@ class HealthTable:
         q = self.q
         base = i * WORDS
         state, since = unpack_state(q[base + STATE])
+        last = q[base + LAST_STATUS]
         return {
             "state": STATE_NAMES[state],
             "since_ms": since,
             "checks": q[base + CHECKS],
             "failed": q[base + FAILED],
             "latency_us": q[base + LATENCY_US],
-            "last_status": q[base + LAST_STATUS],
+            "last_status": last,
+            "last_result": _RESULTS.get(last, str(last)),
             "changes": q[base + CHANGES],
             "checked_ms": q[base + CHECKED_MS],
         }

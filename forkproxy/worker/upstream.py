@@ -254,6 +254,7 @@ class Server(Peer):
             self.ejected_until = now + up.fail_timeout
             self.ejections += 1
             self.usable = False
+            up.watch = True  # refresh() ends the ejection
             self.close_idle()
 
     def state_name(self, now: float) -> str:
@@ -280,7 +281,7 @@ class Upstream:
     __slots__ = ("name", "servers", "cfg", "balancer", "keyspec", "single", "max_fails",
                  "fail_timeout", "slow_start", "retries", "retry_connect", "retry_kinds",
                  "retry_statuses", "budget", "health", "next_reap", "tunnel_timeout",
-                 "total_weight")
+                 "total_weight", "watch")
 
     def __init__(self, name: str, cfg: UpstreamConfig, health=None):
         self.name = name
@@ -310,6 +311,8 @@ class Upstream:
         self.tunnel_timeout = cfg.tunnel_timeout
         self.next_reap = 0.0
         self.health = None
+        # refresh() has per-server work to do (verdicts, ejections, ramps): skipped otherwise
+        self.watch = cfg.health_check is not None or cfg.slow_start > 0
         if health is not None and cfg.health_check is not None:
             self.health = health.q
             index = health.index()
@@ -326,6 +329,14 @@ class Upstream:
         """Apply health verdicts, ejection ends and slow start; sweep idle connections.
 
         Called by the worker every SWEEP_INTERVAL (not per request)."""
+        if self.watch:
+            self._apply(now)
+        if now >= self.next_reap:
+            self.next_reap = now + REAP_INTERVAL
+            for s in self.servers:
+                s.reap(now)
+
+    def _apply(self, now: float) -> None:
         q = self.health
         slow = self.slow_start
         for s in self.servers:
@@ -358,10 +369,8 @@ class Upstream:
                     s.ramp_start = 0.0
             s.usable = usable
             s.eff_weight = eff
-        if now >= self.next_reap:
-            self.next_reap = now + REAP_INTERVAL
-            for s in self.servers:
-                s.reap(now)
+        if q is None and not slow:  # only passive ejections to watch: until they end
+            self.watch = any(s.ejected_until for s in self.servers)
 
     def available(self) -> bool:
         return any(s.usable for s in self.servers)

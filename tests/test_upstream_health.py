@@ -81,10 +81,15 @@ def test_failover_under_load_then_slow_start(tmp_path, uproxies):
         late = [b - a - 1 for a, b in zip(c2, c3, strict=True)]
         early_share = early[1] / sum(early)
         late_share = late[1] / sum(late)
+        vs = p.server_status("app", victim.address)
+        seen = [o.stats() for o in origins]
         print(f"\nfailover: {result.summary()}; sent before the kill {sent_before}; "
-              f"not up in /status after {ejected_at:.2f}s, health check down after "
-              f"{down_at:.2f}s; recovered share first second {early_share:.1%}, "
-              f"after slow start {late_share:.1%}")
+              f"tries that failed on the killed server {vs['failures']} (all retried: "
+              f"{vs['retries']}), passive ejections {vs['ejections']}; not up in /status "
+              f"after {ejected_at:.2f}s, health check down after {down_at:.2f}s; recovered "
+              f"share first second {early_share:.1%}, after slow start {late_share:.1%}; "
+              f"origins saw {sum(x['requests'] for x in seen)} requests on "
+              f"{sum(x['connections'] for x in seen)} connections")
         assert result.failed == 0, result.errors
         assert result.ok > 1000
         assert ejected_at is not None and ejected_at < 1.5

@@ -784,6 +784,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     total = (busy_after - busy_before) / CLK_TCK
     other = max(0.0, total - proxy_cpu - origin_cpu - gen_cpu)
     res.update({
+        "rps": res["rate"],  # alias (scripts/tune reads it)
         "proxy_cpu_s": proxy_cpu,
         "cpu_us": proxy_cpu * 1e6 / res["count"] if res["count"] else None,
         "sys_us": proxy_sys * 1e6 / res["count"] if res["count"] else None,
@@ -997,7 +998,7 @@ def write_docs(section: str, begin: str = BEGIN, end: str = END) -> None:
         f.write(pre + begin + "\n" + section.rstrip() + "\n" + end + post)
 
 
-# -- profile (py-spy, strace) --------------------------------------------------------------
+# -- profile (perf, py-spy) ----------------------------------------------------------------
 
 
 def ensure_pyspy() -> str:
@@ -1040,17 +1041,20 @@ def fold_report(raw_path: str, top: int = 25) -> str:
     return "\n".join(out) + "\n"
 
 
-PERF_SYSCALLS = ["sendto", "recvfrom", "epoll_wait", "epoll_ctl", "read", "write",
-                 "getsockopt", "setsockopt", "accept4", "close", "mmap", "munmap", "brk",
-                 "futex", "ioctl", "fcntl", "getpid", "splice", "sendmsg", "recvmsg", "poll",
-                 "shutdown", "getsockname", "getpeername"]
+PERF_SYSCALLS = ["sendto", "recvfrom", "writev", "readv", "sendfile64", "epoll_wait",
+                 "epoll_ctl", "read", "write", "getsockopt", "setsockopt", "accept4", "close",
+                 "mmap", "munmap", "brk", "futex", "ioctl", "fcntl", "getpid", "splice",
+                 "sendmsg", "recvmsg", "poll", "shutdown", "getsockname", "getpeername",
+                 "pipe2", "openat", "newfstatat", "clock_gettime", "eventfd2"]
 
 
 def perf_syscalls(env: Env, proxy: Proxy, scn: Scenario, wpid: int, duration: float) -> str:
     """Syscalls and context switches per request of one worker, with perf's in-kernel
     counters (strace would slow the worker until every read finds data waiting)."""
+    tracing = "/sys/kernel/tracing/events/syscalls"
+    names = [n for n in PERF_SYSCALLS if os.path.isdir(f"{tracing}/sys_enter_{n}")]
     events = ["raw_syscalls:sys_enter", "context-switches", "task-clock"] + [
-        f"syscalls:sys_enter_{n}" for n in PERF_SYSCALLS]
+        f"syscalls:sys_enter_{n}" for n in names]
     out = os.path.join(env.run, "perf.txt")
     perf = subprocess.Popen([*env.taskset(env.load_cpus), "perf", "stat", "-x", ",", "-o", out,
                              "-e", ",".join(events), "-p", str(wpid)],
@@ -1069,22 +1073,26 @@ def perf_syscalls(env: Env, proxy: Proxy, scn: Scenario, wpid: int, duration: fl
             parts = line.strip().split(",")
             if len(parts) > 3 and parts[0].replace(".", "").isdigit():
                 counts[parts[2]] = float(parts[0])
-    lines = [f"{reqs} requests at {res['rate']:,.0f}/s, {res['cpu_us']:.1f} µs CPU each"]
+    lines = [f"{reqs} {scn.unit}s at {res['rate']:,.0f}/s, {res['cpu_us']:.1f} µs CPU each "
+             "(whole proxy)"]
     total = counts.get("raw_syscalls:sys_enter")
     if total is not None:
-        lines.append(f"{total / reqs:8.2f} syscalls per request (all)")
-    for name in PERF_SYSCALLS:
+        lines.append(f"{total / reqs:8.2f} syscalls per {scn.unit} (all)")
+    listed = 0.0
+    for name in names:
         n = counts.get(f"syscalls:sys_enter_{name}", 0)
+        listed += n
         if n / reqs >= 0.005:
             lines.append(f"{n / reqs:8.2f} {name}")
+    if total is not None and (total - listed) / reqs >= 0.005:
+        lines.append(f"{(total - listed) / reqs:8.2f} others")
     if "context-switches" in counts:
-        lines.append(f"{counts['context-switches'] / reqs:8.3f} context switches per request")
+        lines.append(f"{counts['context-switches'] / reqs:8.3f} context switches per {scn.unit}")
     return "\n".join(lines) + "\n"
 
 
-def profile(env: Env, proxy: Proxy, duration: float, outdir: str) -> str:
-    """perf syscall counts and py-spy samples of forkproxy's worker under tiny keep-alive."""
-    scn = SCENARIOS["tiny"]
+def profile(env: Env, proxy: Proxy, scn: Scenario, duration: float, outdir: str) -> str:
+    """perf syscall counts and py-spy samples of forkproxy's worker under one scenario."""
     pids = proxy.pids()
     workers = [p for p in pids if p != proxy.proc.pid and _comm(p).startswith("fp-worker")]
     if not workers:
@@ -1092,10 +1100,10 @@ def profile(env: Env, proxy: Proxy, duration: float, outdir: str) -> str:
     wpid = workers[0]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     os.makedirs(outdir, exist_ok=True)
-    report = [f"## profile of forkproxy worker {wpid} ({_comm(wpid)}), tiny keep-alive, "
-              f"{duration:g} s per tool", ""]
+    report = [f"## profile of forkproxy worker {wpid} ({_comm(wpid)}), scenario {scn.name} "
+              f"({scn.title}), {duration:g} s per tool", ""]
     if shutil.which("perf"):
-        report += ["### perf stat (syscalls per request)", "", "```",
+        report += [f"### perf stat (syscalls per {scn.unit})", "", "```",
                    perf_syscalls(env, proxy, scn, wpid, duration).rstrip(), "```", ""]
     exe = ensure_pyspy()
     for native in (False, True):
@@ -1172,8 +1180,9 @@ def parse_args(argv):
                    "(default bench-results/bench-DATE.json)")
     p.add_argument("--write-docs", action="store_true",
                    help="replace the generated section of docs/BENCHMARKS.md")
-    p.add_argument("--profile", action="store_true",
-                   help="afterwards, py-spy and strace forkproxy's worker under tiny keep-alive")
+    p.add_argument("--profile", nargs="?", const="tiny", default=None, metavar="SCENARIO",
+                   help="afterwards, perf-count syscalls and py-spy forkproxy's worker under "
+                        "SCENARIO (default tiny)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = p.parse_args(argv)
     if args.quick:
@@ -1201,7 +1210,10 @@ def parse_args(argv):
         if name not in ("forkproxy", "forkproxy+log", "nginx", "haproxy", "proxy.py"):
             p.error(f"unknown proxy {name!r}")
     args.proxies = proxies
-    args.want_tls = any(SCENARIOS[s].tls for s in args.scenarios)
+    if args.profile and args.profile not in SCENARIOS:
+        p.error(f"unknown scenario {args.profile!r} for --profile")
+    args.want_tls = any(SCENARIOS[s].tls for s in args.scenarios) or bool(
+        args.profile and SCENARIOS[args.profile].tls)
     return args
 
 
@@ -1214,6 +1226,13 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _install_signal_handlers() -> None:
+    """TERM, HUP and INT all end the run with a full clean-up (INT too when started in
+    the background by a shell, which would otherwise leave it ignored)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _raise_interrupt)
+
+
 def main_bench(argv: list[str], command: str) -> int:
     args = parse_args(argv)
     tools = ["wrk", "nginx", "openssl", "taskset"]
@@ -1224,8 +1243,7 @@ def main_bench(argv: list[str], command: str) -> int:
         print(f"bench: cannot run: {err}", file=sys.stderr)
         return EXIT_SKIP
     ensure_venv()
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
+    _install_signal_handlers()
     procs = Procs()
     env = None
     t_start = time.monotonic()
@@ -1319,8 +1337,8 @@ def main_bench(argv: list[str], command: str) -> int:
             print(f"\n#### {sname}: {scn.title}\n", file=sys.stderr)
             print("\n".join(scenario_table(scn, summary, skipped)), file=sys.stderr, flush=True)
         fp = next((p for p in proxies if p.name == "forkproxy"), None)
-        if args.profile and fp is not None:
-            profile(env, fp, args.duration, RESULTS)
+        if args.profile and fp is not None and fp.supports(SCENARIOS[args.profile]):
+            profile(env, fp, SCENARIOS[args.profile], args.duration, RESULTS)
         results["elapsed_s"] = time.monotonic() - t_start
         md = render_markdown(results)
         print("\n" + md)
@@ -1513,8 +1531,7 @@ def main_memprobe(argv: list[str], command: str) -> int:
                       "(raise it, or use fewer --connections)", file=sys.stderr)
                 return 1
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
+    _install_signal_handlers()
     n = args.connections
     steps = sorted({max(1, n // 10), max(1, n // 4), max(1, n // 2), n})
     procs = Procs()

@@ -79,6 +79,18 @@ class UpstreamFailed(Exception):
         self.kind = kind
 
 
+def recv_wait_first(sock, buf) -> int:
+    """recv_into for a plain gevent socket when the bytes are almost never there yet (the
+    upstream's response right after the request, a keep-alive client's next request):
+    wait on the socket's read watcher first, then one recv. Trying first costs an
+    EAGAIN syscall and a raised exception per request (profile in docs/BENCHMARKS.md)."""
+    sock._wait(sock._read_event)
+    try:
+        return sock._sock.recv_into(buf)
+    except BlockingIOError:  # spurious wake-up
+        return sock.recv_into(buf)
+
+
 def send_all(sock, data) -> None:
     """sendall without gevent's per-call getsockopt(SO_SNDBUF)."""
     try:
@@ -138,7 +150,10 @@ class Connection:
         self.deadline = time.monotonic() + timeout
         ws = self.ws
         try:
-            n = sock.recv_into(ws.rbuf)
+            if self.idle and self.tls_resumed is None:
+                n = recv_wait_first(sock, ws.rbuf)
+            else:
+                n = sock.recv_into(ws.rbuf)
         except _timeout:
             raise HTTPError(408, "client timed out")
         except OSError as e:
@@ -521,7 +536,7 @@ class Connection:
             end = buf.find(HEAD_END, start, n) if start else -1
             if end < 0:
                 try:
-                    got = up.recv_into(view[n:])
+                    got = recv_wait_first(up, view[n:]) if n == 0 else up.recv_into(view[n:])
                 except _timeout:
                     raise UpstreamFailed(504, "upstream read timeout", kind="timeout")
                 except OSError as e:

@@ -357,3 +357,26 @@ def test_proxy_protocol_v1_and_v2_feed_x_forwarded_for(tmp_path, origin, proxies
         s.sendall(b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n")
         assert is_closed(s)
     p.stop()
+
+
+def test_idle_connection_parked_then_served_then_timed_out(tmp_path, origin, proxies):
+    import time
+
+    p = proxies(tmp_path, origin.address, server_extra='keepalive_timeout = "2500ms"')
+    with connect(p.port) as s:
+        s.sendall(b"GET /tiny HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert recv_response(s)[2] == b"ok"
+        # idle past PARK_AFTER (1 s): the greenlet is released, the watcher wakes it up
+        s.settimeout(1.4)
+        try:
+            assert s.sock.recv(1) == b"", "unexpected bytes"
+        except TimeoutError:
+            pass
+        s.settimeout(10)
+        s.sendall(b"GET /tiny HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert recv_response(s)[2] == b"ok"
+        t0 = time.monotonic()
+        assert is_closed(s, timeout=6)  # the keep-alive timeout still applies when parked
+        waited = time.monotonic() - t0
+        assert 2.0 < waited < 4.5, waited
+    p.stop()

@@ -46,6 +46,9 @@ from forkproxy.worker.upstream import PoolTimeout, UpstreamConn
 
 _timeout = socket.timeout
 MAX_RESPONSE_HEAD = 64 * 1024
+#: an idle keep-alive connection keeps its greenlet this long, then is parked on a watcher
+PARK_AFTER = 1.0
+SWEEP_SLACK = 0.2
 #: lingering close after an error reply: discard input this long / this much at most
 LINGER_TIME = 1.0
 LINGER_BYTES = 256 * 1024
@@ -111,7 +114,7 @@ class Connection:
     __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
                  "tls_resumed", "tls_version", "closing", "body_done", "idle_since", "deadline",
                  "greenlet", "head_deadline", "req", "resp_started", "reject", "linger",
-                 "retries", "retry_statuses")
+                 "retries", "retry_statuses", "parked", "counted")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -138,6 +141,8 @@ class Connection:
         self.linger = False  # drain unread input before closing (the reply must arrive)
         self.retries = 0  # tries on another server for the current request (the context's)
         self.retry_statuses = None  # upstream statuses _relay turns into a retry, this try
+        self.parked = None  # the read watcher of an idle connection parked without a greenlet
+        self.counted = None  # the client address counted by the per-IP connection limit
 
     # -- reading -------------------------------------------------------------------
 
@@ -183,12 +188,21 @@ class Connection:
                     if self.closing:
                         return
                     d = self.head_deadline
-                    timeout = d - time.monotonic() if d else ws.keepalive_timeout
+                    now = time.monotonic()
+                    timeout = d - now if d else ws.keepalive_timeout
+                    idle_left = self.idle_since + ws.keepalive_timeout - now
+                    # only between requests: a first request keeps its whole-head deadline
+                    plain_idle = self.idle and self.tls_resumed is None and not d
+                    if plain_idle:
+                        timeout = min(idle_left, PARK_AFTER)
                     try:
                         if not self._fill(timeout):
                             return
                     except HTTPError as e:
                         if e.status == 408 and self.idle:
+                            if plain_idle and idle_left > PARK_AFTER + SWEEP_SLACK:
+                                self._park()
+                                return True
                             return  # nothing of a request arrived in time: just close
                         e.kind = "header_timeout"
                         raise
@@ -225,8 +239,30 @@ class Connection:
         except Exception as e:  # a bug: log it, 500 if we can, keep the worker serving
             self._fault(e)
         finally:
-            self.idle = False
-            self._close()
+            if self.parked is None:
+                self.idle = False
+                self._close()
+
+    def _park(self) -> None:
+        """Release the greenlet of a connection idle for PARK_AFTER: a greenlet parked in
+        recv costs ~9 KiB, a libev read watcher ~1 KiB (docs/BENCHMARKS.md). Readable
+        (a request, EOF, or the drain's shutdown) -> ws.unpark() serves it in a new
+        greenlet; the deadline sweeper closes it at the keep-alive timeout."""
+        ws = self.ws
+        self.greenlet = None
+        self.parser = None  # at a message boundary: a new one costs ~1 us on wake-up
+        self.deadline = self.idle_since + ws.keepalive_timeout
+        watcher = self.parked = ws.hub.loop.io(self.sock.fileno(), 1)
+        watcher.start(ws.unpark, self)
+
+    def unparked(self) -> None:
+        """Called in the hub when a parked connection becomes readable."""
+        watcher = self.parked
+        self.parked = None
+        self.parser = RequestParser(self.ws.limits)
+        if watcher is not None:
+            watcher.stop()
+            watcher.close()
 
     def _close(self) -> None:
         sock = self.sock

@@ -300,8 +300,40 @@ def _run(spec: WorkerSpec) -> None:
     slots_free.set()
     max_conns = cfg.server.max_connections
 
+    def finish(conn):
+        """A connection is gone: per-IP count, registry, accept back-pressure."""
+        if conn.counted is not None:
+            ws.client_limits.close(conn.counted)
+            conn.counted = None
+        ws.connections.discard(conn)
+        if len(ws.connections) < max_conns:
+            slots_free.set()
+
+    def resume(conn):
+        """A parked idle connection became readable: serve it in a new greenlet."""
+        parked = False
+        try:
+            parked = conn.serve()
+        except Exception as e:  # a bug must not take the worker down with it
+            if spec.logger is not None:
+                spec.logger.exception("connection failed", remote=conn.remote, error=str(e))
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+        finally:
+            if not parked:
+                finish(conn)
+
+    def unpark(conn):  # libev callback, in the hub
+        conn.unparked()
+        gevent.spawn(resume, conn)
+
+    ws.hub = gevent.get_hub()
+    ws.unpark = unpark
+
     def handle(conn, sock, lr):
-        counted = None
+        parked = False
         try:
             if lr.proxy_protocol and not read_proxy_header(conn, sock):
                 return
@@ -312,8 +344,8 @@ def _run(spec: WorkerSpec) -> None:
                 if not climits.open(conn.remote):
                     conn.refuse(climits.status, "conn_limit")
                     return
-                counted = conn.remote
-            conn.serve()
+                conn.counted = conn.remote
+            parked = conn.serve()
         except Exception as e:  # a bug must not take the worker down with it
             if spec.logger is not None:
                 spec.logger.exception("connection failed", remote=conn.remote, error=str(e))
@@ -322,11 +354,8 @@ def _run(spec: WorkerSpec) -> None:
             except OSError:
                 pass
         finally:
-            if counted is not None:
-                ws.client_limits.close(counted)
-            ws.connections.discard(conn)
-            if len(ws.connections) < max_conns:
-                slots_free.set()
+            if not parked:
+                finish(conn)
 
     def accept_loop(lsock, lr):
         gsock = socket.socket(fileno=os.dup(lsock.fileno()))
@@ -363,6 +392,10 @@ def _run(spec: WorkerSpec) -> None:
         finally:
             gsock.close()
 
+    # what the worker built at start lives as long as the worker: keep it out of the
+    # collector's young generations (fewer objects scanned per collection). Greenlets are
+    # spawned after this, so the gauges' greenlet count (gc.get_objects) still sees them.
+    gc.freeze()
     acceptors = [gevent.spawn(accept_loop, lsock, lr) for lsock, lr in listeners]
 
     # one timer for all connections: expire the ones past their deadline
@@ -371,7 +404,15 @@ def _run(spec: WorkerSpec) -> None:
     def expire(conn):
         d = conn.deadline
         g = conn.greenlet
-        if d and d < time.monotonic() and g is not None and not g.dead:
+        if d and d < time.monotonic() and conn.parked is not None:
+            conn.unparked()  # parked past its keep-alive timeout: close it here
+            conn.deadline = 0.0
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+            finish(conn)
+        elif d and d < time.monotonic() and g is not None and not g.dead:
             conn.deadline = 0.0
             g.throw(Deadline("timed out"))
 
@@ -409,9 +450,6 @@ def _run(spec: WorkerSpec) -> None:
             profiling.push_gauges(ws)
             gevent.sleep(1.0)
 
-    # what the worker built at start lives as long as the worker: keep it out of the
-    # collector's young generations (fewer objects scanned per collection)
-    gc.freeze()
     hb = gevent.spawn(heartbeat)
     if table is not None:
         table.beat(spec.index, 0, 0)

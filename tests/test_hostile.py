@@ -84,6 +84,8 @@ def test_header_timeout_is_a_deadline_for_the_whole_head(tmp_path, rec, proxies)
 def test_body_and_send_timeouts(tmp_path, origin, proxies):
     p = proxies(tmp_path, origin.address,
                 server_extra='client_body_timeout = "1s"\nsend_timeout = "1s"')
+    worker = p.workers_pids()[0]
+    base = fd_count(worker)
     with connect(p.port) as c:
         c.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
         t0 = time.monotonic()
@@ -91,8 +93,8 @@ def test_body_and_send_timeouts(tmp_path, origin, proxies):
     assert statuses(got) == [408] and closed and 0.9 < time.monotonic() - t0 < 2.5
     # a client that stops reading a big response is dropped after send_timeout (what
     # the kernel had buffered still drains to it: watch the worker's descriptors instead)
-    worker = p.workers_pids()[0]
-    base = fd_count(worker)
+    # the 408 connection (and its upstream socket) may still be lingering: wait for them
+    wait_for(lambda: fd_count(worker) <= base, what="the first connection's sockets closed")
     with connect(p.port) as c:
         c.sendall(b"GET /bytes/200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
         wait_for(lambda: fd_count(worker) >= base + 2, what="client and upstream sockets")

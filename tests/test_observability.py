@@ -346,6 +346,9 @@ def test_hup_switches_access_log_and_admin_address(tmp_path, origin, proxies):
     wait_for(lambda: not port_open(old_admin), timeout=5, what="old admin port closed")
     wait_for(lambda: any(e.get("event") == "reload complete" for e in p.log_events()),
              timeout=10, what="the reload to complete")
+    # a retiring worker may still accept and answer once with "Connection: close",
+    # which this keep-alive helper does not follow: wait for the old generation
+    wait_for(lambda: len(p.workers_pids()) == 1, timeout=15, what="old worker gone")
     second = keepalive_requests(p.port, ["/tiny"] * 3, "two")
     wait_for(lambda: len(read_lines(new_log)) == 3, timeout=5, what="3 lines in the new log")
     assert [ln["request_id"] for ln in read_lines(p.access_log)] == first
@@ -375,6 +378,9 @@ def test_manager_drops_privileges_and_still_reloads(tmp_path, origin, proxies):
     wait_for(lambda: (m := p.manager_pid()) and m != mgr, timeout=10, what="a new manager")
     wait_for(lambda: any(e.get("event") == "reload complete" for e in p.log_events()),
              timeout=10, what="the reload to complete")
+    # a retiring worker may still accept and answer once with "Connection: close",
+    # which this keep-alive helper does not follow: wait for the old generation
+    wait_for(lambda: len(p.workers_pids()) == 1, timeout=15, what="old worker gone")
     second = keepalive_requests(p.port, ["/tiny"] * 3, "two")
     wait_for(lambda: len(read_lines(new_log)) == 3, timeout=5, what="3 lines in the new log")
     assert [ln["request_id"] for ln in read_lines(p.access_log)] == first

@@ -22,6 +22,8 @@ import secrets
 
 import posix_ipc
 
+from forkproxy.master.daemon import pid_alive
+
 PREFIX = "forkproxy."
 SHM_DIR = "/dev/shm"
 
@@ -73,7 +75,7 @@ def sweep_stale() -> list[str]:
         if not entry.startswith(PREFIX):
             continue
         pid_text = entry[len(PREFIX) :].split(".", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        if not pid_text.isdigit() or pid_alive(int(pid_text)):
             continue
         try:
             posix_ipc.unlink_shared_memory("/" + entry)
@@ -83,11 +85,4 @@ def sweep_stale() -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+

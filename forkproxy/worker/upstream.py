@@ -122,13 +122,10 @@ class Server(Peer):
 
     # -- the pool ------------------------------------------------------------------------
 
-    def acquire(self) -> UpstreamConn:
-        """A pooled idle connection if a fresh one is there, else a new connection.
-
-        Raises OSError (refused, unreachable), socket.timeout (connect timeout) or
-        PoolTimeout (max_connections lent for queue_timeout)."""
+    def _take_idle(self, now: float) -> UpstreamConn | None:
+        """The most recent pooled connection still within keepalive_timeout and
+        max_connection_age (older ones are closed on the way), lent out."""
         idle = self.idle
-        now = _monotonic()
         while idle:
             conn = idle.pop()
             if now - conn.idle_since < self.keepalive_timeout and (
@@ -139,6 +136,17 @@ class Server(Peer):
                 self.reuses += 1
                 return conn
             conn.close()
+        return None
+
+    def acquire(self) -> UpstreamConn:
+        """A pooled idle connection if a fresh one is there, else a new connection.
+
+        Raises OSError (refused, unreachable), socket.timeout (connect timeout) or
+        PoolTimeout (max_connections lent for queue_timeout)."""
+        now = _monotonic()
+        conn = self._take_idle(now)
+        if conn is not None:
+            return conn
         if self.max_conns and self.active >= self.max_conns:
             conn = self._wait(now)
             if conn is not None:
@@ -182,18 +190,9 @@ class Server(Peer):
                     self.waiters.remove(ev)
                 except ValueError:
                     pass  # release() took it
-            idle = self.idle
-            now = _monotonic()
-            while idle:
-                conn = idle.pop()
-                if now - conn.idle_since < self.keepalive_timeout and (
-                        not self.max_age or now - conn.created < self.max_age):
-                    conn.reused = True
-                    conn.reusable = False
-                    self.active += 1
-                    self.reuses += 1
-                    return conn
-                conn.close()
+            conn = self._take_idle(_monotonic())
+            if conn is not None:
+                return conn
             if self.active < self.max_conns:
                 return None
             if not woke or now >= deadline:

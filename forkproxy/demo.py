@@ -239,4 +239,7 @@ Ctrl-C stops.
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        import shutil
+
+        shutil.rmtree(run, ignore_errors=True)
     return 0

@@ -152,7 +152,8 @@ class CertificateConfig(_Section, kw_only=True):
 class TLSConfig(_Section, kw_only=True):
     certificates: list[CertificateConfig]
     session_tickets: bool = True
-    #: a new ticket key every interval; the previous key still decrypts for one more
+    #: a new ticket key every interval; tickets live two intervals and the two previous
+    #: keys still decrypt them (re-issued under the new key)
     ticket_key_rotation: Duration = Duration(3600.0)
     #: nginx-style file of 80-byte keys (first encrypts) shared by several hosts, 0600
     ticket_key_file: str = ""

@@ -129,7 +129,7 @@ def test_ticket_resumes_after_hup_and_upgrade(tmp_path, origin, proxies, pki):
 
 def test_rotation_keeps_previous_key_then_ages_out(tmp_path, origin, proxies, pki):
     p = tls_proxy(proxies, tmp_path, origin, pki, workers=1,
-                  tls_extra='ticket_key_rotation = "4s"')
+                  tls_extra='ticket_key_rotation = "3s"')
 
     def rotations():
         return len([e for e in p.log_events() if e.get("event") == "ticket key rotated"])
@@ -143,8 +143,8 @@ def test_rotation_keeps_previous_key_then_ages_out(tmp_path, origin, proxies, pk
     assert r["reused"], r["out"][-1500:]  # previous key still decrypts
     # and the client got a new ticket under the new key
     assert last_ticket_key_name(r["out"]) != ticket_key_name(sess)
-    n = rotations()
-    wait_for(lambda: rotations() > n, timeout=10, what="one more rotation")
+    n = rotations()  # lifetime = 2 rotations, 2 previous keys kept: two more age it out
+    wait_for(lambda: rotations() > n + 1, timeout=15, what="two more rotations")
     r = tls_get(p.port, pki.ca_path, proto="tls1_2", sess_in=sess)
     assert r["new"] and not r["reused"], r["out"][-1500:]  # aged out: full handshake
     p.stop()

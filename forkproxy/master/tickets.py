@@ -20,8 +20,9 @@ def rotation_interval(cfg) -> float:
 
 
 def ticket_lifetime(cfg) -> int:
-    """Ticket lifetime hint = one rotation interval, so one previous key covers it."""
-    return max(1, int(rotation_interval(cfg)))
+    """Ticket lifetime = two rotation intervals (two previous keys are kept to cover it):
+    a ticket issued just after a rotation still resumes after the next one."""
+    return max(1, int(2 * rotation_interval(cfg)))
 
 
 def key_file(cfg) -> str:

@@ -19,9 +19,11 @@ def proxies():
     """Call proxies(tmp_path, upstreams, ...) -> Proxy; all are cleaned up."""
     started: list[Proxy] = []
 
-    def make(*args, **kwargs) -> Proxy:
-        p = Proxy(*args, **kwargs)
-        started.append(p)
+    def make(*args, start: bool = True, **kwargs) -> Proxy:
+        p = Proxy(*args, start=False, **kwargs)
+        started.append(p)  # registered before start: a failed start is cleaned up too
+        if start:
+            p.start()
         return p
 
     yield make

@@ -230,7 +230,18 @@ class Proxy:
         return code
 
     def kill_all(self) -> None:
-        """Last-resort cleanup (fixtures): SIGKILL the master and its children."""
+        """Last-resort cleanup (fixtures): SIGKILL the master and its children, and any
+        master a binary upgrade left in the pidfiles (it is no child of ours)."""
+        for path in (self.pidfile, self.pidfile + ".oldbin"):
+            try:
+                with open(path) as f:
+                    pid = int(f.read())
+            except (OSError, ValueError):
+                continue
+            if pid != getattr(self.proc, "pid", None) and _cmd(pid).find(self.conf) >= 0:
+                for k in children_of(pid):
+                    _kill(k)
+                _kill(pid)
         if self.proc is None or self.proc.poll() is not None:
             return
         for k in children_of(self.proc.pid):

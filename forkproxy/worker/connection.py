@@ -38,7 +38,7 @@ from forkproxy.http.messages import (
     prebuilt_error,
 )
 from forkproxy.http.request import BODY, END, ERROR, HEAD, Request, RequestParser
-from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser
+from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser, fast_head
 from forkproxy.worker.splice import SPLICE_MIN, SpliceError, splice_body
 from forkproxy.worker.tls import close_notify
 from forkproxy.worker.tunnel import Upgraded, tunnel
@@ -114,7 +114,7 @@ class Connection:
     __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
                  "tls_resumed", "tls_version", "closing", "body_done", "idle_since", "deadline",
                  "greenlet", "head_deadline", "req", "resp_started", "reject", "linger",
-                 "retries", "retry_statuses", "parked", "counted")
+                 "retries", "retry_statuses", "parked", "counted", "raw")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -143,6 +143,9 @@ class Connection:
         self.retry_statuses = None  # upstream statuses _relay turns into a retry, this try
         self.parked = None  # the read watcher of an idle connection parked without a greenlet
         self.counted = None  # the client address counted by the per-IP connection limit
+        #: the plain socket under gevent's wrapper, for direct sends and reads on the hot
+        #: path; None once TLS wraps the connection (worker/tls.py)
+        self.raw = sock._sock
 
     # -- reading -------------------------------------------------------------------
 
@@ -155,7 +158,7 @@ class Connection:
         self.deadline = time.monotonic() + timeout
         ws = self.ws
         try:
-            if self.idle and self.tls_resumed is None:
+            if self.idle and self.raw is not None:
                 n = recv_wait_first(sock, ws.rbuf)
             else:
                 n = sock.recv_into(ws.rbuf)
@@ -362,6 +365,22 @@ class Connection:
             except Exception:
                 pass
 
+    def _send(self, data) -> None:
+        """send_all to the client: on a plain socket one direct send, without gevent's
+        wrapper frame, when the kernel takes it all (nearly always)."""
+        raw = self.raw
+        if raw is not None:
+            try:
+                n = raw.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                raise ClientGone(str(e))
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+        send_all(self.sock, data)
+
     # -- one request -----------------------------------------------------------------
 
     def handle(self, req) -> bool:
@@ -503,7 +522,10 @@ class Connection:
                 up.sendall(head)
                 bytes_in = self._stream_body(req, up, cfg.send_timeout)
             else:
-                n = up.send(head)
+                try:
+                    n = up._sock.send(head)  # the plain socket: no gevent wrapper frame
+                except BlockingIOError:
+                    n = 0
                 if n != len(head):
                     up.sendall(memoryview(head)[n:])
                 bytes_in = 0
@@ -588,6 +610,9 @@ class Connection:
                         raise UpstreamFailed(502, "upstream response head too large")
                     continue
             head_len = end + 4
+            fast = fast_head(bytes(view[start:head_len]))
+            if fast is not None:
+                break
             parser = ResponseParser()
             try:
                 rhead = parser.parse_head(view[start:head_len])
@@ -602,36 +627,36 @@ class Connection:
                 continue
             break
         # -- framing decisions (RFC 9112 6.3) ------------------------------------------
-        status = rhead.status
+        if fast is not None:
+            status, content_length, up_reusable, out_head = fast
+            chunked = False
+        else:
+            status = rhead.status
+            content_length = rhead.content_length
+            chunked = rhead.chunked
+            up_reusable = rhead.keep_alive
         if self.retry_statuses is not None and status in self.retry_statuses:
             # retry_on names this status and a retry is possible: not relayed
             raise UpstreamFailed(status, f"upstream answered {status}", kind="status")
         body_start = head_len
         if req.method == "HEAD" or status == 204 or status == 304:
             mode = 0  # no body
-        elif rhead.chunked:
+        elif chunked:
             mode = 2
-        elif rhead.content_length is not None:
+        elif content_length is not None:
             mode = 1
         else:
             mode = 3  # until the upstream closes
+            up_reusable = False
         client_11 = req.version != "1.0"
         keep = req.keep_alive and not self.closing and not ws.draining and (client_11 or mode < 2)
-        up_reusable = rhead.keep_alive and mode != 3
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, rhead.reason)]
-        for name, value in rhead.headers:
-            parts += (name, b": ", value, b"\r\n")
-        if mode == 1 or (mode == 0 and rhead.content_length is not None):
-            parts.append(b"Content-Length: %d\r\n" % rhead.content_length)
-        elif mode >= 2 and client_11:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
-        if not keep:
-            parts.append(b"Connection: close\r\n\r\n")
-        elif not client_11:
-            parts.append(b"Connection: keep-alive\r\n\r\n")
+        if fast is not None:  # the upstream's head as it came, minus its Connection line
+            if not keep:
+                out_head = out_head[:-2] + b"Connection: close\r\n\r\n"
+            elif not client_11:
+                out_head = out_head[:-2] + b"Connection: keep-alive\r\n\r\n"
         else:
-            parts.append(b"\r\n")
-        out_head = b"".join(parts)
+            out_head = self._rebuild_head(rhead, mode, client_11, keep)
         self.resp_started = True
         bytes_out = 0
         csock = self.sock
@@ -642,18 +667,18 @@ class Connection:
             if mode == 0:
                 if n > body_start:
                     up_reusable = False
-                send_all(csock, out_head)
+                self._send(out_head)
             elif mode == 1:
-                length = rhead.content_length
+                length = content_length
                 have = n - body_start
                 if have > length:
                     up_reusable = False  # the upstream sent more than it announced
                     have = length
                 if have == length or have < 16384:
-                    send_all(csock, out_head + view[body_start : body_start + have])
+                    self._send(out_head + view[body_start : body_start + have])
                 else:
-                    send_all(csock, out_head)
-                    send_all(csock, view[body_start : body_start + have])
+                    self._send(out_head)
+                    self._send(view[body_start : body_start + have])
                 bytes_out = have
                 remaining = length - have
                 if remaining >= SPLICE_MIN and ws.pipes is not None and self.tls_resumed is None:
@@ -675,11 +700,11 @@ class Connection:
                     if got == 0:
                         raise UpstreamBroken("upstream closed mid-body")
                     self.deadline = time.monotonic() + send_timeout
-                    send_all(csock, view[:got])
+                    self._send(view[:got])
                     remaining -= got
                     bytes_out += got
             else:
-                send_all(csock, out_head)
+                self._send(out_head)
                 if mode == 2:
                     bytes_out = self._relay_chunked(parser, up, view, body_start, n, client_11,
                                                     max(read_timeout, send_timeout))
@@ -701,16 +726,33 @@ class Connection:
         ws.record(self, req, status, bytes_out, server, conn, bytes_in, times)
         return keep
 
+    @staticmethod
+    def _rebuild_head(rhead, mode: int, client_11: bool, keep: bool) -> bytes:
+        """The client's response head from a parsed one (what fast_head() does not take)."""
+        parts = [b"HTTP/1.1 %d %s\r\n" % (rhead.status, rhead.reason)]
+        for name, value in rhead.headers:
+            parts += (name, b": ", value, b"\r\n")
+        if mode == 1 or (mode == 0 and rhead.content_length is not None):
+            parts.append(b"Content-Length: %d\r\n" % rhead.content_length)
+        elif mode >= 2 and client_11:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep:
+            parts.append(b"Connection: close\r\n\r\n")
+        elif not client_11:
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        return b"".join(parts)
+
     def _relay_chunked(self, parser, up, view, start, n, client_11, timeout) -> int:
-        csock = self.sock
         sent = [0]
 
         def sink(piece):
             sent[0] += len(piece)
             if client_11:
-                send_all(csock, b"%x\r\n%s\r\n" % (len(piece), piece))
+                self._send(b"%x\r\n%s\r\n" % (len(piece), piece))
             else:
-                send_all(csock, piece)
+                self._send(piece)
 
         try:
             if n > start:
@@ -729,15 +771,14 @@ class Connection:
                 return sent[0]
             raise UpstreamBroken(f"bad chunked body from upstream: {e}")
         if client_11:
-            send_all(csock, LAST_CHUNK)
+            self._send(LAST_CHUNK)
         return sent[0]
 
     def _relay_until_close(self, up, view, start, n, client_11, timeout) -> int:
-        csock = self.sock
         total = 0
         if n > start:
             piece = view[start:n]
-            send_all(csock, b"%x\r\n%s\r\n" % (len(piece), piece) if client_11 else piece)
+            self._send(b"%x\r\n%s\r\n" % (len(piece), piece) if client_11 else piece)
             total += len(piece)
         while True:
             self.deadline = time.monotonic() + timeout
@@ -748,10 +789,10 @@ class Connection:
             if got == 0:
                 break
             piece = view[:got]
-            send_all(csock, b"%x\r\n%s\r\n" % (got, piece) if client_11 else piece)
+            self._send(b"%x\r\n%s\r\n" % (got, piece) if client_11 else piece)
             total += got
         if client_11:
-            send_all(csock, LAST_CHUNK)
+            self._send(LAST_CHUNK)
         return total
 
 

@@ -29,6 +29,7 @@ What is rejected, and by whom (tests/test_smuggling.py has a case for each):
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 import httptools
@@ -53,6 +54,17 @@ _SPECIAL = {
     # servers that map "_" to "-" (CGI style) would take these for framing we did not see
     b"content_length": _UNDERSCORE, b"transfer_encoding": _UNDERSCORE,
 }
+
+#: a whole request head the fast path may take (feed()): GET or HEAD, an origin-form
+#: target of URI characters only, HTTP/1.x, field names that are tokens directly followed
+#: by ':' and values of HTAB/SP/VCHAR/obs-text. Whatever does not match goes through
+#: llhttp, which judges it as before; the fast path then applies the same checks as the
+#: callbacks (tests/test_request_head.py compares the two).
+_SIMPLE_REQUEST_RE = re.compile(
+    rb"(GET|HEAD) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.([01])\r\n"
+    rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
+#: fields the fast path handles itself; any other special field sends the head to llhttp
+_FAST_SPECIAL = frozenset({_HOST, _CONN, _RID, _XFF})
 
 
 class Limits:
@@ -144,12 +156,17 @@ class RequestParser:
         #: the client sent after its head (the start of the tunnel)
         self.upgrade_req: Request | None = None
         self.leftover = b""
+        #: llhttp is between messages (no byte of the next one seen): the fast path may
+        #: take a whole head without it
+        self._boundary = True
 
     # -- driving ---------------------------------------------------------------------
 
     def feed(self, data) -> None:
         if self.failed is not None:
             return  # nothing after an error is looked at
+        if self._boundary and data[-4:] == b"\r\n\r\n" and self._fast(data):
+            return
         self._cur = 0
         self._began = False
         self._fed_body = 0
@@ -202,6 +219,73 @@ class RequestParser:
             if self._overhead > CHUNK_OVERHEAD_BASE + CHUNK_OVERHEAD_PER_CHUNK * self._chunks:
                 self._fail(_framing("chunked framing overhead too large"))
 
+    def _fast(self, data) -> bool:
+        """One whole GET/HEAD head without a body, alone in ``data``: parsed here with one
+        regex instead of five llhttp callbacks (~1.5 us instead of ~4 for a wrk request,
+        ~4 instead of ~10 for a browser's). False: nothing was consumed, use llhttp."""
+        limits = self.limits
+        size = len(data)
+        if size > limits.request_line or size > limits.header_size or size > limits.headers_total:
+            return False
+        m = _SIMPLE_REQUEST_RE.fullmatch(data)
+        if m is None:
+            return False
+        method, target, minor, block = m.groups()
+        req = Request()
+        headers = req.headers
+        special = _SPECIAL
+        header_bytes = len(target)
+        fields = 0
+        for line in block.split(b"\r\n")[:-1]:
+            name, _, value = line.partition(b":")
+            value = value.lstrip(b" \t")
+            fields += 1
+            header_bytes += len(name) + len(value) + 4
+            what = special.get(name.lower())
+            if what is None:
+                headers.append((name, value))
+            elif what not in _FAST_SPECIAL:
+                return False
+            elif what == _HOST:
+                value = value.rstrip(b" \t")
+                if req.host or not HOST_RE.match(value):
+                    return False
+                req.host = value
+            elif what == _CONN:
+                if req.connection:
+                    return False
+                req.connection.append(value)
+            elif what == _RID:
+                if not req.request_id:
+                    req.request_id = value
+            else:  # _XFF
+                req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for else value
+        if fields > limits.header_count:
+            return False
+        if req.connection:
+            token = req.connection[0].strip(b" \t").lower()
+            if token == b"close":
+                req.keep_alive = False
+            elif token != b"keep-alive":
+                return False  # other tokens (upgrade, header names): llhttp's reading
+            elif minor == b"0":
+                req.keep_alive = True
+        elif minor == b"0":
+            req.keep_alive = False
+        if minor == b"0":
+            req.version = "1.0"
+        elif not req.host:
+            return False  # llhttp's path answers the 400
+        req.method = "GET" if method == b"GET" else "HEAD"
+        req.target = req.path = target
+        req.header_bytes = header_bytes
+        self._req = req
+        self._emitted = True
+        events = self.events
+        events.append((HEAD, req))
+        events.append((END, None))
+        return True
+
     def _fail(self, err: HTTPError) -> None:
         """Drop the broken message's queued events and queue the error after the rest."""
         events = self.events
@@ -238,6 +322,7 @@ class RequestParser:
     # -- httptools callbacks ---------------------------------------------------------
 
     def on_message_begin(self):
+        self._boundary = False
         self._req = Request()
         self._emitted = False
         self._in_head = True
@@ -389,6 +474,7 @@ class RequestParser:
         self._cur += 1
 
     def on_message_complete(self):
+        self._boundary = True
         self._in_body = False
         self.events.append((END, None))
         self._cur = 0  # a complete message's events are never dropped

@@ -87,7 +87,7 @@ class Request:
     __slots__ = (
         "method", "target", "path", "version", "headers", "host", "content_length",
         "chunked", "keep_alive", "expect_continue", "request_id", "forwarded_for",
-        "connection", "upgrade", "header_bytes",
+        "connection", "upgrade", "header_bytes", "has_body",
     )
 
     def __init__(self):
@@ -106,10 +106,7 @@ class Request:
         self.connection: list[bytes] = []
         self.upgrade = b""
         self.header_bytes = 0  # target + (name + value + 4 per field): what the limits count
-
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
+        self.has_body = False  # chunked or a non-zero Content-Length, once the head is parsed
 
 
 def _framing(msg: str) -> HTTPError:
@@ -415,6 +412,7 @@ class RequestParser:
         req.method = p.get_method().decode("ascii", "replace")
         version = req.version = p.get_http_version()
         req.keep_alive = p.should_keep_alive()
+        req.has_body = req.chunked or bool(req.content_length)
         self._in_head = False
         if req.method == "CONNECT":
             raise HTTPError(501, "CONNECT not supported", kind="upgrade")

@@ -114,7 +114,7 @@ class Connection:
     __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
                  "tls_resumed", "tls_version", "closing", "body_done", "idle_since", "deadline",
                  "greenlet", "head_deadline", "req", "resp_started", "reject", "linger",
-                 "retries", "retry_statuses", "parked", "counted", "raw")
+                 "retries", "retry_statuses", "parked", "counted", "raw", "remote_b")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -146,6 +146,7 @@ class Connection:
         #: the plain socket under gevent's wrapper, for direct sends and reads on the hot
         #: path; None once TLS wraps the connection (worker/tls.py)
         self.raw = sock._sock
+        self.remote_b = None  # the client address as bytes, for X-Forwarded-For
 
     # -- reading -------------------------------------------------------------------
 
@@ -495,19 +496,20 @@ class Connection:
             drop = connection_tokens(req.connection) - {b"close", b"keep-alive"}
             if drop:
                 headers = [h for h in headers if h[0].lower() not in drop]
-        xff = req.forwarded_for + b", " + self.remote.encode() if req.forwarded_for else self.remote.encode()
-        parts = [req.method.encode(), b" ", req.path, b" HTTP/1.1\r\nHost: ", req.host or self.listener.host_fallback, b"\r\n"]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: ", self.listener.scheme,
-                  b"\r\nX-Request-Id: ", rid, b"\r\n")
+        remote = self.remote_b
+        if remote is None:  # after a PROXY header, if any, named the client
+            remote = self.remote_b = self.remote.encode()
         if req.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+            tail = b"Transfer-Encoding: chunked\r\n\r\n"
         elif req.content_length is not None:
-            parts.append(b"Content-Length: %d\r\n\r\n" % req.content_length)
+            tail = b"Content-Length: %d\r\n\r\n" % req.content_length
         else:
-            parts.append(b"\r\n")
-        return b"".join(parts)
+            tail = b"\r\n"
+        return b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s%s\r\nX-Forwarded-Proto: %s\r\nX-Request-Id: %s\r\n%s" % (
+            req.method.encode(), req.path, req.host or self.listener.host_fallback,
+            b"".join([b"%s: %s\r\n" % h for h in headers]) if headers else b"",
+            req.forwarded_for + b", " if req.forwarded_for else b"", remote,
+            self.listener.scheme, rid, tail)
 
     def _exchange(self, req, head: bytes, conn: UpstreamConn, times) -> bool:
         """Send the request (head + streamed body) and relay the response."""

@@ -39,6 +39,7 @@ from forkproxy.http.messages import (
 )
 from forkproxy.http.request import BODY, END, ERROR, HEAD, Request, RequestParser
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser, fast_head
+from forkproxy.worker.readiness import ReadWatch
 from forkproxy.worker.splice import SPLICE_MIN, SpliceError, splice_body
 from forkproxy.worker.tls import close_notify
 from forkproxy.worker.tunnel import Upgraded, tunnel
@@ -82,12 +83,12 @@ class UpstreamFailed(Exception):
         self.kind = kind
 
 
-def recv_wait_first(sock, buf) -> int:
+def recv_waiting(watch: ReadWatch, sock, buf) -> int:
     """recv_into for a plain gevent socket when the bytes are almost never there yet (the
     upstream's response right after the request, a keep-alive client's next request):
-    wait on the socket's read watcher first, then one recv. Trying first costs an
-    EAGAIN syscall and a raised exception per request (profile in docs/BENCHMARKS.md)."""
-    sock._wait(sock._read_event)
+    wait on the socket's armed watcher first, then one recv. Trying first costs an EAGAIN
+    syscall and a raised exception per request (profile in docs/BENCHMARKS.md)."""
+    watch.wait()
     try:
         return sock._sock.recv_into(buf)
     except BlockingIOError:  # spurious wake-up
@@ -114,7 +115,7 @@ class Connection:
     __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
                  "tls_resumed", "tls_version", "closing", "body_done", "idle_since", "deadline",
                  "greenlet", "head_deadline", "req", "resp_started", "reject", "linger",
-                 "retries", "retry_statuses", "parked", "counted", "raw", "remote_b")
+                 "retries", "retry_statuses", "parked", "counted", "raw", "remote_b", "rwatch")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -147,6 +148,7 @@ class Connection:
         #: path; None once TLS wraps the connection (worker/tls.py)
         self.raw = sock._sock
         self.remote_b = None  # the client address as bytes, for X-Forwarded-For
+        self.rwatch = None  # ReadWatch for the waits between requests (plain sockets)
 
     # -- reading -------------------------------------------------------------------
 
@@ -160,7 +162,10 @@ class Connection:
         ws = self.ws
         try:
             if self.idle and self.raw is not None:
-                n = recv_wait_first(sock, ws.rbuf)
+                watch = self.rwatch
+                if watch is None:
+                    watch = self.rwatch = ReadWatch(ws.hub, self.raw.fileno())
+                n = recv_waiting(watch, sock, ws.rbuf)
             else:
                 n = sock.recv_into(ws.rbuf)
         except _timeout:
@@ -253,6 +258,7 @@ class Connection:
         (a request, EOF, or the drain's shutdown) -> ws.unpark() serves it in a new
         greenlet; the deadline sweeper closes it at the keep-alive timeout."""
         ws = self.ws
+        self._unwatch()
         self.greenlet = None
         self.parser = None  # at a message boundary: a new one costs ~1 us on wake-up
         self.deadline = self.idle_since + ws.keepalive_timeout
@@ -268,7 +274,13 @@ class Connection:
             watcher.stop()
             watcher.close()
 
+    def _unwatch(self) -> None:
+        if self.rwatch is not None:
+            self.rwatch.close()
+            self.rwatch = None
+
     def _close(self) -> None:
+        self._unwatch()
         sock = self.sock
         if self.tls_resumed is not None:
             close_notify(sock)
@@ -596,7 +608,13 @@ class Connection:
             end = buf.find(HEAD_END, start, n) if start else -1
             if end < 0:
                 try:
-                    got = recv_wait_first(up, view[n:]) if n == 0 else up.recv_into(view[n:])
+                    if n == 0:
+                        watch = conn.watch
+                        if watch is None:
+                            watch = conn.watch = ReadWatch(ws.hub, up.fileno())
+                        got = recv_waiting(watch, up, view)
+                    else:
+                        got = up.recv_into(view[n:])
                 except _timeout:
                     raise UpstreamFailed(504, "upstream read timeout", kind="timeout")
                 except OSError as e:

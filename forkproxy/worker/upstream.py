@@ -64,10 +64,12 @@ class PoolTimeout(Exception):
 class UpstreamConn:
     """One TCP connection to an upstream server."""
 
-    __slots__ = ("sock", "server", "requests", "created", "idle_since", "reused", "reusable")
+    __slots__ = ("sock", "server", "requests", "created", "idle_since", "reused", "reusable",
+                 "watch")
 
     def __init__(self, sock, server: Server, now: float = 0.0):
         self.sock = sock
+        self.watch = None  # the ReadWatch kept armed for the response waits (connection.py)
         self.server = server
         self.requests = 0
         self.created = now or _monotonic()
@@ -76,6 +78,9 @@ class UpstreamConn:
         self.reusable = False  # set by the exchange once the response ended cleanly
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         try:
             self.sock.close()
         except OSError:

@@ -177,7 +177,7 @@ class Arbiter:
             signal.signal(sig, self._on_signal)
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
         # everything the children need is imported; freeze so they share these pages
-        _preload()
+        _preload(cfg)
         gc.collect()
         gc.freeze()
 
@@ -731,8 +731,19 @@ def _describe(status: int) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
-def _preload() -> None:
-    """Import what children use so its pages are shared (gc.freeze keeps them clean)."""
+def _preload(cfg) -> None:
+    """Import what children use so its pages are shared (gc.freeze keeps them clean).
+
+    What only some configs need is imported only for them: cryptography (certificates in
+    the workers, OCSP in the manager) with TLS listeners, pyroute2 (listeners.py) with
+    interface listeners; otherwise they would be resident for nothing (~7 and ~9 MiB).
+    """
+    if any(lcfg.tls is not None for lcfg in cfg.listener):
+        import cryptography.hazmat.primitives.serialization  # noqa: F401
+        import cryptography.x509  # noqa: F401
+
+        import forkproxy.tls.stapling  # noqa: F401  (the manager's OCSP fetching)
+
     import pprint  # noqa: F401  (gevent's hub formats contexts with it)
     import traceback  # noqa: F401
 
@@ -746,7 +757,18 @@ def _preload() -> None:
     import forkproxy.worker.process  # noqa: F401
     import forkproxy.worker.tls  # noqa: F401
 
+    # the manager's modules too, although only the manager runs them: imported after fork
+    # they cost the manager ~4 MiB private (new objects fill the holes of shared pages,
+    # import machinery and caches are written), imported here ~1 MiB shared
     try:
+        import gevent.server  # noqa: F401
+        import gevent.threadpool  # noqa: F401  (the manager's name resolution)
+
+        import forkproxy.manager.accesslog  # noqa: F401
+        import forkproxy.manager.admin  # noqa: F401
+        import forkproxy.manager.collector  # noqa: F401
+        import forkproxy.manager.healthcheck  # noqa: F401
+        import forkproxy.manager.metrics  # noqa: F401
         import forkproxy.manager.process  # noqa: F401
     except ImportError:
         pass

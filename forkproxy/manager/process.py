@@ -27,6 +27,8 @@ import time
 FLUSH_INTERVAL = 0.5
 FORGET_INTERVAL = 5.0
 TCP_SAMPLE_TIMEOUT = 5.0
+#: fault injection for tests: "manager-startup" makes every manager crash at start-up
+FAULT = os.environ.get("FORKPROXY_FAULT", "")
 
 
 class Manager:
@@ -433,6 +435,8 @@ def run(arbiter, ready_w: int | None) -> None:
         from forkproxy import log as log_mod
 
         logger = log_mod.rebind("manager")
+        if FAULT == "manager-startup":
+            raise RuntimeError("fault injected: FORKPROXY_FAULT=manager-startup")
         manager = Manager(arbiter, logger)
 
         def before_loop():

@@ -33,6 +33,8 @@ SIGNALS = [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.
            signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD]
 READY_TIMEOUT = 30.0
 INHERIT_ENV = "FORKPROXY_INHERIT"
+#: the manager's key in the per-slot start-up back-off (worker slots are 0, 1, ...)
+MANAGER_SLOT = -1
 
 
 class TLSSetupError(Exception):
@@ -375,31 +377,39 @@ class Arbiter:
                 os.close(w.ready_fd)
             if w.kind == "manager":
                 self.manager = None
-                if not self.stopping:
-                    self.log.warning("manager exited, restarting", status=_describe(status))
+                if not self.stopping and not self._back_off(w, status):
+                    self.log.warning("manager exited, restarting", pid=pid,
+                                     status=_describe(status))
                 continue
             self.table.clear(w.index)
             if self.limit_zone is not None:
                 self.limit_zone.clear_column(w.index)
             expected = w.retiring or self.stopping
-            if not expected:
-                lived = time.monotonic() - w.started
-                if not w.ready or lived < 1.0:
-                    n = self.slot_failures.get(w.slot, 0) + 1
-                    self.slot_failures[w.slot] = n
-                    delay = min(0.1 * (2 ** (n - 1)), 10.0)
-                    self.slot_next_spawn[w.slot] = time.monotonic() + delay
-                    self.log.error("worker failed at start-up, backing off", pid=pid,
-                                   slot=w.slot, status=_describe(status), failures=n,
-                                   retry_in=round(delay, 2))
-                else:
-                    self.log.warning("worker died, replacing it", pid=pid, slot=w.slot,
-                                     status=_describe(status))
+            if not expected and not self._back_off(w, status):
+                self.log.warning("worker died, replacing it", pid=pid, slot=w.slot,
+                                 status=_describe(status))
             # a crashed worker's ring is resumed by its replacement in the same slot
             if not expected:
                 self._orphan_index(w)
             else:
                 self._free_index(w)
+
+    def _back_off(self, w: WorkerProc, status: int) -> bool:
+        """A child that died before it was ready, or within a second of its start, failed
+        at start-up: its slot (the manager's is MANAGER_SLOT) is not forked again before
+        an exponential back-off (0.1 s doubling, at most 10 s; reset once a child of the
+        slot is ready, and by a reload), so a crash at start-up is no fork storm.
+        Returns False for a child that had been running: it is replaced at once."""
+        if w.ready and time.monotonic() - w.started >= 1.0:
+            return False
+        n = self.slot_failures.get(w.slot, 0) + 1
+        self.slot_failures[w.slot] = n
+        delay = min(0.1 * (2 ** (n - 1)), 10.0)
+        self.slot_next_spawn[w.slot] = time.monotonic() + delay
+        where = {} if w.kind == "manager" else {"slot": w.slot}
+        self.log.error(f"{w.kind} failed at start-up, backing off", pid=w.pid, **where,
+                       status=_describe(status), failures=n, retry_in=round(delay, 2))
+        return True
 
     def _orphan_index(self, w: WorkerProc) -> None:
         self._resume = getattr(self, "_resume", {})
@@ -507,7 +517,8 @@ class Arbiter:
             manager_process.run(self, w)
             os._exit(0)
         os.close(w)
-        self.manager = WorkerProc(pid, -1, -1, self.generation, None, r, kind="manager")
+        self.manager = WorkerProc(pid, MANAGER_SLOT, -1, self.generation, None, r,
+                                  kind="manager")
         self.workers[pid] = self.manager
 
     def _maintain(self) -> None:
@@ -516,7 +527,8 @@ class Arbiter:
             from forkproxy.master.tickets import rotate_if_due
 
             rotate_if_due(self)
-        if self.manager is None and not self.stopping:
+        if (self.manager is None and not self.stopping
+                and self.slot_next_spawn.get(MANAGER_SLOT, 0.0) <= now):
             self._start_manager()
         self.spawn_missing()
         # a reload completes once every new-generation worker is ready

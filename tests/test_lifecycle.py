@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import pwd
 import signal
@@ -11,7 +12,7 @@ import threading
 import time
 
 import pytest
-from fp import PY, ROOT, alive, children_of, request, wait_for
+from fp import PY, ROOT, alive, children_of, port_open, request, wait_for
 from load import Load
 
 
@@ -135,6 +136,64 @@ def test_worker_crashing_at_startup_is_backed_off(tmp_path, origin, proxies):
     assert delays[:4] == [0.1, 0.2, 0.4, 0.8]  # exponential back-off, not a fork storm
     t_first = events[0]["timestamp"]
     assert t_first
+    p.stop()
+
+
+MANAGER_BACKOFF = "manager failed at start-up, backing off"
+MANAGER_EXITS = (MANAGER_BACKOFF, "manager exited, restarting")
+
+
+def _ts(event: dict) -> float:
+    return datetime.datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+def _assert_backoff_respected(exits: list[dict]) -> None:
+    """The master forks the next manager only once the back-off is over, so the next
+    manager's exit comes at least ``retry_in`` after the one that set the back-off."""
+    for prev, nxt in zip(exits, exits[1:], strict=False):
+        if prev["event"] == MANAGER_BACKOFF:
+            assert _ts(nxt) - _ts(prev) >= prev["retry_in"], (prev, nxt)
+
+
+def test_manager_crashing_at_startup_is_backed_off(tmp_path, origin, proxies):
+    p = proxies(tmp_path, origin.address, workers=1, start=False)
+    env = dict(os.environ, FORKPROXY_FAULT="manager-startup")
+    p.proc = subprocess.Popen([PY, "-m", "forkproxy", "run", "-c", p.conf], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(gen_events(p, MANAGER_BACKOFF)) >= 5, timeout=20,
+             what="repeated manager start-up failures")
+    events = gen_events(p, MANAGER_BACKOFF)
+    assert [e["retry_in"] for e in events[:5]] == [0.1, 0.2, 0.4, 0.8, 1.6]
+    assert [e["failures"] for e in events[:5]] == [1, 2, 3, 4, 5]
+    assert len({e["pid"] for e in events}) == len(events)  # a new manager every time
+    _assert_backoff_respected(events)
+    assert len(gen_events(p, "manager crashed")) >= 5  # the fault, not something else
+    # the master survives and serves through its workers
+    assert p.proc.poll() is None
+    wait_for(p.ready, timeout=10, what="workers ready")
+    assert request(p.port, "GET", "/tiny")[2] == b"ok"
+    p.stop()
+
+
+def test_manager_killed_repeatedly_is_restarted_after_its_back_off(tmp_path, origin,
+                                                                    proxies):
+    p = proxies(tmp_path, origin.address, workers=1, admin=True)
+    killed: list[int] = []
+    for _ in range(4):  # each new manager is killed as soon as it exists: a start-up failure
+        mgr = wait_for(lambda: (m := p.manager_pid()) not in killed and m, timeout=15,
+                       what="a new manager")
+        os.kill(mgr, signal.SIGKILL)
+        killed.append(mgr)
+    survivor = wait_for(lambda: (m := p.manager_pid()) not in killed and m, timeout=15,
+                        what="a manager after the kills")
+    wait_for(lambda: port_open(p.admin_port), timeout=10, what="the admin endpoint back")
+    assert request(p.admin_port, "GET", "/healthz")[0] == 200
+    assert p.proc.poll() is None and p.manager_pid() == survivor
+    exits = [e for e in p.log_events() if e.get("event") in MANAGER_EXITS]
+    assert [e["pid"] for e in exits] == killed  # every death noticed, each one restarted
+    assert any(e["event"] == MANAGER_BACKOFF for e in exits)
+    _assert_backoff_respected(exits)
+    assert request(p.port, "GET", "/tiny")[2] == b"ok"
     p.stop()
 
 

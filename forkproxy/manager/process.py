@@ -1,8 +1,8 @@
 """The manager process: drains the workers' rings; owns the access log, the metrics and the
 admin endpoint. Forked by the master (forkproxy/master/arbiter.py ``_start_manager``).
 
-One gevent hub, no threads except gevent's pool for the blocking netlink sample at
-scrape time. Greenlets: one collector loop per ring (collector.py), the access log
+One gevent hub, no threads except gevent's pool for name resolution (health checks,
+OCSP responders). Greenlets: one collector loop per ring (collector.py), the access log
 flusher, the admin servers, the lifeline watcher.
 
 Signals from the master (handled in the hub, the work done in greenlets):
@@ -27,6 +27,8 @@ import time
 FLUSH_INTERVAL = 0.5
 FORGET_INTERVAL = 5.0
 TCP_SAMPLE_TIMEOUT = 5.0
+#: fault injection for tests: "manager-startup" makes every manager crash at start-up
+FAULT = os.environ.get("FORKPROXY_FAULT", "")
 
 
 class Manager:
@@ -156,8 +158,8 @@ class Manager:
                    for _, e in self.table.live())
 
     def tcp_sample(self) -> dict | None:
-        """TCP sockets by state per listener port, from netlink in gevent's thread pool."""
-        import gevent
+        """TCP sockets by state per listener port (a netlink dump on a gevent socket)."""
+        from gevent import socket as gsocket
 
         from forkproxy.manager.metrics import tcp_states
 
@@ -170,8 +172,7 @@ class Manager:
         if not listeners:
             return None
         try:
-            return gevent.get_hub().threadpool.spawn(tcp_states, listeners).get(
-                timeout=TCP_SAMPLE_TIMEOUT)
+            return tcp_states(listeners, gsocket.socket, timeout=TCP_SAMPLE_TIMEOUT)
         except Exception as e:
             self.log.warning("sock_diag sample failed", error=str(e))
             return None
@@ -392,19 +393,21 @@ def _drop_privileges(arbiter) -> bool:
     return True
 
 
-def _preload() -> None:
+def _preload(arbiter) -> None:
     """Import, while still privileged, what is otherwise imported lazily later.
 
-    pyroute2 takes about 150 ms to import: that happens after the ready byte, and before
-    any greenlet (admin included) runs, so nothing is served before privileges drop.
+    This happens after the ready byte, and before any greenlet (admin included) runs, so
+    nothing is served before privileges drop. The master imported all of it before fork
+    (arbiter._preload: shared pages, far cheaper than importing here), so this is a safety
+    net; OCSP (cryptography, http.client) only when this manager can staple.
     """
-    import gevent.threadpool  # noqa: F401
-    import pyroute2  # noqa: F401
-    from pyroute2 import DiagSocket  # noqa: F401
+    import gevent.threadpool  # noqa: F401  (name resolution: health checks, OCSP)
 
     import forkproxy.context  # noqa: F401
     import forkproxy.manager.metrics  # noqa: F401
-    import forkproxy.tls.stapling  # noqa: F401
+
+    if getattr(arbiter, "keystore", None) is not None:
+        import forkproxy.tls.stapling  # noqa: F401
 
 
 def run(arbiter, ready_w: int | None) -> None:
@@ -432,10 +435,12 @@ def run(arbiter, ready_w: int | None) -> None:
         from forkproxy import log as log_mod
 
         logger = log_mod.rebind("manager")
+        if FAULT == "manager-startup":
+            raise RuntimeError("fault injected: FORKPROXY_FAULT=manager-startup")
         manager = Manager(arbiter, logger)
 
         def before_loop():
-            _preload()
+            _preload(arbiter)
             manager.privileges_dropped = _drop_privileges(arbiter)
 
         manager.serve(ready_w, early, before_loop)

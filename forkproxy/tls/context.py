@@ -15,13 +15,19 @@ import hashlib
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gevent.ssl
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 
 from forkproxy.tls import openssl
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography is imported where certificates are parsed, not here: the workers import
+# this module whatever the config, and cryptography costs ~7 MiB (most of it its Rust
+# extension) that a proxy without TLS listeners never needs. With TLS listeners the
+# master imports it before fork (config check, shim self-test): shared pages.
 
 __all__ = [
     "CIPHERS_TLS12",
@@ -60,6 +66,8 @@ class CertInfo:
 
 
 def _key_type(key: object) -> str:
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+
     if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
         return "rsa"
     if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
@@ -74,6 +82,8 @@ def _key_type(key: object) -> str:
 
 
 def _names(cert: x509.Certificate) -> tuple[str, ...]:
+    from cryptography import x509
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
@@ -94,6 +104,9 @@ def _read(path: str) -> bytes:
 
 def load_cert_info(index: int, cert_path: str, key_path: str) -> CertInfo:
     """Parse the leaf of ``cert_path`` (raises OSError/ValueError on bad files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     leaf = x509.load_pem_x509_certificates(_read(cert_path))[0]
     der = leaf.public_bytes(serialization.Encoding.DER)
     return CertInfo(
@@ -108,6 +121,9 @@ def load_cert_info(index: int, cert_path: str, key_path: str) -> CertInfo:
 
 def check_cert_key(cert_path: str, key_path: str) -> str | None:
     """Why this pair cannot be served (for ``forkproxy check``), or None if it can."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         data = _read(cert_path)
     except OSError as e:

@@ -34,9 +34,57 @@ from forkproxy.worker.upstream import build_upstreams
 SWEEP_INTERVAL = 0.1
 #: during a graceful stop, idle keep-alive connections are closed after this long idle
 DRAIN_IDLE = 0.5
+#: gc.collect() + malloc_trim(0) once the connection count fell by TRIM_MIN_DROP and to half of
+#: its high-water mark, checked at most every TRIM_INTERVAL seconds (see HeapTrimmer)
+TRIM_INTERVAL = 5.0
+TRIM_MIN_DROP = 500
 #: fault injection for tests ("startup": crash at start-up; "request": a request whose
 #: path starts with /__fault__ raises inside the worker, see _inject_request_fault)
 FAULT = os.environ.get("FORKPROXY_FAULT", "")
+
+
+class HeapTrimmer:
+    """Hands freed heap memory back to the OS after many connections are gone.
+
+    Closed connections leave garbage cycles (a request parser and its callbacks) that
+    only a full collection frees, and glibc's malloc keeps freed memory unless asked:
+    ``gc.collect()`` then ``malloc_trim(0)`` (which releases the free pages of every
+    malloc arena). Together they take a few ms to a few tens of ms, so the sweeper calls
+    :meth:`check` and they run only when the count fell well below its high-water mark,
+    at most once every TRIM_INTERVAL seconds; never on a request's path. What pymalloc
+    holds in partly used arenas stays resident (CPython does not give free pools back).
+    Without glibc's malloc_trim, nothing is done.
+    """
+
+    __slots__ = ("peak", "next_check", "trims", "_trim")
+
+    def __init__(self):
+        self.peak = 0
+        self.next_check = 0.0
+        self.trims = 0
+        try:
+            import ctypes
+
+            self._trim = ctypes.CDLL(None).malloc_trim
+            self._trim.argtypes = [ctypes.c_size_t]
+            self._trim.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def check(self, connections: int, now: float) -> bool:
+        """Track the high-water mark; trim if due. True if it trimmed."""
+        if connections > self.peak:
+            self.peak = connections
+        if now < self.next_check or self._trim is None:
+            return False
+        self.next_check = now + TRIM_INTERVAL
+        if self.peak - connections < TRIM_MIN_DROP or connections > self.peak // 2:
+            return False
+        gc.collect()
+        self._trim(0)
+        self.peak = connections
+        self.trims += 1
+        return True
 
 
 class ListenerRuntime:
@@ -417,6 +465,7 @@ def _run(spec: WorkerSpec) -> None:
             g.throw(Deadline("timed out"))
 
     upstreams = list(ws.upstreams.values())
+    trimmer = HeapTrimmer()
 
     def sweeper():
         while True:
@@ -424,6 +473,7 @@ def _run(spec: WorkerSpec) -> None:
             now = time.monotonic()
             for up in upstreams:  # health verdicts, ejections, slow start, idle sweep
                 up.refresh(now)
+            trimmer.check(len(ws.connections), now)
             for conn in ws.connections:
                 d = conn.deadline
                 if d and d < now:

@@ -133,7 +133,7 @@ class RequestParser:
     def __init__(self, limits: Limits):
         self.limits = limits
         self.events: deque = deque()
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = None  # llhttp, made the first time the fast path declines a head
         self._req: Request | None = None
         self._emitted = False  # _req went out as a HEAD event (it is not "current")
         self._in_head = False
@@ -168,7 +168,10 @@ class RequestParser:
         self._began = False
         self._fed_body = 0
         try:
-            self._parser.feed_data(data)
+            parser = self._parser
+            if parser is None:
+                parser = self._parser = httptools.HttpRequestParser(self)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             req = self._req
             if (req is not None and req.upgrade and req.method == "GET" and not req.has_body

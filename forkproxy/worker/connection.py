@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import socket as pysocket
 import time
+from ssl import SSLEOFError, SSLWantReadError, SSLWantWriteError
 
 from gevent import getcurrent, socket
 
@@ -115,7 +116,8 @@ class Connection:
     __slots__ = ("ws", "listener", "sock", "remote", "parser", "t_accept", "t_tls", "idle",
                  "tls_resumed", "tls_version", "closing", "body_done", "idle_since", "deadline",
                  "greenlet", "head_deadline", "req", "resp_started", "reject", "linger",
-                 "retries", "retry_statuses", "parked", "counted", "raw", "remote_b", "rwatch")
+                 "retries", "retry_statuses", "parked", "counted", "raw", "remote_b", "rwatch",
+                 "sslobj")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -148,7 +150,8 @@ class Connection:
         #: path; None once TLS wraps the connection (worker/tls.py)
         self.raw = sock._sock
         self.remote_b = None  # the client address as bytes, for X-Forwarded-For
-        self.rwatch = None  # ReadWatch for the waits between requests (plain sockets)
+        self.rwatch = None  # ReadWatch for the waits between requests
+        self.sslobj = None  # the OpenSSL connection under a TLS socket (worker/tls.py)
 
     # -- reading -------------------------------------------------------------------
 
@@ -161,11 +164,15 @@ class Connection:
         self.deadline = time.monotonic() + timeout
         ws = self.ws
         try:
-            if self.idle and self.raw is not None:
+            if not self.idle:
+                n = sock.recv_into(ws.rbuf)
+            elif self.raw is not None:
                 watch = self.rwatch
                 if watch is None:
                     watch = self.rwatch = ReadWatch(ws.hub, self.raw.fileno())
                 n = recv_waiting(watch, sock, ws.rbuf)
+            elif self.sslobj is not None:
+                n = self._tls_read_waiting(ws.rbuf)
             else:
                 n = sock.recv_into(ws.rbuf)
         except _timeout:
@@ -178,6 +185,24 @@ class Connection:
             return False
         self.parser.feed(ws.rview[:n])
         return True
+
+    def _tls_read_waiting(self, buf) -> int:
+        """recv_waiting for a TLS connection: wait on the armed watcher unless OpenSSL
+        holds decrypted bytes already (no read-ahead is set, so a record is never left
+        half-read in OpenSSL while the socket looks idle), then one SSL_read. A record
+        that has not fully arrived goes the gevent way."""
+        sslobj = self.sslobj
+        if not sslobj.pending():
+            watch = self.rwatch
+            if watch is None:
+                watch = self.rwatch = ReadWatch(self.ws.hub, self.sock.fileno())
+            watch.wait()
+        try:
+            return sslobj.read(len(buf), buf)
+        except (SSLWantReadError, SSLWantWriteError):
+            return self.sock.recv_into(buf)
+        except SSLEOFError:  # closed without close_notify: an EOF like any other
+            return 0
 
     def serve(self) -> None:
         ws = self.ws
@@ -392,6 +417,14 @@ class Connection:
             if n == len(data):
                 return
             data = memoryview(data)[n:]
+        elif self.sslobj is not None:
+            try:  # SSL_write without partial writes: all of it, or retried whole below
+                if self.sslobj.write(data) == len(data):
+                    return
+            except (SSLWantWriteError, SSLWantReadError):
+                pass
+            except OSError as e:
+                raise ClientGone(str(e))
         send_all(self.sock, data)
 
     # -- one request -----------------------------------------------------------------

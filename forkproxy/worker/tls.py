@@ -58,6 +58,7 @@ def handshake(conn) -> bool:
     ssock.settimeout(None)  # later steps are bounded by the connection's deadline
     conn.sock = ssock
     conn.raw = None  # bytes go through the TLS object from now on
+    conn.sslobj = ssock._sslobj
     conn.t_tls = time.monotonic()
     conn.tls_resumed = ssock.session_reused
     conn.tls_version = ssock.version() or ""

@@ -42,7 +42,23 @@ _CL = b"\r\ncontent-length:"
 _CONN = b"\r\nconnection:"
 
 
+#: the last head fast_head() judged and its verdict: an origin answers the same resource
+#: with the same bytes until its Date changes, so most heads are this one again (a bytes
+#: compare instead of the regexes). Per process; fast_head is a pure function.
+_last_head: list = [b"", None]
+
+
 def fast_head(head: bytes) -> tuple[int, int, bool, bytes] | None:
+    last = _last_head
+    if head == last[0]:
+        return last[1]
+    verdict = _judge_head(head)
+    last[0] = head
+    last[1] = verdict
+    return verdict
+
+
+def _judge_head(head: bytes) -> tuple[int, int, bool, bytes] | None:
     """The common upstream answer without httptools: a final (non-1xx) response framed
     by one Content-Length, no hop-by-hop field but one ``Connection: keep-alive|close``.
 

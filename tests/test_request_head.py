@@ -103,3 +103,16 @@ def test_property_near_valid_requests_agree(method, target, version, fields, fli
     if 0 <= flip < len(data) - 4:
         data[flip] = byte
     _same(bytes(data))
+
+
+def test_a_repeated_head_gives_an_equal_but_separate_request():
+    first = _events(BROWSER, True)
+    p = RequestParser(Limits())
+    p.feed(BROWSER)
+    req = p.events[0][1]
+    req.headers.append((b"X-Mutated", b"1"))  # the proxy's own changes stay with this request
+    req.request_id = b"assigned"
+    assert _events(BROWSER, True) == first == _events(BROWSER, False)
+    small = Limits(header_count=2)  # other limits: judged again, not taken from the last one
+    assert _events(BROWSER, True, small) == _events(BROWSER, False, small)
+    assert _events(BROWSER, True, small)[-1][0] == ERROR

@@ -167,10 +167,7 @@ class Connection:
             if not self.idle:
                 n = sock.recv_into(ws.rbuf)
             elif self.raw is not None:
-                watch = self.rwatch
-                if watch is None:
-                    watch = self.rwatch = ReadWatch(ws.hub, self.raw.fileno())
-                n = recv_waiting(watch, sock, ws.rbuf)
+                n = recv_waiting(self._watch(), sock, ws.rbuf)
             elif self.sslobj is not None:
                 n = self._tls_read_waiting(ws.rbuf)
             else:
@@ -193,10 +190,7 @@ class Connection:
         that has not fully arrived goes the gevent way."""
         sslobj = self.sslobj
         if not sslobj.pending():
-            watch = self.rwatch
-            if watch is None:
-                watch = self.rwatch = ReadWatch(self.ws.hub, self.sock.fileno())
-            watch.wait()
+            self._watch().wait()
         try:
             return sslobj.read(len(buf), buf)
         except (SSLWantReadError, SSLWantWriteError):
@@ -298,6 +292,13 @@ class Connection:
         if watcher is not None:
             watcher.stop()
             watcher.close()
+
+    def _watch(self) -> ReadWatch:
+        """The client socket's armed read watcher, made on the first wait."""
+        watch = self.rwatch
+        if watch is None:
+            watch = self.rwatch = ReadWatch(self.ws.hub, self.sock.fileno())
+        return watch
 
     def _unwatch(self) -> None:
         if self.rwatch is not None:

@@ -329,6 +329,12 @@ class Sample:
             if wk.get("rss") is not None:
                 w.sample("forkproxy_worker_resident_bytes", (("pid", str(wk["pid"])),),
                          wk["rss"])
+        w.family("forkproxy_worker_cpu_seconds_total", "counter",
+                 "CPU time (user + system) per worker.")
+        for wk in sorted(self.workers, key=lambda x: x["pid"]):
+            if wk.get("cpu_seconds") is not None:
+                w.sample("forkproxy_worker_cpu_seconds_total", (("pid", str(wk["pid"])),),
+                         wk["cpu_seconds"])
         w.family("forkproxy_worker_requests_total", "counter",
                  "Requests per worker (from its heartbeat, about once a second).")
         for wk in sorted(self.workers, key=lambda x: x["pid"]):
@@ -364,6 +370,19 @@ def rss_bytes(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/statm", "rb") as f:
             return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process from /proc/PID/stat (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
     except (OSError, IndexError, ValueError):
         return None
 

@@ -38,6 +38,7 @@ class Manager:
         from forkproxy.manager.admin import Admin
         from forkproxy.manager.collector import Collector
         from forkproxy.manager.metrics import Metrics
+        from forkproxy.manager.tlsstate import TLSState
 
         self.config_mod = config_mod
         self.arbiter = arbiter
@@ -48,6 +49,9 @@ class Manager:
                       if r is not None}
         self.metrics = Metrics()
         cfg = self.cfg
+        self.tls_state = TLSState(logger)
+        self.tls_state.configure(cfg)
+        self.tls_state.observe_keys(getattr(arbiter, "keystore", None))
         try:
             self.accesslog = AccessLog(config_mod.log_path(cfg, cfg.log.access_log),
                                        cfg.log.format, logger)
@@ -98,7 +102,7 @@ class Manager:
     # -- what the admin endpoint shows ------------------------------------------------
 
     def workers(self) -> list[dict]:
-        from forkproxy.manager.metrics import rss_bytes
+        from forkproxy.manager.metrics import cpu_seconds, rss_bytes
 
         now_mono = time.monotonic()
         now = time.time()
@@ -118,6 +122,7 @@ class Manager:
                 "requests": e["requests"],
                 "connections": e["connections"],
                 "rss": rss_bytes(pid),
+                "cpu_seconds": cpu_seconds(pid),
                 "heartbeat_age": round(now_mono - hb, 3) if hb else None,
                 "greenlets": g.greenlets if g is not None and g.greenlets >= 0 else None,
             })
@@ -193,7 +198,17 @@ class Manager:
         m = self.metrics
         return m.render(sample) + upstreams.metrics_text(
             self.cfg, m.gauges, sample.worker_pids, getattr(self.arbiter, "health", None),
-            m.retries, m.tunnels)
+            m.retries, m.tunnels) + self.state_metrics_text()
+
+    def state_metrics_text(self) -> str:
+        """The master's counters, TLS expiries and ticket keys (tlsstate.py)."""
+        from forkproxy.manager.metrics import _Writer
+        from forkproxy.manager.tlsstate import render_master
+
+        w = _Writer()
+        render_master(w, self.table.master_counters(), self.cfg.server.max_worker_rss)
+        self.tls_state.render_into(w, getattr(self.arbiter, "keystore", None))
+        return w.text()
 
     # -- signals ----------------------------------------------------------------------
 
@@ -226,6 +241,7 @@ class Manager:
         for obj in (self.accesslog, self.admin, self.collector):
             obj.logger = self.log
         self.cfg = cfg
+        self.tls_state.configure(cfg)
         self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format)
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.start_stapling()
@@ -338,6 +354,7 @@ class Manager:
                 if now - last_forget > FORGET_INTERVAL:
                     last_forget = now
                     self.metrics.forget_workers(self.worker_pids())
+                    self.tls_state.observe_keys(getattr(self.arbiter, "keystore", None))
 
         flush_g = gevent.spawn(flusher)
         if ready_w is not None:

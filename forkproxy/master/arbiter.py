@@ -25,9 +25,10 @@ from forkproxy import config as config_mod
 from forkproxy import log as log_mod
 from forkproxy.master import daemon
 from forkproxy.master.listeners import BindError, BoundListener, enable_migrate_req
+from forkproxy.master.recycle import Recycler
 from forkproxy.proctitle import set_name
 from forkproxy.shm.health import HealthTable
-from forkproxy.shm.table import WorkerTable
+from forkproxy.shm.table import M_RECYCLES_HEARTBEAT, WorkerTable
 
 SIGNALS = [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD]
@@ -93,6 +94,7 @@ class Arbiter:
         self.limit_zone = None  # per-client-IP limits shared by the workers
         self.manager = None
         self.uid = self.gid = self.groups = None
+        self.recycler = Recycler()  # [server] max_worker_rss
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -531,6 +533,7 @@ class Arbiter:
                 and self.slot_next_spawn.get(MANAGER_SLOT, 0.0) <= now):
             self._start_manager()
         self.spawn_missing()
+        self.recycler.check(self, now)
         # a reload completes once every new-generation worker is ready
         if self.pending_generation is not None:
             gen = self.pending_generation
@@ -565,6 +568,7 @@ class Arbiter:
                   and now - w.started > self.cfg.server.heartbeat_timeout):
                 self.log.error("worker stopped heart-beating, replacing it", pid=w.pid,
                                slot=w.slot)
+                self.table.count_master(M_RECYCLES_HEARTBEAT)
                 w.retiring = True  # the replacement is not a crash back-off
                 self._resume = getattr(self, "_resume", {})
                 _kill(w.pid, signal.SIGKILL)
@@ -593,6 +597,7 @@ class Arbiter:
         except config_mod.ConfigError as e:
             self.log.error("reload failed: invalid config, keeping the running one",
                            errors=e.problems)
+            self.table.count_reload(False)
             daemon.sd_notify("READY=1")
             return
         old_by_key = {bl.key: bl for bl in self.bound}
@@ -605,6 +610,7 @@ class Arbiter:
             self.nworkers = old_n
             self.log.error("reload failed: cannot bind, keeping the running config",
                            error=str(e))
+            self.table.count_reload(False)
             daemon.sd_notify("READY=1")
             return
         self.closing_listeners.extend(reuse.values())  # listeners no longer configured
@@ -636,6 +642,7 @@ class Arbiter:
                       new_cfg.log.format)
         self.log = log_mod.rebind("master")
         self.log.info("reloading", generation=self.generation, workers=self.nworkers)
+        self.table.count_reload(True)
         # the manager re-reads the config too (new access log, admin, OCSP set)
         if self.manager is not None:
             _kill(self.manager.pid, signal.SIGHUP)

@@ -119,6 +119,16 @@ def load_cert_info(index: int, cert_path: str, key_path: str) -> CertInfo:
     )
 
 
+def cert_not_after(cert_path: str) -> tuple[float, str]:
+    """(Unix time the leaf of ``cert_path`` expires, its first name); raises
+    OSError/ValueError on bad files."""
+    from cryptography import x509
+
+    leaf = x509.load_pem_x509_certificates(_read(cert_path))[0]
+    names = _names(leaf)
+    return leaf.not_valid_after_utc.timestamp(), names[0] if names else ""
+
+
 def check_cert_key(cert_path: str, key_path: str) -> str | None:
     """Why this pair cannot be served (for ``forkproxy check``), or None if it can."""
     from cryptography import x509

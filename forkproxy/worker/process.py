@@ -39,7 +39,8 @@ DRAIN_IDLE = 0.5
 TRIM_INTERVAL = 5.0
 TRIM_MIN_DROP = 500
 #: fault injection for tests ("startup": crash at start-up; "request": a request whose
-#: path starts with /__fault__ raises inside the worker, see _inject_request_fault)
+#: path starts with /__fault__ raises inside the worker, and /__fault__/grow-rss/N makes
+#: the worker keep N more MiB, see _inject_request_fault)
 FAULT = os.environ.get("FORKPROXY_FAULT", "")
 
 
@@ -242,12 +243,19 @@ def _set_nofile(n: int, logger) -> None:
             logger.warning("cannot set worker_rlimit_nofile", value=n, error=str(e))
 
 
+_LEAKED: list[bytes] = []
+
+
 def _inject_request_fault() -> None:
     """FORKPROXY_FAULT=request: paths under /__fault__ raise in the middle of handle(),
     the way a bug would (/__fault__/after-head raises once the response has started)."""
     original = Connection.handle
 
     def handle(self, req):
+        if req.path.startswith(b"/__fault__/grow-rss/"):
+            # a leak, touched page by page so that it is resident (max_worker_rss tests)
+            _LEAKED.append(b"\x01" * (int(req.path.rsplit(b"/", 1)[1]) << 20))
+            return original(self, req)
         if req.path.startswith(b"/__fault__"):
             if req.path.startswith(b"/__fault__/after-head"):
                 self.resp_started = True

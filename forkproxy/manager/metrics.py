@@ -42,6 +42,11 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                  0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
+#: the report's finer buckets (16 per decade from 50 us to 60 s, PHASE_BUCKETS among them):
+#: its p99 estimates are within a bucket's ~15%, the exposition sums them into PHASE_BUCKETS
+FINE_BUCKETS = tuple(sorted(set(PHASE_BUCKETS) | {
+    float(f"{10 ** (k / 16):.3g}") for k in range(-69, 30)}))
+
 #: Linux TCP states (include/net/tcp_states.h), index = state number
 TCP_STATES = ("", "established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2",
               "time_wait", "close", "close_wait", "last_ack", "listen", "closing",
@@ -49,22 +54,40 @@ TCP_STATES = ("", "established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2
 
 
 class Histogram:
-    """Bucket counts (per bucket, not cumulative) and sum of observations.
+    """Bucket counts (per bucket, not cumulative), sum of observations and sum of their
+    squares (for the standard deviation of the critical-path report).
 
     Metrics.observe inlines :meth:`observe` (it runs for every request and phase).
     """
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum", "sumsq")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
+        self.sumsq = 0.0
 
     def observe(self, value: float) -> None:
         # Prometheus buckets are "le": a value equal to a bound belongs to that bucket
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
+        self.sumsq += value * value
+
+    def merge(self, other: Histogram) -> None:
+        """Add another histogram into this one; its bounds must include all of ours."""
+        counts = self.counts
+        if other.bounds is self.bounds:
+            for i, n in enumerate(other.counts):
+                counts[i] += n
+        else:
+            bounds = self.bounds
+            last = len(other.bounds)
+            for i, n in enumerate(other.counts):
+                if n:
+                    counts[len(bounds) if i == last else bisect_left(bounds, other.bounds[i])] += n
+        self.sum += other.sum
+        self.sumsq += other.sumsq
 
     @property
     def count(self) -> int:
@@ -127,16 +150,29 @@ def phases_ms(ctx: RequestContext) -> dict[str, float]:
 _PHASE_LIST = list(PHASES.items())
 
 
+class PhaseGroup:
+    """The phase histograms of one (route, upstream), and the whole request's (from its
+    first byte, or the accept, to the end of the response)."""
+
+    __slots__ = ("phases", "total", "plan")
+
+    def __init__(self):
+        self.phases = {name: Histogram(FINE_BUCKETS) for name in PHASES}
+        self.total = Histogram(FINE_BUCKETS)
+        # (name, start index, end index, histogram, is the connect phase) per phase
+        self.plan = [(name, a, b, self.phases[name], name == "upstream_connect")
+                     for name, (a, b) in PHASES.items()]
+
+
 class Metrics:
     """Aggregates over all workers; one instance per manager process."""
 
     def __init__(self):
         self.requests: dict[tuple[str, str, int], int] = {}
         self.durations: dict[tuple[str, str], Histogram] = {}
-        self.phases: dict[str, Histogram] = {name: Histogram(PHASE_BUCKETS) for name in PHASES}
-        # (name, start index, end index, histogram, is the connect phase) per phase
-        self._plan = [(name, a, b, self.phases[name], name == "upstream_connect")
-                      for name, (a, b) in PHASES.items()]
+        #: phase histograms per (route, upstream): the critical-path report reads them,
+        #: forkproxy_phase_duration_seconds{phase} is their sum
+        self.groups: dict[tuple[str, str], PhaseGroup] = {}
         self.tls: dict[bool, int] = {}
         self.reuse: dict[tuple[str, bool], int] = {}
         self.bytes_in: dict[str, int] = {}
@@ -174,7 +210,18 @@ class Metrics:
             h.counts[bisect_left(DURATION_BUCKETS, d)] += 1
             h.sum += d
         reused = ctx.reused
-        for name, a, b, h, is_connect in self._plan:
+        gkey = (ctx.route, upstream)
+        group = self.groups.get(gkey)
+        if group is None:
+            group = self.groups[gkey] = PhaseGroup()
+        start = t[T_ACCEPT] or t[T_HEADERS]
+        if end and start and end >= start:  # the whole request, as the report's chain
+            total = group.total
+            d = end - start
+            total.counts[bisect_left(FINE_BUCKETS, d)] += 1
+            total.sum += d
+            total.sumsq += d * d
+        for name, a, b, h, is_connect in group.plan:
             ta = t[a]
             if not ta:
                 continue
@@ -186,8 +233,9 @@ class Metrics:
                 ms[name] = int(v * 1e6 + 0.5) / 1000
             if reused and is_connect:
                 continue  # taking a pooled connection is not a connect
-            h.counts[bisect_left(PHASE_BUCKETS, v)] += 1
+            h.counts[bisect_left(FINE_BUCKETS, v)] += 1
             h.sum += v
+            h.sumsq += v * v
         if t[T_TLS]:  # the first request of a TLS connection carries its handshake
             resumed = bool(ctx.tls_resumed)
             self.tls[resumed] = self.tls.get(resumed, 0) + 1
@@ -204,6 +252,14 @@ class Metrics:
             self.retries[upstream] = self.retries.get(upstream, 0) + ctx.retries
         if ctx.tunnel:
             self.tunnels[upstream] = self.tunnels.get(upstream, 0) + 1
+
+    def phase_totals(self) -> dict[str, Histogram]:
+        """Each phase's histogram over all routes and upstreams."""
+        out = {name: Histogram(PHASE_BUCKETS) for name in PHASES}
+        for group in self.groups.values():
+            for name, h in group.phases.items():
+                out[name].merge(h)
+        return out
 
     def observe_gauges(self, g: WorkerGauges) -> None:
         self.gauge_records += 1
@@ -232,7 +288,7 @@ class Metrics:
                         (("listener", listener), ("upstream", upstream)), h)
         w.family("forkproxy_phase_duration_seconds", "histogram",
                  "Time spent per request phase (upstream_connect: new connections only).")
-        for name, h in self.phases.items():
+        for name, h in self.phase_totals().items():
             w.histogram("forkproxy_phase_duration_seconds", (("phase", name),), h)
         w.family("forkproxy_tls_handshakes_total", "counter",
                  "TLS handshakes of connections that carried a request, by session resumption.")

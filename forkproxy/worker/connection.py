@@ -117,7 +117,7 @@ class Connection:
                  "tls_resumed", "tls_version", "closing", "body_done", "idle_since", "deadline",
                  "greenlet", "head_deadline", "req", "resp_started", "reject", "linger",
                  "retries", "retry_statuses", "parked", "counted", "raw", "remote_b", "rwatch",
-                 "sslobj")
+                 "sslobj", "route")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -143,6 +143,7 @@ class Connection:
         self.reject = ""  # why the proxy refused the request itself (the context's reject)
         self.linger = False  # drain unread input before closing (the reply must arrive)
         self.retries = 0  # tries on another server for the current request (the context's)
+        self.route = ""  # the label of the route the current request matched (the context's)
         self.retry_statuses = None  # upstream statuses _relay turns into a retry, this try
         self.parked = None  # the read watcher of an idle connection parked without a greenlet
         self.counted = None  # the client address counted by the per-IP connection limit
@@ -440,6 +441,7 @@ class Connection:
         self.t_accept = 0.0  # the next request starts when its first bytes arrive
         self.t_tls = 0.0
         upstream = ws.router.route(req.host, req.path, self.listener.default_upstream)
+        self.route = ws.router.matched
         rid = req.request_id or ws.new_request_id()
         req.request_id = rid
         if upstream is None:

@@ -186,6 +186,9 @@ class WorkerState:
         ring = self.ring
         if ring is None:
             return
+        route = conn.route
+        if route:
+            conn.route = ""
         ctx = RequestContext(
             time.time(), req.request_id.decode("latin-1"), self.pid, conn.listener.name,
             conn.remote, req.method, req.path.decode("latin-1"), status, bytes_in, bytes_out,
@@ -193,6 +196,7 @@ class WorkerState:
             server.address if server is not None else "",
             upconn.reused if upconn is not None else False,
             conn.tls_resumed, conn.tls_version, times, error, conn.reject, retries, tunnel,
+            route,
         )
         if conn.reject:
             conn.reject = ""

@@ -84,6 +84,9 @@ class JsonLine(msgspec.Struct, gc=False):
     upstream_reused: bool
     tls_version: str
     error: str
+    #: W3C trace context ids in hex ("" when the request had no trace)
+    trace_id: str
+    span_id: str
 
 
 def _ms(seconds: float) -> float:
@@ -96,7 +99,8 @@ def json_record(ctx: RequestContext, ms: dict[str, float]) -> JsonLine:
         _clock.iso(ctx.ts), ctx.request_id, ctx.remote, ctx.method, ctx.path, ctx.status,
         ctx.bytes_out, ctx.upstream, ctx.upstream_addr, _ms(request_duration(ctx)),
         ms, ctx.tls_resumed,
-        ctx.worker, ctx.listener, ctx.bytes_in, ctx.reused, ctx.tls_version, ctx.error)
+        ctx.worker, ctx.listener, ctx.bytes_in, ctx.reused, ctx.tls_version, ctx.error,
+        ctx.trace_id.hex(), ctx.span_id.hex())
 
 
 def json_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:

@@ -39,6 +39,7 @@ class Manager:
         from forkproxy.manager.collector import Collector
         from forkproxy.manager.metrics import Metrics
         from forkproxy.manager.tlsstate import TLSState
+        from forkproxy.manager.tracing import Tracer
 
         self.config_mod = config_mod
         self.arbiter = arbiter
@@ -52,6 +53,7 @@ class Manager:
         self.tls_state = TLSState(logger)
         self.tls_state.configure(cfg)
         self.tls_state.observe_keys(getattr(arbiter, "keystore", None))
+        self.tracer = Tracer(cfg.tracing, logger)
         try:
             self.accesslog = AccessLog(config_mod.log_path(cfg, cfg.log.access_log),
                                        cfg.log.format, logger)
@@ -82,10 +84,13 @@ class Manager:
         metrics = self.metrics
         observe = metrics.observe
         log = self.accesslog
+        offer = self.tracer.offer if self.tracer.enabled else None
         if not log.enabled:
             for rec in items:
                 if type(rec) is RequestContext:
                     observe(rec)
+                    if offer is not None:
+                        offer(rec)
                 else:
                     metrics.observe_gauges(rec)
             return
@@ -95,6 +100,8 @@ class Manager:
                 ms: dict[str, float] = {}
                 observe(rec, ms)
                 entries.append((rec, ms))
+                if offer is not None:
+                    offer(rec)
             else:
                 metrics.observe_gauges(rec)
         log.write_many(entries)
@@ -208,6 +215,7 @@ class Manager:
         w = _Writer()
         render_master(w, self.table.master_counters(), self.cfg.server.max_worker_rss)
         self.tls_state.render_into(w, getattr(self.arbiter, "keystore", None))
+        self.tracer.render_into(w)
         return w.text()
 
     # -- signals ----------------------------------------------------------------------
@@ -238,10 +246,11 @@ class Manager:
             self.log = log_mod.rebind("manager")
         except OSError as e:
             self.log.error("cannot open the new error log", error=e.strerror)
-        for obj in (self.accesslog, self.admin, self.collector):
+        for obj in (self.accesslog, self.admin, self.collector, self.tracer):
             obj.logger = self.log
         self.cfg = cfg
         self.tls_state.configure(cfg)
+        self.tracer.configure(cfg.tracing)
         self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format)
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.start_stapling()
@@ -342,6 +351,7 @@ class Manager:
                 self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.admin_socks = None
         self.collector.start()
+        self.tracer.start()
         self.start_stapling()
         self.start_health_checks()
 
@@ -374,6 +384,7 @@ class Manager:
         self.collector.stop()
         flush_g.kill(block=False)
         n = self.collector.drain_all()
+        self.tracer.stop()
         self.accesslog.close()
         self.log.info("manager exiting", reason=self.stop_mode, drained=n,
                       seconds=round(time.monotonic() - t0, 3),

@@ -763,6 +763,9 @@ def _preload(cfg) -> None:
 
         import forkproxy.tls.stapling  # noqa: F401  (the manager's OCSP fetching)
 
+    if cfg.tracing.endpoint:
+        import forkproxy.manager.spans  # noqa: F401  (protobuf: only when exporting spans)
+
     import pprint  # noqa: F401  (gevent's hub formats contexts with it)
     import traceback  # noqa: F401
 

@@ -40,6 +40,13 @@ from forkproxy.http.messages import (
 )
 from forkproxy.http.request import BODY, END, ERROR, HEAD, Request, RequestParser
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser, fast_head
+from forkproxy.http.tracecontext import (
+    SAMPLED,
+    format_traceparent,
+    parse_traceparent,
+    parse_tracestate,
+    sampled_by_ratio,
+)
 from forkproxy.worker.readiness import ReadWatch
 from forkproxy.worker.splice import SPLICE_MIN, SpliceError, splice_body
 from forkproxy.worker.tls import close_notify
@@ -108,6 +115,31 @@ def send_all(sock, data) -> None:
             view = view[n:]
     except (OSError, _timeout) as e:
         raise ClientGone(str(e))
+
+
+def start_span(req, ws) -> bytes:
+    """Give the request forkproxy's span: continue the client's trace (a valid
+    traceparent) or start one; the header lines that carry it upstream, our span as
+    the parent. No system call: ids come from the worker's IdGenerator."""
+    ids = ws.ids
+    tp = req.traceparent
+    parsed = parse_traceparent(tp) if tp else None
+    span_id = req.span_id = ids.span_id()
+    if parsed is None:
+        trace_id = req.trace_id = ids.trace_id()
+        flags = req.trace_flags = SAMPLED if sampled_by_ratio(trace_id, ws.trace_threshold) else 0
+        req.tracestate = b""  # a tracestate without a valid traceparent is dropped
+        return b"traceparent: %s\r\n" % format_traceparent(trace_id, span_id, flags)
+    trace_id, req.parent_span_id, flags = parsed
+    req.trace_id = trace_id
+    req.trace_flags = flags
+    line = b"traceparent: %s\r\n" % format_traceparent(trace_id, span_id, flags)
+    state = req.tracestate
+    if state:
+        state = req.tracestate = parse_tracestate([state]).encode()
+        if state:
+            return line + b"tracestate: %s\r\n" % state
+    return line
 
 
 class Connection:
@@ -553,11 +585,11 @@ class Connection:
             tail = b"Content-Length: %d\r\n\r\n" % req.content_length
         else:
             tail = b"\r\n"
-        return b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s%s\r\nX-Forwarded-Proto: %s\r\nX-Request-Id: %s\r\n%s" % (
+        return b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s%s\r\nX-Forwarded-Proto: %s\r\nX-Request-Id: %s\r\n%s%s" % (
             req.method.encode(), req.path, req.host or self.listener.host_fallback,
             b"".join([b"%s: %s\r\n" % h for h in headers]) if headers else b"",
             req.forwarded_for + b", " if req.forwarded_for else b"", remote,
-            self.listener.scheme, rid, tail)
+            self.listener.scheme, rid, start_span(req, self.ws), tail)
 
     def _exchange(self, req, head: bytes, conn: UpstreamConn, times) -> bool:
         """Send the request (head + streamed body) and relay the response."""

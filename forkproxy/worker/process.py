@@ -22,6 +22,7 @@ from gevent.event import Event
 from forkproxy.context import RequestContext, encoder
 from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
 from forkproxy.http.request import Limits
+from forkproxy.http.tracecontext import IdGenerator, ratio_threshold
 from forkproxy.manager import profiling
 from forkproxy.shm.limitzone import ClientLimits
 from forkproxy.worker import tls as worker_tls
@@ -156,6 +157,10 @@ class WorkerState:
         self.stats_errors = 0
         self._rid_prefix = b"%08x" % (int.from_bytes(os.urandom(4), "big"))
         self._rid = 0
+        #: trace and span ids (W3C trace context), and the head-sampling threshold of
+        #: the traces this worker starts ([tracing] sample_ratio)
+        self.ids = IdGenerator()
+        self.trace_threshold = ratio_threshold(cfg.tracing.sample_ratio)
         self.ring = spec.ring
         self.pipes = PipePool() if srv.splice else None
         self._encbuf = bytearray(512)
@@ -196,7 +201,8 @@ class WorkerState:
             server.address if server is not None else "",
             upconn.reused if upconn is not None else False,
             conn.tls_resumed, conn.tls_version, times, error, conn.reject, retries, tunnel,
-            route,
+            route, req.trace_id, req.span_id, req.parent_span_id, req.trace_flags,
+            req.tracestate.decode("ascii") if req.tracestate and req.trace_id else "",
         )
         if conn.reject:
             conn.reject = ""

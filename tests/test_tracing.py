@@ -288,7 +288,8 @@ def test_collector_down_or_slow_costs_no_latency_and_drops_are_counted(proxies, 
     down = statistics.median(latencies(p.port))
     wait_for(lambda: dropped(p) >= before + 50, timeout=20,
              what="drops while the collector is down")
-    assert metric(p, "forkproxy_trace_export_requests_total", result="failure") > 0
+    wait_for(lambda: metric(p, "forkproxy_trace_export_requests_total", result="failure") > 0,
+             timeout=20, what="failed exports counted")
     # the proxy does not wait for the collector: same latency (loose: a shared machine)
     for median in (slow, down):
         assert median < 3 * base + 0.002, (base, slow, down)

@@ -76,7 +76,8 @@ class OTLPClient:
 
     def post(self, body: bytes) -> int:
         """Send one export request; returns the HTTP status (raises ExportError)."""
-        with gevent.Timeout(self.timeout, ExportError(f"no answer within {self.timeout:g}s")):
+        timer = gevent.Timeout.start_new(self.timeout)
+        try:
             for attempt in (0, 1):  # a pooled connection the collector closed: once more
                 fresh = self.sock is None
                 try:
@@ -85,11 +86,18 @@ class OTLPClient:
                     self.sock.sendall(self.head + b"Content-Length: %d\r\n\r\n" % len(body)
                                       + body)
                     return self._read_response()
+                except gevent.Timeout as t:
+                    if t is not timer:
+                        raise
+                    self.close()
+                    raise ExportError(f"no answer within {self.timeout:g}s")
                 except (OSError, ExportError) as e:
                     self.close()
                     if fresh or attempt:
                         raise ExportError(str(e) or type(e).__name__)
-        raise ExportError("unreachable")
+            raise ExportError("unreachable")
+        finally:
+            timer.close()
 
     def _read_response(self) -> int:
         buf = b""
@@ -226,10 +234,11 @@ class Tracer:
     def _loop(self) -> None:
         backoff = 0.0
         while True:
-            self.wake.wait(max(backoff, self.cfg.export_interval if self.cfg else 1.0))
-            self.wake.clear()
-            if backoff:
+            if backoff:  # after a failure: wait, whatever the queue (it drops when full)
                 gevent.sleep(backoff)
+            else:  # a full batch wakes us early
+                self.wake.wait(self.cfg.export_interval if self.cfg else 1.0)
+            self.wake.clear()
             while self.queue and self.enabled:
                 ok = self._send_batch()
                 if not ok:

@@ -1,0 +1,43 @@
+"""The worker's part of W3C Trace Context: give each forwarded request forkproxy's span.
+
+Once per request, on the hot path: no system call (ids from the worker's IdGenerator),
+one regex match when the client sent a traceparent, one header line more upstream. The
+spans themselves are built by the manager from the ring record (trace_id, span_id,
+parent_span_id, trace_flags, tracestate).
+"""
+
+from __future__ import annotations
+
+from forkproxy.http.tracecontext import (
+    SAMPLED,
+    format_traceparent,
+    parse_traceparent,
+    parse_tracestate,
+    sampled_by_ratio,
+)
+
+
+def start_span(req, ws) -> bytes:
+    """Continue the client's trace (a valid traceparent) or start one, with a new span
+    for forkproxy; returns the header lines that carry it upstream (our span as the
+    parent of the upstream's). A tracestate goes on unchanged when valid, and is dropped
+    when invalid or when there is no valid traceparent to go with it."""
+    ids = ws.ids
+    tp = req.traceparent
+    parsed = parse_traceparent(tp) if tp else None
+    span_id = req.span_id = ids.span_id()
+    if parsed is None:
+        trace_id = req.trace_id = ids.trace_id()
+        flags = req.trace_flags = SAMPLED if sampled_by_ratio(trace_id, ws.trace_threshold) else 0
+        req.tracestate = b""
+        return b"traceparent: %s\r\n" % format_traceparent(trace_id, span_id, flags)
+    trace_id, req.parent_span_id, flags = parsed
+    req.trace_id = trace_id
+    req.trace_flags = flags
+    line = b"traceparent: %s\r\n" % format_traceparent(trace_id, span_id, flags)
+    state = req.tracestate
+    if state:
+        state = req.tracestate = parse_tracestate([state]).encode()
+        if state:
+            return line + b"tracestate: %s\r\n" % state
+    return line

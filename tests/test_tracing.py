@@ -82,6 +82,12 @@ def test_ids_are_distinct_and_ratio_sampling_is_fair():
     share = sum(tc.sampled_by_ratio(t, threshold) for t in traces) / len(traces)
     assert 0.23 < share < 0.27
     assert all(tc.sampled_by_ratio(t, tc.ratio_threshold(1.0)) for t in traces[:100])
+    # the worker's one-call path agrees with the pieces
+    for _ in range(2000):
+        trace_id, span_id, flags, value = ids.new_trace(threshold)
+        assert tc.parse_traceparent(value) == (trace_id, span_id, flags)
+        assert bool(flags) == tc.sampled_by_ratio(trace_id, threshold)
+        assert trace_id[:8] == ids.high
     assert not any(tc.sampled_by_ratio(t, tc.ratio_threshold(0.0)) for t in traces[:100])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from binascii import hexlify, unhexlify
 
 SAMPLED = 0x01
 #: version-00 traceparent: version, trace-id, parent-id, flags (lower-case hex only)
@@ -45,12 +46,12 @@ def parse_traceparent(value: bytes) -> tuple[bytes, bytes, int] | None:
         return None
     if len(value) != 55 and (version == b"00" or value[55:56] != b"-"):
         return None
-    return bytes.fromhex(trace_hex.decode()), bytes.fromhex(span_hex.decode()), int(flags, 16)
+    return unhexlify(trace_hex), unhexlify(span_hex), int(flags, 16)
 
 
 def format_traceparent(trace_id: bytes, span_id: bytes, flags: int) -> bytes:
     """The version-00 header value (we only send the version we know)."""
-    return b"00-%s-%s-%02x" % (trace_id.hex().encode(), span_id.hex().encode(), flags & 0xFF)
+    return b"00-%s-%s-%02x" % (hexlify(trace_id), hexlify(span_id), flags & 0xFF)
 
 
 def parse_tracestate(values: list[bytes]) -> str:
@@ -89,28 +90,39 @@ def sampled_by_ratio(trace_id: bytes, threshold: int) -> bool:
 class IdGenerator:
     """Trace and span ids without a system call per id.
 
-    A random 64-bit start per process (one ``os.urandom`` at start and after fork), then a
-    Weyl sequence (add an odd constant modulo 2**64): 2**64 distinct values before one
-    repeats, every byte changing from one id to the next. A trace id is a random per-
-    process high half and the sequence as its low half (what ratio sampling reads).
+    A random 64-bit start per process (one ``os.urandom`` when made: a worker makes its
+    own after fork), then a Weyl sequence (add an odd constant modulo 2**64): 2**64
+    distinct values before one repeats, every byte changing from one id to the next. A
+    trace id is a random per-process high half and the sequence as its low half (what
+    ratio sampling reads).
     """
 
-    __slots__ = ("_next", "_high")
+    __slots__ = ("_next", "high", "high_hex")
 
     def __init__(self) -> None:
-        self.reseed()
-
-    def reseed(self) -> None:
-        """New randomness (call in a forked child: the parent's sequence is not ours)."""
         seed = os.urandom(16)
         self._next = int.from_bytes(seed[:8], "big")
-        self._high = seed[8:]
-        if self._high == bytes(8):
-            self._high = b"\x00" * 7 + b"\x01"
+        self.high = seed[8:] if any(seed[8:]) else b"\x00" * 7 + b"\x01"
+        self.high_hex = hexlify(self.high)
+
+    def next(self) -> int:
+        """The next 64-bit value of the sequence (never 0)."""
+        n = self._next = (self._next + _STEP) & _M64
+        return n or _STEP
 
     def span_id(self) -> bytes:
-        n = self._next = (self._next + _STEP) & _M64
-        return (n or _STEP).to_bytes(8, "big")
+        return self.next().to_bytes(8, "big")
 
     def trace_id(self) -> bytes:
-        return self._high + self.span_id()
+        return self.high + self.next().to_bytes(8, "big")
+
+    def new_trace(self, threshold: int) -> tuple[bytes, bytes, int, bytes]:
+        """A new trace and its first span, sampled by ratio: (trace id, span id, flags,
+        the traceparent value). The worker's hot path: two additions, one format."""
+        low = self.next()
+        span = self.next()
+        sampled = low < threshold
+        return (self.high + low.to_bytes(8, "big"), span.to_bytes(8, "big"),
+                SAMPLED if sampled else 0,
+                b"00-%s%016x-%016x-%s" % (self.high_hex, low, span,
+                                          b"01" if sampled else b"00"))

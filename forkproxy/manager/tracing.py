@@ -31,7 +31,7 @@ from gevent.event import Event
 from forkproxy import __version__
 from forkproxy.config import Endpoint, TracingConfig, parse_endpoint
 from forkproxy.context import T_ACCEPT, T_END, T_HEADERS, RequestContext
-from forkproxy.http.tracecontext import SAMPLED, ratio_threshold, sampled_by_ratio
+from forkproxy.http.tracecontext import SAMPLED, ratio_threshold
 from forkproxy.manager.metrics import _Writer
 
 #: longest response body read from the collector (OTLP answers are small)
@@ -150,7 +150,6 @@ class Tracer:
         self.encoder = None  # spans.SpanEncoder once an endpoint is configured
         self.cfg = cfg
         self.enabled = False
-        self.offered = 0
         self.sampled = 0
         self.exported = 0
         self.dropped_queue = 0
@@ -209,13 +208,15 @@ class Tracer:
     # -- per request (from Manager.on_batch) --------------------------------------------
 
     def offer(self, ctx: RequestContext) -> None:
-        """Keep the record for export if a sampling rule says so; never waits."""
+        """Keep the record for export if a sampling rule says so; never waits. Called
+        only while export is enabled (Manager.on_batch checks once per batch)."""
         trace_id = ctx.trace_id
-        if not trace_id or not self.enabled:
+        if not trace_id:
             return
-        self.offered += 1
-        if not (ctx.trace_flags & SAMPLED or ctx.status >= 500 or ctx.error
-                or sampled_by_ratio(trace_id, self.threshold)):
+        # head (the sampled flag, the ratio on the id's low 8 bytes), then the tail rules
+        if not (ctx.trace_flags & SAMPLED
+                or int.from_bytes(trace_id[8:], "big") < self.threshold
+                or ctx.status >= 500 or ctx.error):
             t = ctx.times
             start = t[T_ACCEPT] or t[T_HEADERS]
             if not start or t[T_END] - start <= self.slower_than:

@@ -8,13 +8,7 @@ parent_span_id, trace_flags, tracestate).
 
 from __future__ import annotations
 
-from forkproxy.http.tracecontext import (
-    SAMPLED,
-    format_traceparent,
-    parse_traceparent,
-    parse_tracestate,
-    sampled_by_ratio,
-)
+from forkproxy.http.tracecontext import format_traceparent, parse_traceparent, parse_tracestate
 
 
 def start_span(req, ws) -> bytes:
@@ -22,16 +16,15 @@ def start_span(req, ws) -> bytes:
     for forkproxy; returns the header lines that carry it upstream (our span as the
     parent of the upstream's). A tracestate goes on unchanged when valid, and is dropped
     when invalid or when there is no valid traceparent to go with it."""
-    ids = ws.ids
     tp = req.traceparent
     parsed = parse_traceparent(tp) if tp else None
-    span_id = req.span_id = ids.span_id()
     if parsed is None:
-        trace_id = req.trace_id = ids.trace_id()
-        flags = req.trace_flags = SAMPLED if sampled_by_ratio(trace_id, ws.trace_threshold) else 0
+        req.trace_id, req.span_id, req.trace_flags, value = ws.ids.new_trace(
+            ws.trace_threshold)
         req.tracestate = b""
-        return b"traceparent: %s\r\n" % format_traceparent(trace_id, span_id, flags)
+        return b"traceparent: %s\r\n" % value
     trace_id, req.parent_span_id, flags = parsed
+    span_id = req.span_id = ws.ids.span_id()
     req.trace_id = trace_id
     req.trace_flags = flags
     line = b"traceparent: %s\r\n" % format_traceparent(trace_id, span_id, flags)

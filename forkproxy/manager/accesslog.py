@@ -142,6 +142,8 @@ def console_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:
         parts.append(f"{_SHORT.get(name, name)}={v:.1f}")
     if ctx.error:
         parts.append(f'error="{ctx.error.translate(_CONSOLE_ESCAPES)}"')
+    if ctx.trace_id:
+        parts.append(f"trace={ctx.trace_id.hex()}")
     return (" ".join(parts) + "\n").encode("utf-8", "backslashreplace")
 
 

@@ -32,6 +32,7 @@ from forkproxy.context import (
     T_SENT,
     T_TLS,
     RequestContext,
+    encoder,
 )
 from forkproxy.http.forward import upstream_head
 from forkproxy.http.framing import LAST_CHUNK, Framing, frame_chunk, response_framing
@@ -62,20 +63,9 @@ class Exchange:
     def __init__(self, ws, front):
         self.ws = ws
         self.front = front
-        self.req = None
         self.times = [0.0] * N_TIMES
-        self.start(None, 0.0, 0.0)
-
-    def start(self, req, t_accept: float, t_tls: float) -> None:
-        """Begin a new request on this front end (resets every per-request field)."""
-        self.req = req
-        times = self.times
-        times[:] = _ZERO_TIMES
-        times[T_ACCEPT] = t_accept
-        times[T_TLS] = t_tls
-        times[T_HEADERS] = _monotonic()
-        self.server = None
-        self.conn = None
+        self.server = None  # the server of the try the context records
+        self.conn = None  # and its connection (None: none was used)
         self.status = 0
         self.framing = Framing.NONE
         self.raw_head = None  # the head to relay, as the fast path took it
@@ -83,16 +73,28 @@ class Exchange:
         self.parser = None  # and its parser (a chunked body goes on through it)
         self.up_keep = False  # the upstream connection may be pooled after this response
         self.content_length = None
+        self.retry_statuses = None  # upstream statuses turned into a retry, this try
+        self.keep = False  # after connect() returned None: may the client connection stay
+        self.tries = 0  # retries left for this request
+        self.start(None, 0.0, 0.0)
+
+    def start(self, req, t_accept: float, t_tls: float) -> None:
+        """Begin a new request on this front end. Only what is read before it is
+        written is reset here (per request: each store costs; the rest is set on the
+        way: server and conn before any record, the head fields by _read_head)."""
+        self.req = req
+        times = self.times
+        times[:] = _ZERO_TIMES
+        times[T_ACCEPT] = t_accept
+        times[T_TLS] = t_tls
+        times[T_HEADERS] = _monotonic()
         self.bytes_in = 0
         self.bytes_out = 0
         self.retries = 0  # tries on another server (the context's retries)
         self.reject = ""  # why the proxy refused the request itself (the context's reject)
-        self.retry_statuses = None  # upstream statuses turned into a retry, this try
         self.tunnel = False
         self.upgrade = False  # a 101 is expected: raise Upgraded instead of relaying
-        self.keep = False  # after connect() returned None: may the client connection stay
-        self.tries = 0
-        self.exclude = None
+        self.exclude = None  # servers the next pick skips
         self.last = None  # (status, detail, server) of the last failed try
 
     # -- the whole exchange ------------------------------------------------------------
@@ -291,6 +293,7 @@ class Exchange:
             fast = fast_head(bytes(view[start:head_len]))
             if fast is not None:
                 self.status, self.content_length, self.up_keep, self.raw_head = fast
+                self.rhead = None
                 return head_len, n
             rhead = self._parse_head(view[start:head_len])
             if rhead.status == 101:
@@ -313,6 +316,7 @@ class Exchange:
             raise UpstreamFailed(502, f"bad upstream response: {e}")
         self.parser = parser
         self.rhead = rhead
+        self.raw_head = None
         return rhead
 
     def _relay(self, conn: UpstreamConn, buf: bytearray) -> bool:
@@ -334,16 +338,17 @@ class Exchange:
             RELAYERS[framing](self, conn, view, head_len, n)
             self.front.end_body()
         except UpstreamBroken as e:
-            return self._finish(False, str(e))
+            error = str(e)
         except ClientGone:
-            return self._finish(False, "client gone")
-        conn.reusable = self.up_keep
-        return self._finish(True, "")
-
-    def _finish(self, complete: bool, error: str) -> bool:
+            error = "client gone"
+        else:
+            conn.reusable = self.up_keep
+            self.times[T_END] = _monotonic()
+            self.record(status, self.bytes_out, "")
+            return self.front.keep_alive()
         self.times[T_END] = _monotonic()
-        self.record(self.status, self.bytes_out, error)
-        return complete and self.front.keep_alive()
+        self.record(status, self.bytes_out, error)
+        return False
 
     def body_piece(self, piece) -> None:
         """One piece of a body the relayer does not copy itself, to the client."""
@@ -357,6 +362,8 @@ class Exchange:
         reject = self.reject
         self.start(req, t_accept, 0.0)
         self.reject = reject
+        self.server = None
+        self.conn = None
         times = self.times
         times[T_HEADERS] = 0.0
         times[T_END] = _monotonic()
@@ -371,12 +378,14 @@ class Exchange:
         req = self.req
         server = self.server
         conn = self.conn
-        ws.push(RequestContext(
+        buf = ws.encbuf  # one reused buffer: no allocation per record
+        encoder.encode_into(RequestContext(
             time.time(), req.request_id.decode("latin-1"), ws.pid, front.listener.name,
             front.remote, req.method, req.path.decode("latin-1"), status, self.bytes_in,
             bytes_out, server.upstream.name if server is not None else "",
             server.address if server is not None else "",
             conn.reused if conn is not None else False, front.tls_resumed,
             front.tls_version, self.times, error, self.reject, self.retries, self.tunnel,
-        ))
+        ), buf)
+        ws.ring.push(buf)  # never blocks: the ring drops and counts when full
         self.reject = ""

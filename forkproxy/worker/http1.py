@@ -259,7 +259,9 @@ class Http1Connection(ClientConnection, FrontEnd):
     def handle(self, req) -> bool:
         """Forward one request and relay its response; False = close the connection."""
         ws = self.ws
-        ex = self._exchange()
+        ex = self.exchange
+        if ex is None:
+            ex = self.exchange = Exchange(ws, self)
         ex.start(req, self.t_accept, self.t_tls)
         self.t_accept = 0.0  # the next request starts when its first bytes arrive
         self.t_tls = 0.0

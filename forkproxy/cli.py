@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     pidfile = args.pidfile or _pidfile_from_config(args.config)
     if pidfile is None:
         return 1
-    from forkproxy.master.daemon import pid_alive, read_pid
+    from forkproxy.master.daemon import read_pid
+    from forkproxy.osutil import pid_alive
 
     pid = read_pid(pidfile)
     if not pid or not pid_alive(pid):

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import mmap
 
-from forkproxy.worker.balancer import hash64
+from forkproxy.hashing import hash64
 
 ENTRY = 64
 WORDS = ENTRY // 8

@@ -22,8 +22,8 @@ from gevent.event import Event
 from forkproxy.context import RequestContext, encoder
 from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
 from forkproxy.http.request import Limits
-from forkproxy.manager import profiling
 from forkproxy.shm.limitzone import ClientLimits
+from forkproxy.worker import profiling
 from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.connection import Connection, Deadline
 from forkproxy.worker.router import Router

@@ -625,6 +625,11 @@ def config_dir(cfg: Config) -> str:
     return os.path.dirname(cfg.path) if cfg.path and cfg.path != "<string>" else "."
 
 
+def pidfile_path(cfg: Config) -> str:
+    """server.pidfile, relative paths resolved against the config's directory."""
+    return resolve_path(cfg.server.pidfile, config_dir(cfg))
+
+
 def log_path(cfg: Config, p: str) -> str:
     """A log destination with relative paths resolved against the config's directory."""
     if p in ("-", "off", ""):

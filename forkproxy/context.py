@@ -20,7 +20,7 @@ import msgspec
 T_ACCEPT, T_TLS, T_HEADERS, T_CONNECT_START, T_CONNECTED, T_SENT, T_FIRST_BYTE, T_END = range(8)
 N_TIMES = 8
 
-#: phase name -> (start index, end index); the phases CONTRACT.md names
+#: phase name -> (start index, end index); the phases docs/OPERATIONS.md names
 PHASES = {
     "accept_to_headers": (T_ACCEPT, T_HEADERS),
     "tls_handshake": (T_ACCEPT, T_TLS),

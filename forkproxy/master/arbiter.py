@@ -123,9 +123,6 @@ class Arbiter:
 
     # -- set-up ----------------------------------------------------------------------
 
-    def _pidfile_path(self, cfg) -> str:
-        return config_mod.resolve_path(cfg.server.pidfile, config_mod.config_dir(cfg))
-
     def _bind_all(self, cfg, reuse: dict[tuple, BoundListener]) -> list[BoundListener]:
         bound, fresh = [], []
         try:
@@ -180,7 +177,7 @@ class Arbiter:
     def setup(self) -> None:
         cfg = self.cfg
         inherited = self._inherited()
-        self.pidfile = self._pidfile_path(cfg)
+        self.pidfile = config_mod.pidfile_path(cfg)
         daemon.check_pidfile(self.pidfile)
         self._resolve_user()
         self.bound = self._bind_all(cfg, inherited)

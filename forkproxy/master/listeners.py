@@ -2,7 +2,7 @@
 and worker slot.
 
 Why per slot: with one inherited socket, gevent's accept loop lets one worker take a
-whole burst (DESIGN.md measured 100/0); a reuseport socket per worker lets the kernel
+whole burst (measured 100/0, docs/ARCHITECTURE.md); a reuseport socket per worker lets the kernel
 spread connections. Why owned by the master: a new-generation worker on reload takes over
 the very same socket as the old worker of its slot, so the accept queue is never closed
 and no connection is refused during a reload (closing a reuseport socket drops its queue

@@ -16,7 +16,8 @@ associative): a client uses the way holding its key, else evicts the way whose `
 is older (an idle client's bucket is full anyway, so evicting it loses nothing).
 
 The table is **lossy**, on purpose: no locks, no compare-and-swap (Python has none),
-each word is a single 8-byte store (DESIGN.md: atomic at an aligned offset on x86-64).
+each word is a single 8-byte store (atomic at an aligned offset on x86-64; see
+docs/ARCHITECTURE.md, "Measured facts").
 
 * Two workers serving the same client at the same instant can both read the old
   ``tat`` and both store theirs: one request is not counted. The window is the

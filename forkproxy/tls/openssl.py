@@ -3,7 +3,7 @@
 Why: the stdlib exposes neither session-ticket keys nor OCSP stapling. Both are reachable
 through the ``SSL_CTX*`` inside a ``PySSLContext`` (first field after ``PyObject_HEAD``)
 and a handful of OpenSSL 3 entry points. Everything here is verified at start by
-:func:`self_test`; nothing is trusted blind (see DESIGN.md, "TLS in CPython").
+:func:`self_test`; nothing is trusted blind (see docs/ARCHITECTURE.md, "Measured facts").
 
 Callback rules that keep a C library calling into Python safe:
 - an exception never escapes a callback (it is counted and a safe value returned);

@@ -549,7 +549,8 @@ class Arbiter:
     def _maintain(self) -> None:
         now = time.monotonic()
         if self.ticket_keys is not None:
-            self.ticket_keys.rotate_if_due(self.cfg, upgrading=self.upgrade_child is not None)
+            self.ticket_keys.rotate_if_due(self.cfg, self.log,
+                                           upgrading=self.upgrade_child is not None)
         if (self.manager is None and not self.stopping
                 and self.slot_next_spawn.get(MANAGER_SLOT, 0.0) <= now):
             self._start_manager()

@@ -18,11 +18,11 @@ MIN_STAPLE_SLOTS = 16
 
 
 class TicketKeys:
-    """The key store and its rotation schedule."""
+    """The key store and its rotation schedule. The master's logger is passed to each
+    call (a reload replaces it)."""
 
-    def __init__(self, store: KeyStore, log, cfg):
+    def __init__(self, store: KeyStore, cfg):
         self.store = store
-        self.log = log
         self.next_rotation = time.monotonic() + rotation_interval(cfg)
 
     @classmethod
@@ -34,21 +34,21 @@ class TicketKeys:
         else:
             store = KeyStore.create(max_keys=MAX_KEYS,
                                     slots=max(MIN_STAPLE_SLOTS, staple_slot_count(cfg)))
-        keys = cls(store, log, cfg)
+        keys = cls(store, cfg)
         if not store.keys() or key_file(cfg):
-            keys.load(cfg, initial=not store.keys())
+            keys.load(cfg, log, initial=not store.keys())
         return keys
 
-    def load(self, cfg, initial: bool = False) -> None:
+    def load(self, cfg, log, initial: bool = False) -> None:
         """Keys from ticket_key_file if configured, else a fresh random key (first start)."""
         store = self.store
         path = key_file(cfg)
         if path:
             try:
                 store.set_keys(load_ticket_key_file(path))
-                self.log.info("ticket keys loaded", file=path, keys=len(store.keys()))
+                log.info("ticket keys loaded", file=path, keys=len(store.keys()))
             except (KeyFileError, OSError) as e:
-                self.log.error("ticket key file unusable, keeping the current keys",
+                log.error("ticket key file unusable, keeping the current keys",
                                file=path, error=str(e))
                 if not store.keys():
                     store.rotate()
@@ -57,11 +57,10 @@ class TicketKeys:
 
     def reload(self, cfg, log) -> None:
         """HUP: the keys stay (that is the point); a key file is re-read."""
-        self.log = log
         if key_file(cfg):
-            self.load(cfg)
+            self.load(cfg, log)
 
-    def rotate_if_due(self, cfg, upgrading: bool) -> None:
+    def rotate_if_due(self, cfg, log, upgrading: bool) -> None:
         """Called from the master's loop. Not while a new master (upgrade) owns the keys."""
         if upgrading or key_file(cfg):
             return
@@ -71,5 +70,5 @@ class TicketKeys:
         interval = rotation_interval(cfg)
         name = self.store.rotate(keep=keys_to_keep(ticket_lifetime(cfg), interval))
         self.next_rotation = now + interval
-        self.log.info("ticket key rotated", key_name=name.hex()[:8],
+        log.info("ticket key rotated", key_name=name.hex()[:8],
                       keys=len(self.store.keys()), generation=self.store.generation())

@@ -770,6 +770,11 @@ def _preload(cfg) -> None:
     What only some configs need is imported only for them: cryptography (certificates in
     the workers, OCSP in the manager) with TLS listeners, pyroute2 (listeners.py) with
     interface listeners; otherwise they would be resident for nothing (~7 and ~9 MiB).
+
+    The workers' and the manager's own modules are imported at the top of this module. The
+    manager's are there although only the manager runs them: imported after fork they
+    cost the manager ~4 MiB private (new objects fill the holes of shared pages, import
+    machinery and caches are written), imported before fork ~1 MiB shared.
     """
     if any(lcfg.tls is not None for lcfg in cfg.listener):
         import cryptography.hazmat.primitives.serialization  # noqa: F401
@@ -782,14 +787,8 @@ def _preload(cfg) -> None:
 
     import gevent  # noqa: F401
     import gevent.event  # noqa: F401
-
-    # the manager's modules (imported at the top of this module) too, although only the
-    # manager runs them: imported after fork they cost the manager ~4 MiB private (new
-    # objects fill the holes of shared pages, import machinery and caches are written),
-    # imported before fork ~1 MiB shared
-    import gevent.server  # noqa: F401
+    import gevent.server  # noqa: F401  (the manager's admin endpoint)
     import gevent.socket  # noqa: F401
     import gevent.threadpool  # noqa: F401  (the manager's name resolution)
     import httptools  # noqa: F401
     import msgspec  # noqa: F401
-

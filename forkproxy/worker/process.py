@@ -24,8 +24,7 @@ from gevent import socket
 from gevent.event import Event
 
 from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
-from forkproxy.manager import profiling
-from forkproxy.worker import faults
+from forkproxy.worker import faults, profiling
 from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.front import Deadline
 from forkproxy.worker.heap import HeapTrimmer

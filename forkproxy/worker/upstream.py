@@ -40,16 +40,10 @@ from gevent import socket
 from gevent.event import Event
 
 from forkproxy.config import UpstreamConfig, parse_hostport
-from forkproxy.context import UpstreamGauge
+from forkproxy.context import WEIGHT_SCALE, UpstreamGauge
+from forkproxy.hashing import hash64
 from forkproxy.shm.health import DOWN, STATE, UP, WORDS, server_key
-from forkproxy.worker.balancer import (
-    WEIGHT_SCALE,
-    KeySpec,
-    Peer,
-    RetryBudget,
-    hash64,
-    make_balancer,
-)
+from forkproxy.worker.balancer import KeySpec, Peer, RetryBudget, make_balancer
 
 #: idle connections are swept (timeouts, age) this often
 REAP_INTERVAL = 1.0

@@ -63,7 +63,7 @@ class UpstreamConn:
 
     def __init__(self, sock, server: Server, now: float = 0.0):
         self.sock = sock
-        self.watch = None  # the ReadWatch kept armed for the response waits (connection.py)
+        self.watch = None  # the ReadWatch kept armed for the response waits (worker/exchange.py)
         self.server = server
         self.requests = 0
         self.created = now or _monotonic()

@@ -76,6 +76,9 @@ class Exchange:
         self.retry_statuses = None  # upstream statuses turned into a retry, this try
         self.keep = False  # after connect() returned None: may the client connection stay
         self.tries = 0  # retries left for this request
+        # set by a tunnel, which is the last request of its connection: never reset
+        self.tunnel = False  # the context is a tunnel's (status 101, bytes each way)
+        self.upgrade = False  # a 101 is expected: raise Upgraded instead of relaying
         self.start(None, 0.0, 0.0)
 
     def start(self, req, t_accept: float, t_tls: float) -> None:
@@ -92,8 +95,6 @@ class Exchange:
         self.bytes_out = 0
         self.retries = 0  # tries on another server (the context's retries)
         self.reject = ""  # why the proxy refused the request itself (the context's reject)
-        self.tunnel = False
-        self.upgrade = False  # a 101 is expected: raise Upgraded instead of relaying
         self.exclude = None  # servers the next pick skips
         self.last = None  # (status, detail, server) of the last failed try
 
@@ -360,6 +361,7 @@ class Exchange:
         self.reject = reject
         self.server = None
         self.conn = None
+        self.tunnel = False
         times = self.times
         times[T_HEADERS] = 0.0
         times[T_END] = _monotonic()

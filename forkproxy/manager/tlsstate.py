@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 
 from forkproxy import config as config_mod
-from forkproxy.manager.metrics import _Writer
+from forkproxy.manager.metrics import TextWriter
+from forkproxy.pem import cert_not_after
 
 
 class TLSState:
@@ -50,8 +51,6 @@ class TLSState:
         self.rotation_interval = min(intervals, default=0.0)
 
     def _expiry(self, path: str) -> tuple[str, float | None]:
-        from forkproxy.tls.context import cert_not_after  # cryptography: TLS configs only
-
         try:
             not_after, name = cert_not_after(path)
             return name, not_after
@@ -70,7 +69,7 @@ class TLSState:
             self.key_generation = gen
             self.keys_changed = time.time() if now is None else now
 
-    def render_into(self, w: _Writer, keystore) -> None:
+    def render_into(self, w: TextWriter, keystore) -> None:
         w.family("forkproxy_tls_certificate_expiry_seconds", "gauge",
                  "Unix time at which each configured certificate expires (notAfter).")
         for listener, path, name, not_after in self.certs:
@@ -97,7 +96,7 @@ class TLSState:
                  self.rotation_interval)
 
 
-def render_master(w: _Writer, counters: dict[str, int], max_worker_rss: int) -> None:
+def render_master(w: TextWriter, counters: dict[str, int], max_worker_rss: int) -> None:
     """The master's counters (shared worker table) and the memory limit."""
     w.family("forkproxy_config_reloads_total", "counter",
              "Configuration reloads (HUP) by result: success, or failure (invalid config, "

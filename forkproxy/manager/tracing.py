@@ -32,7 +32,7 @@ from forkproxy import __version__
 from forkproxy.config import Endpoint, TracingConfig, parse_endpoint
 from forkproxy.context import T_ACCEPT, T_END, T_HEADERS, RequestContext
 from forkproxy.http.tracecontext import SAMPLED, ratio_threshold
-from forkproxy.manager.metrics import _Writer
+from forkproxy.manager.metrics import TextWriter
 
 #: longest response body read from the collector (OTLP answers are small)
 MAX_RESPONSE = 64 * 1024
@@ -276,7 +276,7 @@ class Tracer:
 
     # -- metrics ----------------------------------------------------------------------------
 
-    def render_into(self, w: _Writer) -> None:
+    def render_into(self, w: TextWriter) -> None:
         w.family("forkproxy_trace_requests_sampled_total", "counter",
                  "Requests kept for export by the head or tail sampling rules.")
         w.sample("forkproxy_trace_requests_sampled_total", (), self.sampled)

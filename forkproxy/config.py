@@ -526,12 +526,18 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
             problems.append(f"limits.rate: {e}")
     if lim.zone_slots & (lim.zone_slots - 1):
         problems.append(f"limits.zone_slots: must be a power of two, got {lim.zone_slots}")
-    if cfg.tracing.endpoint:
-        try:
-            parse_endpoint(cfg.tracing.endpoint)
-        except ValueError as e:
-            problems.append(f"tracing.endpoint: {e}")
+    problems.extend(_validate_tracing(cfg.tracing))
     return problems
+
+
+def _validate_tracing(tracing: TracingConfig) -> list[str]:
+    if not tracing.endpoint:
+        return []
+    try:
+        parse_endpoint(tracing.endpoint)
+    except ValueError as e:
+        return [f"tracing.endpoint: {e}"]
+    return []
 
 
 class Endpoint(Struct, frozen=True):

@@ -84,8 +84,11 @@ def test_ids_are_distinct_and_ratio_sampling_is_fair():
     assert all(tc.sampled_by_ratio(t, tc.ratio_threshold(1.0)) for t in traces[:100])
     # the worker's one-call path agrees with the pieces
     for _ in range(2000):
-        trace_id, span_id, flags, value = ids.new_trace(threshold)
-        assert tc.parse_traceparent(value) == (trace_id, span_id, flags)
+        (trace_id, span_id, parent, flags, state), line = ids.new_trace(threshold)
+        assert (parent, state) == (b"", "")
+        name, _, value = line.partition(b": ")
+        assert name == b"traceparent" and value.endswith(b"\r\n")
+        assert tc.parse_traceparent(value[:-2]) == (trace_id, span_id, flags)
         assert bool(flags) == tc.sampled_by_ratio(trace_id, threshold)
         assert trace_id[:8] == ids.high
     assert not any(tc.sampled_by_ratio(t, tc.ratio_threshold(0.0)) for t in traces[:100])
@@ -299,3 +302,25 @@ def test_collector_down_or_slow_costs_no_latency_and_drops_are_counted(proxies, 
     # the proxy does not wait for the collector: same latency (loose: a shared machine)
     for median in (slow, down):
         assert median < 3 * base + 0.002, (base, slow, down)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_parser_keeps_the_trace_fields_apart(fast):
+    """Both parser paths (the fast one and llhttp's) take traceparent and tracestate out
+    of the forwarded headers; a second traceparent invalidates the trace context."""
+    from forkproxy.http.request import HEAD, Limits, RequestParser
+
+    def parse(extra: bytes):
+        p = RequestParser(Limits())
+        if not fast:
+            p._boundary = False  # skip the fast path, as test_request_head.py does
+        p.feed(memoryview(bytearray(b"GET / HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")))
+        [(kind, req)] = [e for e in p.events if e[0] == HEAD]
+        return req
+
+    tp = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01".encode()
+    req = parse(b"traceparent: " + tp + b"\r\ntracestate: a=1\r\nX-Y: z\r\ntracestate: b=2\r\n")
+    assert (req.traceparent, req.tracestate) == (tp, b"a=1,b=2")
+    assert req.headers == [(b"X-Y", b"z")]
+    twice = parse(b"traceparent: " + tp + b"\r\ntraceparent: " + tp + b"\r\n")
+    assert tc.parse_traceparent(twice.traceparent) is None

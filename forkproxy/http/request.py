@@ -67,6 +67,8 @@ _SIMPLE_REQUEST_RE = re.compile(
     rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
 #: fields the fast path handles itself; any other special field sends the head to llhttp
 _FAST_SPECIAL = frozenset({_HOST, _CONN, _RID, _XFF, _TP, _TS})
+#: a request without a trace context (refused before it was routed)
+NO_TRACE = (b"", b"", b"", 0, "")
 #: a second traceparent field makes the request's trace context invalid (W3C 3.2.1)
 TWO_TRACEPARENTS = b"-"
 #: the last head the fast path took: (bytes, Limits, the parsed fields). A client on a
@@ -96,7 +98,7 @@ class Request:
         "method", "target", "path", "version", "headers", "host", "content_length",
         "chunked", "keep_alive", "expect_continue", "request_id", "forwarded_for",
         "connection", "upgrade", "header_bytes", "has_body", "traceparent", "tracestate",
-        "trace_id", "span_id", "parent_span_id", "trace_flags",
+        "trace",
     )
 
     def __init__(self):
@@ -118,11 +120,19 @@ class Request:
         self.has_body = False  # chunked or a non-zero Content-Length, once the head is parsed
         self.traceparent = b""  # as sent (validated by forkproxy.http.tracecontext)
         self.tracestate = b""  # the tracestate fields joined by ","
-        # the trace context the worker gave the request (its span), b"" until then
-        self.trace_id = b""
-        self.span_id = b""
-        self.parent_span_id = b""
-        self.trace_flags = 0
+        #: the trace context the worker gave the request (worker/tracing.py): trace id,
+        #: its span id, the client's span id, flags, tracestate; in the ring record's order
+        self.trace = NO_TRACE
+
+
+def _trace_field(req: Request, what: int, value: bytes) -> None:
+    """A W3C trace context field: kept for the worker (forkproxy/worker/tracing.py), which
+    validates it and sends its own; a second traceparent invalidates the first, tracestate
+    fields are joined."""
+    if what == _TP:
+        req.traceparent = TWO_TRACEPARENTS if req.traceparent else value
+    else:
+        req.tracestate = req.tracestate + b"," + value if req.tracestate else value
 
 
 def _framing(msg: str) -> HTTPError:
@@ -286,10 +296,8 @@ class RequestParser:
             elif what == _RID:
                 if not req.request_id:
                     req.request_id = value
-            elif what == _TP:
-                req.traceparent = TWO_TRACEPARENTS if req.traceparent else value
-            elif what == _TS:
-                req.tracestate = req.tracestate + b"," + value if req.tracestate else value
+            elif what >= _TP:  # traceparent, tracestate
+                _trace_field(req, what, value)
             else:  # _XFF
                 req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for else value
         if fields > limits.header_count:
@@ -439,10 +447,8 @@ class RequestParser:
                 req.request_id = value
         elif what == _XFF:
             req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for else value
-        elif what == _TP:
-            req.traceparent = TWO_TRACEPARENTS if req.traceparent else value
-        elif what == _TS:
-            req.tracestate = req.tracestate + b"," + value if req.tracestate else value
+        elif what >= _TP:  # traceparent, tracestate
+            _trace_field(req, what, value)
         elif what == _EXPECT:
             if value.strip().lower() != b"100-continue":
                 raise HTTPError(417, "unsupported Expect")

@@ -116,13 +116,17 @@ class IdGenerator:
     def trace_id(self) -> bytes:
         return self.high + self.next().to_bytes(8, "big")
 
-    def new_trace(self, threshold: int) -> tuple[bytes, bytes, int, bytes]:
-        """A new trace and its first span, sampled by ratio: (trace id, span id, flags,
-        the traceparent value). The worker's hot path: two additions, one format."""
-        low = self.next()
-        span = self.next()
-        sampled = low < threshold
-        return (self.high + low.to_bytes(8, "big"), span.to_bytes(8, "big"),
-                SAMPLED if sampled else 0,
-                b"00-%s%016x-%016x-%s" % (self.high_hex, low, span,
-                                          b"01" if sampled else b"00"))
+    def new_trace(self, threshold: int) -> tuple[tuple, bytes]:
+        """A new trace and its first span, sampled by ratio: ((trace id, span id, b"" for
+        no parent, flags, "" for no tracestate), the traceparent header line). The
+        worker's hot path: two additions, one format (the sequence inlined)."""
+        low = (self._next + _STEP) & _M64
+        span = self._next = (low + _STEP) & _M64
+        if not (low and span):  # once in 2**64 ids
+            return self.new_trace(threshold)
+        if low < threshold:
+            return ((self.high + low.to_bytes(8, "big"), span.to_bytes(8, "big"), b"",
+                     SAMPLED, ""),
+                    b"traceparent: 00-%s%016x-%016x-01\r\n" % (self.high_hex, low, span))
+        return ((self.high + low.to_bytes(8, "big"), span.to_bytes(8, "big"), b"", 0, ""),
+                b"traceparent: 00-%s%016x-%016x-00\r\n" % (self.high_hex, low, span))

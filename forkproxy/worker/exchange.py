@@ -386,8 +386,7 @@ class Exchange:
             server.address if server is not None else "",
             conn.reused if conn is not None else False, front.tls_resumed,
             front.tls_version, self.times, error, self.reject, self.retries, self.tunnel,
-            self.route, req.trace_id, req.span_id, req.parent_span_id, req.trace_flags,
-            req.tracestate.decode("ascii") if req.tracestate and req.trace_id else "",
+            self.route, *req.trace,
         ), buf)
         ws.ring.push(buf)  # never blocks: the ring drops and counts when full
         self.reject = ""

@@ -13,24 +13,28 @@ from forkproxy.http.tracecontext import format_traceparent, parse_traceparent, p
 
 def start_span(req, ws) -> bytes:
     """Continue the client's trace (a valid traceparent) or start one, with a new span
-    for forkproxy; returns the header lines that carry it upstream (our span as the
-    parent of the upstream's). A tracestate goes on unchanged when valid, and is dropped
-    when invalid or when there is no valid traceparent to go with it."""
+    for forkproxy (``req.trace``, for the ring record); returns the header lines that
+    carry it upstream (our span as the parent of the upstream's). A tracestate goes on
+    unchanged when valid, and is dropped when invalid or when there is no valid
+    traceparent to go with it."""
     tp = req.traceparent
-    parsed = parse_traceparent(tp) if tp else None
-    if parsed is None:
-        req.trace_id, req.span_id, req.trace_flags, value = ws.ids.new_trace(
-            ws.trace_threshold)
-        req.tracestate = b""
-        return b"traceparent: %s\r\n" % value
-    trace_id, req.parent_span_id, flags = parsed
-    span_id = req.span_id = ws.ids.span_id()
-    req.trace_id = trace_id
-    req.trace_flags = flags
+    if tp:
+        parsed = parse_traceparent(tp)
+        if parsed is not None:
+            return _continue_trace(req, ws, parsed)
+    req.trace, line = ws.ids.new_trace(ws.trace_threshold)
+    return line
+
+
+def _continue_trace(req, ws, parsed: tuple[bytes, bytes, int]) -> bytes:
+    trace_id, parent, flags = parsed
+    span_id = ws.ids.span_id()
     line = b"traceparent: %s\r\n" % format_traceparent(trace_id, span_id, flags)
     state = req.tracestate
     if state:
-        state = req.tracestate = parse_tracestate([state]).encode()
+        state = parse_tracestate([state])
         if state:
-            return line + b"tracestate: %s\r\n" % state
+            req.trace = (trace_id, span_id, parent, flags, state)
+            return line + b"tracestate: %s\r\n" % state.encode()
+    req.trace = (trace_id, span_id, parent, flags, "")
     return line

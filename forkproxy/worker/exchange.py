@@ -379,6 +379,7 @@ class Exchange:
         server = self.server
         conn = self.conn
         buf = ws.encbuf  # one reused buffer: no allocation per record
+        trace = req.trace  # indexed, not *req.trace: a star-call here cost ~2 us per request
         encoder.encode_into(RequestContext(
             time.time(), req.request_id.decode("latin-1"), ws.pid, front.listener.name,
             front.remote, req.method, req.path.decode("latin-1"), status, self.bytes_in,
@@ -386,7 +387,7 @@ class Exchange:
             server.address if server is not None else "",
             conn.reused if conn is not None else False, front.tls_resumed,
             front.tls_version, self.times, error, self.reject, self.retries, self.tunnel,
-            self.route, *req.trace,
+            self.route, trace[0], trace[1], trace[2], trace[3], trace[4],
         ), buf)
         ws.ring.push(buf)  # never blocks: the ring drops and counts when full
         self.reject = ""

@@ -116,7 +116,7 @@ class ServerConfig(_Section, kw_only=True):
     ring_size: Size = Size(1 << 20)
     #: processes that drain the rings into the metrics and the access log: the manager
     #: and collectors - 1 shard processes (fp-collector-N), each with its share of the
-    #: workers; "auto": one per 8 workers. Read when the manager starts
+    #: workers; "auto": one per 4 workers. Read when the manager starts
     collectors: Positive | Literal["auto"] = "auto"
     #: RLIMIT_NOFILE set by each worker at start (nginx's worker_rlimit_nofile); 0 = inherit
     worker_rlimit_nofile: Annotated[int, Meta(ge=0)] = 0
@@ -596,9 +596,10 @@ def resolve_path(p: str, base: str) -> str:
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 
 
-#: workers per collector process with ``collectors = "auto"``: one core drains about
-#: 200k records/s with the JSON access log on (docs/BENCHMARKS.md), 8 busy workers ~200k
-WORKERS_PER_COLLECTOR = 8
+#: workers per collector process with ``collectors = "auto"``: one core drains 150-200k
+#: records/s with the JSON access log on (docs/BENCHMARKS.md); 4 busy workers make
+#: ~100k, which leaves a collector half a core of headroom
+WORKERS_PER_COLLECTOR = 4
 
 
 def collector_count(cfg: Config) -> int:

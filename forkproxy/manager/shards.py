@@ -98,12 +98,22 @@ class Shard:
         self.exit_code: int | None = None
 
     def call(self, *msg, timeout: float = CALL_TIMEOUT) -> bytes:
-        """Send a command, wait for its reply (one at a time per shard)."""
-        with self.lock, gevent.Timeout(timeout):
-            _send(self.sock, msgspec.msgpack.encode(msg))
-            reply = _recv(self.sock)
-        if reply is None:
-            raise EOFError(f"collector shard {self.index} is gone")
+        """Send a command, wait for its reply (one at a time per shard).
+
+        A shard that does not answer in time is killed: a late reply would be taken for
+        the next one, and the manager restarts (with fresh shards) once it sees it gone.
+        """
+        with self.lock:
+            try:
+                with gevent.Timeout(timeout):
+                    _send(self.sock, msgspec.msgpack.encode(msg))
+                    reply = _recv(self.sock)
+                if reply is None:
+                    raise EOFError(f"collector shard {self.index} is gone")
+            except (OSError, EOFError, gevent.Timeout):
+                if not self.exited():
+                    os.kill(self.pid, signal.SIGKILL)
+                raise
         return reply
 
     def state(self) -> ShardState:
@@ -191,6 +201,7 @@ def _serve(rings, table, log_path, log_format, creds, logger, sock) -> None:
                      error=e.strerror)
         log = AccessLog("off", log_format, logger)
     drop_privileges(*creds)
+    logger.info("collector shard started", rings=sorted(rings), access_log=log.path)
     metrics = Metrics()
     collector = Collector(rings, RecordSink(metrics, log).on_batch, table=table, logger=logger)
     collector.start()

@@ -432,6 +432,15 @@ def test_tls_handshakes_and_resumption_are_counted(tmp_path, origin, proxies):
     p.stop()
 
 
+def spread_requests(port: int, prefix: str, conns: int = 24, per_conn: int = 2) -> list[str]:
+    """Requests on many connections: SO_REUSEPORT spreads them, and all 24 land on the
+    same one of two workers with probability 2**-23."""
+    ids = []
+    for k in range(conns):
+        ids += keepalive_requests(port, ["/tiny"] * per_conn, f"{prefix}{k}")
+    return ids
+
+
 def test_collector_shards_count_log_reopen_and_restart(tmp_path, origin, proxies):
     """[server] collectors = 2: a shard process drains half of the rings; /metrics adds its
     counters to the manager's, both write the one access log, USR1 reaches the shard, and a
@@ -441,17 +450,7 @@ def test_collector_shards_count_log_reopen_and_restart(tmp_path, origin, proxies
     manager = p.manager_pid()
     shard = wait_for(lambda: [c for c in children_of(manager) if comm(c) == "fp-collector-1"],
                      timeout=10, what="the shard process")[0]
-    results: list[list[str]] = [[] for _ in range(6)]
-
-    def client(k):
-        results[k] = keepalive_requests(p.port, ["/tiny"] * 50, f"c{k}")
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    sent = sorted(rid for ids in results for rid in ids)
+    sent = sorted(spread_requests(p.port, "c", per_conn=10))
     lines = wait_for(lambda: (ls := read_lines(p.access_log)) and len(ls) >= len(sent) and ls,
                      timeout=5, what="the access log lines")
     assert sorted(ln["request_id"] for ln in lines) == sent
@@ -471,11 +470,21 @@ def test_collector_shards_count_log_reopen_and_restart(tmp_path, origin, proxies
     os.rename(p.access_log, p.access_log + ".1")
     p.send(signal.SIGUSR1)
     wait_for(lambda: os.path.exists(p.access_log), timeout=5, what="the reopened access log")
-    after = []
-    for k in range(4):  # new connections: both workers, hence the shard too
-        after += keepalive_requests(p.port, ["/tiny"] * 5, f"after{k}")
+    after = spread_requests(p.port, "after")
     wait_for(lambda: len(read_lines(p.access_log)) == len(after), timeout=5, what="new lines")
     assert sorted(ln["request_id"] for ln in read_lines(p.access_log)) == sorted(after)
+
+    new_log = os.path.join(str(tmp_path), "access2.log")  # HUP: the shard follows too
+    p.write_config(p.config_text().replace(p.access_log, new_log))
+    p.send(signal.SIGHUP)
+    wait_for(lambda: any(e.get("event") == "reload complete" for e in p.log_events()),
+             timeout=15, what="the reload to complete")
+    wait_for(lambda: len(p.workers_pids()) == 2, timeout=15, what="the old workers gone")
+    moved = spread_requests(p.port, "moved")
+    wait_for(lambda: len(read_lines(new_log)) == len(moved), timeout=5, what="new log lines")
+    assert sorted(ln["request_id"] for ln in read_lines(new_log)) == sorted(moved)
+    assert len({ln["worker"] for ln in read_lines(new_log)}) == 2
+    p.access_log = new_log
 
     os.kill(shard, signal.SIGKILL)
     wait_for(lambda: not alive(manager) and p.manager_pid() not in (None, manager),

@@ -78,13 +78,9 @@ class Manager:
         self.table = spec.table
         self.rings = dict(spec.rings)
         cfg = self.cfg
-        # forked first, before the access log and the admin sockets are opened here
-        n_collectors = max(1, min(config_mod.collector_count(cfg), len(self.rings)))
-        self.shards = [] if n_collectors == 1 else shards.fork_shards(
-            n_collectors, self.rings, table=self.table,
-            log_path=config_mod.log_path(cfg, cfg.log.access_log), log_format=cfg.log.format,
-            creds=(spec.uid, spec.gid, spec.groups),
-            close_fds=[fd for fd in (spec.ready_fd, spec.lifeline_fd) if fd is not None])
+        #: the manager drains ring i when i % n_collectors == 0, its shards the others
+        self.n_collectors = max(1, min(config_mod.collector_count(cfg), len(self.rings)))
+        self.shards: list[shards.Shard] = []  # forked by serve()
         self.metrics = Metrics()
         try:
             self.accesslog = AccessLog(config_mod.log_path(cfg, cfg.log.access_log),
@@ -94,7 +90,7 @@ class Manager:
                          path=cfg.log.access_log, error=e.strerror)
             self.accesslog = AccessLog("off", cfg.log.format, logger)
         self.sink = RecordSink(self.metrics, self.accesslog)
-        self.collector = Collector(shards.my_rings(self.rings, 0, n_collectors),
+        self.collector = Collector(shards.my_rings(self.rings, 0, self.n_collectors),
                                    self.sink.on_batch, table=self.table, logger=logger)
         self.admin = Admin(self, logger)
         self.admin_socks = None
@@ -289,6 +285,20 @@ class Manager:
         if n:
             self.log.info("health checks started", servers=n)
 
+    def start_shards(self, ready_w: int | None) -> None:
+        """Fork the collector shards (before the hub runs anything); they close what is
+        the manager's alone: the ready and lifeline pipes, the access log, admin sockets."""
+        if self.n_collectors == 1:
+            return
+        spec, cfg = self.spec, self.cfg
+        mine = [ready_w, spec.lifeline_fd, self.accesslog.fd if self.accesslog.own_fd else None,
+                *(s.fileno() for s in self.admin_socks or ())]
+        self.shards = shards.fork_shards(
+            self.n_collectors, self.rings, table=self.table,
+            log_path=config_mod.log_path(cfg, cfg.log.access_log), log_format=cfg.log.format,
+            creds=(spec.uid, spec.gid, spec.groups),
+            close_fds=[fd for fd in mine if fd is not None and fd >= 0])
+
     def _tell_shards(self, *msg) -> None:
         for shard in self.shards:
             try:
@@ -367,6 +377,7 @@ class Manager:
         """Serve until QUIT/TERM/master death. ``early_signals`` arrived during start-up;
         ``before_loop`` runs after the ready byte is written, before any greenlet runs
         (slow imports, then dropping privileges: nothing is served as root)."""
+        self.start_shards(ready_w)
         self._install_signals(early_signals)
         if self.spec.lifeline_fd is not None:
             gevent.spawn(self._watch_lifeline)

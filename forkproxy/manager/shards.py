@@ -151,7 +151,8 @@ class Shard:
 def fork_shards(count: int, rings: dict, *, table, log_path: str, log_format: str,
                 creds: tuple, close_fds: list[int]) -> list[Shard]:
     """Fork collectors 1..count-1. Call before the hub runs anything (the child reinits
-    it); ``close_fds`` are the manager's descriptors a shard must not hold (ready pipe)."""
+    it); ``close_fds`` are the manager's own descriptors (ready and lifeline pipes, its
+    access log, admin sockets), which a shard must not hold."""
     shards: list[Shard] = []
     for index in range(1, count):
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

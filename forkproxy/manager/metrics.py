@@ -267,7 +267,7 @@ class Metrics:
         """Duration and phase histograms of a batch.
 
         The six phases are written out, not looped over a plan: a loop over (name, index,
-        index, histogram) tuples cost ~0.6 µs more per record.
+        index, histogram) tuples cost ~0.3 µs more per record (1.09 against 0.81 µs).
 
         A histogram update is a bisect on the bound tuple (C) and one increment; sums
         are kept in locals for the batch. Phase conditions as in :func:`phases`.

@@ -596,7 +596,7 @@ def resolve_path(p: str, base: str) -> str:
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 
 
-#: workers per collector process with ``collectors = "auto"``: one core drains 150-200k
+#: workers per collector process with ``collectors = "auto"``: one core drains 125-200k
 #: records/s with the JSON access log on (docs/BENCHMARKS.md); 4 busy workers make
 #: ~100k, which leaves a collector half a core of headroom
 WORKERS_PER_COLLECTOR = 4

@@ -1,7 +1,7 @@
 """Collector shards: more processes for the rings when one core cannot drain them all.
 
 Measured with ``scripts/replay-bench`` (docs/BENCHMARKS.md, "The manager's record
-path"): one Python process drains, counts and logs 150-200k request records per second
+path"): one Python process drains, counts and logs 125-200k request records per second
 with the JSON access log on; 32 busy workers make about 800k. With ``[server]
 collectors = K`` (``auto``: one per 4 workers), the manager keeps the rings whose index
 ``i`` has ``i % K == 0`` and forks K - 1 shard processes (``fp-collector-k``); shard k

@@ -598,7 +598,7 @@ def resolve_path(p: str, base: str) -> str:
 
 #: workers per collector process with ``collectors = "auto"``: one core drains 125-200k
 #: records/s with the JSON access log on (docs/BENCHMARKS.md); 4 busy workers make
-#: ~100k, which leaves a collector half a core of headroom
+#: ~100k, half to 0.8 of a collector's core
 WORKERS_PER_COLLECTOR = 4
 
 

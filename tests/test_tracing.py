@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 import pytest
-from fp import connect, free_port, recv_response, request, wait_for
+from fp import children_of, comm, connect, free_port, recv_response, request, wait_for
 from otlputil import Receiver, attrs
 
 from forkproxy.http import tracecontext as tc
@@ -324,3 +324,34 @@ def test_parser_keeps_the_trace_fields_apart(fast):
     assert req.headers == [(b"X-Y", b"z")]
     twice = parse(b"traceparent: " + tp + b"\r\ntraceparent: " + tp + b"\r\n")
     assert tc.parse_traceparent(twice.traceparent) is None
+
+
+def test_collector_shards_export_their_rings_spans_and_counts_add_up(proxies, tmp_path,
+                                                                     origin, receiver):
+    """With two collectors, the shard exports the spans of its workers' rings itself; the
+    manager's /metrics adds the shard's export counters, /debug/phases its histograms."""
+    extra = (f'[tracing]\nendpoint = "{receiver.url}"\nsample_ratio = 1.0\n'
+             'export_interval = "100ms"\n')
+    p = proxies(tmp_path, origin.address, workers=2, admin=True, extra=extra,
+                server_extra="collectors = 2")
+    wait_for(lambda: any(comm(c).startswith("fp-collector")
+                         for c in children_of(p.manager_pid() or 0)), what="the collector shard")
+    n = 48
+    for _ in range(n // 24):  # many connections: both workers (so both rings) serve some
+        clients = [connect(p.port) for _ in range(24)]
+        for c in clients:
+            c.sendall(b"GET /tiny HTTP/1.1\r\nHost: x\r\n\r\n")
+        for c in clients:
+            assert recv_response(c)[0] == 200
+            c.close()
+    lines = wait_for(lambda: len(access_log(p)) == n and access_log(p), what="the log lines")
+    assert len({e["worker"] for e in lines}) == 2  # both rings, so both collectors, had some
+    spans = wait_for(lambda: len(receiver.server_spans()) == n and receiver.server_spans(),
+                     timeout=15, what="every request's span")
+    assert {s.span_id.hex() for s in spans} == {e["span_id"] for e in lines}
+    wait_for(lambda: metric(p, "forkproxy_trace_spans_exported_total") == n, timeout=10,
+             what="the manager's and the shard's export counters added")
+    with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/debug/phases",
+                                timeout=10) as r:
+        rep = json.load(r)
+    assert sum(g["requests"] for g in rep["groups"]) == n

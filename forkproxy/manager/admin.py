@@ -128,7 +128,7 @@ class Admin:
             if path == "/debug/greenlets":
                 return self._greenlets(query)
             if path == "/debug/phases":
-                rep = phases.report(self.source.metrics)
+                rep = self.source.phases_report()
                 if query.get("format") == "text":
                     return Response(200, phases.render(rep))
                 return json_response(rep)

@@ -24,6 +24,7 @@ import socket
 from collections import deque
 
 import gevent
+import msgspec
 from gevent import socket as gsocket
 from gevent import ssl as gssl
 from gevent.event import Event
@@ -276,6 +277,27 @@ class Tracer:
 
     # -- metrics ----------------------------------------------------------------------------
 
+    def counts(self) -> TracerCounts:
+        return TracerCounts(self.sampled, self.exported, self.dropped_queue,
+                            self.dropped_export, self.requests_ok, self.requests_failed,
+                            len(self.queue))
+
+
+class TracerCounts(msgspec.Struct, array_like=True, gc=False):
+    """A Tracer's counters as plain data: the manager adds its shards' to its own."""
+
+    sampled: int = 0
+    exported: int = 0
+    dropped_queue: int = 0
+    dropped_export: int = 0
+    requests_ok: int = 0
+    requests_failed: int = 0
+    queue: int = 0
+
+    def add(self, other: TracerCounts) -> None:
+        for name in self.__struct_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def render_into(self, w: TextWriter) -> None:
         w.family("forkproxy_trace_requests_sampled_total", "counter",
                  "Requests kept for export by the head or tail sampling rules.")
@@ -299,4 +321,4 @@ class Tracer:
         w.sample("forkproxy_trace_export_requests_total", (("result", "failure"),),
                  self.requests_failed)
         w.family("forkproxy_trace_queue_length", "gauge", "Sampled requests waiting for export.")
-        w.sample("forkproxy_trace_queue_length", (), len(self.queue))
+        w.sample("forkproxy_trace_queue_length", (), self.queue)

@@ -1,0 +1,31 @@
+"""What the manager does with each batch of ring records: metrics, then the access log.
+
+Split from the manager process so that the same code runs in ``scripts/replay-bench``,
+which measures how many records per second one core can take through it.
+"""
+
+from __future__ import annotations
+
+from forkproxy.context import RequestContext
+from forkproxy.manager.accesslog import AccessLog
+from forkproxy.manager.metrics import Metrics
+from forkproxy.manager.tracing import Tracer
+
+
+class RecordSink:
+    """``on_batch(records)``: the Collector's callback (the list is reused: not kept)."""
+
+    def __init__(self, metrics: Metrics, accesslog: AccessLog, tracer: Tracer | None = None):
+        self.metrics = metrics
+        self.accesslog = accesslog
+        self.tracer = tracer  # span export: each request is offered to its sampler
+
+    def on_batch(self, items: list) -> None:
+        self.metrics.observe_batch(items)
+        self.accesslog.write_batch(items)
+        tracer = self.tracer
+        if tracer is not None and tracer.enabled:
+            offer = tracer.offer
+            for rec in items:
+                if type(rec) is RequestContext:
+                    offer(rec)

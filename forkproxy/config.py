@@ -165,9 +165,10 @@ class TracingConfig(_Section, kw_only=True):
     sample_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.01
     #: requests slower than this are always exported, as are errors (5xx, resets)
     sample_slower_than: Duration = Duration(0.5)
-    #: spans waiting for export at most; more are dropped and counted
+    #: sampled requests waiting for export at most, per collector process; more are
+    #: dropped and counted
     queue_size: Annotated[int, Meta(ge=1)] = 8192
-    #: spans per export request
+    #: requests per export request (each a server span and its phase spans)
     batch_size: Annotated[int, Meta(ge=1)] = 512
     #: longest wait before a partial batch is sent
     export_interval: Duration = Duration(1.0)

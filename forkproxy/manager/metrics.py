@@ -166,11 +166,6 @@ def phases_ms(ctx: RequestContext) -> dict[str, float]:
 
 _PHASE_LIST = list(PHASES.items())
 
-
-def _observe(h: Histogram, bounds: tuple[float, ...], v: float) -> None:
-    h.counts[bisect_left(bounds, v)] += 1
-    h.sum += v
-    h.sumsq += v * v
 _ZEROS = (0.0,) * N_TIMES
 
 
@@ -366,8 +361,9 @@ class Metrics:
 
     def _time_groups(self, reqs: list[RequestContext]) -> None:
         """The critical-path report's histograms of a batch: per (route, upstream), finer
-        buckets, sums of squares. Written out like :meth:`_time` (a pooled connection's
-        wait for the pool is no connect, as there)."""
+        buckets, sums of squares. Written out like :meth:`_time` (a function call per
+        update cost ~0.8 µs more per record); a pooled connection's wait for the pool is
+        no connect, as there."""
         groups = self.groups
         fb = FINE_BUCKETS
         for ctx in reqs:
@@ -379,20 +375,41 @@ class Metrics:
                 g = groups[gkey] = PhaseGroup()
             start = ta or th
             if te and start and te >= start:
-                _observe(g.total, fb, te - start)
+                h, v = g.total, te - start
+                h.counts[bisect_left(fb, v)] += 1
+                h.sum += v
+                h.sumsq += v * v
             if ta:
                 if th and th >= ta:
-                    _observe(g.hdr, fb, th - ta)
+                    h, v = g.hdr, th - ta
+                    h.counts[bisect_left(fb, v)] += 1
+                    h.sum += v
+                    h.sumsq += v * v
                 if tt and tt >= ta:
-                    _observe(g.tls, fb, tt - ta)
+                    h, v = g.tls, tt - ta
+                    h.counts[bisect_left(fb, v)] += 1
+                    h.sum += v
+                    h.sumsq += v * v
             if tcs and tc and tc >= tcs and not ctx.reused:
-                _observe(g.conn, fb, tc - tcs)
+                h, v = g.conn, tc - tcs
+                h.counts[bisect_left(fb, v)] += 1
+                h.sum += v
+                h.sumsq += v * v
             if tc and tsent and tsent >= tc:
-                _observe(g.send, fb, tsent - tc)
+                h, v = g.send, tsent - tc
+                h.counts[bisect_left(fb, v)] += 1
+                h.sum += v
+                h.sumsq += v * v
             if tsent and tfb and tfb >= tsent:
-                _observe(g.fb, fb, tfb - tsent)
+                h, v = g.fb, tfb - tsent
+                h.counts[bisect_left(fb, v)] += 1
+                h.sum += v
+                h.sumsq += v * v
             if tfb and te and te >= tfb:
-                _observe(g.body, fb, te - tfb)
+                h, v = g.body, te - tfb
+                h.counts[bisect_left(fb, v)] += 1
+                h.sum += v
+                h.sumsq += v * v
 
     # -- shards (manager/shards.py) ------------------------------------------------------
 

@@ -422,3 +422,16 @@ def test_excess_streams_are_refused(session):
     assert len(c.requests()) == 128
     assert sorted(c.resets().values()) == [REFUSED_STREAM, REFUSED_STREAM]
     assert session.stream_errors == {"refused_stream": 2}
+
+
+def test_malformed_requests_count_as_resets():
+    """A client that makes the server reset its streams (malformed requests) is cut off
+    like one that resets them itself (the 'made you reset' variant of rapid reset)."""
+    s = ServerSession(Http2Limits(reset_burst=20, reset_rate=0.001))
+    c = RawClient(s)
+    wire = b"".join(c.headers_frames(1 + 2 * i, _req(extra=[(b"te", b"gzip")]))
+                    for i in range(50))
+    c.raw(wire)
+    assert s.failed == "rapid_reset" and c.goaway().error_code == ENHANCE_YOUR_CALM
+    assert s.stream_errors["rapid_reset"] == 1 and c.requests() == []
+    s.close()

@@ -152,13 +152,12 @@ class ServerSession:
             return
         rv = self._lib.nghttp2_session_mem_recv(self._session, ffi.from_buffer(data), len(data))
         self._after_call()
-        if rv < 0:
-            violation = self._violation
-            if violation is not None:
-                self._violation = None
-                self._terminate(*violation)
-            else:
-                self._terminate(*_FATAL.get(rv, ("protocol_error", ng.PROTOCOL_ERROR)))
+        violation = self._violation
+        if violation is not None:  # a limit broken inside a callback
+            self._violation = None
+            self._terminate(*violation)
+        elif rv < 0:
+            self._terminate(*_FATAL.get(rv, ("protocol_error", ng.PROTOCOL_ERROR)))
 
     def _after_call(self) -> None:
         """Re-raise, once C has returned, what a callback caught (never unwound through C)."""
@@ -226,9 +225,17 @@ class ServerSession:
             stream.unconsumed -= n
         self._lib.nghttp2_session_consume(self._session, sid, n)
 
+    def _reset_budget(self) -> None:
+        """A stream reset the client caused (its RST_STREAM or its malformed request)
+        takes a token; none left: the connection ends after this read (rapid reset,
+        CVE-2023-44487, and its variant through malformed requests)."""
+        if not self._resets.take() and self._violation is None:
+            self._violation = ("rapid_reset", ng.ENHANCE_YOUR_CALM)
+
     def _refuse(self, stream: _Stream, err: StreamRefused) -> None:
         stream.refused = True
         self._count(err.reason)
+        self._reset_budget()
         if err.status:
             self.respond(stream.sid, err.status, [(b"content-type", b"text/plain")],
                          body=b"%d %s\n" % (err.status, str(err).encode("latin-1", "replace")))
@@ -309,6 +316,7 @@ class ServerSession:
         if stream is not None and not stream.refused:
             stream.refused = True
             self._count("invalid_field")
+            self._reset_budget()
         return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # nghttp2 resets it: PROTOCOL_ERROR
 
     def _on_frame_recv(self, frame) -> int:
@@ -326,8 +334,8 @@ class ServerSession:
             if stream is not None:
                 self._headers_done(frame, stream)
         elif kind == ng.RST_STREAM:
-            if not self._resets.take():
-                self._violation = ("rapid_reset", ng.ENHANCE_YOUR_CALM)
+            self._reset_budget()
+            if self._violation is not None:
                 return ng.ERR_CALLBACK_FAILURE
         elif kind in _CONTROL_REASON and not hd.flags & ng.FLAG_ACK or kind == ng.PRIORITY:
             if not self._control.take():
@@ -349,6 +357,7 @@ class ServerSession:
             if code == ng.REFUSED_STREAM:
                 self._count("refused_stream")
             elif stream is None or not stream.refused:
+                self._reset_budget()
                 if stream is not None:
                     stream.refused = True
                 if stream is None or stream.request is None:

@@ -13,6 +13,9 @@ from forkproxy.master.tickets import ticket_lifetime
 from forkproxy.tls.context import build_server_context, install_callbacks, staple_provider_for
 
 _HANDSHAKE_ERRORS = (ssl.SSLError, OSError, socket.timeout, ValueError)
+#: what this worker can serve; ALPN offers the listener's protocols filtered by it, so a
+#: client is never offered a protocol the worker would then fail to speak
+SERVED_PROTOCOLS = ("http/1.1",)
 
 
 def slot_base(cfg, li: int) -> int:
@@ -26,7 +29,8 @@ def worker_tls_context(cfg, li: int, keystore):
     base = config_mod.config_dir(cfg)
     pairs = [(config_mod.resolve_path(c.cert, base), config_mod.resolve_path(c.key, base))
              for c in tls.certificates]
-    ctx = build_server_context(pairs, alpn=tuple(tls.alpn))
+    offered = config_mod.listener_protocols(cfg.listener[li])
+    ctx = build_server_context(pairs, alpn=tuple(p for p in offered if p in SERVED_PROTOCOLS))
     if not tls.session_tickets:
         for c in ctx.contexts():
             c.options |= ssl.OP_NO_TICKET

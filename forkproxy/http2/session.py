@@ -221,8 +221,9 @@ class ServerSession:
     def consume(self, sid: int, n: int) -> None:
         """The consumer took ``n`` body bytes of stream ``sid``: reopen the windows."""
         stream = self.streams.get(sid)
-        if stream is not None:
-            stream.unconsumed -= n
+        if stream is None:
+            return  # closed: its unconsumed bytes went back to the connection window
+        stream.unconsumed -= n
         self._lib.nghttp2_session_consume(self._session, sid, n)
 
     def _reset_budget(self) -> None:
@@ -414,6 +415,8 @@ class ServerSession:
 
     def interim(self, sid: int, status: int, headers=()) -> None:
         """A 1xx response (100 Continue, 103 Early Hints) before the final one."""
+        if sid not in self.streams:
+            return
         nva, keep = _nv([(b":status", b"%d" % status), *headers])
         self._lib.nghttp2_submit_headers(self._session, ng.FLAG_NONE, sid, ffi.NULL, nva,
                                          len(keep) // 2, ffi.NULL)
@@ -473,22 +476,28 @@ class ServerSession:
     def send_window(self, sid: int) -> int:
         """What the client's flow control lets the stream send now (<= 0: closed)."""
         lib, s = self._lib, self._session
+        if s is None:
+            return 0
         return min(lib.nghttp2_session_get_stream_remote_window_size(s, sid),
                    lib.nghttp2_session_get_remote_window_size(s))
 
     def reset(self, sid: int, code: int = ng.CANCEL) -> None:
         stream = self.streams.get(sid)
-        if stream is not None:
-            stream.refused = True
+        if stream is None:
+            return
+        stream.refused = True
         self._lib.nghttp2_submit_rst_stream(self._session, ng.FLAG_NONE, sid, code)
 
     def shutdown_notice(self) -> None:
         """The first GOAWAY of a graceful close (last stream id 2^31-1): the client stops
         opening streams; streams already on the way are still accepted."""
-        self._lib.nghttp2_submit_shutdown_notice(self._session)
+        if self._session is not None:
+            self._lib.nghttp2_submit_shutdown_notice(self._session)
 
     def goaway(self, code: int = ng.NO_ERROR) -> int:
         """The final GOAWAY with the last stream id processed; returns that id."""
+        if self._session is None:
+            return 0
         last = self._lib.nghttp2_session_get_last_proc_stream_id(self._session)
         self._lib.nghttp2_submit_goaway(self._session, ng.FLAG_NONE, last, code, ffi.NULL, 0)
         return last

@@ -198,3 +198,20 @@ def _framing(req: Request, end_stream: bool, limits: Limits) -> None:
         if limit and cl > limit:
             raise StreamRefused("body_too_large", 413, "request body too large")
         req.has_body = cl > 0
+
+
+#: response fields that are connection-specific in HTTP/2 (RFC 9113 section 8.2.2), and
+#: content-length (set from the length the proxy relays)
+_RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
+                            b"trailer", b"transfer-encoding", b"upgrade", b"content-length"})
+
+
+def response_fields(fields, content_length: int | None) -> list[tuple[bytes, bytes]]:
+    """An upstream HTTP/1.1 response's fields (already validated by the response parser)
+    as an HTTP/2 header list: names lower-cased, connection-specific fields dropped,
+    ``content-length`` the relayed length (None: not sent)."""
+    out = [(name.lower(), value) for name, value in fields
+           if name.lower() not in _RESPONSE_DROP]
+    if content_length is not None:
+        out.append((b"content-length", b"%d" % content_length))
+    return out

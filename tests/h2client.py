@@ -159,3 +159,68 @@ class RawClient:
                     out[sid] = block
                     break
         return out
+
+
+class SocketClient:
+    """The h2 library as a client over a real socket (h2c prior knowledge), permissive
+    like RawClient: for protocol violations sent through a real proxy."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0):
+        import socket
+
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.conn = h2.connection.H2Connection(client_config())
+        self.conn.initiate_connection()
+        self.events: list = []
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def send(self, headers, body: bytes | None = None, *, end_stream: bool | None = None) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, headers, end_stream=body is None if end_stream is None
+                               else end_stream)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=True)
+        self.flush()
+        return sid
+
+    def wait(self, sid: int) -> dict:
+        """Read until stream ``sid`` ended or was reset (or the connection ended):
+        {"status", "headers", "body", "reset", "goaway"}."""
+        out = {"status": None, "headers": {}, "body": b"", "reset": None, "goaway": None}
+        while True:
+            for ev in self.events:
+                if getattr(ev, "stream_id", None) == sid:
+                    if isinstance(ev, h2.events.ResponseReceived):
+                        out["headers"] = dict(ev.headers)
+                        out["status"] = int(out["headers"][b":status"])
+                    elif isinstance(ev, h2.events.DataReceived):
+                        out["body"] += ev.data
+                    elif isinstance(ev, h2.events.StreamReset):
+                        out["reset"] = ev.error_code
+                        return out
+                    elif isinstance(ev, h2.events.StreamEnded):
+                        return out
+                if isinstance(ev, h2.events.ConnectionTerminated):
+                    out["goaway"] = ev.error_code
+                    return out
+            self.events = []
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                out["goaway"] = out["goaway"] if out["goaway"] is not None else -1
+                return out
+            for ev in self.conn.receive_data(data):
+                if isinstance(ev, h2.events.DataReceived) and ev.flow_controlled_length:
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                self.events.append(ev)
+            self.flush()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -139,6 +139,7 @@ int nghttp2_submit_rst_stream(nghttp2_session *session, uint8_t flags, int32_t s
 int nghttp2_submit_goaway(nghttp2_session *session, uint8_t flags, int32_t last_stream_id,
     uint32_t error_code, const uint8_t *opaque_data, size_t opaque_data_len);
 int nghttp2_submit_shutdown_notice(nghttp2_session *session);
+int nghttp2_submit_ping(nghttp2_session *session, uint8_t flags, const uint8_t *opaque_data);
 int32_t nghttp2_submit_request(nghttp2_session *session, const nghttp2_priority_spec *pri_spec,
     const nghttp2_nv *nva, size_t nvlen, const nghttp2_data_provider *data_prd,
     void *stream_user_data);

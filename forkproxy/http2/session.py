@@ -43,6 +43,8 @@ from forkproxy.http2.translate import StreamRefused, build_request
 ffi = ng.ffi
 REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
 
+#: the opaque data of the PING sent with the first GOAWAY (its ACK is recognised)
+_NOTICE_PING = b"goaway-1"
 _CONTROL_REASON = {ng.SETTINGS: "settings_flood", ng.PING: "ping_flood",
                    ng.PRIORITY: "priority_flood", ng.WINDOW_UPDATE: "window_update_flood",
                    ng.DATA: "empty_data_flood"}
@@ -93,6 +95,9 @@ class ServerSession:
         self.streams: dict[int, _Stream] = {}
         self.stream_errors: dict[str, int] = {}
         self.failed: str | None = None  # why the connection is being torn down
+        #: the client answered the PING sent with the first GOAWAY: every stream it
+        #: opened before it saw that GOAWAY has arrived (TCP keeps the order)
+        self.notice_acked = False
         self._exc: BaseException | None = None
         self._violation: tuple[str, int] | None = None
         kw = {} if clock is None else {"clock": clock}
@@ -343,6 +348,8 @@ class ServerSession:
                 return self._flood(kind)
         elif kind == ng.GOAWAY:
             self.events.append((GOAWAY, 0, frame.goaway.error_code))
+        elif kind == ng.PING and ffi.buffer(frame.ping.opaque_data, 8)[:] == _NOTICE_PING:
+            self.notice_acked = True
         return 0
 
     def _flood(self, kind: int) -> int:
@@ -490,9 +497,11 @@ class ServerSession:
 
     def shutdown_notice(self) -> None:
         """The first GOAWAY of a graceful close (last stream id 2^31-1): the client stops
-        opening streams; streams already on the way are still accepted."""
+        opening streams; streams already on the way are still accepted. A PING goes with
+        it: its ACK (``notice_acked``) says when the final goaway() may be sent."""
         if self._session is not None:
             self._lib.nghttp2_submit_shutdown_notice(self._session)
+            self._lib.nghttp2_submit_ping(self._session, ng.FLAG_NONE, _NOTICE_PING)
 
     def goaway(self, code: int = ng.NO_ERROR) -> int:
         """The final GOAWAY with the last stream id processed; returns that id."""

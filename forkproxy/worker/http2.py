@@ -12,8 +12,9 @@ more than ``send_buffer`` bytes of theirs are queued (the client's window is clo
 its connection slow), so reading from their upstream pauses and memory stays bounded.
 
 Lifecycle: idle (no stream) for keepalive_timeout: GOAWAY and close. Worker drain (QUIT,
-HUP's old generation, upgrade): GOAWAY(2^31-1) at once, the final GOAWAY with the last
-stream id a moment later; in-flight streams finish; then the connection closes.
+HUP's old generation, upgrade): GOAWAY(2^31-1) and a PING at once, the final GOAWAY with
+the last stream id when the PING's ACK is back; in-flight streams finish; then the
+connection closes.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from forkproxy.worker.front import BodyAborted, ClientGone, Deadline, FrontEnd
 _monotonic = time.monotonic
 #: the client connection preface (RFC 9113 section 3.4): what h2c prior knowledge begins with
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-#: between the two GOAWAYs of a graceful close: streams the client opened before it saw
-#: the first one still arrive and are served (about one round trip; nghttp2 uses a PING)
-GOAWAY_GRACE = 0.2
+#: the final GOAWAY of a graceful close follows the first once the client acknowledged
+#: the PING sent with it (streams it opened before seeing the first GOAWAY have then all
+#: arrived and are served), or after this long if it never does
+GOAWAY_GRACE = 2.0
 #: socket reads per wake-up before the connection writes and yields (fairness)
 READS_PER_WAKE = 16
 _PLAIN_TEXT = b"content-type", b"text/plain"
@@ -106,20 +108,24 @@ class Http2Connection(ClientConnection):
             self._flush()
             if session.failed is not None or session.finished:
                 return
-            if (self.final_sent or self.client_gone_away) and not self.streams:
+            # a stream stays open in the session until its response is all sent (a
+            # closed client window can hold its last bytes after the exchange ended)
+            busy = self.streams or session.streams
+            if (self.final_sent or self.client_gone_away) and not busy:
                 return
             if ws.draining and not self.final_sent:
                 self._goaway_step()
             if self.notice_at and not self.final_sent:
                 self.deadline = self.notice_at + GOAWAY_GRACE
-            elif not self.streams:
+            elif not busy:
                 self.deadline = self.idle_since + ws.keepalive_timeout
             else:
                 self.deadline = 0.0
             wake.clear()
-            if not self._read():
+            got = self._read()
+            if got is None:
                 return
-            if not wake.is_set():
+            if not got and not wake.is_set():  # nothing read, nothing new: sleep
                 try:
                     wake.wait()
                 except Deadline:
@@ -141,13 +147,16 @@ class Http2Connection(ClientConnection):
         if not self.notice_at:
             self.notice_at = now
             self.session.shutdown_notice()
-        elif now >= self.notice_at + GOAWAY_GRACE or not self.streams:
+        elif self.session.notice_acked or now >= self.notice_at + GOAWAY_GRACE:
+            # not sooner, even when idle: requests the client sent before it saw the
+            # first GOAWAY may still be on the way, and the final one refuses them
             self.final_sent = True
             self.session.goaway()
 
-    def _read(self) -> bool:
+    def _read(self) -> bool | None:
         """Read what the socket has (up to READS_PER_WAKE times) into the session and
-        hand the events out. False: the client closed the connection."""
+        hand the events out. True: bytes were read (answers may be due); None: the
+        client closed the connection."""
         ws = self.ws
         session = self.session
         raw = self.raw
@@ -158,26 +167,28 @@ class Http2Connection(ClientConnection):
         if not session.want_read:  # after GOAWAY: only the streams' answers remain
             if self.watcher is not None:
                 self.watcher.stop()
-            return True
+            return False
+        got = False
         for _ in range(READS_PER_WAKE):
             try:
                 n = raw.recv_into(buf) if raw is not None else sslobj.read(size, buf)
             except (BlockingIOError, SSLWantReadError, SSLWantWriteError):
-                return True
+                return got
             except (SSLEOFError, SSLZeroReturnError):
-                return False
+                return None
             except OSError as e:
                 if e.errno in _GONE:
-                    return False
+                    return None
                 raise
             if n == 0:
-                return False
+                return None
+            got = True
             self.idle_since = _monotonic()
             session.receive(view[:n])
             self._dispatch()
             if not session.want_read:
-                return True
-        return True
+                break
+        return got
 
     def _dispatch(self) -> None:
         session = self.session

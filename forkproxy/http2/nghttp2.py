@@ -30,7 +30,9 @@ typedef struct nghttp2_option nghttp2_option;
 
 typedef struct { int age; int version_num; const char *version_str; const char *proto_str; }
     nghttp2_info;
-typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen; uint8_t flags; }
+/* nghttp2.h declares the name and value as uint8_t *: char * has the same layout and
+   lets one ffi.new() initialise a whole array from ffi.from_buffer() pointers */
+typedef struct { char *name; char *value; size_t namelen; size_t valuelen; uint8_t flags; }
     nghttp2_nv;
 typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags; uint8_t reserved; }
     nghttp2_frame_hd;
@@ -273,13 +275,9 @@ def _drain(lib, session, out: bytearray) -> None:
 
 
 def _nv(pairs):
-    keep = []
-    nva = ffi.new("nghttp2_nv[]", len(pairs))
-    for i, (name, value) in enumerate(pairs):
-        n, v = ffi.from_buffer(name), ffi.from_buffer(value)
-        keep += (n, v)
-        nva[i].name, nva[i].namelen = ffi.cast("uint8_t *", n), len(name)
-        nva[i].value, nva[i].valuelen = ffi.cast("uint8_t *", v), len(value)
+    keep = [(ffi.from_buffer(n), ffi.from_buffer(v)) for n, v in pairs]
+    nva = ffi.new("nghttp2_nv[]", [(kn, kv, len(n), len(v), 0)
+                                   for (kn, kv), (n, v) in zip(keep, pairs, strict=True)])
     return nva, keep
 
 

@@ -513,19 +513,13 @@ class ServerSession:
 
 
 def _nv(pairs):
-    """An nghttp2_nv array for ``pairs``, and the buffers it points into (keep them alive
-    until the submit call returns: nghttp2 copies the fields)."""
-    keep = []
-    nva = ffi.new("nghttp2_nv[]", len(pairs))
-    for i, (name, value) in enumerate(pairs):
-        n, v = ffi.from_buffer(name), ffi.from_buffer(value)
-        keep.append(n)
-        keep.append(v)
-        nv = nva[i]
-        nv.name = ffi.cast("uint8_t *", n)
-        nv.namelen = len(name)
-        nv.value = ffi.cast("uint8_t *", v)
-        nv.valuelen = len(value)
+    """An nghttp2_nv array for ``pairs`` (one ffi.new from an initialiser list), and
+    the buffers it points into: keep them alive until the submit call returns (nghttp2
+    copies the fields)."""
+    from_buffer = ffi.from_buffer
+    keep = [from_buffer(x) for pair in pairs for x in pair]
+    nva = ffi.new("nghttp2_nv[]", [(keep[2 * i], keep[2 * i + 1], len(a), len(b), 0)
+                                   for i, (a, b) in enumerate(pairs)])
     return nva, keep
 
 

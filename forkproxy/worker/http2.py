@@ -51,8 +51,8 @@ _PLAIN_TEXT = b"content-type", b"text/plain"
 class Http2Connection(ClientConnection):
     """One HTTP/2 client connection (h2 over TLS, or h2c with prior knowledge)."""
 
-    __slots__ = ("session", "streams", "wake", "watcher", "notice_at", "final_sent",
-                 "client_gone_away", "early")
+    __slots__ = ("session", "streams", "wake", "watcher", "readable", "notice_at",
+                 "final_sent", "client_gone_away", "early")
 
     @classmethod
     def adopt(cls, conn: ClientConnection, early: bytes = b"") -> Http2Connection:
@@ -65,11 +65,17 @@ class Http2Connection(ClientConnection):
         self.streams: dict[int, Http2Stream] = {}
         self.wake = Event()
         self.watcher = None
+        self.readable = True  # the socket may have bytes (set by its read watcher)
         self.notice_at = 0.0  # when the first GOAWAY of a graceful close went out
         self.final_sent = False
         self.client_gone_away = False
         self.early = early
         return self
+
+    def _on_readable(self) -> None:
+        """libev callback, in the hub: the socket has bytes."""
+        self.readable = True
+        self.wake.set()
 
     def start_drain(self) -> None:
         """The worker stops: the connection's loop sends GOAWAY on its next turn."""
@@ -86,7 +92,7 @@ class Http2Connection(ClientConnection):
         session = self.session = ServerSession(ws.h2limits, ws.limits)
         try:
             self.watcher = ws.hub.loop.io(self.sock.fileno(), 1)
-            self.watcher.start(self.wake.set)
+            self.watcher.start(self._on_readable)
             if self.early:
                 session.receive(self.early)
                 self.early = b""
@@ -168,11 +174,15 @@ class Http2Connection(ClientConnection):
             if self.watcher is not None:
                 self.watcher.stop()
             return False
+        # woken by a stream, not by the socket: no read (it would only say EAGAIN)
+        if not self.readable and (sslobj is None or not sslobj.pending()):
+            return False
         got = False
         for _ in range(READS_PER_WAKE):
             try:
                 n = raw.recv_into(buf) if raw is not None else sslobj.read(size, buf)
             except (BlockingIOError, SSLWantReadError, SSLWantWriteError):
+                self.readable = False
                 return got
             except (SSLEOFError, SSLZeroReturnError):
                 return None

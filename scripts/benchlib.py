@@ -966,7 +966,7 @@ def render_markdown(results: dict) -> str:
     lines.append("")
     targets = check_targets(results)
     if targets:
-        lines += ["#### Targets (issue 7)", "", "| target | forkproxy measured | verdict |",
+        lines += ["#### Targets (issues 7 and 14)", "", "| target | forkproxy measured | verdict |",
                   "|---|---:|---|"]
         lines += [f"| {t} | {v} | {ok} |" for t, v, ok in targets]
         lines.append("")

@@ -14,7 +14,7 @@ import time
 import urllib.request
 
 import pytest
-from fp import wait_for
+from fp import rss_kib, wait_for
 from h2client import SocketClient
 from hostile import RecordingOrigin
 
@@ -317,3 +317,35 @@ def test_no_request_fails_across_ten_hups(tmp_path, origin, proxies):
     records = access_records(p, ok)
     assert [r for r in records if r["status"] != 200 or r["error"]] == []
     assert len(records) == ok, (len(records), [r["out"][-600:] for r in runs])
+
+
+def test_a_large_download_streams_with_flat_memory(tmp_path, origin, proxies):
+    """256 MiB through one stream (curl's windows, the client reading at its pace): the
+    bytes are the origin's, and the worker's RSS does not grow with the body (the
+    stream's queue is bounded by send_buffer, the upstream is read as the client reads)."""
+    p = proxies(tmp_path, origin.address, listener_extra=H2C, admin=True)
+    (wpid,) = p.workers_pids()
+    curl("--http2-prior-knowledge", "-o", "/dev/null", f"http://127.0.0.1:{p.port}/tiny")
+    before = rss_kib(wpid)
+    size = 256 << 20
+    r = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "--max-time", "120",
+                        "-w", "%{size_download} %{http_version}", "-o", "/dev/null",
+                        f"http://127.0.0.1:{p.port}/bytes/{size}"],
+                       capture_output=True, timeout=180)
+    assert r.stdout == b"%d 2" % size, r.stderr
+    assert rss_kib(wpid) - before < 32 * 1024, (before, rss_kib(wpid))
+
+
+def test_status_shows_http2_connections_and_streams(tmp_path, recording, proxies):
+    p = proxies(tmp_path, recording.address, listener_extra=H2C, admin=True)
+    c = SocketClient(p.port)
+    c.send(_req(b"/sleep/3000"))
+
+    def h2_status():
+        body = urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/status", timeout=10)
+        (w,) = json.loads(body.read())["workers"]
+        return w["http2_connections"], w["http2_streams"]
+
+    wait_for(lambda: h2_status() == (1, 1), timeout=10, what="one connection, one stream")
+    c.close()
+    wait_for(lambda: h2_status() == (0, 0), timeout=15, what="both gone")

@@ -114,7 +114,10 @@ class ServerSession:
         opt = opt_p[0]
         try:
             lib.nghttp2_option_set_no_auto_window_update(opt, 1)
-            lib.nghttp2_option_set_max_outbound_ack(opt, limits.max_outbound_ack)
+            # a backstop too: the control-frame bucket refuses a SETTINGS or PING flood
+            # first (a flood in one read would otherwise race the two limits)
+            lib.nghttp2_option_set_max_outbound_ack(
+                opt, max(limits.max_outbound_ack, 2 * limits.control_burst))
             lib.nghttp2_option_set_max_settings(opt, limits.max_settings)
             lib.nghttp2_option_set_max_continuations(opt, limits.max_continuations)
             lib.nghttp2_option_set_max_deflate_dynamic_table_size(opt, limits.header_table_size)

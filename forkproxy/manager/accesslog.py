@@ -2,7 +2,7 @@
 
 Formats:
 
-* ``json`` (CONTRACT.md): one object per line with at least ``ts``, ``request_id``,
+* ``json`` (docs/OPERATIONS.md, "Access log fields"): one object per line with at least ``ts``, ``request_id``,
   ``remote``, ``method``, ``path``, ``status``, ``bytes_out``, ``upstream``,
   ``upstream_addr``, ``duration_ms``, ``phases`` (phase name -> milliseconds, only the
   phases that happened), ``tls_resumed`` (null on plain-text listeners) and ``worker``

@@ -234,7 +234,7 @@ class Metrics:
 
     def render(self, sample: Sample | None = None) -> str:
         """The Prometheus text exposition (format 0.0.4)."""
-        w = _Writer()
+        w = TextWriter()
         w.family("forkproxy_requests_total", "counter",
                  "Requests answered, by listener, upstream and status code.")
         for (listener, upstream, code), n in sorted(self.requests.items()):
@@ -339,7 +339,7 @@ class Sample:
         self.access_log_errors = access_log_errors
         self.access_log_lines = access_log_lines
 
-    def render_into(self, w: _Writer) -> None:
+    def render_into(self, w: TextWriter) -> None:
         w.family("forkproxy_workers", "gauge", "Worker processes in the worker table.")
         w.sample("forkproxy_workers", (), len(self.workers))
         w.family("forkproxy_workers_by_generation", "gauge", "Worker processes by generation.")
@@ -491,7 +491,7 @@ def _num(v) -> str:
     return repr(float(v))
 
 
-class _Writer:
+class TextWriter:
     def __init__(self):
         self.lines: list[str] = []
 

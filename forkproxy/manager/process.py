@@ -23,6 +23,27 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
+from gevent.socket import wait_read
+
+from forkproxy import config as config_mod
+from forkproxy import log as log_mod
+from forkproxy.context import RequestContext
+from forkproxy.manager import upstreams
+from forkproxy.manager.accesslog import AccessLog
+from forkproxy.manager.admin import HEALTHY_WITHIN, Admin
+from forkproxy.manager.collector import Collector
+from forkproxy.manager.healthcheck import HealthChecker
+from forkproxy.manager.metrics import Metrics, Sample, rss_bytes, tcp_states
+from forkproxy.osutil import drop_privileges, set_pdeathsig
+from forkproxy.shm.health import HealthTable
+from forkproxy.shm.keystore import KeyStore
+from forkproxy.shm.ring import Ring
+from forkproxy.shm.table import WorkerTable
 
 FLUSH_INTERVAL = 0.5
 FORGET_INTERVAL = 5.0
@@ -31,21 +52,30 @@ TCP_SAMPLE_TIMEOUT = 5.0
 FAULT = os.environ.get("FORKPROXY_FAULT", "")
 
 
-class Manager:
-    def __init__(self, arbiter, logger):
-        from forkproxy import config as config_mod
-        from forkproxy.manager.accesslog import AccessLog
-        from forkproxy.manager.admin import Admin
-        from forkproxy.manager.collector import Collector
-        from forkproxy.manager.metrics import Metrics
+@dataclass(kw_only=True, frozen=True)
+class ManagerSpec:
+    """Everything the master hands the manager at fork (documented fork-shared state),
+    as WorkerSpec does for a worker: the manager never sees the master's objects."""
 
-        self.config_mod = config_mod
-        self.arbiter = arbiter
+    cfg: config_mod.Config
+    table: WorkerTable  # the worker table: pids, heartbeats, counters
+    rings: dict[int, Ring]  # ring index -> the ring the worker of that index writes
+    health: HealthTable | None = None  # active health verdicts, written by the manager
+    keystore: KeyStore | None = None  # ticket keys + OCSP staples (None: no TLS)
+    ready_fd: int | None = None  # one byte "R" once the manager serves
+    lifeline_fd: int | None = None  # EOF when the master dies
+    uid: int | None = None  # privileges to drop to (None: the master was not root)
+    gid: int | None = None
+    groups: list[int] | None = None
+
+
+class Manager:
+    def __init__(self, spec: ManagerSpec, logger):
+        self.spec = spec
         self.log = logger
-        self.cfg = arbiter.cfg
-        self.table = arbiter.table
-        self.rings = {i: r for i, r in (getattr(arbiter, "rings", None) or {}).items()
-                      if r is not None}
+        self.cfg = spec.cfg
+        self.table = spec.table
+        self.rings = dict(spec.rings)
         self.metrics = Metrics()
         cfg = self.cfg
         try:
@@ -68,13 +98,13 @@ class Manager:
         self.started = time.time()
         self.stop_mode = ""
         self.privileges_dropped = False
-        self.request_stop = None
+        self.stop_event = Event()
+        self.staple_stop: Event | None = None  # stops the running OCSP fetcher
+        self.checker: HealthChecker | None = None
 
     # -- records ----------------------------------------------------------------------
 
     def on_batch(self, items: list) -> None:
-        from forkproxy.context import RequestContext
-
         metrics = self.metrics
         observe = metrics.observe
         log = self.accesslog
@@ -98,8 +128,6 @@ class Manager:
     # -- what the admin endpoint shows ------------------------------------------------
 
     def workers(self) -> list[dict]:
-        from forkproxy.manager.metrics import rss_bytes
-
         now_mono = time.monotonic()
         now = time.time()
         out = []
@@ -147,28 +175,20 @@ class Manager:
         }
 
     def upstreams_status(self) -> dict:
-        from forkproxy.manager import upstreams
-
         return upstreams.collect(self.cfg, self.metrics.gauges, self.worker_pids(),
-                                 getattr(self.arbiter, "health", None))
+                                 self.spec.health)
 
     def healthy(self) -> bool:
-        from forkproxy.manager.admin import HEALTHY_WITHIN
-
         now = time.monotonic()
         return any(e["heartbeat"] and now - e["heartbeat"] < HEALTHY_WITHIN
                    for _, e in self.table.live())
 
     def tcp_sample(self) -> dict | None:
         """TCP sockets by state per listener port (a netlink dump on a gevent socket)."""
-        from gevent import socket as gsocket
-
-        from forkproxy.manager.metrics import tcp_states
-
         listeners = []
         for lcfg in self.cfg.listener:
             try:
-                listeners.append((lcfg.listen, self.config_mod.parse_listen(lcfg.listen).port))
+                listeners.append((lcfg.listen, config_mod.parse_listen(lcfg.listen).port))
             except ValueError:
                 continue
         if not listeners:
@@ -180,8 +200,6 @@ class Manager:
             return None
 
     def metrics_text(self) -> str:
-        from forkproxy.manager.metrics import Sample
-
         master_pid, generation = self.table.master()
         workers = self.workers()
         self.metrics.forget_workers(w["pid"] for w in workers)
@@ -190,19 +208,13 @@ class Manager:
                         ring_dropped=self.collector.dropped, ring_lost=self.collector.lost,
                         tcp=self.tcp_sample(), access_log_lines=self.accesslog.lines,
                         access_log_errors=self.accesslog.errors)
-        from forkproxy.manager import upstreams
-
         m = self.metrics
         return m.render(sample) + upstreams.metrics_text(
-            self.cfg, m.gauges, sample.worker_pids, getattr(self.arbiter, "health", None),
-            m.retries, m.tunnels)
+            self.cfg, m.gauges, sample.worker_pids, self.spec.health, m.retries, m.tunnels)
 
     # -- signals ----------------------------------------------------------------------
 
     def reload(self) -> None:
-        from forkproxy import log as log_mod
-
-        config_mod = self.config_mod
         try:
             # the master validated it (files included) before signalling us; certificates
             # and keys may not be readable after privileges dropped
@@ -213,8 +225,7 @@ class Manager:
                 # starts with the master's (new) config
                 self.log.info("cannot read the config file after dropping privileges: "
                               "restarting the manager to pick it up", errors=e.problems)
-                if self.request_stop is not None:
-                    self.request_stop("restart for the new config")
+                self.request_stop("restart for the new config")
                 return
             self.log.error("reload failed: invalid config, keeping the running one",
                            errors=e.problems)
@@ -237,89 +248,79 @@ class Manager:
 
     def start_stapling(self) -> None:
         """OCSP stapling for the current config (restarted on reload)."""
-        import gevent
-        from gevent.event import Event
-
-        old = getattr(self, "_staple_stop", None)
-        if old is not None:
-            old.set()
-        keystore = getattr(self.arbiter, "keystore", None)
+        if self.staple_stop is not None:
+            self.staple_stop.set()
+        keystore = self.spec.keystore
         if keystore is None:
             return
+        # imported here, not at the top: OCSP needs cryptography (~7 MiB), resident only
+        # in a manager that staples (the master preloads it before fork with TLS listeners)
         from forkproxy.tls import stapling
 
-        stop = self._staple_stop = Event()
+        stop = self.staple_stop = Event()
         cfg, log = self.cfg, self.log
         gevent.spawn(self._guard, lambda: stapling.run(cfg, keystore, log, stop))
 
     def start_health_checks(self) -> None:
         """Active health checks for the current config (restarted on reload)."""
-        from forkproxy.manager.healthcheck import HealthChecker
-
-        old = getattr(self, "_checker", None)
-        if old is not None:
-            old.stop()
-        health = getattr(self.arbiter, "health", None)
+        if self.checker is not None:
+            self.checker.stop()
+        health = self.spec.health
         if health is None:
             return
-        self._checker = HealthChecker(self.cfg, health, self.log)
-        n = self._checker.start()
+        self.checker = HealthChecker(self.cfg, health, self.log)
+        n = self.checker.start()
         if n:
             self.log.info("health checks started", servers=n)
 
     def reopen(self) -> None:
-        from forkproxy import log as log_mod
-
         log_mod.reopen()
         self.accesslog.reopen()
         self.log.info("logs reopened", access_log=self.accesslog.path)
 
     # -- main -------------------------------------------------------------------------
 
-    def serve(self, ready_w: int | None, early_signals: list[int] | None = None,
-              before_loop=None) -> None:
-        """Serve until QUIT/TERM/master death. ``early_signals`` arrived during start-up;
-        ``before_loop`` runs after the ready byte is written, before any greenlet runs
-        (slow imports, then dropping privileges: nothing is served as root)."""
-        import gevent
-        from gevent.event import Event
+    def request_stop(self, mode: str) -> None:
+        if not self.stop_mode:
+            self.stop_mode = mode
+        self.stop_event.set()
 
-        stop = Event()
-
-        def request_stop(mode: str) -> None:
-            if not self.stop_mode:
-                self.stop_mode = mode
-            stop.set()
-
-        self.request_stop = request_stop
-
+    def _install_signals(self, early_signals) -> None:
+        """The hub's handlers; then what arrived during start-up, in order."""
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self._guard, self.reload))
         gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(self._guard, self.reopen))
-        gevent.signal_handler(signal.SIGQUIT, request_stop, "quit")
-        gevent.signal_handler(signal.SIGTERM, request_stop, "term")
+        gevent.signal_handler(signal.SIGQUIT, self.request_stop, "quit")
+        gevent.signal_handler(signal.SIGTERM, self.request_stop, "term")
         for sig in early_signals or ():
             if sig == signal.SIGQUIT:
-                request_stop("quit")
+                self.request_stop("quit")
             elif sig == signal.SIGTERM:
-                request_stop("term")
+                self.request_stop("term")
             elif sig == signal.SIGHUP:
                 gevent.spawn(self._guard, self.reload)
             elif sig == signal.SIGUSR1:
                 gevent.spawn(self._guard, self.reopen)
 
-        lifeline = getattr(self.arbiter, "lifeline_r", None)
-        if lifeline is not None:
-            def watch_lifeline():
-                from gevent.socket import wait_read
+    def _watch_lifeline(self) -> None:
+        """The master's death (EOF on the lifeline pipe) is a stop."""
+        try:
+            wait_read(self.spec.lifeline_fd)
+        except Exception:
+            pass
+        self.request_stop("master gone")
 
-                try:
-                    wait_read(lifeline)
-                except Exception:
-                    pass
-                request_stop("master gone")
+    def _flusher(self) -> None:
+        last_forget = time.monotonic()
+        while True:
+            gevent.sleep(FLUSH_INTERVAL)
+            self.accesslog.flush()
+            now = time.monotonic()
+            if now - last_forget > FORGET_INTERVAL:
+                last_forget = now
+                self.metrics.forget_workers(self.worker_pids())
 
-            gevent.spawn(watch_lifeline)
-
+    def _start_services(self) -> None:
+        """Admin sockets, ring collectors, OCSP, health checks."""
         cfg = self.cfg
         if cfg.admin.listen:
             if self.admin_socks is not None:
@@ -331,17 +332,16 @@ class Manager:
         self.start_stapling()
         self.start_health_checks()
 
-        def flusher():
-            last_forget = time.monotonic()
-            while True:
-                gevent.sleep(FLUSH_INTERVAL)
-                self.accesslog.flush()
-                now = time.monotonic()
-                if now - last_forget > FORGET_INTERVAL:
-                    last_forget = now
-                    self.metrics.forget_workers(self.worker_pids())
-
-        flush_g = gevent.spawn(flusher)
+    def serve(self, ready_w: int | None, early_signals: list[int] | None = None,
+              before_loop=None) -> None:
+        """Serve until QUIT/TERM/master death. ``early_signals`` arrived during start-up;
+        ``before_loop`` runs after the ready byte is written, before any greenlet runs
+        (slow imports, then dropping privileges: nothing is served as root)."""
+        self._install_signals(early_signals)
+        if self.spec.lifeline_fd is not None:
+            gevent.spawn(self._watch_lifeline)
+        self._start_services()
+        flush_g = gevent.spawn(self._flusher)
         if ready_w is not None:
             try:
                 os.write(ready_w, b"R")
@@ -351,8 +351,8 @@ class Manager:
         if before_loop is not None:
             before_loop()
         self.log.info("manager started", rings=len(self.rings),
-                      access_log=self.accesslog.path, admin=cfg.admin.listen or "off")
-        stop.wait()
+                      access_log=self.accesslog.path, admin=self.cfg.admin.listen or "off")
+        self.stop_event.wait()
         # drain what the workers left, write it, go
         t0 = time.monotonic()
         self.admin.stop()
@@ -371,31 +371,7 @@ class Manager:
             self.log.exception("manager signal handling failed", error=str(e))
 
 
-def _set_pdeathsig() -> None:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _drop_privileges(arbiter) -> bool:
-    uid = getattr(arbiter, "uid", None)
-    if uid is None:
-        return False
-    groups = getattr(arbiter, "groups", None)
-    gid = getattr(arbiter, "gid", None)
-    if groups is not None:
-        os.setgroups(groups)
-    if gid is not None:
-        os.setgid(gid)
-    os.setuid(uid)
-    return True
-
-
-def _preload(arbiter) -> None:
+def _preload(spec: ManagerSpec) -> None:
     """Import, while still privileged, what is otherwise imported lazily later.
 
     This happens after the ready byte, and before any greenlet (admin included) runs, so
@@ -405,14 +381,11 @@ def _preload(arbiter) -> None:
     """
     import gevent.threadpool  # noqa: F401  (name resolution: health checks, OCSP)
 
-    import forkproxy.context  # noqa: F401
-    import forkproxy.manager.metrics  # noqa: F401
-
-    if getattr(arbiter, "keystore", None) is not None:
+    if spec.keystore is not None:
         import forkproxy.tls.stapling  # noqa: F401
 
 
-def run(arbiter, ready_w: int | None) -> None:
+def run(spec: ManagerSpec) -> None:
     """Manager main, in the child right after fork; never returns (exits the process)."""
     code = 0
     logger = None
@@ -427,25 +400,21 @@ def run(arbiter, ready_w: int | None) -> None:
             signal.signal(sig, signal.SIG_IGN)
         # the master forked us with its signals blocked; handlers are in place now
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals())
-        _set_pdeathsig()
+        set_pdeathsig()
         if os.getppid() == 1:
             early.append(signal.SIGTERM)  # the master is already gone: drain and go
-        import gevent
-
         gevent.reinit()
         gc.enable()
-        from forkproxy import log as log_mod
-
         logger = log_mod.rebind("manager")
         if FAULT == "manager-startup":
             raise RuntimeError("fault injected: FORKPROXY_FAULT=manager-startup")
-        manager = Manager(arbiter, logger)
+        manager = Manager(spec, logger)
 
         def before_loop():
-            _preload(arbiter)
-            manager.privileges_dropped = _drop_privileges(arbiter)
+            _preload(spec)
+            manager.privileges_dropped = drop_privileges(spec.uid, spec.gid, spec.groups)
 
-        manager.serve(ready_w, early, before_loop)
+        manager.serve(spec.ready_fd, early, before_loop)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
     except BaseException as e:

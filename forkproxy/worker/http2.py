@@ -435,9 +435,10 @@ class Http2Stream(FrontEnd):
             raise ClientGone("stream closed")
         self._queued()
 
-    def end_body(self) -> None:
+    def end_body(self) -> bool:
         self.conn.session.end(self.stream)
         self.conn.wake.set()
+        return True  # the connection's other streams go on whatever this one did
 
     def send_error(self, status: int) -> bool:
         if not self.responded:
@@ -446,6 +447,3 @@ class Http2Stream(FrontEnd):
             self.conn.session.respond(self.stream, status, [_PLAIN_TEXT], body=body)
             self.conn.wake.set()
         return False
-
-    def keep_alive(self) -> bool:
-        return True

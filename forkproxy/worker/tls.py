@@ -9,8 +9,8 @@ from gevent import socket
 
 from forkproxy import config as config_mod
 from forkproxy.http2 import nghttp2
-from forkproxy.master.tickets import ticket_lifetime
 from forkproxy.tls.context import build_server_context, install_callbacks, staple_provider_for
+from forkproxy.tls.tickets import ticket_lifetime
 
 _HANDSHAKE_ERRORS = (ssl.SSLError, OSError, socket.timeout, ValueError)
 #: what this worker can serve; ALPN offers the listener's protocols filtered by it, so a

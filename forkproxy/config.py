@@ -487,8 +487,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
             problems.append(f"{key}.upstream: required when no [[route]] is defined")
         if lst.tls is not None:
             problems.extend(_validate_tls(f"{key}.tls", lst.tls, base, check_files))
-        problems.extend(_validate_protocols(key, lst))
-    problems.extend(_validate_http2(cfg.http2))
+    problems.extend(_validate_http2(cfg))
     tls_files = {(lst.tls.ticket_key_file, lst.tls.ticket_key_rotation)
                  for lst in cfg.listener if lst.tls is not None}
     if len(tls_files) > 1:
@@ -638,9 +637,13 @@ def listener_protocols(lst: ListenerConfig) -> tuple[str, ...]:
     return ("http/1.1",)
 
 
-def _validate_http2(h2: Http2Config) -> list[str]:
-    """The ranges RFC 9113 section 6.5.2 gives the SETTINGS values."""
+def _validate_http2(cfg: Config) -> list[str]:
+    """The listeners' protocols, and the ranges RFC 9113 section 6.5.2 gives the
+    SETTINGS values."""
     problems = []
+    for i, lst in enumerate(cfg.listener):
+        problems.extend(_validate_protocols(f"listener[{i}]", lst))
+    h2 = cfg.http2
     if not 1 <= h2.initial_window_size <= 2**31 - 1:
         problems.append("http2.initial_window_size: must be 1 to 2147483647 bytes")
     if not 16384 <= h2.max_frame_size <= 16777215:

@@ -232,6 +232,19 @@ class Metrics:
 
     # -- output -----------------------------------------------------------------------
 
+    def _render_protocols(self, w) -> None:
+        """Client connections by protocol and HTTP/2 errors (totals the workers report)."""
+        w.family("forkproxy_client_connections_total", "counter",
+                 "Client connections accepted, by listener and protocol (http/1.1, h2, h2c).")
+        for (listener, protocol), n in sorted(self.client_connections.items()):
+            w.sample("forkproxy_client_connections_total",
+                     (("listener", listener), ("protocol", protocol)), n)
+        w.family("forkproxy_http2_stream_errors_total", "counter",
+                 "HTTP/2 streams refused or reset and connections ended by the proxy, by "
+                 "reason (malformed_headers, refused_stream, rapid_reset, ping_flood, ...).")
+        for reason, n in sorted(self.http2_errors.items()):
+            w.sample("forkproxy_http2_stream_errors_total", (("reason", reason),), n)
+
     def render(self, sample: Sample | None = None) -> str:
         """The Prometheus text exposition (format 0.0.4)."""
         w = TextWriter()
@@ -274,16 +287,7 @@ class Metrics:
                  "header_timeout, body_timeout, rate_limited, conn_limit, ...).")
         for reason, n in sorted(self.rejected.items()):
             w.sample("forkproxy_rejected_total", (("reason", reason),), n)
-        w.family("forkproxy_client_connections_total", "counter",
-                 "Client connections accepted, by listener and protocol (http/1.1, h2, h2c).")
-        for (listener, protocol), n in sorted(self.client_connections.items()):
-            w.sample("forkproxy_client_connections_total",
-                     (("listener", listener), ("protocol", protocol)), n)
-        w.family("forkproxy_http2_stream_errors_total", "counter",
-                 "HTTP/2 streams refused or reset and connections ended by the proxy, by "
-                 "reason (malformed_headers, refused_stream, rapid_reset, ping_flood, ...).")
-        for reason, n in sorted(self.http2_errors.items()):
-            w.sample("forkproxy_http2_stream_errors_total", (("reason", reason),), n)
+        self._render_protocols(w)
 
         live = self.gauges
         if sample is not None:

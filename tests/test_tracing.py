@@ -355,3 +355,31 @@ def test_collector_shards_export_their_rings_spans_and_counts_add_up(proxies, tm
                                 timeout=10) as r:
         rep = json.load(r)
     assert sum(g["requests"] for g in rep["groups"]) == n
+
+
+def test_http2_streams_carry_the_trace_context(proxies, tmp_path, origin, receiver):
+    """An HTTP/2 (h2c) request's traceparent is continued like an HTTP/1.1 one: the origin
+    gets one traceparent, the client's trace with forkproxy's span as the parent."""
+    from h2client import SocketClient
+
+    extra = (f'[tracing]\nendpoint = "{receiver.url}"\nsample_ratio = 1.0\n'
+             'export_interval = "100ms"\n')
+    p = proxies(tmp_path, origin.address, admin=True, extra=extra,
+                listener_extra='protocols = ["http/1.1", "h2c"]')
+    c = SocketClient(p.port)
+    try:
+        got = c.wait(c.send([(b":method", b"GET"), (b":scheme", b"http"),
+                             (b":authority", b"x"), (b":path", b"/headers"),
+                             (b"traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01".encode()),
+                             (b"tracestate", b"rojo=1")]))
+    finally:
+        c.close()
+    assert got["status"] == 200
+    headers = json.loads(got["body"])["headers"]
+    sent = [v for n, v in headers if n.lower() == "traceparent"]
+    assert len(sent) == 1, headers  # the client's field is not forwarded besides ours
+    _, trace, parent, flags = sent[0].split("-")
+    assert (trace, flags) == (CLIENT_TRACE, "01") and parent != CLIENT_SPAN
+    assert [v for n, v in headers if n.lower() == "tracestate"] == ["rojo=1"]
+    [span] = wait_for(receiver.server_spans, timeout=10, what="the stream's span")
+    assert (span.span_id.hex(), span.parent_span_id.hex()) == (parent, CLIENT_SPAN)

@@ -125,11 +125,11 @@ class Request:
         self.trace = NO_TRACE
 
 
-def _trace_field(req: Request, what: int, value: bytes) -> None:
-    """A W3C trace context field: kept for the worker (forkproxy/worker/tracing.py), which
-    validates it and sends its own; a second traceparent invalidates the first, tracestate
-    fields are joined."""
-    if what == _TP:
+def trace_field(req: Request, traceparent: bool, value: bytes) -> None:
+    """A W3C trace context field (traceparent, else tracestate), for any front end: kept
+    for the worker (forkproxy/worker/tracing.py), which validates it and sends its own; a
+    second traceparent invalidates the first, tracestate fields are joined."""
+    if traceparent:
         req.traceparent = TWO_TRACEPARENTS if req.traceparent else value
     else:
         req.tracestate = req.tracestate + b"," + value if req.tracestate else value
@@ -297,7 +297,7 @@ class RequestParser:
                 if not req.request_id:
                     req.request_id = value
             elif what >= _TP:  # traceparent, tracestate
-                _trace_field(req, what, value)
+                trace_field(req, what == _TP, value)
             else:  # _XFF
                 req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for else value
         if fields > limits.header_count:
@@ -448,7 +448,7 @@ class RequestParser:
         elif what == _XFF:
             req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for else value
         elif what >= _TP:  # traceparent, tracestate
-            _trace_field(req, what, value)
+            trace_field(req, what == _TP, value)
         elif what == _EXPECT:
             if value.strip().lower() != b"100-continue":
                 raise HTTPError(417, "unsupported Expect")

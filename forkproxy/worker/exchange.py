@@ -387,6 +387,7 @@ class Exchange:
             server.address if server is not None else "",
             conn.reused if conn is not None else False, front.tls_resumed,
             front.tls_version, self.times, error, self.reject, self.retries, self.tunnel,
+            front.protocol, front.stream,
             self.route, trace[0], trace[1], trace[2], trace[3], trace[4],
         ), buf)
         ws.ring.push(buf)  # never blocks: the ring drops and counts when full

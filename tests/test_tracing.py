@@ -164,6 +164,7 @@ def test_traceparent_propagates_with_forkproxys_span_as_parent(proxies, tmp_path
     assert a["forkproxy.upstream.port"] == origin.port
     assert a["forkproxy.upstream.connection_reused"] is False
     assert a["client.address"] == "127.0.0.1"
+    assert a["network.protocol.version"] == "1.1"
     assert a["http.response.body.size"] > 0
     children = wait_for(lambda: len(receiver.children_of(span.span_id)) >= 5 and
                         receiver.children_of(span.span_id), timeout=10, what="phase spans")
@@ -383,3 +384,4 @@ def test_http2_streams_carry_the_trace_context(proxies, tmp_path, origin, receiv
     assert [v for n, v in headers if n.lower() == "tracestate"] == ["rojo=1"]
     [span] = wait_for(receiver.server_spans, timeout=10, what="the stream's span")
     assert (span.span_id.hex(), span.parent_span_id.hex()) == (parent, CLIENT_SPAN)
+    assert attrs(span)["network.protocol.version"] == "2"

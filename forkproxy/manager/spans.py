@@ -90,7 +90,7 @@ class SpanEncoder:
         the same shape."""
         key = (ctx.listener, ctx.route, ctx.upstream, ctx.upstream_addr, ctx.method,
                ctx.status, ctx.error, ctx.tls_version, ctx.tls_resumed, ctx.reused,
-               ctx.retries)
+               ctx.retries, ctx.protocol)
         data = self._shapes.get(key)
         if data is not None:
             return data
@@ -98,7 +98,8 @@ class SpanEncoder:
         host, port = _split_address(ctx.listener)
         attrs = [_kv("http.request.method", ctx.method), _kv("url.scheme", scheme),
                  _kv("server.address", host), _kv("server.port", port),
-                 _kv("network.protocol.name", "http"), _kv("network.protocol.version", "1.1")]
+                 _kv("network.protocol.name", "http"),
+                 _kv("network.protocol.version", "2" if ctx.protocol == "HTTP/2" else "1.1")]
         if ctx.status:
             attrs.append(_kv("http.response.status_code", ctx.status))
         name = ctx.method

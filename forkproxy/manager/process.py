@@ -37,11 +37,13 @@ from forkproxy.manager import upstreams
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.admin import HEALTHY_WITHIN, Admin
 from forkproxy.manager.collector import Collector
+from forkproxy.manager.discovery import Discovery
 from forkproxy.manager.healthcheck import HealthChecker
 from forkproxy.manager.metrics import Metrics, Sample, rss_bytes, tcp_states
 from forkproxy.osutil import drop_privileges, set_pdeathsig
 from forkproxy.shm.health import HealthTable
 from forkproxy.shm.keystore import KeyStore
+from forkproxy.shm.resolved import ResolvedTable
 from forkproxy.shm.ring import Ring
 from forkproxy.shm.table import WorkerTable
 
@@ -61,6 +63,7 @@ class ManagerSpec:
     table: WorkerTable  # the worker table: pids, heartbeats, counters
     rings: dict[int, Ring]  # ring index -> the ring the worker of that index writes
     health: HealthTable | None = None  # active health verdicts, written by the manager
+    resolved: ResolvedTable | None = None  # servers found through DNS, written by the manager
     keystore: KeyStore | None = None  # ticket keys + OCSP staples (None: no TLS)
     ready_fd: int | None = None  # one byte "R" once the manager serves
     lifeline_fd: int | None = None  # EOF when the master dies
@@ -101,6 +104,7 @@ class Manager:
         self.stop_event = Event()
         self.staple_stop: Event | None = None  # stops the running OCSP fetcher
         self.checker: HealthChecker | None = None
+        self.discovery: Discovery | None = None
 
     # -- records ----------------------------------------------------------------------
 
@@ -174,7 +178,7 @@ class Manager:
 
     def upstreams_status(self) -> dict:
         return upstreams.collect(self.cfg, self.metrics.gauges, self.worker_pids(),
-                                 self.spec.health)
+                                 self.spec.health, self.discovery)
 
     def healthy(self) -> bool:
         now = time.monotonic()
@@ -208,7 +212,8 @@ class Manager:
                         access_log_errors=self.accesslog.errors)
         m = self.metrics
         return m.render(sample) + upstreams.metrics_text(
-            self.cfg, m.gauges, sample.worker_pids, self.spec.health, m.retries, m.tunnels)
+            self.cfg, m.gauges, sample.worker_pids, self.spec.health, m.retries, m.tunnels,
+            self.discovery)
 
     # -- signals ----------------------------------------------------------------------
 
@@ -241,6 +246,7 @@ class Manager:
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.start_stapling()
         self.start_health_checks()
+        self.start_discovery()
         self.log.info("manager reloaded", access_log=self.accesslog.path,
                       admin=cfg.admin.listen)
 
@@ -270,6 +276,19 @@ class Manager:
         n = self.checker.start()
         if n:
             self.log.info("health checks started", servers=n)
+
+    def start_discovery(self) -> None:
+        """Servers from DNS for the current config (restarted on reload; the shared
+        table keeps the last good sets, so nothing is lost in between)."""
+        if self.discovery is not None:
+            self.discovery.stop()
+            self.discovery = None
+        if self.spec.resolved is None:
+            return
+        self.discovery = Discovery(self.cfg, self.spec.resolved, self.log)
+        n = self.discovery.start()
+        if n:
+            self.log.info("DNS discovery started", entries=n)
 
     def reopen(self) -> None:
         log_mod.reopen()
@@ -329,6 +348,7 @@ class Manager:
         self.collector.start()
         self.start_stapling()
         self.start_health_checks()
+        self.start_discovery()
 
     def serve(self, ready_w: int | None, early_signals: list[int] | None = None,
               before_loop=None) -> None:

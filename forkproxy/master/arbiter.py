@@ -32,6 +32,7 @@ from forkproxy.master.tickets import TicketKeys
 from forkproxy.proctitle import set_name
 from forkproxy.shm.health import HealthTable
 from forkproxy.shm.limitzone import LimitZone
+from forkproxy.shm.resolved import ResolvedTable
 from forkproxy.shm.ring import Ring
 from forkproxy.shm.table import WorkerTable
 from forkproxy.tls.openssl import self_test
@@ -85,6 +86,8 @@ class Arbiter:
         self.table = WorkerTable(self.max_entries + 1)
         # active health verdicts: written by the manager, read by the workers
         self.health = HealthTable()
+        # servers found through DNS: resolved by the manager, followed by the workers
+        self.resolved = ResolvedTable()
         self.free_indexes = list(range(self.max_entries - 1, -1, -1))
         self.slot_failures: dict[int, int] = {}
         self.slot_next_spawn: dict[int, float] = {}
@@ -207,6 +210,7 @@ class Arbiter:
         self._setup_tls(self.cfg, self.inherited_keystore_fd)
         self._setup_limits(self.cfg)
         self.health.assign(self.cfg)
+        self.resolved.assign(self.cfg)
 
     def _setup_limits(self, cfg, reloading: bool = False) -> None:
         """The per-client-IP limit zone (shared memory, before the workers are forked).
@@ -489,7 +493,8 @@ class Arbiter:
                 sockets=sockets, ready_fd=w, lifeline_fd=self.lifeline_r, ring=ring,
                 table=self.table, keystore=self.keystore,
                 logger=log_mod.rebind("worker"), uid=self.uid, gid=self.gid,
-                groups=self.groups, limit_zone=self.limit_zone, health=self.health)
+                groups=self.groups, limit_zone=self.limit_zone, health=self.health,
+                resolved=self.resolved)
             worker_process.run(spec)
             os._exit(0)
         os.close(w)
@@ -537,6 +542,7 @@ class Arbiter:
                 bl.close()
             spec = manager_process.ManagerSpec(
                 cfg=self.cfg, table=self.table, rings=dict(self.rings), health=self.health,
+                resolved=self.resolved,
                 keystore=self.keystore, ready_fd=w, lifeline_fd=self.lifeline_r,
                 uid=self.uid, gid=self.gid, groups=self.groups)
             manager_process.run(spec)
@@ -653,6 +659,11 @@ class Arbiter:
         except RuntimeError as e:
             self.log.error("reload: health table full, new servers have no active checks",
                            error=str(e))
+        try:
+            self.resolved.assign(new_cfg)  # a kept entry keeps its servers
+        except RuntimeError as e:
+            self.log.error("reload: resolved-servers table full, new DNS entries are not "
+                           "resolved", error=str(e))
         log_mod.setup(config_mod.log_path(new_cfg, new_cfg.log.error_log), new_cfg.log.level,
                       new_cfg.log.format)
         self.log = log_mod.rebind("master")

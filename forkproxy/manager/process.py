@@ -2,7 +2,7 @@
 admin endpoint. Forked by the master (forkproxy/master/arbiter.py ``_start_manager``).
 
 One gevent hub, no threads except gevent's pool for name resolution (health checks,
-OCSP responders). Greenlets: one collector loop per ring (collector.py), the access log
+OCSP responders, DNS discovery). Greenlets: one collector loop per ring (collector.py), the access log
 flusher, the admin servers, the lifeline watcher.
 
 Signals from the master (handled in the hub, the work done in greenlets):

@@ -25,105 +25,23 @@ from __future__ import annotations
 
 import time
 
-import dns.exception
-import dns.nameserver
-import dns.resolver
 import gevent
 
-from forkproxy.config import ResolverConfig, parse_hostport, parse_nameserver, resolved_spec
+from forkproxy.config import parse_hostport, resolved_spec
 from forkproxy.shm.resolved import MAX_RECORDS, format_address, slot_key
 
 #: every result a resolution can have (the metric's label values)
 RESULTS = ("ok", "nxdomain", "no_records", "malformed", "timeout", "nameservers_failed", "error")
-
-Record = tuple[str, int, int]  # (ip, port, weight)
-
 
 class Answer:
     """One resolution: a result from RESULTS, the servers (when ok) and why (when not)."""
 
     __slots__ = ("result", "servers", "detail")
 
-    def __init__(self, result: str, servers: list[Record] | None = None, detail: str = ""):
+    def __init__(self, result: str, servers=None, detail: str = ""):
         self.result = result
         self.servers = sorted(set(servers or ()))
         self.detail = detail
-
-
-def make_resolver(rcfg: ResolverConfig) -> dns.resolver.Resolver:
-    """dnspython's resolver for [resolver]: its nameservers, or /etc/resolv.conf's.
-    Raises dns.resolver.NoResolverConfiguration when there are none."""
-    res = dns.resolver.Resolver(configure=not rcfg.nameservers)
-    if rcfg.nameservers:
-        res.nameservers = [dns.nameserver.Do53Nameserver(*parse_nameserver(ns))
-                           for ns in rcfg.nameservers]
-    res.timeout = rcfg.timeout
-    res.lifetime = rcfg.timeout
-    res.cache = None
-    return res
-
-
-def _failure(exc: Exception) -> Answer:
-    if isinstance(exc, dns.resolver.NXDOMAIN):
-        return Answer("nxdomain", detail="the name does not exist (NXDOMAIN)")
-    if isinstance(exc, dns.exception.Timeout):
-        return Answer("timeout", detail=str(exc))
-    if isinstance(exc, dns.resolver.NoNameservers):
-        return Answer("nameservers_failed", detail=str(exc))
-    if isinstance(exc, dns.exception.FormError):
-        return Answer("malformed", detail=str(exc))
-    return Answer("error", detail=f"{type(exc).__name__}: {exc}")
-
-
-def _addresses(res, host: str) -> list[str]:
-    """A then AAAA records of host; raises dnspython's exceptions."""
-    out = []
-    for rdtype in ("A", "AAAA"):
-        answer = res.resolve(host, rdtype, raise_on_no_answer=False)
-        out.extend(r.address for r in answer)
-    return out
-
-
-def lookup_address(res, host: str, port: int, weight: int) -> Answer:
-    """The servers of ``{ address = "HOST:PORT", resolve = ... }``."""
-    try:
-        ips = _addresses(res, host)
-    except dns.exception.DNSException as e:
-        return _failure(e)
-    if not ips:
-        return Answer("no_records", detail=f"no A or AAAA records for {host}")
-    return Answer("ok", [(ip, port, weight) for ip in ips])
-
-
-def lookup_srv(res, name: str) -> Answer:
-    """The servers of ``{ srv = NAME, resolve = ... }``: the lowest priority's targets."""
-    try:
-        records = list(res.resolve(name, "SRV", raise_on_no_answer=False))
-    except dns.exception.DNSException as e:
-        return _failure(e)
-    if not records:
-        return Answer("no_records", detail=f"no SRV records for {name}")
-    best = min(r.priority for r in records)
-    records = [r for r in records if r.priority == best]
-    bad = [r.to_text() for r in records if r.port == 0 or r.target.to_text() == "."]
-    if bad:
-        return Answer("malformed", detail=f"SRV records with target '.' or port 0: {bad}")
-    servers: list[Record] = []
-    skipped = []
-    for r in records:
-        target = r.target.to_text()
-        try:
-            ips = _addresses(res, target)
-        except dns.exception.DNSException as e:
-            skipped.append(f"{target}: {_failure(e).result}")
-            continue
-        if not ips:
-            skipped.append(f"{target}: no_records")
-        servers.extend((ip, r.port, max(1, r.weight)) for ip in ips)
-    detail = f"targets skipped: {', '.join(skipped)}" if skipped else ""
-    if not servers:
-        return Answer("no_records", detail=detail or f"no addresses for the targets of {name}")
-    return Answer("ok", servers, detail)
 
 
 class Source:
@@ -137,17 +55,18 @@ class Source:
         self.weight = entry.weight
         self.interval = entry.resolve
         self.slot = slot
-        self.servers: list[Record] = []
+        self.servers: list[tuple[str, int, int]] = []  # (ip, port, weight)
         self.results = dict.fromkeys(RESULTS, 0)
         self.last_result = ""
         self.last_detail = ""
         self.last_change = 0.0  # wall time the set last changed
         self.last_ok = 0.0  # wall time of the last good resolution
 
-    def lookup(self, res) -> Answer:
+    def lookup(self, lookups, res) -> Answer:
+        """One resolution (in a pool thread): ``lookups`` is forkproxy.manager.dnslookup."""
         if self.srv:
-            return lookup_srv(res, self.srv)
-        return lookup_address(res, self.host, self.port, self.weight)
+            return Answer(*lookups.lookup_srv(res, self.srv))
+        return Answer(*lookups.lookup_address(res, self.host, self.port, self.weight))
 
     def status(self) -> dict:
         return {
@@ -172,12 +91,9 @@ class Discovery:
         self.log = logger
         #: runs a blocking call off the hub (the hub's thread pool by default)
         self.run_blocking = run_blocking or gevent.get_hub().threadpool.apply
+        self.lookups = None
         self.resolver = None
         self.resolver_error = ""
-        try:
-            self.resolver = make_resolver(cfg.resolver)
-        except dns.exception.DNSException as e:
-            self.resolver_error = f"no nameservers: {e}"
         self.sources: list[Source] = []
         index = table.index() if table is not None else {}
         for name, up in cfg.upstream.items():
@@ -195,6 +111,19 @@ class Discovery:
                     src.servers = sorted(got[1])
                 self.sources.append(src)
         self.greenlets: list[gevent.Greenlet] = []
+        if self.sources:
+            self._make_resolver(cfg.resolver)
+
+    def _make_resolver(self, rcfg) -> None:
+        # imported here, not at the top: dnspython is ~13 MiB resident, only for configs
+        # that resolve (the master preloads it before fork for them)
+        from forkproxy.manager import dnslookup
+
+        self.lookups = dnslookup
+        try:
+            self.resolver = dnslookup.make_resolver(rcfg)
+        except dnslookup.DNSException as e:
+            self.resolver_error = f"no nameservers: {e}"
 
     def _log(self, level: str, event: str, **kw) -> None:
         if self.log is not None:
@@ -224,7 +153,7 @@ class Discovery:
             answer = Answer("error", detail=self.resolver_error)
         else:
             try:
-                answer = self.run_blocking(src.lookup, (self.resolver,))
+                answer = self.run_blocking(src.lookup, (self.lookups, self.resolver))
             except Exception as e:  # never let a resolver bug end the loop
                 answer = Answer("error", detail=f"{type(e).__name__}: {e}")
         src.results[answer.result] += 1

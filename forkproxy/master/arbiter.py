@@ -780,7 +780,8 @@ def _preload(cfg) -> None:
 
     What only some configs need is imported only for them: cryptography (certificates in
     the workers, OCSP in the manager) with TLS listeners, pyroute2 (listeners.py) with
-    interface listeners; otherwise they would be resident for nothing (~7 and ~9 MiB).
+    interface listeners, dnspython (the manager's discovery) with servers that resolve;
+    otherwise they would be resident for nothing (~7, ~9 and ~13 MiB).
 
     The workers' and the manager's own modules are imported at the top of this module. The
     manager's are there although only the manager runs them: imported after fork they
@@ -792,6 +793,9 @@ def _preload(cfg) -> None:
         import cryptography.x509  # noqa: F401
 
         import forkproxy.tls.stapling  # noqa: F401  (the manager's OCSP fetching)
+
+    if config_mod.uses_dns(cfg):
+        import forkproxy.manager.dnslookup  # noqa: F401  (dnspython, ~13 MiB: the manager's)
 
     import pprint  # noqa: F401  (gevent's hub formats contexts with it)
     import traceback  # noqa: F401

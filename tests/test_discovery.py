@@ -385,3 +385,27 @@ timeout = "1s"
     r = subprocess.run([PY, "-m", "forkproxy", "check", "-c", str(conf)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_reload_keeps_the_servers_found(tmp_path, cleanup, started):
+    """The new generation starts with the last good set, even when DNS is gone."""
+    a, b = two_origins(cleanup)
+    dns = Dnsmasq(tmp_path, {"app.test": ["127.0.0.2", "127.0.0.3"]})
+    cleanup(dns)
+    servers = f'{{ address = "app.test:{a.port}", resolve = "1s" }}'
+    p = dns_proxy(tmp_path, started, dns, servers, workers=2)
+    name = f"app.test:{a.port}"
+    wait_for(lambda: len(entry_status(p, name)["servers"]) == 2, timeout=10,
+             what="both servers resolved")
+    dns.stop()
+    wait_for(lambda: entry_status(p, name)["last_result"] != "ok", timeout=10,
+             what="resolution failing")
+    body = p.body.replace('max_fails = 0', 'max_fails = 0\nkeepalive = 8')
+    old_workers = set(p.workers_pids())
+    p.reload(body)
+    assert not set(p.workers_pids()) & old_workers
+    counts = (a.proxied(), b.proxied())
+    statuses = [request(p.port, "GET", "/tiny")[0] for _ in range(40)]
+    assert statuses == [200] * 40
+    assert a.proxied() > counts[0] and b.proxied() > counts[1]
+    assert len(entry_status(p, name)["servers"]) == 2

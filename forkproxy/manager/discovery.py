@@ -33,6 +33,7 @@ from forkproxy.shm.resolved import MAX_RECORDS, format_address, slot_key
 #: every result a resolution can have (the metric's label values)
 RESULTS = ("ok", "nxdomain", "no_records", "malformed", "timeout", "nameservers_failed", "error")
 
+
 class Answer:
     """One resolution: a result from RESULTS, the servers (when ok) and why (when not)."""
 

@@ -74,8 +74,10 @@ def test_record_added_then_removed_under_load(tmp_path, cleanup, started):
     cleanup(dns)
     p = dns_proxy(tmp_path, started, dns,
                   f'{{ address = "app.test:{a.port}", resolve = "{RESOLVE:g}s" }}', workers=2)
-    wait_for(lambda: request(p.port, "GET", "/tiny")[0] == 200, timeout=10,
-             what="first resolution reaching the workers")
+    # the master resolved before forking the workers: every worker serves at once
+    assert [request(p.port, "GET", "/tiny")[0] for _ in range(20)] == [200] * 20
+    primed = [e for e in p.log_events() if e.get("event") == "DNS servers changed"]
+    assert primed[0]["process"] == "master"
     load = Load(p.port, keepalive_threads=3, close_threads=1).start()
     try:
         wait_for(lambda: a.proxied() > 50, timeout=20, what="load reaching 127.0.0.2")

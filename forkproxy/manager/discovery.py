@@ -23,6 +23,7 @@ for when those are unreachable); a record's weight is the server's weight (0 cou
 
 from __future__ import annotations
 
+import threading
 import time
 
 import gevent
@@ -43,6 +44,24 @@ class Answer:
         self.result = result
         self.servers = sorted(set(servers or ()))
         self.detail = detail
+
+
+def prime(cfg, table, logger=None) -> int:
+    """Resolve at once the entries whose slot has no servers yet (a start, a reload that
+    adds entries), so that the workers about to be forked start with servers instead of
+    answering 503 until the manager's first resolution. Run by the master before it
+    forks them; the entries are resolved in parallel threads, all joined before it goes
+    on (dnspython's lifetime, [resolver] timeout, bounds each query). Returns how many
+    entries got servers."""
+    disc = Discovery(cfg, table, logger, run_blocking=lambda fn, args: fn(*args))
+    empty = [src for src in disc.sources if not src.servers]
+    threads = [threading.Thread(target=disc.resolve_once, args=(src,), daemon=True)
+               for src in empty]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(1 for src in empty if src.servers)
 
 
 class Source:

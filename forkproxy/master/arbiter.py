@@ -25,6 +25,7 @@ import time
 
 from forkproxy import config as config_mod
 from forkproxy import log as log_mod
+from forkproxy.manager import discovery
 from forkproxy.manager import process as manager_process
 from forkproxy.master import daemon
 from forkproxy.master.listeners import BindError, BoundListener, enable_migrate_req
@@ -211,6 +212,13 @@ class Arbiter:
         self._setup_limits(self.cfg)
         self.health.assign(self.cfg)
         self.resolved.assign(self.cfg)
+        self._prime_resolved(self.cfg)
+
+    def _prime_resolved(self, cfg) -> None:
+        """First resolution of new DNS entries before the workers of cfg are forked
+        (blocks at most [resolver] timeout, only when the config has new entries)."""
+        if config_mod.uses_dns(cfg):
+            discovery.prime(cfg, self.resolved, self.log)
 
     def _setup_limits(self, cfg, reloading: bool = False) -> None:
         """The per-client-IP limit zone (shared memory, before the workers are forked).
@@ -664,6 +672,7 @@ class Arbiter:
         except RuntimeError as e:
             self.log.error("reload: resolved-servers table full, new DNS entries are not "
                            "resolved", error=str(e))
+        self._prime_resolved(new_cfg)
         log_mod.setup(config_mod.log_path(new_cfg, new_cfg.log.error_log), new_cfg.log.level,
                       new_cfg.log.format)
         self.log = log_mod.rebind("master")

@@ -20,6 +20,7 @@ from load import Load
 from upstreams_util import UProxy, metric_value
 
 from forkproxy import config as config_mod
+from forkproxy.context import WEIGHT_SCALE
 from forkproxy.manager.discovery import Discovery, Source
 from forkproxy.shm.resolved import ResolvedTable
 from forkproxy.worker.upstream import Upstream, UpstreamConn
@@ -334,6 +335,31 @@ def test_a_worker_swaps_in_new_servers_and_drains_vanished_ones():
     assert table.seq(slot) == before and up.servers[1] is kept
 
 
+def test_a_server_found_later_slow_starts():
+    cfg = config_mod.loads("""
+        [[listener]]
+        listen = "127.0.0.1:1"
+        upstream = "app"
+        [upstream.app]
+        servers = [{ address = "app.test:9000", resolve = "1s" }]
+        slow_start = "10s"
+        """)
+    table = ResolvedTable(4)
+    table.assign(cfg)
+    slot = table.find("app", "app.test:9000")
+    table.publish(slot, [("127.0.0.2", 9000, 1)])
+    up = Upstream("app", cfg.upstream["app"], None, table)
+    [first] = up.servers
+    now = time.monotonic()
+    table.publish(slot, [("127.0.0.2", 9000, 1), ("127.0.0.3", 9000, 1)])
+    up.refresh(now + 1.0)
+    new = up.servers[1]
+    assert first.eff_weight == first.weight * WEIGHT_SCALE  # the start set: full weight
+    assert 0 < new.eff_weight < new.weight * WEIGHT_SCALE  # found later: ramping
+    up.refresh(now + 12.0)
+    assert new.eff_weight == new.weight * WEIGHT_SCALE
+
+
 CHECK_BASE = """
 [[listener]]
 listen = "127.0.0.1:1"
@@ -402,6 +428,7 @@ def test_a_reload_keeps_the_servers_found(tmp_path, cleanup, started):
     dns.stop()
     wait_for(lambda: entry_status(p, name)["last_result"] != "ok", timeout=10,
              what="resolution failing")
+    resolutions_before = entry_status(p, name)["resolutions"]
     body = p.body.replace('max_fails = 0', 'max_fails = 0\nkeepalive = 8')
     old_workers = set(p.workers_pids())
     p.reload(body)
@@ -411,3 +438,7 @@ def test_a_reload_keeps_the_servers_found(tmp_path, cleanup, started):
     assert statuses == [200] * 40
     assert a.proxied() > counts[0] and b.proxied() > counts[1]
     assert len(entry_status(p, name)["servers"]) == 2
+    after = entry_status(p, name)["resolutions"]
+    assert resolutions_before["ok"] >= 1  # counters survive the manager's reload:
+    assert after["ok"] >= resolutions_before["ok"]
+    assert after["timeout"] + after["nameservers_failed"] >= 1

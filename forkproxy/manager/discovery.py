@@ -145,6 +145,17 @@ class Discovery:
         except dnslookup.DNSException as e:
             self.resolver_error = f"no nameservers: {e}"
 
+    def carry_over(self, previous: Discovery) -> None:
+        """Keep the counters and history of the entries a reload kept (the metric is a
+        counter: it should not restart on every HUP)."""
+        old = {(src.upstream, src.spec): src for src in previous.sources}
+        for src in self.sources:
+            before = old.get((src.upstream, src.spec))
+            if before is not None:
+                src.results = dict(before.results)
+                src.last_result, src.last_detail = before.last_result, before.last_detail
+                src.last_ok, src.last_change = before.last_ok, before.last_change
+
     def _log(self, level: str, event: str, **kw) -> None:
         if self.log is not None:
             getattr(self.log, level)(event, **kw)

@@ -280,12 +280,15 @@ class Manager:
     def start_discovery(self) -> None:
         """Servers from DNS for the current config (restarted on reload; the shared
         table keeps the last good sets, so nothing is lost in between)."""
-        if self.discovery is not None:
-            self.discovery.stop()
+        previous = self.discovery
+        if previous is not None:
+            previous.stop()
             self.discovery = None
         if self.spec.resolved is None:
             return
         self.discovery = Discovery(self.cfg, self.spec.resolved, self.log)
+        if previous is not None:
+            self.discovery.carry_over(previous)
         n = self.discovery.start()
         if n:
             self.log.info("DNS discovery started", entries=n)

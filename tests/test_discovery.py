@@ -263,6 +263,12 @@ def test_a_nameserver_that_never_answers_does_not_stall_the_hub():
 
 # -- the shared table and a worker following it -----------------------------------------------
 
+CHECK_BASE = """
+[[listener]]
+listen = "127.0.0.1:1"
+upstream = "app"
+"""
+
 
 def test_seqlock_readers_never_see_a_torn_set():
     table = ResolvedTable(2)
@@ -295,19 +301,22 @@ def test_seqlock_readers_never_see_a_torn_set():
         os.waitpid(pid, 0)
 
 
-def test_a_worker_swaps_in_new_servers_and_drains_vanished_ones():
-    cfg = config_mod.loads("""
-        [[listener]]
-        listen = "127.0.0.1:1"
-        upstream = "app"
-        [upstream.app]
-        servers = [{ address = "127.0.0.1:7000" },
-                   { address = "app.test:9000", resolve = "1s", weight = 2 }]
-        """)
+def table_and_upstream(upstream_section: str, start_set=()) -> tuple[ResolvedTable, int, Upstream]:
+    """A shared table for one upstream whose "app.test:9000" entry resolves; the worker's
+    Upstream is built after start_set was published (as the master's first resolution)."""
+    cfg = config_mod.loads(CHECK_BASE + "[upstream.app]\n" + upstream_section)
     table = ResolvedTable(4)
     table.assign(cfg)
     slot = table.find("app", "app.test:9000")
-    up = Upstream("app", cfg.upstream["app"], None, table)
+    if start_set:
+        table.publish(slot, list(start_set))
+    return table, slot, Upstream("app", cfg.upstream["app"], None, table)
+
+
+def test_a_worker_swaps_in_new_servers_and_drains_vanished_ones():
+    table, slot, up = table_and_upstream(
+        'servers = [{ address = "127.0.0.1:7000" },\n'
+        '           { address = "app.test:9000", resolve = "1s", weight = 2 }]\n')
     assert [s.address for s in up.servers] == ["127.0.0.1:7000"] and up.single
     table.publish(slot, [("127.0.0.2", 9000, 2), ("127.0.0.3", 9000, 2)])
     up.refresh(time.monotonic())
@@ -336,19 +345,9 @@ def test_a_worker_swaps_in_new_servers_and_drains_vanished_ones():
 
 
 def test_a_server_found_later_slow_starts():
-    cfg = config_mod.loads("""
-        [[listener]]
-        listen = "127.0.0.1:1"
-        upstream = "app"
-        [upstream.app]
-        servers = [{ address = "app.test:9000", resolve = "1s" }]
-        slow_start = "10s"
-        """)
-    table = ResolvedTable(4)
-    table.assign(cfg)
-    slot = table.find("app", "app.test:9000")
-    table.publish(slot, [("127.0.0.2", 9000, 1)])
-    up = Upstream("app", cfg.upstream["app"], None, table)
+    table, slot, up = table_and_upstream(
+        'servers = [{ address = "app.test:9000", resolve = "1s" }]\nslow_start = "10s"\n',
+        [("127.0.0.2", 9000, 1)])
     [first] = up.servers
     now = time.monotonic()
     table.publish(slot, [("127.0.0.2", 9000, 1), ("127.0.0.3", 9000, 1)])
@@ -358,13 +357,6 @@ def test_a_server_found_later_slow_starts():
     assert 0 < new.eff_weight < new.weight * WEIGHT_SCALE  # found later: ramping
     up.refresh(now + 12.0)
     assert new.eff_weight == new.weight * WEIGHT_SCALE
-
-
-CHECK_BASE = """
-[[listener]]
-listen = "127.0.0.1:1"
-upstream = "app"
-"""
 
 
 @pytest.mark.parametrize("servers, extra, message", [

@@ -252,7 +252,9 @@ def test_a_nameserver_that_never_answers_does_not_stall_the_hub():
         stall, result = max_hub_stall(pooled, pooled.sources[0])
         print(f"hub stall while resolving in the thread pool: {stall * 1000:.1f} ms")
         assert result == "timeout"
-        assert stall < 0.1
+        # a few ms when the machine is quiet; the bound leaves room for a busy scheduler
+        # and is still half of what resolving on the hub costs (the whole 1 s timeout)
+        assert stall < 0.5
         # the same resolution called on the hub blocks it for the whole timeout: the
         # measurement above would see it
         inline = Discovery(cfg, table, run_blocking=lambda fn, args: fn(*args))
@@ -415,11 +417,12 @@ def test_a_reload_keeps_the_servers_found(tmp_path, cleanup, started):
     servers = f'{{ address = "app.test:{a.port}", resolve = "1s" }}'
     p = dns_proxy(tmp_path, started, dns, servers, workers=2)
     name = f"app.test:{a.port}"
-    wait_for(lambda: len(entry_status(p, name)["servers"]) == 2, timeout=10,
-             what="both servers resolved")
+    wait_for(lambda: entry_status(p, name)["resolutions"]["ok"] >= 1
+             and len(entry_status(p, name)["servers"]) == 2, timeout=10,
+             what="both servers resolved by the manager")
     dns.stop()
-    wait_for(lambda: entry_status(p, name)["last_result"] != "ok", timeout=10,
-             what="resolution failing")
+    wait_for(lambda: entry_status(p, name)["last_result"] in ("timeout", "nameservers_failed"),
+             timeout=10, what="resolution failing")
     resolutions_before = entry_status(p, name)["resolutions"]
     body = p.body.replace('max_fails = 0', 'max_fails = 0\nkeepalive = 8')
     old_workers = set(p.workers_pids())

@@ -44,6 +44,7 @@ from forkproxy.context import WEIGHT_SCALE, UpstreamGauge
 from forkproxy.hashing import hash64
 from forkproxy.shm.health import DOWN, STATE, UP, WORDS, server_key
 from forkproxy.worker.balancer import KeySpec, Peer, RetryBudget, make_balancer
+from forkproxy.worker.discovered import DnsFollower
 
 #: idle connections are swept (timeouts, age) this often
 REAP_INTERVAL = 1.0
@@ -255,6 +256,13 @@ class Server(Peer):
             up.watch = True  # refresh() ends the ejection
             self.close_idle()
 
+    def retire(self) -> None:
+        """DNS no longer lists it: no new requests; the exchanges in flight finish, and
+        release() closes their connections instead of pooling them (hdown)."""
+        self.usable = False
+        self.hdown = True
+        self.close_idle()
+
     def state_name(self, now: float) -> str:
         if self.hdown:
             return "down"
@@ -279,14 +287,15 @@ class Upstream:
     __slots__ = ("name", "servers", "cfg", "balancer", "keyspec", "single", "max_fails",
                  "fail_timeout", "slow_start", "retries", "retry_connect", "retry_kinds",
                  "retry_statuses", "budget", "health", "next_reap", "tunnel_timeout",
-                 "total_weight", "watch")
+                 "total_weight", "watch", "fixed", "dns")
 
-    def __init__(self, name: str, cfg: UpstreamConfig, health=None):
+    def __init__(self, name: str, cfg: UpstreamConfig, health=None, resolved=None):
         self.name = name
         self.cfg = cfg
-        self.servers = [Server(self, s.address, s.weight, cfg) for s in cfg.servers]
-        self.total_weight = sum(s.weight for s in self.servers)
-        self.single = len(self.servers) == 1
+        #: the servers given by address; servers found through DNS are added by follow()
+        self.fixed = [Server(self, s.address, s.weight, cfg) for s in cfg.servers
+                      if not s.resolve]
+        self._set_servers(list(self.fixed))
         self.balancer = make_balancer(cfg.balance)
         self.keyspec = KeySpec(cfg.hash, b"fp-balance") if cfg.balance == "hash" else None
         self.max_fails = cfg.max_fails
@@ -316,6 +325,15 @@ class Upstream:
             index = health.index()
             for s in self.servers:
                 s.hidx = index.get(server_key(name, s.address), -1)
+        entries = [s for s in cfg.servers if s.resolve]
+        self.dns = DnsFollower(resolved, name, entries) if entries and resolved else None
+        if self.dns is not None:
+            self.follow(0.0)
+
+    def _set_servers(self, servers: list[Server]) -> None:
+        self.servers = servers
+        self.total_weight = sum(s.weight for s in servers)
+        self.single = len(servers) == 1
 
     def pick(self, key: int | None = None, exclude=None) -> Server | None:
         if self.single:
@@ -327,12 +345,41 @@ class Upstream:
         """Apply health verdicts, ejection ends and slow start; sweep idle connections.
 
         Called by the worker every SWEEP_INTERVAL (not per request)."""
+        if self.dns is not None and self.dns.changed():
+            self.follow(now)
         if self.watch:
             self._apply(now)
         if now >= self.next_reap:
             self.next_reap = now + REAP_INTERVAL
             for s in self.servers:
                 s.reap(now)
+
+    def follow(self, now: float) -> None:
+        """Swap in the servers DNS lists now: known ones stay (pools, balancing state),
+        new ones are added (slow-starting after the first set), vanished ones retire."""
+        found = self.dns.read()
+        if found is None:
+            return  # a slot was being written: the next refresh reads it
+        old = {s.address: s for s in self.servers}
+        servers = list(self.fixed)
+        seen = {s.address for s in servers}
+        for address, weight in found:
+            if address in seen:
+                continue
+            seen.add(address)
+            s = old.pop(address, None)
+            if s is None:
+                s = Server(self, address, weight, self.cfg)
+                if now and self.slow_start:
+                    s.ramp_start = now
+            elif s.weight != weight:
+                s.weight = weight
+                s.eff_weight = weight * WEIGHT_SCALE  # refresh() re-ramps a slow start
+            servers.append(s)
+        for address, s in old.items():
+            if address not in seen:
+                s.retire()
+        self._set_servers(servers)
 
     def _apply(self, now: float) -> None:
         q = self.health
@@ -378,5 +425,6 @@ class Upstream:
             s.close_idle()
 
 
-def build_upstreams(cfg_upstreams: dict[str, UpstreamConfig], health=None) -> dict[str, Upstream]:
-    return {name: Upstream(name, ucfg, health) for name, ucfg in cfg_upstreams.items()}
+def build_upstreams(cfg_upstreams: dict[str, UpstreamConfig], health=None,
+                    resolved=None) -> dict[str, Upstream]:
+    return {name: Upstream(name, ucfg, health, resolved) for name, ucfg in cfg_upstreams.items()}

@@ -459,9 +459,9 @@ def test_install_start_request_quit_uninstall():
             os.fchmod(fd, 0o660)
             os.close(fd)
         run([f"{venv_bin}/forkproxy", "reopen", "-c", cfg])
-        time.sleep(0.5)
-        assert _http_get(port, "/tiny")[0] == 200
-        wait_for(lambda: os.path.getsize(f"{logs}/access.log") > 0, timeout=5,
+        # until the reopen has happened, lines still go to access.log.1
+        wait_for(lambda: _http_get(port, "/tiny")[0] == 200
+                 and os.path.getsize(f"{logs}/access.log") > 0, timeout=60, interval=0.2,
                  what="access log written after reopen")
         with open(f"{logs}/access.log") as f:
             assert json.loads(f.readline())["path"] == "/tiny"

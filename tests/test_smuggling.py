@@ -450,15 +450,15 @@ def test_interim_responses_in_the_same_read_as_the_final_one(tmp_path, proxies):
                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     })
     try:
-        p = proxies(tmp_path, origin.address, upstream_extra='read_timeout = "3s"')
+        # the origin keeps the connection open: a proxy that waited for more bytes would
+        # answer 504 after read_timeout instead of the 200
+        p = proxies(tmp_path, origin.address, upstream_extra='read_timeout = "20s"')
         for name in ("hints", "two"):
-            t0 = time.monotonic()
             with connect(p.port) as c:
                 c.sendall(b"GET /r/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
                           % name.encode())
-                got, closed = read_all(c.sock, timeout=5)
+                got, closed = read_all(c.sock, timeout=60)
             assert statuses(got) == [200] and closed, (name, got)
-            assert time.monotonic() - t0 < 1.0, name
         p.stop()
     finally:
         origin.stop()

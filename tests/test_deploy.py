@@ -23,6 +23,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import needs_root, needs_tools
 from fp import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +86,7 @@ def test_unit_settings():
     assert int(s["TimeoutStopSec"][0].rstrip("s")) > 30
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@needs_tools("systemd-analyze")
 def test_units_pass_systemd_analyze_verify(tmp_path):
     prefix = os.path.dirname(os.path.dirname(os.path.dirname(FORKPROXY)))  # .venv/bin/forkproxy
     names = ["forkproxy.service", "forkproxy-origin.service"]
@@ -98,7 +99,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     assert p.returncode == 0 and not ours, p.stdout + p.stderr
 
 
-@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate not installed")
+@needs_tools("logrotate")
 def test_logrotate_snippet_parses(tmp_path):
     with open(os.path.join(ROOT, "etc", "forkproxy.logrotate")) as f:
         text = rewrite_unit(f.read(), str(tmp_path / "opt"), log_dir=str(tmp_path / "log"))
@@ -200,7 +201,7 @@ def test_keys_refuse_unsafe_or_broken_files(tmp_path):
 # -- Vagrantfile -----------------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed")
+@needs_tools("vagrant")
 @pytest.mark.parametrize("hosts", ["1", "2"])
 def test_vagrant_validate(tmp_path, hosts):
     shutil.copy(os.path.join(ROOT, "Vagrantfile"), tmp_path / "Vagrantfile")
@@ -222,8 +223,7 @@ def test_vagrant_provisioning_uses_only_install():
     assert text.count('node.vm.provision "shell"') == 1
 
 
-@pytest.mark.skipif(shutil.which("ruby") is None or shutil.which("openssl") is None,
-                    reason="ruby or openssl not installed")
+@needs_tools("ruby", "openssl")
 def test_vagrant_shared_tls_material_passes_check(tmp_path):
     """The certificate and ticket key the Vagrantfile makes for both hosts are usable
     with the VM's config template."""
@@ -315,8 +315,8 @@ def _https_get(port: int, ctx: ssl.SSLContext, session=None):
         s.close()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="scripts/install needs root (useradd)")
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+@needs_root("scripts/install adds a user")
+@needs_tools("openssl")
 @pytest.mark.timeout(240)
 def test_install_start_request_quit_uninstall():
     user = "fptest" + secrets.token_hex(4)

@@ -11,8 +11,8 @@ import subprocess
 import threading
 import time
 
-import pytest
-from fp import PY, ROOT, alive, children_of, port_open, request, wait_for
+from conftest import needs_root
+from fp import PY, ROOT, alive, children_of, free_port, port_open, request, wait_for
 from load import Load
 
 
@@ -114,7 +114,7 @@ def test_ttin_ttou_change_worker_count(tmp_path, origin, proxies):
     p.stop()
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to change user")
+@needs_root("to change user")
 def test_workers_drop_to_configured_user(tmp_path, origin, proxies):
     nobody = pwd.getpwnam("nobody")
     p = proxies(tmp_path, origin.address, workers=2, server_extra='user = "nobody"')
@@ -340,8 +340,6 @@ def test_binary_upgrade_and_rollback_under_load(tmp_path, origin, proxies):
 
 
 def test_hup_binds_added_and_closes_removed_listeners(tmp_path, origin, proxies):
-    from fp import free_port, port_open
-
     p = proxies(tmp_path, origin.address, workers=2)
     extra = free_port()
     p.listeners = [f"127.0.0.1:{p.port}", f"127.0.0.1:{extra}"]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 
 import pytest
+from conftest import skip_missing_tool
 from fp import free_port, port_open, request, wait_for
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -40,7 +41,7 @@ http {{
 @pytest.fixture
 def nginx(tmp_path):
     if not os.path.exists(NGINX):
-        pytest.skip("nginx is not installed (scripts/setup installs nginx-light)")
+        skip_missing_tool("nginx", "scripts/setup installs nginx-light")
     run = tmp_path / "nginx"
     run.mkdir()
     port = free_port()

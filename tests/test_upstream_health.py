@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+from conftest import needs_root, skip_missing_tool
 from fp import PY, ROOT, Origin, free_port, port_open, wait_for
 from load import Load
 from upstreams_util import UProxy, call, get, metric_value, pipelined
@@ -249,8 +250,10 @@ def _settled(read, timeout: float = 30.0) -> dict:
         last = now
 
 
-@pytest.mark.skipif(not _netns_available(), reason="needs root and pyroute2 network namespaces")
+@needs_root("network namespaces")
 def test_unreachable_and_silently_dropping_hosts_in_namespaces(tmp_path, uproxies):
+    if not _netns_available():
+        skip_missing_tool("network namespaces", "pyroute2 and a writable /var/run/netns")
     hosts = Hosts(3)
     try:
         servers = ", ".join(f'{{ address = "{a}" }}' for a in hosts.addrs)

@@ -292,8 +292,9 @@ def _run(spec: WorkerSpec) -> None:
     if spec.cpu is not None:
         try:
             os.sched_setaffinity(0, {spec.cpu})
-        except OSError:
-            pass
+        except OSError as e:  # serving unpinned beats not serving; never silently
+            if spec.logger is not None:
+                spec.logger.warning("cpu pinning failed", cpu=spec.cpu, error=e.strerror)
     nofile = spec.cfg.server.worker_rlimit_nofile
     if nofile:
         _set_nofile(nofile, spec.logger)

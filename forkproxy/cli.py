@@ -59,14 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         host, _, port = args.listen.rpartition(":")
         return run_origin(host, int(port))
     if verb == "check":
-        try:
-            config_mod.load(args.config)
-        except config_mod.ConfigError as e:
-            for line in e.problems:
-                print(line)
-            return 1
-        print("ok")
-        return 0
+        return _check(args.config)
     if verb in ("run", "start"):
         return _run(args, daemon_mode=(verb == "start"))
     pidfile = args.pidfile or _pidfile_from_config(args.config)
@@ -83,6 +76,25 @@ def main(argv: list[str] | None = None) -> int:
 
         return print_status(args.config)
     os.kill(pid, SIGNAL_VERBS[verb])
+    return 0
+
+
+def _check(path: str) -> int:
+    """Config errors (exit 1); else the platform line and warnings, then "ok" (exit 0)."""
+    from forkproxy import preflight  # gevent, cryptography: only for this verb
+
+    try:
+        cfg = config_mod.load(path)
+    except config_mod.ConfigError as e:
+        for line in e.problems:
+            print(line)
+        return 1
+    lines = preflight.report(cfg)
+    for line in lines:
+        print(line)
+    if preflight.failed(lines):
+        return 1
+    print("ok")
     return 0
 
 

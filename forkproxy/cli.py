@@ -43,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--admin-port", type=int, default=9901)
     origin = sub.add_parser("origin", help="run only the built-in demo origin")
     origin.add_argument("--listen", default="127.0.0.1:9000")
+    tune = sub.add_parser("tune", help="measure this host with 1..N workers per core "
+                          "(built-in origin, wrk) and recommend workers_per_core")
+    tune.add_argument("--max-per-core", type=int, default=3)
+    tune.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    tune.add_argument("--rounds", type=int, default=2, help="measurements per count (median)")
+    tune.add_argument("--connections", type=int, default=64)
+    tune.add_argument("--path", default="/tiny", help="what to ask the built-in origin for")
+    tune.add_argument("--quick", action="store_true",
+                      help="1..2 per core, 1 s, one round, 16 connections (a first look)")
     return p
 
 
@@ -60,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_origin(host, int(port))
     if verb == "check":
         return _check(args.config)
+    if verb == "tune":
+        return _tune(args)
     if verb in ("run", "start"):
         return _run(args, daemon_mode=(verb == "start"))
     pidfile = args.pidfile or _pidfile_from_config(args.config)
@@ -96,6 +107,22 @@ def _check(path: str) -> int:
         return 1
     print("ok")
     return 0
+
+
+def _tune(args) -> int:
+    from forkproxy import tune
+
+    if args.quick:
+        settings = tune.Settings.quick()
+    else:
+        settings = tune.Settings(max_per_core=args.max_per_core, duration=args.duration,
+                                 rounds=args.rounds, connections=args.connections,
+                                 path=args.path)
+    if settings.max_per_core < 1 or settings.duration <= 0 or settings.rounds < 1:
+        print("forkproxy tune: --max-per-core, --duration and --rounds must be positive",
+              file=sys.stderr)
+        return 2
+    return tune.main(settings)
 
 
 def _pidfile_from_config(path: str) -> str | None:

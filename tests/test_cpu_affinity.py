@@ -74,7 +74,7 @@ def test_auto_pins_one_worker_per_cpu_and_ttin_ttou_keep_the_mapping(tmp_path, o
              timeout=30, what="a replacement worker")
     _wait_mapping(p, {i: str(CPUS[i]) for i in range(n)})
     assert request(p.port, "GET", "/tiny")[2] == b"ok"
-    assert not [e for e in p.log_events() if e.get("event") == "cpu pinning failed"]
+    assert not [e for e in p.log_events() if e.get("event") == "cannot pin the worker to its CPU"]
     p.stop()
 
 
@@ -126,7 +126,7 @@ def test_refused_pinning_is_logged_with_cpu_and_reason(tmp_path, origin, proxies
         victim = next(pid for pid in p.workers_pids() if _slot(pid) == 1)
         os.kill(victim, signal.SIGKILL)
         failed = wait_for(lambda: [e for e in p.log_events()
-                                   if e.get("event") == "cpu pinning failed"], timeout=30,
+                                   if e.get("event") == "cannot pin the worker to its CPU"], timeout=30,
                           what="the failed pinning logged")
         assert failed[0]["cpu"] == CPUS[1] and failed[0]["error"] == "Invalid argument", failed
         wait_for(lambda: len(p.workers_pids()) == 2, timeout=30, what="a replacement worker")

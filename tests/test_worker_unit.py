@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from forkproxy.worker.process import TRIM_INTERVAL, HeapTrimmer
+from forkproxy.worker.heap import TRIM_INTERVAL, HeapTrimmer
 
 
 def test_heap_trimmer_trims_only_well_below_the_peak_and_not_too_often():

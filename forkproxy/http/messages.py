@@ -120,11 +120,3 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
             if tok:
                 out.add(tok)
     return out
-
-
-def chunk(data: bytes | memoryview) -> list[bytes | memoryview]:
-    """The pieces of one chunk in chunked transfer coding."""
-    return [b"%x\r\n" % len(data), data, b"\r\n"]
-
-
-LAST_CHUNK = b"0\r\n\r\n"

@@ -765,7 +765,7 @@ def _preload(cfg) -> None:
     import httptools  # noqa: F401
     import msgspec  # noqa: F401
 
-    import forkproxy.worker.connection  # noqa: F401
+    import forkproxy.worker.http1  # noqa: F401
     import forkproxy.worker.process  # noqa: F401
     import forkproxy.worker.tls  # noqa: F401
 

@@ -2,14 +2,18 @@
 SO_REUSEPORT sockets, one greenlet per client connection.
 
 Runs in the child right after fork(). Everything it needs was imported by the master
-before fork (shared copy-on-write pages, see gc.freeze() in the arbiter).
+before fork (shared copy-on-write pages, see gc.freeze() in the arbiter). The
+:class:`Worker` has one method per loop: accept, sweep (deadlines, upstream health,
+heap trim), heartbeat, lifeline, and the park/unpark of idle connections.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import gc
 import os
+import resource
 import signal
 import socket as pysocket
 import sys
@@ -19,88 +23,24 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
-from forkproxy.context import RequestContext, encoder
 from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
-from forkproxy.http.request import Limits
 from forkproxy.manager import profiling
-from forkproxy.shm.limitzone import ClientLimits
+from forkproxy.worker import faults
 from forkproxy.worker import tls as worker_tls
-from forkproxy.worker.connection import Connection, Deadline
-from forkproxy.worker.router import Router
-from forkproxy.worker.splice import PipePool
-from forkproxy.worker.upstream import build_upstreams
+from forkproxy.worker.front import Deadline
+from forkproxy.worker.heap import HeapTrimmer
+from forkproxy.worker.http1 import Http1Connection
+from forkproxy.worker.state import ListenerRuntime, WorkerState
 
 #: how often connection deadlines are checked (timeouts are this coarse)
 SWEEP_INTERVAL = 0.1
 #: during a graceful stop, idle keep-alive connections are closed after this long idle
 DRAIN_IDLE = 0.5
-#: gc.collect() + malloc_trim(0) once the connection count fell by TRIM_MIN_DROP and to half of
-#: its high-water mark, checked at most every TRIM_INTERVAL seconds (see HeapTrimmer)
-TRIM_INTERVAL = 5.0
-TRIM_MIN_DROP = 500
-#: fault injection for tests ("startup": crash at start-up; "request": a request whose
-#: path starts with /__fault__ raises inside the worker, see _inject_request_fault)
-FAULT = os.environ.get("FORKPROXY_FAULT", "")
-
-
-class HeapTrimmer:
-    """Hands freed heap memory back to the OS after many connections are gone.
-
-    Closed connections leave garbage cycles (a request parser and its callbacks) that
-    only a full collection frees, and glibc's malloc keeps freed memory unless asked:
-    ``gc.collect()`` then ``malloc_trim(0)`` (which releases the free pages of every
-    malloc arena). Together they take a few ms to a few tens of ms, so the sweeper calls
-    :meth:`check` and they run only when the count fell well below its high-water mark,
-    at most once every TRIM_INTERVAL seconds; never on a request's path. What pymalloc
-    holds in partly used arenas stays resident (CPython does not give free pools back).
-    Without glibc's malloc_trim, nothing is done.
-    """
-
-    __slots__ = ("peak", "next_check", "trims", "_trim")
-
-    def __init__(self):
-        self.peak = 0
-        self.next_check = 0.0
-        self.trims = 0
-        try:
-            import ctypes
-
-            self._trim = ctypes.CDLL(None).malloc_trim
-            self._trim.argtypes = [ctypes.c_size_t]
-            self._trim.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            self._trim = None
-
-    def check(self, connections: int, now: float) -> bool:
-        """Track the high-water mark; trim if due. True if it trimmed."""
-        if connections > self.peak:
-            self.peak = connections
-        if now < self.next_check or self._trim is None:
-            return False
-        self.next_check = now + TRIM_INTERVAL
-        if self.peak - connections < TRIM_MIN_DROP or connections > self.peak // 2:
-            return False
-        gc.collect()
-        self._trim(0)
-        self.peak = connections
-        self.trims += 1
-        return True
-
-
-class ListenerRuntime:
-    """What a connection needs to know about the listener it came in on."""
-
-    __slots__ = ("name", "default_upstream", "scheme", "host_fallback", "tls_context",
-                 "proxy_protocol")
-
-    def __init__(self, name: str, default_upstream, scheme: bytes, tls_context=None,
-                 proxy_protocol: bool = False):
-        self.name = name
-        self.default_upstream = default_upstream
-        self.scheme = scheme
-        self.host_fallback = name.encode()
-        self.tls_context = tls_context
-        self.proxy_protocol = proxy_protocol
+#: signals the master handles; a worker ignores them (its own are QUIT, TERM, INT)
+_IGNORED = (signal.SIGHUP, signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU,
+            signal.SIGUSR1)
+#: accept() errors that mean "out of a resource": back off instead of spinning
+_ACCEPT_RESOURCE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class WorkerSpec:
@@ -129,300 +69,161 @@ class WorkerSpec:
         self.health = health  # active health verdicts (forkproxy.shm.health), read-only
 
 
-class WorkerState:
-    """Per-worker state shared by all its connections (no locks: one thread)."""
-
-    def __init__(self, spec: WorkerSpec):
-        cfg = spec.cfg
-        srv = cfg.server
-        self.spec = spec
-        self.pid = os.getpid()
-        self.limits = Limits(srv.max_request_line, srv.max_header_size, srv.max_header_count,
-                             srv.max_headers_total, srv.max_body_size)
-        self.keepalive_timeout = srv.keepalive_timeout
-        self.header_timeout = srv.client_header_timeout
-        self.body_timeout = srv.client_body_timeout
-        self.send_timeout = srv.send_timeout
-        self.buffer_size = srv.buffer_size
-        self.upstreams = build_upstreams(cfg.upstream, spec.health)
-        self.router = Router(cfg.route, self.upstreams)
-        self.rbuf = bytearray(65536)
-        self.rview = memoryview(self.rbuf)
-        self._buffers: list[bytearray] = []
-        self.draining = False
-        self.connections: set[Connection] = set()
-        self.requests = 0
-        self.stats_errors = 0
-        self._rid_prefix = b"%08x" % (int.from_bytes(os.urandom(4), "big"))
-        self._rid = 0
-        self.ring = spec.ring
-        self.pipes = PipePool() if srv.splice else None
-        self._encbuf = bytearray(512)
-        self.listener_names: list[str] = []
-        self.client_limits = None
-        if spec.limit_zone is not None:
-            spec.limit_zone.bind(spec.index)
-            self.client_limits = ClientLimits(spec.limit_zone, cfg.limits)
-
-    def new_request_id(self) -> bytes:
-        self._rid += 1
-        return b"%s%08x" % (self._rid_prefix, self._rid)
-
-    def get_buffer(self) -> bytearray:
-        return self._buffers.pop() if self._buffers else bytearray(self.buffer_size)
-
-    def put_buffer(self, buf: bytearray) -> None:
-        if len(self._buffers) < 64:
-            self._buffers.append(buf)
-
-    def record(self, conn, req, status, bytes_out, server, upconn, bytes_in, times,
-               error: str = "", tunnel: bool = False) -> None:
-        """Leave the request context in the ring (never blocks; drops when full)."""
-        self.requests += 1
-        retries = conn.retries
-        if retries:
-            conn.retries = 0
-        ring = self.ring
-        if ring is None:
-            return
-        ctx = RequestContext(
-            time.time(), req.request_id.decode("latin-1"), self.pid, conn.listener.name,
-            conn.remote, req.method, req.path.decode("latin-1"), status, bytes_in, bytes_out,
-            server.upstream.name if server is not None else "",
-            server.address if server is not None else "",
-            upconn.reused if upconn is not None else False,
-            conn.tls_resumed, conn.tls_version, times, error, conn.reject, retries, tunnel,
-        )
-        if conn.reject:
-            conn.reject = ""
-        buf = self._encbuf
-        encoder.encode_into(ctx, buf)
-        ring.push(buf)
-
-
 def _wait_read(fd: int, timeout: float) -> None:
     socket.wait_read(fd, timeout=timeout, timeout_exc=TimeoutError("PROXY header timeout"))
-
-
-def read_proxy_header(conn, sock) -> bool:
-    """A listener behind an L4 balancer: the PROXY v1/v2 header carries the client's
-    address (it then feeds X-Forwarded-For and the access log). Bad header: close."""
-    try:
-        hdr = recv_header(sock, conn.ws.header_timeout, wait_readable=_wait_read)
-    except (ProxyProtocolError, TimeoutError, OSError):
-        try:
-            sock.close()
-        except OSError:
-            pass
-        return False
-    if hdr.src is not None:
-        conn.remote = hdr.src[0]
-    return True
 
 
 def _set_pdeathsig() -> None:
     """Ask the kernel to SIGTERM us when the master dies (plus the lifeline pipe)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
 
-def _set_nofile(n: int, logger) -> None:
-    """RLIMIT_NOFILE = n (soft and hard: the hard limit only rises with privileges)."""
-    import resource
+class Worker:
+    """One worker process's life: set-up, the loops, the drain."""
 
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
-    except (ValueError, OSError) as e:
-        if logger is not None:
-            logger.warning("cannot set worker_rlimit_nofile", value=n, error=str(e))
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.cfg = spec.cfg
+        self.logger = spec.logger
+        self.stop = Event()  # TERM, INT or the master's death: exit now
+        self.graceful = Event()  # QUIT: stop accepting, drain, exit
+        self.slots_free = Event()  # below max_connections: the acceptors may go on
+        self.slots_free.set()
+        self.max_conns = spec.cfg.server.max_connections
+        self.ws: WorkerState | None = None
+        self.hub = None
+        self.listeners: list[tuple[object, ListenerRuntime]] = []
+        self.acceptors: list = []
+        self.trimmer = HeapTrimmer()
 
+    # -- start-up ------------------------------------------------------------------------
 
-def _inject_request_fault() -> None:
-    """FORKPROXY_FAULT=request: paths under /__fault__ raise in the middle of handle(),
-    the way a bug would (/__fault__/after-head raises once the response has started)."""
-    original = Connection.handle
-
-    def handle(self, req):
-        if req.path.startswith(b"/__fault__"):
-            if req.path.startswith(b"/__fault__/after-head"):
-                self.resp_started = True
-                from forkproxy.worker.connection import send_all
-
-                send_all(self.sock, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-            raise RuntimeError("fault injected: FORKPROXY_FAULT=request")
-        return original(self, req)
-
-    Connection.handle = handle
-
-
-def run(spec: WorkerSpec) -> None:
-    """Worker main; never returns (exits the process)."""
-    code = 0
-    try:
-        _run(spec)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    except BaseException as e:  # the master logs our exit status; say why on stderr
-        try:
-            if spec.logger is not None:
-                spec.logger.exception("worker crashed", error=str(e))
-            else:
-                print(f"forkproxy worker {os.getpid()} crashed: {e!r}", file=sys.stderr)
-        finally:
-            code = 3
-    finally:
-        os._exit(code)
-
-
-def _run(spec: WorkerSpec) -> None:
-    _set_pdeathsig()
-    if FAULT == "startup":
-        raise RuntimeError("fault injected: FORKPROXY_FAULT=startup")
-    if os.getppid() == 1:
+    def run(self) -> None:
+        """Set up, serve until told to stop, drain; raises SystemExit."""
+        self._prepare_process()
+        self.hub = gevent.get_hub()  # the hub and its imports exist before privileges drop
+        self.ws = WorkerState(self.spec, self.hub, self.unpark)
+        self._install_signals()
+        self._build_listeners()
+        self._drop_privileges()
+        # what the worker built at start lives as long as the worker: keep it out of the
+        # collector's young generations (fewer objects scanned per collection). Greenlets
+        # are spawned after this, so the gauges' greenlet count still sees them.
+        gc.freeze()
+        self.acceptors = [gevent.spawn(self.accept_loop, lsock, lr)
+                          for lsock, lr in self.listeners]
+        gevent.spawn(self.sweep_loop)
+        gevent.spawn(self.lifeline_loop)
+        heartbeat = gevent.spawn(self.heartbeat_loop)
+        self._report_ready()
+        while not self.stop.is_set() and not self.graceful.is_set():
+            gevent.wait([self.stop, self.graceful], count=1)
+        if self.stop.is_set():
+            raise SystemExit(0)
+        self.drain()
+        heartbeat.kill(block=False)
+        self._beat()
+        for up in self.ws.upstreams.values():
+            up.close_idle()
         raise SystemExit(0)
-    gevent.reinit()
-    # spawn() would record the spawning stack of every connection's greenlet otherwise
-    gevent.config.track_greenlet_tree = False
-    gc.enable()
-    if spec.cpu is not None:
-        try:
-            os.sched_setaffinity(0, {spec.cpu})
-        except OSError as e:  # serving unpinned beats not serving; never silently
-            if spec.logger is not None:
-                spec.logger.warning("cpu pinning failed", cpu=spec.cpu, error=e.strerror)
-    nofile = spec.cfg.server.worker_rlimit_nofile
-    if nofile:
-        _set_nofile(nofile, spec.logger)
-    if FAULT == "request":
-        _inject_request_fault()
-    ws = WorkerState(spec)
-    cfg = spec.cfg
-    stop = Event()
-    graceful = Event()
-    gevent.get_hub()  # the hub and everything it imports exist before privileges drop
 
-    def on_quit():
-        graceful.set()
+    def _prepare_process(self) -> None:
+        spec = self.spec
+        _set_pdeathsig()
+        if faults.STARTUP:
+            raise RuntimeError("fault injected: FORKPROXY_FAULT=startup")
+        if os.getppid() == 1:
+            raise SystemExit(0)
+        gevent.reinit()
+        # spawn() would record the spawning stack of every connection's greenlet otherwise
+        gevent.config.track_greenlet_tree = False
+        gc.enable()
+        if spec.cpu is not None:
+            try:
+                os.sched_setaffinity(0, {spec.cpu})
+            except OSError as e:
+                self._warn("cannot pin the worker to its CPU", cpu=spec.cpu, error=e.strerror)
+        nofile = spec.cfg.server.worker_rlimit_nofile
+        if nofile:
+            try:  # soft and hard: the hard limit only rises with privileges
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            except (ValueError, OSError) as e:
+                self._warn("cannot set worker_rlimit_nofile", value=nofile, error=str(e))
 
-    def on_term():
-        stop.set()
+    def _install_signals(self) -> None:
+        gevent.signal_handler(signal.SIGQUIT, self.graceful.set)
+        gevent.signal_handler(signal.SIGTERM, self.stop.set)
+        gevent.signal_handler(signal.SIGINT, self.stop.set)
+        for sig in _IGNORED:
+            signal.signal(sig, signal.SIG_IGN)
+        profiling.install_worker_hook(self.logger)
+        # the master forked us with its signals blocked; our handlers are in place now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals())
 
-    gevent.signal_handler(signal.SIGQUIT, on_quit)
-    gevent.signal_handler(signal.SIGTERM, on_term)
-    gevent.signal_handler(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.signal(signal.SIGWINCH, signal.SIG_IGN)
-    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
-    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    profiling.install_worker_hook(spec.logger)
-    # the master forked us with its signals blocked; our handlers are in place now
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals())
+    def _build_listeners(self) -> None:
+        spec = self.spec
+        cfg = self.cfg
+        keystore = spec.keystore.reader() if spec.keystore is not None else None
+        for li, lsock in spec.sockets:
+            lcfg = cfg.listener[li]
+            default = self.ws.upstreams.get(lcfg.upstream) if lcfg.upstream else None
+            tls_ctx = None
+            if lcfg.tls is not None:
+                tls_ctx = worker_tls.worker_tls_context(cfg, li, keystore)
+            lr = ListenerRuntime(lcfg.listen, default, b"https" if tls_ctx else b"http",
+                                 tls_ctx, lcfg.proxy_protocol)
+            self.listeners.append((lsock, lr))
 
-    keystore = spec.keystore.reader() if spec.keystore is not None else None
-    listeners = []
-    for li, lsock in spec.sockets:
-        lcfg = cfg.listener[li]
-        default = ws.upstreams.get(lcfg.upstream) if lcfg.upstream else None
-        tls_ctx = None
-        if lcfg.tls is not None:
-            tls_ctx = worker_tls.worker_tls_context(cfg, li, keystore)
-        lr = ListenerRuntime(lcfg.listen, default, b"https" if tls_ctx else b"http", tls_ctx,
-                             lcfg.proxy_protocol)
-        listeners.append((lsock, lr))
-
-    # drop privileges last: after this, files under the master's home may be unreadable
-    if spec.uid is not None:
+    def _drop_privileges(self) -> None:
+        """Last step of the set-up: afterwards files under the master's home may be
+        unreadable."""
+        spec = self.spec
+        if spec.uid is None:
+            return
         if spec.groups is not None:
             os.setgroups(spec.groups)
         if spec.gid is not None:
             os.setgid(spec.gid)
         os.setuid(spec.uid)
 
-    slots_free = Event()
-    slots_free.set()
-    max_conns = cfg.server.max_connections
-
-    def finish(conn):
-        """A connection is gone: per-IP count, registry, accept back-pressure."""
-        if conn.counted is not None:
-            ws.client_limits.close(conn.counted)
-            conn.counted = None
-        ws.connections.discard(conn)
-        if len(ws.connections) < max_conns:
-            slots_free.set()
-
-    def resume(conn):
-        """A parked idle connection became readable: serve it in a new greenlet."""
-        parked = False
+    def _report_ready(self) -> None:
+        self._beat()
         try:
-            parked = conn.serve()
-        except Exception as e:  # a bug must not take the worker down with it
-            if spec.logger is not None:
-                spec.logger.exception("connection failed", remote=conn.remote, error=str(e))
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
-        finally:
-            if not parked:
-                finish(conn)
+            os.write(self.spec.ready_fd, b"R")
+            os.close(self.spec.ready_fd)
+        except OSError:
+            pass
 
-    def unpark(conn):  # libev callback, in the hub
-        conn.unparked()
-        gevent.spawn(resume, conn)
+    def _warn(self, event: str, **fields) -> None:
+        if self.logger is not None:
+            self.logger.warning(event, **fields)
+        else:
+            print(f"forkproxy worker {os.getpid()}: {event} {fields}", file=sys.stderr)
 
-    ws.hub = gevent.get_hub()
-    ws.unpark = unpark
+    # -- connections ---------------------------------------------------------------------
 
-    def handle(conn, sock, lr):
-        parked = False
-        try:
-            if lr.proxy_protocol and not read_proxy_header(conn, sock):
-                return
-            if lr.tls_context is not None and not worker_tls.handshake(conn):
-                return
-            climits = ws.client_limits
-            if climits is not None and climits.per_ip:
-                if not climits.open(conn.remote):
-                    conn.refuse(climits.status, "conn_limit")
-                    return
-                conn.counted = conn.remote
-            parked = conn.serve()
-        except Exception as e:  # a bug must not take the worker down with it
-            if spec.logger is not None:
-                spec.logger.exception("connection failed", remote=conn.remote, error=str(e))
-            try:
-                sock.close()
-            except OSError:
-                pass
-        finally:
-            if not parked:
-                finish(conn)
-
-    def accept_loop(lsock, lr):
+    def accept_loop(self, lsock, lr: ListenerRuntime) -> None:
+        ws = self.ws
         gsock = socket.socket(fileno=os.dup(lsock.fileno()))
         backoff = 0.0
+        graceful = self.graceful
         try:
             while not graceful.is_set():
-                if len(ws.connections) >= max_conns:
-                    slots_free.clear()
-                    slots_free.wait(1.0)
+                if len(ws.connections) >= self.max_conns:
+                    self.slots_free.clear()
+                    self.slots_free.wait(1.0)
                     continue
                 try:
                     sock, addr = gsock.accept()
                 except OSError as e:
-                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    if e.errno in _ACCEPT_RESOURCE:
                         backoff = min(max(backoff * 2, 0.01), 1.0)
-                        if spec.logger is not None:
-                            spec.logger.warning("accept failed, backing off",
-                                                error=e.strerror, backoff=backoff)
+                        self._warn("accept failed, backing off", error=e.strerror,
+                                   backoff=backoff)
                         gevent.sleep(backoff)
                         continue
                     if graceful.is_set() or e.errno == errno.EBADF:
@@ -435,111 +236,180 @@ def _run(spec: WorkerSpec) -> None:
                     pass
                 # registered before its greenlet runs: a drain that starts in between
                 # still waits for it instead of exiting with the socket unserved
-                conn = Connection(ws, lr, sock, addr, time.monotonic())
+                conn = Http1Connection(ws, lr, sock, addr, time.monotonic())
                 ws.connections.add(conn)
-                gevent.spawn(handle, conn, sock, lr)
+                gevent.spawn(self.serve_connection, conn)
         finally:
             gsock.close()
 
-    # what the worker built at start lives as long as the worker: keep it out of the
-    # collector's young generations (fewer objects scanned per collection). Greenlets are
-    # spawned after this, so the gauges' greenlet count (gc.get_objects) still sees them.
-    gc.freeze()
-    acceptors = [gevent.spawn(accept_loop, lsock, lr) for lsock, lr in listeners]
+    def serve_connection(self, conn: Http1Connection) -> None:
+        """A new connection's greenlet: PROXY header, TLS, per-IP limit, its requests."""
+        self._serve(conn, True)
 
-    # one timer for all connections: expire the ones past their deadline
-    hub = gevent.get_hub()
+    def resume(self, conn) -> None:
+        """A parked connection's new greenlet: its next requests."""
+        self._serve(conn, False)
 
-    def expire(conn):
-        d = conn.deadline
-        g = conn.greenlet
-        if d and d < time.monotonic() and conn.parked is not None:
-            conn.unparked()  # parked past its keep-alive timeout: close it here
-            conn.deadline = 0.0
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
-            finish(conn)
-        elif d and d < time.monotonic() and g is not None and not g.dead:
-            conn.deadline = 0.0
-            g.throw(Deadline("timed out"))
+    def _serve(self, conn, fresh: bool) -> None:
+        parked = False
+        try:
+            if not fresh or self._open(conn):
+                parked = conn.serve()
+        except Exception as e:  # a bug must not take the worker down with it
+            if self.logger is not None:
+                self.logger.exception("connection failed", remote=conn.remote, error=str(e))
+            self._close_quietly(conn)
+        finally:
+            if not parked:
+                self.finish(conn)
 
-    upstreams = list(ws.upstreams.values())
-    trimmer = HeapTrimmer()
+    def _open(self, conn) -> bool:
+        """The steps before a new connection's first request; False = it is done."""
+        if conn.listener.proxy_protocol and not self._read_proxy_header(conn):
+            return False
+        if conn.listener.tls_context is not None and not conn.start_tls():
+            return False
+        climits = self.ws.client_limits
+        if climits is not None and climits.per_ip:
+            if not climits.open(conn.remote):
+                conn.refuse(climits.status, "conn_limit")
+                return False
+            conn.counted = conn.remote
+        return True
 
-    def sweeper():
+    def _read_proxy_header(self, conn) -> bool:
+        """A listener behind an L4 balancer: the PROXY v1/v2 header carries the client's
+        address (it then feeds X-Forwarded-For and the access log). Bad header: close."""
+        try:
+            hdr = recv_header(conn.sock, self.ws.header_timeout, wait_readable=_wait_read)
+        except (ProxyProtocolError, TimeoutError, OSError):
+            self._close_quietly(conn)
+            return False
+        if hdr.src is not None:
+            conn.remote = hdr.src[0]
+        return True
+
+    @staticmethod
+    def _close_quietly(conn) -> None:
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def finish(self, conn) -> None:
+        """A connection is gone: per-IP count, registry, accept back-pressure."""
+        ws = self.ws
+        if conn.counted is not None:
+            ws.client_limits.close(conn.counted)
+            conn.counted = None
+        ws.connections.discard(conn)
+        if len(ws.connections) < self.max_conns:
+            self.slots_free.set()
+
+    def unpark(self, conn) -> None:
+        """libev callback, in the hub: a parked idle connection became readable."""
+        conn.unparked()
+        gevent.spawn(self.resume, conn)
+
+    # -- the periodic loops --------------------------------------------------------------
+
+    def sweep_loop(self) -> None:
+        """One timer for all connections: expire the ones past their deadline; apply
+        upstream health and weights; trim the heap after a fall in connections."""
+        ws = self.ws
+        upstreams = list(ws.upstreams.values())
+        run_callback = self.hub.loop.run_callback
+        expire = self.expire
         while True:
             gevent.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
             for up in upstreams:  # health verdicts, ejections, slow start, idle sweep
                 up.refresh(now)
-            trimmer.check(len(ws.connections), now)
+            self.trimmer.check(len(ws.connections), now)
             for conn in ws.connections:
                 d = conn.deadline
                 if d and d < now:
-                    hub.loop.run_callback(expire, conn)
+                    run_callback(expire, conn)
 
-    gevent.spawn(sweeper)
+    def expire(self, conn) -> None:
+        """In the hub: a connection past its deadline. A parked one is closed here; an
+        active one gets Deadline thrown into its greenlet."""
+        d = conn.deadline
+        if not d or d >= time.monotonic():
+            return
+        conn.deadline = 0.0
+        if conn.parked is not None:
+            conn.unparked()  # parked past its keep-alive timeout
+            self._close_quietly(conn)
+            self.finish(conn)
+            return
+        g = conn.greenlet
+        if g is not None and not g.dead:
+            g.throw(Deadline("timed out"))
 
-    # the master's end of the lifeline closes when it dies: exit then
-    def lifeline():
+    def lifeline_loop(self) -> None:
+        """The master's end of the lifeline pipe closes when it dies: exit then."""
         try:
-            socket.wait_read(spec.lifeline_fd)
+            socket.wait_read(self.spec.lifeline_fd)
         except Exception:
             pass
-        stop.set()
+        self.stop.set()
 
-    gevent.spawn(lifeline)
-
-    table = spec.table
-
-    def heartbeat():
+    def heartbeat_loop(self) -> None:
+        """Once a second: the worker table's heartbeat and the gauges record."""
         while True:
-            if table is not None:
-                table.beat(spec.index, ws.requests, len(ws.connections))
-            profiling.push_gauges(ws)
+            self._beat()
+            profiling.push_gauges(self.ws)
             gevent.sleep(1.0)
 
-    hb = gevent.spawn(heartbeat)
-    if table is not None:
-        table.beat(spec.index, 0, 0)
-    try:
-        os.write(spec.ready_fd, b"R")
-        os.close(spec.ready_fd)
-    except OSError:
-        pass
+    def _beat(self) -> None:
+        table = self.spec.table
+        if table is not None:
+            table.beat(self.spec.index, self.ws.requests, len(self.ws.connections))
 
-    # wait for QUIT (graceful) or TERM/INT/master death (fast)
-    while not stop.is_set() and not graceful.is_set():
-        gevent.wait([stop, graceful], count=1)
-    if stop.is_set():
-        raise SystemExit(0)
-    # graceful: stop accepting, let in-flight requests finish, close idle keep-alives
-    ws.draining = True
-    gevent.killall(acceptors, block=False)
-    for lsock, _ in listeners:
+    # -- graceful stop -------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish, close idle keep-alives.
+
+        An idle keep-alive connection is closed only once it has been idle for a moment
+        during the drain: a client that is using it gets its next response with
+        "Connection: close" instead of racing our close with its request."""
+        ws = self.ws
+        ws.draining = True
+        gevent.killall(self.acceptors, block=False)
+        for lsock, _ in self.listeners:
+            try:
+                lsock.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + self.cfg.server.graceful_timeout
+        while ws.connections and time.monotonic() < deadline and not self.stop.is_set():
+            now = time.monotonic()
+            for conn in list(ws.connections):
+                if conn.idle and now - conn.idle_since > DRAIN_IDLE:
+                    conn.idle = False
+                    try:
+                        conn.sock.shutdown(pysocket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            gevent.sleep(0.05)
+
+
+def run(spec: WorkerSpec) -> None:
+    """Worker main; never returns (exits the process)."""
+    code = 0
+    try:
+        Worker(spec).run()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    except BaseException as e:  # the master logs our exit status; say why on stderr
         try:
-            lsock.close()
-        except OSError:
-            pass
-    # An idle keep-alive connection is closed only once it has been idle for a moment
-    # during the drain: a client that is using it gets its next response with
-    # "Connection: close" instead of racing our close with its request.
-    deadline = time.monotonic() + cfg.server.graceful_timeout
-    while ws.connections and time.monotonic() < deadline and not stop.is_set():
-        now = time.monotonic()
-        for conn in list(ws.connections):
-            if conn.idle and now - conn.idle_since > DRAIN_IDLE:
-                conn.idle = False
-                try:
-                    conn.sock.shutdown(pysocket.SHUT_RDWR)
-                except OSError:
-                    pass
-        gevent.sleep(0.05)
-    hb.kill(block=False)
-    if table is not None:
-        table.beat(spec.index, ws.requests, len(ws.connections))
-    for up in ws.upstreams.values():
-        up.close_idle()
-    raise SystemExit(0)
+            if spec.logger is not None:
+                spec.logger.exception("worker crashed", error=str(e))
+            else:
+                print(f"forkproxy worker {os.getpid()} crashed: {e!r}", file=sys.stderr)
+        finally:
+            code = 3
+    finally:
+        os._exit(code)

@@ -4,7 +4,6 @@ master's key store) and the handshake of an accepted connection."""
 from __future__ import annotations
 
 import ssl
-import time
 
 from gevent import socket
 
@@ -41,28 +40,23 @@ def worker_tls_context(cfg, li: int, keystore):
     return ctx
 
 
-def handshake(conn) -> bool:
-    """Wrap the accepted socket and complete the handshake; False = give up quietly."""
-    raw = conn.sock
-    raw.settimeout(conn.ws.header_timeout)
+def tls_handshake(raw, context, timeout: float):
+    """Wrap an accepted socket and complete the server handshake within ``timeout``.
+
+    Returns the TLS socket (no timeout set: later steps are bounded by the connection's
+    deadline), or None after closing the socket when the handshake failed."""
+    raw.settimeout(timeout)
     try:
-        ssock = conn.listener.tls_context.wrap_socket(raw, server_side=True,
-                                                      do_handshake_on_connect=False)
+        ssock = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         ssock.do_handshake()
     except _HANDSHAKE_ERRORS:
         try:
             raw.close()
         except OSError:
             pass
-        return False
-    ssock.settimeout(None)  # later steps are bounded by the connection's deadline
-    conn.sock = ssock
-    conn.raw = None  # bytes go through the TLS object from now on
-    conn.sslobj = ssock._sslobj
-    conn.t_tls = time.monotonic()
-    conn.tls_resumed = ssock.session_reused
-    conn.tls_version = ssock.version() or ""
-    return True
+        return None
+    ssock.settimeout(None)
+    return ssock
 
 
 def close_notify(sock) -> None:

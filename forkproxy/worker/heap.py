@@ -1,0 +1,53 @@
+"""Giving freed heap memory back to the OS after many connections closed."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+
+#: gc.collect() + malloc_trim(0) once the connection count fell by TRIM_MIN_DROP and to half of
+#: its high-water mark, checked at most every TRIM_INTERVAL seconds (see HeapTrimmer)
+TRIM_INTERVAL = 5.0
+TRIM_MIN_DROP = 500
+
+
+class HeapTrimmer:
+    """Hands freed heap memory back to the OS after many connections are gone.
+
+    Closed connections leave garbage cycles (a request parser and its callbacks) that
+    only a full collection frees, and glibc's malloc keeps freed memory unless asked:
+    ``gc.collect()`` then ``malloc_trim(0)`` (which releases the free pages of every
+    malloc arena). Together they take a few ms to a few tens of ms, so the sweeper calls
+    :meth:`check` and they run only when the count fell well below its high-water mark,
+    at most once every TRIM_INTERVAL seconds; never on a request's path. What pymalloc
+    holds in partly used arenas stays resident (CPython does not give free pools back).
+    Without glibc's malloc_trim, nothing is done.
+    """
+
+    __slots__ = ("peak", "next_check", "trims", "_trim")
+
+    def __init__(self):
+        self.peak = 0
+        self.next_check = 0.0
+        self.trims = 0
+        try:
+            self._trim = ctypes.CDLL(None).malloc_trim
+            self._trim.argtypes = [ctypes.c_size_t]
+            self._trim.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def check(self, connections: int, now: float) -> bool:
+        """Track the high-water mark; trim if due. True if it trimmed."""
+        if connections > self.peak:
+            self.peak = connections
+        if now < self.next_check or self._trim is None:
+            return False
+        self.next_check = now + TRIM_INTERVAL
+        if self.peak - connections < TRIM_MIN_DROP or connections > self.peak // 2:
+            return False
+        gc.collect()
+        self._trim(0)
+        self.peak = connections
+        self.trims += 1
+        return True

@@ -1,0 +1,84 @@
+"""What a worker's connections share: limits, timeouts, upstreams, routes, buffers, the
+ring, and the listener each connection came in on. One thread, no locks."""
+
+from __future__ import annotations
+
+import os
+
+from forkproxy.context import encoder
+from forkproxy.http.request import Limits
+from forkproxy.shm.limitzone import ClientLimits
+from forkproxy.worker.router import Router
+from forkproxy.worker.splice import PipePool
+from forkproxy.worker.upstream import build_upstreams
+
+
+class ListenerRuntime:
+    """What a connection needs to know about the listener it came in on."""
+
+    __slots__ = ("name", "default_upstream", "scheme", "host_fallback", "tls_context",
+                 "proxy_protocol")
+
+    def __init__(self, name: str, default_upstream, scheme: bytes, tls_context=None,
+                 proxy_protocol: bool = False):
+        self.name = name
+        self.default_upstream = default_upstream
+        self.scheme = scheme
+        self.host_fallback = name.encode()
+        self.tls_context = tls_context
+        self.proxy_protocol = proxy_protocol
+
+
+class WorkerState:
+    """Per-worker state shared by all its connections (no locks: one thread)."""
+
+    def __init__(self, spec, hub=None, unpark=None):
+        cfg = spec.cfg
+        srv = cfg.server
+        self.spec = spec
+        self.pid = os.getpid()
+        self.hub = hub  # the gevent hub (the read watchers are made on its loop)
+        self.unpark = unpark  # libev callback: a parked connection became readable
+        self.limits = Limits(srv.max_request_line, srv.max_header_size, srv.max_header_count,
+                             srv.max_headers_total, srv.max_body_size)
+        self.keepalive_timeout = srv.keepalive_timeout
+        self.header_timeout = srv.client_header_timeout
+        self.body_timeout = srv.client_body_timeout
+        self.send_timeout = srv.send_timeout
+        self.buffer_size = srv.buffer_size
+        self.upstreams = build_upstreams(cfg.upstream, spec.health)
+        self.router = Router(cfg.route, self.upstreams)
+        self.rbuf = bytearray(65536)
+        self.rview = memoryview(self.rbuf)
+        self._buffers: list[bytearray] = []
+        self.draining = False
+        self.connections: set = set()  # front ends with a deadline (swept) and a drain
+        self.requests = 0
+        self.stats_errors = 0
+        self._rid_prefix = b"%08x" % (int.from_bytes(os.urandom(4), "big"))
+        self._rid = 0
+        self.ring = spec.ring
+        self.pipes = PipePool() if srv.splice else None
+        self._encbuf = bytearray(512)
+        self.client_limits = None
+        if spec.limit_zone is not None:
+            spec.limit_zone.bind(spec.index)
+            self.client_limits = ClientLimits(spec.limit_zone, cfg.limits)
+
+    def new_request_id(self) -> bytes:
+        self._rid += 1
+        return b"%s%08x" % (self._rid_prefix, self._rid)
+
+    def get_buffer(self) -> bytearray:
+        return self._buffers.pop() if self._buffers else bytearray(self.buffer_size)
+
+    def put_buffer(self, buf: bytearray) -> None:
+        if len(self._buffers) < 64:
+            self._buffers.append(buf)
+
+    def push(self, record) -> None:
+        """Encode a record into the worker's ring (never blocks; the ring drops and
+        counts when full). One reused buffer: no allocation per record."""
+        buf = self._encbuf
+        encoder.encode_into(record, buf)
+        self.ring.push(buf)

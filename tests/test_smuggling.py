@@ -425,6 +425,24 @@ def test_fields_named_in_connection_are_not_relayed(tmp_path, proxies):
         origin.stop()
 
 
+def test_fields_named_in_a_101s_connection_are_not_relayed(tmp_path, proxies):
+    """The tunnel's 101 is rebuilt from the upstream's: fields its Connection names stay
+    behind as well (Upgrade itself is rebuilt for the client)."""
+    origin = ScriptedOrigin({"up": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                   b"Connection: Upgrade, X-Up\r\nX-Up: 1\r\nX-Kept: 2\r\n\r\n"})
+    try:
+        p = proxies(tmp_path, origin.address, workers=1)
+        with connect(p.port) as c:
+            c.sendall(b"GET /r/up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: websocket\r\n\r\n")
+            status, headers, _, _ = recv_response(c)
+        assert status == 101 and headers.get("x-kept") == "2", headers
+        assert "x-up" not in headers and headers["upgrade"] == "websocket", headers
+        p.stop()
+    finally:
+        origin.stop()
+
+
 def test_malformed_responses_are_502_and_never_reused(tmp_path, proxies):
     origin = ScriptedOrigin({**RESPONSES, **BROKEN_BODIES, **EXTRA})
     try:

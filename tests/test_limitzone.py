@@ -142,10 +142,13 @@ def test_shared_across_forked_processes():
         os.waitpid(pid, 0)
     os.close(r)
     # the bound comes from the time the two really were asking (longer on a loaded machine,
-    # where a process can be descheduled between its clock check and its allow()); one
-    # bucket per process would admit about twice as much
+    # where a process can be descheduled between its clock check and its allow()). The
+    # table is lossy in the client's favour (forkproxy/shm/limitzone.py): a process
+    # preempted between loading and storing a bucket undoes the other's admissions, which
+    # a loaded machine makes more frequent (5% extra seen beside stress-ng; 17% in the
+    # module's pathological case). One bucket per process would admit about twice `most`.
     most = burst + 1 + rate * asking
-    assert allowed <= most + 1, (allowed, most, asking)
+    assert allowed <= 1.3 * most, (allowed, most, asking)
     # a bucket that refills: far more than the burst (fewer than `most` only if a loaded
     # machine kept both processes from asking for longer than the burst's worth of time)
     assert allowed >= 0.5 * (burst + 1 + rate * seconds), (allowed, most, asking)

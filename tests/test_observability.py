@@ -123,9 +123,7 @@ def test_access_log_and_metrics_match_requests_one_to_one(tmp_path, origin, prox
     assert metric(text, ph, ph + "_count", **fb) == n
     above_100ms = metric(text, ph, ph + "_count", **fb) - metric(text, ph, ph + "_bucket",
                                                                  le="0.1", **fb)
-    assert above_100ms >= n_slow
-    assert metric(text, ph, ph + "_bucket", le="0.25", **fb) - metric(
-        text, ph, ph + "_bucket", le="0.1", **fb) >= n_slow - 1
+    assert above_100ms >= n_slow  # not before the origin's 200 ms (later on a loaded host)
     assert metric(text, ph, ph + "_sum", **fb) >= n_slow * 0.195
     reuse = "forkproxy_upstream_reuse"
     reused = metric(text, reuse, reuse + "_total", upstream="app", reused="true")

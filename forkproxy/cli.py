@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     pidfile = args.pidfile or _pidfile_from_config(args.config)
     if pidfile is None:
         return 1
-    from forkproxy.master.daemon import pid_alive, read_pid
+    from forkproxy.master.daemon import read_pid
+    from forkproxy.osutil import pid_alive
 
     pid = read_pid(pidfile)
     if not pid or not pid_alive(pid):
@@ -132,8 +133,7 @@ def _pidfile_from_config(path: str) -> str | None:
         for line in e.problems:
             print(line, file=sys.stderr)
         return None
-    base = os.path.dirname(cfg.path)
-    return config_mod.resolve_path(cfg.server.pidfile, base)
+    return config_mod.pidfile_path(cfg)
 
 
 def _run(args, daemon_mode: bool) -> int:
@@ -148,6 +148,10 @@ def _run(args, daemon_mode: bool) -> int:
 
         cfg = msgspec.structs.replace(
             cfg, server=msgspec.structs.replace(cfg.server, pidfile=os.path.abspath(args.pidfile)))
+    # the master's module imports the manager, the workers, the ring and TLS: a broken
+    # install fails here, on the terminal, before detaching (no feature is optional)
+    from forkproxy.master.arbiter import Arbiter
+
     ready_fd = None
     if daemon_mode:
         from forkproxy.master.daemon import daemonize
@@ -157,7 +161,6 @@ def _run(args, daemon_mode: bool) -> int:
             return _wait_for_master(*res)
         ready_fd = int(os.environ.pop("FORKPROXY_READY_FD"))
     from forkproxy import log as log_mod
-    from forkproxy.master.arbiter import Arbiter
 
     log = log_mod.setup(config_mod.log_path(cfg, cfg.log.error_log), cfg.log.level,
                         cfg.log.format)

@@ -18,6 +18,9 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct, field
 
+from forkproxy.osutil import is_loopback
+from forkproxy.pem import check_cert_key
+
 
 class ConfigError(Exception):
     """One or more `FILE: path.to.key: message` problems."""
@@ -111,6 +114,10 @@ class ServerConfig(_Section, kw_only=True):
     splice: bool = False
     #: bytes of each worker's shared-memory ring of request contexts
     ring_size: Size = Size(1 << 20)
+    #: processes that drain the rings into the metrics and the access log: the manager
+    #: and collectors - 1 shard processes (fp-collector-N), each with its share of the
+    #: workers; "auto": one per 4 workers. Read when the manager starts
+    collectors: Positive | Literal["auto"] = "auto"
     #: RLIMIT_NOFILE set by each worker at start (nginx's worker_rlimit_nofile); 0 = inherit
     worker_rlimit_nofile: Annotated[int, Meta(ge=0)] = 0
 
@@ -426,7 +433,7 @@ def loads(data: bytes | str, path: str = "<string>", *, check_files: bool = True
 def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
     """Cross-field checks msgspec cannot express; returns 'key: message' strings."""
     problems: list[str] = []
-    base = os.path.dirname(cfg.path) if cfg.path and cfg.path != "<string>" else "."
+    base = config_dir(cfg)
     if not cfg.listener:
         problems.append("listener: at least one [[listener]] is required")
     seen: dict[ListenAddress, int] = {}
@@ -468,7 +475,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
     if cfg.admin.listen:
         try:
             addr = parse_listen(cfg.admin.listen)
-            if not _is_loopback(addr) and not cfg.admin.token:
+            if not is_loopback(addr.host, addr.iface) and not cfg.admin.token:
                 problems.append("admin.token: required when admin.listen is not a loopback address")
         except ValueError as e:
             problems.append(f"admin.listen: {e}")
@@ -495,8 +502,6 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
         problems.append("log.level: unknown level")
     lim = cfg.limits
     if lim.rate:
-        from forkproxy.shm.limitzone import parse_rate
-
         try:
             parse_rate(lim.rate)
         except ValueError as e:
@@ -504,17 +509,6 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
     if lim.zone_slots & (lim.zone_slots - 1):
         problems.append(f"limits.zone_slots: must be a power of two, got {lim.zone_slots}")
     return problems
-
-
-def _is_loopback(addr: ListenAddress) -> bool:
-    if addr.iface:
-        return addr.iface == "lo"
-    if addr.host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(addr.host).is_loopback
-    except ValueError:
-        return False
 
 
 def _hash_key_problem(text: str) -> str:
@@ -584,10 +578,6 @@ def _validate_tls(key: str, tls: TLSConfig, base: str, check_files: bool) -> lis
             if check_files and not os.access(p, os.R_OK):
                 problems.append(f"{ckey}.{attr}: cannot read {p}")
         if check_files and not problems:
-            try:
-                from forkproxy.tls.context import check_cert_key
-            except ImportError:  # pragma: no cover - TLS module missing
-                continue
             err = check_cert_key(resolve_path(cert.cert, base), resolve_path(cert.key, base))
             if err:
                 problems.append(f"{ckey}.key: {err}")
@@ -614,6 +604,18 @@ def resolve_path(p: str, base: str) -> str:
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 
 
+#: workers per collector process with ``collectors = "auto"``: one core drains 125-200k
+#: records/s with the JSON access log on (docs/BENCHMARKS.md); 4 busy workers make
+#: ~100k, half to 0.8 of a collector's core
+WORKERS_PER_COLLECTOR = 4
+
+
+def collector_count(cfg: Config) -> int:
+    if cfg.server.collectors == "auto":
+        return -(-worker_count(cfg) // WORKERS_PER_COLLECTOR)
+    return int(cfg.server.collectors)
+
+
 def worker_count(cfg: Config) -> int:
     if cfg.server.workers == "auto":
         return max(1, len(os.sched_getaffinity(0))) * cfg.server.workers_per_core
@@ -629,13 +631,31 @@ def worker_cpus(cfg: Config, n: int) -> list[int | None]:
     return [cpus[i % len(cpus)] for i in range(n)]
 
 
+#: nginx's rate syntax: "100r/s", "600r/m"
+RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*r/(s|m)\s*$")
+
+
+def parse_rate(text: str) -> float:
+    """``"100r/s"`` or ``"600r/m"`` -> requests per second (nginx's syntax)."""
+    m = RATE_RE.match(text) if isinstance(text, str) else None
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"expected a rate like '100r/s' or '600r/m', got {text!r}")
+    per = 1.0 if m.group(2) == "s" else 60.0
+    return float(m.group(1)) / per
+
+
 def config_dir(cfg: Config) -> str:
+    """The directory relative paths in the config are resolved against."""
     return os.path.dirname(cfg.path) if cfg.path and cfg.path != "<string>" else "."
+
+
+def pidfile_path(cfg: Config) -> str:
+    """server.pidfile, relative paths resolved against the config's directory."""
+    return resolve_path(cfg.server.pidfile, config_dir(cfg))
 
 
 def log_path(cfg: Config, p: str) -> str:
     """A log destination with relative paths resolved against the config's directory."""
     if p in ("-", "off", ""):
         return p
-    base = os.path.dirname(cfg.path) if cfg.path and cfg.path != "<string>" else "."
-    return resolve_path(p, base)
+    return resolve_path(p, config_dir(cfg))

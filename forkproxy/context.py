@@ -20,7 +20,7 @@ import msgspec
 T_ACCEPT, T_TLS, T_HEADERS, T_CONNECT_START, T_CONNECTED, T_SENT, T_FIRST_BYTE, T_END = range(8)
 N_TIMES = 8
 
-#: phase name -> (start index, end index); the phases CONTRACT.md names
+#: phase name -> (start index, end index); the phases docs/OPERATIONS.md names
 PHASES = {
     "accept_to_headers": (T_ACCEPT, T_HEADERS),
     "tls_handshake": (T_ACCEPT, T_TLS),
@@ -60,6 +60,12 @@ class RequestContext(msgspec.Struct, array_like=True, gc=False, tag=1):
     tunnel: bool = False
 
 
+#: configured weights are multiplied by this in the balancer (worker/balancer.py): slow
+#: start lowers eff_weight smoothly with integers. It lives here because the gauges
+#: carry eff_weight, and the manager divides by it to show a weight.
+WEIGHT_SCALE = 100
+
+
 class UpstreamGauge(msgspec.Struct, array_like=True, gc=False):
     """One upstream server's connection pool in one worker, at the time of the record."""
 
@@ -69,7 +75,7 @@ class UpstreamGauge(msgspec.Struct, array_like=True, gc=False):
     idle: int  # connections waiting in the keep-alive pool
     #: this worker's view: "up", "down" (active check), "ejected" (passive), "slow_start"
     state: str = ""
-    eff_weight: int = 0  # effective weight now (configured weight x 100 when ramped up)
+    eff_weight: int = 0  # effective weight now (configured weight x WEIGHT_SCALE when ramped up)
     connects: int = 0  # connections opened (counters: since the worker started)
     reuses: int = 0  # requests sent on a pooled connection
     failures: int = 0  # failed tries (connect, reset, timeout, retried status)
@@ -82,7 +88,7 @@ class UpstreamGauge(msgspec.Struct, array_like=True, gc=False):
 class WorkerGauges(msgspec.Struct, array_like=True, gc=False, tag=2):
     """Point-in-time values of one worker, pushed about once a second (not per request).
 
-    Built by :func:`forkproxy.manager.profiling.gauges`. The collector keeps the latest
+    Built by :func:`forkproxy.worker.profiling.gauges`. The collector keeps the latest
     record per worker pid and forgets it once the worker leaves the worker table.
     """
 

@@ -507,12 +507,16 @@ class Proxy:
 class ForkProxy(Proxy):
     name = "forkproxy"
 
-    def __init__(self, env: Env, access_log: bool = False):
+    def __init__(self, env: Env, access_log: bool = False, rev: str = ""):
         super().__init__(env)
         self.access_log = access_log
+        self.source = ""  # another build's source tree (--ab REV), imported first
         if access_log:
             self.name = "forkproxy+log"
-        self.tag = self.name.replace("+", "-")
+        if rev:
+            self.name = f"forkproxy@{rev}"
+            self.source = checkout(env.run, rev)
+        self.tag = self.name.replace("+", "-").replace("@", "-at-").replace("/", "-")
 
     def config(self, tls: bool) -> str:
         env = self.env
@@ -562,9 +566,12 @@ class ForkProxy(Proxy):
         self.errlog = errlog
         with open(errlog, "a") as f:
             f.write(f"--- start {'with' if tls else 'without'} TLS: {conf}\n")
+        penv = None
+        if self.source:  # the other build's package shadows the installed one
+            penv = dict(os.environ, PYTHONPATH=self.source)
         self.proc = env.procs.start(
             self.name, [*env.taskset(env.proxy_cpus), VENV_PY, "-m", "forkproxy", "run", "-c",
-                        conf], log_path=errlog, cwd=ROOT)
+                        conf], log_path=errlog, cwd=self.source or ROOT, env=penv)
         self.wait_up()
 
     def start(self) -> None:
@@ -581,6 +588,17 @@ class ForkProxy(Proxy):
                 self.stop()
                 self.tls_port = None
         self._launch(tls=False)
+
+
+def checkout(run: str, rev: str) -> str:
+    """The source tree of git revision ``rev`` in the scratch directory (for --ab)."""
+    dest = os.path.join(run, "ab-" + rev.replace("/", "-"))
+    if not os.path.isdir(dest):
+        os.makedirs(dest)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "forkproxy"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
 
 
 class NginxProxy(Proxy):
@@ -1163,6 +1181,9 @@ def parse_args(argv):
     p.add_argument("--proxies", default=None,
                    help="comma-separated from forkproxy,nginx,haproxy,proxy.py "
                         "(default forkproxy,nginx,haproxy)")
+    p.add_argument("--ab", default=None, metavar="REV",
+                   help="also run forkproxy as built at git revision REV (row forkproxy@REV), "
+                        "interleaved with the working tree's: an A/B of two builds")
     p.add_argument("--access-log", action="store_true",
                    help="also run forkproxy with its access log on (row forkproxy+log)")
     p.add_argument("--proxypy", action="store_true",
@@ -1206,7 +1227,12 @@ def parse_args(argv):
                        "forkproxy+log")
     if args.proxypy and "proxy.py" not in proxies:
         proxies.append("proxy.py")
+    if args.ab:
+        proxies.insert(proxies.index("forkproxy") + 1 if "forkproxy" in proxies else 0,
+                       f"forkproxy@{args.ab}")
     for name in proxies:
+        if name.startswith("forkproxy@"):
+            continue
         if name not in ("forkproxy", "forkproxy+log", "nginx", "haproxy", "proxy.py"):
             p.error(f"unknown proxy {name!r}")
     args.proxies = proxies
@@ -1262,9 +1288,13 @@ def main_bench(argv: list[str], command: str) -> int:
         notes: list[str] = []
         any_failed = False
         for name in args.proxies:
-            px = {"forkproxy": lambda: ForkProxy(env), "forkproxy+log": lambda: ForkProxy(env, True),
-                  "nginx": lambda: NginxProxy(env), "haproxy": lambda: HAProxy(env),
-                  "proxy.py": lambda: ProxyPy(env)}[name]()
+            if name.startswith("forkproxy@"):
+                px = ForkProxy(env, rev=name.partition("@")[2])
+            else:
+                px = {"forkproxy": lambda: ForkProxy(env),
+                      "forkproxy+log": lambda: ForkProxy(env, True),
+                      "nginx": lambda: NginxProxy(env), "haproxy": lambda: HAProxy(env),
+                      "proxy.py": lambda: ProxyPy(env)}[name]()
             try:
                 px.start()
                 px.check_bodies()

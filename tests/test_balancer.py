@@ -9,11 +9,12 @@ from collections import Counter
 import pytest
 
 from forkproxy import config as config_mod
+from forkproxy.context import WEIGHT_SCALE
+from forkproxy.hashing import hash64
 from forkproxy.http.request import Limits, RequestParser
 from forkproxy.manager.healthcheck import Verdict
 from forkproxy.shm.health import DOWN, UNKNOWN, UP, HealthTable, pack_state, server_key
 from forkproxy.worker.balancer import (
-    WEIGHT_SCALE,
     KeySpec,
     LeastConn,
     Peer,
@@ -22,7 +23,6 @@ from forkproxy.worker.balancer import (
     RetryBudget,
     RoundRobin,
     Split,
-    hash64,
 )
 from forkproxy.worker.upstream import Upstream
 

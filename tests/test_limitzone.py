@@ -9,8 +9,9 @@ import time
 
 import pytest
 
+from forkproxy.config import parse_rate
 from forkproxy.shm import limitzone
-from forkproxy.shm.limitzone import ClientLimits, LimitZone, parse_rate
+from forkproxy.shm.limitzone import ClientLimits, LimitZone
 
 MS = 1_000_000
 

@@ -50,6 +50,7 @@ from forkproxy.manager.metrics import (
 from forkproxy.manager.status import admin_target, render
 from forkproxy.shm.ring import Ring
 from forkproxy.shm.table import WorkerTable
+from forkproxy.worker import profiling as worker_profiling
 
 
 def ctx(rid="r1", status=200, upstream="app", listener="127.0.0.1:8080", reused=False,
@@ -459,20 +460,9 @@ def test_collector_batches_under_load(rings):
 # -- admin request logic --------------------------------------------------------------------
 
 
-class _Arbiter:
-    """What the manager reads from the master: a real worker table and real rings."""
-
-    def __init__(self, cfg, table, rings):
-        self.cfg = cfg
-        self.table = table
-        self.rings = rings
-        self.keystore = None
-        self.uid = self.gid = self.groups = None
-
-
 def _manager(tmp_path, rings, admin_extra=""):
     from forkproxy import config as config_mod
-    from forkproxy.manager.process import Manager
+    from forkproxy.manager.process import Manager, ManagerSpec
 
     conf = tmp_path / "fp.toml"
     conf.write_text(f"""
@@ -493,7 +483,8 @@ servers = [{{ address = "127.0.0.1:2" }}]
     table.set_master(os.getpid(), 3)
     import structlog
 
-    return Manager(_Arbiter(cfg, table, rings), structlog.get_logger()), table
+    spec = ManagerSpec(cfg=cfg, table=table, rings=rings)  # real worker table and rings
+    return Manager(spec, structlog.get_logger()), table
 
 
 def test_admin_routes_status_healthz_metrics(tmp_path, rings):
@@ -589,7 +580,7 @@ def test_status_table_renders():
 
 def _busy_worker(ready_w: int) -> None:
     gevent.reinit()
-    profiling.install_worker_hook()
+    worker_profiling.install_worker_hook()
 
     def spin():
         while True:
@@ -688,15 +679,15 @@ def test_gauges_record_from_worker_state(rings):
         ring = rings[0]
 
     State.upstreams["app"].servers[0].active = 2
-    g = profiling.gauges(State, now=10.0)
+    g = worker_profiling.gauges(State, now=10.0)
     assert g.worker == 99 and g.connections == 2 and g.greenlets >= 1
     assert [(u.upstream, u.server, u.active, u.idle) for u in g.upstreams] == [
         ("app", "127.0.0.1:1", 2, 0), ("app", "127.0.0.1:2", 0, 0)]
     # the walk is not repeated within GREENLET_COUNT_MIN_INTERVAL
-    profiling._greenlets["count"] = -5
-    assert profiling.gauges(State, now=11.0).greenlets == -5
-    profiling._greenlets["next"] = 0.0
-    assert profiling.push_gauges(State)
+    worker_profiling._greenlets["count"] = -5
+    assert worker_profiling.gauges(State, now=11.0).greenlets == -5
+    worker_profiling._greenlets["next"] = 0.0
+    assert worker_profiling.push_gauges(State)
     got = []
     Collector({0: rings[0]}, got.extend).drain_all()
     assert isinstance(got[0], WorkerGauges) and got[0].worker == 99

@@ -17,6 +17,7 @@ import pytest
 import tlsutil
 from conftest import needs_tools
 
+from forkproxy import pem
 from forkproxy.shm.keystore import KeyStore
 from forkproxy.tls import context, ocsp, openssl
 
@@ -214,7 +215,7 @@ def test_sni_picks_the_certificate(env: Env, servername: str | None, subject: st
 
 def test_check_cert_key_rejects_a_key_openssl_also_rejects(env: Env) -> None:
     (cert, _), (_, other_key) = env.pki.pairs("ec", "a")
-    assert "does not match" in (context.check_cert_key(cert, other_key) or "")
+    assert "does not match" in (pem.check_cert_key(cert, other_key) or "")
     # the same verdict from the openssl CLI: the public keys differ
     pub = [
         os.popen(f"openssl x509 -in {cert} -noout -pubkey").read(),

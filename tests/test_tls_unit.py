@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp as xocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from forkproxy import pem
 from forkproxy.shm.keystore import (
     KEY_RECORD,
     KeyFileError,
@@ -419,12 +420,12 @@ def test_single_name_context_has_no_sni_switch(pki: tlsutil.Pki) -> None:
 def test_check_cert_key(pki: tlsutil.Pki, tmp_path: Path) -> None:
     ec_cert, ec_key = pki.pairs("ec")[0]
     _, rsa_key = pki.pairs("rsa")[0]
-    assert context.check_cert_key(ec_cert, ec_key) is None
-    err = context.check_cert_key(ec_cert, rsa_key)
+    assert pem.check_cert_key(ec_cert, ec_key) is None
+    err = pem.check_cert_key(ec_cert, rsa_key)
     assert err and "does not match" in err
-    err = context.check_cert_key(str(tmp_path / "nope.crt"), ec_key)
+    err = pem.check_cert_key(str(tmp_path / "nope.crt"), ec_key)
     assert err and "cannot read certificate" in err
-    err = context.check_cert_key(ec_key, ec_key)
+    err = pem.check_cert_key(ec_key, ec_key)
     assert err and "no PEM certificate" in err
     enc = tmp_path / "enc.key"
     enc.write_bytes(
@@ -434,7 +435,7 @@ def test_check_cert_key(pki: tlsutil.Pki, tmp_path: Path) -> None:
             serialization.BestAvailableEncryption(b"secret"),
         )
     )
-    err = context.check_cert_key(ec_cert, str(enc))
+    err = pem.check_cert_key(ec_cert, str(enc))
     assert err and "encrypted" in err
     with pytest.raises(ValueError, match="does not match"):
         context.build_server_context([(ec_cert, rsa_key)])

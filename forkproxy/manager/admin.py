@@ -22,7 +22,6 @@ The request logic (:meth:`Admin.dispatch`) is separate from the socket code.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import socket as pysocket
 import time
@@ -35,6 +34,8 @@ from gevent.server import StreamServer
 from forkproxy.config import parse_listen
 from forkproxy.manager import profiling
 from forkproxy.manager.metrics import CONTENT_TYPE as METRICS_TYPE
+from forkproxy.netif import resolve
+from forkproxy.osutil import is_loopback
 
 HEALTHY_WITHIN = 5.0
 MAX_HEAD = 16 * 1024
@@ -64,16 +65,9 @@ def json_response(obj, status: int = 200) -> Response:
     return Response(status, json.dumps(obj, indent=1) + "\n", "application/json")
 
 
-def is_loopback(listen: str) -> bool:
+def is_loopback_listen(listen: str) -> bool:
     addr = parse_listen(listen)
-    if addr.iface:
-        return addr.iface == "lo"
-    if addr.host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(addr.host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(addr.host, addr.iface)
 
 
 class Admin:
@@ -96,7 +90,7 @@ class Admin:
 
     def configure_access(self, listen: str, token: str) -> None:
         self.token = token
-        self.open = bool(token) or not listen or is_loopback(listen)
+        self.open = bool(token) or not listen or is_loopback_listen(listen)
 
     def authorized(self, headers: dict[str, str]) -> Response | None:
         """None if the request may proceed, else the refusal."""
@@ -179,8 +173,6 @@ class Admin:
     @staticmethod
     def bind(listen: str) -> list:
         """Listening sockets for ``listen`` (all addresses it resolves to)."""
-        from forkproxy.master.listeners import resolve
-
         addr = parse_listen(listen)
         socks = []
         try:

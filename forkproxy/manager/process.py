@@ -23,6 +23,28 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+
+import gevent
+import msgspec
+from gevent import socket as gsocket
+from gevent.event import Event
+from gevent.socket import wait_read
+
+from forkproxy import config as config_mod
+from forkproxy import log as log_mod
+from forkproxy.manager import shards, upstreams
+from forkproxy.manager.accesslog import AccessLog
+from forkproxy.manager.admin import HEALTHY_WITHIN, Admin
+from forkproxy.manager.collector import Collector
+from forkproxy.manager.healthcheck import HealthChecker
+from forkproxy.manager.metrics import Metrics, Sample, rss_bytes, tcp_states
+from forkproxy.manager.records import RecordSink
+from forkproxy.osutil import drop_privileges, set_pdeathsig
+from forkproxy.shm.health import HealthTable
+from forkproxy.shm.keystore import KeyStore
+from forkproxy.shm.ring import Ring
+from forkproxy.shm.table import WorkerTable
 
 FLUSH_INTERVAL = 0.5
 FORGET_INTERVAL = 5.0
@@ -31,23 +53,35 @@ TCP_SAMPLE_TIMEOUT = 5.0
 FAULT = os.environ.get("FORKPROXY_FAULT", "")
 
 
-class Manager:
-    def __init__(self, arbiter, logger):
-        from forkproxy import config as config_mod
-        from forkproxy.manager.accesslog import AccessLog
-        from forkproxy.manager.admin import Admin
-        from forkproxy.manager.collector import Collector
-        from forkproxy.manager.metrics import Metrics
+@dataclass(kw_only=True, frozen=True)
+class ManagerSpec:
+    """Everything the master hands the manager at fork (documented fork-shared state),
+    as WorkerSpec does for a worker: the manager never sees the master's objects."""
 
-        self.config_mod = config_mod
-        self.arbiter = arbiter
+    cfg: config_mod.Config
+    table: WorkerTable  # the worker table: pids, heartbeats, counters
+    rings: dict[int, Ring]  # ring index -> the ring the worker of that index writes
+    health: HealthTable | None = None  # active health verdicts, written by the manager
+    keystore: KeyStore | None = None  # ticket keys + OCSP staples (None: no TLS)
+    ready_fd: int | None = None  # one byte "R" once the manager serves
+    lifeline_fd: int | None = None  # EOF when the master dies
+    uid: int | None = None  # privileges to drop to (None: the master was not root)
+    gid: int | None = None
+    groups: list[int] | None = None
+
+
+class Manager:
+    def __init__(self, spec: ManagerSpec, logger):
+        self.spec = spec
         self.log = logger
-        self.cfg = arbiter.cfg
-        self.table = arbiter.table
-        self.rings = {i: r for i, r in (getattr(arbiter, "rings", None) or {}).items()
-                      if r is not None}
-        self.metrics = Metrics()
+        self.cfg = spec.cfg
+        self.table = spec.table
+        self.rings = dict(spec.rings)
         cfg = self.cfg
+        #: the manager drains ring i when i % n_collectors == 0, its shards the others
+        self.n_collectors = max(1, min(config_mod.collector_count(cfg), len(self.rings)))
+        self.shards: list[shards.Shard] = []  # forked by serve()
+        self.metrics = Metrics()
         try:
             self.accesslog = AccessLog(config_mod.log_path(cfg, cfg.log.access_log),
                                        cfg.log.format, logger)
@@ -55,7 +89,9 @@ class Manager:
             logger.error("cannot open the access log: access logging is off",
                          path=cfg.log.access_log, error=e.strerror)
             self.accesslog = AccessLog("off", cfg.log.format, logger)
-        self.collector = Collector(self.rings, self.on_batch, table=self.table, logger=logger)
+        self.sink = RecordSink(self.metrics, self.accesslog)
+        self.collector = Collector(shards.my_rings(self.rings, 0, self.n_collectors),
+                                   self.sink.on_batch, table=self.table, logger=logger)
         self.admin = Admin(self, logger)
         self.admin_socks = None
         if cfg.admin.listen:
@@ -68,44 +104,45 @@ class Manager:
         self.started = time.time()
         self.stop_mode = ""
         self.privileges_dropped = False
-        self.request_stop = None
-
-    # -- records ----------------------------------------------------------------------
-
-    def on_batch(self, items: list) -> None:
-        from forkproxy.context import RequestContext
-
-        metrics = self.metrics
-        observe = metrics.observe
-        log = self.accesslog
-        if not log.enabled:
-            for rec in items:
-                if type(rec) is RequestContext:
-                    observe(rec)
-                else:
-                    metrics.observe_gauges(rec)
-            return
-        entries = []
-        for rec in items:
-            if type(rec) is RequestContext:
-                ms: dict[str, float] = {}
-                observe(rec, ms)
-                entries.append((rec, ms))
-            else:
-                metrics.observe_gauges(rec)
-        log.write_many(entries)
+        self.stop_event = Event()
+        self.staple_stop: Event | None = None  # stops the running OCSP fetcher
+        self.checker: HealthChecker | None = None
 
     # -- what the admin endpoint shows ------------------------------------------------
 
-    def workers(self) -> list[dict]:
-        from forkproxy.manager.metrics import rss_bytes
+    def gathered(self) -> tuple[Metrics, int, int]:
+        """(metrics, access log lines, write errors) of the manager and its shards."""
+        self.metrics.decode_errors = self.collector.decode_errors
+        if not self.shards:
+            return self.metrics, self.accesslog.lines, self.accesslog.errors
+        total = Metrics()
+        total.add(self.metrics.state())
+        lines, errors = self.accesslog.lines, self.accesslog.errors
+        for shard in self.shards:
+            try:
+                st = shard.state()
+            except (OSError, EOFError, gevent.Timeout, msgspec.DecodeError) as e:
+                self.log.warning("collector shard did not answer", shard=shard.index,
+                                 error=str(e) or type(e).__name__)
+                continue
+            total.add(st.metrics)
+            lines += st.log_lines
+            errors += st.log_errors
+        return total, lines, errors
 
+    @property
+    def ring_dropped(self) -> int:
+        return sum(r.dropped for r in self.rings.values())
+
+    def workers(self, gauges: dict | None = None) -> list[dict]:
+        if gauges is None:
+            gauges = self.gathered()[0].gauges
         now_mono = time.monotonic()
         now = time.time()
         out = []
         for index, e in self.table.live():
             pid = e["pid"]
-            g = self.metrics.gauges.get(pid)
+            g = gauges.get(pid)
             hb = e["heartbeat"]
             out.append({
                 "pid": pid,
@@ -130,6 +167,7 @@ class Manager:
     def status(self) -> dict:
         master_pid, generation = self.table.master()
         cfg = self.cfg
+        gauges = self.gathered()[0].gauges
         return {
             "master_pid": master_pid,
             "manager_pid": os.getpid(),
@@ -139,34 +177,29 @@ class Manager:
             "admin": cfg.admin.listen,
             "access_log": self.accesslog.path,
             "manager_started": self.started,
-            "ring_dropped": self.collector.dropped,
-            "workers": self.workers(),
-            "upstreams": self.upstreams_status(),
+            "ring_dropped": self.ring_dropped,
+            "collectors": 1 + len(self.shards),
+            "workers": self.workers(gauges),
+            "upstreams": self.upstreams_status(gauges),
         }
 
-    def upstreams_status(self) -> dict:
-        from forkproxy.manager import upstreams
-
-        return upstreams.collect(self.cfg, self.metrics.gauges, self.worker_pids(),
-                                 getattr(self.arbiter, "health", None))
+    def upstreams_status(self, gauges: dict | None = None) -> dict:
+        if gauges is None:
+            gauges = self.gathered()[0].gauges
+        return upstreams.collect(self.cfg, gauges, self.worker_pids(),
+                                 self.spec.health)
 
     def healthy(self) -> bool:
-        from forkproxy.manager.admin import HEALTHY_WITHIN
-
         now = time.monotonic()
         return any(e["heartbeat"] and now - e["heartbeat"] < HEALTHY_WITHIN
                    for _, e in self.table.live())
 
     def tcp_sample(self) -> dict | None:
         """TCP sockets by state per listener port (a netlink dump on a gevent socket)."""
-        from gevent import socket as gsocket
-
-        from forkproxy.manager.metrics import tcp_states
-
         listeners = []
         for lcfg in self.cfg.listener:
             try:
-                listeners.append((lcfg.listen, self.config_mod.parse_listen(lcfg.listen).port))
+                listeners.append((lcfg.listen, config_mod.parse_listen(lcfg.listen).port))
             except ValueError:
                 continue
         if not listeners:
@@ -178,29 +211,21 @@ class Manager:
             return None
 
     def metrics_text(self) -> str:
-        from forkproxy.manager.metrics import Sample
-
         master_pid, generation = self.table.master()
-        workers = self.workers()
-        self.metrics.forget_workers(w["pid"] for w in workers)
-        self.metrics.decode_errors = self.collector.decode_errors
+        self.metrics.forget_workers(self.worker_pids())
+        m, log_lines, log_errors = self.gathered()
+        workers = self.workers(m.gauges)
         sample = Sample(master_pid=master_pid, generation=generation, workers=workers,
-                        ring_dropped=self.collector.dropped, ring_lost=self.collector.lost,
-                        tcp=self.tcp_sample(), access_log_lines=self.accesslog.lines,
-                        access_log_errors=self.accesslog.errors)
-        from forkproxy.manager import upstreams
-
-        m = self.metrics
+                        ring_dropped=self.ring_dropped,
+                        ring_lost=sum(r.lost for r in self.rings.values()),
+                        tcp=self.tcp_sample(), access_log_lines=log_lines,
+                        access_log_errors=log_errors)
         return m.render(sample) + upstreams.metrics_text(
-            self.cfg, m.gauges, sample.worker_pids, getattr(self.arbiter, "health", None),
-            m.retries, m.tunnels)
+            self.cfg, m.gauges, sample.worker_pids, self.spec.health, m.retries, m.tunnels)
 
     # -- signals ----------------------------------------------------------------------
 
     def reload(self) -> None:
-        from forkproxy import log as log_mod
-
-        config_mod = self.config_mod
         try:
             # the master validated it (files included) before signalling us; certificates
             # and keys may not be readable after privileges dropped
@@ -211,8 +236,7 @@ class Manager:
                 # starts with the master's (new) config
                 self.log.info("cannot read the config file after dropping privileges: "
                               "restarting the manager to pick it up", errors=e.problems)
-                if self.request_stop is not None:
-                    self.request_stop("restart for the new config")
+                self.request_stop("restart for the new config")
                 return
             self.log.error("reload failed: invalid config, keeping the running one",
                            errors=e.problems)
@@ -227,6 +251,7 @@ class Manager:
             obj.logger = self.log
         self.cfg = cfg
         self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format)
+        self._tell_shards("log", self.accesslog.path, cfg.log.format)
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.start_stapling()
         self.start_health_checks()
@@ -235,89 +260,107 @@ class Manager:
 
     def start_stapling(self) -> None:
         """OCSP stapling for the current config (restarted on reload)."""
-        import gevent
-        from gevent.event import Event
-
-        old = getattr(self, "_staple_stop", None)
-        if old is not None:
-            old.set()
-        keystore = getattr(self.arbiter, "keystore", None)
+        if self.staple_stop is not None:
+            self.staple_stop.set()
+        keystore = self.spec.keystore
         if keystore is None:
             return
+        # imported here, not at the top: OCSP needs cryptography (~7 MiB), resident only
+        # in a manager that staples (the master preloads it before fork with TLS listeners)
         from forkproxy.tls import stapling
 
-        stop = self._staple_stop = Event()
+        stop = self.staple_stop = Event()
         cfg, log = self.cfg, self.log
         gevent.spawn(self._guard, lambda: stapling.run(cfg, keystore, log, stop))
 
     def start_health_checks(self) -> None:
         """Active health checks for the current config (restarted on reload)."""
-        from forkproxy.manager.healthcheck import HealthChecker
-
-        old = getattr(self, "_checker", None)
-        if old is not None:
-            old.stop()
-        health = getattr(self.arbiter, "health", None)
+        if self.checker is not None:
+            self.checker.stop()
+        health = self.spec.health
         if health is None:
             return
-        self._checker = HealthChecker(self.cfg, health, self.log)
-        n = self._checker.start()
+        self.checker = HealthChecker(self.cfg, health, self.log)
+        n = self.checker.start()
         if n:
             self.log.info("health checks started", servers=n)
 
-    def reopen(self) -> None:
-        from forkproxy import log as log_mod
+    def start_shards(self, ready_w: int | None) -> None:
+        """Fork the collector shards (before the hub runs anything); they close what is
+        the manager's alone: the ready and lifeline pipes, the access log, admin sockets."""
+        if self.n_collectors == 1:
+            return
+        spec, cfg = self.spec, self.cfg
+        mine = [ready_w, spec.lifeline_fd, self.accesslog.fd if self.accesslog.own_fd else None,
+                *(s.fileno() for s in self.admin_socks or ())]
+        self.shards = shards.fork_shards(
+            self.n_collectors, self.rings, table=self.table,
+            log_path=config_mod.log_path(cfg, cfg.log.access_log), log_format=cfg.log.format,
+            creds=(spec.uid, spec.gid, spec.groups),
+            close_fds=[fd for fd in mine if fd is not None and fd >= 0])
 
+    def _tell_shards(self, *msg) -> None:
+        for shard in self.shards:
+            try:
+                shard.call(*msg)
+            except (OSError, EOFError, gevent.Timeout) as e:
+                self.log.error("collector shard did not answer", shard=shard.index, command=msg[0],
+                               error=str(e) or type(e).__name__)
+
+    def reopen(self) -> None:
         log_mod.reopen()
         self.accesslog.reopen()
+        self._tell_shards("reopen")
         self.log.info("logs reopened", access_log=self.accesslog.path)
 
     # -- main -------------------------------------------------------------------------
 
-    def serve(self, ready_w: int | None, early_signals: list[int] | None = None,
-              before_loop=None) -> None:
-        """Serve until QUIT/TERM/master death. ``early_signals`` arrived during start-up;
-        ``before_loop`` runs after the ready byte is written, before any greenlet runs
-        (slow imports, then dropping privileges: nothing is served as root)."""
-        import gevent
-        from gevent.event import Event
+    def request_stop(self, mode: str) -> None:
+        if not self.stop_mode:
+            self.stop_mode = mode
+        self.stop_event.set()
 
-        stop = Event()
-
-        def request_stop(mode: str) -> None:
-            if not self.stop_mode:
-                self.stop_mode = mode
-            stop.set()
-
-        self.request_stop = request_stop
-
+    def _install_signals(self, early_signals) -> None:
+        """The hub's handlers; then what arrived during start-up, in order."""
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self._guard, self.reload))
         gevent.signal_handler(signal.SIGUSR1, lambda: gevent.spawn(self._guard, self.reopen))
-        gevent.signal_handler(signal.SIGQUIT, request_stop, "quit")
-        gevent.signal_handler(signal.SIGTERM, request_stop, "term")
+        gevent.signal_handler(signal.SIGQUIT, self.request_stop, "quit")
+        gevent.signal_handler(signal.SIGTERM, self.request_stop, "term")
         for sig in early_signals or ():
             if sig == signal.SIGQUIT:
-                request_stop("quit")
+                self.request_stop("quit")
             elif sig == signal.SIGTERM:
-                request_stop("term")
+                self.request_stop("term")
             elif sig == signal.SIGHUP:
                 gevent.spawn(self._guard, self.reload)
             elif sig == signal.SIGUSR1:
                 gevent.spawn(self._guard, self.reopen)
 
-        lifeline = getattr(self.arbiter, "lifeline_r", None)
-        if lifeline is not None:
-            def watch_lifeline():
-                from gevent.socket import wait_read
+    def _watch_lifeline(self) -> None:
+        """The master's death (EOF on the lifeline pipe) is a stop."""
+        try:
+            wait_read(self.spec.lifeline_fd)
+        except Exception:
+            pass
+        self.request_stop("master gone")
 
-                try:
-                    wait_read(lifeline)
-                except Exception:
-                    pass
-                request_stop("master gone")
+    def _flusher(self) -> None:
+        last_forget = time.monotonic()
+        while True:
+            gevent.sleep(FLUSH_INTERVAL)
+            self.accesslog.flush()
+            now = time.monotonic()
+            if now - last_forget > FORGET_INTERVAL:
+                last_forget = now
+                self.metrics.forget_workers(self.worker_pids())
+            for shard in self.shards:
+                if shard.exited():
+                    self.log.error("collector shard exited: restarting the manager",
+                                   shard=shard.index, pid=shard.pid, code=shard.exit_code)
+                    self.request_stop("collector shard exited")
 
-            gevent.spawn(watch_lifeline)
-
+    def _start_services(self) -> None:
+        """Admin sockets, ring collectors, OCSP, health checks."""
         cfg = self.cfg
         if cfg.admin.listen:
             if self.admin_socks is not None:
@@ -329,17 +372,17 @@ class Manager:
         self.start_stapling()
         self.start_health_checks()
 
-        def flusher():
-            last_forget = time.monotonic()
-            while True:
-                gevent.sleep(FLUSH_INTERVAL)
-                self.accesslog.flush()
-                now = time.monotonic()
-                if now - last_forget > FORGET_INTERVAL:
-                    last_forget = now
-                    self.metrics.forget_workers(self.worker_pids())
-
-        flush_g = gevent.spawn(flusher)
+    def serve(self, ready_w: int | None, early_signals: list[int] | None = None,
+              before_loop=None) -> None:
+        """Serve until QUIT/TERM/master death. ``early_signals`` arrived during start-up;
+        ``before_loop`` runs after the ready byte is written, before any greenlet runs
+        (slow imports, then dropping privileges: nothing is served as root)."""
+        self.start_shards(ready_w)
+        self._install_signals(early_signals)
+        if self.spec.lifeline_fd is not None:
+            gevent.spawn(self._watch_lifeline)
+        self._start_services()
+        flush_g = gevent.spawn(self._flusher)
         if ready_w is not None:
             try:
                 os.write(ready_w, b"R")
@@ -349,18 +392,18 @@ class Manager:
         if before_loop is not None:
             before_loop()
         self.log.info("manager started", rings=len(self.rings),
-                      access_log=self.accesslog.path, admin=cfg.admin.listen or "off")
-        stop.wait()
+                      access_log=self.accesslog.path, admin=self.cfg.admin.listen or "off")
+        self.stop_event.wait()
         # drain what the workers left, write it, go
         t0 = time.monotonic()
         self.admin.stop()
         self.collector.stop()
         flush_g.kill(block=False)
+        gevent.joinall([gevent.spawn(shard.stop) for shard in self.shards])
         n = self.collector.drain_all()
         self.accesslog.close()
         self.log.info("manager exiting", reason=self.stop_mode, drained=n,
-                      seconds=round(time.monotonic() - t0, 3),
-                      dropped=self.collector.dropped)
+                      seconds=round(time.monotonic() - t0, 3), dropped=self.ring_dropped)
 
     def _guard(self, fn) -> None:
         try:
@@ -369,31 +412,7 @@ class Manager:
             self.log.exception("manager signal handling failed", error=str(e))
 
 
-def _set_pdeathsig() -> None:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _drop_privileges(arbiter) -> bool:
-    uid = getattr(arbiter, "uid", None)
-    if uid is None:
-        return False
-    groups = getattr(arbiter, "groups", None)
-    gid = getattr(arbiter, "gid", None)
-    if groups is not None:
-        os.setgroups(groups)
-    if gid is not None:
-        os.setgid(gid)
-    os.setuid(uid)
-    return True
-
-
-def _preload(arbiter) -> None:
+def _preload(spec: ManagerSpec) -> None:
     """Import, while still privileged, what is otherwise imported lazily later.
 
     This happens after the ready byte, and before any greenlet (admin included) runs, so
@@ -403,14 +422,11 @@ def _preload(arbiter) -> None:
     """
     import gevent.threadpool  # noqa: F401  (name resolution: health checks, OCSP)
 
-    import forkproxy.context  # noqa: F401
-    import forkproxy.manager.metrics  # noqa: F401
-
-    if getattr(arbiter, "keystore", None) is not None:
+    if spec.keystore is not None:
         import forkproxy.tls.stapling  # noqa: F401
 
 
-def run(arbiter, ready_w: int | None) -> None:
+def run(spec: ManagerSpec) -> None:
     """Manager main, in the child right after fork; never returns (exits the process)."""
     code = 0
     logger = None
@@ -425,25 +441,21 @@ def run(arbiter, ready_w: int | None) -> None:
             signal.signal(sig, signal.SIG_IGN)
         # the master forked us with its signals blocked; handlers are in place now
         signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals())
-        _set_pdeathsig()
+        set_pdeathsig()
         if os.getppid() == 1:
             early.append(signal.SIGTERM)  # the master is already gone: drain and go
-        import gevent
-
         gevent.reinit()
         gc.enable()
-        from forkproxy import log as log_mod
-
         logger = log_mod.rebind("manager")
         if FAULT == "manager-startup":
             raise RuntimeError("fault injected: FORKPROXY_FAULT=manager-startup")
-        manager = Manager(arbiter, logger)
+        manager = Manager(spec, logger)
 
         def before_loop():
-            _preload(arbiter)
-            manager.privileges_dropped = _drop_privileges(arbiter)
+            _preload(spec)
+            manager.privileges_dropped = drop_privileges(spec.uid, spec.gid, spec.groups)
 
-        manager.serve(ready_w, early, before_loop)
+        manager.serve(spec.ready_fd, early, before_loop)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0
     except BaseException as e:

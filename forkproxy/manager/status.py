@@ -8,6 +8,7 @@ import sys
 import time
 
 from forkproxy import config as config_mod
+from forkproxy.netif import interface_addresses
 
 
 def admin_target(listen: str) -> tuple[str, int]:
@@ -16,8 +17,6 @@ def admin_target(listen: str) -> tuple[str, int]:
     if addr.iface:
         if addr.iface == "lo":
             return "127.0.0.1", addr.port
-        from forkproxy.master.listeners import interface_addresses
-
         fam_addrs = interface_addresses(addr.iface)
         return fam_addrs[0][1], addr.port
     host = addr.host

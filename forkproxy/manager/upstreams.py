@@ -15,9 +15,9 @@ else ``slow_start`` while a worker still ramps its weight; else ``up``.
 
 from __future__ import annotations
 
-from forkproxy.manager.metrics import _Writer
+from forkproxy.context import WEIGHT_SCALE
+from forkproxy.manager.metrics import TextWriter
 from forkproxy.shm.health import DOWN, STATE_NAMES, server_key
-from forkproxy.worker.balancer import WEIGHT_SCALE
 
 STATES = ("up", "down", "ejected", "slow_start")
 _SUM = ("active", "idle", "connects", "reuses", "failures", "ejections", "retries",
@@ -76,7 +76,7 @@ def collect(cfg, gauges: dict, live_pids, health) -> dict:
 def metrics_text(cfg, gauges: dict, live_pids, health, retries: dict, tunnels: dict) -> str:
     """Prometheus families of the upstream side (appended to the main exposition)."""
     status = collect(cfg, gauges, live_pids, health)
-    w = _Writer()
+    w = TextWriter()
     w.family("forkproxy_upstream_server_state", "gauge",
              "1 for the server's current state (up, down: active check, ejected: passive "
              "health in at least one worker, slow_start), 0 for the others.")

@@ -14,8 +14,10 @@ each worker's ready pipe. Nothing else is written after fork by both sides.
 from __future__ import annotations
 
 import gc
+import grp
 import json
 import os
+import pwd
 import select
 import signal
 import sys
@@ -23,11 +25,17 @@ import time
 
 from forkproxy import config as config_mod
 from forkproxy import log as log_mod
+from forkproxy.manager import process as manager_process
 from forkproxy.master import daemon
 from forkproxy.master.listeners import BindError, BoundListener, enable_migrate_req
+from forkproxy.master.tickets import TicketKeys
 from forkproxy.proctitle import set_name
 from forkproxy.shm.health import HealthTable
+from forkproxy.shm.limitzone import LimitZone
+from forkproxy.shm.ring import Ring
 from forkproxy.shm.table import WorkerTable
+from forkproxy.tls.openssl import self_test
+from forkproxy.worker import process as worker_process
 
 SIGNALS = [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
            signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD]
@@ -88,17 +96,32 @@ class Arbiter:
         self.upgrade_child: int | None = None
         self.announced_ready = False
         self.pidfile = ""
-        self.rings: dict[int, object] = {}
-        self.keystore = None
-        self.limit_zone = None  # per-client-IP limits shared by the workers
-        self.manager = None
-        self.uid = self.gid = self.groups = None
+        self.rings: dict[int, Ring] = {}
+        self.ticket_keys: TicketKeys | None = None  # with TLS listeners and a working shim
+        self.inherited_keystore_fd: int | None = None  # binary upgrade: the old master's
+        self.limit_zone: LimitZone | None = None  # per-client-IP limits shared by the workers
+        self.manager: WorkerProc | None = None
+        # a crashed worker's ring index, resumed by its replacement: (generation, slot) -> index
+        self.orphaned: dict[tuple[int, int], int] = {}
+        self.uid: int | None = None  # privileges the children drop to (user/group, as root)
+        self.gid: int | None = None
+        self.groups: list[int] | None = None
+        self.wake_r = self.wake_w = -1  # signal wake-up pipe
+        self.lifeline_r = self.lifeline_w = -1  # children see EOF when the master dies
+        self.signal_handlers = {
+            signal.SIGHUP: self.handle_hup, signal.SIGQUIT: self.handle_quit,
+            signal.SIGTERM: self.handle_term, signal.SIGINT: self.handle_int,
+            signal.SIGUSR1: self.handle_usr1, signal.SIGUSR2: self.handle_usr2,
+            signal.SIGWINCH: self.handle_winch, signal.SIGTTIN: self.handle_ttin,
+            signal.SIGTTOU: self.handle_ttou, signal.SIGCHLD: self.handle_chld,
+        }
+
+    @property
+    def keystore(self):
+        """The shared ticket key/staple store the children map (None without TLS)."""
+        return self.ticket_keys.store if self.ticket_keys is not None else None
 
     # -- set-up ----------------------------------------------------------------------
-
-    def _pidfile_path(self, cfg) -> str:
-        base = os.path.dirname(cfg.path) if cfg.path and cfg.path != "<string>" else "."
-        return config_mod.resolve_path(cfg.server.pidfile, base)
 
     def _bind_all(self, cfg, reuse: dict[tuple, BoundListener]) -> list[BoundListener]:
         bound, fresh = [], []
@@ -130,7 +153,7 @@ class Arbiter:
             bl = BoundListener.from_fds(ltext, self.cfg.server.backlog, fds)
             out[bl.key] = bl
         if data.get("keystore_fd") is not None:
-            self._inherited_keystore_fd = data["keystore_fd"]
+            self.inherited_keystore_fd = data["keystore_fd"]
         return out
 
     def _resolve_user(self) -> None:
@@ -141,9 +164,6 @@ class Arbiter:
             self.log.warning("user/group set but not started as root: ignored",
                              user=srv.user, group=srv.group)
             return
-        import grp
-        import pwd
-
         if srv.user:
             pw = pwd.getpwnam(srv.user)
             self.uid, self.gid = pw.pw_uid, pw.pw_gid
@@ -156,9 +176,8 @@ class Arbiter:
 
     def setup(self) -> None:
         cfg = self.cfg
-        self._inherited_keystore_fd = None
         inherited = self._inherited()
-        self.pidfile = self._pidfile_path(cfg)
+        self.pidfile = config_mod.pidfile_path(cfg)
         daemon.check_pidfile(self.pidfile)
         self._resolve_user()
         self.bound = self._bind_all(cfg, inherited)
@@ -185,12 +204,7 @@ class Arbiter:
 
     def _setup_shared(self) -> None:
         """Rings and key store: shared memory created before any fork."""
-        try:
-            from forkproxy.shm.ring import Ring
-        except ImportError:  # the ring module is optional while it is being built
-            Ring = None
-        self._ring_cls = Ring
-        self._setup_tls(self.cfg, self._inherited_keystore_fd)
+        self._setup_tls(self.cfg, self.inherited_keystore_fd)
         self._setup_limits(self.cfg)
         self.health.assign(self.cfg)
 
@@ -198,8 +212,6 @@ class Arbiter:
         """The per-client-IP limit zone (shared memory, before the workers are forked).
         Kept across reloads unless its shape changes; a generation keeps the zone it
         was forked with."""
-        from forkproxy.shm.limitzone import LimitZone
-
         lim = cfg.limits
         rate, conns = bool(lim.rate), lim.per_ip_connections > 0
         z = self.limit_zone
@@ -217,11 +229,8 @@ class Arbiter:
     def _setup_tls(self, cfg, inherited_fd) -> None:
         """Self-test the OpenSSL shim, then create (or adopt) the ticket key store."""
         tls = [lcfg.tls for lcfg in cfg.listener if lcfg.tls is not None]
-        if not tls or self.keystore is not None:
+        if not tls or self.ticket_keys is not None:
             return
-        from forkproxy.master.tickets import create_keystore
-        from forkproxy.tls.openssl import self_test
-
         result = self_test()
         if not result.ok:
             if all(t.allow_degraded for t in tls):
@@ -231,14 +240,12 @@ class Arbiter:
             raise TLSSetupError(f"{result.message}; set [listener.tls] allow_degraded = true "
                                 "to serve TLS without shared tickets and stapling")
         self.log.info("TLS shim self-test passed", library=result.library)
-        create_keystore(self, inherited_fd)
+        self.ticket_keys = TicketKeys.create(cfg, self.log, inherited_fd)
 
-    def ring_for(self, index: int):
-        if self._ring_cls is None:
-            return None
+    def ring_for(self, index: int) -> Ring:
         ring = self.rings.get(index)
         if ring is None:
-            ring = self.rings[index] = self._ring_cls.create(self.cfg.server.ring_size)
+            ring = self.rings[index] = Ring.create(self.cfg.server.ring_size)
         return ring
 
     def _on_signal(self, signum, frame) -> None:
@@ -298,41 +305,63 @@ class Arbiter:
                     break
 
     def _handle_signals(self) -> None:
+        """Run the queued signals' handlers in arrival order (gunicorn's arbiter style)."""
         while self.sig_queue:
             sig = self.sig_queue.pop(0)
-            if sig == signal.SIGCHLD:
-                continue
-            name = signal.Signals(sig).name
             if sig != signal.SIGCHLD:
-                self.log.info("signal", signal=name)
-            if sig == signal.SIGHUP:
-                self.reload()
-            elif sig == signal.SIGQUIT:
-                self.begin_stop("graceful")
-            elif sig in (signal.SIGTERM, signal.SIGINT):
-                self.begin_stop("fast")
-            elif sig == signal.SIGUSR1:
-                log_mod.reopen()
-                self._signal_children(signal.SIGUSR1, kinds=("manager", "worker"))
-            elif sig == signal.SIGUSR2:
-                self.upgrade()
-            elif sig == signal.SIGWINCH:
-                self.winched = True
-                for w in self.workers.values():
-                    if w.kind == "worker":
-                        self._retire(w)
-            elif sig == signal.SIGTTIN:
-                self.nworkers += 1
-                for bl in self.bound:
-                    bl.ensure_slots(self.nworkers)
-                self.log.info("worker count", workers=self.nworkers)
-            elif sig == signal.SIGTTOU:
-                if self.nworkers > 1:
-                    self.nworkers -= 1
-                    for w in self.workers.values():
-                        if w.kind == "worker" and w.slot >= self.nworkers:
-                            self._retire(w)
-                self.log.info("worker count", workers=self.nworkers)
+                self.log.info("signal", signal=signal.Signals(sig).name)
+            self.signal_handlers[sig]()
+
+    def handle_hup(self) -> None:
+        """Reload: new config, new generation of workers, then the old one retires."""
+        self.reload()
+
+    def handle_quit(self) -> None:
+        """Graceful stop: workers finish their requests (server.graceful_timeout)."""
+        self.begin_stop("graceful")
+
+    def handle_term(self) -> None:
+        """Fast stop."""
+        self.begin_stop("fast")
+
+    def handle_int(self) -> None:
+        """Fast stop (Ctrl-C in the foreground)."""
+        self.begin_stop("fast")
+
+    def handle_usr1(self) -> None:
+        """Reopen the logs (logrotate): the master's, the manager's and the workers'."""
+        log_mod.reopen()
+        self._signal_children(signal.SIGUSR1, kinds=("manager", "worker"))
+
+    def handle_usr2(self) -> None:
+        """Binary upgrade: exec a new master that inherits the sockets and the keys."""
+        self.upgrade()
+
+    def handle_winch(self) -> None:
+        """Retire every worker, keep the master (after USR2: the old master goes idle)."""
+        self.winched = True
+        for w in self.workers.values():
+            if w.kind == "worker":
+                self._retire(w)
+
+    def handle_ttin(self) -> None:
+        """One worker more."""
+        self.nworkers += 1
+        for bl in self.bound:
+            bl.ensure_slots(self.nworkers)
+        self.log.info("worker count", workers=self.nworkers)
+
+    def handle_ttou(self) -> None:
+        """One worker fewer (never below one)."""
+        if self.nworkers > 1:
+            self.nworkers -= 1
+            for w in self.workers.values():
+                if w.kind == "worker" and w.slot >= self.nworkers:
+                    self._retire(w)
+        self.log.info("worker count", workers=self.nworkers)
+
+    def handle_chld(self) -> None:
+        """Nothing here: the loop reaps right after the signals (_reap)."""
 
     def _signal_children(self, sig: int, kinds=("worker",)) -> None:
         for w in list(self.workers.values()):
@@ -412,8 +441,7 @@ class Arbiter:
         return True
 
     def _orphan_index(self, w: WorkerProc) -> None:
-        self._resume = getattr(self, "_resume", {})
-        self._resume[(w.generation, w.slot)] = w.index
+        self.orphaned[(w.generation, w.slot)] = w.index
 
     def _free_index(self, w: WorkerProc) -> None:
         self.free_indexes.append(w.index)
@@ -436,10 +464,7 @@ class Arbiter:
                 self.spawn_worker(slot, gen)
 
     def spawn_worker(self, slot: int, generation: int) -> None:
-        from forkproxy.worker import process as worker_process
-
-        resume = getattr(self, "_resume", {})
-        index = resume.pop((generation, slot), None)
+        index = self.orphaned.pop((generation, slot), None)
         if index is None:
             if not self.free_indexes:
                 self.log.error("worker table full")
@@ -503,10 +528,6 @@ class Arbiter:
                 pass
 
     def _start_manager(self) -> None:
-        try:
-            from forkproxy.manager import process as manager_process
-        except ImportError:
-            return
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = self._fork()
         if pid == 0:
@@ -514,7 +535,11 @@ class Arbiter:
             self._child_after_fork(keep_fds={w})
             for bl in self.bound:
                 bl.close()
-            manager_process.run(self, w)
+            spec = manager_process.ManagerSpec(
+                cfg=self.cfg, table=self.table, rings=dict(self.rings), health=self.health,
+                keystore=self.keystore, ready_fd=w, lifeline_fd=self.lifeline_r,
+                uid=self.uid, gid=self.gid, groups=self.groups)
+            manager_process.run(spec)
             os._exit(0)
         os.close(w)
         self.manager = WorkerProc(pid, MANAGER_SLOT, -1, self.generation, None, r,
@@ -523,10 +548,9 @@ class Arbiter:
 
     def _maintain(self) -> None:
         now = time.monotonic()
-        if self.keystore is not None:
-            from forkproxy.master.tickets import rotate_if_due
-
-            rotate_if_due(self)
+        if self.ticket_keys is not None:
+            self.ticket_keys.rotate_if_due(self.cfg, self.log,
+                                           upgrading=self.upgrade_child is not None)
         if (self.manager is None and not self.stopping
                 and self.slot_next_spawn.get(MANAGER_SLOT, 0.0) <= now):
             self._start_manager()
@@ -566,7 +590,6 @@ class Arbiter:
                 self.log.error("worker stopped heart-beating, replacing it", pid=w.pid,
                                slot=w.slot)
                 w.retiring = True  # the replacement is not a crash back-off
-                self._resume = getattr(self, "_resume", {})
                 _kill(w.pid, signal.SIGKILL)
         # listener sockets of removed slots / listeners, once no worker can use them
         busy_slots = max([w.slot + 1 for w in self.workers.values() if w.kind == "worker"] + [0])
@@ -617,15 +640,13 @@ class Arbiter:
         self.pending_since = time.monotonic()
         self.slot_failures.clear()
         self.slot_next_spawn.clear()
-        if self.keystore is None:
+        if self.ticket_keys is None:
             try:
                 self._setup_tls(new_cfg, None)
             except TLSSetupError as e:
                 self.log.error("TLS listeners added but the shim is unusable", error=str(e))
         else:
-            from forkproxy.master.tickets import reload_keystore
-
-            reload_keystore(self)
+            self.ticket_keys.reload(new_cfg, self.log)
         self._setup_limits(new_cfg, reloading=True)
         try:
             self.health.assign(new_cfg)  # before the new workers and the manager read it
@@ -749,6 +770,11 @@ def _preload(cfg) -> None:
     What only some configs need is imported only for them: cryptography (certificates in
     the workers, OCSP in the manager) with TLS listeners, pyroute2 (listeners.py) with
     interface listeners; otherwise they would be resident for nothing (~7 and ~9 MiB).
+
+    The workers' and the manager's own modules are imported at the top of this module. The
+    manager's are there although only the manager runs them: imported after fork they
+    cost the manager ~4 MiB private (new objects fill the holes of shared pages, import
+    machinery and caches are written), imported before fork ~1 MiB shared.
     """
     if any(lcfg.tls is not None for lcfg in cfg.listener):
         import cryptography.hazmat.primitives.serialization  # noqa: F401
@@ -761,27 +787,8 @@ def _preload(cfg) -> None:
 
     import gevent  # noqa: F401
     import gevent.event  # noqa: F401
+    import gevent.server  # noqa: F401  (the manager's admin endpoint)
     import gevent.socket  # noqa: F401
+    import gevent.threadpool  # noqa: F401  (the manager's name resolution)
     import httptools  # noqa: F401
     import msgspec  # noqa: F401
-
-    import forkproxy.worker.http1  # noqa: F401
-    import forkproxy.worker.process  # noqa: F401
-    import forkproxy.worker.tls  # noqa: F401
-
-    # the manager's modules too, although only the manager runs them: imported after fork
-    # they cost the manager ~4 MiB private (new objects fill the holes of shared pages,
-    # import machinery and caches are written), imported here ~1 MiB shared
-    try:
-        import gevent.server  # noqa: F401
-        import gevent.threadpool  # noqa: F401  (the manager's name resolution)
-
-        import forkproxy.manager.accesslog  # noqa: F401
-        import forkproxy.manager.admin  # noqa: F401
-        import forkproxy.manager.collector  # noqa: F401
-        import forkproxy.manager.healthcheck  # noqa: F401
-        import forkproxy.manager.metrics  # noqa: F401
-        import forkproxy.manager.process  # noqa: F401
-    except ImportError:
-        pass
-

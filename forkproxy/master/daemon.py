@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+from forkproxy.osutil import pid_alive
+
 
 class PidfileError(Exception):
     pass
@@ -16,16 +18,6 @@ def read_pid(path: str) -> int | None:
             return int(f.read().strip() or 0) or None
     except (OSError, ValueError):
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_pidfile(path: str) -> None:

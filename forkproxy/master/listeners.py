@@ -2,7 +2,7 @@
 and worker slot.
 
 Why per slot: with one inherited socket, gevent's accept loop lets one worker take a
-whole burst (DESIGN.md measured 100/0); a reuseport socket per worker lets the kernel
+whole burst (measured 100/0, docs/ARCHITECTURE.md); a reuseport socket per worker lets the kernel
 spread connections. Why owned by the master: a new-generation worker on reload takes over
 the very same socket as the old worker of its slot, so the accept queue is never closed
 and no connection is refused during a reload (closing a reuseport socket drops its queue
@@ -14,52 +14,8 @@ from __future__ import annotations
 import os
 import socket
 
-from forkproxy.config import ListenAddress, parse_listen
-
-
-class BindError(Exception):
-    pass
-
-
-def interface_addresses(iface: str) -> list[tuple[int, str, int]]:
-    """(family, address, scope_id) of every address on a network interface (pyroute2)."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=iface)
-        if not idx:
-            raise BindError(f"no network interface named {iface!r}")
-        out = []
-        for msg in ipr.get_addr(index=idx[0]):
-            addr = msg.get("IFA_ADDRESS")
-            fam = msg["family"]
-            if not addr:
-                continue
-            scope = idx[0] if fam == socket.AF_INET6 and addr.lower().startswith("fe80") else 0
-            out.append((fam, addr, scope))
-    if not out:
-        raise BindError(f"network interface {iface!r} has no addresses")
-    return out
-
-
-def resolve(addr: ListenAddress) -> list[tuple[int, tuple]]:
-    """(family, sockaddr) pairs a listen address stands for."""
-    if addr.iface:
-        out = []
-        for fam, a, scope in interface_addresses(addr.iface):
-            out.append((fam, (a, addr.port, 0, scope) if fam == socket.AF_INET6 else (a, addr.port)))
-        return out
-    try:
-        infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
-    except socket.gaierror as e:
-        raise BindError(f"cannot resolve {addr.host!r}: {e.strerror}")
-    seen, out = set(), []
-    for fam, _, _, _, sa in infos:
-        if sa not in seen:
-            seen.add(sa)
-            out.append((fam, sa))
-    return out
+from forkproxy.config import parse_listen
+from forkproxy.netif import BindError, resolve
 
 
 def _bind_one(fam: int, sa: tuple, backlog: int) -> socket.socket:

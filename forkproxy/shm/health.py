@@ -13,7 +13,7 @@ writes what:
   ``Upstream.refresh``), never per request.
 
 Entry layout (each field an aligned 8-byte word, written with one store, so a reader
-never sees a torn value; see DESIGN.md "Atomicity from Python"):
+never sees a torn value; see docs/ARCHITECTURE.md, "Measured facts"):
 
   word 0  KEY          hash64(b"UPSTREAM\\0HOST:PORT"), never 0; 0 = a free entry
   word 1  STATE        (since_ms << 2) | state; state 0 = unknown (no verdict yet,
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import mmap
 
-from forkproxy.worker.balancer import hash64
+from forkproxy.hashing import hash64
 
 ENTRY = 64
 WORDS = ENTRY // 8

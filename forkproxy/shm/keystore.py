@@ -8,7 +8,7 @@ configures a ticket key file.
 Consistency is a seqlock per section: the writer makes the section's sequence odd,
 writes, then makes it even; a reader copies the section and retries when the sequence
 was odd or changed. Sequence words are 8-byte aligned and accessed through a
-``memoryview.cast('Q')`` (one ``mov`` on x86-64, see DESIGN.md); x86-64 keeps stores and
+``memoryview.cast('Q')`` (one ``mov`` on x86-64, see docs/ARCHITECTURE.md); x86-64 keeps stores and
 loads in order. A reader re-reads only when a sequence moved, so the hot path is one
 8-byte load.
 

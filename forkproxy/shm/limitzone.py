@@ -16,7 +16,8 @@ associative): a client uses the way holding its key, else evicts the way whose `
 is older (an idle client's bucket is full anyway, so evicting it loses nothing).
 
 The table is **lossy**, on purpose: no locks, no compare-and-swap (Python has none),
-each word is a single 8-byte store (DESIGN.md: atomic at an aligned offset on x86-64).
+each word is a single 8-byte store (atomic at an aligned offset on x86-64; see
+docs/ARCHITECTURE.md, "Measured facts").
 
 * Two workers serving the same client at the same instant can both read the old
   ``tat`` and both store theirs: one request is not counted. The window is the
@@ -53,23 +54,13 @@ the worker that owned it, before the index is used again.
 from __future__ import annotations
 
 import mmap
-import re
 import time
 
+from forkproxy.config import parse_rate
 from forkproxy.shm.segment import create_mapping
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*r/(s|m)\s*$")
 _MASK64 = (1 << 64) - 1
 PAGE = mmap.PAGESIZE
-
-
-def parse_rate(text: str) -> float:
-    """``"100r/s"`` or ``"600r/m"`` -> requests per second (nginx's syntax)."""
-    m = _RATE_RE.match(text) if isinstance(text, str) else None
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"expected a rate like '100r/s' or '600r/m', got {text!r}")
-    per = 1.0 if m.group(2) == "s" else 60.0
-    return float(m.group(1)) / per
 
 
 def _round_up(n: int, to: int) -> int:

@@ -22,7 +22,7 @@ import secrets
 
 import posix_ipc
 
-from forkproxy.master.daemon import pid_alive
+from forkproxy.osutil import pid_alive
 
 PREFIX = "forkproxy."
 SHM_DIR = "/dev/shm"

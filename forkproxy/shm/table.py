@@ -5,7 +5,7 @@ child, never visible in /dev/shm, gone with the last process). The master fills 
 identity fields when it forks a worker; the worker writes its heartbeat and counters
 once a second (not per request); the master reads heartbeats to find stuck workers and
 the manager reads everything for /status. Each field is an aligned 8-byte word, written
-with a single store, so readers never see a torn value (see DESIGN.md).
+with a single store, so readers never see a torn value (see docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import gevent.ssl
 
+from forkproxy.pem import check_cert_key, key_type, read_file
 from forkproxy.tls import openssl
 
 if TYPE_CHECKING:
@@ -65,22 +66,6 @@ class CertInfo:
     fingerprint: bytes  # SHA-256 of the leaf DER: what the status callback is given
 
 
-def _key_type(key: object) -> str:
-    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-
-    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
-        return "rsa"
-    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
-        return "ec"
-    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
-        return "ed25519"
-    if isinstance(key, ed448.Ed448PublicKey | ed448.Ed448PrivateKey):
-        return "ed448"
-    if isinstance(key, dsa.DSAPublicKey | dsa.DSAPrivateKey):
-        return "dsa"
-    return type(key).__name__
-
-
 def _names(cert: x509.Certificate) -> tuple[str, ...]:
     from cryptography import x509
 
@@ -97,65 +82,21 @@ def _names(cert: x509.Certificate) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def load_cert_info(index: int, cert_path: str, key_path: str) -> CertInfo:
     """Parse the leaf of ``cert_path`` (raises OSError/ValueError on bad files)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    leaf = x509.load_pem_x509_certificates(_read(cert_path))[0]
+    leaf = x509.load_pem_x509_certificates(read_file(cert_path))[0]
     der = leaf.public_bytes(serialization.Encoding.DER)
     return CertInfo(
         index,
         cert_path,
         key_path,
         _names(leaf),
-        _key_type(leaf.public_key()),
+        key_type(leaf.public_key()),
         hashlib.sha256(der).digest(),
     )
-
-
-def check_cert_key(cert_path: str, key_path: str) -> str | None:
-    """Why this pair cannot be served (for ``forkproxy check``), or None if it can."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        data = _read(cert_path)
-    except OSError as e:
-        return f"cannot read certificate {cert_path}: {e.strerror}"
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        return f"{cert_path} holds no PEM certificate"
-    try:
-        key_data = _read(key_path)
-    except OSError as e:
-        return f"cannot read key {key_path}: {e.strerror}"
-    try:
-        key = serialization.load_pem_private_key(key_data, password=None)
-    except TypeError:
-        return f"key {key_path} is encrypted (a passphrase is not supported)"
-    except ValueError:
-        return f"{key_path} holds no PEM private key"
-    except Exception as e:  # unsupported algorithms and the like
-        return f"cannot load key {key_path}: {e}"
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if certs[0].public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
-        return (
-            f"key {key_path} does not match certificate {cert_path} "
-            f"({_key_type(key)} key, {_key_type(certs[0].public_key())} certificate)"
-        )
-    try:  # whatever else OpenSSL refuses (security level, broken chain file...)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert_path, key_path)
-    except (ssl.SSLError, OSError) as e:
-        return f"OpenSSL refuses {cert_path} with {key_path}: {e}"
-    return None
 
 
 class ServerContext(gevent.ssl.SSLContext):

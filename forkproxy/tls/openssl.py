@@ -3,7 +3,7 @@
 Why: the stdlib exposes neither session-ticket keys nor OCSP stapling. Both are reachable
 through the ``SSL_CTX*`` inside a ``PySSLContext`` (first field after ``PyObject_HEAD``)
 and a handful of OpenSSL 3 entry points. Everything here is verified at start by
-:func:`self_test`; nothing is trusted blind (see DESIGN.md, "TLS in CPython").
+:func:`self_test`; nothing is trusted blind (see docs/ARCHITECTURE.md, "Measured facts").
 
 Callback rules that keep a C library calling into Python safe:
 - an exception never escapes a callback (it is counted and a safe value returned);
@@ -624,8 +624,8 @@ def request_ocsp_status(client: ssl.SSLContext) -> list[bytes]:
     return received
 
 
-def _handshake_test() -> None:
-    """Two MemoryBIO handshakes: full (staple + ticket) then resumed from that ticket."""
+def _self_signed_server() -> tuple[ssl.SSLContext, bytes]:
+    """A server context with a throwaway EC certificate; returns it and the cert's DER."""
     import datetime
 
     from cryptography import x509
@@ -646,7 +646,6 @@ def _handshake_test() -> None:
         .not_valid_after(now + datetime.timedelta(hours=1))
         .sign(key, hashes.SHA256())
     )
-    cert_der = cert.public_bytes(serialization.Encoding.DER)
     pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -660,6 +659,46 @@ def _handshake_test() -> None:
         server.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
+    return server, cert.public_bytes(serialization.Encoding.DER)
+
+
+def _memory_handshake(client: ssl.SSLContext, server: ssl.SSLContext,
+                      session: ssl.SSLSession | None) -> ssl.SSLObject:
+    """One handshake between two contexts over MemoryBIOs; returns the client's end."""
+    ci, co, si, so = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(ci, co, server_hostname="self.test", session=session)
+    s = server.wrap_bio(si, so, server_side=True)
+    done_c = done_s = False
+    for _ in range(20):
+        if not done_c:
+            try:
+                c.do_handshake()
+                done_c = True
+            except ssl.SSLWantReadError:
+                pass
+        si.write(co.read())
+        if not done_s:
+            try:
+                s.do_handshake()
+                done_s = True
+            except ssl.SSLWantReadError:
+                pass
+        ci.write(so.read())
+        if done_c and done_s:
+            break
+    if not (done_c and done_s):
+        raise OpenSSLError("self-test handshake did not complete")
+    # TLS 1.3 tickets arrive after the handshake: let the client read them.
+    try:
+        c.read(1)
+    except ssl.SSLWantReadError:
+        pass
+    return c
+
+
+def _handshake_test() -> None:
+    """Two MemoryBIO handshakes: full (staple + ticket) then resumed from that ticket."""
+    server, cert_der = _self_signed_server()
     staple = b"forkproxy-self-test-staple"
     expected_fp = hashlib.sha256(cert_der).digest()
     keys = (os.urandom(KEY_RECORD),)
@@ -671,44 +710,12 @@ def _handshake_test() -> None:
     client.verify_mode = ssl.CERT_NONE
     received = request_ocsp_status(client)
 
-    def run(session: ssl.SSLSession | None) -> ssl.SSLObject:
-        ci, co, si, so = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-        c = client.wrap_bio(ci, co, server_hostname="self.test", session=session)
-        s = server.wrap_bio(si, so, server_side=True)
-        done_c = done_s = False
-        for _ in range(20):
-            if not done_c:
-                try:
-                    c.do_handshake()
-                    done_c = True
-                except ssl.SSLWantReadError:
-                    pass
-            si.write(co.read())
-            if not done_s:
-                try:
-                    s.do_handshake()
-                    done_s = True
-                except ssl.SSLWantReadError:
-                    pass
-            ci.write(so.read())
-            if done_c and done_s:
-                break
-        if not (done_c and done_s):
-            raise OpenSSLError("self-test handshake did not complete")
-        # TLS 1.3 tickets arrive after the handshake: let the client read them.
-        try:
-            c.read(1)
-        except ssl.SSLWantReadError:
-            pass
-        return c
-
-    first = run(None)
+    first = _memory_handshake(client, server, None)
     if tcb.stats.encrypted < 1:
         raise OpenSSLError("ticket callback was not used to encrypt a ticket")
     if scb.stats.stapled != 1 or received[:1] != [staple]:
         raise OpenSSLError(f"staple not delivered ({scb.stats}, client saw {received!r})")
-    sess = first.session
-    second = run(sess)
+    second = _memory_handshake(client, server, first.session)
     if not second.session_reused or tcb.stats.decrypted_current < 1:
         raise OpenSSLError(f"resumption through the ticket callback failed ({tcb.stats})")
     if tcb.stats.errors or scb.stats.errors:

@@ -32,6 +32,7 @@ from forkproxy.context import (
     T_SENT,
     T_TLS,
     RequestContext,
+    encoder,
 )
 from forkproxy.http.forward import upstream_head
 from forkproxy.http.framing import LAST_CHUNK, Framing, frame_chunk, response_framing
@@ -62,20 +63,9 @@ class Exchange:
     def __init__(self, ws, front):
         self.ws = ws
         self.front = front
-        self.req = None
         self.times = [0.0] * N_TIMES
-        self.start(None, 0.0, 0.0)
-
-    def start(self, req, t_accept: float, t_tls: float) -> None:
-        """Begin a new request on this front end (resets every per-request field)."""
-        self.req = req
-        times = self.times
-        times[:] = _ZERO_TIMES
-        times[T_ACCEPT] = t_accept
-        times[T_TLS] = t_tls
-        times[T_HEADERS] = _monotonic()
-        self.server = None
-        self.conn = None
+        self.server = None  # the server of the try the context records
+        self.conn = None  # and its connection (None: none was used)
         self.status = 0
         self.framing = Framing.NONE
         self.raw_head = None  # the head to relay, as the fast path took it
@@ -83,16 +73,29 @@ class Exchange:
         self.parser = None  # and its parser (a chunked body goes on through it)
         self.up_keep = False  # the upstream connection may be pooled after this response
         self.content_length = None
+        self.retry_statuses = None  # upstream statuses turned into a retry, this try
+        self.keep = False  # after connect() returned None: may the client connection stay
+        self.tries = 0  # retries left for this request
+        # set by a tunnel, which is the last request of its connection: never reset
+        self.tunnel = False  # the context is a tunnel's (status 101, bytes each way)
+        self.upgrade = False  # a 101 is expected: raise Upgraded instead of relaying
+        self.start(None, 0.0, 0.0)
+
+    def start(self, req, t_accept: float, t_tls: float) -> None:
+        """Begin a new request on this front end. Only what is read before it is
+        written is reset here (per request: each store costs; the rest is set on the
+        way: server and conn before any record, the head fields by _read_head)."""
+        self.req = req
+        times = self.times
+        times[:] = _ZERO_TIMES
+        times[T_ACCEPT] = t_accept
+        times[T_TLS] = t_tls
+        times[T_HEADERS] = _monotonic()
         self.bytes_in = 0
         self.bytes_out = 0
         self.retries = 0  # tries on another server (the context's retries)
         self.reject = ""  # why the proxy refused the request itself (the context's reject)
-        self.retry_statuses = None  # upstream statuses turned into a retry, this try
-        self.tunnel = False
-        self.upgrade = False  # a 101 is expected: raise Upgraded instead of relaying
-        self.keep = False  # after connect() returned None: may the client connection stay
-        self.tries = 0
-        self.exclude = None
+        self.exclude = None  # servers the next pick skips
         self.last = None  # (status, detail, server) of the last failed try
 
     # -- the whole exchange ------------------------------------------------------------
@@ -202,7 +205,8 @@ class Exchange:
     # -- one try on one connection -----------------------------------------------------
 
     def send_and_relay(self, head: bytes, conn: UpstreamConn) -> bool:
-        """Send the request (head + streamed body) and relay the response."""
+        """One try: send the request (head + streamed body), read the response head,
+        relay the body by its framing, record; returns the front end's keep-alive."""
         req = self.req
         up = conn.sock
         send_timeout = conn.server.cfg.send_timeout
@@ -230,8 +234,34 @@ class Exchange:
         self.times[T_SENT] = _monotonic()
         ws = self.ws
         buf = ws.get_buffer()
-        try:
-            return self._relay(conn, buf)
+        view = memoryview(buf)
+        try:  # the response, inline: one call less per request (scripts/hotpath-ab)
+            self.front.deadline = _monotonic() + conn.server.head_timeout  # per_try_timeout
+            head_len, n = self._read_head(conn, buf, view)
+            status = self.status
+            if self.retry_statuses is not None and status in self.retry_statuses:
+                # retry_on names this status and a retry is possible: not relayed
+                raise UpstreamFailed(status, f"upstream answered {status}", kind="status")
+            rhead = self.rhead
+            framing = self.framing = response_framing(
+                req.method, status, self.content_length, rhead is not None and rhead.chunked)
+            self.server = conn.server
+            self.conn = conn
+            try:
+                RELAYERS[framing](self, conn, view, head_len, n)
+                keep = self.front.end_body()
+            except UpstreamBroken as e:
+                error = str(e)
+            except ClientGone:
+                error = "client gone"
+            else:
+                conn.reusable = self.up_keep
+                self.times[T_END] = _monotonic()
+                self.record(status, self.bytes_out, "")
+                return keep
+            self.times[T_END] = _monotonic()
+            self.record(status, self.bytes_out, error)
+            return False
         finally:
             ws.put_buffer(buf)
 
@@ -291,6 +321,7 @@ class Exchange:
             fast = fast_head(bytes(view[start:head_len]))
             if fast is not None:
                 self.status, self.content_length, self.up_keep, self.raw_head = fast
+                self.rhead = None
                 return head_len, n
             rhead = self._parse_head(view[start:head_len])
             if rhead.status == 101:
@@ -313,37 +344,8 @@ class Exchange:
             raise UpstreamFailed(502, f"bad upstream response: {e}")
         self.parser = parser
         self.rhead = rhead
+        self.raw_head = None
         return rhead
-
-    def _relay(self, conn: UpstreamConn, buf: bytearray) -> bool:
-        """Read the response head, start the client's response, relay the body."""
-        view = memoryview(buf)
-        self.front.deadline = _monotonic() + conn.server.head_timeout  # per_try_timeout
-        head_len, n = self._read_head(conn, buf, view)
-        status = self.status
-        if self.retry_statuses is not None and status in self.retry_statuses:
-            # retry_on names this status and a retry is possible: not relayed
-            raise UpstreamFailed(status, f"upstream answered {status}", kind="status")
-        rhead = self.rhead
-        framing = self.framing = response_framing(
-            self.req.method, status, self.content_length,
-            rhead is not None and rhead.chunked)
-        self.server = conn.server
-        self.conn = conn
-        try:
-            RELAYERS[framing](self, conn, view, head_len, n)
-            self.front.end_body()
-        except UpstreamBroken as e:
-            return self._finish(False, str(e))
-        except ClientGone:
-            return self._finish(False, "client gone")
-        conn.reusable = self.up_keep
-        return self._finish(True, "")
-
-    def _finish(self, complete: bool, error: str) -> bool:
-        self.times[T_END] = _monotonic()
-        self.record(self.status, self.bytes_out, error)
-        return complete and self.front.keep_alive()
 
     def body_piece(self, piece) -> None:
         """One piece of a body the relayer does not copy itself, to the client."""
@@ -357,6 +359,9 @@ class Exchange:
         reject = self.reject
         self.start(req, t_accept, 0.0)
         self.reject = reject
+        self.server = None
+        self.conn = None
+        self.tunnel = False
         times = self.times
         times[T_HEADERS] = 0.0
         times[T_END] = _monotonic()
@@ -371,12 +376,14 @@ class Exchange:
         req = self.req
         server = self.server
         conn = self.conn
-        ws.push(RequestContext(
+        buf = ws.encbuf  # one reused buffer: no allocation per record
+        encoder.encode_into(RequestContext(
             time.time(), req.request_id.decode("latin-1"), ws.pid, front.listener.name,
             front.remote, req.method, req.path.decode("latin-1"), status, self.bytes_in,
             bytes_out, server.upstream.name if server is not None else "",
             server.address if server is not None else "",
             conn.reused if conn is not None else False, front.tls_resumed,
             front.tls_version, self.times, error, self.reject, self.retries, self.tunnel,
-        ))
+        ), buf)
+        ws.ring.push(buf)  # never blocks: the ring drops and counts when full
         self.reject = ""

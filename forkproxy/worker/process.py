@@ -9,7 +9,6 @@ heap trim), heartbeat, lifeline, and the park/unpark of idle connections.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import gc
 import os
@@ -23,9 +22,9 @@ import gevent
 from gevent import socket
 from gevent.event import Event
 
+from forkproxy import osutil
 from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
-from forkproxy.manager import profiling
-from forkproxy.worker import faults
+from forkproxy.worker import faults, profiling
 from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.front import Deadline
 from forkproxy.worker.heap import HeapTrimmer
@@ -73,15 +72,6 @@ def _wait_read(fd: int, timeout: float) -> None:
     socket.wait_read(fd, timeout=timeout, timeout_exc=TimeoutError("PROXY header timeout"))
 
 
-def _set_pdeathsig() -> None:
-    """Ask the kernel to SIGTERM us when the master dies (plus the lifeline pipe)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class Worker:
     """One worker process's life: set-up, the loops, the drain."""
 
@@ -109,7 +99,8 @@ class Worker:
         self.ws = WorkerState(self.spec, self.hub, self.unpark)
         self._install_signals()
         self._build_listeners()
-        self._drop_privileges()
+        # last step of the set-up: afterwards files under the master's home may be unreadable
+        osutil.drop_privileges(self.spec.uid, self.spec.gid, self.spec.groups)
         # what the worker built at start lives as long as the worker: keep it out of the
         # collector's young generations (fewer objects scanned per collection). Greenlets
         # are spawned after this, so the gauges' greenlet count still sees them.
@@ -133,7 +124,7 @@ class Worker:
 
     def _prepare_process(self) -> None:
         spec = self.spec
-        _set_pdeathsig()
+        osutil.set_pdeathsig()  # plus the lifeline pipe
         if faults.STARTUP:
             raise RuntimeError("fault injected: FORKPROXY_FAULT=startup")
         if os.getppid() == 1:
@@ -177,18 +168,6 @@ class Worker:
             lr = ListenerRuntime(lcfg.listen, default, b"https" if tls_ctx else b"http",
                                  tls_ctx, lcfg.proxy_protocol)
             self.listeners.append((lsock, lr))
-
-    def _drop_privileges(self) -> None:
-        """Last step of the set-up: afterwards files under the master's home may be
-        unreadable."""
-        spec = self.spec
-        if spec.uid is None:
-            return
-        if spec.groups is not None:
-            os.setgroups(spec.groups)
-        if spec.gid is not None:
-            os.setgid(spec.gid)
-        os.setuid(spec.uid)
 
     def _report_ready(self) -> None:
         self._beat()

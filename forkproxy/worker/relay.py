@@ -122,9 +122,11 @@ def _recv_body(up, view) -> int:
         raise UpstreamBroken(f"upstream body: {e}")
 
 
-RELAYERS = {
+_BY_FRAMING = {
     Framing.NONE: relay_none,
     Framing.LENGTH: relay_length,
     Framing.CHUNKED: relay_chunked,
     Framing.UNTIL_CLOSE: relay_until_close,
 }
+#: the relayer of each framing, indexed by it (a tuple index: no hashing per request)
+RELAYERS = tuple(_BY_FRAMING[f] for f in sorted(Framing))

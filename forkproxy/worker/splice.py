@@ -1,7 +1,7 @@
 """Zero-copy relay of a Content-Length body: upstream socket -> pipe -> client socket
 with os.splice, for plain-text clients when `[server] splice = true`.
 
-DESIGN.md measured 1.84 vs 1.27 GiB/s and 30% less CPU when the proxy has a core to
+docs/ARCHITECTURE.md: measured 1.84 vs 1.27 GiB/s and 30% less CPU when the proxy has a core to
 itself (they tie when everything shares 2 cores). Pitfalls handled here: EAGAIN from
 splice is ambiguous (empty socket or full pipe) so the bytes in the pipe are tracked;
 a pipe left with data after an error is closed, never reused; pipes are pooled per

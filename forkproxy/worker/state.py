@@ -59,7 +59,7 @@ class WorkerState:
         self._rid = 0
         self.ring = spec.ring
         self.pipes = PipePool() if srv.splice else None
-        self._encbuf = bytearray(512)
+        self.encbuf = bytearray(512)  # the ring records are encoded into it
         self.client_limits = None
         if spec.limit_zone is not None:
             spec.limit_zone.bind(spec.index)
@@ -79,6 +79,6 @@ class WorkerState:
     def push(self, record) -> None:
         """Encode a record into the worker's ring (never blocks; the ring drops and
         counts when full). One reused buffer: no allocation per record."""
-        buf = self._encbuf
+        buf = self.encbuf
         encoder.encode_into(record, buf)
         self.ring.push(buf)

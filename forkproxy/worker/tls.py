@@ -8,8 +8,8 @@ import ssl
 from gevent import socket
 
 from forkproxy import config as config_mod
-from forkproxy.master.tickets import ticket_lifetime
 from forkproxy.tls.context import build_server_context, install_callbacks, staple_provider_for
+from forkproxy.tls.tickets import ticket_lifetime
 
 _HANDSHAKE_ERRORS = (ssl.SSLError, OSError, socket.timeout, ValueError)
 

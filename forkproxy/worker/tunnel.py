@@ -52,6 +52,7 @@ def tunnel(c, ex: Exchange, upstream) -> bool:
     key = upstream.keyspec.key(req, c.remote) if upstream.keyspec is not None else None
     ex.tries = upstream.retries
     ex.upgrade = True
+    ex.retry_statuses = None  # an upgrade is never retried on the upstream's status
     conn = ex.connect(upstream, key, True)
     if conn is None:
         return False

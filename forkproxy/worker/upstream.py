@@ -40,16 +40,10 @@ from gevent import socket
 from gevent.event import Event
 
 from forkproxy.config import UpstreamConfig, parse_hostport
-from forkproxy.context import UpstreamGauge
+from forkproxy.context import WEIGHT_SCALE, UpstreamGauge
+from forkproxy.hashing import hash64
 from forkproxy.shm.health import DOWN, STATE, UP, WORDS, server_key
-from forkproxy.worker.balancer import (
-    WEIGHT_SCALE,
-    KeySpec,
-    Peer,
-    RetryBudget,
-    hash64,
-    make_balancer,
-)
+from forkproxy.worker.balancer import KeySpec, Peer, RetryBudget, make_balancer
 
 #: idle connections are swept (timeouts, age) this often
 REAP_INTERVAL = 1.0
@@ -69,7 +63,7 @@ class UpstreamConn:
 
     def __init__(self, sock, server: Server, now: float = 0.0):
         self.sock = sock
-        self.watch = None  # the ReadWatch kept armed for the response waits (connection.py)
+        self.watch = None  # the ReadWatch kept armed for the response waits (worker/exchange.py)
         self.server = server
         self.requests = 0
         self.created = now or _monotonic()

@@ -1,0 +1,59 @@
+"""Small operating-system helpers that several floors need (the lowest floor: imports
+nothing from forkproxy). One copy of each, so that the master, the manager, the workers
+and the shared-memory code agree on what "alive", "loopback" and "dropped" mean."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (a process we may not signal exists too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` when our parent (the master) dies. A second line
+    of defence besides the lifeline pipe: best effort where prctl is missing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def drop_privileges(uid: int | None, gid: int | None, groups: list[int] | None) -> bool:
+    """setgroups, setgid, setuid, in that order (after setuid the others are refused).
+    Returns whether anything was dropped (``uid`` None: the master was not root)."""
+    if uid is None:
+        return False
+    if groups is not None:
+        os.setgroups(groups)
+    if gid is not None:
+        os.setgid(gid)
+    os.setuid(uid)
+    return True
+
+
+def is_loopback(host: str, iface: str = "") -> bool:
+    """Whether a listen address (a host, or an interface name) is reachable only from
+    this machine: "lo", "localhost", 127.0.0.0/8, ::1."""
+    if iface:
+        return iface == "lo"
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

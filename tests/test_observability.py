@@ -297,9 +297,12 @@ def test_debug_endpoints_profile_and_greenlets(tmp_path, origin, proxies):
         stop.set()
         t.join()
     assert status == 200, body
-    assert int(headers["x-samples"]) > 5
+    # how many samples a second of profiling gets depends on the CPU the worker was given
+    # (5 beside stress-ng and other jobs); the stacks must add up to them
+    samples = int(headers["x-samples"])
     lines = body.decode().splitlines()
-    assert lines and all(ln.rsplit(" ", 1)[1].isdigit() for ln in lines)
+    assert samples >= 1 and lines and all(ln.rsplit(" ", 1)[1].isdigit() for ln in lines)
+    assert sum(int(ln.rsplit(" ", 1)[1]) for ln in lines) == samples, (samples, lines)
     assert any("http1.py" in ln for ln in lines)  # the connection greenlets were sampled
     status, _, body = admin_get(p, f"/debug/greenlets?pid={pid}")
     assert status == 200

@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--admin-port", type=int, default=9901)
     origin = sub.add_parser("origin", help="run only the built-in demo origin")
     origin.add_argument("--listen", default="127.0.0.1:9000")
+    tune = sub.add_parser("tune", help="measure this host with 1..N workers per core "
+                          "(built-in origin, wrk) and recommend workers_per_core")
+    tune.add_argument("--max-per-core", type=int, default=3)
+    tune.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    tune.add_argument("--rounds", type=int, default=2, help="measurements per count (median)")
+    tune.add_argument("--connections", type=int, default=64)
+    tune.add_argument("--path", default="/tiny", help="what to ask the built-in origin for")
+    tune.add_argument("--quick", action="store_true",
+                      help="1..2 per core, 1 s, one round, 16 connections (a first look)")
     return p
 
 
@@ -62,14 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         host, _, port = args.listen.rpartition(":")
         return run_origin(host, int(port))
     if verb == "check":
-        try:
-            config_mod.load(args.config)
-        except config_mod.ConfigError as e:
-            for line in e.problems:
-                print(line)
-            return 1
-        print("ok")
-        return 0
+        return _check(args.config)
+    if verb == "tune":
+        return _tune(args)
     if verb in ("run", "start"):
         return _run(args, daemon_mode=(verb == "start"))
     pidfile = args.pidfile or _pidfile_from_config(args.config)
@@ -93,6 +97,41 @@ def main(argv: list[str] | None = None) -> int:
         return print_from_admin(args.config, "/debug/phases", render, args.json)
     os.kill(pid, SIGNAL_VERBS[verb])
     return 0
+
+
+def _check(path: str) -> int:
+    """Config errors (exit 1); else the platform line and warnings, then "ok" (exit 0)."""
+    from forkproxy import preflight  # gevent, cryptography: only for this verb
+
+    try:
+        cfg = config_mod.load(path)
+    except config_mod.ConfigError as e:
+        for line in e.problems:
+            print(line)
+        return 1
+    lines = preflight.report(cfg)
+    for line in lines:
+        print(line)
+    if preflight.failed(lines):
+        return 1
+    print("ok")
+    return 0
+
+
+def _tune(args) -> int:
+    from forkproxy import tune
+
+    if args.quick:
+        settings = tune.Settings.quick()
+    else:
+        settings = tune.Settings(max_per_core=args.max_per_core, duration=args.duration,
+                                 rounds=args.rounds, connections=args.connections,
+                                 path=args.path)
+    if settings.max_per_core < 1 or settings.duration <= 0 or settings.rounds < 1:
+        print("forkproxy tune: --max-per-core, --duration and --rounds must be positive",
+              file=sys.stderr)
+        return 2
+    return tune.main(settings)
 
 
 def _pidfile_from_config(path: str) -> str | None:

@@ -191,6 +191,10 @@ class TLSConfig(_Section, kw_only=True):
     #: nginx-style file of 80-byte keys (first encrypts) shared by several hosts, 0600
     ticket_key_file: str = ""
     ocsp_stapling: bool = True
+    #: PEM file with the issuer (CA) certificate(s) of these certificates, for OCSP when a
+    #: cert file holds only the leaf (like nginx's ssl_trusted_certificate); searched
+    #: before the chain in the cert file. Not sent to clients.
+    ocsp_issuer: str = ""
     #: first retry after a failed OCSP fetch (doubling, jittered, up to 1h)
     ocsp_retry: Duration = Duration(30.0)
     #: the former name of the listener's `protocols` (still accepted; not both)
@@ -806,6 +810,10 @@ def _validate_tls(key: str, tls: TLSConfig, base: str, check_files: bool) -> lis
             err = check_cert_key(resolve_path(cert.cert, base), resolve_path(cert.key, base))
             if err:
                 problems.append(f"{ckey}.key: {err}")
+    if tls.ocsp_issuer and check_files:
+        p = resolve_path(tls.ocsp_issuer, base)
+        if not os.access(p, os.R_OK):
+            problems.append(f"{key}.ocsp_issuer: cannot read {p}")
     if tls.ticket_key_file and check_files:
         p = resolve_path(tls.ticket_key_file, base)
         if not os.access(p, os.R_OK):

@@ -18,12 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+from http import HTTPStatus
 
 PATTERN = bytes(range(256)) * 256  # 64 KiB of a known pattern for /bytes and /chunked
+#: the standard reason phrase of every status code Python knows (others: "Unknown")
+REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+#: signals that end `forkproxy demo` (Ctrl-C, kill, the terminal closing): all clean up
+DEMO_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def reason(status: int) -> bytes:
+    return REASONS.get(status, b"Unknown")
 
 
 def pattern_bytes(n: int):
@@ -94,8 +105,9 @@ class _OriginConnection:
             self.close = True
 
     def _reply(self, status, body, keep, ctype=b"text/plain", extra=b"", head_only=False):
-        head = (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n"
-                % (status, ctype, len(body), extra, b"" if keep else b"Connection: close\r\n"))
+        head = (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n"
+                % (status, reason(status), ctype, len(body), extra,
+                   b"" if keep else b"Connection: close\r\n"))
         self.sock.sendall(head if head_only else head + body)
 
     def _route(self, method, path, keep):
@@ -141,7 +153,7 @@ class _OriginConnection:
         elif path.startswith("/status/"):
             code = int(path[8:])
             if code in (204, 304):
-                self.sock.sendall(b"HTTP/1.1 %d X\r\n\r\n" % code)
+                self.sock.sendall(b"HTTP/1.1 %d %s\r\n\r\n" % (code, reason(code)))
             else:
                 self._reply(code, b"status %d\n" % code, keep)
         elif path == "/close":
@@ -210,17 +222,47 @@ servers = [{{ address = "127.0.0.1:{origin}" }}]
 """
 
 
-def run_demo(port: int, origin_port: int, admin_port: int) -> int:
-    """Start the built-in origin and the proxy in front of it; stop both on Ctrl-C."""
-    import subprocess
+class _Stop(Exception):
+    """A stop signal arrived (raised from the handler to unwind into the clean-up)."""
 
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
+
+
+def run_demo(port: int, origin_port: int, admin_port: int) -> int:
+    """Start the built-in origin and the proxy in front of it; stop both on Ctrl-C, TERM or
+    HUP, and remove the scratch directory whichever way it ends."""
+    for sig in DEMO_STOP_SIGNALS:
+        signal.signal(sig, _raise_stop)
     run = tempfile.mkdtemp(prefix="forkproxy-demo-")
+    try:
+        return _demo(run, port, origin_port, admin_port)
+    except (_Stop, KeyboardInterrupt):
+        return 0
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def _demo(run: str, port: int, origin_port: int, admin_port: int) -> int:
+    procs: list[subprocess.Popen] = []
+    try:
+        return _serve_demo(run, procs, port, origin_port, admin_port)
+    finally:
+        for sig in DEMO_STOP_SIGNALS:  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_children(procs)
+
+
+def _serve_demo(run: str, procs: list, port: int, origin_port: int, admin_port: int) -> int:
     cfg_path = os.path.join(run, "forkproxy.toml")
     with open(cfg_path, "w") as f:
         f.write(DEMO_CONFIG.format(run=run, port=port, origin=origin_port, admin=admin_port))
     origin = subprocess.Popen([sys.executable, "-m", "forkproxy", "origin", "--listen",
                                f"127.0.0.1:{origin_port}"])
+    procs.append(origin)
     proxy = subprocess.Popen([sys.executable, "-m", "forkproxy", "run", "-c", cfg_path])
+    procs.append(proxy)
     print(f"""
 forkproxy demo: origin on 127.0.0.1:{origin_port}, proxy on 127.0.0.1:{port}, config {cfg_path}
 
@@ -234,22 +276,19 @@ Try:
   tail -f {run}/access.log
 Ctrl-C stops.
 """, flush=True)
-    try:
-        while proxy.poll() is None and origin.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in (proxy, origin):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in (proxy, origin):
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        import shutil
+    while proxy.poll() is None and origin.poll() is None:
+        time.sleep(0.5)
+    return 1  # one of them died by itself
 
-        shutil.rmtree(run, ignore_errors=True)
-    return 0
+
+def _stop_children(procs: list[subprocess.Popen]) -> None:
+    """TERM (the proxy stops its workers and removes its pidfile), KILL after 10 s."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

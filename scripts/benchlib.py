@@ -842,7 +842,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     total = (busy_after - busy_before) / CLK_TCK
     other = max(0.0, total - proxy_cpu - origin_cpu - gen_cpu)
     res.update({
-        "rps": res["rate"],  # alias (scripts/tune reads it)
+        "rps": res["rate"],  # alias
         "proxy_cpu_s": proxy_cpu,
         "cpu_us": proxy_cpu * 1e6 / res["count"] if res["count"] else None,
         "sys_us": proxy_sys * 1e6 / res["count"] if res["count"] else None,

@@ -5,36 +5,35 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import missing_tools, skip_missing_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_SKIP = 77  # scripts/bench: prerequisites missing and not installable (not root)
 
 
 def _can_run() -> str | None:
-    tools = ["wrk", "nginx", "openssl", "taskset"]
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing and os.geteuid() != 0:
-        return f"needs {', '.join(missing)} (apt-get install -y wrk nginx-light) and not root"
+    missing = missing_tools("wrk", "nginx", "openssl", "taskset")
+    if missing and os.geteuid() != 0:  # as root, scripts/bench installs them itself
+        return ", ".join(missing)
     return None
 
 
 @pytest.mark.timeout(180)
 def test_bench_quick_prints_a_table_with_a_ratio(tmp_path):
-    why = _can_run()
-    if why:
-        pytest.skip(why)
+    missing = _can_run()
+    if missing:
+        skip_missing_tool(missing, "apt-get install -y wrk nginx-light, or run as root")
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "bench"), "--quick", "--json",
          str(out_json)],
         cwd=ROOT, capture_output=True, text=True, timeout=170)
     if proc.returncode == EXIT_SKIP:
-        pytest.skip(proc.stderr.strip().splitlines()[-1])
+        skip_missing_tool("a scripts/bench prerequisite", proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     fp_rows = [r for r in rows if r.startswith("| forkproxy |")]

@@ -11,8 +11,8 @@ import subprocess
 import threading
 import time
 
-import pytest
-from fp import PY, ROOT, alive, children_of, port_open, request, wait_for
+from conftest import needs_root
+from fp import PY, ROOT, alive, children_of, free_port, port_open, request, wait_for
 from load import Load
 
 
@@ -32,7 +32,8 @@ def test_twenty_hups_under_load_lose_nothing(tmp_path, origin, proxies):
         time.sleep(1)
     # every HUP starts a generation; HUPs that arrive while the previous generation is
     # still starting (a loaded machine) are folded into the next: the last one completes
-    assert len(gen_events(p, "reloading")) == 20
+    wait_for(lambda: len(gen_events(p, "reloading")) == 20, timeout=30,
+             what="20 'reloading' events")
     wait_for(lambda: any(e.get("generation") == 21 for e in gen_events(p, "reload complete")),
              timeout=30, what="the last generation (21) to complete")
     result = load.stop()
@@ -64,15 +65,16 @@ def test_invalid_config_on_hup_keeps_serving(tmp_path, origin, proxies):
 def test_sigkill_worker_under_load_is_replaced(tmp_path, origin, proxies):
     p = proxies(tmp_path, origin.address, workers=2)
     load = Load(p.port, keepalive_threads=4, close_threads=2).start()
-    time.sleep(1)
+    wait_for(lambda: load.result.ok >= 100, timeout=60, what="load running")
     before = set(p.workers_pids())
     victim = sorted(before)[0]
     t0 = time.monotonic()
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(set(p.workers_pids()) - before) == 1, timeout=1.0,
-             what="a replacement within 1 s")
+    wait_for(lambda: len(set(p.workers_pids()) - before) == 1, timeout=30,
+             what="a replacement worker")
     replaced_in = time.monotonic() - t0
-    time.sleep(1)
+    ok = load.result.ok
+    wait_for(lambda: load.result.ok >= ok + 100, timeout=60, what="load served after it")
     result = load.stop()
     print(f"\nreplaced in {replaced_in * 1000:.0f} ms; {result.summary()}")
     # only the killed worker's in-flight requests may fail: at most one per client thread
@@ -112,7 +114,7 @@ def test_ttin_ttou_change_worker_count(tmp_path, origin, proxies):
     p.stop()
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to change user")
+@needs_root("to change user")
 def test_workers_drop_to_configured_user(tmp_path, origin, proxies):
     nobody = pwd.getpwnam("nobody")
     p = proxies(tmp_path, origin.address, workers=2, server_extra='user = "nobody"')
@@ -338,8 +340,6 @@ def test_binary_upgrade_and_rollback_under_load(tmp_path, origin, proxies):
 
 
 def test_hup_binds_added_and_closes_removed_listeners(tmp_path, origin, proxies):
-    from fp import free_port, port_open
-
     p = proxies(tmp_path, origin.address, workers=2)
     extra = free_port()
     p.listeners = [f"127.0.0.1:{p.port}", f"127.0.0.1:{extra}"]

@@ -97,44 +97,62 @@ def _fork(fn) -> int:
 
 
 def test_shared_across_forked_processes():
-    """Two processes sharing one bucket admit burst + 1 + rate x time between them, and
-    their connection counts add up (each writes only its own column)."""
+    """Two processes sharing one bucket admit at most burst + 1 + rate x (the time they
+    were asking) between them, and their connection counts add up (each writes only its
+    own column)."""
     z = LimitZone(4096, 4, rate=True, conns=True)
     rate, burst, seconds = 200.0, 20, 1.0
     interval = int(1e9 / rate)
     tol = (burst + 1) * interval
     r, w = os.pipe()
+    done_r, done_w = os.pipe()  # closed by the parent when it has looked at the counts
     start = time.monotonic() + 0.2
 
     def hammer(col):
         def run():
+            os.close(done_w)
             z.bind(col)
             for _ in range(5):
                 z.open("9.9.9.9", 100)
             while time.monotonic() < start:
                 pass
             n = 0
+            first = time.monotonic()
             end = start + seconds
             while time.monotonic() < end:  # ~10x the rate each, with "request work" between
                 n += z.allow("9.9.9.9", interval, tol)
                 time.sleep(0.0005)
-            os.write(w, b"%d\n" % n)
-            time.sleep(0.5)  # keep the column's connections open while the parent looks
+            last = time.monotonic()  # after the last allow() returned
+            os.write(w, b"%d %.6f %.6f\n" % (n, first, last))
+            os.read(done_r, 1)  # keep the column's connections open while the parent looks
         return run
 
     pids = [_fork(hammer(0)), _fork(hammer(1))]
     os.close(w)
+    os.close(done_r)
     got = b""
     while got.count(b"\n") < 2:
         got += os.read(r, 64)
-    allowed = sum(map(int, got.split()))
+    reports = [line.split() for line in got.decode().splitlines()]
+    allowed = sum(int(n) for n, _, _ in reports)
+    asking = max(float(last) for _, _, last in reports) - min(float(f) for _, f, _ in reports)
     z.bind(2)
     assert z.count("9.9.9.9") == 10
+    os.close(done_w)
     for pid in pids:
         os.waitpid(pid, 0)
     os.close(r)
-    expected = burst + 1 + rate * seconds
-    assert expected * 0.97 <= allowed <= expected * 1.1, (allowed, expected)
+    # the bound comes from the time the two really were asking (longer on a loaded machine,
+    # where a process can be descheduled between its clock check and its allow()). The
+    # table is lossy in the client's favour (forkproxy/shm/limitzone.py): a process
+    # preempted between loading and storing a bucket undoes the other's admissions, which
+    # a loaded machine makes more frequent (5% extra seen beside stress-ng; 17% in the
+    # module's pathological case). One bucket per process would admit about twice `most`.
+    most = burst + 1 + rate * asking
+    assert allowed <= 1.3 * most, (allowed, most, asking)
+    # a bucket that refills: far more than the burst (fewer than `most` only if a loaded
+    # machine kept both processes from asking for longer than the burst's worth of time)
+    assert allowed >= 0.5 * (burst + 1 + rate * seconds), (allowed, most, asking)
     z.clear_column(0)
     z.clear_column(1)
     assert z.count("9.9.9.9") == 0

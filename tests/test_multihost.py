@@ -12,10 +12,11 @@ import textwrap
 import uuid
 
 import pytest
+from conftest import needs_root
 from fp import ROOT, wait_for
 from tlsutil import Pki
 
-pytestmark = pytest.mark.skipif(os.getuid() != 0, reason="network namespaces need root")
+pytestmark = needs_root("network namespaces")
 
 # 198.18.0.0/15 (benchmarking range) inside namespaces this test creates and removes
 HOSTS = {"a": ("198.18.1.1", "198.18.1.2"), "b": ("198.18.2.1", "198.18.2.2")}

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 
-import pytest
+from conftest import needs_root
 from fp import (
     PY,
     ROOT,
@@ -125,9 +125,7 @@ def test_access_log_and_metrics_match_requests_one_to_one(tmp_path, origin, prox
     assert metric(text, ph, ph + "_count", **fb) == n
     above_100ms = metric(text, ph, ph + "_count", **fb) - metric(text, ph, ph + "_bucket",
                                                                  le="0.1", **fb)
-    assert above_100ms >= n_slow
-    assert metric(text, ph, ph + "_bucket", le="0.25", **fb) - metric(
-        text, ph, ph + "_bucket", le="0.1", **fb) >= n_slow - 1
+    assert above_100ms >= n_slow  # not before the origin's 200 ms (later on a loaded host)
     assert metric(text, ph, ph + "_sum", **fb) >= n_slow * 0.195
     reuse = "forkproxy_upstream_reuse"
     reused = metric(text, reuse, reuse + "_total", upstream="app", reused="true")
@@ -299,9 +297,12 @@ def test_debug_endpoints_profile_and_greenlets(tmp_path, origin, proxies):
         stop.set()
         t.join()
     assert status == 200, body
-    assert int(headers["x-samples"]) > 5
+    # how many samples a second of profiling gets depends on the CPU the worker was given
+    # (5 beside stress-ng and other jobs); the stacks must add up to them
+    samples = int(headers["x-samples"])
     lines = body.decode().splitlines()
-    assert lines and all(ln.rsplit(" ", 1)[1].isdigit() for ln in lines)
+    assert samples >= 1 and lines and all(ln.rsplit(" ", 1)[1].isdigit() for ln in lines)
+    assert sum(int(ln.rsplit(" ", 1)[1]) for ln in lines) == samples, (samples, lines)
     assert any("http1.py" in ln for ln in lines)  # the connection greenlets were sampled
     status, _, body = admin_get(p, f"/debug/greenlets?pid={pid}")
     assert status == 200
@@ -321,7 +322,7 @@ def test_worker_gauges_reach_metrics(tmp_path, origin, proxies):
         text = admin_get(p, "/metrics")[2].decode()
         return metric(text, u, u, upstream="app", state="idle") >= 1 and text
     try:
-        text = wait_for(pooled, timeout=4, what="a gauges record showing the pooled connection")
+        text = wait_for(pooled, timeout=30, what="a gauges record showing the pooled connection")
     except AssertionError:
         text = admin_get(p, "/metrics")[2].decode()
         # the worker pushes a gauges record about once a second (worker/profiling.py)
@@ -358,7 +359,7 @@ def test_hup_switches_access_log_and_admin_address(tmp_path, origin, proxies):
     p.stop()
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to change user")
+@needs_root("to change user")
 def test_manager_drops_privileges_and_still_reloads(tmp_path, origin, proxies):
     nobody = pwd.getpwnam("nobody")
     p = proxies(tmp_path, origin.address, workers=1, admin=True, server_extra='user = "nobody"')

@@ -8,9 +8,9 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
+from conftest import skip_missing_tool
 from fp import free_port, port_open, request, wait_for
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -41,7 +41,7 @@ http {{
 @pytest.fixture
 def nginx(tmp_path):
     if not os.path.exists(NGINX):
-        pytest.skip("nginx is not installed (scripts/setup installs nginx-light)")
+        skip_missing_tool("nginx", "scripts/setup installs nginx-light")
     run = tmp_path / "nginx"
     run.mkdir()
     port = free_port()
@@ -60,6 +60,12 @@ def nginx(tmp_path):
         proc.wait()
 
 
+def _established_from(port: int) -> str:
+    """The `ss` lines of established TCP connections whose local port is `port`."""
+    return subprocess.run(["ss", "-tnH", "state", "established", f"sport = :{port}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def nginx_log(run) -> list[tuple[str, int]]:
     lines = (run / "access.log").read_text().split("\n")
     return [(ln.split()[0], int(ln.split()[1])) for ln in lines if ln.strip()]
@@ -73,8 +79,9 @@ def test_pool_reuses_and_survives_origin_keepalive_timeout(tmp_path, nginx, prox
     conns = {c for c, _ in nginx_log(nginx.run)}
     assert len(conns) <= 2, f"40 requests used {len(conns)} origin connections"
     # nginx closes its idle keep-alive connections after 1 s; the proxy's pooled one is
-    # now stale (a real timeout of the origin: there is no condition to await instead)
-    time.sleep(1.5)
+    # then stale: wait until nginx has closed its side (none established from its port)
+    wait_for(lambda: not _established_from(nginx.port), timeout=60,
+             what="nginx closing its idle keep-alive connection")
     for _ in range(5):
         status, _, body = request(p.port, "GET", "/tiny")
         assert (status, body) == (200, b"ok")

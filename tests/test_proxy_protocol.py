@@ -325,15 +325,13 @@ def test_recv_header_errors():
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
             recv_header(server, 0.2)
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 >= 0.19  # not before its timeout
     client, server = _pair()
     with client, server:
         client.sendall(b"PROXY TCP4 1.2")
         client.shutdown(socket.SHUT_WR)
-        t0 = time.monotonic()
         with pytest.raises(ProxyProtocolError, match="closed"):
-            recv_header(server, 3.0)
-        assert time.monotonic() - t0 < 1.0
+            recv_header(server, 3.0)  # "closed", not a timeout: it did not wait
     client, server = _pair()
     with client, server:
         client.close()

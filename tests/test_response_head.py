@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_smuggling import BROKEN_BODIES, EXTRA, RESPONSES
+from test_smuggling import BROKEN_BODIES, CONNECTION_NAMED, EXTRA, RESPONSES
 
 from forkproxy.http.response import BadResponse, ResponseParser, fast_head
 
@@ -93,6 +93,16 @@ def test_malformed_heads_never_take_the_fast_path(name):
         assert fast_head(head) is None
     else:
         _agree(head)
+
+
+@pytest.mark.parametrize("name", sorted(CONNECTION_NAMED))
+def test_fields_named_in_connection_are_dropped_on_both_paths(name):
+    """RFC 9110 section 7.6.1: the fast path declines such a head, the parser drops the
+    named fields and keeps the others."""
+    head = _head(CONNECTION_NAMED[name])
+    assert fast_head(head) is None
+    names = [n.lower() for n, _ in _full(head).headers]
+    assert b"x-kept" in names and b"x-up" not in names and b"x-down" not in names, names
 
 
 _FIELD = st.tuples(

@@ -17,7 +17,7 @@ import socket
 import time
 
 import pytest
-from fp import Proxy, connect, wait_for
+from fp import Proxy, connect, recv_response, wait_for
 from hostile import RecordingOrigin, ScriptedOrigin, read_all, statuses
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -391,6 +391,58 @@ EXTRA = {
 }
 
 
+#: valid responses whose Connection field names other fields: those are hop-by-hop (RFC 9110
+#: section 7.6.1) and never reach the client, whichever path (fast head or full parser)
+#: the head takes and whatever the framing
+CONNECTION_NAMED = {
+    "named": b"HTTP/1.1 200 OK\r\nConnection: X-Up\r\nX-Up: 1\r\nX-Kept: 2\r\n"
+             b"Content-Length: 2\r\n\r\nok",
+    "named-after": b"HTTP/1.1 200 OK\r\nX-Up: 1\r\nX-Kept: 2\r\nContent-Length: 2\r\n"
+                   b"Connection: keep-alive, x-up\r\n\r\nok",
+    "named-two-fields": b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: X-Up,X-Down\r\n"
+                        b"X-Down: 3\r\nX-Up: 1\r\nX-Kept: 2\r\nContent-Length: 2\r\n\r\nok",
+    "named-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: X-Up\r\n"
+                     b"X-Up: 1\r\nX-Kept: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "named-http10": b"HTTP/1.0 200 OK\r\nConnection: keep-alive, X-Up\r\nX-Up: 1\r\n"
+                    b"X-Kept: 2\r\nContent-Length: 2\r\n\r\nok",
+}
+
+
+def test_fields_named_in_connection_are_not_relayed(tmp_path, proxies):
+    origin = ScriptedOrigin(CONNECTION_NAMED)
+    try:
+        p = proxies(tmp_path, origin.address, workers=1)
+        for _ in range(2):  # twice: the second time fast_head answers from its memo
+            with connect(p.port) as c:
+                for name in CONNECTION_NAMED:
+                    c.sendall(b"GET /r/%s HTTP/1.1\r\nHost: x\r\n\r\n" % name.encode())
+                    status, headers, body, _ = recv_response(c)
+                    assert (status, body) == (200, b"ok"), (name, status, body)
+                    assert headers.get("x-kept") == "2", (name, headers)
+                    assert "x-up" not in headers and "x-down" not in headers, (name, headers)
+        p.stop()
+    finally:
+        origin.stop()
+
+
+def test_fields_named_in_a_101s_connection_are_not_relayed(tmp_path, proxies):
+    """The tunnel's 101 is rebuilt from the upstream's: fields its Connection names stay
+    behind as well (Upgrade itself is rebuilt for the client)."""
+    origin = ScriptedOrigin({"up": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                   b"Connection: Upgrade, X-Up\r\nX-Up: 1\r\nX-Kept: 2\r\n\r\n"})
+    try:
+        p = proxies(tmp_path, origin.address, workers=1)
+        with connect(p.port) as c:
+            c.sendall(b"GET /r/up HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: websocket\r\n\r\n")
+            status, headers, _, _ = recv_response(c)
+        assert status == 101 and headers.get("x-kept") == "2", headers
+        assert "x-up" not in headers and headers["upgrade"] == "websocket", headers
+        p.stop()
+    finally:
+        origin.stop()
+
+
 def test_malformed_responses_are_502_and_never_reused(tmp_path, proxies):
     origin = ScriptedOrigin({**RESPONSES, **BROKEN_BODIES, **EXTRA})
     try:
@@ -402,22 +454,22 @@ def test_malformed_responses_are_502_and_never_reused(tmp_path, proxies):
         for name in RESPONSES:
             with connect(p.port) as c:
                 c.sendall(b"GET /r/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % name.encode())
-                got, _ = read_all(c.sock, timeout=1)
+                got, _ = read_all(c.sock, timeout=30)
             assert statuses(got) == [502], (name, got[:200])
             with connect(p.port) as c:  # the next request is served on a sound connection
                 c.sendall(b"GET /after/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % name.encode())
-                got, _ = read_all(c.sock, timeout=1)
+                got, _ = read_all(c.sock, timeout=30)
             assert got.endswith(b"good"), (name, got)
         for name in list(BROKEN_BODIES) + list(EXTRA):
             with connect(p.port) as c:
                 c.sendall(b"GET /r/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % name.encode())
-                got, closed = read_all(c.sock, timeout=2)
+                got, closed = read_all(c.sock, timeout=30)
             assert statuses(got)[:1] == [200], (name, got)
             if name in BROKEN_BODIES:
                 assert closed and not got.endswith(b"0\r\n\r\n"), (name, got)
             with connect(p.port) as c:
                 c.sendall(b"GET /after/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % name.encode())
-                got, _ = read_all(c.sock, timeout=1)
+                got, _ = read_all(c.sock, timeout=30)
             assert got.endswith(b"good"), (name, got)
         bad = {f"/r/{n}" for n in [*RESPONSES, *BROKEN_BODIES, *EXTRA]}
 
@@ -433,7 +485,7 @@ def test_malformed_responses_are_502_and_never_reused(tmp_path, proxies):
                             return False
             return True
 
-        wait_for(discarded, timeout=5, what="bad upstream connections closed by the proxy")
+        wait_for(discarded, timeout=30, what="bad upstream connections closed by the proxy")
         assert p.workers_pids() == worker
         p.stop()
     finally:
@@ -450,15 +502,15 @@ def test_interim_responses_in_the_same_read_as_the_final_one(tmp_path, proxies):
                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     })
     try:
-        p = proxies(tmp_path, origin.address, upstream_extra='read_timeout = "3s"')
+        # the origin keeps the connection open: a proxy that waited for more bytes would
+        # answer 504 after read_timeout instead of the 200
+        p = proxies(tmp_path, origin.address, upstream_extra='read_timeout = "20s"')
         for name in ("hints", "two"):
-            t0 = time.monotonic()
             with connect(p.port) as c:
                 c.sendall(b"GET /r/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
                           % name.encode())
-                got, closed = read_all(c.sock, timeout=5)
+                got, closed = read_all(c.sock, timeout=60)
             assert statuses(got) == [200] and closed, (name, got)
-            assert time.monotonic() - t0 < 1.0, name
         p.stop()
     finally:
         origin.stop()

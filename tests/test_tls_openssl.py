@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import tlsutil
+from conftest import needs_tools
 
 from forkproxy import pem
 from forkproxy.shm.keystore import KeyStore
 from forkproxy.tls import context, ocsp, openssl
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl CLI")
+pytestmark = needs_tools("openssl")
 
 PROTOS = ["tls1_2", "tls1_3"]
 CERTS = ("ec", "rsa", "a", "revoked")  # slot = position

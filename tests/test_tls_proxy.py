@@ -196,3 +196,62 @@ servers = [{{ address = "127.0.0.1:9000" }}]
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert "listener[0].tls.certificates[0].key:" in r.stdout, r.stdout
+
+
+def _leaf_only(pki, name: str, tmp_path):
+    """The leaf certificate alone (no chain after it), written by openssl."""
+    out = tmp_path / f"{name}-leaf-only.crt"
+    subprocess.run(["openssl", "x509", "-in", str(pki.leaves[name].cert_path), "-out", str(out)],
+                   check=True, capture_output=True, timeout=30)
+    assert out.read_text().count("BEGIN CERTIFICATE") == 1
+    return out
+
+
+def _leaf_only_conf(tmp_path, pki, leaf, tls_extra: str = "") -> str:
+    return (f'[[listener]]\nlisten = "127.0.0.1:8443"\nupstream = "app"\n'
+            f'[listener.tls]\ncertificates = [{{ cert = "{leaf}", key = '
+            f'"{pki.leaves["ec"].key_path}" }}]\n{tls_extra}'
+            f'[upstream.app]\nservers = [{{ address = "127.0.0.1:9000" }}]\n')
+
+
+def _check(conf) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "forkproxy", "check", "-c", str(conf)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_warns_when_stapling_has_no_issuer(tmp_path, pki):
+    leaf = _leaf_only(pki, "ec", tmp_path)
+    conf = tmp_path / "leaf.toml"
+    conf.write_text(_leaf_only_conf(tmp_path, pki, leaf))
+    r = _check(conf)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "ok", r.stdout + r.stderr
+    warnings = [ln for ln in r.stdout.splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 1, r.stdout
+    assert "listener[0].tls.certificates[0]: OCSP stapling is on" in warnings[0]
+    assert "issuer certificate not found" in warnings[0]
+    assert "listener[0].tls.ocsp_issuer" in warnings[0]
+    # with the issuer named, or with stapling off, nothing to warn about
+    for extra in (f'ocsp_issuer = "{pki.ca_path}"\n', "ocsp_stapling = false\n"):
+        conf.write_text(_leaf_only_conf(tmp_path, pki, leaf, extra))
+        r = _check(conf)
+        assert r.returncode == 0 and "warning" not in r.stdout, (extra, r.stdout + r.stderr)
+    # a missing issuer file is an error
+    conf.write_text(_leaf_only_conf(tmp_path, pki, leaf, f'ocsp_issuer = "{tmp_path}/nope"\n'))
+    r = _check(conf)
+    assert r.returncode == 1 and "listener[0].tls.ocsp_issuer: cannot read" in r.stdout, r.stdout
+
+
+def test_ocsp_issuer_staples_a_certificate_file_without_chain(tmp_path, origin, proxies, pki):
+    """nginx's ssl_trusted_certificate: the cert file holds the leaf only, the issuer comes
+    from ocsp_issuer; the staple is fetched from the openssl ocsp responder and served."""
+    leaf = _leaf_only(pki, "ec", tmp_path)
+    p = proxies(tmp_path, origin.address, workers=1,
+                listener_extra=f'[listener.tls]\ncertificates = [{{ cert = "{leaf}", key = '
+                               f'"{pki.leaves["ec"].key_path}" }}]\nocsp_retry = "1s"\n'
+                               f'ocsp_issuer = "{pki.ca_path}"\n')
+    wait_for(lambda: staples_fetched(p, 1), timeout=60, what="a good OCSP response")
+    r = tls_get(p.port, pki.ca_path, status=True)
+    assert r["ok"] and r["stapled_good"], r["out"][:3000]
+    assert not [e for e in p.log_events() if e.get("event") == "OCSP stapling disabled for a "
+                "certificate"]
+    p.stop()

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+from conftest import needs_root, skip_missing_tool
 from fp import PY, ROOT, Origin, free_port, port_open, wait_for
 from load import Load
 from upstreams_util import UProxy, call, get, metric_value, pipelined
@@ -49,13 +50,14 @@ def test_failover_under_load_then_slow_start(tmp_path, uproxies):
         p = uproxies(tmp_path, body, workers=2, admin=True)
         victim = origins[1]
         load = Load(p.port, keepalive_threads=4, close_threads=2).start()
-        time.sleep(1.0)
+        wait_for(lambda: all(n > 20 for n in _requests(origins)), timeout=60,
+                 what="load reaching all three origins")
         sent_before = load.result.ok + load.result.failed
         t_kill = time.monotonic()
         victim.proc.kill()  # SIGKILL under load: in-flight requests see resets
         victim.proc.wait()
         ejected_at = down_at = None
-        while down_at is None and time.monotonic() - t_kill < 5:
+        while down_at is None and time.monotonic() - t_kill < 60:
             s = p.server_status("app", victim.address)
             now = time.monotonic() - t_kill
             if ejected_at is None and s["state"] != "up":
@@ -64,23 +66,29 @@ def test_failover_under_load_then_slow_start(tmp_path, uproxies):
                 down_at = now
             time.sleep(0.05)
         assert down_at is not None, "the health check never marked the server down"
-        time.sleep(0.5)
-        # back on the same port: up after `rise` checks, then slow start
+        # back on the same port: up after `rise` checks, then slow start (the ramp starts
+        # when a check sees it up: not before the origin is back)
+        back_at = time.monotonic()
         victim.__init__(victim.port)
-        up_at = wait_for(lambda: p.server_status("app", victim.address)["health_check"]
-                         ["state"] == "up" and time.monotonic(), timeout=5, what="server up")
-        c0 = _requests(origins)
-        time.sleep(1.0)
-        c1 = _requests(origins)
-        time.sleep(max(0.0, up_at + 4.5 - time.monotonic()))
+        wait_for(lambda: p.server_status("app", victim.address)["health_check"]
+                 ["state"] == "up", timeout=30, what="server up")
+        c0, t0 = _requests(origins), time.monotonic()
+        wait_for(lambda: sum(_requests(origins)) - sum(c0) >= 200, timeout=60,
+                 what="200 requests in the first part of the ramp")
+        c1, t1 = _requests(origins), time.monotonic()
+        # after the ramp (4 s from when the check saw it up, which is after back_at)
+        time.sleep(max(0.0, back_at + 4.5 + (t1 - t0) - time.monotonic()))
         c2 = _requests(origins)
-        time.sleep(1.0)
+        wait_for(lambda: sum(_requests(origins)) - sum(c2) >= 600, timeout=60,
+                 what="600 requests after the ramp")
         c3 = _requests(origins)
         result = load.stop()
-        early = [b - a - 1 for a, b in zip(c0, c1, strict=True)]
-        late = [b - a - 1 for a, b in zip(c2, c3, strict=True)]
+        early = [b - a for a, b in zip(c0, c1, strict=True)]
+        late = [b - a for a, b in zip(c2, c3, strict=True)]
         early_share = early[1] / sum(early)
         late_share = late[1] / sum(late)
+        # the most weight it can have had in the first window: its ramp began after back_at
+        ramp = min(1.0, (t1 - back_at) / 4.0)
         vs = p.server_status("app", victim.address)
         seen = [o.stats() for o in origins]
         print(f"\nfailover: {result.summary()}; sent before the kill {sent_before}; "
@@ -92,10 +100,15 @@ def test_failover_under_load_then_slow_start(tmp_path, uproxies):
               f"{sum(x['connections'] for x in seen)} connections")
         assert result.failed == 0, result.errors
         assert result.ok > 1000
-        assert ejected_at is not None and ejected_at < 1.5
-        assert 0.005 < early_share < 0.15  # the first second of a 4 s ramp
-        assert 0.25 < late_share < 0.42  # back to its third
-        wait_for(lambda: p.server_status("app", victim.address)["state"] == "up", timeout=3,
+        # passive ejection (max_fails = 1) takes it out no later than the checks do
+        assert ejected_at is not None and ejected_at <= down_at
+        # slow start: a share below its weight's share at that point of the ramp (plus a
+        # little for health checks and rounding), then back to its third
+        assert early_share <= ramp / (ramp + 2) + 0.05, (early, ramp)
+        if ramp < 0.5:  # the first window really was early in the ramp
+            assert early_share < late_share, (early, late)
+        assert 0.25 < late_share < 0.42, late  # back to its third
+        wait_for(lambda: p.server_status("app", victim.address)["state"] == "up", timeout=30,
                  what="state up once the ramp is over")
         assert metric_value(p.metrics(), "forkproxy_upstream_server_state", upstream="app",
                             server=victim.address, state="up") == 1
@@ -121,7 +134,9 @@ def test_all_servers_down_is_a_quick_503(tmp_path, uproxies):
     p = uproxies(tmp_path, body, workers=1, admin=True)
     wait_for(lambda: all(s["state"] == "down" for s in p.status()["upstreams"]["app"]["servers"]),
              timeout=5, what="both servers down")
-    time.sleep(0.2)  # the worker reads the verdicts every 0.1 s
+    # the worker reads the verdicts every 0.1 s: until it has, "t" is tried (502)
+    wait_for(lambda: call(p.port, "GET", "/", "t")[0] == 503, timeout=30,
+             what="the worker applying the health verdicts")
     for host in ("t", "passive.test"):
         first = call(p.port, "GET", "/", host)
         # passive: the first request tried both (refused: 502) and ejected them
@@ -129,7 +144,8 @@ def test_all_servers_down_is_a_quick_503(tmp_path, uproxies):
         t0 = time.monotonic()
         res = pipelined(p.port, [get("/", host)] * 50, conns=1)
         took = time.monotonic() - t0
-        assert {s for s, _ in res} == {503} and took < 1.0, (host, took)
+        # no server is tried: a sanity bound far above what 50 small answers take anywhere
+        assert {s for s, _ in res} == {503} and took < 15.0, (host, took)
     p.stop()
 
 
@@ -221,8 +237,23 @@ class Hosts:
                 pass
 
 
-@pytest.mark.skipif(not _netns_available(), reason="needs root and pyroute2 network namespaces")
+def _settled(read, timeout: float = 30.0) -> dict:
+    """read() once two readings a gauge interval apart agree (nothing still in flight)."""
+    last = read()
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(1.2)  # one gauge interval between readings
+        now = read()
+        if now == last:
+            return now
+        assert time.monotonic() < deadline, f"counters still moving: {last} -> {now}"
+        last = now
+
+
+@needs_root("network namespaces")
 def test_unreachable_and_silently_dropping_hosts_in_namespaces(tmp_path, uproxies):
+    if not _netns_available():
+        skip_missing_tool("network namespaces", "pyroute2 and a writable /var/run/netns")
     hosts = Hosts(3)
     try:
         servers = ", ".join(f'{{ address = "{a}" }}' for a in hosts.addrs)
@@ -257,33 +288,34 @@ def test_unreachable_and_silently_dropping_hosts_in_namespaces(tmp_path, uproxie
         statuses, took = run(200)
         assert statuses == [200] * 200, statuses
         # the dropping host costs a per_try_timeout for each pooled connection to it and a
-        # connect_timeout per worker, until it is ejected
-        assert took < 4.0, took
+        # connect_timeout per worker, until it is ejected: a few seconds at most, where a
+        # proxy that kept trying it would spend 200 x 0.5 s (a loaded machine adds some)
+        assert took < 30.0, took
 
         def both_down():
             st = {s["address"]: s for s in p.status()["upstreams"]["app"]["servers"]}
             return all(st[hosts.addrs[i]]["health_check"]["state"] == "down" for i in (1, 2))
         wait_for(both_down, timeout=5, what="health checks mark both down")
         down_after = time.monotonic() - t0
-        time.sleep(1.2)  # gauges
-        before = served()
-        statuses, took = run(200)
-        assert statuses == [200] * 200 and took < 3.0
-        time.sleep(1.2)
-        after = served()
-        assert after[hosts.addrs[0]] - before[hosts.addrs[0]] == 200
+        before = _settled(served)  # the gauges come about once a second
+        statuses, _ = run(200)
+        assert statuses == [200] * 200
+        wait_for(lambda: sum(served().values()) - sum(before.values()) >= 200, timeout=30,
+                 what="the 200 requests in the gauges")
+        after = _settled(served)
+        assert after[hosts.addrs[0]] - before[hosts.addrs[0]] == 200, (before, after)
         # healed: checked up again and served again
         hosts.heal()
         wait_for(lambda: all(s["health_check"]["state"] == "up"
                              for s in p.status()["upstreams"]["app"]["servers"]),
                  timeout=5, what="all up again")
-        time.sleep(0.3)
-        before = served()
-        statuses, _ = run(300)
-        assert statuses == [200] * 300
-        time.sleep(1.2)
+        before = _settled(served)
+        # the workers read the verdicts every 0.1 s: the healed hosts eventually get traffic
+        wait_for(lambda: run(30)[0] == [200] * 30 and all(
+            served()[a] - before[a] > 10 for a in hosts.addrs), timeout=60,
+            what="every healed host serving again")
         after = served()
-        assert all(after[a] - before[a] > 50 for a in hosts.addrs), (before, after)
+        assert all(after[a] - before[a] > 10 for a in hosts.addrs), (before, after)
         print(f"\nnetns: both hosts marked down {down_after:.2f}s after the routes changed")
         p.stop()
     finally:

@@ -73,17 +73,17 @@ def rebuilt_response_head(rhead, framing: Framing, client_11: bool, keep: bool) 
 
 def switching_protocols_head(raw: bytes) -> bytes:
     """The 101 head for the client: the upstream's end-to-end headers, Connection and
-    Upgrade rebuilt (the upstream's Upgrade value: the protocol it switched to)."""
+    Upgrade rebuilt (the upstream's Upgrade value: the protocol it switched to). Fields
+    its Connection names are hop-by-hop (RFC 9110 section 7.6.1) and dropped too."""
     out = [b"HTTP/1.1 101 Switching Protocols\r\n"]
     proto = b""
-    for line in raw.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        lname = name.strip().lower()
+    fields = [(name.strip().lower(), name, value) for name, sep, value
+              in (line.partition(b":") for line in raw.split(b"\r\n")[1:]) if sep]
+    named = connection_tokens([v for lname, _, v in fields if lname == b"connection"])
+    for lname, name, value in fields:
         if lname == b"upgrade":
             proto = value.strip()
-        elif lname not in _DROP_FROM_101:
+        elif lname not in _DROP_FROM_101 and lname not in named:
             out += (name, b":", value, b"\r\n")
     out += (b"Connection: Upgrade\r\n", b"Upgrade: ", proto or b"websocket", b"\r\n\r\n")
     return b"".join(out)

@@ -12,6 +12,10 @@ on top: a protocol other than HTTP/1.0 or HTTP/1.1, a status outside 100-599, co
 bytes in the reason phrase (it is copied into the client's status line), invalid header
 names, a Transfer-Encoding other than exactly ``chunked``, conflicting Content-Length, a
 head over 64 KiB.
+
+Fields named in ``Connection`` are hop-by-hop too (RFC 9110 section 7.6.1) and are not
+relayed: fast_head() takes only a ``Connection`` of exactly ``close`` or ``keep-alive``
+(anything naming a field goes to the parser), and ResponseParser drops the named fields.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ import re
 
 import httptools
 
-from forkproxy.http.messages import BAD_VALUE_RE, HOP_BY_HOP, REASON_RE, TOKEN_RE
+from forkproxy.http.messages import (
+    BAD_VALUE_RE,
+    HOP_BY_HOP,
+    REASON_RE,
+    TOKEN_RE,
+    connection_tokens,
+)
 
 HEAD_END = b"\r\n\r\n"
 #: the largest response head relayed, however it arrives (one read or many)
@@ -60,7 +70,8 @@ def fast_head(head: bytes) -> tuple[int, int, bool, bytes] | None:
 
 def _judge_head(head: bytes) -> tuple[int, int, bool, bytes] | None:
     """The common upstream answer without httptools: a final (non-1xx) response framed
-    by one Content-Length, no hop-by-hop field but one ``Connection: keep-alive|close``.
+    by one Content-Length, no hop-by-hop field but one ``Connection: keep-alive|close``
+    (a Connection naming any other field is declined: the parser removes named fields).
 
     Returns (status, content_length, upstream_keep_alive, head) where head is the
     response head to relay, the upstream's own bytes as HTTP/1.1 minus its Connection
@@ -94,6 +105,17 @@ def _judge_head(head: bytes) -> tuple[int, int, bool, bytes] | None:
     if head[7] == 48:  # HTTP/1.0 upstream: relayed as HTTP/1.1
         head = b"HTTP/1.1" + head[8:]
     return int(head[9:12]), int(value), keep, head
+
+
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+
+
+def _drop_connection_named(head: ResponseHead) -> None:
+    """Remove the fields the upstream's Connection names (RFC 9110 section 7.6.1): they
+    were meant for this hop only."""
+    named = connection_tokens(head.connection) - _CONNECTION_OPTIONS
+    if named:
+        head.headers = [(n, v) for n, v in head.headers if n.lower() not in named]
 
 
 class BadResponse(Exception):
@@ -205,6 +227,8 @@ class ResponseParser:
         head.keep_alive = p.should_keep_alive()
         if head.chunked and head.content_length is not None:
             raise BadResponse("Content-Length with Transfer-Encoding in response")
+        if head.connection:
+            _drop_connection_named(head)
 
     def on_body(self, body: bytes):
         if self._sink is not None:

@@ -90,14 +90,33 @@ _MAGIC = 256 // 8
 _SIZE = 264 // 8
 
 
+#: what platform.machine() says on the CPUs the rings are correct on
+SUPPORTED_MACHINES = ("x86_64", "amd64")
+
+
+def platform_support(machine: str | None = None) -> tuple[bool, str]:
+    """(whether the rings can run on `machine`, a sentence saying so and why); the text
+    `forkproxy check` prints and the error the rings raise elsewhere."""
+    machine = machine if machine is not None else platform.machine()
+    why = ("workers hand each request's record to the manager through shared-memory rings "
+           "written from Python with plain 8-byte stores; that is only correct on x86-64, "
+           "where such a store is one atomic instruction and the CPU keeps stores in "
+           "program order (TSO), so a record is complete before its index is published. "
+           "Weakly ordered CPUs such as ARM need acquire/release atomics that Python "
+           "cannot issue.")
+    if machine.lower() in SUPPORTED_MACHINES:
+        return True, (f"platform: {machine}, supported (forkproxy runs on x86-64 Linux only: "
+                      "its shared-memory rings rely on x86-64 store ordering and atomic "
+                      "8-byte stores from Python)")
+    return False, (f"platform: {machine or 'this CPU'} is not supported: forkproxy runs on "
+                   f"x86-64 Linux only; {why}")
+
+
 def check_atomic_layout() -> None:
     """Raise RuntimeError where the x86-64 ordering argument of this module does not hold."""
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64"):
-        raise RuntimeError(
-            f"forkproxy rings rely on x86-64 store ordering; {machine} needs acquire/release "
-            "atomics (see forkproxy.shm.ring docstring)"
-        )
+    supported, text = platform_support()
+    if not supported:
+        raise RuntimeError(text)
     if sys.byteorder != "little":
         raise RuntimeError("forkproxy rings assume a little-endian CPU")
     if memoryview(bytearray(8)).cast("Q").itemsize != 8:

@@ -19,7 +19,7 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 from forkproxy.osutil import is_loopback
-from forkproxy.pem import check_cert_key
+from forkproxy.pem import check_ca, check_cert_key, check_ciphers, check_system_ca
 
 
 class ConfigError(Exception):
@@ -230,6 +230,40 @@ class TcpKeepaliveConfig(_Section, kw_only=True):
     count: Positive = 6
 
 
+TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
+
+
+class UpstreamTLSConfig(_Section, kw_only=True):
+    """TLS to an upstream's servers (nginx's proxy_ssl_*, HAProxy's ``ssl verify required``)."""
+
+    #: verify the server's certificate chain and name; false encrypts without any check
+    #: (nginx's default, never forkproxy's)
+    verify: bool = True
+    #: PEM file of the CAs that sign the servers' certificates ("" = the system store)
+    ca: str = ""
+    #: name sent as SNI and checked against the certificate ("" = the host of the
+    #: server's address; an IP address is checked against the certificate's IP SANs and
+    #: sends no SNI)
+    server_name: str = ""
+    #: client certificate (PEM, chain after the leaf) for servers that require mTLS
+    cert: str = ""
+    #: its private key (PEM, unencrypted)
+    key: str = ""
+    #: protocols offered through ALPN ([] = no ALPN extension)
+    alpn: list[str] = field(default_factory=lambda: ["http/1.1"])
+    #: oldest TLS version offered (with max_version: nginx's proxy_ssl_protocols,
+    #: HAProxy's ssl-min-ver / ssl-max-ver)
+    min_version: TLSVersion = "TLSv1.2"
+    #: newest TLS version offered
+    max_version: TLSVersion = "TLSv1.3"
+    #: OpenSSL cipher list for TLS 1.2 ("" = Mozilla intermediate: ECDHE with AES-GCM or
+    #: ChaCha20); TLS 1.3 suites are OpenSSL's defaults
+    ciphers: str = ""
+    #: resume sessions on new connections (a per-worker session kept per server: a
+    #: resumed handshake costs the server a quarter of a full one)
+    session_reuse: bool = True
+
+
 class UpstreamConfig(_Section, kw_only=True):
     servers: Annotated[list[ServerAddress], Meta(min_length=1)]
     #: "round_robin" (smooth weighted), "least_conn", "random_two" (power of two choices)
@@ -283,6 +317,10 @@ class UpstreamConfig(_Section, kw_only=True):
     per_try_timeout: Duration = Duration(0.0)
     #: an upgraded connection (WebSocket) with no bytes either way for this long is closed
     tunnel_timeout: Duration = Duration(3600.0)
+    #: TLS to the servers, e.g. { ca = "ca.pem", server_name = "app.internal" }; a
+    #: certificate that fails verification is a 502 (reason in the error log), never a
+    #: fallback to plain text. Health checks use it too
+    tls: UpstreamTLSConfig | None = None
 
 
 class Config(_Section, kw_only=True):
@@ -458,12 +496,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
         if host != "*" and (not host or "*" in host.lstrip("*.") or (host.startswith("*") and not host.startswith("*."))):
             problems.append(f"{key}.host: expected an exact host, '*.suffix' or '*', got {host!r}")
     for name, up in cfg.upstream.items():
-        for j, srv in enumerate(up.servers):
-            try:
-                parse_hostport(srv.address)
-            except ValueError as e:
-                problems.append(f"upstream.{name}.servers[{j}].address: {e}")
-        problems.extend(_validate_upstream_policy(f"upstream.{name}", up))
+        problems.extend(_validate_upstream(f"upstream.{name}", up, base, check_files))
     if cfg.admin.listen:
         try:
             addr = parse_listen(cfg.admin.listen)
@@ -537,6 +570,19 @@ def _validate_route_target(key: str, route: RouteConfig, cfg: Config) -> list[st
     return problems
 
 
+def _validate_upstream(key: str, up: UpstreamConfig, base: str, check_files: bool) -> list[str]:
+    problems = []
+    for j, srv in enumerate(up.servers):
+        try:
+            parse_hostport(srv.address)
+        except ValueError as e:
+            problems.append(f"{key}.servers[{j}].address: {e}")
+    problems.extend(_validate_upstream_policy(key, up))
+    if up.tls is not None:
+        problems.extend(_validate_upstream_tls(f"{key}.tls", up.tls, base, check_files))
+    return problems
+
+
 def _validate_upstream_policy(key: str, up: UpstreamConfig) -> list[str]:
     problems = []
     if up.balance == "hash":
@@ -585,6 +631,44 @@ def _validate_tls(key: str, tls: TLSConfig, base: str, check_files: bool) -> lis
         if proto not in ("http/1.1",):
             problems.append(f"{key}.alpn: unsupported protocol {proto!r} (only 'http/1.1')")
     return problems
+
+
+_TLS_ORDER = {"TLSv1.2": 0, "TLSv1.3": 1}
+
+
+def _validate_upstream_tls(key: str, tls: UpstreamTLSConfig, base: str,
+                           check_files: bool) -> list[str]:
+    """The upstream's TLS files load (CA, client certificate matching its key) and the
+    settings agree with each other."""
+    problems = []
+    if bool(tls.cert) != bool(tls.key):
+        problems.append(f"{key}: cert and key go together (a client certificate needs its key)")
+    if tls.ca and not tls.verify:
+        problems.append(f"{key}.ca: has no effect with verify = false (remove one)")
+    if _TLS_ORDER[tls.min_version] > _TLS_ORDER[tls.max_version]:
+        problems.append(f"{key}.min_version: {tls.min_version} is newer than max_version "
+                        f"{tls.max_version}")
+    for proto in tls.alpn:
+        if proto not in ("http/1.1",):
+            problems.append(f"{key}.alpn: unsupported protocol {proto!r} (only 'http/1.1')")
+    if tls.ciphers:
+        problems.extend(f"{key}.ciphers: {e}" for e in check_ciphers(tls.ciphers))
+    if tls.server_name and not _SERVER_NAME_RE.match(tls.server_name):
+        problems.append(f"{key}.server_name: not a host name: {tls.server_name!r}")
+    if not check_files:
+        return problems
+    if tls.verify:
+        err = check_ca(resolve_path(tls.ca, base)) if tls.ca else check_system_ca()
+        if err:
+            problems.append(f"{key}.ca: {err}")
+    if tls.cert and tls.key:
+        err = check_cert_key(resolve_path(tls.cert, base), resolve_path(tls.key, base))
+        if err:
+            problems.append(f"{key}.key: {err}")
+    return problems
+
+
+_SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$|^[0-9a-fA-F:.]+$")
 
 
 def resolve_path(p: str, base: str) -> str:

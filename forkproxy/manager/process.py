@@ -37,6 +37,7 @@ from forkproxy.manager import upstreams
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.admin import HEALTHY_WITHIN, Admin
 from forkproxy.manager.collector import Collector
+from forkproxy.manager.errorlog import TLSFailureLog
 from forkproxy.manager.healthcheck import HealthChecker
 from forkproxy.manager.metrics import Metrics, Sample, rss_bytes, tcp_states
 from forkproxy.osutil import drop_privileges, set_pdeathsig
@@ -77,6 +78,7 @@ class Manager:
         self.table = spec.table
         self.rings = dict(spec.rings)
         self.metrics = Metrics()
+        self.tls_failures = TLSFailureLog(logger)
         cfg = self.cfg
         try:
             self.accesslog = AccessLog(config_mod.log_path(cfg, cfg.log.access_log),
@@ -108,10 +110,13 @@ class Manager:
         metrics = self.metrics
         observe = metrics.observe
         log = self.accesslog
+        failures = self.tls_failures
         if not log.enabled:
             for rec in items:
                 if type(rec) is RequestContext:
                     observe(rec)
+                    if rec.error:
+                        failures.observe(rec)
                 else:
                     metrics.observe_gauges(rec)
             return
@@ -121,6 +126,8 @@ class Manager:
                 ms: dict[str, float] = {}
                 observe(rec, ms)
                 entries.append((rec, ms))
+                if rec.error:
+                    failures.observe(rec)
             else:
                 metrics.observe_gauges(rec)
         log.write_many(entries)

@@ -43,7 +43,9 @@ from forkproxy.config import UpstreamConfig, parse_hostport
 from forkproxy.context import WEIGHT_SCALE, UpstreamGauge
 from forkproxy.hashing import hash64
 from forkproxy.shm.health import DOWN, STATE, UP, WORDS, server_key
+from forkproxy.tls.client import client_context, handshake, server_name
 from forkproxy.worker.balancer import KeySpec, Peer, RetryBudget, make_balancer
+from forkproxy.worker.upconn import TLSUpstreamConn, UpstreamConn
 
 #: idle connections are swept (timeouts, age) this often
 REAP_INTERVAL = 1.0
@@ -53,32 +55,6 @@ _monotonic = time.monotonic
 
 class PoolTimeout(Exception):
     """max_connections were all lent for queue_timeout: no connection for this request."""
-
-
-class UpstreamConn:
-    """One TCP connection to an upstream server."""
-
-    __slots__ = ("sock", "server", "requests", "created", "idle_since", "reused", "reusable",
-                 "watch")
-
-    def __init__(self, sock, server: Server, now: float = 0.0):
-        self.sock = sock
-        self.watch = None  # the ReadWatch kept armed for the response waits (worker/exchange.py)
-        self.server = server
-        self.requests = 0
-        self.created = now or _monotonic()
-        self.idle_since = 0.0
-        self.reused = False
-        self.reusable = False  # set by the exchange once the response ended cleanly
-
-    def close(self) -> None:
-        if self.watch is not None:
-            self.watch.close()
-            self.watch = None
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 class Server(Peer):
@@ -153,6 +129,12 @@ class Server(Peer):
         return self._connect()
 
     def _connect(self) -> UpstreamConn:
+        sock = self._open()
+        self.connects += 1
+        return UpstreamConn(sock, self)
+
+    def _open(self):
+        """A connected TCP socket (TCP_NODELAY, keep-alive probes), counted in active."""
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         sock.settimeout(self.connect_timeout)
         self.active += 1  # counted while connecting: max_connections holds across the wait
@@ -167,14 +149,16 @@ class Server(Peer):
                                 max(1, int(ka.interval)))
                 sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_KEEPCNT, ka.count)
         except BaseException:
-            self.active -= 1
             sock.close()
-            if self.waiters:
-                self.waiters.popleft().set()
+            self._not_connected()
             raise
         sock.settimeout(None)  # later steps are bounded by the connection's deadline
-        self.connects += 1
-        return UpstreamConn(sock, self)
+        return sock
+
+    def _not_connected(self) -> None:
+        self.active -= 1
+        if self.waiters:
+            self.waiters.popleft().set()
 
     def _wait(self, now: float) -> UpstreamConn | None:
         """Queue for a connection (all max_connections lent); None = a slot is free."""
@@ -271,6 +255,56 @@ class Server(Peer):
                              len(self.waiters), self.tunnels)
 
 
+class TLSServer(Server):
+    """A server reached through TLS: the handshake after connect (within
+    connect_timeout), and the session of its last connection, offered on the next so
+    that reconnects resume (one per server and worker, like nginx's
+    proxy_ssl_session_reuse)."""
+
+    __slots__ = ("tls_ctx", "tls_name", "tls_session", "tls_full", "tls_resumed")
+
+    def __init__(self, upstream: Upstream, address: str, weight: int, cfg: UpstreamConfig,
+                 tls_ctx):
+        super().__init__(upstream, address, weight, cfg)
+        self.tls_ctx = tls_ctx
+        self.tls_name = server_name(cfg.tls, self.host)
+        self.tls_session = None  # the session the next connection offers
+        self.tls_full = 0  # handshakes (counters since the worker started)
+        self.tls_resumed = 0
+
+    def _connect(self) -> UpstreamConn:
+        sock = self._open()
+        try:
+            ssock = handshake(sock, self.tls_ctx, self.tls_name, self.tls_session,
+                              self.connect_timeout)
+        except BaseException:
+            self._not_connected()
+            raise
+        self.connects += 1
+        if ssock.session_reused:
+            self.tls_resumed += 1
+        else:
+            self.tls_full += 1
+        conn = TLSUpstreamConn(ssock, self)
+        conn.fresh = self.cfg.tls.session_reuse  # else its session is never kept
+        return conn
+
+    def release(self, conn: UpstreamConn, reusable: bool) -> None:
+        if conn.fresh and reusable:
+            # after a whole response: TLS 1.3 tickets arrive after the handshake
+            conn.fresh = False
+            session = conn.sslobj.session
+            if session is not None and (session.has_ticket or session.id):
+                self.tls_session = session
+        super().release(conn, reusable)
+
+    def gauge(self) -> UpstreamGauge:
+        g = super().gauge()
+        g.tls_full = self.tls_full
+        g.tls_resumed = self.tls_resumed
+        return g
+
+
 class Upstream:
     """A named group of servers, its balancer, retry policy and health settings."""
 
@@ -281,10 +315,15 @@ class Upstream:
                  "retry_statuses", "budget", "health", "next_reap", "tunnel_timeout",
                  "total_weight", "watch")
 
-    def __init__(self, name: str, cfg: UpstreamConfig, health=None):
+    def __init__(self, name: str, cfg: UpstreamConfig, health=None, base: str = "."):
         self.name = name
         self.cfg = cfg
-        self.servers = [Server(self, s.address, s.weight, cfg) for s in cfg.servers]
+        if cfg.tls is None:
+            self.servers = [Server(self, s.address, s.weight, cfg) for s in cfg.servers]
+        else:
+            ctx = client_context(cfg.tls, base)  # one per upstream: its servers' sessions
+            self.servers = [TLSServer(self, s.address, s.weight, cfg, ctx)
+                            for s in cfg.servers]
         self.total_weight = sum(s.weight for s in self.servers)
         self.single = len(self.servers) == 1
         self.balancer = make_balancer(cfg.balance)
@@ -378,5 +417,7 @@ class Upstream:
             s.close_idle()
 
 
-def build_upstreams(cfg_upstreams: dict[str, UpstreamConfig], health=None) -> dict[str, Upstream]:
-    return {name: Upstream(name, ucfg, health) for name, ucfg in cfg_upstreams.items()}
+def build_upstreams(cfg_upstreams: dict[str, UpstreamConfig], health=None,
+                    base: str = ".") -> dict[str, Upstream]:
+    """The worker's upstreams; ``base``: the directory TLS file names are relative to."""
+    return {name: Upstream(name, ucfg, health, base) for name, ucfg in cfg_upstreams.items()}

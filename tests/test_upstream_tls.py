@@ -8,18 +8,32 @@ through TLS (up when the certificate verifies, down when it does not)."""
 from __future__ import annotations
 
 import datetime
+import gzip
 import os
+import ssl
 import subprocess
 import sys
 
 import pytest
 import trustme
-from fp import free_port, request, wait_for
+from fp import connect, free_port, request, wait_for
 from nginxutil import TEMP_PATHS, running_nginx
-from upstreams_util import UProxy, access_entries, metric_value
+from upstreams_util import (
+    RawOrigin,
+    UProxy,
+    access_entries,
+    exact_reader,
+    metric_value,
+    ws_accept,
+    ws_echo,
+    ws_frame,
+    ws_read_frame,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: a body nginx compresses on the fly, so it arrives chunked (no length known up front)
+GZ_TEXT = " ".join(f"line {i} of a compressible body" for i in range(100))  # nginx: < 4 KiB
 SERVERS = ("good", "mtls", "wrong", "expired", "unknown")
 
 NGINX_CONF = """
@@ -49,6 +63,10 @@ SERVER = """
         {extra}
         location = /healthz {{ return 200 'healthy'; }}
         location = /big {{ root {dir}; try_files /big.bin =404; }}
+        location = /gz {{
+            gzip on; gzip_min_length 1; gzip_types text/plain; default_type text/plain;
+            return 200 '{gz}';
+        }}
         location / {{ default_type text/plain; return 200 '{name} $ssl_client_s_dn'; }}
     }}
 """
@@ -85,8 +103,8 @@ def origins(pki, tmp_path_factory):
     run = tmp_path_factory.mktemp("nginx")
     ports = {name: free_port() for name in SERVERS}
     extra = {"mtls": f"ssl_client_certificate {pki}/ca.crt; ssl_verify_client on;"}
-    servers = "".join(SERVER.format(port=ports[n], dir=pki, name=n, extra=extra.get(n, ""))
-                      for n in SERVERS)
+    servers = "".join(SERVER.format(port=ports[n], dir=pki, name=n, extra=extra.get(n, ""),
+                                    gz=GZ_TEXT) for n in SERVERS)
     conf = NGINX_CONF.format(run=run, servers=servers, temp_paths=TEMP_PATHS.format(run=run))
     with running_nginx(run, conf, ports.values()) as proc:
         proc.ports = ports
@@ -216,8 +234,8 @@ def test_session_reuse_off_makes_full_handshakes(proxy, origins):
 
 
 def test_keepalive_and_bodies_through_tls(proxy, origins, pki):
-    """Pooled TLS connections carry many requests; a 3 MiB body (no splice through TLS)
-    and a request body come through intact."""
+    """Pooled TLS connections carry many requests; a 3 MiB body (no splice through TLS),
+    a chunked one and a request body come through intact."""
     before = len(origins.log())
     for _ in range(40):
         status, _, body = get(proxy, "good", "/ka")
@@ -229,6 +247,10 @@ def test_keepalive_and_bodies_through_tls(proxy, origins, pki):
     status, _, body = request(proxy.port, "POST", "/post", headers={"Host": "good.t"},
                               body=b"x" * 200_000)
     assert (status, body) == (200, b"good ")
+    status, headers, body = request(proxy.port, "GET", "/gz",
+                                    headers={"Host": "good.t", "Accept-Encoding": "gzip"})
+    assert status == 200 and headers.get("transfer-encoding") == "chunked", headers
+    assert gzip.decompress(body).decode() == GZ_TEXT
 
 
 def test_health_checks_over_tls(pki, origins, tmp_path):
@@ -292,3 +314,47 @@ def test_check_loads_and_validates_the_files(tmp_path, pki):
         r = forkproxy_check(tmp_path, tls)
         assert r.returncode == 1, (tls, r.stdout)
         assert key in r.stdout and words in r.stdout, (tls, r.stdout)
+
+
+class TLSRawOrigin(RawOrigin):
+    """RawOrigin (threads in the test process) behind a TLS server handshake."""
+
+    def __init__(self, behaviour, pki):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(pki / "good.crt"), str(pki / "good.key"))
+        super().__init__(behaviour)
+
+    def _serve(self, c):
+        try:
+            c = self.ctx.wrap_socket(c, server_side=True)
+        except (OSError, ValueError):
+            c.close()
+            return
+        super()._serve(c)
+
+
+def test_websocket_tunnel_through_tls(pki, tmp_path):
+    ws = TLSRawOrigin(ws_echo, pki)
+    try:
+        p = UProxy(tmp_path, upstream("app", ws.port, f'ca = "{pki}/ca.crt"'), start=False)
+        p.start()
+        key = b"dGhlIHNhbXBsZSBub25jZQ=="
+        with connect(p.port) as c:
+            c.sendall(b"GET /chat HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                      b"Sec-WebSocket-Key: " + key + b"\r\n\r\n" + ws_frame(b"early bird"))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += c.sock.recv(4096)
+            head, _, rest = head.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101") and ws_accept(key) in head
+            recv = exact_reader(c.sock, rest)
+            assert ws_read_frame(recv) == (1, b"early bird")
+            for msg in (b"hello", b"x" * 70000):
+                c.sendall(ws_frame(msg, 2))
+                assert ws_read_frame(recv) == (2, msg)
+            c.sendall(ws_frame(b"", 8))
+            assert ws_read_frame(recv)[0] == 8
+    finally:
+        ws.stop()
+        p.kill_all()

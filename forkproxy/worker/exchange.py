@@ -170,7 +170,7 @@ class Exchange:
             except (OSError, _timeout) as e:
                 if isinstance(e, _timeout):
                     status, detail = 504, "upstream connect timeout"
-                elif isinstance(e, TLSHandshakeFailed):  # never retried in plain text
+                elif isinstance(e, TLSHandshakeFailed):  # the reason; never a plain-text fallback
                     status, detail = 502, e.detail
                 else:
                     status, detail = 502, f"upstream connect: {e.strerror or e}"

@@ -74,13 +74,11 @@ class StreamFront(FrontEnd):
 
     def end_body(self):
         self.ended = True
+        return True
 
     def send_error(self, status):
         self.errors.append(status)
         return False
-
-    def keep_alive(self):
-        return True
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,8 @@ class ClientConnection:
             if not waiting:
                 return sock.recv_into(buf)
             if self.raw is not None:
-                return recv_waiting(self._watch(), sock, buf)
+                watch = self.rwatch
+                return recv_waiting(watch if watch is not None else self._watch(), sock, buf)
             if self.sslobj is not None:
                 return self._tls_read_waiting(buf)
             return sock.recv_into(buf)

@@ -73,8 +73,9 @@ class FrontEnd:
         """A piece of the response body (the front end frames it). Raises ClientGone."""
         raise NotImplementedError
 
-    def end_body(self) -> None:
-        """The response body is complete. Raises ClientGone."""
+    def end_body(self) -> bool:
+        """The response body is complete; returns whether the client connection may
+        carry another request. Raises ClientGone."""
         raise NotImplementedError
 
     def send_error(self, status: int) -> bool:
@@ -85,7 +86,3 @@ class FrontEnd:
     def splice_fd(self) -> int:
         """The client socket's fd when body bytes may be spliced to it, else -1."""
         return -1
-
-    def keep_alive(self) -> bool:
-        """After a completed response: may the connection carry another request?"""
-        raise NotImplementedError

@@ -131,6 +131,7 @@ def proxy(pki, origins, tmp_path_factory):
                    f'{ca}, {sni}, cert = "{pki}/client.crt", key = "{pki}/client.key"')
         + upstream("nocert", ports["mtls"], f"{ca}, {sni}")
         + upstream("wrong", ports["wrong"], f"{ca}, {sni}")
+        + upstream("flood", ports["wrong"], f"{ca}, {sni}")
         + upstream("expired", ports["expired"], f"{ca}, {sni}")
         + upstream("unknown", ports["unknown"], f"{ca}, {sni}")
         + upstream("unverified", ports["unknown"], f"verify = false, {sni}")
@@ -189,6 +190,20 @@ def test_certificate_that_fails_verification_is_502_with_reason(proxy, name, rea
     wait_for(lambda: any(e.get("event") == "upstream TLS handshake failed"
                          and e.get("upstream") == name and reason in e.get("error", "")
                          for e in proxy.log_events()), what="the error log line")
+
+
+def test_repeated_failures_are_logged_once_per_interval(proxy):
+    """Every failed request carries the reason in the access log; the error log gets the
+    first one and then at most one line per 10 s for the same upstream, server, reason."""
+    for _ in range(6):
+        assert get(proxy, "flood", "/flood")[0] == 502
+    wait_for(lambda: len([e for e in access_entries(proxy, None) if e["path"] == "/flood"
+                          and "Hostname mismatch" in e["error"]]) == 6,
+             what="6 access log lines")
+    lines = [e for e in proxy.log_events()
+             if e.get("event") == "upstream TLS handshake failed" and e.get("upstream") == "flood"]
+    assert len(lines) == 1, lines
+    assert "Hostname mismatch" in lines[0]["error"]
 
 
 def test_verify_false_is_an_explicit_opt_out(proxy):

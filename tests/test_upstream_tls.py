@@ -288,6 +288,10 @@ def test_health_checks_over_tls(pki, origins, tmp_path):
         down = [e for e in p.log_events() if e.get("event") == "upstream server down"]
         assert any("Hostname mismatch" in e.get("error", "") for e in down), down
         assert p.server_status("hgood", good)["health_check"]["last_status"] == 200
+        # the checks resume their sessions too (nginx's view of the handshakes)
+        wait_for(lambda: "r" in {ln[3] for ln in origins.log()
+                                 if ln[0] == str(ports["good"]) and ln[7] == "/healthz"},
+                 what="a health check that resumed its session")
     finally:
         p.kill_all()
 

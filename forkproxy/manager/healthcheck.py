@@ -2,10 +2,10 @@
 
 For every server of an upstream with ``health_check = {...}``, one greenlet sends
 ``GET path`` every ``interval`` on a fresh connection (``Connection: close``); a 2xx or
-3xx status line within ``timeout`` (connect included) is a success. An upstream with ``tls`` is checked through
-TLS with its context: a certificate that does not verify fails the check (status "TLS
-handshake failed", the reason in the "upstream server down" log line). ``rise``
-consecutive successes bring a down server up, ``fall`` consecutive failures take it
+3xx status line within ``timeout`` (connect included) is a success. An upstream with
+``tls`` is checked through TLS with its context: a certificate that does not verify
+fails the check (status "TLS handshake failed", the reason in the "upstream server
+down" log line). ``rise`` consecutive successes bring a down server up, ``fall`` consecutive failures take it
 down (:class:`Verdict`, sans-IO). Every result is published in the shared health
 table (forkproxy/shm/health.py), which the workers read every SWEEP_INTERVAL: a
 verdict reaches every worker within about 0.1 s, and no worker sends a single check.
@@ -114,7 +114,7 @@ def check_once(host: str, port: int, path: str, host_header: str,
                 data += chunk
                 if len(data) > MAX_STATUS_LINE:
                     break
-    except gevent.Timeout:
+    except (gevent.Timeout, socket.timeout):  # the latter: the TLS handshake's own
         return False, ST_TIMEOUT
     except TLSHandshakeFailed as e:
         tls.error = e.detail

@@ -81,7 +81,9 @@ class TLSUpstreamConn(UpstreamConn):
 
     def recv_first(self, watch: ReadWatch, buf) -> int:
         sslobj = self.sslobj
-        if not sslobj.pending():  # no read-ahead: a whole record, or nothing, is kept
+        # decrypted bytes not yet taken; raw bytes read ahead are not counted, but none
+        # can be there before a response: the last one was read to its end
+        if not sslobj.pending():
             watch.wait()
         try:
             return sslobj.read(len(buf), buf)

@@ -114,6 +114,10 @@ class ServerConfig(_Section, kw_only=True):
     splice: bool = False
     #: bytes of each worker's shared-memory ring of request contexts
     ring_size: Size = Size(1 << 20)
+    #: processes that drain the rings into the metrics and the access log: the manager
+    #: and collectors - 1 shard processes (fp-collector-N), each with its share of the
+    #: workers; "auto": one per 4 workers. Read when the manager starts
+    collectors: Positive | Literal["auto"] = "auto"
     #: RLIMIT_NOFILE set by each worker at start (nginx's worker_rlimit_nofile); 0 = inherit
     worker_rlimit_nofile: Annotated[int, Meta(ge=0)] = 0
 
@@ -674,6 +678,18 @@ _SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$|^[0-
 def resolve_path(p: str, base: str) -> str:
     """Relative paths in the config are relative to the config file's directory."""
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+
+#: workers per collector process with ``collectors = "auto"``: one core drains 125-200k
+#: records/s with the JSON access log on (docs/BENCHMARKS.md); 4 busy workers make
+#: ~100k, half to 0.8 of a collector's core
+WORKERS_PER_COLLECTOR = 4
+
+
+def collector_count(cfg: Config) -> int:
+    if cfg.server.collectors == "auto":
+        return -(-worker_count(cfg) // WORKERS_PER_COLLECTOR)
+    return int(cfg.server.collectors)
 
 
 def worker_count(cfg: Config) -> int:

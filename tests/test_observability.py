@@ -16,6 +16,8 @@ from fp import (
     PY,
     ROOT,
     alive,
+    children_of,
+    comm,
     connect,
     free_port,
     port_open,
@@ -428,3 +430,70 @@ def test_tls_handshakes_and_resumption_are_counted(tmp_path, origin, proxies):
     ph = "forkproxy_phase_duration_seconds"
     assert metric(text, ph, ph + "_count", phase="tls_handshake") == 2
     p.stop()
+
+
+def spread_requests(port: int, prefix: str, conns: int = 24, per_conn: int = 2) -> list[str]:
+    """Requests on many connections: SO_REUSEPORT spreads them, and all 24 land on the
+    same one of two workers with probability 2**-23."""
+    ids = []
+    for k in range(conns):
+        ids += keepalive_requests(port, ["/tiny"] * per_conn, f"{prefix}{k}")
+    return ids
+
+
+def test_collector_shards_count_log_reopen_and_restart(tmp_path, origin, proxies):
+    """[server] collectors = 2: a shard process drains half of the rings; /metrics adds its
+    counters to the manager's, both write the one access log, USR1 reaches the shard, and a
+    shard that dies brings a fresh manager and shards (the master restarts the manager)."""
+    p = proxies(tmp_path, origin.address, workers=2, admin=True,
+                server_extra="collectors = 2")
+    manager = p.manager_pid()
+    shard = wait_for(lambda: [c for c in children_of(manager) if comm(c) == "fp-collector-1"],
+                     timeout=10, what="the shard process")[0]
+    sent = sorted(spread_requests(p.port, "c", per_conn=10))
+    lines = wait_for(lambda: (ls := read_lines(p.access_log)) and len(ls) >= len(sent) and ls,
+                     timeout=5, what="the access log lines")
+    assert sorted(ln["request_id"] for ln in lines) == sent
+    assert len({ln["worker"] for ln in lines}) == 2  # both workers, so both collectors, served
+    text = admin_get(p, "/metrics")[2].decode()
+    assert metric(text, "forkproxy_requests", "forkproxy_requests_total") == len(sent)
+    d = "forkproxy_request_duration_seconds"
+    assert metric(text, d, d + "_count") == len(sent)
+    lines_total = "forkproxy_access_log_lines"
+    assert metric(text, lines_total, lines_total + "_total") == len(sent)
+    gauges = "forkproxy_worker_client_connections"
+    wait_for(lambda: len([s for f in text_string_to_metric_families(
+        admin_get(p, "/metrics")[2].decode()) if f.name == gauges for s in f.samples]) == 2,
+        timeout=5, what="both workers' gauges")
+    assert json.loads(admin_get(p, "/status")[2])["collectors"] == 2
+
+    os.rename(p.access_log, p.access_log + ".1")
+    p.send(signal.SIGUSR1)
+    wait_for(lambda: os.path.exists(p.access_log), timeout=5, what="the reopened access log")
+    after = spread_requests(p.port, "after")
+    wait_for(lambda: len(read_lines(p.access_log)) == len(after), timeout=5, what="new lines")
+    assert sorted(ln["request_id"] for ln in read_lines(p.access_log)) == sorted(after)
+
+    new_log = os.path.join(str(tmp_path), "access2.log")  # HUP: the shard follows too
+    p.write_config(p.config_text().replace(p.access_log, new_log))
+    p.send(signal.SIGHUP)
+    wait_for(lambda: any(e.get("event") == "reload complete" for e in p.log_events()),
+             timeout=15, what="the reload to complete")
+    wait_for(lambda: len(p.workers_pids()) == 2, timeout=15, what="the old workers gone")
+    moved = spread_requests(p.port, "moved")
+    wait_for(lambda: len(read_lines(new_log)) == len(moved), timeout=5, what="new log lines")
+    assert sorted(ln["request_id"] for ln in read_lines(new_log)) == sorted(moved)
+    assert len({ln["worker"] for ln in read_lines(new_log)}) == 2
+    p.access_log = new_log
+
+    os.kill(shard, signal.SIGKILL)
+    wait_for(lambda: not alive(manager) and p.manager_pid() not in (None, manager),
+             timeout=20, what="a new manager")
+    new_manager = p.manager_pid()
+    wait_for(lambda: [c for c in children_of(new_manager) if comm(c) == "fp-collector-1"],
+             timeout=10, what="a new shard")
+    more = keepalive_requests(p.port, ["/tiny"] * 5, "more")
+    wait_for(lambda: set(more) <= {ln["request_id"] for ln in read_lines(p.access_log)},
+             timeout=5, what="lines after the restart")
+    p.stop(signal.SIGQUIT)
+    assert not alive(new_manager)

@@ -377,3 +377,23 @@ def test_websocket_tunnel_through_tls(pki, tmp_path):
     finally:
         ws.stop()
         p.kill_all()
+
+
+def test_failures_logged_by_collector_shards(pki, origins, tmp_path):
+    """With two workers and two collectors, whichever process drains a worker's ring
+    logs that worker's TLS failures (once per interval each)."""
+    body = upstream("app", origins.ports["expired"],
+                    f'ca = "{pki}/ca.crt", server_name = "origin.test"')
+    p = UProxy(tmp_path, body, workers=2, server_extra="collectors = 2", start=False)
+    try:
+        p.start()
+        for _ in range(20):  # new connections: the kernel spreads them over both workers
+            assert get(p, "app", "/exp")[0] == 502
+        wait_for(lambda: len([e for e in access_entries(p, None)
+                              if "certificate has expired" in e["error"]]) == 20,
+                 what="20 access log lines")
+        lines = [e for e in p.log_events() if e.get("event") == "upstream TLS handshake failed"]
+        assert 1 <= len(lines) <= 2, lines
+        assert {e["process"] for e in lines} <= {"manager", "collector-1"}, lines
+    finally:
+        p.kill_all()

@@ -1,10 +1,11 @@
 """Upstream TLS failures of proxied requests, in the error log.
 
 Workers never log per request: a failed handshake becomes the request context's
-``error`` (502), and the manager writes it to the error log here. The first failure of
+``error`` (502), and the process that collects the context (the manager, or a collector
+shard) writes it to the error log here, called by ``Metrics.on_error``. The first failure of
 a kind (upstream, server, reason) is logged at once, later ones at most every
 ``INTERVAL`` with how many were not logged, so a server with a bad certificate under
-load costs a line every few seconds, not one per request.
+load costs a line every few seconds per collecting process, not one per request.
 """
 
 from __future__ import annotations

@@ -26,20 +26,21 @@ import time
 from dataclasses import dataclass
 
 import gevent
+import msgspec
 from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.socket import wait_read
 
 from forkproxy import config as config_mod
 from forkproxy import log as log_mod
-from forkproxy.context import RequestContext
-from forkproxy.manager import upstreams
+from forkproxy.manager import shards, upstreams
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.admin import HEALTHY_WITHIN, Admin
 from forkproxy.manager.collector import Collector
 from forkproxy.manager.errorlog import TLSFailureLog
 from forkproxy.manager.healthcheck import HealthChecker
 from forkproxy.manager.metrics import Metrics, Sample, rss_bytes, tcp_states
+from forkproxy.manager.records import RecordSink
 from forkproxy.osutil import drop_privileges, set_pdeathsig
 from forkproxy.shm.health import HealthTable
 from forkproxy.shm.keystore import KeyStore
@@ -77,9 +78,12 @@ class Manager:
         self.cfg = spec.cfg
         self.table = spec.table
         self.rings = dict(spec.rings)
-        self.metrics = Metrics()
-        self.tls_failures = TLSFailureLog(logger)
         cfg = self.cfg
+        #: the manager drains ring i when i % n_collectors == 0, its shards the others
+        self.n_collectors = max(1, min(config_mod.collector_count(cfg), len(self.rings)))
+        self.shards: list[shards.Shard] = []  # forked by serve()
+        self.metrics = Metrics()
+        self.metrics.on_error = TLSFailureLog(logger).observe
         try:
             self.accesslog = AccessLog(config_mod.log_path(cfg, cfg.log.access_log),
                                        cfg.log.format, logger)
@@ -87,7 +91,9 @@ class Manager:
             logger.error("cannot open the access log: access logging is off",
                          path=cfg.log.access_log, error=e.strerror)
             self.accesslog = AccessLog("off", cfg.log.format, logger)
-        self.collector = Collector(self.rings, self.on_batch, table=self.table, logger=logger)
+        self.sink = RecordSink(self.metrics, self.accesslog)
+        self.collector = Collector(shards.my_rings(self.rings, 0, self.n_collectors),
+                                   self.sink.on_batch, table=self.table, logger=logger)
         self.admin = Admin(self, logger)
         self.admin_socks = None
         if cfg.admin.listen:
@@ -104,43 +110,41 @@ class Manager:
         self.staple_stop: Event | None = None  # stops the running OCSP fetcher
         self.checker: HealthChecker | None = None
 
-    # -- records ----------------------------------------------------------------------
-
-    def on_batch(self, items: list) -> None:
-        metrics = self.metrics
-        observe = metrics.observe
-        log = self.accesslog
-        failures = self.tls_failures
-        if not log.enabled:
-            for rec in items:
-                if type(rec) is RequestContext:
-                    observe(rec)
-                    if rec.error:
-                        failures.observe(rec)
-                else:
-                    metrics.observe_gauges(rec)
-            return
-        entries = []
-        for rec in items:
-            if type(rec) is RequestContext:
-                ms: dict[str, float] = {}
-                observe(rec, ms)
-                entries.append((rec, ms))
-                if rec.error:
-                    failures.observe(rec)
-            else:
-                metrics.observe_gauges(rec)
-        log.write_many(entries)
-
     # -- what the admin endpoint shows ------------------------------------------------
 
-    def workers(self) -> list[dict]:
+    def gathered(self) -> tuple[Metrics, int, int]:
+        """(metrics, access log lines, write errors) of the manager and its shards."""
+        self.metrics.decode_errors = self.collector.decode_errors
+        if not self.shards:
+            return self.metrics, self.accesslog.lines, self.accesslog.errors
+        total = Metrics()
+        total.add(self.metrics.state())
+        lines, errors = self.accesslog.lines, self.accesslog.errors
+        for shard in self.shards:
+            try:
+                st = shard.state()
+            except (OSError, EOFError, gevent.Timeout, msgspec.DecodeError) as e:
+                self.log.warning("collector shard did not answer", shard=shard.index,
+                                 error=str(e) or type(e).__name__)
+                continue
+            total.add(st.metrics)
+            lines += st.log_lines
+            errors += st.log_errors
+        return total, lines, errors
+
+    @property
+    def ring_dropped(self) -> int:
+        return sum(r.dropped for r in self.rings.values())
+
+    def workers(self, gauges: dict | None = None) -> list[dict]:
+        if gauges is None:
+            gauges = self.gathered()[0].gauges
         now_mono = time.monotonic()
         now = time.time()
         out = []
         for index, e in self.table.live():
             pid = e["pid"]
-            g = self.metrics.gauges.get(pid)
+            g = gauges.get(pid)
             hb = e["heartbeat"]
             out.append({
                 "pid": pid,
@@ -165,6 +169,7 @@ class Manager:
     def status(self) -> dict:
         master_pid, generation = self.table.master()
         cfg = self.cfg
+        gauges = self.gathered()[0].gauges
         return {
             "master_pid": master_pid,
             "manager_pid": os.getpid(),
@@ -174,13 +179,16 @@ class Manager:
             "admin": cfg.admin.listen,
             "access_log": self.accesslog.path,
             "manager_started": self.started,
-            "ring_dropped": self.collector.dropped,
-            "workers": self.workers(),
-            "upstreams": self.upstreams_status(),
+            "ring_dropped": self.ring_dropped,
+            "collectors": 1 + len(self.shards),
+            "workers": self.workers(gauges),
+            "upstreams": self.upstreams_status(gauges),
         }
 
-    def upstreams_status(self) -> dict:
-        return upstreams.collect(self.cfg, self.metrics.gauges, self.worker_pids(),
+    def upstreams_status(self, gauges: dict | None = None) -> dict:
+        if gauges is None:
+            gauges = self.gathered()[0].gauges
+        return upstreams.collect(self.cfg, gauges, self.worker_pids(),
                                  self.spec.health)
 
     def healthy(self) -> bool:
@@ -206,14 +214,14 @@ class Manager:
 
     def metrics_text(self) -> str:
         master_pid, generation = self.table.master()
-        workers = self.workers()
-        self.metrics.forget_workers(w["pid"] for w in workers)
-        self.metrics.decode_errors = self.collector.decode_errors
+        self.metrics.forget_workers(self.worker_pids())
+        m, log_lines, log_errors = self.gathered()
+        workers = self.workers(m.gauges)
         sample = Sample(master_pid=master_pid, generation=generation, workers=workers,
-                        ring_dropped=self.collector.dropped, ring_lost=self.collector.lost,
-                        tcp=self.tcp_sample(), access_log_lines=self.accesslog.lines,
-                        access_log_errors=self.accesslog.errors)
-        m = self.metrics
+                        ring_dropped=self.ring_dropped,
+                        ring_lost=sum(r.lost for r in self.rings.values()),
+                        tcp=self.tcp_sample(), access_log_lines=log_lines,
+                        access_log_errors=log_errors)
         return m.render(sample) + upstreams.metrics_text(
             self.cfg, m.gauges, sample.worker_pids, self.spec.health, m.retries, m.tunnels)
 
@@ -245,6 +253,7 @@ class Manager:
             obj.logger = self.log
         self.cfg = cfg
         self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format)
+        self._tell_shards("log", self.accesslog.path, cfg.log.format)
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.start_stapling()
         self.start_health_checks()
@@ -278,9 +287,32 @@ class Manager:
         if n:
             self.log.info("health checks started", servers=n)
 
+    def start_shards(self, ready_w: int | None) -> None:
+        """Fork the collector shards (before the hub runs anything); they close what is
+        the manager's alone: the ready and lifeline pipes, the access log, admin sockets."""
+        if self.n_collectors == 1:
+            return
+        spec, cfg = self.spec, self.cfg
+        mine = [ready_w, spec.lifeline_fd, self.accesslog.fd if self.accesslog.own_fd else None,
+                *(s.fileno() for s in self.admin_socks or ())]
+        self.shards = shards.fork_shards(
+            self.n_collectors, self.rings, table=self.table,
+            log_path=config_mod.log_path(cfg, cfg.log.access_log), log_format=cfg.log.format,
+            creds=(spec.uid, spec.gid, spec.groups),
+            close_fds=[fd for fd in mine if fd is not None and fd >= 0])
+
+    def _tell_shards(self, *msg) -> None:
+        for shard in self.shards:
+            try:
+                shard.call(*msg)
+            except (OSError, EOFError, gevent.Timeout) as e:
+                self.log.error("collector shard did not answer", shard=shard.index, command=msg[0],
+                               error=str(e) or type(e).__name__)
+
     def reopen(self) -> None:
         log_mod.reopen()
         self.accesslog.reopen()
+        self._tell_shards("reopen")
         self.log.info("logs reopened", access_log=self.accesslog.path)
 
     # -- main -------------------------------------------------------------------------
@@ -323,6 +355,11 @@ class Manager:
             if now - last_forget > FORGET_INTERVAL:
                 last_forget = now
                 self.metrics.forget_workers(self.worker_pids())
+            for shard in self.shards:
+                if shard.exited():
+                    self.log.error("collector shard exited: restarting the manager",
+                                   shard=shard.index, pid=shard.pid, code=shard.exit_code)
+                    self.request_stop("collector shard exited")
 
     def _start_services(self) -> None:
         """Admin sockets, ring collectors, OCSP, health checks."""
@@ -342,6 +379,7 @@ class Manager:
         """Serve until QUIT/TERM/master death. ``early_signals`` arrived during start-up;
         ``before_loop`` runs after the ready byte is written, before any greenlet runs
         (slow imports, then dropping privileges: nothing is served as root)."""
+        self.start_shards(ready_w)
         self._install_signals(early_signals)
         if self.spec.lifeline_fd is not None:
             gevent.spawn(self._watch_lifeline)
@@ -363,11 +401,11 @@ class Manager:
         self.admin.stop()
         self.collector.stop()
         flush_g.kill(block=False)
+        gevent.joinall([gevent.spawn(shard.stop) for shard in self.shards])
         n = self.collector.drain_all()
         self.accesslog.close()
         self.log.info("manager exiting", reason=self.stop_mode, drained=n,
-                      seconds=round(time.monotonic() - t0, 3),
-                      dropped=self.collector.dropped)
+                      seconds=round(time.monotonic() - t0, 3), dropped=self.ring_dropped)
 
     def _guard(self, fn) -> None:
         try:

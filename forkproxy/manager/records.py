@@ -1,0 +1,22 @@
+"""What the manager does with each batch of ring records: metrics, then the access log.
+
+Split from the manager process so that the same code runs in ``scripts/replay-bench``,
+which measures how many records per second one core can take through it.
+"""
+
+from __future__ import annotations
+
+from forkproxy.manager.accesslog import AccessLog
+from forkproxy.manager.metrics import Metrics
+
+
+class RecordSink:
+    """``on_batch(records)``: the Collector's callback (the list is reused: not kept)."""
+
+    def __init__(self, metrics: Metrics, accesslog: AccessLog):
+        self.metrics = metrics
+        self.accesslog = accesslog
+
+    def on_batch(self, items: list) -> None:
+        self.metrics.observe_batch(items)
+        self.accesslog.write_batch(items)

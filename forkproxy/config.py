@@ -167,10 +167,14 @@ class TLSConfig(_Section, kw_only=True):
     ocsp_stapling: bool = True
     #: first retry after a failed OCSP fetch (doubling, jittered, up to 1h)
     ocsp_retry: Duration = Duration(30.0)
-    alpn: list[str] = field(default_factory=lambda: ["http/1.1"])
+    #: the former name of the listener's `protocols` (still accepted; not both)
+    alpn: list[Literal["h2", "http/1.1"]] | None = None
     #: if the OpenSSL shim's self-test fails: serve with per-process tickets and no
     #: stapling (logged loudly) instead of refusing to start
     allow_degraded: bool = False
+
+
+Protocol = Literal["h2", "http/1.1", "h2c"]
 
 
 class ListenerConfig(_Section, kw_only=True):
@@ -178,6 +182,44 @@ class ListenerConfig(_Section, kw_only=True):
     upstream: str = ""
     tls: TLSConfig | None = None
     proxy_protocol: bool = False
+    #: protocols served, in order of preference: TLS listeners offer them through ALPN
+    #: (default ["h2", "http/1.1"]); a plain listener defaults to ["http/1.1"] and may add
+    #: "h2c" (HTTP/2 with prior knowledge, RFC 9113 section 3.3, on the same port)
+    protocols: list[Protocol] | None = None
+
+
+class Http2Config(_Section, kw_only=True):
+    """Limits of each HTTP/2 client connection (RFC 9113 SETTINGS and flood bounds)."""
+
+    #: streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); the
+    #: excess is refused with REFUSED_STREAM
+    max_concurrent_streams: Annotated[int, Meta(ge=1, le=2**31 - 1)] = 128
+    #: each stream's receive window (SETTINGS_INITIAL_WINDOW_SIZE): request body bytes a
+    #: client may send ahead of the upstream reading them
+    initial_window_size: Size = Size(65535)
+    #: largest frame payload received (SETTINGS_MAX_FRAME_SIZE, 16k-16m)
+    max_frame_size: Size = Size(16384)
+    #: a request's header list, as RFC 9113 counts it (name + value + 32 per field;
+    #: SETTINGS_MAX_HEADER_LIST_SIZE); above it the request gets 431
+    max_header_list_size: Size = Size(32768)
+    #: HPACK dynamic table, both directions (SETTINGS_HEADER_TABLE_SIZE)
+    header_table_size: Size = Size(4096)
+    #: CONTINUATION frames allowed after a HEADERS frame; more end the connection
+    #: (CVE-2024-27316). A header block is at most (this + 1) x max_frame_size bytes
+    max_continuations: Annotated[int, Meta(ge=0, le=64)] = 8
+    #: stream resets (by the client, or for its malformed requests) a connection may
+    #: make at once before GOAWAY(ENHANCE_YOUR_CALM) (rapid reset, CVE-2023-44487)
+    reset_burst: Positive = 200
+    #: resets per second refilled into reset_burst
+    reset_rate: Annotated[float, Meta(gt=0)] = 33.0
+    #: SETTINGS, PING, PRIORITY, WINDOW_UPDATE and empty DATA frames a connection may
+    #: send at once before GOAWAY(ENHANCE_YOUR_CALM)
+    control_frame_burst: Positive = 1000
+    #: control frames per second refilled into control_frame_burst
+    control_frame_rate: Annotated[float, Meta(gt=0)] = 100.0
+    #: response bytes queued per stream before reading from the upstream pauses (the
+    #: client's window is closed or its connection slow)
+    send_buffer: Size = Size(65536)
 
 
 class SplitTarget(_Section, kw_only=True):
@@ -333,6 +375,7 @@ class Config(_Section, kw_only=True):
     admin: AdminConfig = field(default_factory=AdminConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     listener: list[ListenerConfig] = field(default_factory=list)
+    http2: Http2Config = field(default_factory=Http2Config)
     route: list[RouteConfig] = field(default_factory=list)
     upstream: dict[str, UpstreamConfig] = field(default_factory=dict)
     #: the file this was loaded from (set by load(), not a config key)
@@ -486,6 +529,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
             problems.append(f"{key}.upstream: required when no [[route]] is defined")
         if lst.tls is not None:
             problems.extend(_validate_tls(f"{key}.tls", lst.tls, base, check_files))
+    problems.extend(_validate_http2(cfg))
     tls_files = {(lst.tls.ticket_key_file, lst.tls.ticket_key_rotation)
                  for lst in cfg.listener if lst.tls is not None}
     if len(tls_files) > 1:
@@ -631,9 +675,53 @@ def _validate_tls(key: str, tls: TLSConfig, base: str, check_files: bool) -> lis
             problems.append(f"{key}.ticket_key_file: {p} must not be readable by group or others (chmod 600)")
     if tls.ticket_key_rotation < 1:
         problems.append(f"{key}.ticket_key_rotation: must be at least 1s")
-    for proto in tls.alpn:
-        if proto not in ("http/1.1",):
-            problems.append(f"{key}.alpn: unsupported protocol {proto!r} (only 'http/1.1')")
+    return problems
+
+
+def listener_protocols(lst: ListenerConfig) -> tuple[str, ...]:
+    """The protocols a listener serves, with the defaults filled in."""
+    if lst.protocols is not None:
+        return tuple(lst.protocols)
+    if lst.tls is not None:
+        return tuple(lst.tls.alpn) if lst.tls.alpn is not None else ("h2", "http/1.1")
+    return ("http/1.1",)
+
+
+def _validate_http2(cfg: Config) -> list[str]:
+    """The listeners' protocols, and the ranges RFC 9113 section 6.5.2 gives the
+    SETTINGS values."""
+    problems = []
+    for i, lst in enumerate(cfg.listener):
+        problems.extend(_validate_protocols(f"listener[{i}]", lst))
+    h2 = cfg.http2
+    if not 1 <= h2.initial_window_size <= 2**31 - 1:
+        problems.append("http2.initial_window_size: must be 1 to 2147483647 bytes")
+    if not 16384 <= h2.max_frame_size <= 16777215:
+        problems.append("http2.max_frame_size: must be 16k to 16777215 bytes")
+    if h2.max_header_list_size < 1024:
+        problems.append("http2.max_header_list_size: must be at least 1k")
+    if h2.send_buffer < 16384:
+        problems.append("http2.send_buffer: must be at least 16k")
+    return problems
+
+
+def _validate_protocols(key: str, lst: ListenerConfig) -> list[str]:
+    if lst.protocols is None:
+        return []
+    problems = []
+    protos = lst.protocols
+    if lst.tls is not None and lst.tls.alpn is not None:
+        problems.append(f"{key}.tls.alpn: the former name of {key}.protocols: give only one")
+    if not protos:
+        problems.append(f"{key}.protocols: at least one protocol is required")
+    if len(set(protos)) != len(protos):
+        problems.append(f"{key}.protocols: a protocol is listed twice")
+    if lst.tls is not None and "h2c" in protos:
+        problems.append(f"{key}.protocols: 'h2c' is HTTP/2 without TLS; a TLS listener "
+                        "offers 'h2'")
+    if lst.tls is None and "h2" in protos:
+        problems.append(f"{key}.protocols: 'h2' needs [listener.tls]; a plain listener "
+                        "accepts 'h2c' (prior knowledge)")
     return problems
 
 

@@ -58,6 +58,10 @@ class RequestContext(msgspec.Struct, array_like=True, gc=False, tag=1):
     #: the request became a tunnel (Connection: Upgrade, e.g. WebSocket); bytes_in and
     #: bytes_out are the tunnel's bytes each way, the times end when the tunnel closed
     tunnel: bool = False
+    #: the client's protocol, as the access log shows it ("HTTP/1.1", "HTTP/2")
+    protocol: str = "HTTP/1.1"
+    #: the HTTP/2 stream id (0 for HTTP/1.1)
+    stream: int = 0
 
 
 #: configured weights are multiplied by this in the balancer (worker/balancer.py): slow
@@ -99,6 +103,14 @@ class WorkerGauges(msgspec.Struct, array_like=True, gc=False, tag=2):
     greenlets: int  # greenlets alive, -1 when not counted (counting costs a gc walk)
     connections: int  # client connections open
     upstreams: list[UpstreamGauge] = msgspec.field(default_factory=list)
+    #: counters since the worker started (the collector adds their increments):
+    #: client connections by "listener protocol" (forkproxy_client_connections_total)
+    client_connections: dict[str, int] = msgspec.field(default_factory=dict)
+    #: HTTP/2 stream and connection errors by reason (forkproxy_http2_stream_errors_total)
+    http2_errors: dict[str, int] = msgspec.field(default_factory=dict)
+    #: HTTP/2 client connections and streams open now (/status)
+    http2_connections: int = 0
+    http2_streams: int = 0
 
 
 #: everything a worker may push into its ring

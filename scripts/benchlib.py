@@ -54,7 +54,7 @@ EXIT_SKIP = 77
 
 #: Debian packages providing the tools
 PACKAGES = {"wrk": "wrk", "nginx": "nginx-light", "haproxy": "haproxy", "openssl": "openssl",
-            "taskset": "util-linux"}
+            "taskset": "util-linux", "h2load": "nghttp2-client"}
 
 WRK_LUA = r"""
 done = function(summary, latency, requests)
@@ -75,7 +75,7 @@ class Scenario:
                  stime_mode="", tls_version="", unit="req", upstream_tls=False):
         self.name = name
         self.title = title
-        self.kind = kind  # "wrk" or "stime"
+        self.kind = kind  # "wrk", "stime" or "h2load"
         self.path = path
         self.close = close
         self.tls = tls
@@ -114,6 +114,8 @@ SCENARIOS = {s.name: s for s in [
     Scenario("tls13-resume", "TLS 1.3 resumed handshakes, no request (openssl s_time -reuse)",
              kind="stime", tls=True, stime_mode="-reuse", tls_version="-tls1_3", unit="conn",
              path=""),
+    Scenario("h2", "HTTP/2 over TLS (ALPN h2), 2 KiB body, h2load -c 32 -m 10",
+             kind="h2load", tls=True, path="/static/2k"),
 ]}
 DEFAULT_SCENARIOS = ["tiny", "1k", "1m", "close", "tls", "tls-close", "tls12-new",
                      "tls12-resume"]
@@ -130,6 +132,9 @@ TARGETS = [
     ("tls12-resume", "rps", "tls12-new", ">=", 3.0,
      "TLS 1.2 resumed handshakes/s >= 3x full handshakes/s (forkproxy's own)"),
     ("tiny", "rps", "proxy.py", ">=", 5.0, "tiny keep-alive: req/s >= 5x proxy.py"),
+    # issue 14's
+    ("h2", "cpu", "nginx", "<=", 2.0, "HTTP/2 (TLS, 2 KiB): CPU/request <= 2x nginx"),
+    ("h2", "rps", "nginx", ">=", 0.5, "HTTP/2 (TLS, 2 KiB): req/s >= 0.5x nginx"),
 ]
 
 
@@ -446,6 +451,8 @@ class Env:
         os.makedirs(www)
         with open(os.path.join(www, "1k"), "wb") as f:
             f.write(os.urandom(1024))
+        with open(os.path.join(www, "2k"), "wb") as f:
+            f.write(os.urandom(2048))
         with open(os.path.join(www, "1m"), "wb") as f:
             f.write(os.urandom(1024 * 1024))
         for d in (os.path.join(self.run, "www"), www):
@@ -651,6 +658,9 @@ class HAProxy(Proxy):
     name = "haproxy"
     maxconn = 0  # memprobe raises the template's 8000
 
+    def supports(self, scn: Scenario) -> bool:
+        return super().supports(scn) and scn.kind != "h2load"  # its template has no h2
+
     def start(self) -> None:
         env = self.env
         self.tls_port = free_port()
@@ -737,6 +747,9 @@ def load_cmd(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> list[str
                 f"127.0.0.1:{port}", scn.stime_mode, "-time", str(max(1, round(duration))),
                 *www, scn.tls_version]
     url = f"{'https' if scn.tls else 'http'}://127.0.0.1:{port}{scn.path}"
+    if scn.kind == "h2load":
+        return [*env.taskset(env.load_cpus), "h2load", "-D", str(max(1, round(duration))),
+                "-c", "32", "-m", "10", "-t", "1", url]
     cmd = [*env.taskset(env.load_cpus), "wrk", f"-t{args.threads}", f"-c{args.connections}",
            f"-d{max(1, round(duration))}s", "--latency", "--timeout", "10s", "-s", env.lua]
     if scn.close:
@@ -757,6 +770,28 @@ def parse_wrk(out: str) -> dict:
         "max_ms": w["max_us"] / 1000, "bytes": w["bytes"],
         "errors": {k: w[k] for k in ("connect", "read", "write", "status", "timeout") if w[k]},
     }
+
+
+def parse_h2load(out: str) -> dict:
+    """h2load's summary: requests, rate, mean and max request time (no percentiles)."""
+    done = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                     r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+    fin = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", out)
+    times = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+"
+                      r"([\d.]+)(us|ms|s)", out)
+    proto = re.search(r"Application protocol: (\S+)", out)
+    if not (done and fin and times) or not proto or proto.group(1) != "h2":
+        raise RuntimeError(f"h2load printed no HTTP/2 summary:\n{out[-800:]}")
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    secs = float(fin.group(1)) / (1000 if fin.group(2) == "ms" else 1)
+    ok = int(done.group(4))
+    errors = {k: int(done.group(i)) for k, i in (("failed", 5), ("errored", 6), ("timeout", 7))
+              if int(done.group(i))}
+    mean = float(times.group(5)) * scale[times.group(6)]
+    return {"count": ok, "seconds": secs, "rate": ok / secs if secs else 0.0,
+            "p50_ms": mean, "p90_ms": None, "p99_ms": None, "mean_ms": mean,
+            "max_ms": float(times.group(3)) * scale[times.group(4)], "bytes": 0,
+            "errors": errors}
 
 
 def parse_stime(out: str, wall: float) -> dict:
@@ -821,7 +856,12 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     out = out.decode(errors="replace")
     if gen.returncode != 0:
         raise RuntimeError(f"{cmd[3]} exited {gen.returncode}:\n{out[-800:]}")
-    res = parse_stime(out, wall) if scn.kind == "stime" else parse_wrk(out)
+    if scn.kind == "stime":
+        res = parse_stime(out, wall)
+    elif scn.kind == "h2load":
+        res = parse_h2load(out)
+    else:
+        res = parse_wrk(out)
     proxy_cpu, proxy_sys, notes = cpu_delta(p_before, p_after)
     origin_cpu, _, _ = cpu_delta(o_before, o_after)
     total = (busy_after - busy_before) / CLK_TCK
@@ -969,7 +1009,7 @@ def render_markdown(results: dict) -> str:
     lines.append("")
     targets = check_targets(results)
     if targets:
-        lines += ["#### Targets (issue 7)", "", "| target | forkproxy measured | verdict |",
+        lines += ["#### Targets (issues 7 and 14)", "", "| target | forkproxy measured | verdict |",
                   "|---|---:|---|"]
         lines += [f"| {t} | {v} | {ok} |" for t, v, ok in targets]
         lines.append("")
@@ -1291,6 +1331,8 @@ def main_bench(argv: list[str], command: str) -> int:
     tools = ["wrk", "nginx", "openssl", "taskset"]
     if "haproxy" in args.proxies:
         tools.append("haproxy")
+    if any(SCENARIOS[s].kind == "h2load" for s in args.scenarios):
+        tools.append("h2load")
     err = ensure_tools(tools)
     if err:
         print(f"bench: cannot run: {err}", file=sys.stderr)

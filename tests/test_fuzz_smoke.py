@@ -1,6 +1,7 @@
-"""Issue 8: a short coverage-guided fuzz run of the request and response parsing paths
-(scripts/fuzz; the full smoke is `scripts/fuzz --smoke`, 60 s). atheris is not a project
-dependency: the test is skipped, saying why, when no Python with atheris is found."""
+"""Issues 8 and 14: a short coverage-guided fuzz run of the request and response parsing
+paths and of the HTTP/2 frame and header path (scripts/fuzz; the full smoke is
+`scripts/fuzz --smoke`, 60 s). atheris is not a project dependency: the test is skipped,
+saying why, when no Python with atheris is found."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def fuzz_python():
     return r.stdout.strip()
 
 
-@pytest.mark.parametrize("target", ["request", "response"])
+@pytest.mark.parametrize("target", ["request", "response", "http2"])
 def test_fuzz_smoke(tmp_path, fuzz_python, target):
     r = subprocess.run([sys.executable, FUZZ, "--no-create", "--seconds", str(SECONDS),
                         "--target", target, "--corpus", str(tmp_path / target)],

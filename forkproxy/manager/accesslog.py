@@ -6,8 +6,9 @@ Formats:
   ``remote``, ``method``, ``path``, ``status``, ``bytes_out``, ``upstream``,
   ``upstream_addr``, ``duration_ms``, ``phases`` (phase name -> milliseconds, only the
   phases that happened), ``tls_resumed`` (null on plain-text listeners) and ``worker``
-  (pid); also ``listener``, ``bytes_in``, ``upstream_reused``, ``tls_version`` and
-  ``error`` (empty unless the proxy answered an upstream failure itself).
+  (pid); also ``listener``, ``bytes_in``, ``upstream_reused``, ``tls_version``,
+  ``error`` (empty unless the proxy answered an upstream failure itself), ``protocol``
+  (``HTTP/1.1``, ``HTTP/2``) and, for HTTP/2 requests, ``stream`` (the stream id).
 * ``console``: one human-readable line, nginx-like::
 
     2025-01-02T03:04:05.678Z 127.0.0.1 "GET /x" 200 1234B 12.3ms app=127.0.0.1:9000 \
@@ -63,8 +64,9 @@ class _Clock:
 _clock = _Clock()
 
 
-class JsonLine(msgspec.Struct, gc=False):
-    """The fields of a ``json`` access log line, in this order."""
+class JsonLine(msgspec.Struct, gc=False, omit_defaults=True):
+    """The fields of a ``json`` access log line, in this order (``stream`` only for
+    HTTP/2 requests)."""
 
     ts: str
     request_id: str
@@ -84,6 +86,8 @@ class JsonLine(msgspec.Struct, gc=False):
     upstream_reused: bool
     tls_version: str
     error: str
+    protocol: str
+    stream: int | None = None
 
 
 def json_record(ctx: RequestContext, ms: dict[str, float]) -> JsonLine:
@@ -103,7 +107,7 @@ def json_record(ctx: RequestContext, ms: dict[str, float]) -> JsonLine:
         f"{clock.prefix}.{int((ts - sec) * 1000):03d}Z", ctx.request_id, ctx.remote,
         ctx.method, ctx.path, ctx.status, ctx.bytes_out, ctx.upstream, ctx.upstream_addr,
         int(d * 1e6 + 0.5) / 1000, ms, ctx.tls_resumed, ctx.worker, ctx.listener,
-        ctx.bytes_in, ctx.reused, ctx.tls_version, ctx.error)
+        ctx.bytes_in, ctx.reused, ctx.tls_version, ctx.error, ctx.protocol, ctx.stream or None)
 
 
 def json_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:
@@ -141,6 +145,8 @@ def console_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:
     ]
     if ctx.tls_resumed is not None:
         parts.append(f"tls={ctx.tls_version or '?'}{'/resumed' if ctx.tls_resumed else ''}")
+    if ctx.stream:
+        parts.append(f"h2_stream={ctx.stream}")
     for name, v in ms.items():
         parts.append(f"{_SHORT.get(name, name)}={v:.1f}")
     if ctx.error:

@@ -204,6 +204,11 @@ class Metrics:
         self.rejected: dict[str, int] = {}
         self.retries: dict[str, int] = {}  # by upstream (rendered by manager/upstreams.py)
         self.tunnels: dict[str, int] = {}  # by upstream, counted when a tunnel closes
+        #: counters the workers report as running totals in their gauges records: the
+        #: sums of their increments (so a worker that exits keeps its share)
+        self.client_connections: dict[tuple[str, str], int] = {}
+        self.http2_errors: dict[str, int] = {}
+        self._last_totals: dict[int, tuple[dict, dict]] = {}
 
     # -- input ------------------------------------------------------------------------
 
@@ -365,13 +370,37 @@ class Metrics:
     def observe_gauges(self, g: WorkerGauges) -> None:
         self.gauge_records += 1
         self.gauges[g.worker] = g
+        last_conns, last_errors = self._last_totals.get(g.worker, ({}, {}))
+        totals = self.client_connections
+        for key, n in g.client_connections.items():
+            listener, _, protocol = key.rpartition(" ")
+            k = (listener, protocol)
+            totals[k] = totals.get(k, 0) + n - last_conns.get(key, 0)
+        errors = self.http2_errors
+        for reason, n in g.http2_errors.items():
+            errors[reason] = errors.get(reason, 0) + n - last_errors.get(reason, 0)
+        self._last_totals[g.worker] = (g.client_connections, g.http2_errors)
 
     def forget_workers(self, live_pids: Iterable[int]) -> None:
         live = set(live_pids)
         for pid in [p for p in self.gauges if p not in live]:
             del self.gauges[pid]
+            self._last_totals.pop(pid, None)
 
     # -- output -----------------------------------------------------------------------
+
+    def _render_protocols(self, w) -> None:
+        """Client connections by protocol and HTTP/2 errors (totals the workers report)."""
+        w.family("forkproxy_client_connections_total", "counter",
+                 "Client connections accepted, by listener and protocol (http/1.1, h2, h2c).")
+        for (listener, protocol), n in sorted(self.client_connections.items()):
+            w.sample("forkproxy_client_connections_total",
+                     (("listener", listener), ("protocol", protocol)), n)
+        w.family("forkproxy_http2_stream_errors_total", "counter",
+                 "HTTP/2 streams refused or reset and connections ended by the proxy, by "
+                 "reason (malformed_headers, refused_stream, rapid_reset, ping_flood, ...).")
+        for reason, n in sorted(self.http2_errors.items()):
+            w.sample("forkproxy_http2_stream_errors_total", (("reason", reason),), n)
 
     def render(self, sample: Sample | None = None) -> str:
         """The Prometheus text exposition (format 0.0.4)."""
@@ -415,6 +444,7 @@ class Metrics:
                  "header_timeout, body_timeout, rate_limited, conn_limit, ...).")
         for reason, n in sorted(self.rejected.items()):
             w.sample("forkproxy_rejected_total", (("reason", reason),), n)
+        self._render_protocols(w)
 
         live = self.gauges
         if sample is not None:

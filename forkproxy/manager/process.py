@@ -159,6 +159,8 @@ class Manager:
                 "rss": rss_bytes(pid),
                 "heartbeat_age": round(now_mono - hb, 3) if hb else None,
                 "greenlets": g.greenlets if g is not None and g.greenlets >= 0 else None,
+                "http2_connections": g.http2_connections if g is not None else 0,
+                "http2_streams": g.http2_streams if g is not None else 0,
             })
         out.sort(key=lambda w: (w["generation"], w["slot"], w["pid"]))
         return out

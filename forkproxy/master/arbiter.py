@@ -25,6 +25,7 @@ import time
 
 from forkproxy import config as config_mod
 from forkproxy import log as log_mod
+from forkproxy.http2 import nghttp2
 from forkproxy.manager import process as manager_process
 from forkproxy.master import daemon
 from forkproxy.master.listeners import BindError, BoundListener, enable_migrate_req
@@ -205,6 +206,7 @@ class Arbiter:
     def _setup_shared(self) -> None:
         """Rings and key store: shared memory created before any fork."""
         self._setup_tls(self.cfg, self.inherited_keystore_fd)
+        self._setup_http2(self.cfg)
         self._setup_limits(self.cfg)
         self.health.assign(self.cfg)
 
@@ -241,6 +243,24 @@ class Arbiter:
                                 "to serve TLS without shared tickets and stapling")
         self.log.info("TLS shim self-test passed", library=result.library)
         self.ticket_keys = TicketKeys.create(cfg, self.log, inherited_fd)
+
+    def _setup_http2(self, cfg) -> None:
+        """Self-test libnghttp2 when a listener may serve HTTP/2. A listener that names
+        h2 or h2c in its protocols refuses to start without it; a TLS listener's default
+        then offers http/1.1 only (logged loudly)."""
+        wanting = [lcfg for lcfg in cfg.listener
+                   if {"h2", "h2c"} & set(config_mod.listener_protocols(lcfg))]
+        if not wanting:
+            return
+        try:
+            version = nghttp2.self_test()
+        except nghttp2.Nghttp2Unavailable as e:
+            if any(lcfg.protocols is not None or (lcfg.tls is not None and lcfg.tls.alpn)
+                   for lcfg in wanting):
+                raise TLSSetupError(f"HTTP/2: {e}")
+            self.log.error("HTTP/2 DISABLED: TLS listeners offer http/1.1 only", reason=str(e))
+            return
+        self.log.info("HTTP/2 engine self-test passed", library=f"libnghttp2 {version}")
 
     def ring_for(self, index: int) -> Ring:
         ring = self.rings.get(index)

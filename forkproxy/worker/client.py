@@ -150,6 +150,10 @@ class ClientConnection:
                 raise ClientGone(str(e))
         send_all(self.sock, data)
 
+    def start_drain(self) -> None:
+        """The worker began a graceful stop. HTTP/1.1 needs nothing here (the drain
+        closes its idle connections); HTTP/2 sends GOAWAY."""
+
     # -- closing -------------------------------------------------------------------
 
     def close(self) -> None:

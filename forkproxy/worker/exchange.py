@@ -391,6 +391,7 @@ class Exchange:
             server.address if server is not None else "",
             conn.reused if conn is not None else False, front.tls_resumed,
             front.tls_version, self.times, error, self.reject, self.retries, self.tunnel,
+            front.protocol, front.stream,
         ), buf)
         ws.ring.push(buf)  # never blocks: the ring drops and counts when full
         self.reject = ""

@@ -51,6 +51,8 @@ class FrontEnd:
 
     #: the access log's ``protocol`` field
     protocol = "HTTP/1.1"
+    #: the HTTP/2 stream id of the request (0: not HTTP/2), for the request context
+    stream = 0
 
     def read_body(self):
         """The next piece of the request body (bytes-like), or None at its end.

@@ -29,6 +29,7 @@ from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.front import Deadline
 from forkproxy.worker.heap import HeapTrimmer
 from forkproxy.worker.http1 import Http1Connection
+from forkproxy.worker.http2 import PREFACE, Http2Connection
 from forkproxy.worker.state import ListenerRuntime, WorkerState
 
 #: how often connection deadlines are checked (timeouts are this coarse)
@@ -165,8 +166,9 @@ class Worker:
             tls_ctx = None
             if lcfg.tls is not None:
                 tls_ctx = worker_tls.worker_tls_context(cfg, li, keystore)
+            h2c = tls_ctx is None and "h2c" in worker_tls.served_protocols(lcfg)
             lr = ListenerRuntime(lcfg.listen, default, b"https" if tls_ctx else b"http",
-                                 tls_ctx, lcfg.proxy_protocol)
+                                 tls_ctx, lcfg.proxy_protocol, h2c)
             self.listeners.append((lsock, lr))
 
     def _report_ready(self) -> None:
@@ -233,7 +235,10 @@ class Worker:
         parked = False
         try:
             if not fresh or self._open(conn):
-                parked = conn.serve()
+                if fresh:
+                    conn = self._protocol(conn)
+                if conn is not None:
+                    parked = conn.serve()
         except Exception as e:  # a bug must not take the worker down with it
             if self.logger is not None:
                 self.logger.exception("connection failed", remote=conn.remote, error=str(e))
@@ -255,6 +260,49 @@ class Worker:
                 return False
             conn.counted = conn.remote
         return True
+
+    def _protocol(self, conn):
+        """The front end for a new connection's protocol: HTTP/2 when ALPN chose h2,
+        or, on a listener that accepts h2c, when the client starts with the HTTP/2
+        preface; else the HTTP/1.1 connection itself. None: it closed meanwhile."""
+        lr = conn.listener
+        h2 = None
+        if conn.sslobj is not None:
+            if conn.sock.selected_alpn_protocol() == "h2":
+                h2, label = Http2Connection.adopt(conn), "h2"
+        elif lr.h2c:
+            first = self._peek_preface(conn)
+            if first is None:
+                self._close_quietly(conn)
+                return None
+            if first == PREFACE:
+                h2, label = Http2Connection.adopt(conn), "h2c"
+        if h2 is None:
+            self.ws.count_connection(lr.name, "http/1.1")
+            return conn
+        self.ws.count_connection(lr.name, label)
+        self.ws.connections.discard(conn)
+        self.ws.connections.add(h2)
+        return h2
+
+    def _peek_preface(self, conn) -> bytes | None:
+        """The first bytes of a plain connection, left in the socket: the 24 of the
+        HTTP/2 preface, or as many as show it is not one. None: closed or timed out."""
+        conn.greenlet = gevent.getcurrent()  # the sweeper throws Deadline into it
+        conn.deadline = time.monotonic() + self.ws.header_timeout
+        try:
+            while True:
+                socket.wait_read(conn.sock.fileno())
+                data = conn.sock.recv(len(PREFACE), pysocket.MSG_PEEK)
+                if not data:
+                    return None
+                if len(data) == len(PREFACE) or not PREFACE.startswith(data):
+                    return data
+                gevent.sleep(0.01)  # a prefix of the preface: wait for the rest
+        except (OSError, Deadline):
+            return None
+        finally:
+            conn.deadline = 0.0
 
     def _read_proxy_header(self, conn) -> bool:
         """A listener behind an L4 balancer: the PROXY v1/v2 header carries the client's
@@ -309,6 +357,10 @@ class Worker:
                 d = conn.deadline
                 if d and d < now:
                     run_callback(expire, conn)
+            for stream in ws.streams:  # HTTP/2 streams: their exchanges' deadlines
+                d = stream.deadline
+                if d and d < now:
+                    run_callback(expire, stream)
 
     def expire(self, conn) -> None:
         """In the hub: a connection past its deadline. A parked one is closed here; an
@@ -357,6 +409,8 @@ class Worker:
         ws = self.ws
         ws.draining = True
         gevent.killall(self.acceptors, block=False)
+        for conn in list(ws.connections):
+            conn.start_drain()
         for lsock, _ in self.listeners:
             try:
                 lsock.close()

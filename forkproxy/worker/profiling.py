@@ -55,7 +55,11 @@ def gauges(ws, now: float | None = None) -> WorkerGauges:
     ups = [s.gauge() if hasattr(s, "gauge") else
            UpstreamGauge(up.name, s.address, s.active, len(s.idle))
            for up in ws.upstreams.values() for s in up.servers]
-    return WorkerGauges(ws.pid, now, state["count"], len(ws.connections), ups)
+    # HTTP/2 and per-protocol connection counters (plain stand-ins may lack them)
+    return WorkerGauges(ws.pid, now, state["count"], len(ws.connections), ups,
+                        dict(getattr(ws, "client_conns", {})),
+                        dict(getattr(ws, "http2_errors", {})),
+                        getattr(ws, "h2_connections", 0), len(getattr(ws, "streams", ())))
 
 
 def push_gauges(ws) -> bool:

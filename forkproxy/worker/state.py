@@ -8,6 +8,7 @@ import os
 from forkproxy.config import config_dir
 from forkproxy.context import encoder
 from forkproxy.http.request import Limits
+from forkproxy.http2.limits import Http2Limits
 from forkproxy.shm.limitzone import ClientLimits
 from forkproxy.worker.router import Router
 from forkproxy.worker.splice import PipePool
@@ -18,16 +19,18 @@ class ListenerRuntime:
     """What a connection needs to know about the listener it came in on."""
 
     __slots__ = ("name", "default_upstream", "scheme", "host_fallback", "tls_context",
-                 "proxy_protocol")
+                 "proxy_protocol", "h2c")
 
     def __init__(self, name: str, default_upstream, scheme: bytes, tls_context=None,
-                 proxy_protocol: bool = False):
+                 proxy_protocol: bool = False, h2c: bool = False):
         self.name = name
         self.default_upstream = default_upstream
         self.scheme = scheme
         self.host_fallback = name.encode()
         self.tls_context = tls_context
         self.proxy_protocol = proxy_protocol
+        #: a plain listener that accepts HTTP/2 with prior knowledge next to HTTP/1.1
+        self.h2c = h2c
 
 
 class WorkerState:
@@ -54,6 +57,19 @@ class WorkerState:
         self._buffers: list[bytearray] = []
         self.draining = False
         self.connections: set = set()  # front ends with a deadline (swept) and a drain
+        #: HTTP/2 streams being served: front ends with a deadline, swept like connections
+        self.streams: set = set()
+        h2 = cfg.http2
+        self.h2limits = Http2Limits(
+            h2.max_concurrent_streams, h2.initial_window_size, h2.max_frame_size,
+            h2.max_header_list_size, h2.header_table_size, h2.max_continuations,
+            h2.reset_burst, h2.reset_rate, h2.control_frame_burst, h2.control_frame_rate,
+            send_buffer=h2.send_buffer)
+        self.h2_connections = 0  # HTTP/2 client connections open
+        #: running totals for the gauges record: connections by "listener protocol",
+        #: HTTP/2 errors by reason
+        self.client_conns: dict[str, int] = {}
+        self.http2_errors: dict[str, int] = {}
         self.requests = 0
         self.stats_errors = 0
         self._rid_prefix = b"%08x" % (int.from_bytes(os.urandom(4), "big"))
@@ -65,6 +81,17 @@ class WorkerState:
         if spec.limit_zone is not None:
             spec.limit_zone.bind(spec.index)
             self.client_limits = ClientLimits(spec.limit_zone, cfg.limits)
+
+    def count_connection(self, listener: str, protocol: str) -> None:
+        key = f"{listener} {protocol}"
+        self.client_conns[key] = self.client_conns.get(key, 0) + 1
+
+    def count_http2_errors(self, errors: dict[str, int]) -> None:
+        """Add (and clear) an HTTP/2 session's error counts."""
+        totals = self.http2_errors
+        for reason, n in errors.items():
+            totals[reason] = totals.get(reason, 0) + n
+        errors.clear()
 
     def new_request_id(self) -> bytes:
         self._rid += 1

@@ -8,15 +8,35 @@ import ssl
 from gevent import socket
 
 from forkproxy import config as config_mod
+from forkproxy.http2 import nghttp2
 from forkproxy.tls.context import build_server_context, install_callbacks, staple_provider_for
 from forkproxy.tls.tickets import ticket_lifetime
 
 _HANDSHAKE_ERRORS = (ssl.SSLError, OSError, socket.timeout, ValueError)
+#: what this worker can serve; ALPN offers the listener's protocols filtered by it, so a
+#: client is never offered a protocol the worker would then fail to speak
+SERVED_PROTOCOLS = ("h2", "http/1.1", "h2c")
 
 
 def slot_base(cfg, li: int) -> int:
     """Staple slots are numbered over all TLS listeners' certificates in config order."""
     return sum(len(lcfg.tls.certificates) for lcfg in cfg.listener[:li] if lcfg.tls is not None)
+
+
+def served_protocols(lcfg) -> tuple[str, ...]:
+    """The listener's protocols that this process can serve: HTTP/2 only when libnghttp2
+    loaded (the master refuses to start when a listener names it explicitly and it does
+    not; a TLS listener's default then falls back to http/1.1)."""
+    served = SERVED_PROTOCOLS if http2_available() else ("http/1.1",)
+    return tuple(p for p in config_mod.listener_protocols(lcfg) if p in served)
+
+
+def http2_available() -> bool:
+    try:
+        nghttp2.library()
+    except nghttp2.Nghttp2Unavailable:
+        return False
+    return True
 
 
 def worker_tls_context(cfg, li: int, keystore):
@@ -25,7 +45,7 @@ def worker_tls_context(cfg, li: int, keystore):
     base = config_mod.config_dir(cfg)
     pairs = [(config_mod.resolve_path(c.cert, base), config_mod.resolve_path(c.key, base))
              for c in tls.certificates]
-    ctx = build_server_context(pairs, alpn=tuple(tls.alpn))
+    ctx = build_server_context(pairs, alpn=served_protocols(cfg.listener[li]))
     if not tls.session_tickets:
         for c in ctx.contexts():
             c.options |= ssl.OP_NO_TICKET

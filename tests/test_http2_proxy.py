@@ -1,0 +1,351 @@
+"""Issue 14 end to end: HTTP/2 clients (curl --http2 over TLS with ALPN, curl
+--http2-prior-knowledge, h2load, and a raw h2-library client for protocol violations)
+through real forked forkproxy masters and workers to real origins on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+from fp import rss_kib, wait_for
+from h2client import SocketClient
+from hostile import RecordingOrigin
+
+H2C = 'protocols = ["http/1.1", "h2c"]'
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    """A self-signed certificate for localhost (real openssl); curl trusts it directly."""
+    d = tmp_path_factory.mktemp("h2pki")
+    paths = {"ca": d / "cert.pem", "cert": d / "cert.pem", "key": d / "key.pem"}
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(paths["key"]),
+                    "-out", str(paths["cert"]), "-subj", "/CN=localhost", "-days", "2",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True,
+                   capture_output=True, timeout=60)
+    return paths
+
+
+@pytest.fixture
+def recording():
+    o = RecordingOrigin()
+    yield o
+    o.stop()
+
+
+def tls_listener(ca, extra: str = "") -> str:
+    return (f"{extra}\n[listener.tls]\n"
+            f'certificates = [{{ cert = "{ca["cert"]}", key = "{ca["key"]}" }}]\n')
+
+
+def curl(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["curl", "-sS", "--max-time", "20", *args], input=data,
+                          capture_output=True, timeout=60)
+
+
+def access_records(p, n: int) -> list[dict]:
+    def read():
+        if not os.path.exists(p.access_log):
+            return []
+        with open(p.access_log) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    wait_for(lambda: len(read()) >= n, timeout=15, what=f"{n} access log lines")
+    return read()
+
+
+def metric_lines(p, name: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=10).read()
+    out = {}
+    for line in text.decode().splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name):].rsplit(" ", 1)
+            out[labels] = float(value)
+    return out
+
+
+def h2load(url: str, *args: str) -> dict:
+    r = subprocess.run(["h2load", *args, url], capture_output=True, text=True, timeout=300)
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", r.stdout)
+    assert m, r.stdout + r.stderr
+    total, started, done, ok, failed, errored, timeouts = map(int, m.groups())
+    proto = re.search(r"Application protocol: (\S+)", r.stdout)
+    return {"total": total, "started": started, "done": done, "ok": ok, "failed": failed,
+            "errored": errored,
+            "timeout": timeouts, "protocol": proto[1] if proto else "", "out": r.stdout}
+
+
+# -- negotiation -------------------------------------------------------------------------
+
+
+def test_tls_listener_offers_h2_by_default_and_still_serves_http1(tmp_path, origin, proxies,
+                                                                   ca):
+    p = proxies(tmp_path, origin.address, listener_extra=tls_listener(ca), admin=True)
+    url = f"https://localhost:{p.port}/headers"
+    common = ["--cacert", str(ca["ca"]), "--resolve", f"localhost:{p.port}:127.0.0.1"]
+    r2 = curl("--http2", "-w", "\n%{http_version}", *common, url)
+    r1 = curl("--http1.1", "-w", "\n%{http_version}", *common, url)
+    assert r2.returncode == 0 and r2.stdout.endswith(b"\n2"), r2.stderr
+    assert r1.returncode == 0 and r1.stdout.endswith(b"\n1.1"), r1.stderr
+    seen = json.loads(r2.stdout.rsplit(b"\n", 1)[0])
+    names = [n for n, _ in seen["headers"]]
+    assert seen["headers"][0] == ["Host", f"localhost:{p.port}"]
+    assert ["X-Forwarded-Proto", "https"] in seen["headers"] and "te" not in names
+    recs = access_records(p, 2)
+    by_proto = {r["protocol"]: r for r in recs}
+    assert by_proto["HTTP/2"]["stream"] == 1 and by_proto["HTTP/2"]["tls_resumed"] is False
+    assert "stream" not in by_proto["HTTP/1.1"]
+    wait_for(lambda: metric_lines(p, "forkproxy_client_connections_total").get(
+        f'{{listener="127.0.0.1:{p.port}",protocol="h2"}}') == 1, timeout=10,
+        what="the h2 connection counted")
+    conns = metric_lines(p, "forkproxy_client_connections_total")
+    assert conns[f'{{listener="127.0.0.1:{p.port}",protocol="http/1.1"}}'] == 1
+
+
+def test_h2c_prior_knowledge_and_http1_on_the_same_port(tmp_path, origin, proxies):
+    p = proxies(tmp_path, origin.address, listener_extra=H2C)
+    url = f"http://127.0.0.1:{p.port}/bytes/100000"
+    r2 = curl("--http2-prior-knowledge", "-w", "%{http_version}", "-o", "/dev/null", url)
+    r1 = curl("--http1.1", "-w", "%{http_version}", "-o", "/dev/null", url)
+    assert (r2.returncode, r2.stdout) == (0, b"2"), r2.stderr
+    assert (r1.returncode, r1.stdout) == (0, b"1.1"), r1.stderr
+    body = curl("--http2-prior-knowledge", url).stdout
+    assert body == (bytes(range(256)) * 400)[:100000]
+
+
+def test_a_plain_listener_without_h2c_speaks_only_http1(tmp_path, origin, proxies):
+    p = proxies(tmp_path, origin.address)
+    r2 = curl("--http2-prior-knowledge", f"http://127.0.0.1:{p.port}/tiny")
+    assert r2.returncode != 0
+    r1 = curl("--http1.1", f"http://127.0.0.1:{p.port}/tiny")
+    assert (r1.returncode, r1.stdout) == (0, b"ok")
+
+
+# -- translation: the differential test --------------------------------------------------
+
+
+REQUESTS = [
+    ("GET", "/a?x=1&y=2", ["-H", "Accept: text/html", "-H", "X-Custom: one two"], None),
+    ("GET", "/cookies", ["-H", "Cookie: a=1; b=2", "-H", "X-Forwarded-For: 192.0.2.1"], None),
+    ("POST", "/form", ["-H", "Content-Type: application/x-www-form-urlencoded"], b"k=v&w=z"),
+    ("PUT", "/upload", ["-H", "Content-Type: application/octet-stream"], b"\x00\x01" * 3000),
+    ("DELETE", "/thing/7", [], None),
+    ("HEAD", "/head", [], None),
+    ("OPTIONS", "/opts", ["-H", "Origin: https://example.test"], None),
+]
+
+
+def test_http1_and_http2_requests_reach_the_origin_as_the_same_request(tmp_path, recording,
+                                                                        proxies):
+    """Each request is sent over HTTP/1.1 and over HTTP/2 (curl both times); the origin
+    must receive the same HTTP/1.1 request: method, target, body, and every header field
+    with its value and position (names compared without case: HTTP/2 lower-cases them).
+    The request id is fixed by the client so it is the same too."""
+    p = proxies(tmp_path, recording.address, listener_extra=H2C)
+    for method, path, headers, body in REQUESTS:
+        for version in ("--http1.1", "--http2-prior-knowledge"):
+            args = [version, "-X", method, *headers, "-H", f"X-Request-Id: rid-{method}",
+                    "-H", "Expect:", "-o", "/dev/null", "-w", "%{http_code}"]
+            if method == "HEAD":
+                args = [version, "-I", *headers, "-H", f"X-Request-Id: rid-{method}",
+                        "-o", "/dev/null", "-w", "%{http_code}"]
+            if body is not None:
+                args += ["--data-binary", "@-"]
+            r = curl(*args, f"http://127.0.0.1:{p.port}{path}", data=body)
+            assert r.stdout == b"200", (method, version, r.stdout, r.stderr)
+    wait_for(lambda: len(recording.seen) == 2 * len(REQUESTS), what="all requests at the origin")
+    assert not recording.errors and not recording.incomplete
+    seen = list(recording.seen)
+    for i, (method, path, _, body) in enumerate(REQUESTS):
+        h1, h2 = seen[2 * i], seen[2 * i + 1]
+        assert (h1.method, h1.path, h1.body) == (h2.method, h2.path, h2.body) == (
+            method, path, body or b"")
+        strip = [(n.lower(), v) for n, v in h1.headers]
+        assert strip == [(n.lower(), v) for n, v in h2.headers], (method, h1.headers, h2.headers)
+
+
+def test_a_body_without_length_goes_upstream_chunked(tmp_path, recording, proxies):
+    p = proxies(tmp_path, recording.address, listener_extra=H2C)
+    c = SocketClient(p.port)
+    sid = c.send([(b":method", b"POST"), (b":scheme", b"http"),
+                  (b":authority", b"origin.test"), (b":path", b"/stream")], end_stream=False)
+    for piece in (b"abc", b"defg", b"h"):
+        c.conn.send_data(sid, piece)
+        c.flush()
+    c.conn.end_stream(sid)
+    c.flush()
+    out = c.wait(sid)
+    c.close()
+    assert out["status"] == 200 and out["body"] == b"POST /stream 8"
+    (s,) = recording.seen
+    assert s.header("transfer-encoding") == ["chunked"] and not s.header("content-length")
+    assert s.body == b"abcdefgh" and s.header("host") == ["origin.test"]
+
+
+# -- hostile clients through the proxy ----------------------------------------------------
+
+
+def _req(path: bytes, *extra, method: bytes = b"GET"):
+    return [(b":method", method), (b":scheme", b"http"), (b":authority", b"origin.test"),
+            (b":path", path), *extra]
+
+
+@pytest.mark.parametrize("headers,body,reason", [
+    (_req(b"/te", (b"te", b"gzip")), None, "malformed_headers"),
+    (_req(b"/te2", (b"transfer-encoding", b"chunked"), method=b"POST"), b"0\r\n\r\n",
+     "malformed_headers"),
+    (_req(b"/crlf", (b"x-a", b"1\r\nx-smuggled: 1")), None, "invalid_field"),
+    (_req(b"/host", (b"host", b"evil.test")), None, "host_mismatch"),
+    (_req(b"/cl", (b"content-length", b"2"), method=b"POST"), b"GET /smuggled HTTP/1.1\r\n",
+     "malformed_body"),
+])
+def test_smuggling_attempts_never_reach_the_origin(tmp_path, recording, proxies, headers,
+                                                   body, reason):
+    """The stream is reset and nothing of it reaches the origin as a request (a body
+    longer than its content-length: at most the declared bytes, never a second request);
+    the next request on the same connection is served normally."""
+    p = proxies(tmp_path, recording.address, listener_extra=H2C, admin=True)
+    c = SocketClient(p.port)
+    bad = c.wait(c.send(headers, body))
+    assert bad["reset"] == 1 and bad["status"] is None, repr(bad)  # PROTOCOL_ERROR
+    good = c.wait(c.send(_req(b"/after")))
+    c.close()
+    assert good["status"] == 200 and good["body"] == b"GET /after 0"
+    time.sleep(0.3)  # anything smuggled would have reached the origin by now
+    assert [s.path for s in recording.seen] == ["/after"] and not recording.errors
+    wait_for(lambda: metric_lines(p, "forkproxy_http2_stream_errors_total").get(
+        f'{{reason="{reason}"}}') == 1, timeout=10, what=f"the {reason} error counted")
+
+
+def test_rapid_reset_gets_goaway_and_other_connections_are_served(tmp_path, origin, proxies):
+    p = proxies(tmp_path, origin.address, listener_extra=H2C, admin=True,
+                extra="[http2]\nreset_burst = 50\nreset_rate = 1.0\n")
+    c = SocketClient(p.port)
+    for _ in range(200):
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, _req(b"/sleep/200"))
+        c.conn.reset_stream(sid)
+    c.flush()
+    out = c.wait(-1)
+    c.close()
+    assert out["goaway"] == 0xB  # ENHANCE_YOUR_CALM
+    r = curl("--http2-prior-knowledge", f"http://127.0.0.1:{p.port}/tiny")
+    assert r.stdout == b"ok"
+    wait_for(lambda: metric_lines(p, "forkproxy_http2_stream_errors_total").get(
+        '{reason="rapid_reset"}') == 1, timeout=10, what="rapid_reset counted")
+
+
+# -- load and lifecycle ------------------------------------------------------------------
+
+
+def test_h2load_over_tls_and_h2c(tmp_path, origin, proxies, ca):
+    p = proxies(tmp_path, origin.address, listener_extra=tls_listener(ca))
+    q = proxies(tmp_path / "h2c", origin.address, listener_extra=H2C) if (
+        (tmp_path / "h2c").mkdir() or True) else None
+    tls = h2load(f"https://127.0.0.1:{p.port}/bytes/2048", "-n", "2000", "-c", "4", "-m", "10")
+    plain = h2load(f"http://127.0.0.1:{q.port}/bytes/2048", "-n", "2000", "-c", "4", "-m", "10")
+    assert (tls["protocol"], tls["ok"], tls["failed"], tls["errored"]) == ("h2", 2000, 0, 0), \
+        tls["out"]
+    assert (plain["protocol"], plain["ok"], plain["failed"]) == ("h2c", 2000, 0), plain["out"]
+
+
+def test_quit_lets_in_flight_streams_finish_after_goaway(tmp_path, recording, proxies):
+    """Two streams in flight on one connection (curl multiplexes them) when QUIT
+    arrives: both complete, then the worker closes the connection and the master exits."""
+    p = proxies(tmp_path, recording.address, listener_extra=H2C)
+    base = f"http://127.0.0.1:{p.port}"
+    client = subprocess.Popen(
+        ["curl", "-sS", "--http2-prior-knowledge", "--parallel", "--parallel-immediate",
+         "-w", "%{http_version} %{http_code}\n", f"{base}/sleep/800", f"{base}/sleep/900"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(recording.seen) == 2, what="both requests at the origin")
+        p.send(signal.SIGQUIT)
+        out, err = client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, err
+    assert b"GET /sleep/800 02 200" in out and b"GET /sleep/900 02 200" in out, out
+    assert p.proc.wait(15) == 0
+
+
+def test_no_request_fails_across_ten_hups(tmp_path, origin, proxies):
+    """h2load runs (8 connections x 10 streams) while the master gets 10 HUPs: each HUP
+    retires the old workers, whose connections get GOAWAY and finish their streams.
+
+    h2load 1.52 does not reconnect after a GOAWAY: it counts the requests it had not
+    started as failed and stops that client, and a request it had queued but not yet
+    written when the GOAWAY came is never sent (its library refuses new streams then,
+    RFC 9113 section 6.8). So h2load is restarted whenever it ends, and what is checked
+    is everything the proxy received: each request in the access log was answered 200
+    without error, and h2load counted exactly that many successes (no response lost or
+    broken on the way), across all 10 HUPs."""
+    p = proxies(tmp_path, origin.address, listener_extra=H2C, workers=2)
+    url = f"http://127.0.0.1:{p.port}/bytes/2048"
+    runs: list[dict] = []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            runs.append(h2load(url, "-n", "4000", "-c", "8", "-m", "10"))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        time.sleep(1.0)
+        for _ in range(10):
+            p.send(signal.SIGHUP)
+            time.sleep(0.9)
+    finally:
+        stop.set()
+        loader.join(timeout=300)
+    ok = sum(r["ok"] for r in runs)
+    assert ok > 2000 and all(r["timeout"] == 0 for r in runs), [r["out"] for r in runs]
+    assert any(r["failed"] for r in runs), "no run saw a GOAWAY: the HUPs did not drain"
+    records = access_records(p, ok)
+    time.sleep(1.5)  # the access log is flushed at least once a second: nothing more
+    records = access_records(p, ok)
+    assert [r for r in records if r["status"] != 200 or r["error"]] == []
+    assert len(records) == ok, (len(records), [r["out"][-600:] for r in runs])
+
+
+def test_a_large_download_streams_with_flat_memory(tmp_path, origin, proxies):
+    """256 MiB through one stream (curl's windows, the client reading at its pace): the
+    bytes are the origin's, and the worker's RSS does not grow with the body (the
+    stream's queue is bounded by send_buffer, the upstream is read as the client reads)."""
+    p = proxies(tmp_path, origin.address, listener_extra=H2C, admin=True)
+    (wpid,) = p.workers_pids()
+    curl("--http2-prior-knowledge", "-o", "/dev/null", f"http://127.0.0.1:{p.port}/tiny")
+    before = rss_kib(wpid)
+    size = 256 << 20
+    r = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "--max-time", "120",
+                        "-w", "%{size_download} %{http_version}", "-o", "/dev/null",
+                        f"http://127.0.0.1:{p.port}/bytes/{size}"],
+                       capture_output=True, timeout=180)
+    assert r.stdout == b"%d 2" % size, r.stderr
+    assert rss_kib(wpid) - before < 32 * 1024, (before, rss_kib(wpid))
+
+
+def test_status_shows_http2_connections_and_streams(tmp_path, recording, proxies):
+    p = proxies(tmp_path, recording.address, listener_extra=H2C, admin=True)
+    c = SocketClient(p.port)
+    c.send(_req(b"/sleep/3000"))
+
+    def h2_status():
+        body = urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/status", timeout=10)
+        (w,) = json.loads(body.read())["workers"]
+        return w["http2_connections"], w["http2_streams"]
+
+    wait_for(lambda: h2_status() == (1, 1), timeout=10, what="one connection, one stream")
+    c.close()
+    wait_for(lambda: h2_status() == (0, 0), timeout=15, what="both gone")

@@ -246,8 +246,18 @@ class RouteConfig(_Section, kw_only=True):
 
 
 class ServerAddress(_Section, kw_only=True):
-    address: str
+    #: "HOST:PORT" or "[V6]:PORT"; with resolve, HOST is a DNS name whose A and AAAA
+    #: records are the servers (each on PORT)
+    address: str = ""
+    #: instead of address: an SRV name ("_http._tcp.app.internal") whose records give the
+    #: servers' targets, ports and weights (the lowest priority only); needs resolve
+    srv: str = ""
+    #: share of requests relative to the other servers (each resolved address gets it;
+    #: SRV records carry their own weights)
     weight: Positive = 1
+    #: re-resolve the name this often, in the manager, without a reload; servers that
+    #: appear are added and servers that disappear drained ("0s" = a fixed address)
+    resolve: Duration = Duration(0.0)
 
 
 class HealthCheckConfig(_Section, kw_only=True):
@@ -369,6 +379,17 @@ class UpstreamConfig(_Section, kw_only=True):
     tls: UpstreamTLSConfig | None = None
 
 
+class ResolverConfig(_Section, kw_only=True):
+    """DNS for the servers given with ``resolve``."""
+
+    #: DNS servers asked, in order: "IP" (port 53) or "IP:PORT" / "[V6]:PORT"; empty = the
+    #: nameservers of /etc/resolv.conf
+    nameservers: list[str] = field(default_factory=list)
+    #: one resolution (every query of it, every nameserver tried) gives up after this
+    #: long; the last good set of servers is kept
+    timeout: Duration = Duration(2.0)
+
+
 class Config(_Section, kw_only=True):
     server: ServerConfig = field(default_factory=ServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -378,6 +399,7 @@ class Config(_Section, kw_only=True):
     http2: Http2Config = field(default_factory=Http2Config)
     route: list[RouteConfig] = field(default_factory=list)
     upstream: dict[str, UpstreamConfig] = field(default_factory=dict)
+    resolver: ResolverConfig = field(default_factory=ResolverConfig)
     #: the file this was loaded from (set by load(), not a config key)
     path: str = ""
 
@@ -545,6 +567,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
             problems.append(f"{key}.host: expected an exact host, '*.suffix' or '*', got {host!r}")
     for name, up in cfg.upstream.items():
         problems.extend(_validate_upstream(f"upstream.{name}", up, base, check_files))
+    problems.extend(_validate_resolver(cfg, check_files))
     if cfg.admin.listen:
         try:
             addr = parse_listen(cfg.admin.listen)
@@ -619,16 +642,132 @@ def _validate_route_target(key: str, route: RouteConfig, cfg: Config) -> list[st
 
 
 def _validate_upstream(key: str, up: UpstreamConfig, base: str, check_files: bool) -> list[str]:
-    problems = []
-    for j, srv in enumerate(up.servers):
-        try:
-            parse_hostport(srv.address)
-        except ValueError as e:
-            problems.append(f"{key}.servers[{j}].address: {e}")
+    problems = _validate_servers(f"{key}.servers", up.servers)
     problems.extend(_validate_upstream_policy(key, up))
     if up.tls is not None:
         problems.extend(_validate_upstream_tls(f"{key}.tls", up.tls, base, check_files))
+        if not up.tls.server_name and any(s.resolve for s in up.servers) and not dns_tls_name(up):
+            problems.append(f"{key}.tls.server_name: required when servers come from SRV "
+                            "records or from several DNS names (the name to verify)")
     return problems
+
+
+def dns_tls_name(up: UpstreamConfig) -> str:
+    """The name TLS verifies on servers found through DNS when ``server_name`` is empty:
+    the one DNS name their ``address`` entries resolve ("" with SRV entries or several
+    names)."""
+    hosts = set()
+    for s in up.servers:
+        if s.resolve:
+            if s.srv:
+                return ""
+            hosts.add(parse_hostport(s.address)[0])
+    return hosts.pop() if len(hosts) == 1 else ""
+
+
+#: a DNS name: dot-separated labels of letters, digits, '-' and '_' (SRV's "_http._tcp")
+_DNS_NAME_RE = re.compile(r"^(?=.{1,253}\.?$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+                          r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$")
+#: shortest resolve interval: more often only loads the DNS servers
+MIN_RESOLVE = 1.0
+
+
+def is_dns_name(text: str) -> bool:
+    return bool(_DNS_NAME_RE.match(text)) and not _is_ip(text)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def resolved_spec(server: ServerAddress) -> str:
+    """What the manager resolves for a ``resolve`` entry, as shown in /status and metrics:
+    "srv:NAME" or the "NAME:PORT" address."""
+    return f"srv:{server.srv}" if server.srv else server.address
+
+
+def _validate_servers(key: str, servers: list[ServerAddress]) -> list[str]:
+    """Fixed addresses, DNS names with resolve, SRV names (which need resolve)."""
+    problems = []
+    specs: set[str] = set()
+    for j, srv in enumerate(servers):
+        skey = f"{key}[{j}]"
+        if srv.srv:
+            if srv.address:
+                problems.append(f"{skey}.srv: give address or srv, not both")
+            elif not is_dns_name(srv.srv):
+                problems.append(f"{skey}.srv: expected a DNS name like "
+                                f"'_http._tcp.app.internal', got {srv.srv!r}")
+            if not srv.resolve:
+                problems.append(f"{skey}.resolve: required with srv (e.g. \"30s\")")
+            if srv.weight != 1:
+                problems.append(f"{skey}.weight: SRV records carry their own weights")
+        elif not srv.address:
+            problems.append(f"{skey}.address: required (or give srv)")
+            continue
+        else:
+            try:
+                host, _ = parse_hostport(srv.address)
+            except ValueError as e:
+                problems.append(f"{skey}.address: {e}")
+                continue
+            if srv.resolve and not is_dns_name(host):
+                problems.append(f"{skey}.resolve: {host!r} is not a DNS name: nothing to resolve")
+        if srv.resolve:
+            if srv.resolve < MIN_RESOLVE:
+                problems.append(f"{skey}.resolve: must be at least {MIN_RESOLVE:g}s")
+            spec = resolved_spec(srv)
+            if spec in specs:
+                problems.append(f"{skey}: {spec!r} is listed twice")
+            specs.add(spec)
+    return problems
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """A [resolver] nameserver: "IP" (port 53), "IP:PORT" or "[V6]:PORT"."""
+    if _is_ip(text):
+        return text, 53
+    try:
+        host, port = parse_hostport(text)
+    except ValueError:
+        host, port = "", 0
+    if not _is_ip(host):
+        raise ValueError(f"expected an IP address with an optional port ('IP', 'IP:PORT', "
+                         f"'[V6]:PORT'), got {text!r}")
+    return host, port
+
+
+def uses_dns(cfg: Config) -> bool:
+    return any(s.resolve for up in cfg.upstream.values() for s in up.servers)
+
+
+def _validate_resolver(cfg: Config, check_files: bool) -> list[str]:
+    problems = []
+    res = cfg.resolver
+    for j, ns in enumerate(res.nameservers):
+        try:
+            parse_nameserver(ns)
+        except ValueError as e:
+            problems.append(f"resolver.nameservers[{j}]: {e}")
+    if res.timeout <= 0:
+        problems.append("resolver.timeout: must be above 0")
+    if check_files and not res.nameservers and uses_dns(cfg) and not _system_nameservers():
+        problems.append("resolver.nameservers: required: servers use resolve and "
+                        "/etc/resolv.conf names no nameserver")
+    return problems
+
+
+def _system_nameservers(path: str = "/etc/resolv.conf") -> list[str]:
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    return [ln.split()[1] for ln in lines if ln.startswith("nameserver") and len(ln.split()) > 1]
 
 
 def _validate_upstream_policy(key: str, up: UpstreamConfig) -> list[str]:

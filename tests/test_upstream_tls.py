@@ -30,6 +30,8 @@ from upstreams_util import (
     ws_read_frame,
 )
 
+from forkproxy import config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: a body nginx compresses on the fly, so it arrives chunked (no length known up front)
@@ -397,3 +399,18 @@ def test_failures_logged_by_collector_shards(pki, origins, tmp_path):
         assert {e["process"] for e in lines} <= {"manager", "collector-1"}, lines
     finally:
         p.kill_all()
+
+
+def test_servers_from_dns_verify_the_name_they_were_found_through():
+    base = '[[listener]]\nlisten = "127.0.0.1:8080"\nupstream = "app"\n[upstream.app]\n'
+    cfg = config.loads(base + 'servers = [{ address = "app.internal:443", resolve = "30s" }]\n'
+                       "tls = {}\n", check_files=False)
+    assert config.dns_tls_name(cfg.upstream["app"]) == "app.internal"
+    for servers in ('[{ srv = "_https._tcp.app.internal", resolve = "30s" }]',
+                    '[{ address = "a.internal:443", resolve = "30s" }, '
+                    '{ address = "b.internal:443", resolve = "30s" }]'):
+        with pytest.raises(config.ConfigError) as e:
+            config.loads(base + f"servers = {servers}\ntls = {{}}\n", check_files=False)
+        assert "upstream.app.tls.server_name: required" in str(e.value)
+        config.loads(base + f'servers = {servers}\ntls = {{ server_name = "app.internal" }}\n',
+                     check_files=False)

@@ -165,6 +165,8 @@ class HealthChecker:
             if hc is None:
                 continue
             for s in up.servers:
+                if s.resolve:  # found through DNS: passive health only
+                    continue
                 i = index.get(server_key(name, s.address), -1)
                 if i >= 0:
                     out.append((name, s.address, hc, i))

@@ -2,8 +2,8 @@
 admin endpoint. Forked by the master (forkproxy/master/arbiter.py ``_start_manager``).
 
 One gevent hub, no threads except gevent's pool for name resolution (health checks,
-OCSP responders). Greenlets: one collector loop per ring (collector.py), the access log
-flusher, the admin servers, the lifeline watcher.
+OCSP responders, DNS discovery). Greenlets: one collector loop per ring (collector.py),
+the access log flusher, the admin servers, the lifeline watcher.
 
 Signals from the master (handled in the hub, the work done in greenlets):
 
@@ -37,6 +37,7 @@ from forkproxy.manager import shards, upstreams
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.admin import HEALTHY_WITHIN, Admin
 from forkproxy.manager.collector import Collector
+from forkproxy.manager.discovery import Discovery
 from forkproxy.manager.errorlog import TLSFailureLog
 from forkproxy.manager.healthcheck import HealthChecker
 from forkproxy.manager.metrics import Metrics, Sample, rss_bytes, tcp_states
@@ -44,6 +45,7 @@ from forkproxy.manager.records import RecordSink
 from forkproxy.osutil import drop_privileges, set_pdeathsig
 from forkproxy.shm.health import HealthTable
 from forkproxy.shm.keystore import KeyStore
+from forkproxy.shm.resolved import ResolvedTable
 from forkproxy.shm.ring import Ring
 from forkproxy.shm.table import WorkerTable
 
@@ -63,6 +65,7 @@ class ManagerSpec:
     table: WorkerTable  # the worker table: pids, heartbeats, counters
     rings: dict[int, Ring]  # ring index -> the ring the worker of that index writes
     health: HealthTable | None = None  # active health verdicts, written by the manager
+    resolved: ResolvedTable | None = None  # servers found through DNS, written by the manager
     keystore: KeyStore | None = None  # ticket keys + OCSP staples (None: no TLS)
     ready_fd: int | None = None  # one byte "R" once the manager serves
     lifeline_fd: int | None = None  # EOF when the master dies
@@ -109,6 +112,7 @@ class Manager:
         self.stop_event = Event()
         self.staple_stop: Event | None = None  # stops the running OCSP fetcher
         self.checker: HealthChecker | None = None
+        self.discovery: Discovery | None = None
 
     # -- what the admin endpoint shows ------------------------------------------------
 
@@ -191,7 +195,7 @@ class Manager:
         if gauges is None:
             gauges = self.gathered()[0].gauges
         return upstreams.collect(self.cfg, gauges, self.worker_pids(),
-                                 self.spec.health)
+                                 self.spec.health, self.discovery)
 
     def healthy(self) -> bool:
         now = time.monotonic()
@@ -225,7 +229,8 @@ class Manager:
                         tcp=self.tcp_sample(), access_log_lines=log_lines,
                         access_log_errors=log_errors)
         return m.render(sample) + upstreams.metrics_text(
-            self.cfg, m.gauges, sample.worker_pids, self.spec.health, m.retries, m.tunnels)
+            self.cfg, m.gauges, sample.worker_pids, self.spec.health, m.retries, m.tunnels,
+            self.discovery)
 
     # -- signals ----------------------------------------------------------------------
 
@@ -259,6 +264,7 @@ class Manager:
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.start_stapling()
         self.start_health_checks()
+        self.start_discovery()
         self.log.info("manager reloaded", access_log=self.accesslog.path,
                       admin=cfg.admin.listen)
 
@@ -288,6 +294,22 @@ class Manager:
         n = self.checker.start()
         if n:
             self.log.info("health checks started", servers=n)
+
+    def start_discovery(self) -> None:
+        """Servers from DNS for the current config (restarted on reload; the shared
+        table keeps the last good sets, so nothing is lost in between)."""
+        previous = self.discovery
+        if previous is not None:
+            previous.stop()
+            self.discovery = None
+        if self.spec.resolved is None:
+            return
+        self.discovery = Discovery(self.cfg, self.spec.resolved, self.log)
+        if previous is not None:
+            self.discovery.carry_over(previous)
+        n = self.discovery.start()
+        if n:
+            self.log.info("DNS discovery started", entries=n)
 
     def start_shards(self, ready_w: int | None) -> None:
         """Fork the collector shards (before the hub runs anything); they close what is
@@ -375,6 +397,7 @@ class Manager:
         self.collector.start()
         self.start_stapling()
         self.start_health_checks()
+        self.start_discovery()
 
     def serve(self, ready_w: int | None, early_signals: list[int] | None = None,
               before_loop=None) -> None:

@@ -29,8 +29,9 @@ def _health_entries(health) -> dict[int, int]:
     return health.index() if health is not None else {}
 
 
-def collect(cfg, gauges: dict, live_pids, health) -> dict:
-    """{upstream: {"balance": ..., "servers": [server dict, ...]}} for /status."""
+def collect(cfg, gauges: dict, live_pids, health, discovery=None) -> dict:
+    """{upstream: {"balance": ..., "servers": [server dict, ...], "dns": [entry dict, ...]}}
+    for /status; the servers are the fixed ones, then those DNS lists now."""
     live = set(live_pids)
     per: dict[tuple[str, str], list] = {}
     for pid, g in gauges.items():
@@ -39,45 +40,55 @@ def collect(cfg, gauges: dict, live_pids, health) -> dict:
         for u in g.upstreams:
             per.setdefault((u.upstream, u.server), []).append(u)
     index = _health_entries(health)
+    found = discovery.servers() if discovery is not None else {}
+    dns_status = discovery.status() if discovery is not None else {}
     out = {}
     for name, up in cfg.upstream.items():
         servers = []
-        for s in up.servers:
-            views = per.get((name, s.address), [])
-            d = {"address": s.address, "weight": s.weight}
-            for f in _SUM:
-                d[f] = sum(getattr(v, f) for v in views)
-            used = d["connects"] + d["reuses"]
-            d["reuse_ratio"] = round(d["reuses"] / used, 4) if used else None
-            d["workers"] = len(views)
-            d["ejected_workers"] = sum(1 for v in views if v.state == "ejected")
-            d["slow_start_workers"] = sum(1 for v in views if v.state == "slow_start")
-            d["effective_weight"] = (round(sum(v.eff_weight for v in views) / len(views)
-                                           / WEIGHT_SCALE, 3) if views else None)
+        listed = [(s.address, s.weight) for s in up.servers if not s.resolve]
+        for address, weight in listed + found.get(name, []):
             check = None
-            i = index.get(server_key(name, s.address), -1)
+            i = index.get(server_key(name, address), -1)
             if up.health_check is not None and i >= 0:
                 check = health.read(i)
-            d["health_check"] = check
-            checked_down = check is not None and check["state"] == STATE_NAMES[DOWN]
-            if checked_down or any(v.state == "down" for v in views):
-                state = "down"
-            elif d["ejected_workers"]:
-                state = "ejected"
-            elif d["slow_start_workers"]:
-                state = "slow_start"
-            else:
-                state = "up"
-            d["state"] = state
-            servers.append(d)
-        out[name] = {"balance": up.balance, "servers": servers}
+            servers.append(_server(address, weight, per.get((name, address), []), check))
+        out[name] = {"balance": up.balance, "servers": servers,
+                     "dns": dns_status.get(name, [])}
     return out
 
 
-def metrics_text(cfg, gauges: dict, live_pids, health, retries: dict, tunnels: dict) -> str:
+def _server(address: str, weight: int, views: list, check: dict | None) -> dict:
+    """One server over all workers (views: each live worker's gauge of it)."""
+    d = {"address": address, "weight": weight}
+    for f in _SUM:
+        d[f] = sum(getattr(v, f) for v in views)
+    used = d["connects"] + d["reuses"]
+    d["reuse_ratio"] = round(d["reuses"] / used, 4) if used else None
+    d["workers"] = len(views)
+    d["ejected_workers"] = sum(1 for v in views if v.state == "ejected")
+    d["slow_start_workers"] = sum(1 for v in views if v.state == "slow_start")
+    d["effective_weight"] = (round(sum(v.eff_weight for v in views) / len(views)
+                                   / WEIGHT_SCALE, 3) if views else None)
+    d["health_check"] = check
+    checked_down = check is not None and check["state"] == STATE_NAMES[DOWN]
+    if checked_down or any(v.state == "down" for v in views):
+        state = "down"
+    elif d["ejected_workers"]:
+        state = "ejected"
+    elif d["slow_start_workers"]:
+        state = "slow_start"
+    else:
+        state = "up"
+    d["state"] = state
+    return d
+
+
+def metrics_text(cfg, gauges: dict, live_pids, health, retries: dict, tunnels: dict,
+                 discovery=None) -> str:
     """Prometheus families of the upstream side (appended to the main exposition)."""
-    status = collect(cfg, gauges, live_pids, health)
+    status = collect(cfg, gauges, live_pids, health, discovery)
     w = TextWriter()
+    _dns_families(w, status)
     w.family("forkproxy_upstream_server_state", "gauge",
              "1 for the server's current state (up, down: active check, ejected: passive "
              "health in at least one worker, slow_start), 0 for the others.")
@@ -152,3 +163,21 @@ def metrics_text(cfg, gauges: dict, live_pids, health, retries: dict, tunnels: d
         w.sample("forkproxy_tunnels_open", (("upstream", name),),
                  sum(s["tunnels"] for s in u["servers"]))
     return w.text()
+
+
+def _dns_families(w: TextWriter, status: dict) -> None:
+    """Resolutions by result and servers listed, per DNS entry (manager/discovery.py)."""
+    w.family("forkproxy_dns_resolutions_total", "counter",
+             "Resolutions of upstream servers' DNS names, by result (ok, nxdomain, "
+             "no_records, malformed, timeout, nameservers_failed, error); a failure keeps the last set.")
+    for name, u in status.items():
+        for e in u["dns"]:
+            for result, n in e["resolutions"].items():
+                w.sample("forkproxy_dns_resolutions_total",
+                         (("upstream", name), ("dns_name", e["name"]), ("result", result)), n)
+    w.family("forkproxy_upstream_dns_servers", "gauge",
+             "Servers an upstream's DNS entry lists now (the last good resolution).")
+    for name, u in status.items():
+        for e in u["dns"]:
+            w.sample("forkproxy_upstream_dns_servers", (("upstream", name), ("dns_name", e["name"])),
+                     len(e["servers"]))

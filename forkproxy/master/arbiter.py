@@ -26,6 +26,7 @@ import time
 from forkproxy import config as config_mod
 from forkproxy import log as log_mod
 from forkproxy.http2 import nghttp2
+from forkproxy.manager import discovery
 from forkproxy.manager import process as manager_process
 from forkproxy.master import daemon
 from forkproxy.master.listeners import BindError, BoundListener, enable_migrate_req
@@ -33,6 +34,7 @@ from forkproxy.master.tickets import TicketKeys
 from forkproxy.proctitle import set_name
 from forkproxy.shm.health import HealthTable
 from forkproxy.shm.limitzone import LimitZone
+from forkproxy.shm.resolved import ResolvedTable
 from forkproxy.shm.ring import Ring
 from forkproxy.shm.table import WorkerTable
 from forkproxy.tls.openssl import self_test
@@ -86,6 +88,8 @@ class Arbiter:
         self.table = WorkerTable(self.max_entries + 1)
         # active health verdicts: written by the manager, read by the workers
         self.health = HealthTable()
+        # servers found through DNS: resolved by the manager, followed by the workers
+        self.resolved = ResolvedTable()
         self.free_indexes = list(range(self.max_entries - 1, -1, -1))
         self.slot_failures: dict[int, int] = {}
         self.slot_next_spawn: dict[int, float] = {}
@@ -209,6 +213,14 @@ class Arbiter:
         self._setup_http2(self.cfg)
         self._setup_limits(self.cfg)
         self.health.assign(self.cfg)
+        self.resolved.assign(self.cfg)
+        self._prime_resolved(self.cfg)
+
+    def _prime_resolved(self, cfg) -> None:
+        """First resolution of new DNS entries before the workers of cfg are forked
+        (blocks at most [resolver] timeout, only when the config has new entries)."""
+        if config_mod.uses_dns(cfg):
+            discovery.prime(cfg, self.resolved, self.log)
 
     def _setup_limits(self, cfg, reloading: bool = False) -> None:
         """The per-client-IP limit zone (shared memory, before the workers are forked).
@@ -509,7 +521,8 @@ class Arbiter:
                 sockets=sockets, ready_fd=w, lifeline_fd=self.lifeline_r, ring=ring,
                 table=self.table, keystore=self.keystore,
                 logger=log_mod.rebind("worker"), uid=self.uid, gid=self.gid,
-                groups=self.groups, limit_zone=self.limit_zone, health=self.health)
+                groups=self.groups, limit_zone=self.limit_zone, health=self.health,
+                resolved=self.resolved)
             worker_process.run(spec)
             os._exit(0)
         os.close(w)
@@ -557,6 +570,7 @@ class Arbiter:
                 bl.close()
             spec = manager_process.ManagerSpec(
                 cfg=self.cfg, table=self.table, rings=dict(self.rings), health=self.health,
+                resolved=self.resolved,
                 keystore=self.keystore, ready_fd=w, lifeline_fd=self.lifeline_r,
                 uid=self.uid, gid=self.gid, groups=self.groups)
             manager_process.run(spec)
@@ -673,6 +687,12 @@ class Arbiter:
         except RuntimeError as e:
             self.log.error("reload: health table full, new servers have no active checks",
                            error=str(e))
+        try:
+            self.resolved.assign(new_cfg)  # a kept entry keeps its servers
+        except RuntimeError as e:
+            self.log.error("reload: resolved-servers table full, new DNS entries are not "
+                           "resolved", error=str(e))
+        self._prime_resolved(new_cfg)
         log_mod.setup(config_mod.log_path(new_cfg, new_cfg.log.error_log), new_cfg.log.level,
                       new_cfg.log.format)
         self.log = log_mod.rebind("master")
@@ -789,7 +809,8 @@ def _preload(cfg) -> None:
 
     What only some configs need is imported only for them: cryptography (certificates in
     the workers, OCSP in the manager) with TLS listeners, pyroute2 (listeners.py) with
-    interface listeners; otherwise they would be resident for nothing (~7 and ~9 MiB).
+    interface listeners, dnspython (the manager's discovery) with servers that resolve;
+    otherwise they would be resident for nothing (~7, ~9 and ~13 MiB).
 
     The workers' and the manager's own modules are imported at the top of this module. The
     manager's are there although only the manager runs them: imported after fork they
@@ -801,6 +822,9 @@ def _preload(cfg) -> None:
         import cryptography.x509  # noqa: F401
 
         import forkproxy.tls.stapling  # noqa: F401  (the manager's OCSP fetching)
+
+    if config_mod.uses_dns(cfg):
+        import forkproxy.manager.dnslookup  # noqa: F401  (dnspython, ~13 MiB: the manager's)
 
     import pprint  # noqa: F401  (gevent's hub formats contexts with it)
     import traceback  # noqa: F401

@@ -80,7 +80,8 @@ class HealthTable:
         """Give every server of ``cfg`` an entry; returns how many entries are in use."""
         q = self.q
         wanted = [server_key(name, s.address)
-                  for name, up in cfg.upstream.items() for s in up.servers]
+                  for name, up in cfg.upstream.items() for s in up.servers
+                  if not s.resolve]  # servers found through DNS are not checked actively
         have = self.index()
         free = [i for i in range(self.entries) if q[i * WORDS + KEY] == 0]
         free.reverse()

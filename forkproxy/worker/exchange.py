@@ -44,9 +44,9 @@ from forkproxy.worker.failures import Upgraded, UpstreamBroken, UpstreamFailed
 from forkproxy.worker.front import BodyAborted, ClientGone
 from forkproxy.worker.readiness import ReadWatch
 from forkproxy.worker.relay import RELAYERS
+from forkproxy.worker.server import PoolTimeout
 from forkproxy.worker.sockio import peer_closed
 from forkproxy.worker.upconn import UpstreamConn
-from forkproxy.worker.upstream import PoolTimeout
 
 _timeout = socket.timeout
 #: a send that took nothing: EAGAIN on plain text, SSL_write wanting the socket on TLS

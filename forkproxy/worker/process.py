@@ -49,7 +49,7 @@ class WorkerSpec:
     def __init__(self, *, cfg, slot: int, index: int, generation: int, cpu: int | None,
                  sockets: list, ready_fd: int, lifeline_fd: int, ring=None, table=None,
                  keystore=None, logger=None, uid=None, gid=None, groups=None,
-                 limit_zone=None, health=None):
+                 limit_zone=None, health=None, resolved=None):
         self.cfg = cfg
         self.slot = slot
         self.index = index  # worker-table entry / ring number
@@ -67,6 +67,7 @@ class WorkerSpec:
         self.groups = groups
         self.limit_zone = limit_zone  # per-client-IP limits (forkproxy.shm.limitzone)
         self.health = health  # active health verdicts (forkproxy.shm.health), read-only
+        self.resolved = resolved  # servers found through DNS (forkproxy.shm.resolved), read-only
 
 
 def _wait_read(fd: int, timeout: float) -> None:

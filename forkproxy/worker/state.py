@@ -50,7 +50,8 @@ class WorkerState:
         self.body_timeout = srv.client_body_timeout
         self.send_timeout = srv.send_timeout
         self.buffer_size = srv.buffer_size
-        self.upstreams = build_upstreams(cfg.upstream, spec.health, config_dir(cfg))
+        self.upstreams = build_upstreams(cfg.upstream, spec.health, spec.resolved,
+                                         config_dir(cfg))
         self.router = Router(cfg.route, self.upstreams)
         self.rbuf = bytearray(65536)
         self.rview = memoryview(self.rbuf)

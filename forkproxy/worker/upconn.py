@@ -40,7 +40,9 @@ class UpstreamConn:
         self.idle_since = 0.0
         self.reused = False
         self.reusable = False  # set by the exchange once the response ended cleanly
-        self.raw = sock._sock  # the plain socket under gevent's wrapper: no wrapper frame
+        # the plain socket under gevent's wrapper (no wrapper frame); a stdlib socket is
+        # its own
+        self.raw = getattr(sock, "_sock", sock)
         self.send = self.raw.send
 
     def recv_first(self, watch: ReadWatch, buf) -> int:

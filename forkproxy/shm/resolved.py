@@ -1,0 +1,170 @@
+"""The resolved-servers table: the servers DNS gave for each ``resolve`` entry.
+
+One slot per server entry with ``resolve`` (an A/AAAA name or an SRV name) of every
+upstream, in an anonymous shared mapping created by the master before any fork (like
+the health table: inherited by every child, never in /dev/shm). Who writes what:
+
+* the master assigns slots (the KEY word) for the entries of the config it loads, at
+  start and on each reload, before it forks that config's workers and signals the
+  manager; a slot keeps its servers across reloads, so a new generation starts with
+  the last good set;
+* the manager (forkproxy/manager/discovery.py) resolves each entry every ``resolve``
+  interval and is the only writer of a slot's servers;
+* workers read a slot in ``Upstream.refresh`` (every SWEEP_INTERVAL, never per request):
+  one 8-byte load of SEQ, and a copy of the records only when it moved.
+
+Slot layout (SLOT bytes; words are aligned 8-byte words, each written with one store):
+
+  word 0  SEQ     seqlock sequence: odd while the manager writes the records
+  word 1  KEY     hash64(b"DNS\\0UPSTREAM\\0SPEC"), never 0; 0 = a free slot
+  word 2  COUNT   records in use
+  64      MAX_RECORDS records of RECORD bytes: address (16 bytes, inet_pton; an IPv4
+          address in the first 4), port u16, family u8 (4 or 6), pad, weight u32
+
+The seqlock: the writer makes SEQ odd, writes COUNT and the records, makes SEQ even; a
+reader loads SEQ, copies COUNT and the records, loads SEQ again and keeps the copy only
+if both loads were the same even number. x86-64 keeps stores in program order and loads
+in program order (see docs/ARCHITECTURE.md, "The ring"), which is all this needs; a
+reader that loses the race keeps its old set and tries again at its next refresh.
+"""
+
+from __future__ import annotations
+
+import mmap
+import socket
+import struct
+
+from forkproxy.config import resolved_spec
+from forkproxy.hashing import hash64
+
+MAX_RECORDS = 64
+RECORD = 32
+HEADER = 64
+SLOT = HEADER + MAX_RECORDS * RECORD
+SEQ, KEY, COUNT = range(3)
+_REC = struct.Struct("<16sHBxI8x")
+assert _REC.size == RECORD
+#: a reader gives up (keeps its old set until the next refresh) after this many torn copies
+READ_TRIES = 8
+
+
+def slot_key(upstream: str, spec: str) -> int:
+    return hash64(b"DNS\0" + upstream.encode() + b"\0" + spec.encode()) or 1
+
+
+def format_address(host: str, port: int) -> str:
+    """"HOST:PORT", "[V6]:PORT": the form of a configured address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def encode_records(records: list[tuple[str, int, int]]) -> bytes:
+    """[(ip, port, weight)] -> the records' bytes (at most MAX_RECORDS)."""
+    out = bytearray()
+    for host, port, weight in records[:MAX_RECORDS]:
+        if ":" in host:
+            out += _REC.pack(socket.inet_pton(socket.AF_INET6, host), port, 6, weight)
+        else:
+            out += _REC.pack(socket.inet_pton(socket.AF_INET, host), port, 4, weight)
+    return bytes(out)
+
+
+def decode_records(data: bytes) -> list[tuple[str, int, int]]:
+    out = []
+    for raw, port, family, weight in _REC.iter_unpack(data):
+        if family == 6:
+            host = socket.inet_ntop(socket.AF_INET6, raw)
+        else:
+            host = socket.inet_ntop(socket.AF_INET, raw[:4])
+        out.append((host, port, weight))
+    return out
+
+
+class ResolvedTable:
+    def __init__(self, slots: int = 256):
+        self.slots = slots
+        self._map = mmap.mmap(-1, slots * SLOT)
+        self.mv = memoryview(self._map)
+        self.q = self.mv.cast("Q")
+
+    def _word(self, i: int, w: int) -> int:
+        return i * (SLOT // 8) + w
+
+    # -- master --------------------------------------------------------------------------
+
+    def assign(self, cfg) -> int:
+        """Give every ``resolve`` entry of ``cfg`` a slot; see :meth:`assign_keys`."""
+        return self.assign_keys([slot_key(name, resolved_spec(s))
+                                 for name, up in cfg.upstream.items()
+                                 for s in up.servers if s.resolve])
+
+    def assign_keys(self, keys: list[int]) -> int:
+        """Give every key a slot (keeping the slots of known keys and their servers);
+        returns how many slots are in use. RuntimeError when full."""
+        q = self.q
+        have = self.index()
+        wanted = set(keys)
+        free = [i for i in range(self.slots) if q[self._word(i, KEY)] == 0]
+        free.reverse()
+        for key in keys:
+            if key in have:
+                continue
+            if not free:  # full: reclaim the slots of entries no longer configured
+                free = [i for k, i in have.items() if k not in wanted]
+                for i in free:
+                    q[self._word(i, KEY)] = 0
+                have = {k: i for k, i in have.items() if k in wanted}
+                if not free:
+                    raise RuntimeError("resolved-servers table full")
+            i = free.pop()
+            self.publish(i, [])
+            q[self._word(i, KEY)] = key  # last: the slot is valid once the key is set
+            have[key] = i
+        return len(have)
+
+    # -- everyone ------------------------------------------------------------------------
+
+    def index(self) -> dict[int, int]:
+        """{key: slot} of the assigned slots."""
+        q = self.q
+        out = {}
+        for i in range(self.slots):
+            k = q[self._word(i, KEY)]
+            if k:
+                out[k] = i
+        return out
+
+    def find(self, upstream: str, spec: str) -> int:
+        """The slot of an entry, -1 if it has none."""
+        return self.index().get(slot_key(upstream, spec), -1)
+
+    def seq(self, i: int) -> int:
+        """The slot's sequence: a reader re-reads the records only when it moved."""
+        return self.q[self._word(i, SEQ)]
+
+    def read(self, i: int) -> tuple[int, list[tuple[str, int, int]]] | None:
+        """(seq, [(ip, port, weight)]) of slot i; None if every try raced a write."""
+        q = self.q
+        w_seq = self._word(i, SEQ)
+        base = i * SLOT + HEADER
+        for _ in range(READ_TRIES):
+            s1 = q[w_seq]
+            if s1 & 1:
+                continue
+            n = min(q[self._word(i, COUNT)], MAX_RECORDS)
+            data = bytes(self.mv[base:base + n * RECORD])
+            if q[w_seq] == s1:
+                return s1, decode_records(data)
+        return None
+
+    # -- manager ---------------------------------------------------------------------------
+
+    def publish(self, i: int, records: list[tuple[str, int, int]]) -> None:
+        """Write slot i's servers (the manager; the master for a fresh slot)."""
+        q = self.q
+        w_seq = self._word(i, SEQ)
+        data = encode_records(records)
+        base = i * SLOT + HEADER
+        q[w_seq] = q[w_seq] | 1  # odd: readers retry
+        self.mv[base:base + len(data)] = data
+        q[self._word(i, COUNT)] = len(data) // RECORD
+        q[w_seq] = q[w_seq] + 1  # even again, and moved

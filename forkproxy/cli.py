@@ -33,10 +33,13 @@ def _parser() -> argparse.ArgumentParser:
         ("reopen", "SIGUSR1: reopen log files"),
         ("upgrade", "SIGUSR2: start a new master with the same sockets"),
         ("status", "table of master and workers from the admin endpoint"),
+        ("phases", "critical-path report: each phase's mean, sd, p99 per route and upstream"),
     ]:
         sp = sub.add_parser(verb, help=text)
         sp.add_argument("-c", "--config", default=os.environ.get("FORKPROXY_CONFIG", DEFAULT_CONFIG))
         sp.add_argument("--pidfile", default=None, help="override the config's pidfile")
+        if verb == "phases":
+            sp.add_argument("--json", action="store_true", help="the report as JSON")
     demo = sub.add_parser("demo", help="built-in origin + proxy on loopback; Ctrl-C stops")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--origin-port", type=int, default=9000)
@@ -83,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         from forkproxy.manager.status import print_status
 
         return print_status(args.config)
+    if verb == "phases":
+        from forkproxy.manager.phases import render
+        from forkproxy.manager.status import print_from_admin
+
+        return print_from_admin(args.config, "/debug/phases", render, args.json)
     os.kill(pid, SIGNAL_VERBS[verb])
     return 0
 

@@ -14,6 +14,7 @@ import re
 import socket
 import tomllib
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -120,6 +121,9 @@ class ServerConfig(_Section, kw_only=True):
     collectors: Positive | Literal["auto"] = "auto"
     #: RLIMIT_NOFILE set by each worker at start (nginx's worker_rlimit_nofile); 0 = inherit
     worker_rlimit_nofile: Annotated[int, Meta(ge=0)] = 0
+    #: a worker whose resident memory passes this is replaced gracefully: a new worker is
+    #: started first, then the old one drains and exits (uWSGI's reload-on-rss; "0" = never)
+    max_worker_rss: Size = Size(0)
 
 
 class LimitsConfig(_Section, kw_only=True):
@@ -148,6 +152,28 @@ class AdminConfig(_Section, kw_only=True):
     listen: str = "127.0.0.1:9901"
     #: required when listen is not a loopback address (sent as "Authorization: Bearer TOKEN")
     token: str = ""
+
+
+class TracingConfig(_Section, kw_only=True):
+    """Spans built by the manager from the ring records, exported over OTLP/HTTP."""
+
+    #: OTLP/HTTP protobuf traces URL ("" = no export; traceparent is still propagated)
+    endpoint: str = ""
+    #: the service.name resource attribute of every span
+    service_name: str = "forkproxy"
+    #: share of requests without a sampled traceparent that are exported (head sampling)
+    sample_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.01
+    #: requests slower than this are always exported, as are errors (5xx, resets)
+    sample_slower_than: Duration = Duration(0.5)
+    #: sampled requests waiting for export at most, per collector process; more are
+    #: dropped and counted
+    queue_size: Annotated[int, Meta(ge=1)] = 8192
+    #: requests per export request (each a server span and its phase spans)
+    batch_size: Annotated[int, Meta(ge=1)] = 512
+    #: longest wait before a partial batch is sent
+    export_interval: Duration = Duration(1.0)
+    #: an export request that takes longer is abandoned (its spans counted as dropped)
+    export_timeout: Duration = Duration(5.0)
 
 
 class CertificateConfig(_Section, kw_only=True):
@@ -400,6 +426,7 @@ class Config(_Section, kw_only=True):
     route: list[RouteConfig] = field(default_factory=list)
     upstream: dict[str, UpstreamConfig] = field(default_factory=dict)
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     #: the file this was loaded from (set by load(), not a config key)
     path: str = ""
 
@@ -604,7 +631,41 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
             problems.append(f"limits.rate: {e}")
     if lim.zone_slots & (lim.zone_slots - 1):
         problems.append(f"limits.zone_slots: must be a power of two, got {lim.zone_slots}")
-    return problems
+    return problems + _validate_tracing(cfg.tracing)
+
+
+def _validate_tracing(tracing: TracingConfig) -> list[str]:
+    if not tracing.endpoint:
+        return []
+    try:
+        parse_endpoint(tracing.endpoint)
+    except ValueError as e:
+        return [f"tracing.endpoint: {e}"]
+    return []
+
+
+class Endpoint(Struct, frozen=True):
+    """A parsed http(s) URL of an exporter's receiver."""
+
+    tls: bool
+    host: str
+    port: int
+    path: str
+
+
+def parse_endpoint(url: str) -> Endpoint:
+    """"http://HOST:PORT/PATH" or "https://..." (no user info, no query)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"not a URL: {e}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    if not parts.hostname or parts.username or parts.query or parts.fragment:
+        raise ValueError(f"expected http(s)://HOST[:PORT]/PATH, got {url!r}")
+    tls = parts.scheme == "https"
+    return Endpoint(tls, parts.hostname, port or (443 if tls else 80), parts.path or "/")
 
 
 def _hash_key_problem(text: str) -> str:

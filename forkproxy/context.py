@@ -62,6 +62,20 @@ class RequestContext(msgspec.Struct, array_like=True, gc=False, tag=1):
     protocol: str = "HTTP/1.1"
     #: the HTTP/2 stream id (0 for HTTP/1.1)
     stream: int = 0
+    #: the route that matched, "HOST PATH_PREFIX" as configured ("" = none did: the
+    #: listener's default upstream); the critical-path report groups by it
+    route: str = ""
+    #: W3C trace context (forkproxy/http/tracecontext.py). trace_id (16 bytes) and span_id
+    #: (8 bytes: forkproxy's span, the parent of the upstream's) are b"" when the request
+    #: carried no trace and none was started (a request refused before routing)
+    trace_id: bytes = b""
+    span_id: bytes = b""
+    #: the client's span (from its traceparent); b"" when forkproxy started the trace
+    parent_span_id: bytes = b""
+    #: trace-flags; bit 0 (sampled) is the caller's decision, or the worker's head sampling
+    trace_flags: int = 0
+    #: the client's tracestate, passed on unchanged ("" = none)
+    tracestate: str = ""
 
 
 #: configured weights are multiplied by this in the balancer (worker/balancer.py): slow

@@ -128,6 +128,16 @@ class _OriginConnection:
 
             gevent.sleep(int(path[7:]) / 1000.0)
             self._reply(200, b"slept\n", keep)
+        elif path.startswith("/slow/"):
+            import gevent
+
+            # the head at once, then 5 body bytes spread over N ms: the body phase dominates
+            pause = int(path[6:]) / 5000.0
+            self.sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n%s\r\n"
+                              % (b"" if keep else b"Connection: close\r\n"))
+            for _ in range(5):
+                gevent.sleep(pause)
+                self.sock.sendall(b"x")
         elif path.startswith("/status/"):
             code = int(path[8:])
             if code in (204, 304):

@@ -125,3 +125,20 @@ def check_ciphers(ciphers: str) -> list[str]:
     except ssl.SSLError:
         return [f"OpenSSL knows no cipher in {ciphers!r}"]
     return []
+
+
+def cert_not_after(cert_path: str) -> tuple[float, str]:
+    """(Unix time the leaf of ``cert_path`` expires, its first DNS name or else its common
+    name); raises OSError/ValueError on bad files."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    leaf = x509.load_pem_x509_certificates(read_file(cert_path))[0]
+    try:
+        names = leaf.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        names = [str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return leaf.not_valid_after_utc.timestamp(), names[0] if names else ""

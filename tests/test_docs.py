@@ -148,7 +148,7 @@ def _section(doc: str, heading: str) -> str:
 
 def code_metric_families() -> set[str]:
     names = set()
-    for mod in ("metrics.py", "upstreams.py"):
+    for mod in ("metrics.py", "upstreams.py", "tlsstate.py", "tracing.py"):
         with open(os.path.join(PACKAGE, "manager", mod)) as f:
             names |= set(_FAMILY.findall(f.read()))
     return names

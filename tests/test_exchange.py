@@ -19,6 +19,7 @@ from forkproxy.context import T_CONNECTED, T_END, T_FIRST_BYTE, T_SENT, RequestC
 from forkproxy.http.forward import response_fields
 from forkproxy.http.framing import Framing
 from forkproxy.http.request import Request
+from forkproxy.http.tracecontext import parse_traceparent
 from forkproxy.shm.ring import Ring
 from forkproxy.worker.exchange import Exchange
 from forkproxy.worker.front import BodyAborted, FrontEnd
@@ -161,9 +162,12 @@ def test_the_origin_sees_the_forwarding_headers(worker):
     forward(ws, front, make_request("GET", b"/headers"))
     seen = json.loads(b"".join(front.pieces))
     assert front.status == 200 and seen["method"] == "GET" and seen["path"] == "/headers"
-    assert seen["headers"] == [["Host", "exchange.test"], ["Accept", "*/*"],
-                               ["X-Forwarded-For", "192.0.2.9"], ["X-Forwarded-Proto", "https"],
-                               ["X-Request-Id", "rid-8"]]
+    *headers, (name, traceparent) = seen["headers"]
+    assert headers == [["Host", "exchange.test"], ["Accept", "*/*"],
+                       ["X-Forwarded-For", "192.0.2.9"], ["X-Forwarded-Proto", "https"],
+                       ["X-Request-Id", "rid-8"]]
+    # a trace started for a request that came without one (tests/test_tracing.py)
+    assert name == "traceparent" and parse_traceparent(traceparent.encode()) is not None
 
 
 def test_a_chunked_request_body_and_a_chunked_response(worker):

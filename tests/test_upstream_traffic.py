@@ -476,6 +476,8 @@ def test_websocket_echo_tunnel_and_idle_timeout(tmp_path, uproxies):
         assert metric_value(text, "forkproxy_tunnels_open", upstream="app") == 0
         entries = [e for e in access_entries(p, 2) if e["status"] == 101]
         assert len(entries) == 2
+        # tunnels carry a trace context upstream too (worker/tracing.py)
+        assert all(len(e["trace_id"]) == 32 and e["span_id"] for e in entries)
         p.stop()
     finally:
         ws.stop()

@@ -18,12 +18,14 @@ _DROP_FROM_101 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b
                             b"trailer", b"transfer-encoding", b"upgrade", b"content-length"})
 
 
-def upstream_head(req, rid: bytes, remote: bytes, scheme: bytes, host_fallback: bytes) -> bytes:
+def upstream_head(req, rid: bytes, remote: bytes, scheme: bytes, host_fallback: bytes,
+                  extra: bytes = b"") -> bytes:
     """The HTTP/1.1 request head sent upstream for ``req`` (one bytes format: hot path).
 
     Hop-by-hop fields were dropped by the parser; the fields the client's Connection
     header names are dropped here. X-Forwarded-For is appended to, X-Forwarded-Proto and
-    X-Request-Id are set, and the body is framed as parsed (chunked stays chunked)."""
+    X-Request-Id are set, ``extra`` (whole header lines: the trace context) is added,
+    and the body is framed as parsed (chunked stays chunked)."""
     headers = req.headers
     if req.connection:
         drop = connection_tokens(req.connection) - _OPTIONS
@@ -36,11 +38,11 @@ def upstream_head(req, rid: bytes, remote: bytes, scheme: bytes, host_fallback: 
     else:
         tail = b"\r\n"
     return (b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s%s\r\n"
-            b"X-Forwarded-Proto: %s\r\nX-Request-Id: %s\r\n%s") % (
+            b"X-Forwarded-Proto: %s\r\nX-Request-Id: %s\r\n%s%s") % (
         req.method.encode(), req.path, req.host or host_fallback,
         b"".join([b"%s: %s\r\n" % h for h in headers]) if headers else b"",
         req.forwarded_for + b", " if req.forwarded_for else b"", remote,
-        scheme, rid, tail)
+        scheme, rid, extra, tail)
 
 
 def upgrade_head(head: bytes, upgrade: bytes, leftover: bytes) -> bytes:

@@ -46,10 +46,12 @@ CHUNK_OVERHEAD_BASE = 16384
 CHUNK_OVERHEAD_PER_CHUNK = 256
 #: the header fields the parser acts on (lower case); every other field is forwarded as
 #: it came. One dict lookup per field instead of a chain of comparisons.
-_CL, _TE, _HOST, _CONN, _RID, _XFF, _EXPECT, _DROP, _UPGRADE, _UNDERSCORE = range(10)
+_CL, _TE, _HOST, _CONN, _RID, _XFF, _EXPECT, _DROP, _UPGRADE, _UNDERSCORE, _TP, _TS = range(12)
 _SPECIAL = {
     b"content-length": _CL, b"transfer-encoding": _TE, b"host": _HOST, b"connection": _CONN,
     b"x-request-id": _RID, b"x-forwarded-for": _XFF, b"expect": _EXPECT, b"upgrade": _UPGRADE,
+    # W3C trace context: re-emitted by the upstream head builder with forkproxy's span
+    b"traceparent": _TP, b"tracestate": _TS,
     b"keep-alive": _DROP, b"proxy-connection": _DROP, b"te": _DROP, b"trailer": _DROP,
     # servers that map "_" to "-" (CGI style) would take these for framing we did not see
     b"content_length": _UNDERSCORE, b"transfer_encoding": _UNDERSCORE,
@@ -64,7 +66,11 @@ _SIMPLE_REQUEST_RE = re.compile(
     rb"(GET|HEAD) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.([01])\r\n"
     rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
 #: fields the fast path handles itself; any other special field sends the head to llhttp
-_FAST_SPECIAL = frozenset({_HOST, _CONN, _RID, _XFF})
+_FAST_SPECIAL = frozenset({_HOST, _CONN, _RID, _XFF, _TP, _TS})
+#: a request without a trace context (refused before it was routed)
+NO_TRACE = (b"", b"", b"", 0, "")
+#: a second traceparent field makes the request's trace context invalid (W3C 3.2.1)
+TWO_TRACEPARENTS = b"-"
 #: the last head the fast path took: (bytes, Limits, the parsed fields). A client on a
 #: keep-alive connection (and a load generator) sends the same head again and again: a
 #: bytes compare instead of the regex and the field loop. Per process (one thread).
@@ -91,7 +97,8 @@ class Request:
     __slots__ = (
         "method", "target", "path", "version", "headers", "host", "content_length",
         "chunked", "keep_alive", "expect_continue", "request_id", "forwarded_for",
-        "connection", "upgrade", "header_bytes", "has_body",
+        "connection", "upgrade", "header_bytes", "has_body", "traceparent", "tracestate",
+        "trace",
     )
 
     def __init__(self):
@@ -111,6 +118,21 @@ class Request:
         self.upgrade = b""
         self.header_bytes = 0  # target + (name + value + 4 per field): what the limits count
         self.has_body = False  # chunked or a non-zero Content-Length, once the head is parsed
+        self.traceparent = b""  # as sent (validated by forkproxy.http.tracecontext)
+        self.tracestate = b""  # the tracestate fields joined by ","
+        #: the trace context the worker gave the request (worker/tracing.py): trace id,
+        #: its span id, the client's span id, flags, tracestate; in the ring record's order
+        self.trace = NO_TRACE
+
+
+def trace_field(req: Request, traceparent: bool, value: bytes) -> None:
+    """A W3C trace context field (traceparent, else tracestate), for any front end: kept
+    for the worker (forkproxy/worker/tracing.py), which validates it and sends its own; a
+    second traceparent invalidates the first, tracestate fields are joined."""
+    if traceparent:
+        req.traceparent = TWO_TRACEPARENTS if req.traceparent else value
+    else:
+        req.tracestate = req.tracestate + b"," + value if req.tracestate else value
 
 
 def _framing(msg: str) -> HTTPError:
@@ -236,7 +258,8 @@ class RequestParser:
         if head == last[0] and limits is last[1]:  # the same bytes as the last fast head
             req = Request()
             (req.method, req.target, req.path, req.version, headers, req.host, req.keep_alive,
-             req.request_id, req.forwarded_for, connection, req.header_bytes) = last[2]
+             req.request_id, req.forwarded_for, connection, req.header_bytes, req.traceparent,
+             req.tracestate) = last[2]
             if headers:
                 req.headers = headers.copy()
             if connection:
@@ -273,6 +296,8 @@ class RequestParser:
             elif what == _RID:
                 if not req.request_id:
                     req.request_id = value
+            elif what >= _TP:  # traceparent, tracestate
+                trace_field(req, what == _TP, value)
             else:  # _XFF
                 req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for else value
         if fields > limits.header_count:
@@ -298,7 +323,7 @@ class RequestParser:
         last[1] = limits
         last[2] = (req.method, target, target, req.version, req.headers.copy(), req.host,
                    req.keep_alive, req.request_id, req.forwarded_for, req.connection.copy(),
-                   header_bytes)
+                   header_bytes, req.traceparent, req.tracestate)
         return self._emit_fast(req)
 
     def _emit_fast(self, req: Request) -> bool:
@@ -422,6 +447,8 @@ class RequestParser:
                 req.request_id = value
         elif what == _XFF:
             req.forwarded_for = req.forwarded_for + b", " + value if req.forwarded_for else value
+        elif what >= _TP:  # traceparent, tracestate
+            trace_field(req, what == _TP, value)
         elif what == _EXPECT:
             if value.strip().lower() != b"100-continue":
                 raise HTTPError(417, "unsupported Expect")

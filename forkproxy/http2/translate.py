@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 
 from forkproxy.http.messages import HOST_RE
-from forkproxy.http.request import Limits, Request
+from forkproxy.http.request import Limits, Request, trace_field
 
 #: a request-target path forwarded upstream: the bytes llhttp's strict mode accepts in an
 #: origin-form target (VCHAR without '#'); no SP, CTL or 8-bit byte
@@ -44,14 +44,16 @@ class StreamRefused(Exception):
 
 
 # what a field name means here; everything else is forwarded as it came
-_FORWARD, _CONN_SPECIFIC, _TE, _CL, _HOST, _COOKIE, _RID, _XFF, _EXPECT, _DROP, _UNDERSCORE = \
-    range(11)
+(_FORWARD, _CONN_SPECIFIC, _TE, _CL, _HOST, _COOKIE, _RID, _XFF, _EXPECT, _DROP, _UNDERSCORE,
+ _TRACE) = range(12)
 _SPECIAL = {
     b"connection": _CONN_SPECIFIC, b"keep-alive": _CONN_SPECIFIC,
     b"proxy-connection": _CONN_SPECIFIC, b"transfer-encoding": _CONN_SPECIFIC,
     b"upgrade": _CONN_SPECIFIC, b"te": _TE, b"content-length": _CL, b"host": _HOST,
     b"cookie": _COOKIE, b"x-request-id": _RID, b"x-forwarded-for": _XFF, b"expect": _EXPECT,
     b"trailer": _DROP,
+    # W3C trace context: the worker sends its own, with forkproxy's span as the parent
+    b"traceparent": _TRACE, b"tracestate": _TRACE,
     # servers that map "_" to "-" would take these for framing forkproxy did not choose
     b"content_length": _UNDERSCORE, b"transfer_encoding": _UNDERSCORE,
 }
@@ -167,6 +169,8 @@ def _regular(req: Request, fields, first: int, limits: Limits) -> None:
             if value.lower() != b"100-continue":
                 raise StreamRefused("expectation", 417, "unsupported Expect")
             req.expect_continue = True
+        elif what == _TRACE:
+            trace_field(req, name == b"traceparent", value)
         elif what == _UNDERSCORE:
             raise _malformed("content_length", "framing field spelled with '_'")
         # _DROP: hop-by-hop in HTTP/1.1, never forwarded

@@ -86,6 +86,9 @@ class JsonLine(msgspec.Struct, gc=False, omit_defaults=True):
     upstream_reused: bool
     tls_version: str
     error: str
+    #: W3C trace context ids in hex ("" when the request had no trace)
+    trace_id: str
+    span_id: str
     protocol: str
     stream: int | None = None
 
@@ -107,7 +110,8 @@ def json_record(ctx: RequestContext, ms: dict[str, float]) -> JsonLine:
         f"{clock.prefix}.{int((ts - sec) * 1000):03d}Z", ctx.request_id, ctx.remote,
         ctx.method, ctx.path, ctx.status, ctx.bytes_out, ctx.upstream, ctx.upstream_addr,
         int(d * 1e6 + 0.5) / 1000, ms, ctx.tls_resumed, ctx.worker, ctx.listener,
-        ctx.bytes_in, ctx.reused, ctx.tls_version, ctx.error, ctx.protocol, ctx.stream or None)
+        ctx.bytes_in, ctx.reused, ctx.tls_version, ctx.error, ctx.trace_id.hex(),
+        ctx.span_id.hex(), ctx.protocol, ctx.stream or None)
 
 
 def json_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:
@@ -151,6 +155,8 @@ def console_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:
         parts.append(f"{_SHORT.get(name, name)}={v:.1f}")
     if ctx.error:
         parts.append(f'error="{ctx.error.translate(_CONSOLE_ESCAPES)}"')
+    if ctx.trace_id:
+        parts.append(f"trace={ctx.trace_id.hex()}")
     return (" ".join(parts) + "\n").encode("utf-8", "backslashreplace")
 
 

@@ -9,6 +9,8 @@ Routes (GET and HEAD only):
                             CPU profile of worker P: collapsed stacks (profiling.py)
   /debug/greenlets?pid=P[&limit=N]
                             greenlets alive in worker P, grouped by stack (JSON)
+  /debug/phases[?format=text]
+                            the critical-path report per route and upstream (phases.py)
 
 Access: when ``admin.token`` is set, every request needs ``Authorization: Bearer TOKEN``
 (401 otherwise); config validation makes a token mandatory for a non-loopback
@@ -32,7 +34,7 @@ from gevent import socket
 from gevent.server import StreamServer
 
 from forkproxy.config import parse_listen
-from forkproxy.manager import profiling
+from forkproxy.manager import phases, profiling
 from forkproxy.manager.metrics import CONTENT_TYPE as METRICS_TYPE
 from forkproxy.netif import resolve
 from forkproxy.osutil import is_loopback
@@ -125,9 +127,15 @@ class Admin:
                 return self._profile(query)
             if path == "/debug/greenlets":
                 return self._greenlets(query)
+            if path == "/debug/phases":
+                rep = self.source.phases_report()
+                if query.get("format") == "text":
+                    return Response(200, phases.render(rep))
+                return json_response(rep)
             if path == "/":
                 return Response(200, "forkproxy admin: /metrics /status /healthz "
-                                     "/debug/profile?pid=P&seconds=N /debug/greenlets?pid=P\n")
+                                     "/debug/profile?pid=P&seconds=N /debug/greenlets?pid=P "
+                                     "/debug/phases\n")
         except profiling.DebugError as e:
             return Response(e.status, f"{e}\n")
         except (ValueError, KeyError) as e:

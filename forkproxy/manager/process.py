@@ -33,15 +33,24 @@ from gevent.socket import wait_read
 
 from forkproxy import config as config_mod
 from forkproxy import log as log_mod
-from forkproxy.manager import shards, upstreams
+from forkproxy.manager import phases, shards, upstreams
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.admin import HEALTHY_WITHIN, Admin
 from forkproxy.manager.collector import Collector
 from forkproxy.manager.discovery import Discovery
 from forkproxy.manager.errorlog import TLSFailureLog
 from forkproxy.manager.healthcheck import HealthChecker
-from forkproxy.manager.metrics import Metrics, Sample, rss_bytes, tcp_states
+from forkproxy.manager.metrics import (
+    Metrics,
+    Sample,
+    TextWriter,
+    cpu_seconds,
+    rss_bytes,
+    tcp_states,
+)
 from forkproxy.manager.records import RecordSink
+from forkproxy.manager.tlsstate import TLSState, render_master
+from forkproxy.manager.tracing import Tracer
 from forkproxy.osutil import drop_privileges, set_pdeathsig
 from forkproxy.shm.health import HealthTable
 from forkproxy.shm.keystore import KeyStore
@@ -87,6 +96,10 @@ class Manager:
         self.shards: list[shards.Shard] = []  # forked by serve()
         self.metrics = Metrics()
         self.metrics.on_error = TLSFailureLog(logger).observe
+        self.tls_state = TLSState(logger)
+        self.tls_state.configure(cfg)
+        self.tls_state.observe_keys(spec.keystore)
+        self.tracer = Tracer(cfg.tracing, logger)
         try:
             self.accesslog = AccessLog(config_mod.log_path(cfg, cfg.log.access_log),
                                        cfg.log.format, logger)
@@ -94,7 +107,7 @@ class Manager:
             logger.error("cannot open the access log: access logging is off",
                          path=cfg.log.access_log, error=e.strerror)
             self.accesslog = AccessLog("off", cfg.log.format, logger)
-        self.sink = RecordSink(self.metrics, self.accesslog)
+        self.sink = RecordSink(self.metrics, self.accesslog, self.tracer)
         self.collector = Collector(shards.my_rings(self.rings, 0, self.n_collectors),
                                    self.sink.on_batch, table=self.table, logger=logger)
         self.admin = Admin(self, logger)
@@ -161,6 +174,7 @@ class Manager:
                 "requests": e["requests"],
                 "connections": e["connections"],
                 "rss": rss_bytes(pid),
+                "cpu_seconds": cpu_seconds(pid),
                 "heartbeat_age": round(now_mono - hb, 3) if hb else None,
                 "greenlets": g.greenlets if g is not None and g.greenlets >= 0 else None,
                 "http2_connections": g.http2_connections if g is not None else 0,
@@ -230,7 +244,27 @@ class Manager:
                         access_log_errors=log_errors)
         return m.render(sample) + upstreams.metrics_text(
             self.cfg, m.gauges, sample.worker_pids, self.spec.health, m.retries, m.tunnels,
-            self.discovery)
+            self.discovery) + self.state_metrics_text()
+
+    def state_metrics_text(self) -> str:
+        """The master's counters (worker table), TLS expiries and ticket keys
+        (tlsstate.py), span export over the manager and its shards (tracing.py)."""
+        w = TextWriter()
+        render_master(w, self.table.master_counters(), self.cfg.server.max_worker_rss)
+        self.tls_state.render_into(w, self.spec.keystore)
+        counts = self.tracer.counts()
+        for shard in self.shards:
+            try:
+                counts.add(shard.tracing())
+            except (OSError, EOFError, gevent.Timeout, msgspec.DecodeError) as e:
+                self.log.warning("collector shard did not answer", shard=shard.index,
+                                 error=str(e) or type(e).__name__)
+        counts.render_into(w)
+        return w.text()
+
+    def phases_report(self) -> dict:
+        """The critical-path report over the manager's and its shards' records."""
+        return phases.report(self.gathered()[0])
 
     # -- signals ----------------------------------------------------------------------
 
@@ -256,11 +290,14 @@ class Manager:
             self.log = log_mod.rebind("manager")
         except OSError as e:
             self.log.error("cannot open the new error log", error=e.strerror)
-        for obj in (self.accesslog, self.admin, self.collector):
+        for obj in (self.accesslog, self.admin, self.collector, self.tracer):
             obj.logger = self.log
         self.cfg = cfg
+        self.tls_state.configure(cfg)
+        self.tracer.configure(cfg.tracing)
         self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format)
         self._tell_shards("log", self.accesslog.path, cfg.log.format)
+        self._tell_shards("tracing", msgspec.to_builtins(cfg.tracing, enc_hook=float))
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.start_stapling()
         self.start_health_checks()
@@ -322,7 +359,7 @@ class Manager:
         self.shards = shards.fork_shards(
             self.n_collectors, self.rings, table=self.table,
             log_path=config_mod.log_path(cfg, cfg.log.access_log), log_format=cfg.log.format,
-            creds=(spec.uid, spec.gid, spec.groups),
+            tracing=cfg.tracing, creds=(spec.uid, spec.gid, spec.groups),
             close_fds=[fd for fd in mine if fd is not None and fd >= 0])
 
     def _tell_shards(self, *msg) -> None:
@@ -379,6 +416,7 @@ class Manager:
             if now - last_forget > FORGET_INTERVAL:
                 last_forget = now
                 self.metrics.forget_workers(self.worker_pids())
+                self.tls_state.observe_keys(self.spec.keystore)
             for shard in self.shards:
                 if shard.exited():
                     self.log.error("collector shard exited: restarting the manager",
@@ -386,7 +424,7 @@ class Manager:
                     self.request_stop("collector shard exited")
 
     def _start_services(self) -> None:
-        """Admin sockets, ring collectors, OCSP, health checks."""
+        """Admin sockets, ring collectors, span export, OCSP, health checks."""
         cfg = self.cfg
         if cfg.admin.listen:
             if self.admin_socks is not None:
@@ -395,6 +433,7 @@ class Manager:
                 self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.admin_socks = None
         self.collector.start()
+        self.tracer.start()
         self.start_stapling()
         self.start_health_checks()
         self.start_discovery()
@@ -428,6 +467,7 @@ class Manager:
         flush_g.kill(block=False)
         gevent.joinall([gevent.spawn(shard.stop) for shard in self.shards])
         n = self.collector.drain_all()
+        self.tracer.stop()
         self.accesslog.close()
         self.log.info("manager exiting", reason=self.stop_mode, drained=n,
                       seconds=round(time.monotonic() - t0, 3), dropped=self.ring_dropped)

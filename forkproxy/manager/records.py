@@ -6,17 +6,26 @@ which measures how many records per second one core can take through it.
 
 from __future__ import annotations
 
+from forkproxy.context import RequestContext
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.metrics import Metrics
+from forkproxy.manager.tracing import Tracer
 
 
 class RecordSink:
     """``on_batch(records)``: the Collector's callback (the list is reused: not kept)."""
 
-    def __init__(self, metrics: Metrics, accesslog: AccessLog):
+    def __init__(self, metrics: Metrics, accesslog: AccessLog, tracer: Tracer | None = None):
         self.metrics = metrics
         self.accesslog = accesslog
+        self.tracer = tracer  # span export: each request is offered to its sampler
 
     def on_batch(self, items: list) -> None:
         self.metrics.observe_batch(items)
         self.accesslog.write_batch(items)
+        tracer = self.tracer
+        if tracer is not None and tracer.enabled:
+            offer = tracer.offer
+            for rec in items:
+                if type(rec) is RequestContext:
+                    offer(rec)

@@ -32,11 +32,13 @@ from gevent import socket as gsocket
 from gevent.lock import Semaphore
 
 from forkproxy import log as log_mod
+from forkproxy.config import TracingConfig
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.collector import Collector
 from forkproxy.manager.errorlog import TLSFailureLog
 from forkproxy.manager.metrics import Metrics, MetricsState
 from forkproxy.manager.records import RecordSink
+from forkproxy.manager.tracing import Tracer, TracerCounts
 from forkproxy.osutil import drop_privileges, set_pdeathsig
 from forkproxy.proctitle import set_name
 
@@ -56,6 +58,7 @@ class ShardState(msgspec.Struct, array_like=True, gc=False):
 
 
 _state_decoder = msgspec.msgpack.Decoder(ShardState)
+_counts_decoder = msgspec.msgpack.Decoder(TracerCounts)
 
 
 def my_rings(rings: dict, index: int, count: int) -> dict:
@@ -120,6 +123,10 @@ class Shard:
     def state(self) -> ShardState:
         return _state_decoder.decode(self.call("state"))
 
+    def tracing(self) -> TracerCounts:
+        """The shard's span export counters."""
+        return _counts_decoder.decode(self.call("trace_counts"))
+
     def exited(self) -> bool:
         """True once the process is gone (reaped here)."""
         if self.exit_code is None:
@@ -150,7 +157,8 @@ class Shard:
 
 
 def fork_shards(count: int, rings: dict, *, table, log_path: str, log_format: str,
-                creds: tuple, close_fds: list[int]) -> list[Shard]:
+                creds: tuple, close_fds: list[int],
+                tracing: TracingConfig | None = None) -> list[Shard]:
     """Fork collectors 1..count-1. Call before the hub runs anything (the child reinits
     it); ``close_fds`` are the manager's own descriptors (ready and lifeline pipes, its
     access log, admin sockets), which a shard must not hold."""
@@ -165,13 +173,13 @@ def fork_shards(count: int, rings: dict, *, table, log_path: str, log_format: st
                     os.close(fd)
                 except OSError:
                     pass
-            _child(index, count, rings, table, log_path, log_format, creds, child)
+            _child(index, count, rings, table, log_path, log_format, creds, child, tracing)
         child.close()
         shards.append(Shard(index, pid, parent.detach()))
     return shards
 
 
-def _child(index, count, rings, table, log_path, log_format, creds, sock) -> None:
+def _child(index, count, rings, table, log_path, log_format, creds, sock, tracing) -> None:
     """A shard's main; never returns."""
     code = 0
     try:
@@ -187,7 +195,7 @@ def _child(index, count, rings, table, log_path, log_format, creds, sock) -> Non
             if i not in mine:
                 ring.close()  # this process's mapping only
         _serve(mine, table, log_path, log_format, creds, logger,
-               gsocket.socket(fileno=sock.detach()))
+               gsocket.socket(fileno=sock.detach()), tracing)
     except BaseException as e:
         print(f"forkproxy collector shard {os.getpid()} crashed: {e!r}", file=sys.stderr)
         code = 3
@@ -195,7 +203,7 @@ def _child(index, count, rings, table, log_path, log_format, creds, sock) -> Non
         os._exit(code)
 
 
-def _serve(rings, table, log_path, log_format, creds, logger, sock) -> None:
+def _serve(rings, table, log_path, log_format, creds, logger, sock, tracing) -> None:
     try:
         log = AccessLog(log_path, log_format, logger)
     except OSError as e:
@@ -206,8 +214,11 @@ def _serve(rings, table, log_path, log_format, creds, logger, sock) -> None:
     logger.info("collector shard started", rings=sorted(rings), access_log=log.path)
     metrics = Metrics()
     metrics.on_error = TLSFailureLog(logger).observe
-    collector = Collector(rings, RecordSink(metrics, log).on_batch, table=table, logger=logger)
+    tracer = Tracer(tracing, logger)  # its own exporter: the records of its rings
+    collector = Collector(rings, RecordSink(metrics, log, tracer).on_batch, table=table,
+                          logger=logger)
     collector.start()
+    tracer.start()
     flusher = gevent.spawn(_flush, log, metrics, table)
     stopping = False
     while not stopping:
@@ -223,11 +234,17 @@ def _serve(rings, table, log_path, log_format, creds, logger, sock) -> None:
             log.reopen()
         elif cmd == "log":
             log.reconfigure(*args)
+        elif cmd == "tracing":
+            tracer.configure(msgspec.convert(args[0], TracingConfig,
+                                             dec_hook=lambda tp, obj: tp(obj)))
+        elif cmd == "trace_counts":
+            reply = msgspec.msgpack.encode(tracer.counts())
         elif cmd == "stop":
             stopping = True
             collector.stop()
             flusher.kill()
             collector.drain_all()
+            tracer.stop()
             log.close()
         _send(sock, reply)
     collector.stop()

@@ -28,13 +28,18 @@ def admin_target(listen: str) -> tuple[str, int]:
 
 
 def fetch_status(cfg: config_mod.Config, timeout: float = 5.0) -> dict:
+    return fetch_json(cfg, "/status", timeout)
+
+
+def fetch_json(cfg: config_mod.Config, path: str, timeout: float = 5.0) -> dict:
+    """GET ``path`` from the admin endpoint of ``cfg`` (with its token) as JSON."""
     host, port = admin_target(cfg.admin.listen)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     headers = {"Accept": "application/json"}
     if cfg.admin.token:
         headers["Authorization"] = f"Bearer {cfg.admin.token}"
     try:
-        conn.request("GET", "/status", headers=headers)
+        conn.request("GET", path, headers=headers)
         resp = conn.getresponse()
         body = resp.read()
     finally:
@@ -97,6 +102,11 @@ def render(status: dict, now: float | None = None) -> str:
 
 
 def print_status(config_path: str) -> int:
+    return print_from_admin(config_path, "/status", render)
+
+
+def print_from_admin(config_path: str, path: str, render_fn, as_json: bool = False) -> int:
+    """Fetch ``path`` (JSON) from the admin endpoint of the config, print it rendered."""
     try:
         cfg = config_mod.load(config_path, check_files=False)
     except config_mod.ConfigError as e:
@@ -107,10 +117,10 @@ def print_status(config_path: str) -> int:
         print(f"{config_path}: admin.listen is empty: no admin endpoint to ask", file=sys.stderr)
         return 1
     try:
-        status = fetch_status(cfg)
+        data = fetch_json(cfg, path)
     except (OSError, RuntimeError, ValueError, http.client.HTTPException) as e:
-        print(f"cannot get status from the admin endpoint {cfg.admin.listen}: {e}",
+        print(f"cannot get {path} from the admin endpoint {cfg.admin.listen}: {e}",
               file=sys.stderr)
         return 1
-    sys.stdout.write(render(status))
+    sys.stdout.write(json.dumps(data, indent=1) + "\n" if as_json else render_fn(data))
     return 0

@@ -30,13 +30,14 @@ from forkproxy.manager import discovery
 from forkproxy.manager import process as manager_process
 from forkproxy.master import daemon
 from forkproxy.master.listeners import BindError, BoundListener, enable_migrate_req
+from forkproxy.master.recycle import Recycler
 from forkproxy.master.tickets import TicketKeys
 from forkproxy.proctitle import set_name
 from forkproxy.shm.health import HealthTable
 from forkproxy.shm.limitzone import LimitZone
 from forkproxy.shm.resolved import ResolvedTable
 from forkproxy.shm.ring import Ring
-from forkproxy.shm.table import WorkerTable
+from forkproxy.shm.table import M_RECYCLES_HEARTBEAT, WorkerTable
 from forkproxy.tls.openssl import self_test
 from forkproxy.worker import process as worker_process
 
@@ -111,6 +112,7 @@ class Arbiter:
         self.uid: int | None = None  # privileges the children drop to (user/group, as root)
         self.gid: int | None = None
         self.groups: list[int] | None = None
+        self.recycler = Recycler()  # [server] max_worker_rss
         self.wake_r = self.wake_w = -1  # signal wake-up pipe
         self.lifeline_r = self.lifeline_w = -1  # children see EOF when the master dies
         self.signal_handlers = {
@@ -589,6 +591,7 @@ class Arbiter:
                 and self.slot_next_spawn.get(MANAGER_SLOT, 0.0) <= now):
             self._start_manager()
         self.spawn_missing()
+        self.recycler.check(self, now)
         # a reload completes once every new-generation worker is ready
         if self.pending_generation is not None:
             gen = self.pending_generation
@@ -623,6 +626,7 @@ class Arbiter:
                   and now - w.started > self.cfg.server.heartbeat_timeout):
                 self.log.error("worker stopped heart-beating, replacing it", pid=w.pid,
                                slot=w.slot)
+                self.table.count_master(M_RECYCLES_HEARTBEAT)
                 w.retiring = True  # the replacement is not a crash back-off
                 _kill(w.pid, signal.SIGKILL)
         # listener sockets of removed slots / listeners, once no worker can use them
@@ -650,6 +654,7 @@ class Arbiter:
         except config_mod.ConfigError as e:
             self.log.error("reload failed: invalid config, keeping the running one",
                            errors=e.problems)
+            self.table.count_reload(False)
             daemon.sd_notify("READY=1")
             return
         old_by_key = {bl.key: bl for bl in self.bound}
@@ -662,6 +667,7 @@ class Arbiter:
             self.nworkers = old_n
             self.log.error("reload failed: cannot bind, keeping the running config",
                            error=str(e))
+            self.table.count_reload(False)
             daemon.sd_notify("READY=1")
             return
         self.closing_listeners.extend(reuse.values())  # listeners no longer configured
@@ -697,6 +703,7 @@ class Arbiter:
                       new_cfg.log.format)
         self.log = log_mod.rebind("master")
         self.log.info("reloading", generation=self.generation, workers=self.nworkers)
+        self.table.count_reload(True)
         # the manager re-reads the config too (new access log, admin, OCSP set)
         if self.manager is not None:
             _kill(self.manager.pid, signal.SIGHUP)
@@ -825,6 +832,8 @@ def _preload(cfg) -> None:
 
     if config_mod.uses_dns(cfg):
         import forkproxy.manager.dnslookup  # noqa: F401  (dnspython, ~13 MiB: the manager's)
+    if cfg.tracing.endpoint:
+        import forkproxy.manager.spans  # noqa: F401  (protobuf: only when exporting spans)
 
     import pprint  # noqa: F401  (gevent's hub formats contexts with it)
     import traceback  # noqa: F401

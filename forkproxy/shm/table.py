@@ -16,6 +16,13 @@ import time
 ENTRY = 64
 # word offsets within an entry
 PID, SLOT, GENERATION, CPU, STARTED, HEARTBEAT, REQUESTS, CONNECTIONS = range(8)
+#: the master's counters, in the words of its own entry that no worker field uses
+#: (written by the master only, read by the manager for /metrics)
+M_RELOADS_OK, M_RELOADS_FAILED, M_LAST_RELOAD_FAILED = SLOT, CPU, STARTED
+M_RECYCLES_RSS, M_RECYCLES_HEARTBEAT = REQUESTS, CONNECTIONS
+MASTER_COUNTERS = {"reloads_ok": M_RELOADS_OK, "reloads_failed": M_RELOADS_FAILED,
+                   "last_reload_failed": M_LAST_RELOAD_FAILED,
+                   "recycles_rss": M_RECYCLES_RSS, "recycles_heartbeat": M_RECYCLES_HEARTBEAT}
 
 
 class WorkerTable:
@@ -50,6 +57,20 @@ class WorkerTable:
         """(master pid, current generation)."""
         last = self.entries - 1
         return -self._q[self._w(last, PID)], self._q[self._w(last, GENERATION)]
+
+    def count_master(self, word: int, n: int = 1) -> None:
+        """Master side: add ``n`` to one of its counters (M_RELOADS_OK, ...)."""
+        self._q[self._w(self.entries - 1, word)] += n
+
+    def count_reload(self, ok: bool) -> None:
+        """Master side: a reload was applied (ok) or refused; remembers the last result."""
+        self.count_master(M_RELOADS_OK if ok else M_RELOADS_FAILED)
+        self._q[self._w(self.entries - 1, M_LAST_RELOAD_FAILED)] = 0 if ok else 1
+
+    def master_counters(self) -> dict[str, int]:
+        """The master's counters by name (see MASTER_COUNTERS)."""
+        last = self.entries - 1
+        return {name: self._q[self._w(last, word)] for name, word in MASTER_COUNTERS.items()}
 
     def clear(self, index: int) -> None:
         self._q[self._w(index, PID)] = 0

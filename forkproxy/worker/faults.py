@@ -7,6 +7,8 @@ can be injected. Values:
 - ``request``: a request whose path starts with ``/__fault__`` raises inside the
   worker, the way a bug would (``/__fault__/after-head`` raises once a partial response
   went out), so the fault handling (log, 500, the worker keeps serving) is tested;
+  ``/__fault__/grow-rss/N`` does not raise: the worker keeps N more MiB, resident, and
+  the request goes on as usual (the master's ``max_worker_rss`` replacement is tested);
 - ``manager-startup``: read by the manager (forkproxy/manager/process.py).
 """
 
@@ -21,9 +23,17 @@ STARTUP = FAULT == "startup"
 REQUEST = FAULT == "request"
 
 
+#: what /__fault__/grow-rss/N requests made the worker keep
+_LEAKED: list[bytes] = []
+
+
 def request_fault(front, req) -> None:
     """Raise like a bug would, for a request under /__fault__ (only with REQUEST)."""
     if not req.path.startswith(b"/__fault__"):
+        return
+    if req.path.startswith(b"/__fault__/grow-rss/"):
+        # a leak, written page by page so that it is resident
+        _LEAKED.append(b"\x01" * (int(req.path.rsplit(b"/", 1)[1]) << 20))
         return
     if req.path.startswith(b"/__fault__/after-head"):
         front.resp_started = True

@@ -271,6 +271,7 @@ class Http1Connection(ClientConnection, FrontEnd):
         if faults.REQUEST:
             faults.request_fault(self, req)
         upstream = ws.router.route(req.host, req.path, self.listener.default_upstream)
+        ex.route = ws.router.matched
         if upstream is None:
             return ex.fail(503, None, "no upstream")
         if upstream.split:  # a canary split between upstreams: choose one

@@ -345,6 +345,7 @@ class Http2Stream(FrontEnd):
             ex.fail(climits.status, None, "")
             return
         upstream = ws.router.route(req.host, req.path, self.listener.default_upstream)
+        ex.route = ws.router.matched
         if upstream is None:
             ex.fail(503, None, "no upstream")
             return

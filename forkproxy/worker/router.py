@@ -23,15 +23,23 @@ def route_target(r: RouteConfig, upstreams: dict):
     return Split(targets, key, r.canary_header)
 
 
+def route_label(r: RouteConfig) -> str:
+    """How reports and traces name a route: "HOST PATH_PREFIX" as configured."""
+    return f"{r.host} {r.path_prefix}"
+
+
 class Router:
-    __slots__ = ("_exact", "_suffixes", "_any", "_host_cache")
+    """``route()`` returns the target and leaves the matched route's label in ``matched``
+    ("" = none matched: the listener's default), to be read before the next yield."""
+
+    __slots__ = ("_exact", "_suffixes", "_any", "_host_cache", "matched")
 
     def __init__(self, routes: list[RouteConfig], upstreams: dict):
         exact: dict[bytes, list] = {}
         suffixes: dict[bytes, list] = {}
         anyhost: list = []
         for r in routes:
-            entry = (r.path_prefix.encode(), route_target(r, upstreams))
+            entry = (r.path_prefix.encode(), route_target(r, upstreams), route_label(r))
             host = r.host.lower().encode()
             if host == b"*":
                 anyhost.append(entry)
@@ -46,6 +54,7 @@ class Router:
                                 key=lambda e: -len(e[0]))
         self._any = by_len(anyhost)
         self._host_cache: dict[bytes, tuple] = {}
+        self.matched = ""
 
     def _groups(self, host: bytes) -> tuple:
         groups = self._host_cache.get(host)
@@ -70,7 +79,9 @@ class Router:
 
     def route(self, host: bytes, path: bytes, default):
         for entries in self._groups(host):
-            for prefix, upstream in entries:
+            for prefix, upstream, label in entries:
                 if path.startswith(prefix):
+                    self.matched = label
                     return upstream
+        self.matched = ""
         return default

@@ -8,6 +8,7 @@ import os
 from forkproxy.config import config_dir
 from forkproxy.context import encoder
 from forkproxy.http.request import Limits
+from forkproxy.http.tracecontext import IdGenerator, ratio_threshold
 from forkproxy.http2.limits import Http2Limits
 from forkproxy.shm.limitzone import ClientLimits
 from forkproxy.worker.router import Router
@@ -75,6 +76,10 @@ class WorkerState:
         self.stats_errors = 0
         self._rid_prefix = b"%08x" % (int.from_bytes(os.urandom(4), "big"))
         self._rid = 0
+        #: trace and span ids (W3C trace context), and the head-sampling threshold of
+        #: the traces this worker starts ([tracing] sample_ratio)
+        self.ids = IdGenerator()
+        self.trace_threshold = ratio_threshold(cfg.tracing.sample_ratio)
         self.ring = spec.ring
         self.pipes = PipePool() if srv.splice else None
         self.encbuf = bytearray(512)  # the ring records are encoded into it

@@ -33,6 +33,7 @@ from forkproxy.http.forward import switching_protocols_head, upgrade_head, upstr
 from forkproxy.worker.exchange import Exchange, Upgraded, UpstreamFailed
 from forkproxy.worker.front import ClientGone
 from forkproxy.worker.sockio import send_all
+from forkproxy.worker.tracing import start_span
 
 _timeout = socket.timeout
 _monotonic = time.monotonic
@@ -47,7 +48,7 @@ def tunnel(c, ex: Exchange, upstream) -> bool:
     if c.remote_b is None:
         c.remote_b = c.remote.encode()
     head = upgrade_head(upstream_head(req, req.request_id, c.remote_b, c.listener.scheme,
-                                      c.listener.host_fallback),
+                                      c.listener.host_fallback, start_span(req, c.ws)),
                         req.upgrade, c.parser.leftover)
     key = upstream.keyspec.key(req, c.remote) if upstream.keyspec is not None else None
     ex.tries = upstream.retries

@@ -1,0 +1,324 @@
+"""Trace export in the manager: sampling decided once a request has ended, a bounded
+queue, and a greenlet that sends batches over OTLP/HTTP (protobuf) to ``[tracing]
+endpoint``.
+
+Sampling (:meth:`Tracer.offer`, once per request record, cheap):
+
+* head: a request whose traceparent came sampled is kept; otherwise the trace id decides
+  with ``sample_ratio`` (tracecontext.sampled_by_ratio: the same rule the worker used to
+  set the sampled flag of a trace it started, so both agree);
+* tail, which only a proxy that saw the whole request can apply: errors (5xx, or an
+  error such as an upstream reset or the client gone) and requests slower than
+  ``sample_slower_than`` are always kept.
+
+The queue holds request records, not spans: encoding (spans.py) happens in the export
+greenlet, a batch at a time. The queue is bounded (``queue_size``): when the collector is
+down or slow, records beyond it are dropped and counted, and so are those of a batch the
+collector refused or did not answer within ``export_timeout``. Nothing here ever makes
+the collector greenlets (or the workers, who never wait on the manager) wait.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+
+import gevent
+import msgspec
+from gevent import socket as gsocket
+from gevent import ssl as gssl
+from gevent.event import Event
+
+from forkproxy import __version__
+from forkproxy.config import Endpoint, TracingConfig, parse_endpoint
+from forkproxy.context import T_ACCEPT, T_END, T_HEADERS, RequestContext
+from forkproxy.http.tracecontext import SAMPLED, ratio_threshold
+from forkproxy.manager.metrics import TextWriter
+
+#: longest response body read from the collector (OTLP answers are small)
+MAX_RESPONSE = 64 * 1024
+#: after a failed export, wait this long (doubling up to MAX_BACKOFF) before the next one
+BACKOFF = 1.0
+MAX_BACKOFF = 30.0
+
+
+class ExportError(Exception):
+    pass
+
+
+class OTLPClient:
+    """One keep-alive HTTP/1.1 connection to the collector, on gevent sockets."""
+
+    def __init__(self, endpoint: Endpoint, timeout: float):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.sock = None
+        host = endpoint.host
+        authority = f"[{host}]" if ":" in host else host
+        self.head = (f"POST {endpoint.path} HTTP/1.1\r\nHost: {authority}:{endpoint.port}\r\n"
+                     f"Content-Type: application/x-protobuf\r\n"
+                     f"User-Agent: forkproxy/{__version__}\r\n").encode()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+    def _connect(self):
+        ep = self.endpoint
+        sock = gsocket.create_connection((ep.host, ep.port), self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ep.tls:  # gevent's SSL sockets are cooperative; the system's CA store
+            sock = gssl.create_default_context().wrap_socket(sock, server_hostname=ep.host)
+        return sock
+
+    def post(self, body: bytes) -> int:
+        """Send one export request; returns the HTTP status (raises ExportError)."""
+        timer = gevent.Timeout.start_new(self.timeout)
+        try:
+            for attempt in (0, 1):  # a pooled connection the collector closed: once more
+                fresh = self.sock is None
+                try:
+                    if fresh:
+                        self.sock = self._connect()
+                    self.sock.sendall(self.head + b"Content-Length: %d\r\n\r\n" % len(body)
+                                      + body)
+                    return self._read_response()
+                except gevent.Timeout as t:
+                    if t is not timer:
+                        raise
+                    self.close()
+                    raise ExportError(f"no answer within {self.timeout:g}s")
+                except (OSError, ExportError) as e:
+                    self.close()
+                    if fresh or attempt:
+                        raise ExportError(str(e) or type(e).__name__)
+            raise ExportError("unreachable")
+        finally:
+            timer.close()
+
+    def _read_response(self) -> int:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = self.sock.recv(16384)
+            if not data:
+                raise ExportError("connection closed before a response")
+            buf += data
+            if len(buf) > MAX_RESPONSE:
+                raise ExportError("response head too large")
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        try:
+            status = int(lines[0].split()[1])
+        except (IndexError, ValueError):
+            raise ExportError(f"bad status line {lines[0][:80]!r}")
+        length = None
+        close = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
+            elif name == b"transfer-encoding":
+                close = True  # not worth parsing chunks of a reply we ignore: reconnect
+        if length is None or length > MAX_RESPONSE:
+            close = True
+        else:
+            while len(rest) < length:
+                data = self.sock.recv(16384)
+                if not data:
+                    raise ExportError("connection closed in the response body")
+                rest += data
+        if close:
+            self.close()
+        return status
+
+
+class Tracer:
+    """Sampling, the bounded queue, the export greenlet and their counters."""
+
+    def __init__(self, cfg: TracingConfig | None = None, logger=None):
+        self.logger = logger
+        self.queue: deque[RequestContext] = deque()
+        self.wake = Event()
+        self.greenlet: gevent.Greenlet | None = None
+        self.client: OTLPClient | None = None
+        self.encoder = None  # spans.SpanEncoder once an endpoint is configured
+        self.cfg = cfg
+        self.enabled = False
+        self.sampled = 0
+        self.exported = 0
+        self.dropped_queue = 0
+        self.dropped_export = 0
+        self.requests_ok = 0
+        self.requests_failed = 0
+        self.threshold = 0
+        self.slower_than = 0.0
+        self.queue_size = 1
+        self.batch_size = 1
+        if cfg is not None:
+            self.configure(cfg)
+
+    def configure(self, cfg: TracingConfig) -> None:
+        """Start, change or stop the export (manager start and reload)."""
+        endpoint = parse_endpoint(cfg.endpoint) if cfg.endpoint else None
+        if endpoint is not None and (self.encoder is None or self.cfg is not cfg):
+            # protobuf and the OTLP classes (~6 MiB) only in a manager that exports
+            from forkproxy.manager.spans import SpanEncoder
+
+            self.encoder = SpanEncoder(cfg.service_name)
+        old = self.client
+        if old is not None and (endpoint is None or old.endpoint != endpoint
+                                or old.timeout != cfg.export_timeout):
+            old.close()
+            self.client = None
+        if endpoint is not None and self.client is None:
+            self.client = OTLPClient(endpoint, cfg.export_timeout)
+        self.cfg = cfg
+        self.enabled = endpoint is not None
+        self.threshold = ratio_threshold(cfg.sample_ratio)
+        self.slower_than = cfg.sample_slower_than
+        self.queue_size = cfg.queue_size
+        self.batch_size = cfg.batch_size
+        if not self.enabled:
+            self.dropped_export += len(self.queue)
+            self.queue.clear()
+
+    def start(self) -> None:
+        if self.greenlet is None:
+            self.greenlet = gevent.spawn(self._loop)
+
+    def stop(self, flush_timeout: float = 2.0) -> None:
+        """Send what is queued (bounded by ``flush_timeout``), then stop."""
+        if self.greenlet is None:
+            return
+        self.greenlet.kill(block=True, timeout=1.0)
+        self.greenlet = None
+        if self.enabled and self.queue:
+            with gevent.Timeout(flush_timeout, False):
+                while self.queue:
+                    self._send_batch()
+        if self.client is not None:
+            self.client.close()
+
+    # -- per request (from Manager.on_batch) --------------------------------------------
+
+    def offer(self, ctx: RequestContext) -> None:
+        """Keep the record for export if a sampling rule says so; never waits. Called
+        only while export is enabled (Manager.on_batch checks once per batch)."""
+        trace_id = ctx.trace_id
+        if not trace_id:
+            return
+        # head (the sampled flag, the ratio on the id's low 8 bytes), then the tail rules
+        if not (ctx.trace_flags & SAMPLED
+                or int.from_bytes(trace_id[8:], "big") < self.threshold
+                or ctx.status >= 500 or ctx.error):
+            t = ctx.times
+            start = t[T_ACCEPT] or t[T_HEADERS]
+            if not start or t[T_END] - start <= self.slower_than:
+                return
+        self.sampled += 1
+        q = self.queue
+        if len(q) >= self.queue_size:
+            self.dropped_queue += 1
+            return
+        q.append(ctx)
+        if len(q) >= self.batch_size:
+            self.wake.set()
+
+    # -- export ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        backoff = 0.0
+        while True:
+            if backoff:  # after a failure: wait, whatever the queue (it drops when full)
+                gevent.sleep(backoff)
+            else:  # a full batch wakes us early
+                self.wake.wait(self.cfg.export_interval if self.cfg else 1.0)
+            self.wake.clear()
+            while self.queue and self.enabled:
+                ok = self._send_batch()
+                if not ok:
+                    backoff = min(max(BACKOFF, backoff * 2), MAX_BACKOFF)
+                    break
+                backoff = 0.0
+                if len(self.queue) < self.batch_size:
+                    break
+
+    def _send_batch(self) -> bool:
+        q = self.queue
+        batch = [q.popleft() for _ in range(min(self.batch_size, len(q)))]
+        if not batch or self.client is None:
+            return True
+        try:
+            body = self.encoder.encode(batch)
+            status = self.client.post(body)
+        except Exception as e:  # ExportError, or a bug in encoding: count, never crash
+            status = 0
+            error = str(e)
+        else:
+            error = f"HTTP {status}"
+        if 200 <= status < 300:
+            self.exported += len(batch)
+            self.requests_ok += 1
+            return True
+        self.dropped_export += len(batch)
+        self.requests_failed += 1
+        if self.logger is not None and self.requests_failed & (self.requests_failed - 1) == 0:
+            # 1st, 2nd, 4th, 8th... failure: a down collector does not flood the log
+            self.logger.warning("trace export failed, spans dropped", spans=len(batch),
+                                error=error, failures=self.requests_failed)
+        return False
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def counts(self) -> TracerCounts:
+        return TracerCounts(self.sampled, self.exported, self.dropped_queue,
+                            self.dropped_export, self.requests_ok, self.requests_failed,
+                            len(self.queue))
+
+
+class TracerCounts(msgspec.Struct, array_like=True, gc=False):
+    """A Tracer's counters as plain data: the manager adds its shards' to its own."""
+
+    sampled: int = 0
+    exported: int = 0
+    dropped_queue: int = 0
+    dropped_export: int = 0
+    requests_ok: int = 0
+    requests_failed: int = 0
+    queue: int = 0
+
+    def add(self, other: TracerCounts) -> None:
+        for name in self.__struct_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def render_into(self, w: TextWriter) -> None:
+        w.family("forkproxy_trace_requests_sampled_total", "counter",
+                 "Requests kept for export by the head or tail sampling rules.")
+        w.sample("forkproxy_trace_requests_sampled_total", (), self.sampled)
+        w.family("forkproxy_trace_spans_exported_total", "counter",
+                 "Requests whose spans the collector accepted (one server span each, plus "
+                 "its phase spans).")
+        w.sample("forkproxy_trace_spans_exported_total", (), self.exported)
+        w.family("forkproxy_trace_spans_dropped_total", "counter",
+                 "Sampled requests whose spans were not exported, by reason (queue_full: "
+                 "the bounded queue was full; export_failed: the collector refused, failed "
+                 "or did not answer in time).")
+        w.sample("forkproxy_trace_spans_dropped_total", (("reason", "queue_full"),),
+                 self.dropped_queue)
+        w.sample("forkproxy_trace_spans_dropped_total", (("reason", "export_failed"),),
+                 self.dropped_export)
+        w.family("forkproxy_trace_export_requests_total", "counter",
+                 "OTLP export requests by result.")
+        w.sample("forkproxy_trace_export_requests_total", (("result", "success"),),
+                 self.requests_ok)
+        w.sample("forkproxy_trace_export_requests_total", (("result", "failure"),),
+                 self.requests_failed)
+        w.family("forkproxy_trace_queue_length", "gauge", "Sampled requests waiting for export.")
+        w.sample("forkproxy_trace_queue_length", (), self.queue)

@@ -1,0 +1,387 @@
+"""W3C Trace Context and span export: parsing and ids (sans-IO), propagation through a
+real proxy to a real origin, spans decoded by a real OTLP/HTTP receiver on loopback,
+head and tail sampling, and a collector that is down or slow."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+import urllib.request
+
+import pytest
+from fp import children_of, comm, connect, free_port, recv_response, request, wait_for
+from otlputil import Receiver, attrs
+
+from forkproxy.http import tracecontext as tc
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+# -- sans-IO ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, expected", [
+    (b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+     (bytes.fromhex(CLIENT_TRACE), bytes.fromhex(CLIENT_SPAN), 1)),
+    (b" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00\t",
+     (bytes.fromhex(CLIENT_TRACE), bytes.fromhex(CLIENT_SPAN), 0)),
+    # a later version: the known fields, then "-" and whatever it adds
+    (b"cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09-what-the-future-adds",
+     (bytes.fromhex(CLIENT_TRACE), bytes.fromhex(CLIENT_SPAN), 9)),
+    (b"cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", (
+        bytes.fromhex(CLIENT_TRACE), bytes.fromhex(CLIENT_SPAN), 1)),
+    (b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),  # version ff
+    (b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", None),  # upper case
+    (b"00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),  # zero trace id
+    (b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", None),  # zero parent
+    (b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-", None),  # 00 plus more
+    (b"cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x", None),
+    (b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", None),  # short trace id
+    (b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", None),
+    (b"-", None),  # the parser's mark for two traceparent fields
+    (b"", None),
+])
+def test_parse_traceparent(value, expected):
+    assert tc.parse_traceparent(value) == expected
+
+
+def test_format_traceparent_round_trips():
+    tid, sid = bytes.fromhex(CLIENT_TRACE), bytes.fromhex(CLIENT_SPAN)
+    text = tc.format_traceparent(tid, sid, 1)
+    assert text == f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01".encode()
+    assert tc.parse_traceparent(text) == (tid, sid, 1)
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ([b"congo=t61rcWkgMzE"], "congo=t61rcWkgMzE"),
+    ([b"rojo=00f067aa0ba902b7, congo=t61rcWkgMzE"], "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
+    ([b"rojo=1", b"congo=2"], "rojo=1,congo=2"),  # several fields combine
+    ([b"tenant@vendor=x,,  ,a=b"], "tenant@vendor=x,a=b"),  # empty members dropped
+    ([b"Upper=1"], ""),  # keys are lower case
+    ([b"a=1,a=2"], ""),  # a key twice
+    ([b"a=x=y"], ""),  # "=" in a value
+    ([b"a=" + b"v" * 300], ""),  # value longer than 256
+    ([b",".join(b"k%d=v" % i for i in range(33))], ""),  # more than 32 members
+])
+def test_parse_tracestate(fields, expected):
+    assert tc.parse_tracestate(fields) == expected
+
+
+def test_ids_are_distinct_and_ratio_sampling_is_fair():
+    ids = tc.IdGenerator()
+    spans = {ids.span_id() for _ in range(100_000)}
+    assert len(spans) == 100_000 and all(len(s) == 8 and s != bytes(8) for s in spans)
+    traces = [ids.trace_id() for _ in range(20_000)]
+    assert len(set(traces)) == 20_000 and all(len(t) == 16 for t in traces)
+    other = tc.IdGenerator()  # another worker: other ids
+    assert not spans & {other.span_id() for _ in range(1000)}
+    threshold = tc.ratio_threshold(0.25)
+    share = sum(tc.sampled_by_ratio(t, threshold) for t in traces) / len(traces)
+    assert 0.23 < share < 0.27
+    assert all(tc.sampled_by_ratio(t, tc.ratio_threshold(1.0)) for t in traces[:100])
+    # the worker's one-call path agrees with the pieces
+    for _ in range(2000):
+        (trace_id, span_id, parent, flags, state), line = ids.new_trace(threshold)
+        assert (parent, state) == (b"", "")
+        name, _, value = line.partition(b": ")
+        assert name == b"traceparent" and value.endswith(b"\r\n")
+        assert tc.parse_traceparent(value[:-2]) == (trace_id, span_id, flags)
+        assert bool(flags) == tc.sampled_by_ratio(trace_id, threshold)
+        assert trace_id[:8] == ids.high
+    assert not any(tc.sampled_by_ratio(t, tc.ratio_threshold(0.0)) for t in traces[:100])
+
+
+# -- a real proxy -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.stop()
+
+
+def traced_proxy(proxies, tmp_path, origin, endpoint: str, **tracing):
+    keys = {"endpoint": f'"{endpoint}"', "sample_ratio": "1.0", "export_interval": '"100ms"',
+            **tracing}
+    text = "[tracing]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+    return proxies(tmp_path, origin.address, admin=True, extra=text + (
+        '[[route]]\npath_prefix = "/headers"\nupstream = "app"\n'
+        '[[route]]\npath_prefix = "/"\nupstream = "app"\n'))
+
+
+def origin_headers(port: int, headers: dict | None = None) -> dict:
+    status, _, body = request(port, "GET", "/headers", headers=headers)
+    assert status == 200
+    return {k.lower(): v for k, v in json.loads(body)["headers"]}
+
+
+def access_log(p) -> list[dict]:
+    try:
+        with open(p.access_log) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except OSError:
+        return []
+
+
+def metric(p, name: str, **labels) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{name}{{{sel}}} (\S+)$" if sel else rf"^{name} (\S+)$", text, re.M)
+    assert m, (name, labels)
+    return float(m.group(1))
+
+
+def test_traceparent_propagates_with_forkproxys_span_as_parent(proxies, tmp_path, origin,
+                                                              receiver):
+    p = traced_proxy(proxies, tmp_path, origin, receiver.url)
+    seen = origin_headers(p.port, {
+        "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+        "tracestate": "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"})
+    version, trace, parent, flags = seen["traceparent"].split("-")
+    assert (version, trace, flags) == ("00", CLIENT_TRACE, "01")
+    assert parent != CLIENT_SPAN and re.fullmatch("[0-9a-f]{16}", parent)
+    assert seen["tracestate"] == "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+
+    [span] = wait_for(receiver.server_spans, timeout=10, what="the server span exported")
+    assert span.trace_id.hex() == CLIENT_TRACE
+    assert span.span_id.hex() == parent  # the origin's parent is forkproxy's span
+    assert span.parent_span_id.hex() == CLIENT_SPAN  # whose parent is the client's
+    assert span.trace_state == "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"
+    assert span.name == "GET /headers"
+    a = attrs(span)
+    assert a["http.request.method"] == "GET"
+    assert a["url.path"] == "/headers"
+    assert a["url.scheme"] == "http"
+    assert a["http.response.status_code"] == 200
+    assert a["http.route"] == "/headers"
+    assert (a["server.address"], a["server.port"]) == ("127.0.0.1", p.port)
+    assert a["forkproxy.upstream"] == "app"
+    assert a["forkproxy.upstream.port"] == origin.port
+    assert a["forkproxy.upstream.connection_reused"] is False
+    assert a["client.address"] == "127.0.0.1"
+    assert a["network.protocol.version"] == "1.1"
+    assert a["http.response.body.size"] > 0
+    children = wait_for(lambda: len(receiver.children_of(span.span_id)) >= 5 and
+                        receiver.children_of(span.span_id), timeout=10, what="phase spans")
+    for name in ("request_head", "upstream_connect", "request_send", "upstream_first_byte",
+                 "response_body"):
+        child = children[name]
+        assert child.trace_id == span.trace_id
+        assert span.start_time_unix_nano <= child.start_time_unix_nano
+        assert child.start_time_unix_nano <= child.end_time_unix_nano <= span.end_time_unix_nano
+    assert children["upstream_connect"].end_time_unix_nano <= \
+        children["upstream_first_byte"].end_time_unix_nano
+    assert abs(span.end_time_unix_nano / 1e9 - time.time()) < 60
+    res = attrs(receiver.requests[0].resource_spans[0].resource)
+    assert res["service.name"] == "forkproxy"
+    assert receiver.content_types[0] == "application/x-protobuf"
+
+    # the access log carries the ids
+    line = wait_for(lambda: [e for e in access_log(p) if e["path"] == "/headers"],
+                    what="the access log line")[0]
+    assert (line["trace_id"], line["span_id"]) == (CLIENT_TRACE, parent)
+
+
+def test_a_trace_starts_when_the_client_sends_none(proxies, tmp_path, origin, receiver):
+    p = traced_proxy(proxies, tmp_path, origin, receiver.url)
+    first = origin_headers(p.port, {"tracestate": "rojo=1"})
+    second = origin_headers(p.port, {"traceparent": "00-zz-bad-01"})  # invalid: a new trace
+    for seen in (first, second):
+        assert tc.parse_traceparent(seen["traceparent"].encode()) is not None
+        assert "tracestate" not in seen  # dropped without a valid traceparent
+    assert first["traceparent"][3:35] != second["traceparent"][3:35]
+    spans = wait_for(lambda: len(receiver.server_spans()) == 2 and receiver.server_spans(),
+                     timeout=10, what="two server spans")
+    assert {s.trace_id.hex() for s in spans} == {first["traceparent"][3:35],
+                                                 second["traceparent"][3:35]}
+    assert all(not s.parent_span_id for s in spans)
+
+
+def test_head_sampling(proxies, tmp_path, origin, receiver):
+    p = traced_proxy(proxies, tmp_path, origin, receiver.url, sample_ratio="0.0")
+    unsampled = origin_headers(p.port)  # a trace we start, not sampled
+    assert unsampled["traceparent"].endswith("-00")
+    origin_headers(p.port, {"traceparent": f"00-{'1' * 32}-{CLIENT_SPAN}-00"})
+    origin_headers(p.port, {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+    [span] = wait_for(receiver.server_spans, timeout=10, what="the sampled request's span")
+    assert span.trace_id.hex() == CLIENT_TRACE
+    wait_for(lambda: metric(p, "forkproxy_trace_requests_sampled_total") == 1, what="counts")
+    time.sleep(0.5)  # two more export intervals: nothing else arrives
+    assert len(receiver.server_spans()) == 1
+
+    p.stop()
+    (tmp_path / "all").mkdir()
+    p2 = traced_proxy(proxies, tmp_path / "all", origin, receiver.url, sample_ratio="1.0")
+    assert origin_headers(p2.port)["traceparent"].endswith("-01")
+    wait_for(lambda: len(receiver.server_spans()) == 2, timeout=10, what="the second span")
+
+
+def test_tail_sampling_keeps_errors_and_slow_requests(proxies, tmp_path, origin, receiver):
+    p = traced_proxy(proxies, tmp_path, origin, receiver.url, sample_ratio="0.0",
+                     sample_slower_than='"200ms"')
+    for path in ("/tiny", "/sleep/400", "/status/503", "/sleep/10", "/status/404"):
+        assert request(p.port, "GET", path)[0] in (200, 404, 503)
+    spans = wait_for(lambda: len(receiver.server_spans()) == 2 and receiver.server_spans(),
+                     timeout=10, what="the slow and the failed request's spans")
+    paths = {attrs(s)["url.path"]: s for s in spans}
+    assert set(paths) == {"/sleep/400", "/status/503"}
+    failed = paths["/status/503"]
+    assert failed.status.code == failed.status.STATUS_CODE_ERROR
+    assert attrs(failed)["error.type"] == "503"
+    assert paths["/sleep/400"].status.code == 0  # unset: a slow 200 is no error
+    time.sleep(0.5)
+    assert len(receiver.server_spans()) == 2
+
+
+def test_upstream_reset_is_kept_as_an_error(proxies, tmp_path, origin, receiver):
+    """A refused upstream (502, the proxy's own answer) is an error: always exported."""
+    dead = f"127.0.0.1:{free_port()}"
+    keys = (f'[tracing]\nendpoint = "{receiver.url}"\nsample_ratio = 0.0\n'
+            'export_interval = "100ms"\n')
+    p = proxies(tmp_path, dead, admin=True, extra=keys)
+    assert request(p.port, "GET", "/x")[0] == 502
+    [span] = wait_for(receiver.server_spans, timeout=10, what="the 502's span")
+    assert attrs(span)["http.response.status_code"] == 502
+    assert span.status.code == span.status.STATUS_CODE_ERROR
+    assert span.status.message  # why: the connect error
+
+
+def latencies(port: int, n: int = 150) -> list[float]:
+    out = []
+    with connect(port) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.sendall(b"GET /tiny HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert recv_response(c)[0] == 200
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def dropped(p) -> float:
+    return (metric(p, "forkproxy_trace_spans_dropped_total", reason="queue_full")
+            + metric(p, "forkproxy_trace_spans_dropped_total", reason="export_failed"))
+
+
+def settled(p) -> bool:
+    """Every sampled request was exported or dropped (none waiting)."""
+    return (metric(p, "forkproxy_trace_queue_length") == 0
+            and metric(p, "forkproxy_trace_spans_exported_total") + dropped(p)
+            == metric(p, "forkproxy_trace_requests_sampled_total"))
+
+
+def test_collector_down_or_slow_costs_no_latency_and_drops_are_counted(proxies, tmp_path,
+                                                                      origin, receiver):
+    """150 requests per phase against a queue of 64: with the collector slow (answers
+    after the export timeout) or down (refused), spans are dropped and counted, and the
+    proxy's latency stays what it was with the collector up."""
+    p = traced_proxy(proxies, tmp_path, origin, receiver.url, queue_size="64",
+                     batch_size="32", export_timeout='"300ms"')
+    latencies(p.port, 20)  # warm up (connections, pools)
+    base = statistics.median(latencies(p.port))
+    wait_for(lambda: settled(p), timeout=15, what="the spans of the first phase exported")
+    assert metric(p, "forkproxy_trace_spans_exported_total") >= 32  # a batch at least
+
+    receiver.delay = 2.0
+    before = dropped(p)
+    slow = statistics.median(latencies(p.port))
+    wait_for(lambda: dropped(p) >= before + 50, timeout=20,
+             what="drops while the collector is slow")
+
+    receiver.delay = 0.0
+    receiver.stop()  # down: connections refused
+    before = dropped(p)
+    down = statistics.median(latencies(p.port))
+    wait_for(lambda: dropped(p) >= before + 50, timeout=20,
+             what="drops while the collector is down")
+    wait_for(lambda: metric(p, "forkproxy_trace_export_requests_total", result="failure") > 0,
+             timeout=20, what="failed exports counted")
+    # the proxy does not wait for the collector: same latency (loose: a shared machine)
+    for median in (slow, down):
+        assert median < 3 * base + 0.002, (base, slow, down)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_parser_keeps_the_trace_fields_apart(fast):
+    """Both parser paths (the fast one and llhttp's) take traceparent and tracestate out
+    of the forwarded headers; a second traceparent invalidates the trace context."""
+    from forkproxy.http.request import HEAD, Limits, RequestParser
+
+    def parse(extra: bytes):
+        p = RequestParser(Limits())
+        if not fast:
+            p._boundary = False  # skip the fast path, as test_request_head.py does
+        p.feed(memoryview(bytearray(b"GET / HTTP/1.1\r\nHost: x\r\n" + extra + b"\r\n")))
+        [(kind, req)] = [e for e in p.events if e[0] == HEAD]
+        return req
+
+    tp = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01".encode()
+    req = parse(b"traceparent: " + tp + b"\r\ntracestate: a=1\r\nX-Y: z\r\ntracestate: b=2\r\n")
+    assert (req.traceparent, req.tracestate) == (tp, b"a=1,b=2")
+    assert req.headers == [(b"X-Y", b"z")]
+    twice = parse(b"traceparent: " + tp + b"\r\ntraceparent: " + tp + b"\r\n")
+    assert tc.parse_traceparent(twice.traceparent) is None
+
+
+def test_collector_shards_export_their_rings_spans_and_counts_add_up(proxies, tmp_path,
+                                                                     origin, receiver):
+    """With two collectors, the shard exports the spans of its workers' rings itself; the
+    manager's /metrics adds the shard's export counters, /debug/phases its histograms."""
+    extra = (f'[tracing]\nendpoint = "{receiver.url}"\nsample_ratio = 1.0\n'
+             'export_interval = "100ms"\n')
+    p = proxies(tmp_path, origin.address, workers=2, admin=True, extra=extra,
+                server_extra="collectors = 2")
+    wait_for(lambda: any(comm(c).startswith("fp-collector")
+                         for c in children_of(p.manager_pid() or 0)), what="the collector shard")
+    n = 48
+    for _ in range(n // 24):  # many connections: both workers (so both rings) serve some
+        clients = [connect(p.port) for _ in range(24)]
+        for c in clients:
+            c.sendall(b"GET /tiny HTTP/1.1\r\nHost: x\r\n\r\n")
+        for c in clients:
+            assert recv_response(c)[0] == 200
+            c.close()
+    lines = wait_for(lambda: len(access_log(p)) == n and access_log(p), what="the log lines")
+    assert len({e["worker"] for e in lines}) == 2  # both rings, so both collectors, had some
+    spans = wait_for(lambda: len(receiver.server_spans()) == n and receiver.server_spans(),
+                     timeout=15, what="every request's span")
+    assert {s.span_id.hex() for s in spans} == {e["span_id"] for e in lines}
+    wait_for(lambda: metric(p, "forkproxy_trace_spans_exported_total") == n, timeout=10,
+             what="the manager's and the shard's export counters added")
+    with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/debug/phases",
+                                timeout=10) as r:
+        rep = json.load(r)
+    assert sum(g["requests"] for g in rep["groups"]) == n
+
+
+def test_http2_streams_carry_the_trace_context(proxies, tmp_path, origin, receiver):
+    """An HTTP/2 (h2c) request's traceparent is continued like an HTTP/1.1 one: the origin
+    gets one traceparent, the client's trace with forkproxy's span as the parent."""
+    from h2client import SocketClient
+
+    extra = (f'[tracing]\nendpoint = "{receiver.url}"\nsample_ratio = 1.0\n'
+             'export_interval = "100ms"\n')
+    p = proxies(tmp_path, origin.address, admin=True, extra=extra,
+                listener_extra='protocols = ["http/1.1", "h2c"]')
+    c = SocketClient(p.port)
+    try:
+        got = c.wait(c.send([(b":method", b"GET"), (b":scheme", b"http"),
+                             (b":authority", b"x"), (b":path", b"/headers"),
+                             (b"traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01".encode()),
+                             (b"tracestate", b"rojo=1")]))
+    finally:
+        c.close()
+    assert got["status"] == 200
+    headers = json.loads(got["body"])["headers"]
+    sent = [v for n, v in headers if n.lower() == "traceparent"]
+    assert len(sent) == 1, headers  # the client's field is not forwarded besides ours
+    _, trace, parent, flags = sent[0].split("-")
+    assert (trace, flags) == (CLIENT_TRACE, "01") and parent != CLIENT_SPAN
+    assert [v for n, v in headers if n.lower() == "tracestate"] == ["rojo=1"]
+    [span] = wait_for(receiver.server_spans, timeout=10, what="the stream's span")
+    assert (span.span_id.hex(), span.parent_span_id.hex()) == (parent, CLIENT_SPAN)
+    assert attrs(span)["network.protocol.version"] == "2"

@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 from forkproxy.osutil import is_loopback
-from forkproxy.pem import check_cert_key
+from forkproxy.pem import check_ca, check_cert_key, check_ciphers, check_system_ca
 
 
 class ConfigError(Exception):
@@ -316,6 +316,40 @@ class TcpKeepaliveConfig(_Section, kw_only=True):
     count: Positive = 6
 
 
+TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
+
+
+class UpstreamTLSConfig(_Section, kw_only=True):
+    """TLS to an upstream's servers (nginx's proxy_ssl_*, HAProxy's ``ssl verify required``)."""
+
+    #: verify the server's certificate chain and name; false encrypts without any check
+    #: (nginx's default, never forkproxy's)
+    verify: bool = True
+    #: PEM file of the CAs that sign the servers' certificates ("" = the system store)
+    ca: str = ""
+    #: name sent as SNI and checked against the certificate ("" = the host of the
+    #: server's address; an IP address is checked against the certificate's IP SANs and
+    #: sends no SNI)
+    server_name: str = ""
+    #: client certificate (PEM, chain after the leaf) for servers that require mTLS
+    cert: str = ""
+    #: its private key (PEM, unencrypted)
+    key: str = ""
+    #: protocols offered through ALPN ([] = no ALPN extension)
+    alpn: list[str] = field(default_factory=lambda: ["http/1.1"])
+    #: oldest TLS version offered (with max_version: nginx's proxy_ssl_protocols,
+    #: HAProxy's ssl-min-ver / ssl-max-ver)
+    min_version: TLSVersion = "TLSv1.2"
+    #: newest TLS version offered
+    max_version: TLSVersion = "TLSv1.3"
+    #: OpenSSL cipher list for TLS 1.2 ("" = Mozilla intermediate: ECDHE with AES-GCM or
+    #: ChaCha20); TLS 1.3 suites are OpenSSL's defaults
+    ciphers: str = ""
+    #: resume sessions on new connections (a per-worker session kept per server: a
+    #: resumed handshake costs the server a quarter of a full one)
+    session_reuse: bool = True
+
+
 class UpstreamConfig(_Section, kw_only=True):
     servers: Annotated[list[ServerAddress], Meta(min_length=1)]
     #: "round_robin" (smooth weighted), "least_conn", "random_two" (power of two choices)
@@ -369,6 +403,10 @@ class UpstreamConfig(_Section, kw_only=True):
     per_try_timeout: Duration = Duration(0.0)
     #: an upgraded connection (WebSocket) with no bytes either way for this long is closed
     tunnel_timeout: Duration = Duration(3600.0)
+    #: TLS to the servers, e.g. { ca = "ca.pem", server_name = "app.internal" }; a
+    #: certificate that fails verification is a 502 (reason in the error log), never a
+    #: fallback to plain text. Health checks use it too
+    tls: UpstreamTLSConfig | None = None
 
 
 class ResolverConfig(_Section, kw_only=True):
@@ -559,8 +597,7 @@ def validate(cfg: Config, *, check_files: bool = True) -> list[str]:
         if host != "*" and (not host or "*" in host.lstrip("*.") or (host.startswith("*") and not host.startswith("*."))):
             problems.append(f"{key}.host: expected an exact host, '*.suffix' or '*', got {host!r}")
     for name, up in cfg.upstream.items():
-        problems.extend(_validate_servers(f"upstream.{name}.servers", up.servers))
-        problems.extend(_validate_upstream_policy(f"upstream.{name}", up))
+        problems.extend(_validate_upstream(f"upstream.{name}", up, base, check_files))
     problems.extend(_validate_resolver(cfg, check_files))
     if cfg.admin.listen:
         try:
@@ -667,6 +704,30 @@ def _validate_route_target(key: str, route: RouteConfig, cfg: Config) -> list[st
         if msg:
             problems.append(f"{key}.hash: {msg}")
     return problems
+
+
+def _validate_upstream(key: str, up: UpstreamConfig, base: str, check_files: bool) -> list[str]:
+    problems = _validate_servers(f"{key}.servers", up.servers)
+    problems.extend(_validate_upstream_policy(key, up))
+    if up.tls is not None:
+        problems.extend(_validate_upstream_tls(f"{key}.tls", up.tls, base, check_files))
+        if not up.tls.server_name and any(s.resolve for s in up.servers) and not dns_tls_name(up):
+            problems.append(f"{key}.tls.server_name: required when servers come from SRV "
+                            "records or from several DNS names (the name to verify)")
+    return problems
+
+
+def dns_tls_name(up: UpstreamConfig) -> str:
+    """The name TLS verifies on servers found through DNS when ``server_name`` is empty:
+    the one DNS name their ``address`` entries resolve ("" with SRV entries or several
+    names)."""
+    hosts = set()
+    for s in up.servers:
+        if s.resolve:
+            if s.srv:
+                return ""
+            hosts.add(parse_hostport(s.address)[0])
+    return hosts.pop() if len(hosts) == 1 else ""
 
 
 #: a DNS name: dot-separated labels of letters, digits, '-' and '_' (SRV's "_http._tcp")
@@ -870,6 +931,44 @@ def _validate_protocols(key: str, lst: ListenerConfig) -> list[str]:
         problems.append(f"{key}.protocols: 'h2' needs [listener.tls]; a plain listener "
                         "accepts 'h2c' (prior knowledge)")
     return problems
+
+
+_TLS_ORDER = {"TLSv1.2": 0, "TLSv1.3": 1}
+
+
+def _validate_upstream_tls(key: str, tls: UpstreamTLSConfig, base: str,
+                           check_files: bool) -> list[str]:
+    """The upstream's TLS files load (CA, client certificate matching its key) and the
+    settings agree with each other."""
+    problems = []
+    if bool(tls.cert) != bool(tls.key):
+        problems.append(f"{key}: cert and key go together (a client certificate needs its key)")
+    if tls.ca and not tls.verify:
+        problems.append(f"{key}.ca: has no effect with verify = false (remove one)")
+    if _TLS_ORDER[tls.min_version] > _TLS_ORDER[tls.max_version]:
+        problems.append(f"{key}.min_version: {tls.min_version} is newer than max_version "
+                        f"{tls.max_version}")
+    for proto in tls.alpn:
+        if proto not in ("http/1.1",):
+            problems.append(f"{key}.alpn: unsupported protocol {proto!r} (only 'http/1.1')")
+    if tls.ciphers:
+        problems.extend(f"{key}.ciphers: {e}" for e in check_ciphers(tls.ciphers))
+    if tls.server_name and not _SERVER_NAME_RE.match(tls.server_name):
+        problems.append(f"{key}.server_name: not a host name: {tls.server_name!r}")
+    if not check_files:
+        return problems
+    if tls.verify:
+        err = check_ca(resolve_path(tls.ca, base)) if tls.ca else check_system_ca()
+        if err:
+            problems.append(f"{key}.ca: {err}")
+    if tls.cert and tls.key:
+        err = check_cert_key(resolve_path(tls.cert, base), resolve_path(tls.key, base))
+        if err:
+            problems.append(f"{key}.key: {err}")
+    return problems
+
+
+_SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$|^[0-9a-fA-F:.]+$")
 
 
 def resolve_path(p: str, base: str) -> str:

@@ -101,6 +101,8 @@ class UpstreamGauge(msgspec.Struct, array_like=True, gc=False):
     retries: int = 0  # requests retried on another server after failing on this one
     waiting: int = 0  # requests queued for a connection (max_connections reached)
     tunnels: int = 0  # upgraded connections (WebSocket) open now
+    tls_full: int = 0  # TLS handshakes to the server in full (counters: since the worker started)
+    tls_resumed: int = 0  # TLS handshakes that resumed a session
 
 
 class WorkerGauges(msgspec.Struct, array_like=True, gc=False, tag=2):

@@ -5,6 +5,7 @@ costs ~7 MiB that a proxy without TLS listeners never needs."""
 
 from __future__ import annotations
 
+import os
 import ssl
 
 
@@ -29,19 +30,27 @@ def key_type(key: object) -> str:
     return type(key).__name__
 
 
-def check_cert_key(cert_path: str, key_path: str) -> str | None:
-    """Why this pair cannot be served (for ``forkproxy check``), or None if it can."""
+def load_certs(path: str, what: str) -> tuple[list, str]:
+    """The PEM certificates in ``path``, or ([], why not) for ``forkproxy check``."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
 
     try:
-        data = read_file(cert_path)
+        data = read_file(path)
     except OSError as e:
-        return f"cannot read certificate {cert_path}: {e.strerror}"
+        return [], f"cannot read {what} {path}: {e.strerror}"
     try:
-        certs = x509.load_pem_x509_certificates(data)
+        return x509.load_pem_x509_certificates(data), ""
     except ValueError:
-        return f"{cert_path} holds no PEM certificate"
+        return [], f"{path} holds no PEM certificate"
+
+
+def check_cert_key(cert_path: str, key_path: str) -> str | None:
+    """Why this pair cannot be served (for ``forkproxy check``), or None if it can."""
+    from cryptography.hazmat.primitives import serialization
+
+    certs, err = load_certs(cert_path, "certificate")
+    if err:
+        return err
     try:
         key_data = read_file(key_path)
     except OSError as e:
@@ -66,6 +75,56 @@ def check_cert_key(cert_path: str, key_path: str) -> str | None:
     except (ssl.SSLError, OSError) as e:
         return f"OpenSSL refuses {cert_path} with {key_path}: {e}"
     return None
+
+
+def check_ca(path: str) -> str | None:
+    """Why a CA file cannot be used to verify servers, or None if it can."""
+    certs, err = load_certs(path, "CA file")
+    if err:
+        return err
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, ValueError, OSError) as e:
+        return f"OpenSSL refuses the CA file {path}: {e}"
+    if not any(_is_ca(c) for c in certs):
+        return f"{path} holds no CA certificate (basicConstraints CA:TRUE)"
+    return None
+
+
+def _is_ca(cert) -> bool:
+    from cryptography import x509
+
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return True  # a v1 root: OpenSSL accepts it as a trust anchor
+
+
+def check_system_ca() -> str | None:
+    """Why the system store cannot verify servers (no CA bundle where OpenSSL looks)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_default_certs()
+    paths = ssl.get_default_verify_paths()
+    if ctx.cert_store_stats()["x509_ca"] or (paths.capath and _has_files(paths.capath)):
+        return None
+    return (f"the system store is empty (OpenSSL looks in {paths.cafile} and "
+            f"{paths.capath}): install ca-certificates or set ca")
+
+
+def _has_files(directory: str) -> bool:
+    try:
+        return any(True for _ in os.scandir(directory))
+    except OSError:
+        return False
+
+
+def check_ciphers(ciphers: str) -> list[str]:
+    """OpenSSL's complaint about a TLS 1.2 cipher list, if any."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(ciphers)
+    except ssl.SSLError:
+        return [f"OpenSSL knows no cipher in {ciphers!r}"]
+    return []
 
 
 def cert_not_after(cert_path: str) -> tuple[float, str]:

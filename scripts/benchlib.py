@@ -72,7 +72,7 @@ end
 
 class Scenario:
     def __init__(self, name, title, *, kind="wrk", path="/tiny", close=False, tls=False,
-                 stime_mode="", tls_version="", unit="req"):
+                 stime_mode="", tls_version="", unit="req", upstream_tls=False):
         self.name = name
         self.title = title
         self.kind = kind  # "wrk", "stime" or "h2load"
@@ -82,6 +82,7 @@ class Scenario:
         self.stime_mode = stime_mode
         self.tls_version = tls_version
         self.unit = unit
+        self.upstream_tls = upstream_tls  # the proxy talks TLS to a TLS origin
 
 
 SCENARIOS = {s.name: s for s in [
@@ -93,6 +94,8 @@ SCENARIOS = {s.name: s for s in [
     Scenario("tls", "TLS keep-alive, tiny body", tls=True),
     Scenario("tls-close", "TLS, new connection per request (full handshake each, wrk)",
              tls=True, close=True),
+    Scenario("tls-upstream", "HTTPS to the origin (verified, keep-alive, sessions reused), "
+             "plain keep-alive client, tiny body", upstream_tls=True),
     Scenario("tls12-new", "TLS 1.2 full handshakes, no request (openssl s_time -new)",
              kind="stime", tls=True, stime_mode="-new", tls_version="-tls1_2", unit="conn",
              path=""),
@@ -124,6 +127,8 @@ TARGETS = [
     ("close", "cpu", "nginx", "<=", 3.0, "tiny Connection: close: CPU/request <= 3x nginx"),
     ("1m", "rps", "nginx", ">=", 0.8, "1 MiB keep-alive: req/s >= 0.8x nginx"),
     ("tls", "cpu", "nginx", "<=", 3.0, "TLS keep-alive: CPU/request <= 3x nginx"),
+    ("tls-upstream", "cpu", "nginx", "<=", 2.0,
+     "HTTPS upstream keep-alive: CPU/request <= 2x nginx (proxy_ssl)"),
     ("tls12-resume", "rps", "tls12-new", ">=", 3.0,
      "TLS 1.2 resumed handshakes/s >= 3x full handshakes/s (forkproxy's own)"),
     ("tiny", "rps", "proxy.py", ">=", 5.0, "tiny keep-alive: req/s >= 5x proxy.py"),
@@ -435,6 +440,7 @@ class Env:
         os.chmod(self.run, 0o755)  # nginx workers run as nobody: they read www/
         self.cert, self.key, self.pem = make_cert(self.run)
         self.origin_port = free_port()
+        self.origin_tls_port = free_port()  # the same origin through TLS (tls-upstream)
         self.origin = None
 
     def taskset(self, cpus) -> list[str]:
@@ -451,7 +457,9 @@ class Env:
             f.write(os.urandom(1024 * 1024))
         for d in (os.path.join(self.run, "www"), www):
             os.chmod(d, 0o755)
-        conf = render("origin.conf", {"RUN": self.run, "ORIGIN_PORT": self.origin_port},
+        conf = render("origin.conf", {"RUN": self.run, "ORIGIN_PORT": self.origin_port,
+                                      "ORIGIN_TLS_PORT": self.origin_tls_port,
+                                      "CERT": self.cert, "KEY": self.key},
                       os.path.join(self.run, "origin.conf"))
         errlog = os.path.join(self.run, "origin-startup.log")
         self.origin = self.procs.start(
@@ -480,6 +488,7 @@ class Proxy:
         self.env = env
         self.port = free_port()
         self.tls_port: int | None = None
+        self.up_tls_port: int | None = None  # a plain listener whose upstream is TLS
         self.proc: subprocess.Popen | None = None
         self.note = ""  # why TLS (or the whole proxy) is unavailable
         self.idle_pss_kib = 0
@@ -488,7 +497,8 @@ class Proxy:
         return tree(self.proc.pid) if self.proc is not None else []
 
     def supports(self, scn: Scenario) -> bool:
-        return self.proc is not None and (not scn.tls or self.tls_port is not None)
+        return (self.proc is not None and (not scn.tls or self.tls_port is not None)
+                and (not scn.upstream_tls or self.up_tls_port is not None))
 
     def start(self) -> None:
         raise NotImplementedError
@@ -503,6 +513,9 @@ class Proxy:
         if self.tls_port is not None:
             wait_ready(lambda: http_get(self.tls_port, tls=True)[0] == 200, self.proc,
                        timeout, f"{self.name} TLS")
+        if self.up_tls_port is not None:
+            wait_ready(lambda: http_get(self.up_tls_port)[0] == 200, self.proc,
+                       timeout, f"{self.name} to the TLS origin")
 
     def check_bodies(self) -> None:
         for path, size in (("/tiny", 2), ("/static/1k", 1024), ("/static/1m", 1024 * 1024)):
@@ -555,12 +568,20 @@ class ForkProxy(Proxy):
                 f'certificates = [{{ cert = "{env.cert}", key = "{env.key}" }}]',
                 "ocsp_stapling = false",
             ]
+        if self.up_tls_port is not None:
+            lines += ["", "[[listener]]", f'listen = "127.0.0.1:{self.up_tls_port}"',
+                      'upstream = "origin_tls"']
         lines += [
             "",
             "[upstream.origin]",
             f'servers = [{{ address = "127.0.0.1:{env.origin_port}" }}]',
             "keepalive = 64",
         ]
+        if self.up_tls_port is not None:  # verified like nginx's proxy_ssl_verify on
+            lines += ["", "[upstream.origin_tls]",
+                      f'servers = [{{ address = "127.0.0.1:{env.origin_tls_port}" }}]',
+                      "keepalive = 64",
+                      f'tls = {{ ca = "{env.cert}", server_name = "localhost" }}']
         path = os.path.join(run, f"{self.tag}{'-tls' if tls else ''}.toml")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -582,6 +603,8 @@ class ForkProxy(Proxy):
         self.wait_up()
 
     def start(self) -> None:
+        if self.env.args.want_upstream_tls and not self.source:  # (older builds: no key)
+            self.up_tls_port = free_port()
         want_tls = self.env.args.want_tls
         if want_tls:
             self.tls_port = free_port()
@@ -614,6 +637,7 @@ class NginxProxy(Proxy):
     def start(self) -> None:
         env = self.env
         self.tls_port = free_port()
+        self.up_tls_port = free_port()
         masks = []
         for i in range(env.workers):
             cpu = env.proxy_cpus[i % len(env.proxy_cpus)]
@@ -621,6 +645,7 @@ class NginxProxy(Proxy):
         conf = render("nginx-proxy.conf", {
             "RUN": env.run, "ORIGIN_PORT": env.origin_port, "PORT": self.port,
             "TLS_PORT": self.tls_port, "WORKERS": env.workers, "CPUS": " ".join(masks),
+            "UP_TLS_PORT": self.up_tls_port, "ORIGIN_TLS_PORT": env.origin_tls_port,
             "CERT": env.cert, "KEY": env.key}, os.path.join(env.run, "nginx-proxy.conf"))
         errlog = os.path.join(env.run, "nginx-proxy-startup.log")
         self.proc = env.procs.start(
@@ -715,7 +740,7 @@ class ProxyPy(Proxy):
 
 def load_cmd(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> list[str]:
     args = env.args
-    port = proxy.tls_port if scn.tls else proxy.port
+    port = proxy.tls_port if scn.tls else proxy.up_tls_port if scn.upstream_tls else proxy.port
     if scn.kind == "stime":
         www = ["-www", scn.path] if scn.path else []
         return [*env.taskset(env.load_cpus), "openssl", "s_time", "-connect",
@@ -1280,6 +1305,8 @@ def parse_args(argv):
         p.error(f"unknown scenario {args.profile!r} for --profile")
     args.want_tls = any(SCENARIOS[s].tls for s in args.scenarios) or bool(
         args.profile and SCENARIOS[args.profile].tls)
+    args.want_upstream_tls = any(SCENARIOS[s].upstream_tls for s in args.scenarios) or bool(
+        args.profile and SCENARIOS[args.profile].upstream_tls)
     return args
 
 
@@ -1593,6 +1620,7 @@ def main_memprobe(argv: list[str], command: str) -> int:
     args = p.parse_args(argv)
     args.no_pin = True  # memory does not care; workers spread over all CPUs
     args.want_tls = False
+    args.want_upstream_tls = False
     err = ensure_tools(["nginx", "openssl", "taskset"] + (["haproxy"] if args.peers else []))
     if err:
         print(f"memprobe: cannot run: {err}", file=sys.stderr)

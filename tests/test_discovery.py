@@ -23,7 +23,8 @@ from forkproxy import config as config_mod
 from forkproxy.context import WEIGHT_SCALE
 from forkproxy.manager.discovery import Discovery, Source
 from forkproxy.shm.resolved import ResolvedTable
-from forkproxy.worker.upstream import Upstream, UpstreamConn
+from forkproxy.worker.upconn import UpstreamConn
+from forkproxy.worker.upstream import Upstream
 
 RESOLVE = 1.0  # seconds: the resolve interval of these tests
 

@@ -4,16 +4,11 @@ on a fresh connection without the client noticing."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import subprocess
 
 import pytest
-from conftest import skip_missing_tool
-from fp import free_port, port_open, request, wait_for
-
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+from fp import free_port, request, wait_for
+from nginxutil import TEMP_PATHS, running_nginx
 
 CONF = """
 worker_processes 1;
@@ -25,11 +20,7 @@ http {{
     log_format conn '$connection $connection_requests $request_uri';
     access_log {run}/access.log conn;
     keepalive_timeout 1s;
-    client_body_temp_path {run}/body;
-    proxy_temp_path {run}/proxy;
-    fastcgi_temp_path {run}/fcgi;
-    uwsgi_temp_path {run}/uwsgi;
-    scgi_temp_path {run}/scgi;
+    {temp_paths}
     server {{
         listen 127.0.0.1:{port};
         location = /tiny {{ default_type text/plain; return 200 'ok'; }}
@@ -40,24 +31,14 @@ http {{
 
 @pytest.fixture
 def nginx(tmp_path):
-    if not os.path.exists(NGINX):
-        skip_missing_tool("nginx", "scripts/setup installs nginx-light")
     run = tmp_path / "nginx"
     run.mkdir()
     port = free_port()
-    (run / "nginx.conf").write_text(CONF.format(run=run, port=port))
-    proc = subprocess.Popen([NGINX, "-p", str(run), "-c", str(run / "nginx.conf")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: port_open(port), what="nginx origin")
-    proc.port = port
-    proc.run = run
-    yield proc
-    proc.send_signal(signal.SIGQUIT)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    conf = CONF.format(run=run, port=port, temp_paths=TEMP_PATHS.format(run=run))
+    with running_nginx(run, conf, [port]) as proc:
+        proc.port = port
+        proc.run = run
+        yield proc
 
 
 def _established_from(port: int) -> str:

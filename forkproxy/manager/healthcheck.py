@@ -2,8 +2,10 @@
 
 For every server of an upstream with ``health_check = {...}``, one greenlet sends
 ``GET path`` every ``interval`` on a fresh connection (``Connection: close``); a 2xx or
-3xx status line within ``timeout`` (connect included) is a success. ``rise``
-consecutive successes bring a down server up, ``fall`` consecutive failures take it
+3xx status line within ``timeout`` (connect included) is a success. An upstream with
+``tls`` is checked through TLS with its context: a certificate that does not verify
+fails the check (status "TLS handshake failed", the reason in the "upstream server
+down" log line). ``rise`` consecutive successes bring a down server up, ``fall`` consecutive failures take it
 down (:class:`Verdict`, sans-IO). Every result is published in the shared health
 table (forkproxy/shm/health.py), which the workers read every SWEEP_INTERVAL: a
 verdict reaches every worker within about 0.1 s, and no worker sends a single check.
@@ -22,17 +24,21 @@ import time
 
 import gevent
 from gevent import socket
+from gevent.ssl import SSLSocket
 
-from forkproxy.config import parse_hostport
+from forkproxy.config import config_dir, parse_hostport
 from forkproxy.shm.health import (
     DOWN,
     ST_BAD,
     ST_CONNECT,
     ST_TIMEOUT,
+    ST_TLS,
     UNKNOWN,
     UP,
     server_key,
 )
+from forkproxy.tls.client import TLSHandshakeFailed, client_context, handshake, server_name
+from forkproxy.tls.client import shutdown as tls_shutdown
 
 MAX_STATUS_LINE = 4096
 
@@ -74,13 +80,29 @@ class Verdict:
         return False
 
 
+class CheckTLS:
+    """How a check reaches a server through TLS: the upstream's context and name. The
+    last session is offered again, as the workers do (a check every few seconds would
+    otherwise cost the server a full handshake each time)."""
+
+    __slots__ = ("ctx", "name", "session", "error")
+
+    def __init__(self, ctx, name: str):
+        self.ctx = ctx
+        self.name = name
+        self.session = None
+        self.error = ""  # why the last handshake failed ("" = it did not)
+
+
 def check_once(host: str, port: int, path: str, host_header: str,
-               timeout: float) -> tuple[bool, int]:
+               timeout: float, tls: CheckTLS | None = None) -> tuple[bool, int]:
     """One check: (success, status) with status an HTTP status or ST_* code."""
     sock = None
     try:
         with gevent.Timeout(timeout):
             sock = socket.create_connection((host, port))
+            if tls is not None:
+                sock = _start_tls(sock, tls, timeout)
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\n"
                          "User-Agent: forkproxy-health-check\r\nAccept: */*\r\n"
                          "Connection: close\r\n\r\n".encode("latin-1"))
@@ -92,18 +114,36 @@ def check_once(host: str, port: int, path: str, host_header: str,
                 data += chunk
                 if len(data) > MAX_STATUS_LINE:
                     break
-    except gevent.Timeout:
+    except (gevent.Timeout, socket.timeout):  # the latter: the TLS handshake's own
         return False, ST_TIMEOUT
+    except TLSHandshakeFailed as e:
+        tls.error = e.detail
+        return False, ST_TLS
     except OSError:
         return False, ST_CONNECT
     finally:
         if sock is not None:
-            sock.close()
+            if isinstance(sock, SSLSocket):
+                tls.session = sock.session or tls.session
+                tls_shutdown(sock)
+            else:
+                sock.close()
     parts = data.split(b"\r\n", 1)[0].split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
         return False, ST_BAD
     status = int(parts[1])
     return 200 <= status < 400, status
+
+
+def _start_tls(sock, tls: CheckTLS, timeout: float):
+    """The handshake of a check (the plain socket is closed when it fails)."""
+    try:
+        ssock = handshake(sock, tls.ctx, tls.name, tls.session, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    tls.error = ""
+    return ssock
 
 
 class HealthChecker:
@@ -114,6 +154,7 @@ class HealthChecker:
         self.table = table
         self.log = logger
         self.greenlets: list[gevent.Greenlet] = []
+        self.contexts: dict = {}  # upstream name -> client TLS context
 
     def targets(self) -> list[tuple[str, str, object, int]]:
         """[(upstream, address, HealthCheckConfig, table entry)] to check."""
@@ -143,25 +184,37 @@ class HealthChecker:
         gevent.killall(self.greenlets, block=False)
         self.greenlets = []
 
+    def _tls(self, name: str, host: str) -> CheckTLS | None:
+        """The TLS of upstream ``name``'s checks (one context per upstream), or None."""
+        tls = self.cfg.upstream[name].tls
+        if tls is None:
+            return None
+        ctx = self.contexts.get(name)
+        if ctx is None:
+            ctx = self.contexts[name] = client_context(tls, config_dir(self.cfg))
+        return CheckTLS(ctx, server_name(tls, host))
+
     def _loop(self, name: str, address: str, hc, i: int) -> None:
         table = self.table
         host, port = parse_hostport(address)
         host_header = hc.host or address
+        tls = self._tls(name, host)
         state, since = table.state(i)
         verdict = Verdict(hc.rise, hc.fall, state, since)
         # spread the first checks a little (many servers, one helper)
         gevent.sleep(random.uniform(0, min(hc.interval, 1.0) * 0.2))
         while True:
             t0 = time.monotonic()
-            ok, status = check_once(host, port, hc.path, host_header, hc.timeout)
+            ok, status = check_once(host, port, hc.path, host_header, hc.timeout, tls)
             now_ms = _now_ms()
             changed = verdict.observe(ok, now_ms)
             table.publish(i, verdict.state, verdict.since_ms, changed, ok,
                           int((time.monotonic() - t0) * 1e6), status, now_ms)
             if changed and self.log is not None:
                 if verdict.state == DOWN:
+                    extra = {"error": tls.error} if status == ST_TLS else {}
                     self.log.warning("upstream server down", upstream=name, server=address,
-                                     status=status)
+                                     status=status, **extra)
                 elif verdict.since_ms:  # back after being down (a first verdict is quiet)
                     self.log.warning("upstream server up", upstream=name, server=address)
             gevent.sleep(max(0.0, hc.interval - (time.monotonic() - t0)))

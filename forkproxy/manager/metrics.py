@@ -224,6 +224,9 @@ class Metrics:
     """Aggregates over all workers; one instance per manager process."""
 
     def __init__(self):
+        #: called with each request context whose ``error`` is set (the manager's upstream
+        #: TLS failure log, forkproxy/manager/errorlog.py); None: nobody asks
+        self.on_error = None
         self.requests: dict[tuple[str, str, int], int] = {}
         self.durations: dict[tuple[str, str], Histogram] = {}
         self.phases: dict[str, Histogram] = {name: Histogram(PHASE_BUCKETS) for name in PHASES}
@@ -296,10 +299,12 @@ class Metrics:
             n = ctx.bytes_out
             if n:
                 bytes_out[listener] = bytes_out.get(listener, 0) + n
-            if ctx.reject or ctx.retries or ctx.tunnel:
+            if ctx.reject or ctx.retries or ctx.tunnel or ctx.error:
                 self._count_rare(ctx)
 
     def _count_rare(self, ctx: RequestContext) -> None:
+        if ctx.error and self.on_error is not None:
+            self.on_error(ctx)
         if ctx.reject:
             self.rejected[ctx.reject] = self.rejected.get(ctx.reject, 0) + 1
         upstream = ctx.upstream

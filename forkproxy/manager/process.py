@@ -38,6 +38,7 @@ from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.admin import HEALTHY_WITHIN, Admin
 from forkproxy.manager.collector import Collector
 from forkproxy.manager.discovery import Discovery
+from forkproxy.manager.errorlog import TLSFailureLog
 from forkproxy.manager.healthcheck import HealthChecker
 from forkproxy.manager.metrics import (
     Metrics,
@@ -94,6 +95,7 @@ class Manager:
         self.n_collectors = max(1, min(config_mod.collector_count(cfg), len(self.rings)))
         self.shards: list[shards.Shard] = []  # forked by serve()
         self.metrics = Metrics()
+        self.metrics.on_error = TLSFailureLog(logger).observe
         self.tls_state = TLSState(logger)
         self.tls_state.configure(cfg)
         self.tls_state.observe_keys(spec.keystore)

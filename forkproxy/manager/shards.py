@@ -35,6 +35,7 @@ from forkproxy import log as log_mod
 from forkproxy.config import TracingConfig
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.collector import Collector
+from forkproxy.manager.errorlog import TLSFailureLog
 from forkproxy.manager.metrics import Metrics, MetricsState
 from forkproxy.manager.records import RecordSink
 from forkproxy.manager.tracing import Tracer, TracerCounts
@@ -212,6 +213,7 @@ def _serve(rings, table, log_path, log_format, creds, logger, sock, tracing) -> 
     drop_privileges(*creds)
     logger.info("collector shard started", rings=sorted(rings), access_log=log.path)
     metrics = Metrics()
+    metrics.on_error = TLSFailureLog(logger).observe
     tracer = Tracer(tracing, logger)  # its own exporter: the records of its rings
     collector = Collector(rings, RecordSink(metrics, log, tracer).on_batch, table=table,
                           logger=logger)

@@ -4,7 +4,8 @@ Sources, all read at scrape time except the request counters:
 
 * the workers' gauges records (about once a second; forkproxy/context.py UpstreamGauge):
   each worker's view of each server (state, effective weight, active and idle
-  connections, connects, reuses, failures, ejections, retries, queued, tunnels);
+  connections, connects, reuses, failures, ejections, retries, queued, tunnels, TLS
+  handshakes full and resumed);
 * the shared health table (forkproxy/shm/health.py): the active checks' verdicts;
 * request contexts (Metrics.observe): ``retries`` and ``tunnel`` per request.
 
@@ -21,7 +22,7 @@ from forkproxy.shm.health import DOWN, STATE_NAMES, server_key
 
 STATES = ("up", "down", "ejected", "slow_start")
 _SUM = ("active", "idle", "connects", "reuses", "failures", "ejections", "retries",
-        "waiting", "tunnels")
+        "waiting", "tunnels", "tls_full", "tls_resumed")
 
 
 def _health_entries(health) -> dict[int, int]:
@@ -139,6 +140,16 @@ def metrics_text(cfg, gauges: dict, live_pids, health, retries: dict, tunnels: d
                      hc["checks"] - hc["failed"])
             w.sample("forkproxy_upstream_health_checks_total", labels + (("result", "failed"),),
                      hc["failed"])
+    w.family("forkproxy_upstream_tls_handshakes_total", "counter",
+             "TLS handshakes to the servers of an upstream, by session resumption "
+             "(live workers; resets with a worker).")
+    for name, u in status.items():
+        if cfg.upstream[name].tls is None:
+            continue
+        for resumed, key in (("false", "tls_full"), ("true", "tls_resumed")):
+            w.sample("forkproxy_upstream_tls_handshakes_total",
+                     (("upstream", name), ("resumed", resumed)),
+                     sum(s[key] for s in u["servers"]))
     w.family("forkproxy_upstream_retries_total", "counter",
              "Tries on another server after a failed one, by upstream.")
     for name, n in sorted(retries.items()):

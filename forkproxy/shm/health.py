@@ -24,7 +24,8 @@ never sees a torn value; see docs/ARCHITECTURE.md, "Measured facts"):
   word 3  FAILED       checks that failed
   word 4  LATENCY_US   duration of the last check, microseconds
   word 5  LAST_STATUS  HTTP status of the last check; 0 = none, 1 = timed out,
-                       2 = connection failed, 3 = bad response
+                       2 = connection failed, 3 = bad response, 4 = TLS handshake
+                       failed (certificate not verified, ...)
   word 6  CHANGES      up/down transitions
   word 7  CHECKED_MS   CLOCK_MONOTONIC milliseconds of the last check
 
@@ -49,9 +50,9 @@ KEY, STATE, CHECKS, FAILED, LATENCY_US, LAST_STATUS, CHANGES, CHECKED_MS = range
 UNKNOWN, UP, DOWN = 0, 1, 2
 STATE_NAMES = {UNKNOWN: "unknown", UP: "up", DOWN: "down"}
 #: LAST_STATUS values below 100
-ST_NONE, ST_TIMEOUT, ST_CONNECT, ST_BAD = 0, 1, 2, 3
+ST_NONE, ST_TIMEOUT, ST_CONNECT, ST_BAD, ST_TLS = 0, 1, 2, 3, 4
 _RESULTS = {ST_NONE: "none", ST_TIMEOUT: "timeout", ST_CONNECT: "connect failed",
-            ST_BAD: "bad response"}
+            ST_BAD: "bad response", ST_TLS: "TLS handshake failed"}
 
 
 def server_key(upstream: str, address: str) -> int:

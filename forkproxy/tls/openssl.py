@@ -34,6 +34,7 @@ __all__ = [
     "request_ocsp_status",
     "self_test",
     "session_timeout",
+    "set_read_ahead",
     "set_session_timeout",
     "ssl_ctx_pointer",
 ]
@@ -42,6 +43,8 @@ KEY_RECORD = 80  # name 16 | hmac 32 | aes 32, the layout of nginx and SSL_CTRL 
 NAME_LEN = 16
 
 # OpenSSL constants (ssl.h / tls1.h, stable ABI values)
+_SSL_CTRL_SET_READ_AHEAD = 41
+_SSL_CTRL_GET_READ_AHEAD = 40
 _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB = 63
 _SSL_CTRL_SET_TLSEXT_STATUS_REQ_TYPE = 65
 _SSL_CTRL_GET_TLSEXT_STATUS_REQ_OCSP_RESP = 70
@@ -280,6 +283,20 @@ def set_session_timeout(ctx: ssl.SSLContext, seconds: int) -> int:
         raise ValueError("session timeout must be positive")
     p = ssl_ctx_pointer(ctx)
     return int(library().SSL_CTX_set_timeout(p, int(seconds)))
+
+
+def set_read_ahead(ctx: ssl.SSLContext) -> bool:
+    """SSL_CTX_set_read_ahead(ctx, 1), which the ssl module does not offer: OpenSSL then
+    reads whatever the socket holds in one read(2) instead of a record's 5-byte header
+    and then its body in two (nginx sets it on its contexts too). Returns whether it is
+    on. With it, bytes may wait in OpenSSL's buffer that ``SSLObject.pending()`` does not
+    count: only for connections that never wait on the socket while such bytes could be
+    there (the upstream side: each response is read to its end before the next request).
+    """
+    lib = library()
+    p = ssl_ctx_pointer(ctx)
+    lib.SSL_CTX_ctrl(p, _SSL_CTRL_SET_READ_AHEAD, 1, None)
+    return int(lib.SSL_CTX_ctrl(p, _SSL_CTRL_GET_READ_AHEAD, 0, None)) == 1
 
 
 def session_timeout(ctx: ssl.SSLContext) -> int:

@@ -18,6 +18,7 @@ connection the upstream had closed while idle is retried on a fresh one (not cou
 from __future__ import annotations
 
 import time
+from ssl import SSLWantReadError, SSLWantWriteError
 
 from gevent import socket
 
@@ -38,15 +39,19 @@ from forkproxy.http.forward import upstream_head
 from forkproxy.http.framing import LAST_CHUNK, Framing, frame_chunk, response_framing
 from forkproxy.http.messages import IDEMPOTENT
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser, fast_head
+from forkproxy.tls.client import TLSHandshakeFailed
 from forkproxy.worker.failures import Upgraded, UpstreamBroken, UpstreamFailed
 from forkproxy.worker.front import BodyAborted, ClientGone
 from forkproxy.worker.readiness import ReadWatch
 from forkproxy.worker.relay import RELAYERS
-from forkproxy.worker.sockio import peer_closed, recv_waiting
+from forkproxy.worker.server import PoolTimeout
+from forkproxy.worker.sockio import peer_closed
 from forkproxy.worker.tracing import start_span
-from forkproxy.worker.upstream import PoolTimeout, UpstreamConn
+from forkproxy.worker.upconn import UpstreamConn
 
 _timeout = socket.timeout
+#: a send that took nothing: EAGAIN on plain text, SSL_write wanting the socket on TLS
+_WOULD_BLOCK = (BlockingIOError, SSLWantWriteError, SSLWantReadError)
 _monotonic = time.monotonic
 _ZERO_TIMES = (0.0,) * N_TIMES
 #: the largest upstream response head read, however it arrives
@@ -168,6 +173,8 @@ class Exchange:
             except (OSError, _timeout) as e:
                 if isinstance(e, _timeout):
                     status, detail = 504, "upstream connect timeout"
+                elif isinstance(e, TLSHandshakeFailed):  # the reason; never a plain-text fallback
+                    status, detail = 502, e.detail
                 else:
                     status, detail = 502, f"upstream connect: {e.strerror or e}"
                 now = _monotonic()
@@ -220,10 +227,10 @@ class Exchange:
                 up.sendall(head)
                 self.bytes_in = self._send_body(up, send_timeout)
             else:
-                try:
-                    n = up._sock.send(head)  # the plain socket: no gevent wrapper frame
-                except BlockingIOError:
-                    n = 0
+                try:  # the plain socket's send, or SSL_write (no gevent wrapper frame)
+                    n = conn.send(head)
+                except _WOULD_BLOCK:
+                    n = 0  # TLS: the whole head again (SSL_write retries the same bytes)
                 if n != len(head):
                     up.sendall(memoryview(head)[n:])
         except BodyAborted as e:
@@ -300,7 +307,7 @@ class Exchange:
                         watch = conn.watch
                         if watch is None:
                             watch = conn.watch = ReadWatch(self.ws.hub, up.fileno())
-                        got = recv_waiting(watch, up, view)
+                        got = conn.recv_first(watch, view)
                     else:
                         got = up.recv_into(view[n:])
                 except _timeout:

@@ -50,7 +50,7 @@ def relay_length(ex, conn, view, start: int, n: int) -> None:
     read_timeout = conn.server.cfg.read_timeout
     ws = ex.ws
     send_timeout = ws.send_timeout
-    if remaining >= SPLICE_MIN and ws.pipes is not None:
+    if remaining >= SPLICE_MIN and ws.pipes is not None and conn.raw is not None:  # not TLS
         fd = front.splice_fd()
         if fd >= 0:
             try:

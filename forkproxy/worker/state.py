@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from forkproxy.config import config_dir
 from forkproxy.context import encoder
 from forkproxy.http.request import Limits
 from forkproxy.http.tracecontext import IdGenerator, ratio_threshold
@@ -50,7 +51,8 @@ class WorkerState:
         self.body_timeout = srv.client_body_timeout
         self.send_timeout = srv.send_timeout
         self.buffer_size = srv.buffer_size
-        self.upstreams = build_upstreams(cfg.upstream, spec.health, spec.resolved)
+        self.upstreams = build_upstreams(cfg.upstream, spec.health, spec.resolved,
+                                         config_dir(cfg))
         self.router = Router(cfg.route, self.upstreams)
         self.rbuf = bytearray(65536)
         self.rview = memoryview(self.rbuf)

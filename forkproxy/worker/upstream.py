@@ -32,251 +32,20 @@ every SWEEP_INTERVAL, not per request.
 
 from __future__ import annotations
 
-import socket as pysocket
 import time
-from collections import deque
 
-from gevent import socket
-from gevent.event import Event
-
-from forkproxy.config import UpstreamConfig, parse_hostport
-from forkproxy.context import WEIGHT_SCALE, UpstreamGauge
-from forkproxy.hashing import hash64
+from forkproxy.config import UpstreamConfig, dns_tls_name
+from forkproxy.context import WEIGHT_SCALE
 from forkproxy.shm.health import DOWN, STATE, UP, WORDS, server_key
-from forkproxy.worker.balancer import KeySpec, Peer, RetryBudget, make_balancer
+from forkproxy.tls.client import client_context
+from forkproxy.worker.balancer import KeySpec, RetryBudget, make_balancer
 from forkproxy.worker.discovered import DnsFollower
+from forkproxy.worker.server import Server, TLSServer
 
 #: idle connections are swept (timeouts, age) this often
 REAP_INTERVAL = 1.0
 
 _monotonic = time.monotonic
-
-
-class PoolTimeout(Exception):
-    """max_connections were all lent for queue_timeout: no connection for this request."""
-
-
-class UpstreamConn:
-    """One TCP connection to an upstream server."""
-
-    __slots__ = ("sock", "server", "requests", "created", "idle_since", "reused", "reusable",
-                 "watch")
-
-    def __init__(self, sock, server: Server, now: float = 0.0):
-        self.sock = sock
-        self.watch = None  # the ReadWatch kept armed for the response waits (worker/exchange.py)
-        self.server = server
-        self.requests = 0
-        self.created = now or _monotonic()
-        self.idle_since = 0.0
-        self.reused = False
-        self.reusable = False  # set by the exchange once the response ended cleanly
-
-    def close(self) -> None:
-        if self.watch is not None:
-            self.watch.close()
-            self.watch = None
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-class Server(Peer):
-    """One upstream server with its idle pool, health and balancing state."""
-
-    __slots__ = ("upstream", "host", "port", "address", "idle", "cfg", "family",
-                 "connect_timeout", "head_timeout", "keepalive_timeout", "max_age",
-                 "max_conns", "waiters", "connects", "reuses", "failures", "fails",
-                 "fail_start", "ejected_until", "ejections", "retries", "hidx", "hdown",
-                 "hsince", "ramp_start", "tunnels")
-
-    def __init__(self, upstream: Upstream, address: str, weight: int, cfg: UpstreamConfig):
-        super().__init__(weight, hash64(address.encode(), b"fp-peer"))
-        self.upstream = upstream
-        self.host, self.port = parse_hostport(address)
-        self.address = address
-        self.family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self.cfg = cfg
-        per_try = cfg.per_try_timeout
-        self.connect_timeout = min(cfg.connect_timeout, per_try) if per_try else cfg.connect_timeout
-        self.head_timeout = min(cfg.read_timeout, per_try) if per_try else cfg.read_timeout
-        self.keepalive_timeout = cfg.keepalive_timeout
-        self.max_age = cfg.max_connection_age
-        self.max_conns = cfg.max_connections
-        self.idle: list[UpstreamConn] = []
-        self.waiters: deque[Event] = deque()
-        self.connects = 0
-        self.reuses = 0
-        self.failures = 0  # failed tries (connect, reset, timeout, retried status)
-        self.fails = 0  # failures in the current fail_timeout window
-        self.fail_start = 0.0
-        self.ejected_until = 0.0
-        self.ejections = 0
-        self.retries = 0  # requests retried elsewhere after failing here
-        self.hidx = -1  # entry in the shared health table (-1: no active check)
-        self.hdown = False
-        self.hsince = 0.0  # when the active check last saw it come back up
-        self.ramp_start = 0.0  # slow start since (monotonic), 0 = not ramping
-        self.tunnels = 0
-
-    # -- the pool ------------------------------------------------------------------------
-
-    def _take_idle(self, now: float) -> UpstreamConn | None:
-        """The most recent pooled connection still within keepalive_timeout and
-        max_connection_age (older ones are closed on the way), lent out."""
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
-            if now - conn.idle_since < self.keepalive_timeout and (
-                    not self.max_age or now - conn.created < self.max_age):
-                conn.reused = True
-                conn.reusable = False
-                self.active += 1
-                self.reuses += 1
-                return conn
-            conn.close()
-        return None
-
-    def acquire(self) -> UpstreamConn:
-        """A pooled idle connection if a fresh one is there, else a new connection.
-
-        Raises OSError (refused, unreachable), socket.timeout (connect timeout) or
-        PoolTimeout (max_connections lent for queue_timeout)."""
-        now = _monotonic()
-        conn = self._take_idle(now)
-        if conn is not None:
-            return conn
-        if self.max_conns and self.active >= self.max_conns:
-            conn = self._wait(now)
-            if conn is not None:
-                return conn
-        return self._connect()
-
-    def _connect(self) -> UpstreamConn:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
-        self.active += 1  # counted while connecting: max_connections holds across the wait
-        try:
-            sock.connect((self.host, self.port))
-            sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-            ka = self.cfg.tcp_keepalive
-            if ka.enabled:
-                sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_KEEPALIVE, 1)
-                sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_KEEPIDLE, max(1, int(ka.idle)))
-                sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_KEEPINTVL,
-                                max(1, int(ka.interval)))
-                sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_KEEPCNT, ka.count)
-        except BaseException:
-            self.active -= 1
-            sock.close()
-            if self.waiters:
-                self.waiters.popleft().set()
-            raise
-        sock.settimeout(None)  # later steps are bounded by the connection's deadline
-        self.connects += 1
-        return UpstreamConn(sock, self)
-
-    def _wait(self, now: float) -> UpstreamConn | None:
-        """Queue for a connection (all max_connections lent); None = a slot is free."""
-        deadline = now + self.cfg.queue_timeout
-        while True:
-            ev = Event()
-            self.waiters.append(ev)
-            try:
-                woke = ev.wait(max(0.0, deadline - _monotonic()))
-            finally:
-                try:
-                    self.waiters.remove(ev)
-                except ValueError:
-                    pass  # release() took it
-            conn = self._take_idle(_monotonic())
-            if conn is not None:
-                return conn
-            if self.active < self.max_conns:
-                return None
-            if not woke or now >= deadline:
-                raise PoolTimeout(f"{self.max_conns} connections in use for "
-                                  f"{self.cfg.queue_timeout:g}s")
-
-    def release(self, conn: UpstreamConn, reusable: bool) -> None:
-        """Return a connection after an exchange; it is pooled only if fully clean."""
-        self.active -= 1
-        conn.requests += 1
-        cfg = self.cfg
-        if (reusable and conn.requests < cfg.keepalive_requests and len(self.idle) < cfg.keepalive
-                and not self.hdown):
-            now = _monotonic()
-            if not self.max_age or now - conn.created < self.max_age:
-                conn.idle_since = now
-                self.idle.append(conn)
-            else:
-                conn.close()
-        else:
-            conn.close()
-        if reusable and self.fails:
-            self.fails = 0  # a success ends the failure streak
-        if self.waiters:
-            self.waiters.popleft().set()
-
-    def close_idle(self) -> None:
-        while self.idle:
-            self.idle.pop().close()
-
-    def reap(self, now: float) -> None:
-        """Close idle connections past keepalive_timeout or max_connection_age."""
-        idle = self.idle
-        if not idle:
-            return
-        keep = [c for c in idle if now - c.idle_since < self.keepalive_timeout
-                and (not self.max_age or now - c.created < self.max_age)]
-        if len(keep) != len(idle):
-            for c in idle:
-                if c not in keep:
-                    c.close()
-            idle[:] = keep
-
-    # -- health --------------------------------------------------------------------------
-
-    def failed(self, now: float) -> None:
-        """A try failed on this server (passive health: may eject it in this worker)."""
-        self.failures += 1
-        up = self.upstream
-        if not up.max_fails or up.single:
-            return
-        if now - self.fail_start > up.fail_timeout:
-            self.fail_start = now
-            self.fails = 0
-        self.fails += 1
-        if self.fails >= up.max_fails:
-            self.fails = 0
-            self.ejected_until = now + up.fail_timeout
-            self.ejections += 1
-            self.usable = False
-            up.watch = True  # refresh() ends the ejection
-            self.close_idle()
-
-    def retire(self) -> None:
-        """DNS no longer lists it: no new requests; the exchanges in flight finish, and
-        release() closes their connections instead of pooling them (hdown)."""
-        self.usable = False
-        self.hdown = True
-        self.close_idle()
-
-    def state_name(self, now: float) -> str:
-        if self.hdown:
-            return "down"
-        if self.ejected_until:
-            return "ejected"
-        if self.eff_weight < self.weight * WEIGHT_SCALE:
-            return "slow_start"
-        return "up"
-
-    def gauge(self) -> UpstreamGauge:
-        return UpstreamGauge(self.upstream.name, self.address, self.active, len(self.idle),
-                             self.state_name(_monotonic()), self.eff_weight, self.connects,
-                             self.reuses, self.failures, self.ejections, self.retries,
-                             len(self.waiters), self.tunnels)
 
 
 class Upstream:
@@ -287,13 +56,17 @@ class Upstream:
     __slots__ = ("name", "servers", "cfg", "balancer", "keyspec", "single", "max_fails",
                  "fail_timeout", "slow_start", "retries", "retry_connect", "retry_kinds",
                  "retry_statuses", "budget", "health", "next_reap", "tunnel_timeout",
-                 "total_weight", "watch", "fixed", "dns")
+                 "total_weight", "watch", "fixed", "dns", "tls_ctx", "dns_name")
 
-    def __init__(self, name: str, cfg: UpstreamConfig, health=None, resolved=None):
+    def __init__(self, name: str, cfg: UpstreamConfig, health=None, resolved=None,
+                 base: str = "."):
         self.name = name
         self.cfg = cfg
+        # one context per upstream: its servers' sessions; DNS-found servers verify the name
+        self.tls_ctx = client_context(cfg.tls, base) if cfg.tls is not None else None
+        self.dns_name = dns_tls_name(cfg) if cfg.tls is not None else ""
         #: the servers given by address; servers found through DNS are added by follow()
-        self.fixed = [Server(self, s.address, s.weight, cfg) for s in cfg.servers
+        self.fixed = [self._server(s.address, s.weight) for s in cfg.servers
                       if not s.resolve]
         self._set_servers(list(self.fixed))
         self.balancer = make_balancer(cfg.balance)
@@ -329,6 +102,13 @@ class Upstream:
         self.dns = DnsFollower(resolved, name, entries) if entries and resolved else None
         if self.dns is not None:
             self.follow(0.0)
+
+    def _server(self, address: str, weight: int, name: str = "") -> Server:
+        """A server of this upstream, through TLS if it has ``tls``; ``name``: the DNS
+        name it was found through (what TLS verifies unless server_name says)."""
+        if self.tls_ctx is None:
+            return Server(self, address, weight, self.cfg)
+        return TLSServer(self, address, weight, self.cfg, self.tls_ctx, name)
 
     def _set_servers(self, servers: list[Server]) -> None:
         self.servers = servers
@@ -369,7 +149,7 @@ class Upstream:
             seen.add(address)
             s = old.pop(address, None)
             if s is None:
-                s = Server(self, address, weight, self.cfg)
+                s = self._server(address, weight, self.dns_name)
                 if now and self.slow_start:
                     s.ramp_start = now
             elif s.weight != weight:
@@ -426,5 +206,7 @@ class Upstream:
 
 
 def build_upstreams(cfg_upstreams: dict[str, UpstreamConfig], health=None,
-                    resolved=None) -> dict[str, Upstream]:
-    return {name: Upstream(name, ucfg, health, resolved) for name, ucfg in cfg_upstreams.items()}
+                    resolved=None, base: str = ".") -> dict[str, Upstream]:
+    """The worker's upstreams; ``base``: the directory TLS file names are relative to."""
+    return {name: Upstream(name, ucfg, health, resolved, base)
+            for name, ucfg in cfg_upstreams.items()}

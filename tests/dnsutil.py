@@ -19,7 +19,7 @@ import time
 
 import dns.nameserver
 import dns.resolver
-from fp import PY, ROOT, free_port, port_open, request, wait_for
+from fp import PY, ROOT, free_port, port_open, request, stop_process, wait_for
 
 
 def free_udp_tcp_port() -> int:
@@ -93,13 +93,7 @@ class Dnsmasq:
         return t0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class LoopbackOrigin:
@@ -120,10 +114,4 @@ class LoopbackOrigin:
         return json.loads(body)["requests"] - self.calls
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)

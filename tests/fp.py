@@ -89,6 +89,17 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """TERM a child we started, KILL it if it does not exit in time, and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Origin:
     """The built-in origin (`forkproxy origin`) in its own process."""
 
@@ -108,13 +119,7 @@ class Origin:
         return json.loads(body)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class Proxy:

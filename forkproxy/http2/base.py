@@ -129,6 +129,14 @@ class SessionBase:
         errors = self.stream_errors
         errors[reason] = errors.get(reason, 0) + 1
 
+    def _forget(self, sid: int):
+        """Pop a closed stream (None if unknown): its received bytes nobody consumed go
+        back to the connection window."""
+        stream = self.streams.pop(sid, None)
+        if stream is not None and stream.unconsumed:
+            self._lib.nghttp2_session_consume_connection(self._session, stream.unconsumed)
+        return stream
+
     def _store(self, exc: BaseException) -> int:
         self._exc = exc
         return ng.ERR_CALLBACK_FAILURE

@@ -298,11 +298,9 @@ class ServerSession(SessionBase):
         return 0
 
     def _on_stream_close(self, sid: int, code: int) -> int:
-        stream = self.streams.pop(sid, None)
+        stream = self._forget(sid)
         if stream is None:
             return 0
-        if stream.unconsumed:
-            self._lib.nghttp2_session_consume_connection(self._session, stream.unconsumed)
         if stream.request is not None:
             self.events.append((CLOSED, sid, code))
         return 0

@@ -5,7 +5,7 @@ connection and per slow stream), run as its own process:
 
 h2c with prior knowledge, or h2 over TLS (ALPN h2) with --cert/--key. Paths:
 
-- ``/stats``: JSON: connections accepted, streams seen, the most streams open at once
+- ``/stats``: JSON: connections that sent bytes, streams seen, the most streams open at once
   on one connection, PINGs received;
 - ``/echo``: the request body back, streamed as it arrives (with its length);
 - ``/big/N``: N bytes of response body;
@@ -35,7 +35,7 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
-STATS = {"connections": 0, "streams": 0, "max_open": 0, "pings": 0, "goaways": 0,
+STATS = {"closed": 0, "errors": [], "connections": 0, "streams": 0, "max_open": 0, "pings": 0, "goaways": 0,
          "refused_seen": 0}
 LOCK = threading.Lock()
 
@@ -54,6 +54,7 @@ class Conn:
         self.muted = False
         self.goaway_sent = False
         self.goaway_last = 0
+        self.counted = False
         self.paths: dict[int, bytes] = {}
 
     def flush(self):
@@ -66,11 +67,11 @@ class Conn:
 
     def run(self):
         with self.lock:
-            settings = {h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 0}
-            if self.args.max_streams:
-                settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = self.args.max_streams
+            if self.args.max_streams:  # in the first SETTINGS frame
+                self.h2.local_settings = h2.settings.Settings(
+                    client=False, initial_values={
+                        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.args.max_streams})
             self.h2.initiate_connection()
-            self.h2.update_settings(settings)
             self.flush()
         while True:
             try:
@@ -79,12 +80,18 @@ class Conn:
                 break
             if not data:
                 break
+            if not self.requests and not self.h2.streams:
+                with LOCK:  # an HTTP/2 connection (not a port probe) once bytes came
+                    STATS["connections"] += self.counted is False
+                self.counted = True
             if self.muted:
                 continue
             with self.lock:
                 try:
                     events = self.h2.receive_data(data)
-                except h2.exceptions.ProtocolError:
+                except h2.exceptions.ProtocolError as e:
+                    with LOCK:
+                        STATS["errors"].append(repr(e)[:200])
                     self.flush()
                     break
                 for ev in events:
@@ -92,6 +99,8 @@ class Conn:
                 self.flush()
             if self.goaway_sent and not self.open:
                 break
+        with LOCK:
+            STATS["closed"] += 1
         try:
             self.sock.close()
         except OSError:
@@ -127,7 +136,7 @@ class Conn:
                 STATS["refused_seen"] += 1  # the client should not have sent it: ignored
             return
         headers = dict(ev.headers)
-        path = headers[b":path"]
+        path = headers[b":path"].partition(b"?")[0]
         self.paths[sid] = path
         self.open.add(sid)
         self.requests += 1
@@ -238,8 +247,6 @@ def main():
     while True:
         sock, _ = lsock.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with LOCK:
-            STATS["connections"] += 1
         threading.Thread(target=serve, args=(sock, ctx, args), daemon=True).start()
 
 

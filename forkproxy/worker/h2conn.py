@@ -29,8 +29,10 @@ from forkproxy.http2 import client as h2c
 from forkproxy.tls.client import shutdown as tls_shutdown
 
 _monotonic = time.monotonic
-#: the stream's item when its connection ended under it (not an HTTP/2 error code)
+#: the stream's close code when its connection ended under it (not HTTP/2 error codes)
 CONN_LOST = -1
+#: ... when the connection was closed because a PING went unanswered
+PING_TIMEOUT = -2
 #: bytes of a request body queued in the session, per stream, before its producer waits
 SEND_BUFFER = 64 * 1024
 _PER_STREAM = (h2c.INTERIM, h2c.HEAD, h2c.DATA, h2c.TRAILERS, h2c.END, h2c.CLOSED)
@@ -192,8 +194,8 @@ class H2Conn:
                 for stream in self.streams.values():
                     if stream.blocked and session.pending(stream.sid) <= SEND_BUFFER:
                         stream.event.set()
-                if self.gone and not self.active and not session.want_write:
-                    break
+                if self.gone and not self.active:
+                    break  # after GOAWAY, once its last stream was released
         except OSError:
             pass
         except gevent.GreenletExit:
@@ -225,8 +227,8 @@ class H2Conn:
         self.session.ping()
         self.wake.set()
 
-    def close(self, why: str = "") -> None:
-        """End the connection now: every stream still on it gets CONN_LOST."""
+    def close(self, why: str = "", code: int = CONN_LOST) -> None:
+        """End the connection now: every stream still on it is CLOSED with ``code``."""
         if self.closed:
             return
         self.closed = True
@@ -234,7 +236,7 @@ class H2Conn:
         self.ready.set()
         for stream in self.streams.values():
             stream.closed = True
-            stream.items.append((h2c.CLOSED, CONN_LOST))
+            stream.items.append((h2c.CLOSED, code))
             stream.event.set()
         self.streams.clear()
         me = getcurrent()

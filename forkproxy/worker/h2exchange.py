@@ -32,7 +32,7 @@ from forkproxy.http2 import client as h2c
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.worker.failures import UpstreamBroken, UpstreamFailed
 from forkproxy.worker.front import BodyAborted, ClientGone
-from forkproxy.worker.h2conn import CONN_LOST, H2Stream
+from forkproxy.worker.h2conn import CONN_LOST, PING_TIMEOUT, H2Stream
 
 _timeout = socket.timeout
 _monotonic = time.monotonic
@@ -114,6 +114,8 @@ def _closed_early(stream: H2Stream, code: int) -> UpstreamFailed:
     if code == ng.REFUSED_STREAM:  # not processed (RFC 9113 section 8.7)
         return UpstreamFailed(502, "upstream refused the stream (REFUSED_STREAM or GOAWAY)",
                               retryable=True, kind="reset")
+    if code == PING_TIMEOUT:  # the server stopped answering: not retried on it
+        return UpstreamFailed(502, "upstream HTTP/2 PING timeout", kind="timeout")
     if code == CONN_LOST:
         return UpstreamFailed(502, "upstream HTTP/2 connection lost", kind="reset",
                               retryable=stream.reused)

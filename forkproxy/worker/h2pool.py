@@ -28,7 +28,7 @@ from gevent.event import Event
 from forkproxy.context import UpstreamGauge
 from forkproxy.tls.client import TLSHandshakeFailed
 from forkproxy.tls.client import shutdown as tls_shutdown
-from forkproxy.worker.h2conn import H2Conn, H2Stream
+from forkproxy.worker.h2conn import PING_TIMEOUT, H2Conn, H2Stream
 from forkproxy.worker.server import PoolTimeout, Server, TLSServer
 
 _monotonic = time.monotonic
@@ -139,8 +139,9 @@ class H2Pooling:
         """Idle and aged connections; PINGs for liveness (see the module's text)."""
         for conn in list(self.h2conns):
             if conn.ping_at and now - conn.ping_at > self.ping_timeout:
-                conn.close("PING timeout")
-                self.failed(now)
+                if not conn.active:  # else each stream's exchange counts its failure
+                    self.failed(now)
+                conn.close("PING timeout", PING_TIMEOUT)
                 continue
             if not conn.active and (now - conn.idle_since >= self.keepalive_timeout
                                     or conn.gone):

@@ -22,6 +22,7 @@ import re
 
 from forkproxy.http.messages import HOST_RE
 from forkproxy.http.request import Limits, Request, trace_field
+from forkproxy.http.trailers import TrailersTooLarge, relayable_trailers
 
 #: a request-target path forwarded upstream: the bytes llhttp's strict mode accepts in an
 #: origin-form target (VCHAR without '#'); no SP, CTL or 8-bit byte
@@ -202,6 +203,22 @@ def _framing(req: Request, end_stream: bool, limits: Limits) -> None:
         if limit and cl > limit:
             raise StreamRefused("body_too_large", 413, "request body too large")
         req.has_body = cl > 0
+
+
+def request_trailers(fields) -> list[tuple[bytes, bytes]]:
+    """A request's trailer section (HEADERS after DATA) checked as strictly as its head
+    (they go upstream in the last chunk of a chunked body: a CR or LF there would split
+    the upstream connection), then filtered (forkproxy.http.trailers); raises
+    StreamRefused."""
+    for name, value in fields:
+        if not NAME_RE.match(name):
+            raise _malformed("bad_name", "invalid trailer field name")
+        if not VALUE_RE.match(value):
+            raise _malformed("bad_value", "invalid character or whitespace in a trailer")
+    try:
+        return relayable_trailers(fields)
+    except TrailersTooLarge as e:
+        raise _malformed("headers_too_large", str(e))
 
 
 #: response fields that are connection-specific in HTTP/2 (RFC 9113 section 8.2.2), and

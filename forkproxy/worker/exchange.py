@@ -39,6 +39,7 @@ from forkproxy.http.forward import upstream_head
 from forkproxy.http.framing import LAST_CHUNK, Framing, frame_chunk, response_framing
 from forkproxy.http.messages import IDEMPOTENT
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser, fast_head
+from forkproxy.http.trailers import TrailersTooLarge, last_chunk, relayable_trailers
 from forkproxy.tls.client import TLSHandshakeFailed
 from forkproxy.worker.failures import Upgraded, UpstreamBroken, UpstreamFailed
 from forkproxy.worker.front import BodyAborted, ClientGone
@@ -285,7 +286,8 @@ class Exchange:
             data = read_body()
             if data is None:
                 if chunked:
-                    up.sendall(LAST_CHUNK)
+                    trailers = front.request_trailers  # an HTTP/2 client's, filtered
+                    up.sendall(last_chunk(trailers) if trailers else LAST_CHUNK)
                 return total
             front.deadline = _monotonic() + send_timeout
             total += len(data)
@@ -342,7 +344,11 @@ class Exchange:
                 self.content_length = rhead.content_length
                 self.up_keep = rhead.keep_alive
                 return head_len, n
-            start = head_len  # interim response (100, 103): skip it
+            # interim response (102, 103...): relayed; a 100 only if the proxy did not
+            # already answer the client's Expect itself (it never forwards Expect)
+            if rhead.status != 100 or not self.req.expect_continue:
+                self.front.send_interim(rhead.status, rhead.headers)
+            start = head_len
 
     def _parse_head(self, data):
         """The full parser's judgement of a head the fast path did not take."""
@@ -355,6 +361,17 @@ class Exchange:
         self.rhead = rhead
         self.raw_head = None
         return rhead
+
+    def relay_trailers(self, fields) -> None:
+        """A response trailer section read after the body, from any upstream protocol:
+        ``fields`` are (name, value) byte pairs with values already checked for
+        controls; what may be relayed goes to the front end. Raises UpstreamBroken."""
+        try:
+            fields = relayable_trailers(fields)
+        except TrailersTooLarge as e:
+            raise UpstreamBroken(str(e))
+        if fields:
+            self.front.send_trailers(fields)
 
     def body_piece(self, piece) -> None:
         """One piece of a body the relayer does not copy itself, to the client."""

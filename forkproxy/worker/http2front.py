@@ -1,0 +1,46 @@
+"""The less frequent parts of an HTTP/2 stream's front end: interim responses, trailers,
+and the answers the proxy gives itself.
+
+:class:`~forkproxy.worker.http2.Http2Stream` (the per-stream front end of an exchange)
+inherits them; they live here to keep the connection module within the worker module
+size. The stream provides ``conn`` (its Http2Connection: ``session`` and ``wake``),
+``stream`` (its id), ``responded``, ``ended`` (the response is complete) and
+``trailers`` (response trailers waiting for end_body()).
+"""
+
+from __future__ import annotations
+
+from forkproxy.http2.translate import response_fields as h2_fields
+from forkproxy.worker.front import FrontEnd
+
+_PLAIN_TEXT = b"content-type", b"text/plain"
+
+
+class Http2FrontEnd(FrontEnd):
+    """Interim responses, trailers and error answers on one HTTP/2 stream."""
+
+    __slots__ = ()
+
+    protocol = "HTTP/2"
+
+    def send_continue(self) -> None:
+        self.conn.session.interim(self.stream, 100)
+        self.conn.wake.set()
+
+    def send_interim(self, status: int, fields) -> None:
+        """A HEADERS frame without END_STREAM, before the final response's."""
+        self.conn.session.interim(self.stream, status, h2_fields(fields, None))
+        self.conn.wake.set()
+
+    def send_trailers(self, fields) -> None:
+        """Kept for end_body(): the session sends them as the final HEADERS frame, with
+        END_STREAM, once the body's DATA is out."""
+        self.trailers = fields
+
+    def send_error(self, status: int) -> bool:
+        if not self.responded:
+            self.responded = self.ended = True
+            body = b"%d\n" % status
+            self.conn.session.respond(self.stream, status, [_PLAIN_TEXT], body=body)
+            self.conn.wake.set()
+        return False

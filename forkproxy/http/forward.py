@@ -82,6 +82,14 @@ def interim_head(status: int, fields) -> bytes:
         status, _INTERIM_REASONS.get(status, b""), b"".join([b"%s: %s\r\n" % f for f in fields]))
 
 
+def trailers_only_head(fields, close: bool) -> bytes:
+    """A 200 without a body whose ``fields`` carry everything (gRPC's trailers-only
+    response, as the proxy answers its own failures on a gRPC request over HTTP/1.1)."""
+    return b"HTTP/1.1 200 OK\r\n%sContent-Length: 0\r\n%s\r\n" % (
+        b"".join([b"%s: %s\r\n" % f for f in fields]),
+        b"Connection: close\r\n" if close else b"")
+
+
 def switching_protocols_head(raw: bytes) -> bytes:
     """The 101 head for the client: the upstream's end-to-end headers, Connection and
     Upgrade rebuilt (the upstream's Upgrade value: the protocol it switched to). Fields

@@ -41,6 +41,7 @@ from forkproxy.http.messages import IDEMPOTENT
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser, fast_head
 from forkproxy.http.trailers import TrailersTooLarge, last_chunk, relayable_trailers
 from forkproxy.tls.client import TLSHandshakeFailed
+from forkproxy.worker import grpc
 from forkproxy.worker.failures import Upgraded, UpstreamBroken, UpstreamFailed
 from forkproxy.worker.front import BodyAborted, ClientGone
 from forkproxy.worker.readiness import ReadWatch
@@ -65,7 +66,7 @@ class Exchange:
     __slots__ = ("ws", "front", "req", "times", "server", "conn", "status", "framing",
                  "raw_head", "rhead", "parser", "up_keep", "content_length", "bytes_in", "bytes_out", "retries",
                  "reject", "retry_statuses", "tunnel", "upgrade", "keep", "tries", "exclude",
-                 "last", "route")
+                 "last", "route", "grpc_status", "expired")
 
     def __init__(self, ws, front):
         self.ws = ws
@@ -86,6 +87,9 @@ class Exchange:
         # set by a tunnel, which is the last request of its connection: never reset
         self.tunnel = False  # the context is a tunnel's (status 101, bytes each way)
         self.upgrade = False  # a 101 is expected: raise Upgraded instead of relaying
+        # gRPC requests only (forkproxy/worker/grpc.py; cleared when one is recorded):
+        self.grpc_status = -1  # the status known so far (the proxy's own, or trailers')
+        self.expired = False  # the grpc-timeout deadline passed
         self.start(None, 0.0, 0.0)
 
     def start(self, req, t_accept: float, t_tls: float) -> None:
@@ -141,7 +145,8 @@ class Exchange:
                     continue
                 if e.kind:
                     now = _monotonic()
-                    server.failed(now)
+                    if not self.expired:  # the client's deadline is not the server's fault
+                        server.failed(now)
                     if (self.tries and replayable and e.kind in upstream.retry_kinds
                             and budget.allow(now)):
                         self._retry(server, e.status, str(e))
@@ -179,7 +184,8 @@ class Exchange:
                 else:
                     status, detail = 502, f"upstream connect: {e.strerror or e}"
                 now = _monotonic()
-                server.failed(now)
+                if not self.expired:
+                    server.failed(now)
                 if self.tries and upstream.retry_connect and upstream.budget.allow(now):
                     self._retry(server, status, detail)
                     continue
@@ -206,7 +212,10 @@ class Exchange:
     def fail(self, status: int, server, detail: str) -> bool:
         """Answer a failure ourselves and record it; returns the front end's keep-alive."""
         self.times[T_END] = _monotonic()
-        keep = self.front.send_error(status)
+        if self.req.grpc:  # a gRPC status, never an error page
+            keep, detail = grpc.answer(self, status, detail)
+        else:
+            keep = self.front.send_error(status)
         self.server = server
         self.conn = None
         self.record(status, 0, detail)
@@ -371,6 +380,8 @@ class Exchange:
         except TrailersTooLarge as e:
             raise UpstreamBroken(str(e))
         if fields:
+            if self.req.grpc:
+                grpc.trailers_status(self, fields)
             self.front.send_trailers(fields)
 
     def body_piece(self, piece) -> None:
@@ -413,6 +424,7 @@ class Exchange:
             front.tls_version, self.times, error, self.reject, self.retries, self.tunnel,
             front.protocol, front.stream,
             self.route, trace[0], trace[1], trace[2], trace[3], trace[4],
+            grpc.recorded_status(self, status) if req.grpc else None,
         ), buf)
         ws.ring.push(buf)  # never blocks: the ring drops and counts when full
         self.reject = ""

@@ -8,7 +8,7 @@ front end per stream. docs/ARCHITECTURE.md shows where this sits on the request 
 
 A response goes out as: any number of ``send_interim`` (1xx), then ``send_head``, then
 ``send_body`` pieces, then at most one ``send_trailers``, then ``end_body``; or, instead
-of all that, ``send_error``.
+of all that, ``send_error`` (or, for a gRPC request, ``send_trailers_only``).
 
 Trailer fields, in both directions, are one representation whatever the protocol on
 either side: a list of ``(name, value)`` byte pairs, names lower-case, already passed
@@ -109,6 +109,13 @@ class FrontEnd:
     def send_error(self, status: int) -> bool:
         """The proxy answers the request itself (no upstream, upstream failed...).
         Returns whether the client connection may carry another request."""
+        raise NotImplementedError
+
+    def send_trailers_only(self, fields) -> bool:
+        """The proxy answers a gRPC request itself: status 200, no body, ``fields``
+        (content-type, grpc-status, grpc-message) in the head (HTTP/2: one HEADERS
+        frame with END_STREAM). Returns whether the client connection may carry another
+        request."""
         raise NotImplementedError
 
     def splice_fd(self) -> int:

@@ -18,12 +18,12 @@ import time
 
 from gevent import getcurrent, socket
 
-from forkproxy.http.forward import interim_head, rebuilt_response_head
+from forkproxy.http.forward import interim_head, rebuilt_response_head, trailers_only_head
 from forkproxy.http.framing import CLOSE_DELIMITED_FOR_HTTP10, LAST_CHUNK, frame_chunk
 from forkproxy.http.messages import CONTINUE_100, HTTPError, prebuilt_error
 from forkproxy.http.request import BODY, END, ERROR, HEAD, Request, RequestParser
 from forkproxy.http.trailers import last_chunk
-from forkproxy.worker import faults
+from forkproxy.worker import faults, grpc
 from forkproxy.worker.client import ClientConnection
 from forkproxy.worker.exchange import Exchange
 from forkproxy.worker.front import BodyAborted, ClientGone, FrontEnd
@@ -279,6 +279,8 @@ class Http1Connection(ClientConnection, FrontEnd):
             upstream = upstream.choose(req, self.remote)
         if req is self.parser.upgrade_req:
             return tunnel(self, ex, upstream)
+        if req.grpc:
+            return grpc.forward(ex, upstream)
         return ex.forward(upstream)
 
     # -- the exchange's front end ------------------------------------------------------
@@ -359,10 +361,17 @@ class Http1Connection(ClientConnection, FrontEnd):
         return self.keep_next
 
     def send_error(self, status: int) -> bool:
+        return self._answer(prebuilt_error, status)
+
+    def send_trailers_only(self, fields) -> bool:
+        return self._answer(trailers_only_head, fields)
+
+    def _answer(self, head, what) -> bool:
+        """The proxy's own answer, ``head(what, close)``; returns the keep-alive."""
         keep = self.exchange.req.keep_alive and not self.closing and self.body_done
         self.resp_started = True
         try:
-            send_all(self.sock, prebuilt_error(status, not keep))
+            send_all(self.sock, head(what, not keep))
         except ClientGone:
             keep = False
         return keep

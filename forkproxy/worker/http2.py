@@ -31,7 +31,7 @@ from forkproxy.http.framing import Framing
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.session import CLOSED, DATA, END, GOAWAY, REQUEST, ServerSession
 from forkproxy.http2.translate import response_fields as h2_fields
-from forkproxy.worker import faults
+from forkproxy.worker import faults, grpc
 from forkproxy.worker.client import _GONE, ClientConnection
 from forkproxy.worker.exchange import Exchange
 from forkproxy.worker.front import BodyAborted, ClientGone, Deadline
@@ -356,7 +356,10 @@ class Http2Stream(Http2FrontEnd):
             return
         if upstream.split:
             upstream = upstream.choose(req, self.remote)
-        ex.forward(upstream)
+        if req.grpc:
+            grpc.forward(ex, upstream)
+        else:
+            ex.forward(upstream)
 
     def _fault(self, e: BaseException) -> None:
         log = self.ws.spec.logger
@@ -425,8 +428,10 @@ class Http2Stream(Http2FrontEnd):
             framing is Framing.NONE and ex.req.method == "HEAD") else None
         session = self.conn.session
         self.responded = True
+        # no body (a trailers-only gRPC response over HTTP/1.1 has a length of 0): the
+        # HEADERS frame ends the stream
         if not session.respond(self.stream, ex.status, h2_fields(fields, length),
-                               end_stream=framing is Framing.NONE):
+                               end_stream=framing is Framing.NONE or length == 0):
             raise ClientGone("stream closed")
         if first:
             session.send_data(self.stream, bytes(first))

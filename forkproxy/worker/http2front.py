@@ -38,9 +38,16 @@ class Http2FrontEnd(FrontEnd):
         self.trailers = fields
 
     def send_error(self, status: int) -> bool:
+        return self._answer(status, [_PLAIN_TEXT], b"%d\n" % status)
+
+    def send_trailers_only(self, fields) -> bool:
+        """One HEADERS frame with END_STREAM: :status 200 and ``fields``."""
+        return self._answer(200, fields, b"")
+
+    def _answer(self, status: int, fields, body: bytes) -> bool:
         if not self.responded:
             self.responded = self.ended = True
-            body = b"%d\n" % status
-            self.conn.session.respond(self.stream, status, [_PLAIN_TEXT], body=body)
+            self.conn.session.respond(self.stream, status, fields, end_stream=not body,
+                                      body=body)
             self.conn.wake.set()
         return False

@@ -15,8 +15,10 @@ import socket
 
 import pytest
 from fp import wait_for
-from h2client import SocketClient
+from h2client import RawClient, SocketClient
 from hostile import RecordingOrigin, ScriptedOrigin, read_all
+
+from forkproxy.http2.session import END, ServerSession
 
 H2C = 'protocols = ["http/1.1", "h2c"]'
 
@@ -213,3 +215,26 @@ def test_expect_continue_is_answered_for_both_protocols(tmp_path, recording, pro
     assert out["interim"] == [{b":status": b"100"}]
     assert out["status"] == 200 and out["body"] == b"POST /e2 4"
     assert all(not s.header("expect") for s in recording.seen)  # answered, not forwarded
+
+
+# -- the session alone (sans-IO) -----------------------------------------------------------
+
+
+def test_the_session_hands_request_trailers_on_with_the_end_of_the_body():
+    session = ServerSession()
+    try:
+        c = RawClient(session)
+        sid = c.send([(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"a"),
+                      (b":path", b"/p")], end_stream=False)
+        c.conn.send_data(sid, b"body")
+        c.conn.send_headers(sid, [(b"x-sum", b"1"), (b"content-type", b"text/plain")],
+                            end_stream=True)
+        c.pump()
+        assert c.kinds(sid) == ["REQUEST", "DATA", "END"]
+        (end,) = [p for k, s, p in c.yielded if k == END]
+        assert end == [(b"x-sum", b"1")]  # content-type is not a trailer field
+        plain = c.send(_get(b"/q"))
+        c.pump()
+        assert [p for k, s, p in c.yielded if k == END and s == plain] == [None]
+    finally:
+        session.close()

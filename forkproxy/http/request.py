@@ -70,6 +70,9 @@ _SIMPLE_REQUEST_RE = re.compile(
     rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
 #: fields the fast path handles itself; any other special field sends the head to llhttp
 _FAST_SPECIAL = frozenset({_HOST, _CONN, _RID, _XFF, _TP, _TS})
+#: the fields the fast path acts on: content-type is forwarded as any other field there
+#: (a GET or HEAD is never a gRPC call)
+_FAST_FIELDS = {name: what for name, what in _SPECIAL.items() if what != _CT}
 #: what a gRPC request's content-type starts with (gRPC over HTTP/2, and gRPC-Web)
 GRPC_CONTENT_TYPE = b"application/grpc"
 #: a request without a trace context (refused before it was routed)
@@ -278,7 +281,7 @@ class RequestParser:
         method, target, minor, block = m.groups()
         req = Request()
         headers = req.headers
-        special = _SPECIAL
+        special = _FAST_FIELDS
         header_bytes = len(target)
         fields = 0
         for line in block.split(b"\r\n")[:-1]:
@@ -287,7 +290,7 @@ class RequestParser:
             fields += 1
             header_bytes += len(name) + len(value) + 4
             what = special.get(name.lower())
-            if what is None or what == _CT:  # (a GET or HEAD is never a gRPC call)
+            if what is None:
                 headers.append((name, value))
             elif what not in _FAST_SPECIAL:
                 return False

@@ -17,7 +17,7 @@ import time
 
 import grpc
 import pytest
-from fp import free_port
+from fp import free_port, wait_for
 from h2client import SocketClient
 from hostile import RecordingOrigin, read_all
 from test_http2_proxy import access_records, metric_lines, tls_listener
@@ -243,3 +243,19 @@ def test_a_non_grpc_request_still_gets_an_error_page(tmp_path, proxies):
     assert out["status"] == 502 and b"grpc-status" not in out["headers"]
     (line,) = access_records(p, 1)
     assert "grpc_status" not in line and "grpc_method" not in line
+
+
+def test_a_call_whose_connection_closes_is_recorded_as_cancelled(tmp_path, proxies,
+                                                                  grpc_origin):
+    """The client goes away while the upstream is still working: the stream's exchange
+    is ended, and still recorded (status 499, like nginx; gRPC status 1 CANCELLED)."""
+    p = proxies(tmp_path, grpc_origin.address, listener_extra=H2C)
+    c = SocketClient(p.port)
+    sid = c.send(_grpc_request(b"/echo.Echo/Slow"), end_stream=False)
+    c.conn.send_data(sid, frame(b"x"), end_stream=True)
+    c.flush()
+    wait_for(lambda: grpc_origin.seen, what="the call at the origin")
+    c.close()
+    (line,) = access_records(p, 1)
+    assert (line["status"], line["grpc_status"], line["error"]) == (499, 1, "client gone")
+    assert line["grpc_method"] == "/echo.Echo/Slow" and line["duration_ms"] < 1500

@@ -289,7 +289,7 @@ class Http2Stream(Http2FrontEnd):
     __slots__ = ("conn", "ws", "listener", "remote", "remote_b", "tls_resumed",
                  "tls_version", "deadline", "greenlet", "parked", "stream", "req", "body",
                  "event", "closed", "blocked", "responded", "t_accept", "t_tls",
-                 "trailers", "request_trailers", "ended")
+                 "trailers", "request_trailers", "ended", "exchange")
 
     def __init__(self, conn: Http2Connection, sid: int, req):
         self.conn = conn
@@ -311,6 +311,7 @@ class Http2Stream(Http2FrontEnd):
         self.responded = False
         self.trailers = None  # response trailers for end_body()
         self.ended = False  # the response is complete (end_body or send_error)
+        self.exchange = None
         self.request_trailers = None
         # the first stream of a connection carries its accept and TLS times
         self.t_accept = conn.t_accept or _monotonic()
@@ -325,7 +326,7 @@ class Http2Stream(Http2FrontEnd):
         try:
             self._handle()
         except (ClientGone, Deadline):
-            pass
+            self.abandoned()
         except Exception as e:  # a bug: logged, 500 if nothing went out yet
             self._fault(e)
         finally:
@@ -338,7 +339,7 @@ class Http2Stream(Http2FrontEnd):
     def _handle(self) -> None:
         ws = self.ws
         req = self.req
-        ex = Exchange(ws, self)
+        ex = self.exchange = Exchange(ws, self)
         ex.start(req, self.t_accept, self.t_tls)
         if not req.request_id:
             req.request_id = ws.new_request_id()

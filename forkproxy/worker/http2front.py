@@ -4,16 +4,22 @@ and the answers the proxy gives itself.
 :class:`~forkproxy.worker.http2.Http2Stream` (the per-stream front end of an exchange)
 inherits them; they live here to keep the connection module within the worker module
 size. The stream provides ``conn`` (its Http2Connection: ``session`` and ``wake``),
-``stream`` (its id), ``responded``, ``ended`` (the response is complete) and
-``trailers`` (response trailers waiting for end_body()).
+``stream`` (its id), ``responded``, ``ended`` (the response is complete),
+``trailers`` (response trailers waiting for end_body()) and ``exchange``.
 """
 
 from __future__ import annotations
 
+import time
+
+from forkproxy.context import T_END
 from forkproxy.http2.translate import response_fields as h2_fields
+from forkproxy.worker import grpc
 from forkproxy.worker.front import FrontEnd
 
 _PLAIN_TEXT = b"content-type", b"text/plain"
+#: the status recorded for a request whose client went away first (nginx's 499)
+CLIENT_CLOSED = 499
 
 
 class Http2FrontEnd(FrontEnd):
@@ -51,3 +57,15 @@ class Http2FrontEnd(FrontEnd):
                                       body=body)
             self.conn.wake.set()
         return False
+
+    def abandoned(self) -> None:
+        """The stream's greenlet was ended before its exchange was (the connection
+        closed while the upstream was still answering): recorded like nginx's 499, so
+        the access log and the metrics see the request (a gRPC call as CANCELLED)."""
+        ex = self.exchange
+        if ex is None or ex.req is None or ex.times[T_END]:
+            return  # recorded already
+        ex.times[T_END] = time.monotonic()
+        if ex.req.grpc and ex.grpc_status < 0:
+            ex.grpc_status = grpc.CANCELLED
+        ex.record(CLIENT_CLOSED, ex.bytes_out, "client gone")

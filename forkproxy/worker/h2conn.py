@@ -92,9 +92,10 @@ class H2Stream:
                 self.blocked = False
         return True
 
-    def end(self) -> None:
+    def end(self, trailers=None) -> None:
+        """The request body is complete; ``trailers``: fields sent after it."""
         if not self.closed:
-            self.conn.session.end(self.sid)
+            self.conn.session.end(self.sid, trailers)
             self.conn.wake.set()
 
     def next_item(self, timeout: float):

@@ -68,7 +68,7 @@ def _pump_body(ex, stream: H2Stream):
         while True:
             data = front.read_body()
             if data is None:
-                stream.end()
+                stream.end(front.request_trailers)  # an HTTP/2 client's, filtered
                 return None
             ex.bytes_in += len(data)
             if not stream.send(data, timeout):
@@ -106,7 +106,11 @@ def _read_head(ex, stream: H2Stream, pump):
             raise _closed_early(stream, payload)
         if kind == 0:
             raise _body_failed(ex, payload)
-        # INTERIM (100, 103): not relayed
+        if kind == h2c.INTERIM:
+            status, fields = payload
+            # a 100 only if the proxy did not answer the client's Expect itself
+            if status != 100 or not ex.req.expect_continue:
+                ex.front.send_interim(status, fields)
 
 
 def _closed_early(stream: H2Stream, code: int) -> UpstreamFailed:
@@ -136,11 +140,19 @@ def _relay(ex, stream: H2Stream, head, pump) -> bool:
             length = int(value)  # nghttp2 checked it (and checks the body against it)
         else:
             rhead.headers.append((name, value))
-    rhead.content_length = ex.content_length = length
-    rhead.chunked = length is None
+    items = stream.items
+    if items and items[0][0] == h2c.END and not length:
+        # the HEADERS frame ended the stream (gRPC's trailers-only responses): so does
+        # the client's response head, with a length of 0 over HTTP/1.1
+        rhead.content_length = ex.content_length = 0
+        framing = Framing.NONE
+    else:
+        rhead.content_length = ex.content_length = length
+        rhead.chunked = length is None
+        framing = response_framing(ex.req.method, status, length, length is None)
+    ex.framing = framing
     ex.rhead = rhead
     ex.raw_head = None
-    framing = ex.framing = response_framing(ex.req.method, status, length, length is None)
     ex.server = stream.server
     ex.conn = stream
     front = ex.front
@@ -163,7 +175,8 @@ def _relay(ex, stream: H2Stream, head, pump) -> bool:
 
 
 def _relay_body(ex, stream: H2Stream, framing) -> None:
-    """Response body pieces to the front end until END; trailers are not relayed yet."""
+    """Response body pieces to the front end until END, and the trailers (gRPC's
+    grpc-status) through the exchange's filter to the front end."""
     front = ex.front
     timeout = max(stream.server.cfg.read_timeout, ex.ws.send_timeout)
     while True:
@@ -176,6 +189,8 @@ def _relay_body(ex, stream: H2Stream, framing) -> None:
                 ex.bytes_out += len(payload)
                 front.send_body(payload)
             stream.consume(len(payload))
+        elif kind == h2c.TRAILERS:
+            ex.relay_trailers(payload)
         elif kind == h2c.END:
             return
         elif kind == h2c.CLOSED:

@@ -180,6 +180,8 @@ class H2Conn:
             why = f"upstream read: {e}"
         except gevent.GreenletExit:
             return
+        except Exception as e:  # a bug: the connection ends, its streams fail over
+            why = f"upstream HTTP/2 connection failed: {e!r}"
         self.close(why)
 
     def _write_loop(self) -> None:
@@ -197,10 +199,10 @@ class H2Conn:
                         stream.event.set()
                 if self.gone and not self.active:
                     break  # after GOAWAY, once its last stream was released
-        except OSError:
-            pass
         except gevent.GreenletExit:
             return
+        except Exception:  # OSError: the reader sees the connection end too; else a bug
+            pass
         self.close("connection done")
 
     def _dispatch(self) -> None:

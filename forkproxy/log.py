@@ -144,7 +144,7 @@ class Logger:
 
 
 def _stderr_sink() -> ReopenableFile:
-    """Before :func:`setup`: log to stderr, as structlog's default did."""
+    """Before :func:`setup` (tests, tools): stderr, the error log's default destination."""
     _settings.sink = ReopenableFile("-")
     return _settings.sink
 

@@ -483,7 +483,7 @@ servers = [{{ address = "127.0.0.1:2" }}]
     table = WorkerTable(8)
     table.set_master(os.getpid(), 3)
     spec = ManagerSpec(cfg=cfg, table=table, rings=rings)  # real worker table and rings
-    return Manager(spec, log_mod.get_logger()), table
+    return Manager(spec, log_mod.rebind("manager")), table
 
 
 def test_admin_routes_status_healthz_metrics(tmp_path, rings):

@@ -385,3 +385,134 @@ def test_http2_streams_carry_the_trace_context(proxies, tmp_path, origin, receiv
     [span] = wait_for(receiver.server_spans, timeout=10, what="the stream's span")
     assert (span.span_id.hex(), span.parent_span_id.hex()) == (parent, CLIENT_SPAN)
     assert attrs(span)["network.protocol.version"] == "2"
+
+
+# -- span templates against the protobuf builder --------------------------------------
+
+
+def varied_records(n: int, seed: int) -> list:
+    """Request contexts of many shapes (listeners, routes, servers, methods, statuses,
+    errors, TLS, phases present or not, retries, pooled, parents, tracestates) with
+    random ids, times, paths, clients and sizes."""
+    import random
+
+    from forkproxy.context import N_TIMES, RequestContext
+
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        t = [0.0] * N_TIMES
+        now = 1_000_000 * rnd.random() + 50
+        steps = sorted(rnd.uniform(0, 2) for _ in range(N_TIMES))
+        for k in range(N_TIMES):
+            t[k] = now + steps[k]
+        for k in rnd.sample(range(N_TIMES - 1), rnd.randint(0, 4)):
+            t[k] = 0.0  # a phase that did not happen
+        if rnd.random() < 0.05:
+            t[3], t[4] = t[4], t[3]  # out of order: no upstream_connect span
+        tls = rnd.choice(["", "TLSv1.3", "TLSv1.2"])
+        status = rnd.choice([200, 200, 204, 301, 404, 499, 500, 502, 503, 0])
+        addr = rnd.choice(["", "10.0.0.1:80", "[::1]:8443", "origin.internal:9000"])
+        parent = rnd.randbytes(8) if rnd.random() < 0.5 else b""
+        out.append(RequestContext(
+            ts=1.7e9 + rnd.random() * 1e6, request_id=f"r{i}", worker=4242,
+            listener=rnd.choice(["127.0.0.1:8080", "[::]:443", "0.0.0.0:80"]),
+            remote=rnd.choice(["127.0.0.1", "::1", f"10.1.{i % 7}.{i % 251}"]),
+            method=rnd.choice(["GET", "POST", "DELETE"]),
+            path=rnd.choice(["/", "/api/items/" + str(i % 300), "/ü/" + "x" * rnd.randint(0, 300)]),
+            status=status, bytes_in=rnd.choice([0, 0, 17, 70000]),
+            bytes_out=rnd.choice([0, 1234, rnd.randint(1, 1 << 40)]),
+            upstream=rnd.choice(["", "app", "static"]) if addr else "", upstream_addr=addr,
+            reused=rnd.random() < 0.5, tls_resumed=(rnd.random() < 0.5) if tls else None,
+            tls_version=tls, times=t,
+            error=rnd.choice(["", "", "", "upstream_reset", "client_gone"]),
+            retries=rnd.choice([0, 0, 1, 3]), protocol=rnd.choice(["HTTP/1.1", "HTTP/2"]),
+            route=rnd.choice(["", "* /api", "example.com /"]),
+            trace_id=rnd.randbytes(16), span_id=rnd.randbytes(8), parent_span_id=parent,
+            trace_flags=1, tracestate=rnd.choice(["", "", "rojo=1,congo=t61rcWkgMzE"])))
+    return out
+
+
+def decoded_spans(body: bytes) -> dict:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    req = ExportTraceServiceRequest.FromString(body)
+    [rs] = req.resource_spans
+    [ss] = rs.scope_spans
+    spans = {s.span_id: s for s in ss.spans}
+    assert len(spans) == len(ss.spans)  # no span id twice
+    return {"resource": rs.resource, "scope": ss.scope, "spans": spans}
+
+
+def assert_same_spans(got: dict, want: dict) -> None:
+    """Field by field: every span the protobuf builder makes, and no other."""
+    assert got["resource"] == want["resource"] and got["scope"] == want["scope"]
+    assert set(got["spans"]) == set(want["spans"])
+    for span_id, w in want["spans"].items():
+        g = got["spans"][span_id]
+        assert g.ListFields() == w.ListFields(), (span_id.hex(), g, w)
+
+
+def test_span_templates_write_what_the_protobuf_classes_write():
+    """A differential test: 6,000 varied requests encoded by the templates (and the
+    slow builder for the few shapes or ids they leave to it) decode, with the official
+    classes, to the same spans as the protobuf builder's."""
+    from forkproxy.manager.spans import SpanEncoder
+
+    enc = SpanEncoder("forkproxy-test")
+    ref = SpanEncoder("forkproxy-test")
+    recs = varied_records(6000, seed=18)
+    recs[7].span_id = b"\x03" + bytes(7)  # a child id would be 0: the slow builder
+    recs[8].trace_id = b"\x01" * 15  # not 16 bytes (never from a worker): slow too
+    for at in range(0, len(recs), 512):
+        batch = recs[at:at + 512]
+        assert_same_spans(decoded_spans(enc.encode(batch)), decoded_spans(ref.encode_slow(batch)))
+    assert enc.slow >= 2 and enc.fast > 0.9 * len(recs), (enc.fast, enc.slow)
+    assert len(enc.templates.templates) > 100  # many shapes were seen
+
+
+def test_span_templates_are_bounded_and_fall_back():
+    """Past MAX_TEMPLATES shapes the cache starts over; a shape whose spans do not fit
+    a template (a server span over 16 KiB) goes to the slow builder, same bytes."""
+    from forkproxy.manager import spantemplate
+    from forkproxy.manager.spans import SpanEncoder
+
+    enc = SpanEncoder("forkproxy-test")
+    recs = varied_records(300, seed=5)
+    for i, r in enumerate(recs):
+        r.route = f"* /r{i}"  # 300 shapes
+    recs[0].error = "e" * 20000  # the server span's status message: too long
+    saved = spantemplate.MAX_TEMPLATES
+    spantemplate.MAX_TEMPLATES = 64
+    try:
+        body = enc.encode(recs)
+    finally:
+        spantemplate.MAX_TEMPLATES = saved
+    assert len(enc.templates.templates) <= 64
+    assert enc.templates.templates.get  # still a dict of shapes
+    assert enc.slow >= 1 and enc.fast >= 290
+    assert_same_spans(decoded_spans(body), decoded_spans(enc.encode_slow(recs)))
+
+
+def test_exported_template_spans_decode_at_a_real_receiver(receiver):
+    """Through the Tracer and its OTLP/HTTP client to the real receiver: what it decodes
+    is, span for span, what the protobuf builder makes of the same records."""
+    from forkproxy.config import TracingConfig
+    from forkproxy.manager.spans import SpanEncoder
+    from forkproxy.manager.tracing import Tracer
+
+    tracer = Tracer(TracingConfig(endpoint=receiver.url, sample_ratio=1.0,
+                                  queue_size=10000, batch_size=256))
+    recs = varied_records(1000, seed=99)
+    for r in recs:
+        tracer.offer(r)
+    while tracer.queue:
+        assert tracer._send_batch()
+    assert tracer.exported == 1000 and tracer.encoder.fast > 900
+    got = {s.span_id: s for s in receiver.spans}
+    want = decoded_spans(SpanEncoder("forkproxy").encode_slow(recs))["spans"]
+    assert set(got) == set(want)
+    for span_id, w in want.items():
+        assert got[span_id].ListFields() == w.ListFields()

@@ -229,12 +229,14 @@ class SpanEncoder:
         t = ctx.times
         end = t[T_END]
         start = t[T_ACCEPT] or t[T_HEADERS] or end
-        offset = ctx.ts - end  # wall clock minus the worker's monotonic clock
+        # wall clock minus the worker's monotonic clock; the server span ends as its
+        # response_body span does (``ts`` itself may round to another nanosecond)
+        offset = ctx.ts - end
         trace_id = ctx.trace_id
         span_id = ctx.span_id
         s = spans.add(trace_id=trace_id, span_id=span_id,
                       start_time_unix_nano=int((start + offset) * 1e9),
-                      end_time_unix_nano=int(ctx.ts * 1e9))
+                      end_time_unix_nano=int((end + offset) * 1e9))
         if ctx.parent_span_id:
             s.parent_span_id = ctx.parent_span_id
         if ctx.tracestate:

@@ -133,12 +133,12 @@ def compile_fill(pieces: list[tuple[str, object]]) -> Callable:
     consts = [val for kind, val in pieces if kind == "const"]
     used = {val for kind, val in pieces if kind == "slot"}
     lines = ["def fill(ctx, t0, t1, t2, t3, t4, t5, t6, t7, base, vn):",
-             "    ts = ctx.ts", "    off = ts - t7"]
+             "    off = ctx.ts - t7"]
     exprs = {"tid": "ctx.trace_id", "sid": "ctx.span_id", "psid": "ctx.parent_span_id",
-             "end": "int(ts * 1e9)",
+             "end": "n7" if "n7" in used else "int((t7 + off) * 1e9)",
              # n0 is used only if a phase starting at accept happened: then t0 is set
              "start": "n0" if "n0" in used else "int(((t0 or t2 or t7) + off) * 1e9)"}
-    for name in sorted(used - {"vn"}, key=lambda n: n == "start"):
+    for name in sorted(used - {"vn"}, key=lambda n: n in ("start", "end")):
         if name in exprs:
             expr = exprs[name]
         elif name[0] == "n":

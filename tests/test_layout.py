@@ -15,7 +15,13 @@ MAX_FUNCTION_LINES = 80
 MAX_WORKER_MODULE_LINES = 450
 
 #: "path:Qualified.name" -> why it may be longer (a measured A/B figure for a hot path)
-LONG_FUNCTIONS: dict[str, str] = {}
+LONG_FUNCTIONS: dict[str, str] = {
+    "forkproxy/manager/metrics.py:Metrics._time":
+        "the manager's per-record timing pass: the phase histograms and the critical-path "
+        "report's in one walk over the timestamps; as two passes (two functions) Metrics "
+        "cost 2.70-2.78 against 2.48 us per record (15 interleaved rounds of 20,000 "
+        "records, medians, two runs, 2026-12-06)",
+}
 #: worker modules that may be longer than MAX_WORKER_MODULE_LINES, and why
 LONG_WORKER_MODULES: dict[str, str] = {}
 

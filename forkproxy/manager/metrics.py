@@ -272,7 +272,6 @@ class Metrics:
                     self.observe_gauges(r)
         self._count(reqs)
         self._time(reqs)
-        self._time_groups(reqs)
 
     def _count(self, reqs: list[RequestContext]) -> None:
         """The counters of a batch of request contexts."""
@@ -314,17 +313,24 @@ class Metrics:
             self.tunnels[upstream] = self.tunnels.get(upstream, 0) + 1
 
     def _time(self, reqs: list[RequestContext]) -> None:
-        """Duration and phase histograms of a batch.
+        """Duration and phase histograms of a batch, and the critical-path report's (per
+        route and upstream: finer buckets, sums of squares), in one pass: each phase's
+        time is taken once and goes to both (a second pass for the report's cost ~0.3 µs
+        more per record).
 
         The six phases are written out, not looped over a plan: a loop over (name, index,
-        index, histogram) tuples cost ~0.3 µs more per record (1.09 against 0.81 µs).
+        index, histogram) tuples cost ~0.3 µs more per record (1.09 against 0.81 µs), and
+        a function call per update ~0.8 µs.
 
-        A histogram update is a bisect on the bound tuple (C) and one increment; sums
-        are kept in locals for the batch. Phase conditions as in :func:`phases`.
+        A histogram update is a bisect on the bound tuple (C) and one increment; the
+        global sums are kept in locals for the batch. Phase conditions as in
+        :func:`phases`; a pooled connection's wait for the pool is no connect.
         """
         durations = self.durations
+        groups = self.groups
         pb = PHASE_BUCKETS
         db = DURATION_BUCKETS
+        fb = FINE_BUCKETS
         ph = self.phases
         c_hdr, c_tls, c_conn, c_send, c_fb, c_body = (ph[name].counts for name in PHASES)
         # the sums continue from the histograms' own: the same additions in the same order
@@ -332,6 +338,10 @@ class Metrics:
         for ctx in reqs:
             t = ctx.times
             ta, tt, th, tcs, tc, tsent, tfb, te = t if len(t) == N_TIMES else _padded(t)
+            gkey = (ctx.route, ctx.upstream)
+            g = groups.get(gkey)
+            if g is None:
+                g = groups[gkey] = PhaseGroup()
             start = th or ta
             if te and start and te >= start:  # not for a 400 answered before any timestamp
                 dkey = (ctx.listener, ctx.upstream)
@@ -341,49 +351,7 @@ class Metrics:
                 d = te - start
                 h.counts[bisect_left(db, d)] += 1
                 h.sum += d
-            if ta:
-                if th and th >= ta:
-                    v = th - ta
-                    c_hdr[bisect_left(pb, v)] += 1
-                    s_hdr += v
-                if tt and tt >= ta:
-                    v = tt - ta
-                    c_tls[bisect_left(pb, v)] += 1
-                    s_tls += v
-            if tcs and tc and tc >= tcs and not ctx.reused:  # a pooled one is not a connect
-                v = tc - tcs
-                c_conn[bisect_left(pb, v)] += 1
-                s_conn += v
-            if tc and tsent and tsent >= tc:
-                v = tsent - tc
-                c_send[bisect_left(pb, v)] += 1
-                s_send += v
-            if tsent and tfb and tfb >= tsent:
-                v = tfb - tsent
-                c_fb[bisect_left(pb, v)] += 1
-                s_fb += v
-            if tfb and te and te >= tfb:
-                v = te - tfb
-                c_body[bisect_left(pb, v)] += 1
-                s_body += v
-        for name, s in zip(PHASES, (s_hdr, s_tls, s_conn, s_send, s_fb, s_body), strict=True):
-            ph[name].sum = s
-
-    def _time_groups(self, reqs: list[RequestContext]) -> None:
-        """The critical-path report's histograms of a batch: per (route, upstream), finer
-        buckets, sums of squares. Written out like :meth:`_time` (a function call per
-        update cost ~0.8 µs more per record); a pooled connection's wait for the pool is
-        no connect, as there."""
-        groups = self.groups
-        fb = FINE_BUCKETS
-        for ctx in reqs:
-            t = ctx.times
-            ta, tt, th, tcs, tc, tsent, tfb, te = t if len(t) == N_TIMES else _padded(t)
-            gkey = (ctx.route, ctx.upstream)
-            g = groups.get(gkey)
-            if g is None:
-                g = groups[gkey] = PhaseGroup()
-            start = ta or th
+            start = ta or th  # the report's total includes reading the head
             if te and start and te >= start:
                 h, v = g.total, te - start
                 h.counts[bisect_left(fb, v)] += 1
@@ -391,35 +359,55 @@ class Metrics:
                 h.sumsq += v * v
             if ta:
                 if th and th >= ta:
-                    h, v = g.hdr, th - ta
+                    v = th - ta
+                    c_hdr[bisect_left(pb, v)] += 1
+                    s_hdr += v
+                    h = g.hdr
                     h.counts[bisect_left(fb, v)] += 1
                     h.sum += v
                     h.sumsq += v * v
                 if tt and tt >= ta:
-                    h, v = g.tls, tt - ta
+                    v = tt - ta
+                    c_tls[bisect_left(pb, v)] += 1
+                    s_tls += v
+                    h = g.tls
                     h.counts[bisect_left(fb, v)] += 1
                     h.sum += v
                     h.sumsq += v * v
-            if tcs and tc and tc >= tcs and not ctx.reused:
-                h, v = g.conn, tc - tcs
+            if tcs and tc and tc >= tcs and not ctx.reused:  # a pooled one is not a connect
+                v = tc - tcs
+                c_conn[bisect_left(pb, v)] += 1
+                s_conn += v
+                h = g.conn
                 h.counts[bisect_left(fb, v)] += 1
                 h.sum += v
                 h.sumsq += v * v
             if tc and tsent and tsent >= tc:
-                h, v = g.send, tsent - tc
+                v = tsent - tc
+                c_send[bisect_left(pb, v)] += 1
+                s_send += v
+                h = g.send
                 h.counts[bisect_left(fb, v)] += 1
                 h.sum += v
                 h.sumsq += v * v
             if tsent and tfb and tfb >= tsent:
-                h, v = g.fb, tfb - tsent
+                v = tfb - tsent
+                c_fb[bisect_left(pb, v)] += 1
+                s_fb += v
+                h = g.fb
                 h.counts[bisect_left(fb, v)] += 1
                 h.sum += v
                 h.sumsq += v * v
             if tfb and te and te >= tfb:
-                h, v = g.body, te - tfb
+                v = te - tfb
+                c_body[bisect_left(pb, v)] += 1
+                s_body += v
+                h = g.body
                 h.counts[bisect_left(fb, v)] += 1
                 h.sum += v
                 h.sumsq += v * v
+        for name, s in zip(PHASES, (s_hdr, s_tls, s_conn, s_send, s_fb, s_body), strict=True):
+            ph[name].sum = s
 
     # -- shards (manager/shards.py) ------------------------------------------------------
 

@@ -135,7 +135,7 @@ class SpanEncoder:
             # the variable attributes, serialised (cached by value)
             path = ctx.path
             remote = ctx.remote
-            extra = (paths.get(path) or miss(paths, "url.path", path)) + (
+            extra = (paths.get(path) or tpls.path_miss(path)) + (
                 clients.get(remote) or miss(clients, "client.address", remote))
             size = ctx.bytes_out
             if size:
@@ -244,7 +244,7 @@ class SpanEncoder:
         merge = s.MergeFromString
         value = self.value
         merge(self.shape(ctx))
-        merge(value("url.path", ctx.path))
+        merge(self.templates.path(ctx.path))
         merge(value("client.address", ctx.remote))
         if ctx.bytes_out:
             merge(value("http.response.body.size", ctx.bytes_out))

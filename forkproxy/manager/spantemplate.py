@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+from itertools import islice
 
 from google.protobuf.internal.encoder import _VarintBytes
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
@@ -30,8 +31,11 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
 
 from forkproxy.context import RequestContext
 
-#: templates kept at most (cleared when full: shapes are bounded by the config)
-MAX_TEMPLATES = 1024
+#: templates kept at most (~7 KiB each); when full, the oldest quarter goes
+MAX_TEMPLATES = 512
+#: a shape gets its template when seen this often (making one costs ~10 times the
+#: protobuf builder's encoding of a request: rare shapes stay with the builder)
+MAKE_AFTER = 16
 #: values (paths, clients, sizes, tracestates) whose serialised attribute is kept
 MAX_VALUES = 8192
 #: the server span's length is written as a 2-byte varint in a template: bodies of
@@ -76,7 +80,8 @@ def random_values() -> dict[str, object]:
     return vals
 
 
-def slot_bytes(name: str, value) -> bytes:
+def slot_bytes(value) -> bytes:
+    """A slot value as the template holds it (ids as they are, times little-endian)."""
     return value if isinstance(value, bytes) else struct.pack("<Q", value)
 
 
@@ -85,7 +90,7 @@ def split(data: bytes, vals: dict[str, object]) -> list[tuple[str, object]]:
     sentinel values ``vals``."""
     hits = []
     for name, value in vals.items():
-        needle = slot_bytes(name, value)
+        needle = slot_bytes(value)
         at = data.find(needle)
         while at >= 0:
             hits.append((at, len(needle), name))
@@ -103,7 +108,6 @@ def split(data: bytes, vals: dict[str, object]) -> list[tuple[str, object]]:
     if pos < len(data):
         pieces.append(("const", data[pos:]))
     return pieces
-
 
 
 def pack_layout(pieces: list[tuple[str, object]]) -> tuple[struct.Struct, list[str]]:
@@ -147,9 +151,19 @@ def compile_fill(pieces: list[tuple[str, object]]) -> Callable:
             expr = f"base ^ {name[1]}"
         lines.append(f"    {name} = {expr}")
     lines.append(f"    return pack({', '.join(args)})")
+    source = "\n".join(lines)
+    code = _CODE.get(source)  # shapes differ in their constants more than in their code
+    if code is None:
+        if len(_CODE) >= MAX_TEMPLATES:
+            _CODE.clear()
+        code = _CODE[source] = compile(source, "<span template>", "exec")
     env = {"pack": st.pack, **{f"C{i}": c for i, c in enumerate(consts)}}
-    exec(compile("\n".join(lines), "<span template>", "exec"), env)  # noqa: S102
+    exec(code, env)  # noqa: S102
     return env["fill"]
+
+
+#: compiled fill functions by their source
+_CODE: dict[str, object] = {}
 
 
 class Template:
@@ -179,6 +193,8 @@ class Templates:
         self.spans_for = spans_for
         #: shape key -> its Template, or False: the shape has none (slow builder)
         self.templates: dict[tuple, Template | bool] = {}
+        #: shape key -> times seen without a template (up to MAKE_AFTER)
+        self.seen: dict[tuple, int] = {}
         self.values: dict[tuple, bytes] = {}
         self.varints: dict[int, bytes] = {}
         #: serialised attributes by value: url.path, client.address, and the body sizes
@@ -188,12 +204,37 @@ class Templates:
         self.sizes: dict[int, bytes] = {}
 
     def make(self, ctx: RequestContext, key: tuple) -> Template | bool:
-        """The template of ctx's shape, checked against the protobuf classes (False:
-        this shape goes to the slow builder)."""
-        if len(self.templates) >= MAX_TEMPLATES:
-            self.templates.clear()
-        tpl = self.templates[key] = self._make(ctx) or False
+        """The template of ctx's shape once it was seen MAKE_AFTER times, checked
+        against the protobuf classes (False: the slow builder encodes this request)."""
+        seen = self.seen
+        n = seen.get(key, 0) + 1
+        if n < MAKE_AFTER:
+            if len(seen) >= 4 * MAX_TEMPLATES:
+                seen.clear()
+            seen[key] = n
+            return False
+        seen.pop(key, None)
+        templates = self.templates
+        if len(templates) >= MAX_TEMPLATES:  # the oldest quarter goes
+            for old in list(islice(templates, MAX_TEMPLATES // 4)):
+                del templates[old]
+        tpl = templates[key] = self._make(ctx) or False
         return tpl
+
+    def path_miss(self, target: str) -> bytes:
+        """url.path and url.query of a request target not in the cache (bounded)."""
+        if len(self.paths) >= MAX_VALUES:
+            self.paths.clear()
+        path, mark, query = target.partition("?")
+        attrs = [_kv("url.path", path)]
+        if mark:
+            attrs.append(_kv("url.query", query))
+        data = self.paths[target] = Span(attributes=attrs).SerializeToString()
+        return data
+
+    def path(self, target: str) -> bytes:
+        """The serialised url.path (and url.query) attributes of a request target."""
+        return self.paths.get(target) or self.path_miss(target)
 
     def miss(self, cache: dict, key: str, value, ck=None) -> bytes:
         """Serialise one attribute of a value not in ``cache`` (bounded) and keep it."""

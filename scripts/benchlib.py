@@ -429,17 +429,24 @@ def tail(path: str, n: int = 8) -> str:
 
 
 #: the OTLP/HTTP receiver of --tracing and scripts/tracecost: reads each export request
-#: and answers 200 (argv[1]: the port; 0 = any, printed)
+#: and answers 200 (argv[1]: the port, 0 = any, printed; argv[2]: a file it writes the
+#: number of export requests to)
 OTLP_RECEIVER = r"""
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+count = 0
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_POST(self):
+        global count
         self.rfile.read(int(self.headers["Content-Length"]))
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
+        count += 1
+        if len(sys.argv) > 2:
+            with open(sys.argv[2], "w") as f:
+                f.write(str(count))
     def log_message(self, *a):
         pass
 s = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1]) if len(sys.argv) > 1 else 0), H)
@@ -463,14 +470,16 @@ class Env:
         self.origin_tls_port = free_port()  # the same origin through TLS (tls-upstream)
         self.origin = None
         self.otlp_url = ""  # the OTLP/HTTP receiver's (--tracing)
+        self.otlp_count = ""  # the file where it counts the export requests it got
 
     def start_otlp_receiver(self) -> None:
         """A minimal OTLP/HTTP receiver (reads each export request, answers 200) on the
         load CPUs, for the proxies that export spans (--tracing)."""
         port = free_port()
+        self.otlp_count = os.path.join(self.run, "otlp-requests")
         proc = self.procs.start("otlp receiver", [*self.taskset(self.load_cpus),
                                                   sys.executable, "-c", OTLP_RECEIVER,
-                                                  str(port)])
+                                                  str(port), self.otlp_count])
 
         def accepting() -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
@@ -1529,6 +1538,16 @@ def main_bench(argv: list[str], command: str) -> int:
             print("\n".join(scenario_table(scn, summary, skipped)), file=sys.stderr, flush=True)
             if tracing_table(summary):
                 print("\n" + "\n".join(tracing_table(summary)), file=sys.stderr, flush=True)
+        if env.otlp_count:  # the traced rows measured nothing if no span arrived
+            try:
+                with open(env.otlp_count) as f:
+                    exports = int(f.read() or 0)
+            except OSError:
+                exports = 0
+            notes.append(f"OTLP receiver: {exports} export requests received")
+            log(notes[-1])
+            if not exports:
+                any_failed = True
         fp = next((p for p in proxies if p.name == "forkproxy"), None)
         if args.profile and fp is not None and fp.supports(SCENARIOS[args.profile]):
             profile(env, fp, SCENARIOS[args.profile], args.duration, RESULTS)

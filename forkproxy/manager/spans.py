@@ -22,6 +22,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from forkproxy import __version__
 from forkproxy.context import (
+    N_TIMES,
     PHASES,
     T_ACCEPT,
     T_END,
@@ -117,7 +118,11 @@ class SpanEncoder:
         append = out.append
         slow = []
         for ctx in batch:
-            t0, t1, t2, t3, t4, t5, t6, t7 = ctx.times
+            try:
+                t0, t1, t2, t3, t4, t5, t6, t7 = ctx.times
+            except ValueError:  # not N_TIMES times (never from this version's workers)
+                slow.append(ctx)
+                continue
             sid = ctx.span_id
             key = (ctx.listener, ctx.route, ctx.upstream, ctx.upstream_addr, ctx.method,
                    ctx.status, ctx.error, ctx.tls_version, ctx.tls_resumed, ctx.reused,
@@ -227,6 +232,8 @@ class SpanEncoder:
         """The server span of one request and a child span per phase that happened,
         built with the protobuf classes."""
         t = ctx.times
+        if len(t) != N_TIMES:  # a phase without its time did not happen
+            t = (list(t) + [0.0] * N_TIMES)[:N_TIMES]
         end = t[T_END]
         start = t[T_ACCEPT] or t[T_HEADERS] or end
         # wall clock minus the worker's monotonic clock; the server span ends as its

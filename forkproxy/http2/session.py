@@ -440,18 +440,26 @@ class ServerSession:
         if stream is None or stream.responded:
             return False
         stream.responded = True
-        nva, keep = _nv([(b":status", b"%d" % status), *headers])
+        nva, count, keep = nv_array(status, headers)
         if body:
             stream.out.append(body)
             stream.out_size = len(body)
             stream.eof = True
-        if end_stream and not body:
-            prd = ffi.NULL
-        else:
-            prd = ffi.new("nghttp2_data_provider *")
-            prd.read_callback = _CALLBACKS.read_body
-        rv = self._lib.nghttp2_submit_response(self._session, sid, nva, len(keep) // 2, prd)
-        return rv == 0
+        return self._submit(sid, nva, count, end_stream and not body)
+
+    def respond_nv(self, sid: int, nva, count: int, end_stream: bool) -> bool:
+        """:meth:`respond` with the head already an nghttp2_nv array (from
+        :func:`nv_array`, which may be reused: nghttp2 copies the fields)."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.responded:
+            return False
+        stream.responded = True
+        return self._submit(sid, nva, count, end_stream)
+
+    def _submit(self, sid: int, nva, count: int, end_stream: bool) -> bool:
+        # one data provider for every stream: nghttp2 copies the struct
+        prd = ffi.NULL if end_stream else _CALLBACKS.provider
+        return self._lib.nghttp2_submit_response(self._session, sid, nva, count, prd) == 0
 
     def send_data(self, sid: int, data) -> bool:
         """Queue response body bytes; False: the stream is gone (stop producing)."""
@@ -513,6 +521,13 @@ class ServerSession:
         last = self._lib.nghttp2_session_get_last_proc_stream_id(self._session)
         self._lib.nghttp2_submit_goaway(self._session, ng.FLAG_NONE, last, code, ffi.NULL, 0)
         return last
+
+
+def nv_array(status: int, headers):
+    """The nghttp2_nv array of a response head (``:status``, then ``headers``), its
+    length, and the buffers it points into (keep them alive as long as the array)."""
+    nva, keep = _nv([(b":status", b"%d" % status), *headers])
+    return nva, len(keep) // 2, keep
 
 
 def _nv(pairs):
@@ -609,13 +624,15 @@ def _cb_read_body(s, sid, buf, length, flags, source, ud):
 class _Callbacks:
     """The nghttp2_session_callbacks table, built once per process on first use."""
 
-    read_body = _cb_read_body
-
     def __init__(self):
         self._table = None
+        self.provider = None
 
     def get(self, lib):
         if self._table is None:
+            prd = ffi.new("nghttp2_data_provider *")
+            prd.read_callback = _cb_read_body
+            self.provider = prd
             p = ffi.new("nghttp2_session_callbacks **")
             if lib.nghttp2_session_callbacks_new(p) != 0:
                 raise MemoryError("nghttp2_session_callbacks_new")

@@ -241,8 +241,8 @@ class Exchange:
                 raise UpstreamFailed(504, "upstream send timeout", kind="timeout")
             raise UpstreamFailed(502, f"upstream send: {e}", retryable=conn.reused, kind="reset")
         self.times[T_SENT] = _monotonic()
-        ws = self.ws
-        buf = ws.get_buffer()
+        front = self.front
+        buf = front.get_buffer()
         view = memoryview(buf)
         try:  # the response, inline: one call less per request (scripts/hotpath-ab)
             self.front.deadline = _monotonic() + conn.server.head_timeout  # per_try_timeout
@@ -272,7 +272,7 @@ class Exchange:
             self.record(status, self.bytes_out, error)
             return False
         finally:
-            ws.put_buffer(buf)
+            front.put_buffer(buf)
 
     def _send_body(self, up, send_timeout: float) -> int:
         """Copy the request body to the upstream as the front end yields it; a chunked

@@ -42,6 +42,7 @@ from forkproxy.http2.translate import StreamRefused, build_request
 
 ffi = ng.ffi
 _buffer = ffi.buffer
+_memmove = ffi.memmove
 REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
 
 #: the opaque data of the PING sent with the first GOAWAY (its ACK is recognised)
@@ -91,6 +92,7 @@ class ServerSession:
         lib = ng.library()
         self._lib = lib
         self.limits = limits = limits or Http2Limits()
+        self._max_list_size = limits.max_header_list_size
         self.request_limits = request_limits or Limits()
         self.events: deque = deque()
         self.streams: dict[int, _Stream] = {}
@@ -313,13 +315,12 @@ class ServerSession:
             stream = self.streams[sid] = _Stream(sid)
         elif stream.oversize:
             return 0
-        stream.list_size += namelen + valuelen + 32  # RFC 9113 section 6.5.2
-        if stream.list_size > self.limits.max_header_list_size:
+        size = stream.list_size = stream.list_size + namelen + valuelen + 32  # RFC 9113 6.5.2
+        if size > self._max_list_size:
             stream.oversize = True
             stream.fields = []
             return 0
-        buffer = _buffer
-        stream.fields.append((buffer(name, namelen)[:], buffer(value, valuelen)[:]))
+        stream.fields.append((_buffer(name, namelen)[:], _buffer(value, valuelen)[:]))
         return 0
 
     def _on_invalid_header(self, frame) -> int:
@@ -400,16 +401,12 @@ class ServerSession:
         if stream is None:
             return ng.ERR_DEFERRED
         out = stream.out
-        n = 0
-        while out and n < length:
-            chunk = out[0]
-            take = min(len(chunk) - stream.offset, length - n)
-            ffi.memmove(buf + n, memoryview(chunk)[stream.offset:stream.offset + take], take)
-            n += take
-            stream.offset += take
-            if stream.offset == len(chunk):
-                out.popleft()
-                stream.offset = 0
+        if len(out) == 1 and not stream.offset and len(out[0]) <= length:
+            chunk = out.popleft()  # the usual case: one whole chunk queued, and it fits
+            n = len(chunk)
+            _memmove(buf, chunk, n)
+        else:
+            n = self._take(stream, buf, length)
         stream.out_size -= n
         if not out and stream.eof:
             flags[0] |= ng.DATA_FLAG_EOF
@@ -421,6 +418,22 @@ class ServerSession:
         if n == 0:
             stream.deferred = True
             return ng.ERR_DEFERRED
+        return n
+
+    @staticmethod
+    def _take(stream: _Stream, buf, length: int) -> int:
+        """Copy up to ``length`` queued body bytes of ``stream`` into ``buf``."""
+        out = stream.out
+        n = 0
+        while out and n < length:
+            chunk = out[0]
+            take = min(len(chunk) - stream.offset, length - n)
+            _memmove(buf + n, memoryview(chunk)[stream.offset:stream.offset + take], take)
+            n += take
+            stream.offset += take
+            if stream.offset == len(chunk):
+                out.popleft()
+                stream.offset = 0
         return n
 
     # -- response side -------------------------------------------------------------------

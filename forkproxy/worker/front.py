@@ -85,14 +85,6 @@ class FrontEnd:
         Returns whether the client connection may carry another request."""
         raise NotImplementedError
 
-    def get_buffer(self) -> bytearray:
-        """A buffer for the exchange's upstream reads (at least the largest response
-        head, 64 KiB, unless buffer_size is smaller); given back by put_buffer."""
-        return self.ws.get_buffer()
-
-    def put_buffer(self, buf: bytearray) -> None:
-        self.ws.put_buffer(buf)
-
     def splice_fd(self) -> int:
         """The client socket's fd when body bytes may be spliced to it, else -1."""
         return -1

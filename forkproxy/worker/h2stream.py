@@ -47,10 +47,10 @@ class StreamBuffers:
         self.size = min(buffer_size, MAX_RESPONSE_HEAD)
         self.free: list[bytearray] = []
 
-    def get(self) -> bytearray:
+    def get_buffer(self) -> bytearray:
         return self.free.pop() if self.free else bytearray(self.size)
 
-    def put(self, buf: bytearray) -> None:
+    def put_buffer(self, buf: bytearray) -> None:
         if len(self.free) < STREAM_BUFFERS_KEPT:
             self.free.append(buf)
 
@@ -105,7 +105,7 @@ class Http2Stream(FrontEnd):
         self.responded = False
         self.t_accept = 0.0
         self.t_tls = 0.0
-        self.ex = Exchange(conn.ws, self)
+        self.ex = Exchange(conn.ws, self, conn.buffers)
         self.starting = False  # handed a request, its greenlet not yet running it
 
     def begin(self, sid: int, req) -> None:
@@ -219,12 +219,6 @@ class Http2Stream(FrontEnd):
                 self.blocked = False
 
     # -- the exchange's front end --------------------------------------------------------
-
-    def get_buffer(self) -> bytearray:
-        return self.conn.buffers.get()
-
-    def put_buffer(self, buf: bytearray) -> None:
-        self.conn.buffers.put(buf)
 
     def read_body(self):
         body = self.body

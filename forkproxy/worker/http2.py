@@ -41,6 +41,9 @@ READS_PER_WAKE = 16
 #: finished streams kept per connection for its next requests (each a parked greenlet,
 #: an Exchange and a front end: a few KiB); more concurrent ones end with their request
 STREAMS_KEPT = 16
+#: a connection without streams this long lets its pooled ones go (an idle connection
+#: keeps no parked greenlets; as an idle HTTP/1.1 connection parks after 1 s)
+POOL_IDLE = 1.0
 
 
 class Http2Connection(ClientConnection):
@@ -127,8 +130,10 @@ class Http2Connection(ClientConnection):
                 self._goaway_step()
             if self.notice_at and not self.final_sent:
                 self.deadline = self.notice_at + GOAWAY_GRACE
-            elif not busy:
-                self.deadline = self.idle_since + ws.keepalive_timeout
+            elif not busy:  # idle: first the pooled streams go, then the connection
+                self.deadline = self.idle_since + (
+                    min(POOL_IDLE, ws.keepalive_timeout) if self.idle_streams
+                    else ws.keepalive_timeout)
             else:
                 self.deadline = 0.0
             wake.clear()
@@ -144,9 +149,13 @@ class Http2Connection(ClientConnection):
 
     def _timed_out(self) -> bool:
         """The deadline passed while waiting: the second GOAWAY of a drain is due (go on,
-        True), or the connection was idle too long (GOAWAY, then close: False)."""
+        True), the pooled streams were idle for POOL_IDLE (they end; go on), or the
+        connection was idle too long (GOAWAY, then close: False)."""
         if self.notice_at and not self.final_sent:
             self._goaway_step()
+            return True
+        if self.idle_streams and _monotonic() < self.idle_since + self.ws.keepalive_timeout:
+            self._release_streams()
             return True
         self.session.goaway()
         self._flush()
@@ -266,9 +275,7 @@ class Http2Connection(ClientConnection):
             if g is not None and not g.dead and not stream.starting:
                 g.kill(ClientGone("connection closed"), block=False)
         self.streams.clear()
-        for stream in self.idle_streams:
-            stream.greenlet.kill(block=False)  # parked in the pool: GreenletExit
-        self.idle_streams.clear()
+        self._release_streams()
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher.close()
@@ -280,6 +287,12 @@ class Http2Connection(ClientConnection):
         ws.h2_connections -= 1
         self.deadline = 0.0
         self.close()
+
+    def _release_streams(self) -> None:
+        """End the pooled streams' greenlets (parked: each gets GreenletExit)."""
+        for stream in self.idle_streams:
+            stream.greenlet.kill(block=False)
+        self.idle_streams.clear()
 
     def _fault(self, e: BaseException) -> None:
         log = self.ws.spec.logger

@@ -24,12 +24,12 @@ from forkproxy.http.framing import Framing
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.session import nv_array
 from forkproxy.http2.translate import response_fields as h2_fields
-from forkproxy.worker import faults
+from forkproxy.worker import faults, grpc
 from forkproxy.worker.exchange import MAX_RESPONSE_HEAD, Exchange
-from forkproxy.worker.front import BodyAborted, ClientGone, Deadline, FrontEnd
+from forkproxy.worker.front import BodyAborted, ClientGone, Deadline
+from forkproxy.worker.http2front import Http2FrontEnd
 
 _monotonic = time.monotonic
-_PLAIN_TEXT = b"content-type", b"text/plain"
 #: buffers kept for the streams' exchanges, per worker (see StreamBuffers)
 STREAM_BUFFERS_KEPT = 256
 
@@ -75,15 +75,13 @@ class _HeadMemo:
 _memo = _HeadMemo()
 
 
-class Http2Stream(FrontEnd):
+class Http2Stream(Http2FrontEnd):
     """One request of an HTTP/2 connection (a pooled object: :meth:`begin` starts each)."""
 
     __slots__ = ("conn", "ws", "listener", "remote", "remote_b", "tls_resumed",
                  "tls_version", "deadline", "greenlet", "parked", "stream", "req", "body",
-                 "event", "closed", "blocked", "responded", "t_accept", "t_tls", "ex",
-                 "starting")
-
-    protocol = "HTTP/2"
+                 "event", "closed", "blocked", "responded", "t_accept", "t_tls",
+                 "trailers", "request_trailers", "ended", "exchange", "starting")
 
     def __init__(self, conn):
         self.conn = conn
@@ -103,9 +101,12 @@ class Http2Stream(FrontEnd):
         self.closed = None  # the stream's close code once the session closed it
         self.blocked = False  # waiting for its queued response bytes to drain
         self.responded = False
+        self.trailers = None  # response trailers for end_body()
+        self.ended = False  # the response is complete (end_body or send_error)
+        self.request_trailers = None
         self.t_accept = 0.0
         self.t_tls = 0.0
-        self.ex = Exchange(conn.ws, self, conn.buffers)
+        self.exchange = Exchange(conn.ws, self, conn.buffers)
         self.starting = False  # handed a request, its greenlet not yet running it
 
     def begin(self, sid: int, req) -> None:
@@ -118,6 +119,9 @@ class Http2Stream(FrontEnd):
         self.closed = None
         self.blocked = False
         self.responded = False
+        self.trailers = None
+        self.ended = False
+        self.request_trailers = None
         self.starting = True
         conn = self.conn
         self.t_accept = conn.t_accept or _monotonic()
@@ -146,17 +150,19 @@ class Http2Stream(FrontEnd):
         try:
             self._handle()
         except (ClientGone, Deadline):
-            pass
+            self.abandoned()
         except Exception as e:  # a bug: logged, 500 if nothing went out yet
             self._fault(e)
         finally:
             ws.streams.discard(self)
             self.deadline = 0.0
+            if not self.ended:  # broke off (the upstream failed mid-body): not complete
+                self.conn.session.reset(self.stream, ng.INTERNAL_ERROR)
 
     def _handle(self) -> None:
         ws = self.ws
         req = self.req
-        ex = self.ex
+        ex = self.exchange
         ex.start(req, self.t_accept, self.t_tls)
         if not req.request_id:
             req.request_id = ws.new_request_id()
@@ -174,7 +180,10 @@ class Http2Stream(FrontEnd):
             return
         if upstream.split:
             upstream = upstream.choose(req, self.remote)
-        ex.forward(upstream)
+        if req.grpc:
+            grpc.forward(ex, upstream)
+        else:
+            ex.forward(upstream)
 
     def _fault(self, e: BaseException) -> None:
         log = self.ws.spec.logger
@@ -238,10 +247,6 @@ class Http2Stream(FrontEnd):
         self.conn.wake.set()
         return data
 
-    def send_continue(self) -> None:
-        self.conn.session.interim(self.stream, 100)
-        self.conn.wake.set()
-
     def send_head(self, ex, first) -> None:
         framing = ex.framing
         length = ex.content_length if framing is Framing.LENGTH or (
@@ -260,7 +265,10 @@ class Http2Stream(FrontEnd):
                 memo.nva, memo.count, memo.keep = nva, count, keep
         session = self.conn.session
         self.responded = True
-        if not session.respond_nv(self.stream, nva, count, framing is Framing.NONE):
+        # no body (a trailers-only gRPC response over HTTP/1.1 has a length of 0): the
+        # HEADERS frame ends the stream
+        if not session.respond_nv(self.stream, nva, count,
+                                  framing is Framing.NONE or length == 0):
             raise ClientGone("stream closed")
         if first:
             session.send_data(self.stream, bytes(first))
@@ -272,14 +280,7 @@ class Http2Stream(FrontEnd):
         self._queued()
 
     def end_body(self) -> bool:
-        self.conn.session.end(self.stream)
+        self.ended = True
+        self.conn.session.end(self.stream, self.trailers)
         self.conn.wake.set()
         return True  # the connection's other streams go on whatever this one did
-
-    def send_error(self, status: int) -> bool:
-        if not self.responded:
-            self.responded = True
-            body = b"%d\n" % status
-            self.conn.session.respond(self.stream, status, [_PLAIN_TEXT], body=body)
-            self.conn.wake.set()
-        return False

@@ -239,6 +239,7 @@ class Http2Connection(ClientConnection):
             elif kind == END:
                 if stream is None:
                     continue
+                stream.request_trailers = payload  # None, or the checked trailer fields
                 stream.body.append(None)
             elif kind == CLOSED:
                 if stream is None:

@@ -16,6 +16,10 @@ from collections import deque
 from forkproxy.http2 import nghttp2 as ng
 
 ffi = ng.ffi
+_memmove = ffi.memmove
+#: the out-of-line FFI's from_handle is the C function itself (cffi.FFI wraps it in a
+#: Python method: one call more per callback, ten callbacks per request)
+_from_handle = ffi.from_handle
 
 
 class OutStream:
@@ -151,16 +155,12 @@ class SessionBase:
         if stream is None:
             return ng.ERR_DEFERRED
         out = stream.out
-        n = 0
-        while out and n < length:
-            chunk = out[0]
-            take = min(len(chunk) - stream.offset, length - n)
-            ffi.memmove(buf + n, memoryview(chunk)[stream.offset:stream.offset + take], take)
-            n += take
-            stream.offset += take
-            if stream.offset == len(chunk):
-                out.popleft()
-                stream.offset = 0
+        if len(out) == 1 and not stream.offset and len(out[0]) <= length:
+            chunk = out.popleft()  # the usual case: one whole chunk queued, and it fits
+            n = len(chunk)
+            _memmove(buf, chunk, n)
+        else:
+            n = self._take(stream, buf, length)
         stream.out_size -= n
         if not out and stream.eof:
             flags[0] |= ng.DATA_FLAG_EOF
@@ -172,6 +172,22 @@ class SessionBase:
         if n == 0:
             stream.deferred = True
             return ng.ERR_DEFERRED
+        return n
+
+    @staticmethod
+    def _take(stream: OutStream, buf, length: int) -> int:
+        """Copy up to ``length`` queued body bytes of ``stream`` into ``buf``."""
+        out = stream.out
+        n = 0
+        while out and n < length:
+            chunk = out[0]
+            take = min(len(chunk) - stream.offset, length - n)
+            _memmove(buf + n, memoryview(chunk)[stream.offset:stream.offset + take], take)
+            n += take
+            stream.offset += take
+            if stream.offset == len(chunk):
+                out.popleft()
+                stream.offset = 0
         return n
 
     def send_data(self, sid: int, data) -> bool:
@@ -212,11 +228,11 @@ class SessionBase:
         return min(lib.nghttp2_session_get_stream_remote_window_size(s, sid),
                    lib.nghttp2_session_get_remote_window_size(s))
 
-    def data_provider(self):
-        """A data provider that pulls from the stream's queue (see _read_body)."""
-        prd = ffi.new("nghttp2_data_provider *")
-        prd.read_callback = _cb_read_body
-        return prd
+    @staticmethod
+    def data_provider():
+        """The data provider that pulls from a stream's queue (see _read_body): one for
+        every stream, nghttp2 copies the struct."""
+        return CALLBACKS.provider
 
 
 def nv(pairs):
@@ -247,7 +263,7 @@ _HEADER_CB = ("int(nghttp2_session *, const nghttp2_frame *, const uint8_t *, si
 
 @ffi.callback(_HEADER_CB, onerror=_failure)
 def _cb_header(s, frame, name, namelen, value, valuelen, flags, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_header(frame, name, namelen, value, valuelen)
     except BaseException as e:
@@ -256,7 +272,7 @@ def _cb_header(s, frame, name, namelen, value, valuelen, flags, ud):
 
 @ffi.callback(_HEADER_CB, onerror=_failure)
 def _cb_invalid_header(s, frame, name, namelen, value, valuelen, flags, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_invalid_header(frame)
     except BaseException as e:
@@ -265,7 +281,7 @@ def _cb_invalid_header(s, frame, name, namelen, value, valuelen, flags, ud):
 
 @ffi.callback(_FRAME_CB, onerror=_failure)
 def _cb_frame_recv(s, frame, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_frame_recv(frame)
     except BaseException as e:
@@ -274,7 +290,7 @@ def _cb_frame_recv(s, frame, ud):
 
 @ffi.callback(_FRAME_CB, onerror=_failure)
 def _cb_frame_send(s, frame, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_frame_send(frame)
     except BaseException as e:
@@ -283,7 +299,7 @@ def _cb_frame_send(s, frame, ud):
 
 @ffi.callback("int(nghttp2_session *, int32_t, uint32_t, void *)", onerror=_failure)
 def _cb_stream_close(s, sid, code, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_stream_close(sid, code)
     except BaseException as e:
@@ -293,7 +309,7 @@ def _cb_stream_close(s, sid, code, ud):
 @ffi.callback("int(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *)",
               onerror=_failure)
 def _cb_data_chunk(s, flags, sid, data, n, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_data(sid, data, n)
     except BaseException as e:
@@ -303,7 +319,7 @@ def _cb_data_chunk(s, flags, sid, data, n, ud):
 @ffi.callback("ssize_t(nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *,"
               " nghttp2_data_source *, void *)", onerror=_failure)
 def _cb_read_body(s, sid, buf, length, flags, source, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._read_body(sid, buf, length, flags)
     except BaseException as e:
@@ -317,10 +333,15 @@ class _Callbacks:
 
     def __init__(self):
         self._tables: dict[bool, object] = {}
+        self.provider = None
 
     def get(self, lib, frame_send: bool = True):
         table = self._tables.get(frame_send)
         if table is None:
+            if self.provider is None:
+                prd = ffi.new("nghttp2_data_provider *")
+                prd.read_callback = _cb_read_body
+                self.provider = prd
             p = ffi.new("nghttp2_session_callbacks **")
             if lib.nghttp2_session_callbacks_new(p) != 0:
                 raise MemoryError("nghttp2_session_callbacks_new")

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 from forkproxy.http.request import Limits
 from forkproxy.http2 import nghttp2 as ng
-from forkproxy.http2.base import OutStream, SessionBase, nv
+from forkproxy.http2.base import CALLBACKS, OutStream, SessionBase
+from forkproxy.http2.base import nv as _nv
 from forkproxy.http2.limits import Http2Limits, TokenBucket
 from forkproxy.http2.translate import StreamRefused, build_request, request_trailers
 
 ffi = ng.ffi
+_buffer = ffi.buffer
 REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
 
 #: the opaque data of the PING sent with the first GOAWAY (its ACK is recognised)
@@ -83,6 +85,7 @@ class ServerSession(SessionBase):
         super().__init__()
         lib = self._lib
         self.limits = limits = limits or Http2Limits()
+        self._max_list_size = limits.max_header_list_size
         self.request_limits = request_limits or Limits()
         #: the client answered the PING sent with the first GOAWAY: every stream it
         #: opened before it saw that GOAWAY has arrived (TCP keeps the order)
@@ -237,12 +240,12 @@ class ServerSession(SessionBase):
             stream = self.streams[sid] = _Stream(sid)
         elif stream.oversize:
             return 0
-        stream.list_size += namelen + valuelen + 32  # RFC 9113 section 6.5.2
-        if stream.list_size > self.limits.max_header_list_size:
+        size = stream.list_size = stream.list_size + namelen + valuelen + 32  # RFC 9113 6.5.2
+        if size > self._max_list_size:
             stream.oversize = True
             stream.fields = []
             return 0
-        stream.fields.append((ffi.buffer(name, namelen)[:], ffi.buffer(value, valuelen)[:]))
+        stream.fields.append((_buffer(name, namelen)[:], _buffer(value, valuelen)[:]))
         return 0
 
     def _on_invalid_header(self, frame) -> int:
@@ -322,7 +325,7 @@ class ServerSession(SessionBase):
         """A 1xx response (100 Continue, 103 Early Hints) before the final one."""
         if sid not in self.streams:
             return
-        nva, keep = nv([(b":status", b"%d" % status), *headers])
+        nva, keep = _nv([(b":status", b"%d" % status), *headers])
         self._lib.nghttp2_submit_headers(self._session, ng.FLAG_NONE, sid, ffi.NULL, nva,
                                          len(keep) // 2, ffi.NULL)
 
@@ -335,14 +338,26 @@ class ServerSession(SessionBase):
         if stream is None or stream.responded:
             return False
         stream.responded = True
-        nva, keep = nv([(b":status", b"%d" % status), *headers])
+        nva, count, keep = nv_array(status, headers)
         if body:
             stream.out.append(body)
             stream.out_size = len(body)
             stream.eof = True
-        prd = ffi.NULL if end_stream and not body else self.data_provider()
-        rv = self._lib.nghttp2_submit_response(self._session, sid, nva, len(keep) // 2, prd)
-        return rv == 0
+        return self._submit(sid, nva, count, end_stream and not body)
+
+    def respond_nv(self, sid: int, nva, count: int, end_stream: bool) -> bool:
+        """:meth:`respond` with the head already an nghttp2_nv array (from
+        :func:`nv_array`, which may be reused: nghttp2 copies the fields)."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.responded:
+            return False
+        stream.responded = True
+        return self._submit(sid, nva, count, end_stream)
+
+    def _submit(self, sid: int, nva, count: int, end_stream: bool) -> bool:
+        # one data provider for every stream: nghttp2 copies the struct
+        prd = ffi.NULL if end_stream else CALLBACKS.provider
+        return self._lib.nghttp2_submit_response(self._session, sid, nva, count, prd) == 0
 
     def reset(self, sid: int, code: int = ng.CANCEL) -> None:
         stream = self.streams.get(sid)
@@ -368,3 +383,8 @@ class ServerSession(SessionBase):
         return last
 
 
+def nv_array(status: int, headers):
+    """The nghttp2_nv array of a response head (``:status``, then ``headers``), its
+    length, and the buffers it points into (keep them alive as long as the array)."""
+    nva, keep = _nv([(b":status", b"%d" % status), *headers])
+    return nva, len(keep) // 2, keep

@@ -224,13 +224,14 @@ def grpc_request(path: str, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, by
 
 class StallingOrigin:
     """An h2c origin that reads requests and never answers; it records each stream it
-    saw open and each one the peer reset, so a test sees the proxy give up upstream."""
+    saw open and each one the peer abandoned (reset it, or closed the connection), so a
+    test sees the proxy give up upstream."""
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.opened: list[int] = []
-        self.reset: list[int] = []
+        self.abandoned: list[int] = []
         self.conns: list[socket.socket] = []
         self.stopping = False
         self.thread = threading.Thread(target=self._accept, daemon=True)
@@ -252,20 +253,25 @@ class StallingOrigin:
     def _serve(self, conn: socket.socket) -> None:
         h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
         h2c.initiate_connection()
+        mine: list[int] = []
         try:
             conn.sendall(h2c.data_to_send())
             while data := conn.recv(65536):
                 for ev in h2c.receive_data(data):
                     if isinstance(ev, h2.events.RequestReceived):
                         self.opened.append(ev.stream_id)
-                    elif isinstance(ev, h2.events.StreamReset):
-                        self.reset.append(ev.stream_id)
+                        mine.append(ev.stream_id)
+                    elif isinstance(ev, h2.events.StreamReset) and ev.stream_id in mine:
+                        self.abandoned.append(ev.stream_id)
+                        mine.remove(ev.stream_id)
                     elif isinstance(ev, h2.events.DataReceived):
                         h2c.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 conn.sendall(h2c.data_to_send())
         except (OSError, h2.exceptions.ProtocolError):
             pass
         finally:
+            if not self.stopping:
+                self.abandoned += mine
             conn.close()
 
     def stop(self) -> None:

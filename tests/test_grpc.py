@@ -202,7 +202,7 @@ def assert_grpc_status(out: dict, code: grpc.StatusCode) -> None:
     no messages, in the headers: gRPC's trailers-only form)."""
     assert out["status"] == 200, out
     assert out["headers"][b"content-type"].startswith(b"application/grpc"), out
-    fields = out.get("trailers") or out["headers"]  # (trailers: from branch grpc)
+    fields = out.get("trailers") or out["headers"]
     assert fields.get(b"grpc-status") == str(code.value[0]).encode(), out
     assert b"grpc-message" in fields, out
 

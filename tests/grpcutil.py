@@ -7,6 +7,8 @@ The service is ``test.Echo``:
   (so a test sees that it reached the server) and ``x-trailer: done`` as trailing metadata;
 - ``NotFound``: aborts with NOT_FOUND and the details ``no such thing: <request>``;
 - ``Stream``: server streaming, ``int(request)`` messages ``b"0"``, ``b"1"``, ...;
+- ``Flood``: server streaming, ``int(request)`` messages of :data:`FLOOD_MESSAGE` bytes,
+  each counted in ``seen.flooded`` when grpcio took it (so a test sees backpressure);
 - ``Collect``: client streaming, the number of messages and bytes received;
 - ``PingPong``: bidi, ``b"pong " + message`` for each message, in order;
 - ``Slow``: answers after :data:`SLOW_SECONDS` unless the call ends first (deadline, cancel);
@@ -36,6 +38,7 @@ import trustme
 
 SERVICE = "test.Echo"
 SLOW_SECONDS = 2.0
+FLOOD_MESSAGE = 256 * 1024
 MAX_MESSAGE = 16 * 1024 * 1024
 MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -49,6 +52,7 @@ class Seen:
 
     calls: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    flooded: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, method: str) -> None:
@@ -83,6 +87,13 @@ class Handlers:
         for i in range(int(request)):
             yield b"%d" % i
 
+    def flood(self, request: bytes, context: grpc.ServicerContext):
+        self.seen.add("Flood")
+        message = b"f" * FLOOD_MESSAGE
+        for _ in range(int(request)):
+            yield message
+            self.seen.flooded += 1  # grpcio asks for the next one once it took this one
+
     def collect(self, requests, context: grpc.ServicerContext) -> bytes:
         self.seen.add("Collect")
         count = size = 0
@@ -111,6 +122,7 @@ class Handlers:
             "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
             "NotFound": grpc.unary_unary_rpc_method_handler(self.not_found),
             "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
+            "Flood": grpc.unary_stream_rpc_method_handler(self.flood),
             "Collect": grpc.stream_unary_rpc_method_handler(self.collect),
             "PingPong": grpc.stream_stream_rpc_method_handler(self.ping_pong),
             "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
@@ -213,6 +225,47 @@ def timed(fn, *args, **kwargs):
 def frame(message: bytes) -> bytes:
     """One gRPC length-prefixed message (uncompressed)."""
     return struct.pack(">BI", 0, len(message)) + message
+
+
+def unframe(body: bytes) -> list[bytes]:
+    """The messages of a gRPC response body."""
+    out, at = [], 0
+    while at < len(body):
+        _, length = struct.unpack(">BI", body[at:at + 5])
+        out.append(body[at + 5:at + 5 + length])
+        at += 5 + length
+    return out
+
+
+def drain(client, sid: int) -> dict:
+    """Read stream ``sid`` of an h2client.SocketClient to its end, keeping the body as a
+    list of chunks (SocketClient.wait's ``+=`` is quadratic for tens of MiB):
+    {"status", "body", "trailers", "reset"}."""
+    chunks: list[bytes] = []
+    out = {"status": None, "body": b"", "trailers": {}, "reset": None}
+    conn, ended = client.conn, False
+    while not ended:
+        data = client.sock.recv(1 << 20)
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if getattr(ev, "stream_id", None) != sid:
+                continue
+            if isinstance(ev, h2.events.ResponseReceived):
+                out["status"] = int(dict(ev.headers)[b":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                chunks.append(ev.data)
+                conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+            elif isinstance(ev, h2.events.TrailersReceived):
+                out["trailers"] = dict(ev.headers)
+            elif isinstance(ev, h2.events.StreamReset):
+                out["reset"] = ev.error_code
+                ended = True
+            elif isinstance(ev, h2.events.StreamEnded):
+                ended = True
+        client.flush()
+    out["body"] = b"".join(chunks)
+    return out
 
 
 def grpc_request(path: str, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:

@@ -12,21 +12,25 @@ import itertools
 import json
 import os
 import queue
+import time
 import urllib.request
 
 import grpc
 import pytest
 from fp import Proxy, free_port, wait_for
 from grpcutil import (
+    FLOOD_MESSAGE,
     SLOW_SECONDS,
     Certs,
     EchoClient,
     GrpcServer,
     StallingOrigin,
     channel,
+    drain,
     frame,
     grpc_request,
     timed,
+    unframe,
     wait_ready,
 )
 from h2client import SocketClient
@@ -184,6 +188,45 @@ def test_a_200ms_deadline_on_a_2s_handler(route):
     # the call ended at the server too, long before its 2 s
     wait_for(lambda: server.seen.cancelled.count("Slow") > before, timeout=SLOW_SECONDS,
              what="the server's handler to see its call end")
+
+
+def test_a_client_that_does_not_read_holds_the_server_back(routes, servers):
+    """Backpressure: the server streams 32 MiB to a raw h2 client that reads nothing (its
+    stream window is 64 KiB). The proxy must stop taking from the server while it cannot
+    give to the client: the server gets at most half of it out before it is held (socket
+    buffers and both HTTP/2 windows in between; nginx's grpc_pass lets 4 MiB out), then
+    all of it arrives."""
+    p, server = routes("h2c"), servers["h2c"]
+    total = 128  # messages of FLOOD_MESSAGE bytes
+    c = SocketClient(p.port, timeout=60)
+    try:
+        before = server.seen.flooded
+        sid = c.send(grpc_request("/test.Echo/Flood"), frame(b"%d" % total))
+        wait_for(lambda: server.seen.flooded > before, timeout=30, what="the flood to start")
+        held = wait_stable(lambda: server.seen.flooded - before)
+        assert held < total // 2, f"{held} of {total} messages left the server unread"
+        out = drain(c, sid)
+    finally:
+        c.close()
+    messages = unframe(out["body"])
+    assert len(messages) == total and set(messages) == {b"f" * FLOOD_MESSAGE}
+    assert out["trailers"][b"grpc-status"] == b"0"
+    assert server.seen.flooded - before == total
+
+
+def wait_stable(read, quiet: float = 1.0):
+    """read()'s value once it has not changed for ``quiet`` seconds."""
+    last = [read(), time.monotonic()]
+
+    def settled():
+        now = read()
+        if now != last[0]:
+            last[:] = [now, time.monotonic()]
+            return False
+        return time.monotonic() - last[1] >= quiet
+
+    wait_for(settled, timeout=30, interval=0.05, what="a steady value")
+    return last[0]
 
 
 # -- the proxy's own answers -------------------------------------------------------------

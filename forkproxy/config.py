@@ -316,6 +316,19 @@ class TcpKeepaliveConfig(_Section, kw_only=True):
     count: Positive = 6
 
 
+class UpstreamHttp2Config(_Section, kw_only=True):
+    """HTTP/2 to an upstream's servers (``protocol = "h2c"`` or ``"h2"``)."""
+
+    #: multiplexed connections per worker and server at most: another is opened when
+    #: every one carries the server's SETTINGS_MAX_CONCURRENT_STREAMS; past that a
+    #: request waits up to queue_timeout for a stream, then gets 503
+    max_connections: Positive = 4
+    #: a connection with no frame from the server for this long is sent a PING
+    ping_interval: Duration = Duration(10.0)
+    #: a PING unanswered this long closes the connection (a passive failure)
+    ping_timeout: Duration = Duration(5.0)
+
+
 TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
 
 
@@ -407,6 +420,11 @@ class UpstreamConfig(_Section, kw_only=True):
     #: certificate that fails verification is a 502 (reason in the error log), never a
     #: fallback to plain text. Health checks use it too
     tls: UpstreamTLSConfig | None = None
+    #: what the servers speak: "http/1.1", "h2c" (HTTP/2 over plain TCP, prior
+    #: knowledge) or "h2" (HTTP/2 over TLS, agreed by ALPN: needs tls)
+    protocol: Literal["http/1.1", "h2c", "h2"] = "http/1.1"
+    #: HTTP/2 connections (protocol "h2c" / "h2"), e.g. { max_connections = 2 }
+    http2: UpstreamHttp2Config = field(default_factory=UpstreamHttp2Config)
 
 
 class ResolverConfig(_Section, kw_only=True):
@@ -709,6 +727,12 @@ def _validate_route_target(key: str, route: RouteConfig, cfg: Config) -> list[st
 def _validate_upstream(key: str, up: UpstreamConfig, base: str, check_files: bool) -> list[str]:
     problems = _validate_servers(f"{key}.servers", up.servers)
     problems.extend(_validate_upstream_policy(key, up))
+    if up.protocol == "h2" and up.tls is None:
+        problems.append(f"{key}.protocol: \"h2\" is HTTP/2 over TLS: it needs tls "
+                        "(\"h2c\" is HTTP/2 over plain TCP)")
+    elif up.protocol == "h2c" and up.tls is not None:
+        problems.append(f"{key}.protocol: \"h2c\" is HTTP/2 over plain TCP: with tls, "
+                        "use \"h2\"")
     if up.tls is not None:
         problems.extend(_validate_upstream_tls(f"{key}.tls", up.tls, base, check_files))
         if not up.tls.server_name and any(s.resolve for s in up.servers) and not dns_tls_name(up):

@@ -113,6 +113,11 @@ int nghttp2_session_server_new2(nghttp2_session **session_ptr,
     const nghttp2_session_callbacks *callbacks, void *user_data, const nghttp2_option *option);
 int nghttp2_session_client_new(nghttp2_session **session_ptr,
     const nghttp2_session_callbacks *callbacks, void *user_data);
+int nghttp2_session_client_new2(nghttp2_session **session_ptr,
+    const nghttp2_session_callbacks *callbacks, void *user_data, const nghttp2_option *option);
+uint32_t nghttp2_session_get_remote_settings(nghttp2_session *session, int id);
+int nghttp2_submit_window_update(nghttp2_session *session, uint8_t flags, int32_t stream_id,
+    int32_t window_size_increment);
 void nghttp2_session_del(nghttp2_session *session);
 ssize_t nghttp2_session_mem_recv(nghttp2_session *session, const uint8_t *in, size_t inlen);
 ssize_t nghttp2_session_mem_send(nghttp2_session *session, const uint8_t **data_ptr);
@@ -160,6 +165,8 @@ FLAG_END_STREAM = 0x01
 FLAG_ACK = 0x01
 FLAG_END_HEADERS = 0x04
 HCAT_REQUEST = 0
+HCAT_RESPONSE = 1
+HCAT_PUSH_RESPONSE = 2
 HCAT_HEADERS = 3
 DATA_FLAG_EOF = 0x01
 DATA_FLAG_NO_END_STREAM = 0x02
@@ -226,7 +233,8 @@ def library():
             version = info.version_num
             # every declared function must resolve (a missing one raises AttributeError)
             for fn in ("nghttp2_option_set_stream_reset_rate_limit",
-                       "nghttp2_option_set_max_continuations", "nghttp2_session_server_new2"):
+                       "nghttp2_option_set_max_continuations", "nghttp2_session_server_new2",
+                       "nghttp2_session_client_new2", "nghttp2_session_get_remote_settings"):
                 getattr(lib, fn)
         except AttributeError as e:
             errors.append(f"{name}: {e}")

@@ -193,6 +193,8 @@ class MetricsState(msgspec.Struct, array_like=True, gc=False):
     decode_errors: int
     #: the critical-path report's histograms: (route, upstream, PhaseGroup.state())
     groups: list[tuple[str, str, list[tuple[list[int], float, float]]]] = []
+    #: gRPC requests: listener, upstream, grpc status, count
+    grpc: list[tuple[str, str, int, int]] = []
 
 
 class PhaseGroup:
@@ -241,6 +243,8 @@ class Metrics:
         self.rejected: dict[str, int] = {}
         self.retries: dict[str, int] = {}  # by upstream (rendered by manager/upstreams.py)
         self.tunnels: dict[str, int] = {}  # by upstream, counted when a tunnel closes
+        #: gRPC requests by (listener, upstream, grpc status)
+        self.grpc: dict[tuple[str, str, int], int] = {}
         #: the critical-path report's histograms per (route, upstream) (phases.py)
         self.groups: dict[tuple[str, str], PhaseGroup] = {}
         #: counters the workers report as running totals in their gauges records: the
@@ -299,7 +303,7 @@ class Metrics:
             n = ctx.bytes_out
             if n:
                 bytes_out[listener] = bytes_out.get(listener, 0) + n
-            if ctx.reject or ctx.retries or ctx.tunnel or ctx.error:
+            if ctx.reject or ctx.retries or ctx.tunnel or ctx.error or ctx.grpc_status is not None:
                 self._count_rare(ctx)
 
     def _count_rare(self, ctx: RequestContext) -> None:
@@ -312,6 +316,9 @@ class Metrics:
             self.retries[upstream] = self.retries.get(upstream, 0) + ctx.retries
         if ctx.tunnel:
             self.tunnels[upstream] = self.tunnels.get(upstream, 0) + 1
+        if ctx.grpc_status is not None:
+            key = (ctx.listener, upstream, ctx.grpc_status)
+            self.grpc[key] = self.grpc.get(key, 0) + 1
 
     def _time(self, reqs: list[RequestContext]) -> None:
         """Duration and phase histograms of a batch.
@@ -432,7 +439,8 @@ class Metrics:
             list(self.tls.items()), [(*k, n) for k, n in self.reuse.items()],
             self.bytes_in, self.bytes_out, self.rejected, self.retries, self.tunnels,
             list(self.gauges.values()), self.records, self.gauge_records, self.decode_errors,
-            [(*k, g.state()) for k, g in self.groups.items()])
+            [(*k, g.state()) for k, g in self.groups.items()],
+            [(*k, n) for k, n in self.grpc.items()])
 
     def add(self, st: MetricsState) -> None:
         """Add another process's counters (a shard's) to these."""
@@ -464,6 +472,9 @@ class Metrics:
             if g is None:
                 g = self.groups[(route, upstream)] = PhaseGroup()
             g.add(state)
+        for listener, upstream, code, n in st.grpc:
+            key = (listener, upstream, code)
+            self.grpc[key] = self.grpc.get(key, 0) + n
 
     def observe_gauges(self, g: WorkerGauges) -> None:
         self.gauge_records += 1
@@ -486,6 +497,14 @@ class Metrics:
             self._last_totals.pop(pid, None)
 
     # -- output -----------------------------------------------------------------------
+
+    def _render_grpc(self, w) -> None:
+        w.family("forkproxy_grpc_requests_total", "counter",
+                 "gRPC requests (content-type application/grpc...), by listener, upstream and "
+                 "gRPC status code (0 OK, 4 DEADLINE_EXCEEDED, 14 UNAVAILABLE, ...).")
+        for (listener, upstream, code), n in sorted(self.grpc.items()):
+            w.sample("forkproxy_grpc_requests_total", (("listener", listener),
+                     ("upstream", upstream), ("grpc_status", str(code))), n)
 
     def _render_protocols(self, w) -> None:
         """Client connections by protocol and HTTP/2 errors (totals the workers report)."""
@@ -542,6 +561,7 @@ class Metrics:
                  "header_timeout, body_timeout, rate_limited, conn_limit, ...).")
         for reason, n in sorted(self.rejected.items()):
             w.sample("forkproxy_rejected_total", (("reason", reason),), n)
+        self._render_grpc(w)
         self._render_protocols(w)
 
         live = self.gauges

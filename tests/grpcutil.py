@@ -34,6 +34,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 import trustme
 
 SERVICE = "test.Echo"
@@ -235,6 +236,15 @@ def unframe(body: bytes) -> list[bytes]:
         out.append(body[at + 5:at + 5 + length])
         at += 5 + length
     return out
+
+
+def widen_windows(client, size: int) -> None:
+    """Give an h2client.SocketClient's connection and new streams a ``size`` window: h2
+    acknowledges received data whenever half a window is consumed, so a 64 KiB window
+    means two WINDOW_UPDATE frames per 32 KiB read."""
+    client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: size})
+    client.conn.increment_flow_control_window(size - client.conn.inbound_flow_control_window)
+    client.flush()
 
 
 def drain(client, sid: int) -> dict:

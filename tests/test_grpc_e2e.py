@@ -32,6 +32,7 @@ from grpcutil import (
     timed,
     unframe,
     wait_ready,
+    widen_windows,
 )
 from h2client import SocketClient
 
@@ -192,26 +193,46 @@ def test_a_200ms_deadline_on_a_2s_handler(route):
 
 def test_a_client_that_does_not_read_holds_the_server_back(routes, servers):
     """Backpressure: the server streams 32 MiB to a raw h2 client that reads nothing (its
-    stream window is 64 KiB). The proxy must stop taking from the server while it cannot
-    give to the client: the server gets at most half of it out before it is held (socket
+    windows are 1 MiB). The proxy must stop taking from the server while it cannot give
+    to the client: the server gets at most half of it out before it is held (socket
     buffers and both HTTP/2 windows in between; nginx's grpc_pass lets 4 MiB out), then
     all of it arrives."""
     p, server = routes("h2c"), servers["h2c"]
     total = 128  # messages of FLOOD_MESSAGE bytes
     c = SocketClient(p.port, timeout=60)
+    widen_windows(c, 1 << 20)
     try:
-        before = server.seen.flooded
+        before, calls = server.seen.flooded, server.seen.calls.count("Flood")
         sid = c.send(grpc_request("/test.Echo/Flood"), frame(b"%d" % total))
-        wait_for(lambda: server.seen.flooded > before, timeout=30, what="the flood to start")
+        wait_for(lambda: server.seen.calls.count("Flood") > calls, timeout=30,
+                 what="the call to reach the server")
         held = wait_stable(lambda: server.seen.flooded - before)
         assert held < total // 2, f"{held} of {total} messages left the server unread"
         out = drain(c, sid)
     finally:
         c.close()
     messages = unframe(out["body"])
-    assert len(messages) == total and set(messages) == {b"f" * FLOOD_MESSAGE}
+    assert len(messages) == total and set(messages) == {b"f" * FLOOD_MESSAGE}, (
+        len(messages), {k: v for k, v in out.items() if k != "body"}, held)
     assert out["trailers"][b"grpc-status"] == b"0"
     assert server.seen.flooded - before == total
+
+
+def test_a_client_with_64k_windows_reads_a_long_stream(routes):
+    """A client with HTTP/2's default 64 KiB windows (the h2 library's) acknowledges
+    every 32 KiB it reads, on the stream and on the connection: 2 WINDOW_UPDATE frames
+    per 32 KiB, ~2,000 for a 32 MiB stream. Those are the flow control working, not a
+    control-frame flood: the whole stream must arrive."""
+    p = routes("h2c")  # (the module's servers are up as long as routes is)
+    total = 128
+    c = SocketClient(p.port, timeout=60)
+    try:
+        out = drain(c, c.send(grpc_request("/test.Echo/Flood"), frame(b"%d" % total)))
+    finally:
+        c.close()
+    got = len(unframe(out["body"]))
+    assert got == total, (got, out["status"], out["trailers"], out["reset"])
+    assert out["trailers"][b"grpc-status"] == b"0"
 
 
 def wait_stable(read, quiet: float = 1.0):
@@ -245,7 +266,7 @@ def assert_grpc_status(out: dict, code: grpc.StatusCode) -> None:
     no messages, in the headers: gRPC's trailers-only form)."""
     assert out["status"] == 200, out
     assert out["headers"][b"content-type"].startswith(b"application/grpc"), out
-    fields = out.get("trailers") or out["headers"]
+    fields = out["trailers"] or out["headers"]
     assert fields.get(b"grpc-status") == str(code.value[0]).encode(), out
     assert b"grpc-message" in fields, out
 
@@ -330,8 +351,8 @@ def test_access_log_and_metrics_carry_the_grpc_method_and_status(tmp_path, serve
                  timeout=15, what="both calls in the access log")
         recs = by_path()
         ok, missing = recs["/test.Echo/Unary"], recs["/test.Echo/NotFound"]
-        assert (ok["grpc_method"], ok["grpc_status"]) == ("test.Echo/Unary", 0), ok
-        assert (missing["grpc_method"], missing["grpc_status"]) == ("test.Echo/NotFound",
+        assert (ok["grpc_method"], ok["grpc_status"]) == ("/test.Echo/Unary", 0), ok
+        assert (missing["grpc_method"], missing["grpc_status"]) == ("/test.Echo/NotFound",
                                                                     5), missing
         assert ok["status"] == missing["status"] == 200
 

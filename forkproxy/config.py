@@ -291,8 +291,14 @@ class ServerAddress(_Section, kw_only=True):
 
 
 class HealthCheckConfig(_Section, kw_only=True):
+    #: "http": GET ``path``; "grpc": the gRPC health protocol's
+    #: grpc.health.v1.Health/Check for ``service`` over HTTP/2 (the upstream's protocol
+    #: must be "h2c" or "h2"), a SERVING answer in time is a success
+    type: Literal["http", "grpc"] = "http"
     #: path requested with GET; a 2xx or 3xx answer in time is a success
     path: str = "/healthz"
+    #: type = "grpc": the service asked about ("" = the server as a whole)
+    service: str = ""
     #: time between two checks of one server
     interval: Duration = Duration(2.0)
     #: a check that takes longer (connect included) failed
@@ -871,6 +877,9 @@ def _validate_upstream_policy(key: str, up: UpstreamConfig) -> list[str]:
     elif up.hash:
         problems.append(f"{key}.hash: only used with balance = \"hash\"")
     hc = up.health_check
+    if hc is not None and hc.type == "grpc" and up.protocol == "http/1.1":
+        problems.append(f"{key}.health_check.type: \"grpc\" speaks HTTP/2: the upstream's "
+                        "protocol must be \"h2c\" or \"h2\"")
     if hc is not None:
         if not hc.path.startswith("/"):
             problems.append(f"{key}.health_check.path: must start with '/'")

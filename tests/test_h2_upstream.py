@@ -318,3 +318,16 @@ def test_http1_origin_behind_h2c_is_502(proxies, tmp_path, origin):
     assert status == 502
     assert "HTTP/2" in access_entries(p, 1)[0]["error"]
 
+
+
+def test_upgrade_to_http2_upstream_is_501(proxies, tmp_path, h2origins):
+    """WebSocket needs RFC 8441's extended CONNECT towards an HTTP/2 server, which is not
+    implemented: refused with 501, never HTTP/1.1 bytes on the HTTP/2 connection."""
+    o = h2origins()
+    p = h2proxy(proxies, tmp_path, [o])
+    status, _, _ = request(p.port, "GET", "/ws", headers={
+        "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert status == 501
+    assert "HTTP/2 upstream" in access_entries(p, 1)[0]["error"]
+    assert request(p.port, "GET", "/after")[0] == 200

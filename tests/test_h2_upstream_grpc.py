@@ -5,12 +5,15 @@ through, and streams go both ways at once (bidi ping-pong in order)."""
 
 from __future__ import annotations
 
+import json
 import queue
 from concurrent import futures
 
 import grpc
 import pytest
-from fp import free_port
+from fp import free_port, request, wait_for
+
+from forkproxy import config
 
 H2C = 'protocols = ["http/1.1", "h2c"]'
 
@@ -106,3 +109,62 @@ def test_bidi_ping_pong_in_order(channel):
 def test_4mib_messages_each_way(channel):
     big = bytes(range(256)) * (4 * 4096)  # 4 MiB
     assert channel.unary_unary("/echo.Echo/Unary")(big, timeout=30) == big
+
+
+# -- the type = "grpc" active health check ------------------------------------------------
+
+HEALTH = {"": 1, "echo.Echo": 1}  # service -> ServingStatus (1 SERVING, 2 NOT_SERVING)
+
+
+def _health_check(request: bytes, context):
+    service = request[2:].decode() if request[:1] == b"\x0a" else ""
+    if service not in HEALTH:
+        context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+    return b"\x08" + bytes((HEALTH[service],))
+
+
+@pytest.fixture
+def health_origin():
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health",
+        {"Check": grpc.unary_unary_rpc_method_handler(_health_check)}),))
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0).wait()
+    HEALTH.update({"": 1, "echo.Echo": 1})
+
+
+def _check_state(p, address) -> str | None:
+    status, _, body = request(p.admin_port, "GET", "/status")
+    for s in json.loads(body)["upstreams"]["app"]["servers"]:
+        if s["address"] == address and s.get("health_check"):
+            return s["health_check"]["state"]
+    return None
+
+
+@pytest.mark.parametrize("service", ["", "echo.Echo"])
+def test_grpc_health_check(proxies, tmp_path, health_origin, service):
+    p = proxies(tmp_path, {"app": [health_origin]}, admin=True, upstream_extra=(
+        'protocol = "h2c"\n'
+        f'health_check = {{ type = "grpc", service = "{service}", interval = "200ms", '
+        'timeout = "1s", rise = 1, fall = 1 }'))
+    wait_for(lambda: _check_state(p, health_origin) == "up", what="checked up (SERVING)")
+    HEALTH[service] = 2  # NOT_SERVING
+    wait_for(lambda: _check_state(p, health_origin) == "down", what="down (NOT_SERVING)")
+    HEALTH[service] = 1
+    wait_for(lambda: _check_state(p, health_origin) == "up", what="up again")
+    del HEALTH[service]  # the service is unknown: grpc-status NOT_FOUND
+    wait_for(lambda: _check_state(p, health_origin) == "down", what="down (unknown service)")
+
+
+def test_grpc_health_check_needs_http2(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[listener]]\nlisten = "127.0.0.1:1"\nupstream = "a"\n'
+                    '[upstream.a]\nservers = [{ address = "127.0.0.1:2" }]\n'
+                    'health_check = { type = "grpc" }\n')
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(path))
+    assert "h2c" in str(e.value)

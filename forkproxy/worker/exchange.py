@@ -126,7 +126,6 @@ class Exchange:
         key = upstream.keyspec.key(req, front.remote) if upstream.keyspec is not None else None
         replayable = not req.has_body and req.method in IDEMPOTENT
         self.tries = upstream.retries
-        relay = upstream.relay  # HTTP/1.1 (send_and_relay below) or HTTP/2 (h2exchange)
         while True:
             conn = self.connect(upstream, key, req.method not in IDEMPOTENT)
             if conn is None:
@@ -136,7 +135,8 @@ class Exchange:
             self.retry_statuses = (rs if rs is not None and self.tries and replayable
                                    and budget.can(self.times[T_CONNECTED]) else None)
             try:
-                return relay(self, head, conn)
+                # HTTP/1.1 (send_and_relay below) or HTTP/2 (h2exchange), per upstream
+                return upstream.relay(self, head, conn)
             except UpstreamFailed as e:
                 conn.reusable = False
                 if e.retryable and replayable:

@@ -96,7 +96,7 @@ def _read_head(ex, stream: H2Stream, pump):
     timeout = stream.server.head_timeout
     while True:
         try:
-            kind, payload = stream.next_item(timeout)
+            kind, payload = stream.next_item(ex.front, timeout)
         except _timeout:
             raise UpstreamFailed(504, "upstream read timeout", kind="timeout")
         if kind == h2c.HEAD:
@@ -181,7 +181,7 @@ def _relay_body(ex, stream: H2Stream, framing) -> None:
     timeout = max(stream.server.cfg.read_timeout, ex.ws.send_timeout)
     while True:
         try:
-            kind, payload = stream.next_item(timeout)
+            kind, payload = stream.next_item(ex.front, timeout)
         except _timeout:
             raise UpstreamBroken("upstream body: read timeout")
         if kind == h2c.DATA:

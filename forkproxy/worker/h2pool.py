@@ -112,7 +112,9 @@ class H2Pooling:
         conn.active -= 1
         if not conn.active:
             conn.idle_since = _monotonic()
-            if conn.gone:
+            if self.hdown:  # down or retired (no longer swept): not kept
+                conn.close()
+            elif conn.gone:
                 conn.wake.set()  # the writer closes it
         if reusable and self.fails:
             self.fails = 0  # a success ends the failure streak

@@ -201,13 +201,22 @@ class H2Conn:
         session = self.session
         wake = self.wake
         sock = self.sock
+        # plain text: one direct send, gevent's sendall only for what the kernel left
+        raw = None if self.tls else getattr(sock, "_sock", None)
         try:
             while True:
                 wake.wait()
                 wake.clear()
                 data = session.data_to_send()
                 if data:
-                    sock.sendall(data)
+                    n = 0
+                    if raw is not None:
+                        try:
+                            n = raw.send(data)
+                        except BlockingIOError:
+                            pass
+                    if n < len(data):
+                        sock.sendall(memoryview(data)[n:])
                 if self.nblocked:
                     self._wake_blocked()
                 if self.gone and not self.active:

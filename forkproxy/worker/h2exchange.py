@@ -156,8 +156,14 @@ def _relay(ex, stream: H2Stream, head, pump) -> bool:
     ex.server = stream.server
     ex.conn = stream
     front = ex.front
+    first = b""
+    if framing is Framing.LENGTH and items and items[0][0] == h2c.DATA:
+        first = items.popleft()[1]  # arrived with the head: sent with it (one write)
+        ex.bytes_out = len(first)
     try:
-        front.send_head(ex, b"")
+        front.send_head(ex, first)
+        if first:
+            stream.consume(len(first))
         _relay_body(ex, stream, framing)
         keep = front.end_body()
     except UpstreamBroken as e:

@@ -99,6 +99,9 @@ class H2Pooling:
                 raise socket.timeout("upstream HTTP/2 SETTINGS timeout")
             if conn.closed:
                 raise NotHttp2(0, "upstream did not answer with HTTP/2 (protocol h2c/h2)")
+        except BaseException:
+            self.h2_wake()  # a request waiting for this connection tries again itself
+            raise
         finally:
             self.h2_opening -= 1
         self.connects += 1

@@ -70,3 +70,28 @@ def test_bench_grpc_scenario_counts_calls_that_carried_a_reply(tmp_path):
         assert summary[proxy]["rate"] > 0 and summary[proxy]["cpu_us"] > 0, summary
         assert "no gRPC reply" not in summary[proxy]["errors"], summary
     assert "gRPC unary (h2c): CPU/call <= 2x nginx" in proc.stdout
+
+
+@pytest.mark.timeout(180)
+def test_bench_tracing_prints_the_managers_cost(tmp_path):
+    """--tracing: forkproxy with tracing off, at 1% and at 100% in the same run, spans
+    really exported to the receiver, and the manager's CPU per request for each."""
+    missing = _can_run()
+    if missing:
+        skip_missing_tool(missing, "apt-get install -y wrk nginx-light, or run as root")
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench"), "--quick", "--tracing",
+         "--proxies", "forkproxy", "--json", str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170)
+    if proc.returncode == EXIT_SKIP:
+        skip_missing_tool("a scripts/bench prerequisite", proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    for row in ("| tracing off |", "| sample_ratio = 0.01 |", "| sample_ratio = 1 |"):
+        assert any(line.startswith(row) for line in proc.stdout.splitlines()), proc.stdout
+    results = json.loads(out_json.read_text())
+    tiny = results["scenarios"]["tiny"]["summary"]
+    for name in ("forkproxy", "forkproxy+trace0.01", "forkproxy+trace1"):
+        assert tiny[name]["rate"] > 0 and tiny[name]["manager_us"] > 0, (name, tiny[name])
+    [note] = [n for n in results["notes"] if n.startswith("OTLP receiver:")]
+    assert int(note.split()[2]) > 0, note

@@ -47,6 +47,9 @@ class SessionBase:
         self._out_ptr = ffi.new("const uint8_t **")
         self._session = None
 
+    #: whether the session's ``_on_frame_send`` needs calling
+    FRAME_SEND = True
+
     def _create(self, create) -> None:
         """The C session, made by ``create`` (nghttp2_session_server_new2 or
         client_new2) with the options :meth:`_set_options` chose."""
@@ -58,7 +61,7 @@ class SessionBase:
         try:
             self._set_options(lib, opt)
             sp = ffi.new("nghttp2_session **")
-            if create(sp, CALLBACKS.get(lib), self._handle, opt) != 0:
+            if create(sp, CALLBACKS.get(lib, self.FRAME_SEND), self._handle, opt) != 0:
                 raise MemoryError("nghttp2 session")
         finally:
             lib.nghttp2_option_del(opt)
@@ -308,13 +311,16 @@ def _cb_read_body(s, sid, buf, length, flags, source, ud):
 
 
 class _Callbacks:
-    """The nghttp2_session_callbacks table, built once per process on first use."""
+    """The nghttp2_session_callbacks tables, built once per process on first use: the
+    server's, and the client's, which has no frame-sent callback (a C to Python call
+    per frame sent that the client has nothing to do in)."""
 
     def __init__(self):
-        self._table = None
+        self._tables: dict[bool, object] = {}
 
-    def get(self, lib):
-        if self._table is None:
+    def get(self, lib, frame_send: bool = True):
+        table = self._tables.get(frame_send)
+        if table is None:
             p = ffi.new("nghttp2_session_callbacks **")
             if lib.nghttp2_session_callbacks_new(p) != 0:
                 raise MemoryError("nghttp2_session_callbacks_new")
@@ -322,11 +328,12 @@ class _Callbacks:
             lib.nghttp2_session_callbacks_set_on_header_callback(table, _cb_header)
             lib.nghttp2_session_callbacks_set_on_invalid_header_callback(table, _cb_invalid_header)
             lib.nghttp2_session_callbacks_set_on_frame_recv_callback(table, _cb_frame_recv)
-            lib.nghttp2_session_callbacks_set_on_frame_send_callback(table, _cb_frame_send)
+            if frame_send:
+                lib.nghttp2_session_callbacks_set_on_frame_send_callback(table, _cb_frame_send)
             lib.nghttp2_session_callbacks_set_on_stream_close_callback(table, _cb_stream_close)
             lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(table, _cb_data_chunk)
-            self._table = table  # never freed: nghttp2 copies it into each session
-        return self._table
+            self._tables[frame_send] = table  # never freed: nghttp2 copies it into each session
+        return table
 
 
 CALLBACKS = _Callbacks()

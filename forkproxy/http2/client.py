@@ -57,6 +57,8 @@ class _ClientStream(OutStream):
 class ClientSession(SessionBase):
     """One HTTP/2 connection to a server (sans-IO). Call :meth:`close` when done."""
 
+    FRAME_SEND = False  # nothing to do per frame sent
+
     def __init__(self, stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW):
         super().__init__()
@@ -185,9 +187,6 @@ class ClientSession(SessionBase):
             self.events.append((HEAD, stream.sid, (status, regular)))
         else:
             self.events.append((INTERIM, stream.sid, (status, regular)))
-
-    def _on_frame_send(self, frame) -> int:
-        return 0
 
     def _on_data(self, sid: int, ptr, n: int) -> int:
         stream = self.streams.get(sid)

@@ -133,13 +133,14 @@ class H2Conn:
 
     __slots__ = ("server", "sock", "session", "streams", "active", "wake", "ready", "gone",
                  "closed", "opened", "created", "idle_since", "last_seen", "ping_at",
-                 "reader", "writer", "tls", "nblocked")
+                 "reader", "writer", "tls", "nblocked", "max_streams")
 
     def __init__(self, server, sock, tls: bool):
         self.server = server
         self.sock = sock
         self.tls = tls
         self.nblocked = 0  # streams waiting for their queued body to drain
+        self.max_streams = 0  # the server's SETTINGS_MAX_CONCURRENT_STREAMS, once known
         self.session = h2c.ClientSession()
         self.streams: dict[int, H2Stream] = {}
         self.active = 0  # streams lent (submitted or about to be)
@@ -158,7 +159,7 @@ class H2Conn:
         """Streams it can still take (the server's SETTINGS_MAX_CONCURRENT_STREAMS)."""
         if self.gone:
             return 0
-        return self.session.max_streams - self.active
+        return self.max_streams - self.active
 
     def lend(self) -> H2Stream:
         stream = H2Stream(self, self.opened > 0)
@@ -247,6 +248,7 @@ class H2Conn:
                     stream.items.append((kind, payload))
                     stream.event.set()
             elif kind == h2c.SETTINGS:
+                self.max_streams = self.session.max_streams
                 self.ready.set()
                 self.server.h2_wake()  # more streams may fit now
             elif kind == h2c.PONG:

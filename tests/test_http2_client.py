@@ -5,6 +5,8 @@ id, flow control that waits for the consumer, and PING answers."""
 
 from __future__ import annotations
 
+import pytest
+
 from forkproxy.http2 import client as h2c
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2 import session as h2s
@@ -12,6 +14,22 @@ from forkproxy.http2 import session as h2s
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"t"), (b":path", b"/")]
 POST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"t"), (b":path", b"/p"),
         (b"te", b"trailers")]
+
+
+@pytest.fixture(autouse=True)
+def closed_sessions(monkeypatch):
+    """Every session a test made is closed by it (not left to the garbage collector)."""
+    made = []
+    for cls in (h2c.ClientSession, h2s.ServerSession):
+        init = cls.__init__
+
+        def tracked(self, *a, _init=init, **kw):
+            _init(self, *a, **kw)
+            made.append(self)
+        monkeypatch.setattr(cls, "__init__", tracked)
+    yield
+    for s in made:
+        s.close()
 
 
 def pump(client, server, rounds=10):

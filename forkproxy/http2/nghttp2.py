@@ -231,8 +231,11 @@ def library():
         try:
             info = lib.nghttp2_version(0)
             version = info.version_num
-            # every declared function must resolve (a missing one raises AttributeError)
-            for fn in ("nghttp2_option_set_stream_reset_rate_limit",
+            # every declared function must resolve (a missing one raises AttributeError);
+            # resolving nghttp2_session_del here also keeps a session's __del__, which
+            # the garbage collector may run inside a cffi call holding cffi's lock, from
+            # needing that lock to look the function up (a deadlock otherwise)
+            for fn in ("nghttp2_session_del", "nghttp2_option_set_stream_reset_rate_limit",
                        "nghttp2_option_set_max_continuations", "nghttp2_session_server_new2",
                        "nghttp2_session_client_new2", "nghttp2_session_get_remote_settings"):
                 getattr(lib, fn)

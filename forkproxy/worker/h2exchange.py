@@ -47,7 +47,7 @@ def send_and_relay(ex, fields, stream: H2Stream) -> bool:
     if req.has_body and req.expect_continue:
         front.send_continue()
     if not stream.submit(fields, not req.has_body):
-        raise UpstreamFailed(502, "upstream HTTP/2 connection gone", retryable=True,
+        raise UpstreamFailed(502, "upstream HTTP/2 connection gone", retryable=stream.reused,
                              kind="reset")
     pump = gevent.spawn(_pump_body, ex, stream) if req.has_body else None
     try:
@@ -115,9 +115,12 @@ def _read_head(ex, stream: H2Stream, pump):
 
 def _closed_early(stream: H2Stream, code: int) -> UpstreamFailed:
     """The stream ended before its response head: why, and whether it may go again."""
-    if code == ng.REFUSED_STREAM:  # not processed (RFC 9113 section 8.7)
+    if code == ng.REFUSED_STREAM:  # not processed (RFC 9113 section 8.7): sent again at
+        # once, uncounted, if the connection had served before (a GOAWAY mid-load); on a
+        # connection's first stream it is a counted retry (a server refusing everything
+        # must not be tried forever)
         return UpstreamFailed(502, "upstream refused the stream (REFUSED_STREAM or GOAWAY)",
-                              retryable=True, kind="reset")
+                              retryable=stream.reused, kind="reset")
     if code == PING_TIMEOUT:  # the server stopped answering: not retried on it
         return UpstreamFailed(502, "upstream HTTP/2 PING timeout", kind="timeout")
     if code == CONN_LOST:

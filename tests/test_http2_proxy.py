@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import threading
@@ -191,6 +192,55 @@ def test_a_body_without_length_goes_upstream_chunked(tmp_path, recording, proxie
     (s,) = recording.seen
     assert s.header("transfer-encoding") == ["chunked"] and not s.header("content-length")
     assert s.body == b"abcdefgh" and s.header("host") == ["origin.test"]
+
+
+def test_a_body_without_length_over_the_limit_is_413_and_never_completes_upstream(
+        tmp_path, recording, proxies):
+    """max_body_size holds for a body with no declared length too (it is counted as it
+    streams): the client gets 413 and then RST_STREAM(NO_ERROR) (stop sending, RFC 9113
+    section 8.1), the origin never gets the whole body, and the connection goes on."""
+    p = proxies(tmp_path, recording.address, listener_extra=H2C, admin=True,
+                server_extra='max_body_size = "64k"')
+    c = SocketClient(p.port)
+    sid = c.send(_req(b"/upload", method=b"POST"), end_stream=False)
+    sent, out = 0, None
+    deadline = time.monotonic() + 30
+    while out is None and time.monotonic() < deadline:
+        window = min(c.conn.local_flow_control_window(sid), 16384)
+        if window > 0 and sent < 1 << 20:
+            c.conn.send_data(sid, b"x" * window)
+            sent += window
+            c.flush()
+        if select.select([c.sock], [], [], 0.2)[0]:
+            data = c.sock.recv(65536)
+            assert data, "connection closed"
+            for ev in c.conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    out = dict(ev.headers)
+            c.flush()
+    assert out is not None and out[b":status"] == b"413", (sent, out)
+    assert sent > 64 << 10
+    good = c.wait(c.send(_req(b"/after")))
+    c.close()
+    assert good["status"] == 200 and good["body"] == b"GET /after 0"
+    assert [s.path for s in recording.seen if s.path == "/after"] == ["/after"]
+    assert all(len(s.body) < sent for s in recording.seen), [len(s.body) for s in recording.seen]
+    wait_for(lambda: metric_lines(p, "forkproxy_http2_stream_errors_total").get(
+        '{reason="body_too_large"}') == 1, timeout=10, what="body_too_large counted")
+
+
+def test_a_grpc_request_declared_too_large_is_resource_exhausted(tmp_path, recording, proxies):
+    """A gRPC request refused before any exchange (its content-length is over
+    max_body_size) gets a gRPC status, not an error page, and never reaches the origin."""
+    p = proxies(tmp_path, recording.address, listener_extra=H2C, server_extra='max_body_size = "1m"')
+    c = SocketClient(p.port)
+    out = c.wait(c.send(_req(b"/pkg.Svc/Call", (b"content-type", b"application/grpc"),
+                             (b"te", b"trailers"), (b"content-length", b"2097152"),
+                             method=b"POST"), end_stream=False))
+    c.close()
+    assert out["status"] == 200 and out["headers"][b"grpc-status"] == b"8", out
+    assert out["headers"][b"content-type"] == b"application/grpc" and out["body"] == b""
+    assert recording.seen == []
 
 
 # -- hostile clients through the proxy ----------------------------------------------------

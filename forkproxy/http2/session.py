@@ -34,6 +34,7 @@ in :attr:`stream_errors` (``forkproxy_http2_stream_errors_total{reason}``).
 
 from __future__ import annotations
 
+from forkproxy.http.grpcstatus import proxy_answer
 from forkproxy.http.request import Limits
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.base import CALLBACKS, OutStream, SessionBase
@@ -54,6 +55,12 @@ _CONTROL_REASON = {ng.SETTINGS: "settings_flood", ng.PING: "ping_flood",
 _FATAL = {ng.ERR_FLOODED: ("ack_flood", ng.ENHANCE_YOUR_CALM),
           ng.ERR_TOO_MANY_CONTINUATIONS: ("continuation_flood", ng.ENHANCE_YOUR_CALM),
           ng.ERR_BAD_CLIENT_MAGIC: ("bad_preface", ng.PROTOCOL_ERROR)}
+#: bound on the WINDOW_UPDATEs banked by DATA frames sent (a client that sends none for
+#: a long time does not earn a burst bigger than this)
+_MAX_WINDOW_CREDIT = 4096
+#: a DATA event's payload when a body without a declared length passed the body size
+#: limit (``[server] max_body_size``): the front end answers 413 (gRPC: 8)
+BODY_TOO_LARGE = b"body too large"
 _CODE_NAME = {ng.PROTOCOL_ERROR: "protocol_error", ng.FLOW_CONTROL_ERROR: "flow_control_error",
               ng.FRAME_SIZE_ERROR: "frame_size_error", ng.COMPRESSION_ERROR: "compression_error",
               ng.STREAM_CLOSED: "stream_closed", ng.INTERNAL_ERROR: "internal_error",
@@ -87,6 +94,7 @@ class ServerSession(SessionBase):
         self.limits = limits = limits or Http2Limits()
         self._max_list_size = limits.max_header_list_size
         self.request_limits = request_limits or Limits()
+        self._body_limit = self.request_limits.body_size
         #: the client answered the PING sent with the first GOAWAY: every stream it
         #: opened before it saw that GOAWAY has arrived (TCP keeps the order)
         self.notice_acked = False
@@ -94,6 +102,11 @@ class ServerSession(SessionBase):
         kw = {} if clock is None else {"clock": clock}
         self._resets = TokenBucket(limits.reset_burst, limits.reset_rate, **kw)
         self._control = TokenBucket(limits.control_burst, limits.control_rate, **kw)
+        #: WINDOW_UPDATEs the client may send without drawing on the control-frame budget:
+        #: two per DATA frame sent (its stream's and the connection's), as a client
+        #: reading a long body with small windows must (Envoy's rule is alike:
+        #: max_inbound_window_update_frames_per_data_frame_sent)
+        self._window_credit = 0
         self._create(lib.nghttp2_session_server_new2)
         self._settings([
             (ng.SETTINGS_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams),
@@ -167,7 +180,10 @@ class ServerSession(SessionBase):
         stream.refused = True
         self._count(err.reason)
         self._reset_budget()
-        if err.status:
+        if err.status and err.grpc:
+            self.respond(stream.sid, 200, proxy_answer(err.grpc, err.status, str(err))[1],
+                         end_stream=True)
+        elif err.status:
             self.respond(stream.sid, err.status, [(b"content-type", b"text/plain")],
                          body=b"%d %s\n" % (err.status, str(err).encode("latin-1", "replace")))
         else:
@@ -225,6 +241,15 @@ class ServerSession(SessionBase):
             self._lib.nghttp2_session_consume(self._session, sid, n)
             self._refuse(stream, StreamRefused("content_length", 0, "body longer than declared"))
             return 0
+        if cl is None and stream.received > self._body_limit > 0:
+            # no declared length to refuse up front: the exchange already streams the
+            # body, so its front end is told (read_body raises BodyAborted 413) and the
+            # rest of the body is dropped as it comes
+            self._lib.nghttp2_session_consume(self._session, sid, n)
+            stream.refused = True
+            self._count("body_too_large")
+            self.events.append((DATA, sid, BODY_TOO_LARGE))
+            return 0
         stream.unconsumed += n
         self.events.append((DATA, sid, ffi.buffer(ptr, n)[:]))
         return 0
@@ -274,6 +299,8 @@ class ServerSession(SessionBase):
             self._reset_budget()
             if self._violation is not None:
                 return ng.ERR_CALLBACK_FAILURE
+        elif kind == ng.WINDOW_UPDATE and self._window_credit > 0:
+            self._window_credit -= 1
         elif kind in _CONTROL_REASON and not hd.flags & ng.FLAG_ACK or kind == ng.PRIORITY:
             if not self._control.take():
                 return self._flood(kind)
@@ -288,13 +315,28 @@ class ServerSession(SessionBase):
         return ng.ERR_CALLBACK_FAILURE
 
     def _on_frame_send(self, frame) -> int:
-        """Count what nghttp2 decided on its own (malformed messages, refused streams)."""
+        """Count what nghttp2 decided on its own (malformed messages, refused streams),
+        and the DATA frames that entitle the client to WINDOW_UPDATEs."""
         hd = frame.hd
-        if hd.type == ng.RST_STREAM:
+        kind = hd.type
+        if hd.flags & ng.FLAG_END_STREAM and kind <= ng.HEADERS:
+            stream = self.streams.get(hd.stream_id)
+            if stream is not None and not stream.ended:
+                # answered before the request ended (an error mid-body): ask the client
+                # to stop sending, without error (RFC 9113 section 8.1)
+                stream.refused = True
+                self._lib.nghttp2_submit_rst_stream(self._session, ng.FLAG_NONE,
+                                                    hd.stream_id, ng.NO_ERROR)
+        if kind == ng.DATA:
+            if self._window_credit < _MAX_WINDOW_CREDIT:
+                self._window_credit += 2
+        elif kind == ng.RST_STREAM:
             code = frame.rst_stream.error_code
             stream = self.streams.get(hd.stream_id)
             if code == ng.REFUSED_STREAM:
                 self._count("refused_stream")
+            elif code == ng.NO_ERROR:
+                pass  # ours, after an answer that came before the request's end
             elif stream is None or not stream.refused:
                 self._reset_budget()
                 if stream is not None:
@@ -303,7 +345,7 @@ class ServerSession(SessionBase):
                     self._count("malformed_headers")
                 else:
                     self._count("malformed_body")
-        elif hd.type == ng.GOAWAY and self.failed is None:
+        elif kind == ng.GOAWAY and self.failed is None:
             code = frame.goaway.error_code
             if code != ng.NO_ERROR:  # nghttp2 ends the connection (a protocol error)
                 self.failed = _CODE_NAME.get(code, "protocol_error")

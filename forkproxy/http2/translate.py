@@ -38,10 +38,13 @@ METHOD_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 class StreamRefused(Exception):
     """The request is not forwarded; ``reason`` is the metrics label."""
 
-    def __init__(self, reason: str, status: int = 0, detail: str = ""):
+    def __init__(self, reason: str, status: int = 0, detail: str = "", grpc: bytes = b""):
         super().__init__(detail or reason)
         self.reason = reason
         self.status = status
+        #: the refused request's content-type when it is gRPC: the answer is then a
+        #: gRPC status (forkproxy/http/grpcstatus.py), not an error page
+        self.grpc = grpc
 
 
 # what a field name means here; everything else is forwarded as it came
@@ -207,7 +210,7 @@ def _framing(req: Request, end_stream: bool, limits: Limits) -> None:
         req.has_body = True
     else:
         if limit and cl > limit:
-            raise StreamRefused("body_too_large", 413, "request body too large")
+            raise StreamRefused("body_too_large", 413, "request body too large", req.grpc)
         req.has_body = cl > 0
 
 

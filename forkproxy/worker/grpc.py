@@ -29,37 +29,17 @@ import re
 from gevent import getcurrent
 
 from forkproxy.http.forward import response_fields
+from forkproxy.http.grpcstatus import (
+    DEADLINE_EXCEEDED,
+    HTTP_CODES,
+    UNKNOWN,
+    proxy_answer,
+)
 from forkproxy.worker.front import Deadline
-
-# status codes (grpc/doc/statuscodes.md)
-(OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, ALREADY_EXISTS,
- PERMISSION_DENIED, RESOURCE_EXHAUSTED, FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE,
- UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS, UNAUTHENTICATED) = range(17)
-
-#: the proxy's own answers: its HTTP status -> the gRPC status that says the same
-PROXY_CODES = {
-    400: INTERNAL, 403: PERMISSION_DENIED, 408: DEADLINE_EXCEEDED, 413: RESOURCE_EXHAUSTED,
-    414: RESOURCE_EXHAUSTED, 417: INTERNAL, 429: RESOURCE_EXHAUSTED, 431: RESOURCE_EXHAUSTED,
-    500: INTERNAL, 501: UNIMPLEMENTED, 502: UNAVAILABLE, 503: UNAVAILABLE,
-    504: DEADLINE_EXCEEDED,
-}
-#: the grpc-message of each (a 400's is the reason the proxy gives)
-_MESSAGES = {
-    403: "forbidden", 408: "request body timed out", 413: "request too large",
-    414: "request too large", 429: "rate limited", 431: "request headers too large",
-    500: "internal error", 501: "not implemented", 502: "upstream unavailable",
-    503: "no upstream available", 504: "upstream timed out",
-}
-#: what a gRPC client makes of a non-200 HTTP status without grpc-status
-#: (grpc/doc/http-grpc-status-mapping.md); any other: UNKNOWN
-HTTP_CODES = {400: INTERNAL, 401: UNAUTHENTICATED, 403: PERMISSION_DENIED, 404: UNIMPLEMENTED,
-              429: UNAVAILABLE, 502: UNAVAILABLE, 503: UNAVAILABLE, 504: UNAVAILABLE}
 
 TIMEOUT_RE = re.compile(rb"([0-9]{1,8})([HMSmun])")
 _UNIT_SECONDS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _STATUS_RE = re.compile(rb"[0-9]{1,3}")
-#: grpc-message bytes sent as they are (gRPC percent-encodes the rest, and '%')
-_PLAIN = frozenset(range(0x20, 0x7f)) - {0x25}
 
 
 def parse_timeout(value: bytes) -> float:
@@ -70,12 +50,6 @@ def parse_timeout(value: bytes) -> float:
         raise ValueError(f"invalid grpc-timeout {shown!r}: 1 to 8 digits, then a unit "
                          "(H, M, S, m, u or n)")
     return int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-
-
-def percent_encode(message: str) -> bytes:
-    """A grpc-message value: UTF-8, bytes outside printable ASCII and '%' as %XX."""
-    return b"".join([bytes((b,)) if b in _PLAIN else b"%%%02X" % b
-                     for b in message.encode("utf-8")])
 
 
 def _field(fields, name: bytes) -> bytes | None:
@@ -122,17 +96,12 @@ def answer(ex, status: int, detail: str) -> tuple[bool, str]:
     """Answer the proxy's failure ``status`` as a gRPC status (trailers-only); returns
     the front end's keep-alive and the detail to record."""
     if ex.expired:
-        code = DEADLINE_EXCEEDED
-        message = "deadline exceeded (grpc-timeout)"
         detail = f"grpc-timeout exceeded: {detail}"
+        code, fields = proxy_answer(ex.req.grpc, 0, detail)
     else:
-        code = PROXY_CODES.get(status, UNKNOWN)
-        message = detail if status == 400 else _MESSAGES.get(status, f"HTTP {status}")
+        code, fields = proxy_answer(ex.req.grpc, status, detail)
     ex.grpc_status = code
-    keep = ex.front.send_trailers_only([
-        (b"content-type", ex.req.grpc), (b"grpc-status", b"%d" % code),
-        (b"grpc-message", percent_encode("forkproxy: " + message))])
-    return keep, detail
+    return ex.front.send_trailers_only(fields), detail
 
 
 def trailers_status(ex, fields) -> None:

@@ -22,7 +22,7 @@ from gevent.event import Event
 from forkproxy.http.forward import response_fields
 from forkproxy.http.framing import Framing
 from forkproxy.http2 import nghttp2 as ng
-from forkproxy.http2.session import nv_array
+from forkproxy.http2.session import BODY_TOO_LARGE, nv_array
 from forkproxy.http2.translate import response_fields as h2_fields
 from forkproxy.worker import faults, grpc
 from forkproxy.worker.exchange import MAX_RESPONSE_HEAD, Exchange
@@ -243,6 +243,8 @@ class Http2Stream(Http2FrontEnd):
         data = body.pop(0)
         if data is None:
             return None
+        if data is BODY_TOO_LARGE:  # the session dropped the rest of it
+            raise BodyAborted(413, "body_too_large")
         self.conn.session.consume(self.stream, len(data))
         self.conn.wake.set()
         return data

@@ -24,7 +24,15 @@ import gevent
 from gevent import getcurrent
 from gevent.event import Event
 
-from forkproxy.http2.session import CLOSED, DATA, END, GOAWAY, REQUEST, ServerSession
+from forkproxy.http2.session import (
+    BODY_TOO_LARGE,
+    CLOSED,
+    DATA,
+    END,
+    GOAWAY,
+    REQUEST,
+    ServerSession,
+)
 from forkproxy.worker.client import _GONE, ClientConnection
 from forkproxy.worker.front import ClientGone, Deadline
 from forkproxy.worker.h2stream import Http2Stream, StreamBuffers
@@ -233,7 +241,8 @@ class Http2Connection(ClientConnection):
             stream = streams.get(sid)
             if kind == DATA:
                 if stream is None:
-                    session.consume(sid, len(payload))
+                    if payload is not BODY_TOO_LARGE:  # that one the session consumed
+                        session.consume(sid, len(payload))
                     continue
                 stream.body.append(payload)
             elif kind == END:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 
 from forkproxy.context import T_END
+from forkproxy.http.grpcstatus import CANCELLED
 from forkproxy.http2.translate import response_fields as h2_fields
-from forkproxy.worker import grpc
 from forkproxy.worker.front import FrontEnd
 
 _PLAIN_TEXT = b"content-type", b"text/plain"
@@ -67,5 +67,5 @@ class Http2FrontEnd(FrontEnd):
             return  # recorded already
         ex.times[T_END] = time.monotonic()
         if ex.req.grpc and ex.grpc_status < 0:
-            ex.grpc_status = grpc.CANCELLED
+            ex.grpc_status = CANCELLED
         ex.record(CLIENT_CLOSED, ex.bytes_out, "client gone")

@@ -327,7 +327,7 @@ class Manager:
         health = self.spec.health
         if health is None:
             return
-        self.checker = HealthChecker(self.cfg, health, self.log)
+        self.checker = HealthChecker(self.cfg, health, self.log, self.spec.resolved)
         n = self.checker.start()
         if n:
             self.log.info("health checks started", servers=n)

@@ -210,13 +210,16 @@ class HealthChecker:
                         out.append((name, i))
         return out
 
-    def start(self) -> int:
-        for name, address, hc, i in self.targets():
+    def start(self) -> tuple[int, int]:
+        """Start the checks: (configured servers checked, DNS entries followed: their
+        servers are checked as they appear)."""
+        targets = self.targets()
+        for name, address, hc, i in targets:
             self.greenlets.append(gevent.spawn(self._loop, name, address, hc, i))
         slots = self.dns_slots()
         if slots:
             self.greenlets.append(gevent.spawn(self._follow_dns, slots))
-        return len(self.greenlets)
+        return len(targets), len(slots)
 
     def stop(self) -> None:
         gevent.killall(self.greenlets + list(self.found.values()), block=False)
@@ -248,6 +251,12 @@ class HealthChecker:
         for key in [k for k in self.found if k not in wanted]:
             self.found.pop(key).kill(block=False)
         keys = {k: server_key(*k) for k in wanted}
+        room = self.table.discovered
+        if len(keys) > room:  # the rest are served unchecked (passive health only)
+            if self.log is not None:
+                self.log.error("more servers found through DNS than the health table holds: "
+                               "some are not checked", servers=len(keys), checked=room)
+            keys = dict(list(keys.items())[:room])
         index = self.table.assign_discovered(list(keys.values()))
         for key, hkey in keys.items():
             if key not in self.found:

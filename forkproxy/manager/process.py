@@ -328,9 +328,9 @@ class Manager:
         if health is None:
             return
         self.checker = HealthChecker(self.cfg, health, self.log, self.spec.resolved)
-        n = self.checker.start()
-        if n:
-            self.log.info("health checks started", servers=n)
+        servers, dns_entries = self.checker.start()
+        if servers or dns_entries:
+            self.log.info("health checks started", servers=servers, dns_entries=dns_entries)
 
     def start_discovery(self) -> None:
         """Servers from DNS for the current config (restarted on reload; the shared

@@ -76,6 +76,10 @@ class RequestContext(msgspec.Struct, array_like=True, gc=False, tag=1):
     trace_flags: int = 0
     #: the client's tracestate, passed on unchanged ("" = none)
     tracestate: str = ""
+    #: the gRPC status of a gRPC request (content-type application/grpc...; its method is
+    #: the path): from the response's trailers or trailers-only head, or the proxy's own
+    #: answer (forkproxy/worker/grpc.py). None: not a gRPC request
+    grpc_status: int | None = None
 
 
 #: configured weights are multiplied by this in the balancer (worker/balancer.py): slow

@@ -428,6 +428,33 @@ def tail(path: str, n: int = 8) -> str:
     return "\n".join(lines[-n:])
 
 
+#: the OTLP/HTTP receiver of --tracing and scripts/tracecost: reads each export request
+#: and answers 200 (argv[1]: the port, 0 = any, printed; argv[2]: a file it writes the
+#: number of export requests to)
+OTLP_RECEIVER = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+count = 0
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        global count
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        count += 1
+        if len(sys.argv) > 2:
+            with open(sys.argv[2], "w") as f:
+                f.write(str(count))
+    def log_message(self, *a):
+        pass
+s = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1]) if len(sys.argv) > 1 else 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
 class Env:
     """Scratch dir, certificates, CPU layout and the nginx origin."""
 
@@ -442,6 +469,25 @@ class Env:
         self.origin_port = free_port()
         self.origin_tls_port = free_port()  # the same origin through TLS (tls-upstream)
         self.origin = None
+        self.otlp_url = ""  # the OTLP/HTTP receiver's (--tracing)
+        self.otlp_count = ""  # the file where it counts the export requests it got
+
+    def start_otlp_receiver(self) -> None:
+        """A minimal OTLP/HTTP receiver (reads each export request, answers 200) on the
+        load CPUs, for the proxies that export spans (--tracing)."""
+        port = free_port()
+        self.otlp_count = os.path.join(self.run, "otlp-requests")
+        proc = self.procs.start("otlp receiver", [*self.taskset(self.load_cpus),
+                                                  sys.executable, "-c", OTLP_RECEIVER,
+                                                  str(port), self.otlp_count])
+
+        def accepting() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                return True
+            return False
+
+        wait_ready(accepting, proc, 10, "OTLP receiver")
+        self.otlp_url = f"http://127.0.0.1:{port}/v1/traces"
 
     def taskset(self, cpus) -> list[str]:
         return ["taskset", "-c", cpu_list(cpus)]
@@ -527,12 +573,16 @@ class Proxy:
 class ForkProxy(Proxy):
     name = "forkproxy"
 
-    def __init__(self, env: Env, access_log: bool = False, rev: str = ""):
+    def __init__(self, env: Env, access_log: bool = False, rev: str = "",
+                 trace_ratio: float | None = None):
         super().__init__(env)
         self.access_log = access_log
+        self.trace_ratio = trace_ratio  # None: no [tracing] endpoint (tracing off)
         self.source = ""  # another build's source tree (--ab REV), imported first
         if access_log:
             self.name = "forkproxy+log"
+        if trace_ratio is not None:
+            self.name = f"forkproxy+trace{trace_ratio:g}"
         if rev:
             self.name = f"forkproxy@{rev}"
             self.source = checkout(env.run, rev)
@@ -558,6 +608,9 @@ class ForkProxy(Proxy):
             f'listen = "127.0.0.1:{self.port}"',
             'upstream = "origin"',
         ]
+        if self.trace_ratio is not None:  # export to the run's OTLP receiver
+            lines += ["", "[tracing]", f'endpoint = "{env.otlp_url}"',
+                      f"sample_ratio = {self.trace_ratio}"]
         if tls:
             lines += [
                 "",
@@ -830,6 +883,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     pids = proxy.pids()
     origin = env.origin_pids()
     p_before = cpu_snapshot(pids)
+    m_before = cpu_snapshot(manager_pids(pids))
     o_before = cpu_snapshot(origin)
     c_before = children_cpu()
     busy_before = busy_ticks()
@@ -852,6 +906,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     busy_after = busy_ticks()
     gen_cpu = children_cpu() - c_before
     p_after = cpu_snapshot(proxy.pids())
+    m_after = cpu_snapshot(manager_pids(proxy.pids()))
     o_after = cpu_snapshot(env.origin_pids())
     out = out.decode(errors="replace")
     if gen.returncode != 0:
@@ -863,6 +918,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     else:
         res = parse_wrk(out)
     proxy_cpu, proxy_sys, notes = cpu_delta(p_before, p_after)
+    manager_cpu, _, _ = cpu_delta(m_before, m_after)
     origin_cpu, _, _ = cpu_delta(o_before, o_after)
     total = (busy_after - busy_before) / CLK_TCK
     other = max(0.0, total - proxy_cpu - origin_cpu - gen_cpu)
@@ -870,6 +926,9 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
         "rps": res["rate"],  # alias
         "proxy_cpu_s": proxy_cpu,
         "cpu_us": proxy_cpu * 1e6 / res["count"] if res["count"] else None,
+        # forkproxy's manager and collector shards (the ring records' consumers)
+        "manager_us": (manager_cpu * 1e6 / res["count"] if res["count"] and m_before
+                       else None),
         "sys_us": proxy_sys * 1e6 / res["count"] if res["count"] else None,
         "pss_mib": (pss or pss_kib(proxy.pids())) / 1024,
         "origin_cpu_s": origin_cpu, "loadgen_cpu_s": gen_cpu,
@@ -879,6 +938,26 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     if notes:
         res["notes"] = notes
     return res
+
+
+def manager_pids(pids) -> list[int]:
+    """forkproxy's manager and collector shard processes among ``pids``."""
+    return [p for p in pids if _comm(p).startswith(("fp-manager", "fp-collector"))]
+
+
+def tracing_table(summary: dict[str, dict]) -> list[str]:
+    """The manager's CPU per request with tracing off, at 1% and at 100% (--tracing):
+    the rows forkproxy, forkproxy+trace0.01, forkproxy+trace1 of one scenario."""
+    off = summary.get("forkproxy", {}).get("manager_us")
+    if off is None:
+        return []
+    lines = ["| forkproxy manager (+ collector shards) | CPU µs/req | added by tracing |",
+             "|---|---:|---:|", f"| tracing off | {off:.2f} | |"]
+    for ratio in ("0.01", "1"):
+        us = summary.get(f"forkproxy+trace{ratio}", {}).get("manager_us")
+        if us is not None:
+            lines.append(f"| sample_ratio = {ratio} | {us:.2f} | **{us - off:+.2f}** |")
+    return lines if len(lines) > 3 else []
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -894,6 +973,7 @@ def summarize(runs: list[dict]) -> dict:
     s = {
         "rounds": len(runs), "rate": statistics.median(rates), "rate_min": min(rates),
         "rate_max": max(rates), "cpu_us": med("cpu_us"), "sys_us": med("sys_us"),
+        "manager_us": med("manager_us"),
         "pss_mib": med("pss_mib"),
         "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "other_cpu_pct": med("other_cpu_pct"),
         "errors": errors,
@@ -1019,6 +1099,8 @@ def render_markdown(results: dict) -> str:
         lines.append("")
         lines += scenario_table(scn, data["summary"], data.get("skipped", {}))
         lines.append("")
+        if tracing_table(data["summary"]):
+            lines += tracing_table(data["summary"]) + [""]
     idle = results.get("idle_pss_mib", {})
     if idle:
         lines.append("Idle PSS after start-up (all processes of each proxy, "
@@ -1249,6 +1331,10 @@ def parse_args(argv):
     p.add_argument("--ab", default=None, metavar="REV",
                    help="also run forkproxy as built at git revision REV (row forkproxy@REV), "
                         "interleaved with the working tree's: an A/B of two builds")
+    p.add_argument("--tracing", action="store_true",
+                   help="also run forkproxy exporting spans to an OTLP receiver at "
+                        "sample_ratio 0.01 and 1 (rows forkproxy+trace0.01, "
+                        "forkproxy+trace1) and print the manager's CPU per request")
     p.add_argument("--access-log", action="store_true",
                    help="also run forkproxy with its access log on (row forkproxy+log)")
     p.add_argument("--proxypy", action="store_true",
@@ -1290,6 +1376,13 @@ def parse_args(argv):
     if args.access_log and "forkproxy+log" not in proxies:
         proxies.insert(proxies.index("forkproxy") + 1 if "forkproxy" in proxies else 0,
                        "forkproxy+log")
+    if args.tracing:
+        at = proxies.index("forkproxy") + 1 if "forkproxy" in proxies else 0
+        if "forkproxy" not in proxies:
+            proxies.insert(0, "forkproxy")  # the tracing-off reference
+            at = 1
+        proxies[at:at] = [n for n in ("forkproxy+trace0.01", "forkproxy+trace1")
+                          if n not in proxies]
     if args.proxypy and "proxy.py" not in proxies:
         proxies.append("proxy.py")
     if args.ab:
@@ -1298,7 +1391,8 @@ def parse_args(argv):
     for name in proxies:
         if name.startswith("forkproxy@"):
             continue
-        if name not in ("forkproxy", "forkproxy+log", "nginx", "haproxy", "proxy.py"):
+        if name not in ("forkproxy", "forkproxy+log", "nginx", "haproxy", "proxy.py",
+                        "forkproxy+trace0.01", "forkproxy+trace1"):
             p.error(f"unknown proxy {name!r}")
     args.proxies = proxies
     if args.profile and args.profile not in SCENARIOS:
@@ -1353,6 +1447,8 @@ def main_bench(argv: list[str], command: str) -> int:
         log(f"scratch {env.run}; load CPUs {env.load_cpus}, proxy CPUs {env.proxy_cpus}; "
             f"load average {machine['loadavg']}")
         env.start_origin()
+        if any("+trace" in n for n in args.proxies):
+            env.start_otlp_receiver()
         proxies: list[Proxy] = []
         notes: list[str] = []
         any_failed = False
@@ -1362,6 +1458,8 @@ def main_bench(argv: list[str], command: str) -> int:
             else:
                 px = {"forkproxy": lambda: ForkProxy(env),
                       "forkproxy+log": lambda: ForkProxy(env, True),
+                      "forkproxy+trace0.01": lambda: ForkProxy(env, trace_ratio=0.01),
+                      "forkproxy+trace1": lambda: ForkProxy(env, trace_ratio=1.0),
                       "nginx": lambda: NginxProxy(env), "haproxy": lambda: HAProxy(env),
                       "proxy.py": lambda: ProxyPy(env)}[name]()
             try:
@@ -1421,7 +1519,10 @@ def main_bench(argv: list[str], command: str) -> int:
                         continue
                     runs[px.name].append(res)
                     log(f"  round {rnd + 1} {px.name}: {res['rate']:,.0f}/s, "
-                        f"CPU {res['cpu_us'] or 0:.1f} µs, PSS {res['pss_mib']:.1f} MiB, "
+                        f"CPU {res['cpu_us'] or 0:.1f} µs"
+                        + (f" (manager {res['manager_us']:.2f} µs)" if res.get("manager_us")
+                           else "")
+                        + f", PSS {res['pss_mib']:.1f} MiB, "
                         f"other {res['other_cpu_pct']:.0f}%"
                         + (f", errors {res['errors']}" if res["errors"] else "")
                         + (f", {res['notes']}" if res.get("notes") else "")
@@ -1435,6 +1536,18 @@ def main_bench(argv: list[str], command: str) -> int:
                                            "summary": summary, "skipped": skipped}
             print(f"\n#### {sname}: {scn.title}\n", file=sys.stderr)
             print("\n".join(scenario_table(scn, summary, skipped)), file=sys.stderr, flush=True)
+            if tracing_table(summary):
+                print("\n" + "\n".join(tracing_table(summary)), file=sys.stderr, flush=True)
+        if env.otlp_count:  # the traced rows measured nothing if no span arrived
+            try:
+                with open(env.otlp_count) as f:
+                    exports = int(f.read() or 0)
+            except OSError:
+                exports = 0
+            notes.append(f"OTLP receiver: {exports} export requests received")
+            log(notes[-1])
+            if not exports:
+                any_failed = True
         fp = next((p for p in proxies if p.name == "forkproxy"), None)
         if args.profile and fp is not None and fp.supports(SCENARIOS[args.profile]):
             profile(env, fp, SCENARIOS[args.profile], args.duration, RESULTS)

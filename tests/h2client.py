@@ -190,8 +190,10 @@ class SocketClient:
 
     def wait(self, sid: int) -> dict:
         """Read until stream ``sid`` ended or was reset (or the connection ended):
-        {"status", "headers", "body", "reset", "goaway"}."""
-        out = {"status": None, "headers": {}, "body": b"", "reset": None, "goaway": None}
+        {"status", "headers", "body", "reset", "goaway", "trailers", "interim"}; interim:
+        the 1xx header blocks before the final one, in order; trailers: a dict or None."""
+        out = {"status": None, "headers": {}, "body": b"", "reset": None, "goaway": None,
+               "trailers": None, "interim": []}
         while True:
             for ev in self.events:
                 if getattr(ev, "stream_id", None) == sid:
@@ -200,6 +202,10 @@ class SocketClient:
                         out["status"] = int(out["headers"][b":status"])
                     elif isinstance(ev, h2.events.DataReceived):
                         out["body"] += ev.data
+                    elif isinstance(ev, h2.events.InformationalResponseReceived):
+                        out["interim"].append(dict(ev.headers))
+                    elif isinstance(ev, h2.events.TrailersReceived):
+                        out["trailers"] = dict(ev.headers)
                     elif isinstance(ev, h2.events.StreamReset):
                         out["reset"] = ev.error_code
                         return out

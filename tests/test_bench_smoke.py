@@ -50,6 +50,31 @@ def test_bench_quick_prints_a_table_with_a_ratio(tmp_path):
 
 
 @pytest.mark.timeout(180)
+def test_bench_tracing_prints_the_managers_cost(tmp_path):
+    """--tracing: forkproxy with tracing off, at 1% and at 100% in the same run, spans
+    really exported to the receiver, and the manager's CPU per request for each."""
+    missing = _can_run()
+    if missing:
+        skip_missing_tool(missing, "apt-get install -y wrk nginx-light, or run as root")
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench"), "--quick", "--tracing",
+         "--proxies", "forkproxy", "--json", str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170)
+    if proc.returncode == EXIT_SKIP:
+        skip_missing_tool("a scripts/bench prerequisite", proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    for row in ("| tracing off |", "| sample_ratio = 0.01 |", "| sample_ratio = 1 |"):
+        assert any(line.startswith(row) for line in proc.stdout.splitlines()), proc.stdout
+    results = json.loads(out_json.read_text())
+    tiny = results["scenarios"]["tiny"]["summary"]
+    for name in ("forkproxy", "forkproxy+trace0.01", "forkproxy+trace1"):
+        assert tiny[name]["rate"] > 0 and tiny[name]["manager_us"] > 0, (name, tiny[name])
+    [note] = [n for n in results["notes"] if n.startswith("OTLP receiver:")]
+    assert int(note.split()[2]) > 0, note
+
+
+@pytest.mark.timeout(180)
 def test_pageload_quick_loads_pages_through_the_delay_relay(tmp_path):
     """scripts/pageload --quick: pages load through the 50 ms RTT relay with HTTP/2 and
     pipelined HTTP/1.1, through forkproxy and nginx. The only time asserted is a floor

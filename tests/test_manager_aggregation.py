@@ -14,10 +14,12 @@ from forkproxy.context import N_TIMES, PHASES, RequestContext, WorkerGauges
 from forkproxy.manager import accesslog
 from forkproxy.manager.metrics import (
     DURATION_BUCKETS,
+    FINE_BUCKETS,
     PHASE_BUCKETS,
     Histogram,
     Metrics,
     MetricsState,
+    PhaseGroup,
     phases,
     phases_ms,
     request_duration,
@@ -54,7 +56,7 @@ def random_times(rng: random.Random) -> list[float]:
         elif r < 0.3:
             step = 0.0
         elif r < 0.45:
-            step = rng.choice(PHASE_BUCKETS + DURATION_BUCKETS)
+            step = rng.choice(PHASE_BUCKETS + DURATION_BUCKETS + FINE_BUCKETS)
         else:
             step = rng.lognormvariate(-8, 2.5)
         at += step
@@ -71,7 +73,8 @@ def random_context(rng: random.Random) -> RequestContext:
         rng.choice([0, 0, 17]), rng.choice([0, 1234]), rng.choice(["", "app", "api"]),
         "10.0.0.1:80", rng.random() < 0.7, (rng.random() < 0.5) if tls else None,
         "TLSv1.3" if tls else "", random_times(rng), rng.choice(["", "", "boom"]),
-        rng.choice(["", "", "", "framing"]), rng.choice([0, 0, 0, 2]), rng.random() < 0.05)
+        rng.choice(["", "", "", "framing"]), rng.choice([0, 0, 0, 2]), rng.random() < 0.05,
+        route=rng.choice(["", "* /api", "example.com /"]))
 
 
 def reference_metrics(ctxs: list[RequestContext]) -> Metrics:
@@ -105,6 +108,13 @@ def reference_metrics(ctxs: list[RequestContext]) -> Metrics:
             m.retries[ctx.upstream] = m.retries.get(ctx.upstream, 0) + ctx.retries
         if ctx.tunnel:
             m.tunnels[ctx.upstream] = m.tunnels.get(ctx.upstream, 0) + 1
+        g = m.groups.setdefault((ctx.route, ctx.upstream), PhaseGroup())
+        start = t[0] or t[2]
+        if end and start and end >= start:
+            g.total.observe(end - start)
+        for name, v in phases(ctx).items():
+            if not (name == "upstream_connect" and ctx.reused):
+                g.phases[name].observe(v)
     return m
 
 
@@ -119,16 +129,25 @@ def assert_same(a: Metrics, b: Metrics) -> None:
     for name in PHASES:
         assert a.phases[name].counts == b.phases[name].counts, name
         assert a.phases[name].sum == pytest.approx(b.phases[name].sum, rel=1e-12)
+    # the critical-path report's histograms (sums: shards add theirs in another order)
+    assert a.groups.keys() == b.groups.keys()
+    for key, g in a.groups.items():
+        for (counts, total, sumsq), (ref_counts, ref_total, ref_sumsq) in zip(
+                g.state(), b.groups[key].state(), strict=True):
+            assert counts == ref_counts, key
+            assert total == pytest.approx(ref_total, rel=1e-12)
+            assert sumsq == pytest.approx(ref_sumsq, rel=1e-12)
 
 
-@pytest.mark.parametrize("bounds", [DURATION_BUCKETS, PHASE_BUCKETS])
+@pytest.mark.parametrize("bounds", [DURATION_BUCKETS, PHASE_BUCKETS, FINE_BUCKETS])
 def test_bucket_index_equals_the_linear_search_at_every_edge(bounds):
     for v in edge_values(bounds):
         h = Histogram(bounds)
         h.observe(v)
         assert h.counts.index(1) == linear_bucket(bounds, v), v
-    # the batched path: each value as a phase of its own request (pooled: no connect)
-    for v in edge_values(PHASE_BUCKETS):
+    # the batched path: each value as a phase of its own request (pooled: no connect);
+    # the phase bucket comes from the fine one, so both sets of edges are tried
+    for v in edge_values(PHASE_BUCKETS) + edge_values(FINE_BUCKETS):
         t = [0.0] * N_TIMES
         t[0], t[2] = 10.0, 10.0 + v  # accept_to_headers == v (up to float rounding)
         ctx = RequestContext(0.0, "r", 1, "l", "", "GET", "/", 200, 0, 0, "", "", True, None,
@@ -137,6 +156,8 @@ def test_bucket_index_equals_the_linear_search_at_every_edge(bounds):
         m.observe_batch([ctx])
         got = m.phases["accept_to_headers"].counts.index(1)
         assert got == linear_bucket(PHASE_BUCKETS, t[2] - t[0]), v
+        (group,) = m.groups.values()
+        assert group.hdr.counts.index(1) == linear_bucket(FINE_BUCKETS, t[2] - t[0]), v
 
 
 def test_batched_metrics_equal_the_per_record_reference():

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from forkproxy import log as log_mod
 from forkproxy.context import (
     N_TIMES,
     T_ACCEPT,
@@ -481,10 +482,8 @@ servers = [{{ address = "127.0.0.1:2" }}]
     cfg = config_mod.load(str(conf))
     table = WorkerTable(8)
     table.set_master(os.getpid(), 3)
-    import structlog
-
     spec = ManagerSpec(cfg=cfg, table=table, rings=rings)  # real worker table and rings
-    return Manager(spec, structlog.get_logger()), table
+    return Manager(spec, log_mod.rebind("manager")), table
 
 
 def test_admin_routes_status_healthz_metrics(tmp_path, rings):

@@ -15,7 +15,8 @@ import threading
 import urllib.request
 
 import pytest
-from fp import ROOT, Client, Origin, Proxy, recv_response, wait_for
+from fp import ROOT, Client, Origin, Proxy, free_port, recv_response, wait_for
+from otlputil import Receiver
 from promutil import Prometheus
 from tlsutil import Pki, Responder
 
@@ -78,17 +79,25 @@ class Traffic(threading.Thread):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """Origin, OCSP responder, forkproxy (TLS listener, max_worker_rss), traffic, and a
-    Prometheus scraping the admin endpoint every second with the shipped rules."""
+    """Origin, OCSP responder, OTLP receiver, forkproxy (TLS listener, max_worker_rss,
+    span export, a second upstream "spare" whose only server is down under active health
+    checks), traffic, and a Prometheus scraping the admin endpoint every
+    second with the shipped rules."""
     d = tmp_path_factory.mktemp("monitoring")
     (d / "pki").mkdir()
     pki = Pki.create(d / "pki")
     responder = Responder(pki)
     pki.issue_leaves(responder.url)
     origin = Origin()
+    receiver = Receiver()
     leaf = pki.leaves["ec"]
-    proxy = Proxy(d, origin.address, workers=2, admin=True, start=False,
+    proxy = Proxy(d, {"app": [origin.address], "spare": [f"127.0.0.1:{free_port()}"]},
+                  workers=2, admin=True, start=False,
                   server_extra='max_worker_rss = "1g"',
+                  upstream_extra='health_check = { interval = "250ms", timeout = "250ms", '
+                                 'fall = 1, rise = 1 }',
+                  extra=f'[tracing]\nendpoint = "{receiver.url}"\nsample_ratio = 1.0\n'
+                        'export_interval = "200ms"\n',
                   listener_extra=f'[listener.tls]\ncertificates = [{{ cert = "{leaf.cert_path}", '
                                  f'key = "{leaf.key_path}" }}]\nocsp_retry = "1s"\n')
     traffic = prom = None
@@ -109,6 +118,7 @@ def stack(tmp_path_factory):
         proxy.kill_all()
         origin.stop()
         responder.stop()
+        receiver.stop()
 
 
 def one_value(prom: Prometheus, expr: str) -> float | None:
@@ -160,14 +170,19 @@ def test_recording_rules_in_a_real_prometheus(stack):
 
 
 def test_alerts_fire_in_a_real_prometheus(stack):
-    """The leaf certificate of the test CA expires within a day: the alert fires."""
+    """The leaf certificate of the test CA expires within a day, and upstream "spare"
+    has no server up (for 30 s): both alerts fire; "app"'s does not."""
     _, prom, _ = stack
-    firing = wait_for(lambda: prom.query('ALERTS{alertstate="firing"}'), timeout=30,
-                      interval=0.5, what="a firing alert")
-    names = {a["metric"]["alertname"] for a in firing}
-    assert "ForkproxyCertificateExpiringSoon" in names, names
-    assert "ForkproxyRingRecordsDropped" not in names
-    assert "ForkproxyUpstreamAllServersDown" not in names
+
+    def firing():
+        return {(a["metric"]["alertname"], a["metric"].get("upstream", ""))
+                for a in prom.query('ALERTS{alertstate="firing"}')}
+
+    names = wait_for(lambda: ("ForkproxyUpstreamAllServersDown", "spare") in firing()
+                     and firing(), timeout=120, interval=1, what="the upstream alert firing")
+    assert ("ForkproxyCertificateExpiringSoon", "") in names, names
+    assert ("ForkproxyUpstreamAllServersDown", "app") not in names, names
+    assert not any(n == "ForkproxyRingRecordsDropped" for n, _ in names), names
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -193,18 +208,59 @@ def test_dashboard_covers_what_the_issue_asks():
         assert needed in titles, needed
 
 
+#: dashboard queries whose series stay at 0 in this test, and why (the others must show
+#: a value above 0: the traffic drives them)
+ZERO_IN_THIS_TEST = {
+    'sum(rate(forkproxy_ring_dropped_total{instance=~"$instance"}[$__rate_interval]))':
+        "no ring overflows: the rings hold bursts far above this traffic (the alert's "
+        "unit tests in forkproxy-rules.test.yml feed it drops)",
+    'sum by (reason) (increase(forkproxy_worker_recycles_total{instance=~"$instance"}'
+    '[$__rate_interval]))':
+        "no worker passes max_worker_rss (1 GiB) or misses heartbeats here; "
+        "tests/test_recycle.py drives a recycle",
+    'sum by (reason) (rate(forkproxy_trace_spans_dropped_total{instance=~"$instance"}'
+    '[$__rate_interval]))':
+        "the OTLP receiver is up; tests/test_tracing.py counts drops with it down or slow",
+}
+
+
 def test_every_dashboard_query_returns_series(stack):
+    """Each panel's every query, as Grafana sends it, succeeds in the real Prometheus and
+    returns series; those the traffic drives (requests and errors, phases, upstream
+    health up and down, RSS, CPU, TLS resumption, span export) have a value above 0."""
     proxy, prom, _ = stack
+    proxy.send(signal.SIGHUP)  # a successful reload, for the reloads panel
+    wait_for(lambda: reload_metrics(proxy)[0] == 1, what="the reload counted")
     with open(DASHBOARD) as f:
         for var in json.load(f)["templating"]["list"]:
             if var["type"] == "query":
                 metric = re.match(r"label_values\((\w+), (\w+)\)", var["query"])
                 assert metric and prom.query(metric.group(1)), var["query"]
+    queries = dashboard_queries()
+    assert set(ZERO_IN_THIS_TEST) <= {e for _, e in queries}, "a stale exemption"
+
+    def positive(result) -> bool:
+        return any(float(r["value"][1]) > 0 for r in result)
+
     # rate() windows need two scrapes of every counter first: wait for each
-    for title, expr in dashboard_queries():
+    for title, expr in queries:
         expanded = grafana_expand(expr)
-        wait_for(lambda e=expanded: prom.query(e), timeout=30, interval=0.5,
-                 what=f"series for panel {title!r}: {expr}")
+        if expr in ZERO_IN_THIS_TEST:
+            wait_for(lambda e=expanded: prom.query(e), timeout=30, interval=0.5,
+                     what=f"series for panel {title!r}: {expr}")
+        else:
+            wait_for(lambda e=expanded: positive(prom.query(e)), timeout=60, interval=0.5,
+                     what=f"a value above 0 for panel {title!r}: {expr}")
+    # the panels that tell things apart show both sides
+    codes = {r["metric"]["code"] for r in prom.query(grafana_expand(queries[0][1]))}
+    assert {"200", "500"} <= codes, codes
+    wait_for(lambda: {(r["metric"]["upstream"], r["metric"]["state"]) for r in
+                      prom.query("forkproxy_upstream_server_state == 1")}
+             >= {("app", "up"), ("spare", "down")}, timeout=30, interval=0.5,
+             what="app's server up and spare's down")
+    available = {r["metric"]["upstream"]: float(r["value"][1])
+                 for r in prom.query("forkproxy:upstream_servers_available")}
+    assert available == {"app": 1.0, "spare": 0.0}, available
 
 
 def reload_metrics(proxy) -> tuple[int, int, int]:

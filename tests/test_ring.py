@@ -252,6 +252,35 @@ def test_view_is_released_after_the_handler(make_ring):
         bytes(kept[0])
 
 
+def test_drain_decoded_appends_counts_bad_records_and_resumes(make_ring):
+    ring = make_ring(1024)
+    for p in (b"1", b"x", b"3", b"4"):
+        ring.push(p)
+    out: list[int] = []
+    assert ring.drain_decoded(lambda view: int(bytes(view)), out, ValueError, 3) == (3, 1)
+    assert out == [1, 3]  # the bad one is consumed and counted, the batch goes on
+    assert ring.drain_decoded(lambda view: int(bytes(view)), out, ValueError) == (1, 0)
+    assert out == [1, 3, 4] and ring.tail == ring.head
+    assert ring.drain_decoded(int, out, ValueError) == (0, 0)
+
+
+def test_drain_decoded_propagates_other_errors_and_consumes_that_record(make_ring):
+    ring = make_ring(1024)
+    for p in (b"1", b"2", b"3"):
+        ring.push(p)
+
+    def decode(view: memoryview) -> int:
+        if view == b"2":
+            raise KeyError("not a decode error")
+        return int(bytes(view))
+
+    out: list[int] = []
+    with pytest.raises(KeyError):
+        ring.drain_decoded(decode, out, ValueError)
+    assert out == [1] and ring.tail == record_span(1) * 2
+    assert ring.drain_decoded(decode, out, ValueError) == (1, 0) and out == [1, 3]
+
+
 def test_create_validates_size_and_refuses_weakly_ordered_cpus(make_ring, monkeypatch):
     for bad in (0, 32, 1000, 1 << 33):
         with pytest.raises(ValueError):

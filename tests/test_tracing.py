@@ -4,6 +4,7 @@ head and tail sampling, and a collector that is down or slow."""
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import statistics
@@ -223,17 +224,20 @@ def test_head_sampling(proxies, tmp_path, origin, receiver):
 
 def test_tail_sampling_keeps_errors_and_slow_requests(proxies, tmp_path, origin, receiver):
     p = traced_proxy(proxies, tmp_path, origin, receiver.url, sample_ratio="0.0",
-                     sample_slower_than='"200ms"')
-    for path in ("/tiny", "/sleep/400", "/status/503", "/sleep/10", "/status/404"):
+                     sample_slower_than='"600ms"')  # far above the fast ones, even loaded
+    took = {}
+    for path in ("/tiny", "/sleep/900", "/status/503", "/sleep/10", "/status/404"):
+        t0 = time.monotonic()
         assert request(p.port, "GET", path)[0] in (200, 404, 503)
-    spans = wait_for(lambda: len(receiver.server_spans()) == 2 and receiver.server_spans(),
-                     timeout=10, what="the slow and the failed request's spans")
+        took[path] = time.monotonic() - t0
+    spans = wait_for(lambda: len(receiver.server_spans()) >= 2 and receiver.server_spans(),
+                     timeout=15, what="the slow and the failed request's spans")
     paths = {attrs(s)["url.path"]: s for s in spans}
-    assert set(paths) == {"/sleep/400", "/status/503"}
+    assert set(paths) == {"/sleep/900", "/status/503"}, (set(paths), took)
     failed = paths["/status/503"]
     assert failed.status.code == failed.status.STATUS_CODE_ERROR
     assert attrs(failed)["error.type"] == "503"
-    assert paths["/sleep/400"].status.code == 0  # unset: a slow 200 is no error
+    assert paths["/sleep/900"].status.code == 0  # unset: a slow 200 is no error
     time.sleep(0.5)
     assert len(receiver.server_spans()) == 2
 
@@ -385,3 +389,195 @@ def test_http2_streams_carry_the_trace_context(proxies, tmp_path, origin, receiv
     [span] = wait_for(receiver.server_spans, timeout=10, what="the stream's span")
     assert (span.span_id.hex(), span.parent_span_id.hex()) == (parent, CLIENT_SPAN)
     assert attrs(span)["network.protocol.version"] == "2"
+
+
+# -- span templates against the protobuf builder --------------------------------------
+
+
+def varied_records(n: int, seed: int, shapes: int = 60) -> list:
+    """Request contexts of ``shapes`` shapes (listeners, routes, servers, methods,
+    statuses, errors, TLS, phases present or not, retries, pooled, a parent or not), each
+    request with random ids, times, paths, clients, sizes and tracestate."""
+    import random
+
+    from forkproxy.context import N_TIMES, RequestContext
+
+    rnd = random.Random(seed)
+    pool = []
+    for _ in range(shapes):
+        tls = rnd.choice(["", "TLSv1.3", "TLSv1.2"])
+        addr = rnd.choice(["", "10.0.0.1:80", "[::1]:8443", "origin.internal:9000"])
+        pool.append(dict(
+            listener=rnd.choice(["127.0.0.1:8080", "[::]:443", "0.0.0.0:80"]),
+            method=rnd.choice(["GET", "POST", "DELETE"]),
+            status=rnd.choice([200, 200, 204, 301, 404, 499, 500, 502, 503, 0]),
+            upstream=rnd.choice(["", "app", "static"]) if addr else "", upstream_addr=addr,
+            reused=rnd.random() < 0.5, tls_resumed=(rnd.random() < 0.5) if tls else None,
+            tls_version=tls, error=rnd.choice(["", "", "", "upstream_reset", "client_gone"]),
+            retries=rnd.choice([0, 0, 1, 3]), protocol=rnd.choice(["HTTP/1.1", "HTTP/2"]),
+            route=rnd.choice(["", "* /api", "example.com /"])))
+        pool[-1]["_zero"] = rnd.sample(range(N_TIMES - 1), rnd.randint(0, 4))
+        pool[-1]["_swap"] = rnd.random() < 0.1  # out of order: no upstream_connect span
+        pool[-1]["_parent"] = rnd.random() < 0.5
+    out = []
+    for i in range(n):
+        shape = dict(rnd.choice(pool))
+        t = [0.0] * N_TIMES
+        now = 1_000_000 * rnd.random() + 50
+        steps = sorted(rnd.uniform(0, 2) for _ in range(N_TIMES))
+        for k in range(N_TIMES):
+            t[k] = now + steps[k]
+        for k in shape.pop("_zero"):
+            t[k] = 0.0  # a phase that did not happen
+        if shape.pop("_swap"):
+            t[3], t[4] = t[4], t[3]
+        parent = rnd.randbytes(8) if shape.pop("_parent") else b""
+        out.append(RequestContext(
+            ts=1.7e9 + rnd.random() * 1e6, request_id=f"r{i}", worker=4242,
+            remote=rnd.choice(["127.0.0.1", "::1", f"10.1.{i % 7}.{i % 251}"]),
+            path=rnd.choice(["/", f"/api/items/{i % 300}", "/ü/" + "x" * rnd.randint(0, 300),
+                             f"/search?q={i % 50}&x=", "/?"]),
+            bytes_in=rnd.choice([0, 0, 17, 70000]),
+            bytes_out=rnd.choice([0, 1234, rnd.randint(1, 1 << 40)]), times=t,
+            trace_id=rnd.randbytes(16), span_id=rnd.randbytes(8), parent_span_id=parent,
+            trace_flags=1, tracestate=rnd.choice(["", "", "rojo=1,congo=t61rcWkgMzE"]),
+            **shape))
+    return out
+
+
+def decoded_spans(body: bytes) -> dict:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    req = ExportTraceServiceRequest.FromString(body)
+    [rs] = req.resource_spans
+    [ss] = rs.scope_spans
+    spans = {s.span_id: s for s in ss.spans}
+    assert len(spans) == len(ss.spans)  # no span id twice
+    return {"resource": rs.resource, "scope": ss.scope, "spans": spans}
+
+
+def assert_same_spans(got: dict, want: dict) -> None:
+    """Field by field: every span the protobuf builder makes, and no other."""
+    assert got["resource"] == want["resource"] and got["scope"] == want["scope"]
+    assert set(got["spans"]) == set(want["spans"])
+    for span_id, w in want["spans"].items():
+        g = got["spans"][span_id]
+        assert g.ListFields() == w.ListFields(), (span_id.hex(), g, w)
+
+
+def test_span_templates_write_what_the_protobuf_classes_write():
+    """A differential test: 6,000 requests of 60 shapes encoded by the templates (and the
+    protobuf builder for a shape's first MAKE_AFTER requests and the ids templates leave
+    to it) decode, with the official classes, to the same spans as the builder's."""
+    from forkproxy.manager.spans import SpanEncoder
+
+    enc = SpanEncoder("forkproxy-test")
+    ref = SpanEncoder("forkproxy-test")
+    recs = varied_records(6000, seed=18)
+    recs[7].span_id = b"\x03" + bytes(7)  # a child id would be 0: the slow builder
+    recs[8].trace_id = b"\x01" * 15  # not 16 bytes (never from a worker): slow too
+    recs[9].times = recs[9].times[:5]  # too few times (neither): slow, the rest 0
+    for at in range(0, len(recs), 512):
+        batch = recs[at:at + 512]
+        assert_same_spans(decoded_spans(enc.encode(batch)), decoded_spans(ref.encode_slow(batch)))
+    assert enc.slow >= 3 and enc.fast > 0.8 * len(recs), (enc.fast, enc.slow)
+    assert len(enc.templates.templates) > 40  # most shapes got one
+
+
+def test_span_templates_are_bounded_and_fall_back():
+    """Past MAX_TEMPLATES shapes the oldest quarter goes; a shape whose server span does
+    not fit a template (over 16 KiB) stays with the protobuf builder; same spans."""
+    from forkproxy.manager import spantemplate
+    from forkproxy.manager.spans import SpanEncoder
+
+    enc = SpanEncoder("forkproxy-test")
+    recs = varied_records(2000, seed=5, shapes=1)
+    for i, r in enumerate(recs):
+        r.route = f"* /r{i % 100}"  # 100 shapes, 20 requests each
+    recs[-1].error = recs[-2].error = "e" * 20000  # the status message: too long
+    recs[-2].route = recs[-1].route  # one shape, seen twice
+    saved = spantemplate.MAX_TEMPLATES, spantemplate.MAKE_AFTER
+    spantemplate.MAX_TEMPLATES, spantemplate.MAKE_AFTER = 64, 2
+    try:
+        body = enc.encode(recs)
+        for r in recs[-2:]:  # the long one's shape, seen MAKE_AFTER times: no template
+            assert enc.templates.templates.get(enc_key(r)) is False
+    finally:
+        spantemplate.MAX_TEMPLATES, spantemplate.MAKE_AFTER = saved
+    assert 48 <= len(enc.templates.templates) <= 64
+    # 100 shapes in turn through 64 places: evicted ones start over (seen, then made)
+    assert enc.slow >= 102 and enc.fast > enc.slow, (enc.fast, enc.slow)
+    assert_same_spans(decoded_spans(body), decoded_spans(enc.encode_slow(recs)))
+
+
+def enc_key(ctx) -> tuple:
+    """SpanEncoder.encode_fast's shape key of ctx (to look its template up)."""
+    t0, t1, t2, t3, t4, t5, t6, t7 = ctx.times
+    return (ctx.listener, ctx.route, ctx.upstream, ctx.upstream_addr, ctx.method,
+            ctx.status, ctx.error, ctx.tls_version, ctx.tls_resumed, ctx.reused,
+            ctx.retries, ctx.protocol,
+            len(ctx.trace_id) << 8 | len(ctx.span_id) << 4 | len(ctx.parent_span_id),
+            t0 and t1 and t1 >= t0, t0 and t2 and t2 >= t0, t3 and t4 and t4 >= t3,
+            t4 and t5 and t5 >= t4, t5 and t6 and t6 >= t5, t6 and t7 and t7 >= t6)
+
+
+def test_exported_template_spans_decode_at_a_real_receiver(receiver):
+    """Through the Tracer and its OTLP/HTTP client to the real receiver: what it decodes
+    is, span for span, what the protobuf builder makes of the same records."""
+    from forkproxy.config import TracingConfig
+    from forkproxy.manager.spans import SpanEncoder
+    from forkproxy.manager.tracing import Tracer
+
+    tracer = Tracer(TracingConfig(endpoint=receiver.url, sample_ratio=1.0,
+                                  queue_size=10000, batch_size=256))
+    recs = varied_records(1000, seed=99, shapes=10)
+    for r in recs:
+        tracer.offer(r)
+    while tracer.queue:
+        assert tracer._send_batch()
+    assert tracer.exported == 1000 and tracer.encoder.fast > 800, tracer.encoder.fast
+    got = {s.span_id: s for s in receiver.spans}
+    want = decoded_spans(SpanEncoder("forkproxy").encode_slow(recs))["spans"]
+    assert set(got) == set(want)
+    for span_id, w in want.items():
+        assert got[span_id].ListFields() == w.ListFields()
+
+
+def test_a_busy_shapes_spans_are_the_same_from_the_builder_and_the_template(
+        proxies, tmp_path, origin, receiver):
+    """Through a real proxy: a shape's first MAKE_AFTER - 1 requests are encoded by the
+    protobuf builder, the rest from its template; decoded by the receiver, all of them
+    have the same structure (names, kinds, status, attributes but the path, phase spans
+    and their parents) and consistent times."""
+    from forkproxy.manager.spantemplate import MAKE_AFTER
+
+    p = traced_proxy(proxies, tmp_path, origin, receiver.url)
+    n = MAKE_AFTER * 3
+    with connect(p.port) as c:
+        for i in range(n):
+            c.sendall(f"GET /tiny?n={i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert recv_response(c)[0] == 200
+    spans = wait_for(lambda: len(receiver.server_spans()) == n and receiver.server_spans(),
+                     timeout=15, what="every request's span")
+
+    def structure(span) -> tuple:
+        a = attrs(span)
+        assert a.pop("url.path") == "/tiny"  # the query is no part of url.path
+        assert a.pop("url.query").startswith("n=")
+        assert span.start_time_unix_nano <= span.end_time_unix_nano
+        kids = receiver.children_of(span.span_id)
+        for kid in kids.values():
+            assert kid.trace_id == span.trace_id
+            assert span.start_time_unix_nano <= kid.start_time_unix_nano
+            assert kid.start_time_unix_nano <= kid.end_time_unix_nano <= span.end_time_unix_nano
+        return (span.name, span.kind, span.status, sorted(a.items()),
+                sorted((k, v.kind, sorted(attrs(v).items())) for k, v in kids.items()))
+
+    wait_for(lambda: sum(len(receiver.children_of(s.span_id)) for s in spans) >= 4 * n,
+             timeout=10, what="the phase spans")
+    shapes = [repr(structure(s)) for s in spans]
+    # the connection's first request connected upstream; all the others are alike
+    counts = sorted(collections.Counter(shapes).values())
+    assert counts in ([n], [1, n - 1]), counts

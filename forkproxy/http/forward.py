@@ -1,5 +1,5 @@
 """Sans-IO heads the proxy writes: the request head it sends upstream, the response head
-it rebuilds for an HTTP/1.1 client, and the 101 head of a tunnel.
+it rebuilds for an HTTP/1.1 client, interim (1xx) heads, and the 101 head of a tunnel.
 
 Kept apart from the sockets so the fuzz target and the unit tests check them by parsing
 what they produce (scripts/fuzz re-parses every forwarded head).
@@ -69,6 +69,25 @@ def rebuilt_response_head(rhead, framing: Framing, client_11: bool, keep: bool) 
     else:
         parts.append(b"\r\n")
     return b"".join(parts)
+
+
+#: reason phrases of the interim statuses (RFC 9110 section 15.2, RFC 8297); others: none
+_INTERIM_REASONS = {100: b"Continue", 102: b"Processing", 103: b"Early Hints"}
+
+
+def interim_head(status: int, fields) -> bytes:
+    """An interim (1xx) response head for an HTTP/1.1 client, from the upstream's parsed
+    one (fields validated and hop-by-hop fields removed by the response parser)."""
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (
+        status, _INTERIM_REASONS.get(status, b""), b"".join([b"%s: %s\r\n" % f for f in fields]))
+
+
+def trailers_only_head(fields, close: bool) -> bytes:
+    """A 200 without a body whose ``fields`` carry everything (gRPC's trailers-only
+    response, as the proxy answers its own failures on a gRPC request over HTTP/1.1)."""
+    return b"HTTP/1.1 200 OK\r\n%sContent-Length: 0\r\n%s\r\n" % (
+        b"".join([b"%s: %s\r\n" % f for f in fields]),
+        b"Connection: close\r\n" if close else b"")
 
 
 def switching_protocols_head(raw: bytes) -> bytes:

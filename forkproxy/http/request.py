@@ -46,10 +46,13 @@ CHUNK_OVERHEAD_BASE = 16384
 CHUNK_OVERHEAD_PER_CHUNK = 256
 #: the header fields the parser acts on (lower case); every other field is forwarded as
 #: it came. One dict lookup per field instead of a chain of comparisons.
-_CL, _TE, _HOST, _CONN, _RID, _XFF, _EXPECT, _DROP, _UPGRADE, _UNDERSCORE, _TP, _TS = range(12)
+(_CL, _TE, _HOST, _CONN, _RID, _XFF, _EXPECT, _DROP, _UPGRADE, _UNDERSCORE, _CT, _TP,
+ _TS) = range(13)
 _SPECIAL = {
     b"content-length": _CL, b"transfer-encoding": _TE, b"host": _HOST, b"connection": _CONN,
     b"x-request-id": _RID, b"x-forwarded-for": _XFF, b"expect": _EXPECT, b"upgrade": _UPGRADE,
+    # forwarded as it came; marks a gRPC request (application/grpc...)
+    b"content-type": _CT,
     # W3C trace context: re-emitted by the upstream head builder with forkproxy's span
     b"traceparent": _TP, b"tracestate": _TS,
     b"keep-alive": _DROP, b"proxy-connection": _DROP, b"te": _DROP, b"trailer": _DROP,
@@ -67,6 +70,11 @@ _SIMPLE_REQUEST_RE = re.compile(
     rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n")
 #: fields the fast path handles itself; any other special field sends the head to llhttp
 _FAST_SPECIAL = frozenset({_HOST, _CONN, _RID, _XFF, _TP, _TS})
+#: the fields the fast path acts on: content-type is forwarded as any other field there
+#: (a GET or HEAD is never a gRPC call)
+_FAST_FIELDS = {name: what for name, what in _SPECIAL.items() if what != _CT}
+#: what a gRPC request's content-type starts with (gRPC over HTTP/2, and gRPC-Web)
+GRPC_CONTENT_TYPE = b"application/grpc"
 #: a request without a trace context (refused before it was routed)
 NO_TRACE = (b"", b"", b"", 0, "")
 #: a second traceparent field makes the request's trace context invalid (W3C 3.2.1)
@@ -98,7 +106,7 @@ class Request:
         "method", "target", "path", "version", "headers", "host", "content_length",
         "chunked", "keep_alive", "expect_continue", "request_id", "forwarded_for",
         "connection", "upgrade", "header_bytes", "has_body", "traceparent", "tracestate",
-        "trace",
+        "trace", "grpc",
     )
 
     def __init__(self):
@@ -123,6 +131,8 @@ class Request:
         #: the trace context the worker gave the request (worker/tracing.py): trace id,
         #: its span id, the client's span id, flags, tracestate; in the ring record's order
         self.trace = NO_TRACE
+        #: a gRPC request's content-type (forkproxy/worker/grpc.py); b"": not gRPC
+        self.grpc = b""
 
 
 def trace_field(req: Request, traceparent: bool, value: bytes) -> None:
@@ -271,7 +281,7 @@ class RequestParser:
         method, target, minor, block = m.groups()
         req = Request()
         headers = req.headers
-        special = _SPECIAL
+        special = _FAST_FIELDS
         header_bytes = len(target)
         fields = 0
         for line in block.split(b"\r\n")[:-1]:
@@ -455,6 +465,10 @@ class RequestParser:
             req.expect_continue = True
         elif what == _UPGRADE:
             req.upgrade = value
+        elif what == _CT:
+            req.headers.append((name, value))
+            if value.startswith(GRPC_CONTENT_TYPE):
+                req.grpc = value
         elif what == _UNDERSCORE:
             raise _framing(f"{name.decode('latin-1')}: framing header spelled with '_'")
         # _DROP: hop-by-hop, never forwarded

@@ -31,6 +31,7 @@ from forkproxy.http.messages import (
     TOKEN_RE,
     connection_tokens,
 )
+from forkproxy.http.trailers import MAX_TRAILER_BYTES
 
 HEAD_END = b"\r\n\r\n"
 #: the largest response head relayed, however it arrives (one read or many)
@@ -140,7 +141,8 @@ class ResponseHead:
 class ResponseParser:
     """One per upstream exchange. parse_head() then, for chunked bodies, feed_body()."""
 
-    __slots__ = ("_parser", "head", "_sink", "complete", "extra")
+    __slots__ = ("_parser", "head", "_sink", "complete", "extra", "trailers",
+                 "_trailer_bytes")
 
     def __init__(self):
         self._parser = httptools.HttpResponseParser(self)
@@ -148,6 +150,10 @@ class ResponseParser:
         self._sink = None
         self.complete = False
         self.extra = False  # bytes arrived after the end of the message
+        #: the chunked body's trailer fields as they came (None: none), checked for
+        #: characters and size; forkproxy.http.trailers filters them before relaying
+        self.trailers = None
+        self._trailer_bytes = 0
 
     def parse_head(self, data) -> ResponseHead:
         if data[:9] not in (b"HTTP/1.1 ", b"HTTP/1.0 "):
@@ -201,6 +207,9 @@ class ResponseParser:
         head = self.head
         if BAD_VALUE_RE.search(value) or not TOKEN_RE.match(name):
             raise BadResponse("invalid character in response header")
+        if head.status:  # after the head: a field of the chunked body's trailer section
+            self._trailer(name, value)
+            return
         lname = name.lower()
         if lname == b"content-length":
             if not value.isdigit() or len(value) > 18:
@@ -217,6 +226,15 @@ class ResponseParser:
             head.connection.append(value)
         elif lname not in HOP_BY_HOP:
             head.headers.append((name, value))
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        self._trailer_bytes += len(name) + len(value) + 4
+        if self._trailer_bytes > MAX_TRAILER_BYTES:
+            raise BadResponse("trailer section too large")
+        if self.trailers is None:
+            self.trailers = [(name, value)]
+        else:
+            self.trailers.append((name, value))
 
     def on_headers_complete(self):
         head = self.head

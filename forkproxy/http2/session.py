@@ -11,6 +11,7 @@ Events (``session.events``, a deque of ``(kind, stream_id, payload)``):
   calls :meth:`consume`, so unread request bodies are bounded by the flow-control
   windows, whatever the client does;
 * ``END``: the request body is complete (its length matched ``content-length``);
+  payload its trailer fields (checked and filtered, forkproxy.http2.translate), or None;
 * ``CLOSED``: the stream is gone; payload the error code (0: it completed). A stream
   closed before its response ended was reset (by the client or by the session).
 * ``GOAWAY``: the client is going away; payload the error code.
@@ -38,7 +39,7 @@ from collections import deque
 from forkproxy.http.request import Limits
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.limits import Http2Limits, TokenBucket
-from forkproxy.http2.translate import StreamRefused, build_request
+from forkproxy.http2.translate import StreamRefused, build_request, request_trailers
 
 ffi = ng.ffi
 REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
@@ -253,9 +254,12 @@ class ServerSession:
 
     def _headers_done(self, frame, stream: _Stream) -> None:
         end_stream = bool(frame.hd.flags & ng.FLAG_END_STREAM)
-        if stream.request is not None or stream.refused:  # trailers: checked, dropped
-            if end_stream:
-                self._end(stream)
+        if stream.request is not None or stream.refused:  # trailers (nghttp2 checked
+            fields, stream.fields = stream.fields, []  # they end the stream)
+            if stream.oversize and not stream.refused:
+                self._refuse(stream, StreamRefused("headers_too_large", 0, "trailers too large"))
+            elif end_stream:
+                self._end(stream, fields)
             return
         fields, stream.fields = stream.fields, []
         if stream.oversize:
@@ -267,12 +271,13 @@ class ServerSession:
             self._refuse(stream, err)
             return
         stream.request = req
+        stream.list_size = 0  # trailers, if any, have a header list budget of their own
         self.events.append((REQUEST, stream.sid, req))
         if end_stream:
             stream.ended = True
             self.events.append((END, stream.sid, None))
 
-    def _end(self, stream: _Stream) -> None:
+    def _end(self, stream: _Stream, trailers=None) -> None:
         stream.ended = True
         if stream.refused:
             return
@@ -280,7 +285,13 @@ class ServerSession:
         if req.content_length is not None and stream.received != req.content_length:
             self._refuse(stream, StreamRefused("content_length", 0, "body shorter than declared"))
             return
-        self.events.append((END, stream.sid, None))
+        if trailers:
+            try:
+                trailers = request_trailers(trailers) or None
+            except StreamRefused as err:
+                self._refuse(stream, err)
+                return
+        self.events.append((END, stream.sid, trailers or None))
 
     def _on_data(self, sid: int, ptr, n: int) -> int:
         stream = self.streams.get(sid)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import re
 
 from forkproxy.http.messages import HOST_RE
-from forkproxy.http.request import Limits, Request, trace_field
+from forkproxy.http.request import GRPC_CONTENT_TYPE, Limits, Request, trace_field
+from forkproxy.http.trailers import TrailersTooLarge, relayable_trailers
 
 #: a request-target path forwarded upstream: the bytes llhttp's strict mode accepts in an
 #: origin-form target (VCHAR without '#'); no SP, CTL or 8-bit byte
@@ -45,13 +46,15 @@ class StreamRefused(Exception):
 
 # what a field name means here; everything else is forwarded as it came
 (_FORWARD, _CONN_SPECIFIC, _TE, _CL, _HOST, _COOKIE, _RID, _XFF, _EXPECT, _DROP, _UNDERSCORE,
- _TRACE) = range(12)
+ _TRACE, _CT) = range(13)
 _SPECIAL = {
     b"connection": _CONN_SPECIFIC, b"keep-alive": _CONN_SPECIFIC,
     b"proxy-connection": _CONN_SPECIFIC, b"transfer-encoding": _CONN_SPECIFIC,
     b"upgrade": _CONN_SPECIFIC, b"te": _TE, b"content-length": _CL, b"host": _HOST,
     b"cookie": _COOKIE, b"x-request-id": _RID, b"x-forwarded-for": _XFF, b"expect": _EXPECT,
     b"trailer": _DROP,
+    # forwarded as it came; marks a gRPC request (application/grpc...)
+    b"content-type": _CT,
     # W3C trace context: the worker sends its own, with forkproxy's span as the parent
     b"traceparent": _TRACE, b"tracestate": _TRACE,
     # servers that map "_" to "-" would take these for framing forkproxy did not choose
@@ -171,6 +174,10 @@ def _regular(req: Request, fields, first: int, limits: Limits) -> None:
             req.expect_continue = True
         elif what == _TRACE:
             trace_field(req, name == b"traceparent", value)
+        elif what == _CT:
+            headers.append((name, value))
+            if value.startswith(GRPC_CONTENT_TYPE):
+                req.grpc = value
         elif what == _UNDERSCORE:
             raise _malformed("content_length", "framing field spelled with '_'")
         # _DROP: hop-by-hop in HTTP/1.1, never forwarded
@@ -202,6 +209,22 @@ def _framing(req: Request, end_stream: bool, limits: Limits) -> None:
         if limit and cl > limit:
             raise StreamRefused("body_too_large", 413, "request body too large")
         req.has_body = cl > 0
+
+
+def request_trailers(fields) -> list[tuple[bytes, bytes]]:
+    """A request's trailer section (HEADERS after DATA) checked as strictly as its head
+    (they go upstream in the last chunk of a chunked body: a CR or LF there would split
+    the upstream connection), then filtered (forkproxy.http.trailers); raises
+    StreamRefused."""
+    for name, value in fields:
+        if not NAME_RE.match(name):
+            raise _malformed("bad_name", "invalid trailer field name")
+        if not VALUE_RE.match(value):
+            raise _malformed("bad_value", "invalid character or whitespace in a trailer")
+    try:
+        return relayable_trailers(fields)
+    except TrailersTooLarge as e:
+        raise _malformed("headers_too_large", str(e))
 
 
 #: response fields that are connection-specific in HTTP/2 (RFC 9113 section 8.2.2), and

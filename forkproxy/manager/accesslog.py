@@ -8,7 +8,8 @@ Formats:
   phases that happened), ``tls_resumed`` (null on plain-text listeners) and ``worker``
   (pid); also ``listener``, ``bytes_in``, ``upstream_reused``, ``tls_version``,
   ``error`` (empty unless the proxy answered an upstream failure itself), ``protocol``
-  (``HTTP/1.1``, ``HTTP/2``) and, for HTTP/2 requests, ``stream`` (the stream id).
+  (``HTTP/1.1``, ``HTTP/2``) and, for HTTP/2 requests, ``stream`` (the stream id); for
+  gRPC requests ``grpc_method`` (the path) and ``grpc_status``.
 * ``console``: one human-readable line, nginx-like::
 
     2025-01-02T03:04:05.678Z 127.0.0.1 "GET /x" 200 1234B 12.3ms app=127.0.0.1:9000 \
@@ -91,6 +92,9 @@ class JsonLine(msgspec.Struct, gc=False, omit_defaults=True):
     span_id: str
     protocol: str
     stream: int | None = None
+    #: gRPC requests only: the method (the path, /package.Service/Method) and status
+    grpc_method: str = ""
+    grpc_status: int | None = None
 
 
 def json_record(ctx: RequestContext, ms: dict[str, float]) -> JsonLine:
@@ -111,7 +115,8 @@ def json_record(ctx: RequestContext, ms: dict[str, float]) -> JsonLine:
         ctx.method, ctx.path, ctx.status, ctx.bytes_out, ctx.upstream, ctx.upstream_addr,
         int(d * 1e6 + 0.5) / 1000, ms, ctx.tls_resumed, ctx.worker, ctx.listener,
         ctx.bytes_in, ctx.reused, ctx.tls_version, ctx.error, ctx.trace_id.hex(),
-        ctx.span_id.hex(), ctx.protocol, ctx.stream or None)
+        ctx.span_id.hex(), ctx.protocol, ctx.stream or None,
+        ctx.path if ctx.grpc_status is not None else "", ctx.grpc_status)
 
 
 def json_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:
@@ -157,6 +162,8 @@ def console_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:
         parts.append(f'error="{ctx.error.translate(_CONSOLE_ESCAPES)}"')
     if ctx.trace_id:
         parts.append(f"trace={ctx.trace_id.hex()}")
+    if ctx.grpc_status is not None:
+        parts.append(f"grpc_status={ctx.grpc_status}")
     return (" ".join(parts) + "\n").encode("utf-8", "backslashreplace")
 
 

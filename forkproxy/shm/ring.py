@@ -245,6 +245,24 @@ class Ring:
         after the batch; if the handler raises, the records handed out so far (including
         that one) are consumed and the exception propagates. Returns the number handled.
         """
+        return self._walk(handler, None, None, (), max_records)[0]
+
+    def drain_decoded(self, decode: Callable[[memoryview], object], out: list,
+                      errors: type[Exception] | tuple = (),
+                      max_records: int = 4096) -> tuple[int, int]:
+        """Append ``decode(record)`` to ``out`` for up to ``max_records`` records.
+
+        The manager's drain: no Python handler is called per record (a function call
+        and a try/finally per record are ~0.3 µs of the manager's ~1.2 µs of ring walk
+        and decode). ``decode`` must copy what it keeps (msgspec's decoders do); the view
+        it gets is not released explicitly, it goes when ``decode`` returns. A record
+        that raises one of ``errors`` is consumed and counted, not appended. Returns
+        (records consumed, records that did not decode).
+        """
+        return self._walk(None, decode, out, errors, max_records)
+
+    def _walk(self, handler, decode, out, errors, max_records: int) -> tuple[int, int]:
+        """The consumer's walk over committed records (see :meth:`drain`)."""
         q = self._q
         buf = self._buf
         size = self._size
@@ -253,12 +271,13 @@ class Ring:
         tail = q[_TAIL]
         head = q[_HEAD]
         if head == tail:
-            return 0
+            return 0, 0
         if not 0 < head - tail <= size:  # corrupt counters: nothing below head is trustworthy
             q[_LOST] += 1
             q[_TAIL] = head
-            return 0
-        count = 0
+            return 0, 0
+        count = bad = 0
+        append = out.append if out is not None else None
         try:
             while tail != head and count < max_records:
                 off = tail & mask
@@ -276,20 +295,26 @@ class Ring:
                 if off + need > size or tail + need > head:
                     break
                 at = _DATA + off + 8
-                view = buf[at : at + n]
                 tail += need
                 count += 1
+                if append is not None:
+                    try:
+                        append(decode(buf[at : at + n]))
+                    except errors:
+                        bad += 1
+                    continue
+                view = buf[at : at + n]
                 try:
                     handler(view)
                 finally:
                     view.release()
             else:
-                return count
+                return count, bad
             q[_LOST] += 1  # a break: skip everything committed so far and resynchronise
             tail = head
         finally:
             q[_TAIL] = tail
-        return count
+        return count, bad
 
     def wait(self, timeout: float = 0.05) -> None:
         """Sleep (cooperatively, in gevent) until the producer rings or ``timeout`` passes.

@@ -39,7 +39,9 @@ from forkproxy.http.forward import upstream_head
 from forkproxy.http.framing import LAST_CHUNK, Framing, frame_chunk, response_framing
 from forkproxy.http.messages import IDEMPOTENT
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser, fast_head
+from forkproxy.http.trailers import TrailersTooLarge, last_chunk, relayable_trailers
 from forkproxy.tls.client import TLSHandshakeFailed
+from forkproxy.worker import grpc
 from forkproxy.worker.failures import Upgraded, UpstreamBroken, UpstreamFailed
 from forkproxy.worker.front import BodyAborted, ClientGone
 from forkproxy.worker.readiness import ReadWatch
@@ -64,7 +66,7 @@ class Exchange:
     __slots__ = ("ws", "front", "req", "times", "server", "conn", "status", "framing",
                  "raw_head", "rhead", "parser", "up_keep", "content_length", "bytes_in", "bytes_out", "retries",
                  "reject", "retry_statuses", "tunnel", "upgrade", "keep", "tries", "exclude",
-                 "last", "route")
+                 "last", "route", "grpc_status", "expired")
 
     def __init__(self, ws, front):
         self.ws = ws
@@ -85,6 +87,9 @@ class Exchange:
         # set by a tunnel, which is the last request of its connection: never reset
         self.tunnel = False  # the context is a tunnel's (status 101, bytes each way)
         self.upgrade = False  # a 101 is expected: raise Upgraded instead of relaying
+        # gRPC requests only (forkproxy/worker/grpc.py; cleared when one is recorded):
+        self.grpc_status = -1  # the status known so far (the proxy's own, or trailers')
+        self.expired = False  # the grpc-timeout deadline passed
         self.start(None, 0.0, 0.0)
 
     def start(self, req, t_accept: float, t_tls: float) -> None:
@@ -140,7 +145,8 @@ class Exchange:
                     continue
                 if e.kind:
                     now = _monotonic()
-                    server.failed(now)
+                    if not self.expired:  # the client's deadline is not the server's fault
+                        server.failed(now)
                     if (self.tries and replayable and e.kind in upstream.retry_kinds
                             and budget.allow(now)):
                         self._retry(server, e.status, str(e))
@@ -178,7 +184,8 @@ class Exchange:
                 else:
                     status, detail = 502, f"upstream connect: {e.strerror or e}"
                 now = _monotonic()
-                server.failed(now)
+                if not self.expired:
+                    server.failed(now)
                 if self.tries and upstream.retry_connect and upstream.budget.allow(now):
                     self._retry(server, status, detail)
                     continue
@@ -205,7 +212,10 @@ class Exchange:
     def fail(self, status: int, server, detail: str) -> bool:
         """Answer a failure ourselves and record it; returns the front end's keep-alive."""
         self.times[T_END] = _monotonic()
-        keep = self.front.send_error(status)
+        if self.req.grpc:  # a gRPC status, never an error page
+            keep, detail = grpc.answer(self, status, detail)
+        else:
+            keep = self.front.send_error(status)
         self.server = server
         self.conn = None
         self.record(status, 0, detail)
@@ -285,7 +295,8 @@ class Exchange:
             data = read_body()
             if data is None:
                 if chunked:
-                    up.sendall(LAST_CHUNK)
+                    trailers = front.request_trailers  # an HTTP/2 client's, filtered
+                    up.sendall(last_chunk(trailers) if trailers else LAST_CHUNK)
                 return total
             front.deadline = _monotonic() + send_timeout
             total += len(data)
@@ -342,7 +353,11 @@ class Exchange:
                 self.content_length = rhead.content_length
                 self.up_keep = rhead.keep_alive
                 return head_len, n
-            start = head_len  # interim response (100, 103): skip it
+            # interim response (102, 103...): relayed; a 100 only if the proxy did not
+            # already answer the client's Expect itself (it never forwards Expect)
+            if rhead.status != 100 or not self.req.expect_continue:
+                self.front.send_interim(rhead.status, rhead.headers)
+            start = head_len
 
     def _parse_head(self, data):
         """The full parser's judgement of a head the fast path did not take."""
@@ -355,6 +370,19 @@ class Exchange:
         self.rhead = rhead
         self.raw_head = None
         return rhead
+
+    def relay_trailers(self, fields) -> None:
+        """A response trailer section read after the body, from any upstream protocol:
+        ``fields`` are (name, value) byte pairs with values already checked for
+        controls; what may be relayed goes to the front end. Raises UpstreamBroken."""
+        try:
+            fields = relayable_trailers(fields)
+        except TrailersTooLarge as e:
+            raise UpstreamBroken(str(e))
+        if fields:
+            if self.req.grpc:
+                grpc.trailers_status(self, fields)
+            self.front.send_trailers(fields)
 
     def body_piece(self, piece) -> None:
         """One piece of a body the relayer does not copy itself, to the client."""
@@ -396,6 +424,7 @@ class Exchange:
             front.tls_version, self.times, error, self.reject, self.retries, self.tunnel,
             front.protocol, front.stream,
             self.route, trace[0], trace[1], trace[2], trace[3], trace[4],
+            grpc.recorded_status(self, status) if req.grpc else None,
         ), buf)
         ws.ring.push(buf)  # never blocks: the ring drops and counts when full
         self.reject = ""

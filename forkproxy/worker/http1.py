@@ -18,11 +18,12 @@ import time
 
 from gevent import getcurrent, socket
 
-from forkproxy.http.forward import rebuilt_response_head
+from forkproxy.http.forward import interim_head, rebuilt_response_head, trailers_only_head
 from forkproxy.http.framing import CLOSE_DELIMITED_FOR_HTTP10, LAST_CHUNK, frame_chunk
 from forkproxy.http.messages import CONTINUE_100, HTTPError, prebuilt_error
 from forkproxy.http.request import BODY, END, ERROR, HEAD, Request, RequestParser
-from forkproxy.worker import faults
+from forkproxy.http.trailers import last_chunk
+from forkproxy.worker import faults, grpc
 from forkproxy.worker.client import ClientConnection
 from forkproxy.worker.exchange import Exchange
 from forkproxy.worker.front import BodyAborted, ClientGone, FrontEnd
@@ -278,6 +279,8 @@ class Http1Connection(ClientConnection, FrontEnd):
             upstream = upstream.choose(req, self.remote)
         if req is self.parser.upgrade_req:
             return tunnel(self, ex, upstream)
+        if req.grpc:
+            return grpc.forward(ex, upstream)
         return ex.forward(upstream)
 
     # -- the exchange's front end ------------------------------------------------------
@@ -311,6 +314,10 @@ class Http1Connection(ClientConnection, FrontEnd):
     def send_continue(self) -> None:
         self.send(CONTINUE_100)
 
+    def send_interim(self, status: int, fields) -> None:
+        if self.exchange.req.version != "1.0":  # RFC 9110 section 15.2: none to HTTP/1.0
+            self.send(interim_head(status, fields))
+
     def send_head(self, ex, first) -> None:
         req = ex.req
         client_11 = req.version != "1.0"
@@ -339,16 +346,32 @@ class Http1Connection(ClientConnection, FrontEnd):
     def send_body(self, data) -> None:
         self.send(frame_chunk(data) if self.chunk_out else data)
 
+    def send_trailers(self, fields) -> None:
+        """In the last chunk when the body goes out chunked (to an HTTP/1.1 client,
+        whether or not it sent ``TE: trailers``: RFC 9112 section 7.1.2 lets every
+        HTTP/1.1 recipient parse them and discard what it does not use); an HTTP/1.0
+        client's close-delimited body has no place for them."""
+        if self.chunk_out:
+            self.chunk_out = False  # end_body() sends no other last chunk
+            self.send(last_chunk(fields))
+
     def end_body(self) -> bool:
         if self.chunk_out:
             self.send(LAST_CHUNK)
         return self.keep_next
 
     def send_error(self, status: int) -> bool:
+        return self._answer(prebuilt_error, status)
+
+    def send_trailers_only(self, fields) -> bool:
+        return self._answer(trailers_only_head, fields)
+
+    def _answer(self, head, what) -> bool:
+        """The proxy's own answer, ``head(what, close)``; returns the keep-alive."""
         keep = self.exchange.req.keep_alive and not self.closing and self.body_done
         self.resp_started = True
         try:
-            send_all(self.sock, prebuilt_error(status, not keep))
+            send_all(self.sock, head(what, not keep))
         except ClientGone:
             keep = False
         return keep

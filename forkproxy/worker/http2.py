@@ -31,10 +31,11 @@ from forkproxy.http.framing import Framing
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.session import CLOSED, DATA, END, GOAWAY, REQUEST, ServerSession
 from forkproxy.http2.translate import response_fields as h2_fields
-from forkproxy.worker import faults
+from forkproxy.worker import faults, grpc
 from forkproxy.worker.client import _GONE, ClientConnection
 from forkproxy.worker.exchange import Exchange
-from forkproxy.worker.front import BodyAborted, ClientGone, Deadline, FrontEnd
+from forkproxy.worker.front import BodyAborted, ClientGone, Deadline
+from forkproxy.worker.http2front import Http2FrontEnd
 
 _monotonic = time.monotonic
 #: the client connection preface (RFC 9113 section 3.4): what h2c prior knowledge begins with
@@ -45,7 +46,6 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 GOAWAY_GRACE = 2.0
 #: socket reads per wake-up before the connection writes and yields (fairness)
 READS_PER_WAKE = 16
-_PLAIN_TEXT = b"content-type", b"text/plain"
 
 
 class Http2Connection(ClientConnection):
@@ -219,6 +219,7 @@ class Http2Connection(ClientConnection):
             elif kind == END:
                 if stream is None:
                     continue
+                stream.request_trailers = payload  # None, or the checked trailer fields
                 stream.body.append(None)
             elif kind == CLOSED:
                 if stream is None:
@@ -282,14 +283,13 @@ class Http2Connection(ClientConnection):
         self.wake.set()
 
 
-class Http2Stream(FrontEnd):
+class Http2Stream(Http2FrontEnd):
     """One request of an HTTP/2 connection: the front end of its exchange."""
 
     __slots__ = ("conn", "ws", "listener", "remote", "remote_b", "tls_resumed",
                  "tls_version", "deadline", "greenlet", "parked", "stream", "req", "body",
-                 "event", "closed", "blocked", "responded", "t_accept", "t_tls")
-
-    protocol = "HTTP/2"
+                 "event", "closed", "blocked", "responded", "t_accept", "t_tls",
+                 "trailers", "request_trailers", "ended", "exchange")
 
     def __init__(self, conn: Http2Connection, sid: int, req):
         self.conn = conn
@@ -309,6 +309,10 @@ class Http2Stream(FrontEnd):
         self.closed = None  # the stream's close code once the session closed it
         self.blocked = False  # waiting for its queued response bytes to drain
         self.responded = False
+        self.trailers = None  # response trailers for end_body()
+        self.ended = False  # the response is complete (end_body or send_error)
+        self.exchange = None
+        self.request_trailers = None
         # the first stream of a connection carries its accept and TLS times
         self.t_accept = conn.t_accept or _monotonic()
         self.t_tls = conn.t_tls
@@ -322,18 +326,20 @@ class Http2Stream(FrontEnd):
         try:
             self._handle()
         except (ClientGone, Deadline):
-            pass
+            self.abandoned()
         except Exception as e:  # a bug: logged, 500 if nothing went out yet
             self._fault(e)
         finally:
             ws.streams.discard(self)
             self.deadline = 0.0
+            if not self.ended:  # broke off (the upstream failed mid-body): not complete
+                self.conn.session.reset(self.stream, ng.INTERNAL_ERROR)
             self.conn.stream_done(self)
 
     def _handle(self) -> None:
         ws = self.ws
         req = self.req
-        ex = Exchange(ws, self)
+        ex = self.exchange = Exchange(ws, self)
         ex.start(req, self.t_accept, self.t_tls)
         if not req.request_id:
             req.request_id = ws.new_request_id()
@@ -351,7 +357,10 @@ class Http2Stream(FrontEnd):
             return
         if upstream.split:
             upstream = upstream.choose(req, self.remote)
-        ex.forward(upstream)
+        if req.grpc:
+            grpc.forward(ex, upstream)
+        else:
+            ex.forward(upstream)
 
     def _fault(self, e: BaseException) -> None:
         log = self.ws.spec.logger
@@ -413,10 +422,6 @@ class Http2Stream(FrontEnd):
         self.conn.wake.set()
         return data
 
-    def send_continue(self) -> None:
-        self.conn.session.interim(self.stream, 100)
-        self.conn.wake.set()
-
     def send_head(self, ex, first) -> None:
         fields = response_fields(ex.raw_head) if ex.raw_head is not None else ex.rhead.headers
         framing = ex.framing
@@ -424,8 +429,10 @@ class Http2Stream(FrontEnd):
             framing is Framing.NONE and ex.req.method == "HEAD") else None
         session = self.conn.session
         self.responded = True
+        # no body (a trailers-only gRPC response over HTTP/1.1 has a length of 0): the
+        # HEADERS frame ends the stream
         if not session.respond(self.stream, ex.status, h2_fields(fields, length),
-                               end_stream=framing is Framing.NONE):
+                               end_stream=framing is Framing.NONE or length == 0):
             raise ClientGone("stream closed")
         if first:
             session.send_data(self.stream, bytes(first))
@@ -437,14 +444,7 @@ class Http2Stream(FrontEnd):
         self._queued()
 
     def end_body(self) -> bool:
-        self.conn.session.end(self.stream)
+        self.ended = True
+        self.conn.session.end(self.stream, self.trailers)
         self.conn.wake.set()
         return True  # the connection's other streams go on whatever this one did
-
-    def send_error(self, status: int) -> bool:
-        if not self.responded:
-            self.responded = True
-            body = b"%d\n" % status
-            self.conn.session.respond(self.stream, status, [_PLAIN_TEXT], body=body)
-            self.conn.wake.set()
-        return False

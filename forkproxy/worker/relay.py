@@ -5,8 +5,10 @@ The exchange reads the response head, asks ``response_framing`` once, and calls
 holding ``n`` bytes of which the body starts at ``start``. Each relayer starts the
 client's response (``front.send_head``), relays the body through the front end, adds
 to ``ex.bytes_out`` and clears ``ex.up_keep`` when the upstream connection must not be
-pooled afterwards. Upstream failures mid-body raise UpstreamBroken; a client that went
-away raises ClientGone.
+pooled afterwards. A relayer that read a trailer section hands it to
+``ex.relay_trailers(fields)`` after the body (the exchange filters it and passes it to
+``front.send_trailers``). Upstream failures mid-body raise UpstreamBroken; a client that
+went away raises ClientGone.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def relay_chunked(ex, conn, view, start: int, n: int) -> None:
             raise UpstreamBroken(f"bad chunked body from upstream: {e}")
     if parser.extra:
         ex.up_keep = False
+    if parser.trailers is not None:
+        ex.relay_trailers(parser.trailers)
 
 
 def relay_until_close(ex, conn, view, start: int, n: int) -> None:

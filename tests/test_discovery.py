@@ -473,7 +473,7 @@ def test_servers_found_through_dns_are_health_checked(tmp_path, cleanup, started
     wait_for(lambda: statuses(p, 10) == [200] * 10, timeout=15, what="the verdict applied")
     before = a.proxied()
     assert statuses(p, 60) == [200] * 60, "a server the check found down was still picked"
-    assert a.proxied() - before == 60
+    assert a.proxied() - before >= 60  # (plus the checks it got meanwhile)
     down_logs = [e["server"] for e in p.log_events() if e.get("event") == "upstream server down"]
     assert down in down_logs  # (a slow check of the live one under load may add it too)
     # the server comes up: the check brings it back (rise = 2) and it takes traffic again

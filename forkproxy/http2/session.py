@@ -42,6 +42,8 @@ from forkproxy.http2.limits import Http2Limits, TokenBucket
 from forkproxy.http2.translate import StreamRefused, build_request, request_trailers
 
 ffi = ng.ffi
+_buffer = ffi.buffer
+_memmove = ffi.memmove
 REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
 
 #: the opaque data of the PING sent with the first GOAWAY (its ACK is recognised)
@@ -91,6 +93,7 @@ class ServerSession:
         lib = ng.library()
         self._lib = lib
         self.limits = limits = limits or Http2Limits()
+        self._max_list_size = limits.max_header_list_size
         self.request_limits = request_limits or Limits()
         self.events: deque = deque()
         self.streams: dict[int, _Stream] = {}
@@ -323,12 +326,12 @@ class ServerSession:
             stream = self.streams[sid] = _Stream(sid)
         elif stream.oversize:
             return 0
-        stream.list_size += namelen + valuelen + 32  # RFC 9113 section 6.5.2
-        if stream.list_size > self.limits.max_header_list_size:
+        size = stream.list_size = stream.list_size + namelen + valuelen + 32  # RFC 9113 6.5.2
+        if size > self._max_list_size:
             stream.oversize = True
             stream.fields = []
             return 0
-        stream.fields.append((ffi.buffer(name, namelen)[:], ffi.buffer(value, valuelen)[:]))
+        stream.fields.append((_buffer(name, namelen)[:], _buffer(value, valuelen)[:]))
         return 0
 
     def _on_invalid_header(self, frame) -> int:
@@ -409,16 +412,12 @@ class ServerSession:
         if stream is None:
             return ng.ERR_DEFERRED
         out = stream.out
-        n = 0
-        while out and n < length:
-            chunk = out[0]
-            take = min(len(chunk) - stream.offset, length - n)
-            ffi.memmove(buf + n, memoryview(chunk)[stream.offset:stream.offset + take], take)
-            n += take
-            stream.offset += take
-            if stream.offset == len(chunk):
-                out.popleft()
-                stream.offset = 0
+        if len(out) == 1 and not stream.offset and len(out[0]) <= length:
+            chunk = out.popleft()  # the usual case: one whole chunk queued, and it fits
+            n = len(chunk)
+            _memmove(buf, chunk, n)
+        else:
+            n = self._take(stream, buf, length)
         stream.out_size -= n
         if not out and stream.eof:
             flags[0] |= ng.DATA_FLAG_EOF
@@ -430,6 +429,22 @@ class ServerSession:
         if n == 0:
             stream.deferred = True
             return ng.ERR_DEFERRED
+        return n
+
+    @staticmethod
+    def _take(stream: _Stream, buf, length: int) -> int:
+        """Copy up to ``length`` queued body bytes of ``stream`` into ``buf``."""
+        out = stream.out
+        n = 0
+        while out and n < length:
+            chunk = out[0]
+            take = min(len(chunk) - stream.offset, length - n)
+            _memmove(buf + n, memoryview(chunk)[stream.offset:stream.offset + take], take)
+            n += take
+            stream.offset += take
+            if stream.offset == len(chunk):
+                out.popleft()
+                stream.offset = 0
         return n
 
     # -- response side -------------------------------------------------------------------
@@ -451,18 +466,26 @@ class ServerSession:
         if stream is None or stream.responded:
             return False
         stream.responded = True
-        nva, keep = _nv([(b":status", b"%d" % status), *headers])
+        nva, count, keep = nv_array(status, headers)
         if body:
             stream.out.append(body)
             stream.out_size = len(body)
             stream.eof = True
-        if end_stream and not body:
-            prd = ffi.NULL
-        else:
-            prd = ffi.new("nghttp2_data_provider *")
-            prd.read_callback = _CALLBACKS.read_body
-        rv = self._lib.nghttp2_submit_response(self._session, sid, nva, len(keep) // 2, prd)
-        return rv == 0
+        return self._submit(sid, nva, count, end_stream and not body)
+
+    def respond_nv(self, sid: int, nva, count: int, end_stream: bool) -> bool:
+        """:meth:`respond` with the head already an nghttp2_nv array (from
+        :func:`nv_array`, which may be reused: nghttp2 copies the fields)."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.responded:
+            return False
+        stream.responded = True
+        return self._submit(sid, nva, count, end_stream)
+
+    def _submit(self, sid: int, nva, count: int, end_stream: bool) -> bool:
+        # one data provider for every stream: nghttp2 copies the struct
+        prd = ffi.NULL if end_stream else _CALLBACKS.provider
+        return self._lib.nghttp2_submit_response(self._session, sid, nva, count, prd) == 0
 
     def send_data(self, sid: int, data) -> bool:
         """Queue response body bytes; False: the stream is gone (stop producing)."""
@@ -526,6 +549,13 @@ class ServerSession:
         return last
 
 
+def nv_array(status: int, headers):
+    """The nghttp2_nv array of a response head (``:status``, then ``headers``), its
+    length, and the buffers it points into (keep them alive as long as the array)."""
+    nva, keep = _nv([(b":status", b"%d" % status), *headers])
+    return nva, len(keep) // 2, keep
+
+
 def _nv(pairs):
     """An nghttp2_nv array for ``pairs`` (one ffi.new from an initialiser list), and
     the buffers it points into: keep them alive until the submit call returns (nghttp2
@@ -544,6 +574,11 @@ def _failure(exc, value, tb):
     return ng.ERR_CALLBACK_FAILURE
 
 
+#: cffi's FFI.from_handle is a Python method around this (one call less per callback,
+#: ten callbacks per request)
+_from_handle = ffi._backend.from_handle
+
+
 # One C callback per event, each written out (a generic *args trampoline cost ~0.5 us
 # more per call, and a request makes ~12 calls): find the session through user_data,
 # call its method, and store (never propagate into C) whatever it raises.
@@ -554,7 +589,7 @@ _HEADER_CB = ("int(nghttp2_session *, const nghttp2_frame *, const uint8_t *, si
 
 @ffi.callback(_HEADER_CB, onerror=_failure)
 def _cb_header(s, frame, name, namelen, value, valuelen, flags, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_header(frame, name, namelen, value, valuelen)
     except BaseException as e:
@@ -563,7 +598,7 @@ def _cb_header(s, frame, name, namelen, value, valuelen, flags, ud):
 
 @ffi.callback(_HEADER_CB, onerror=_failure)
 def _cb_invalid_header(s, frame, name, namelen, value, valuelen, flags, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_invalid_header(frame)
     except BaseException as e:
@@ -572,7 +607,7 @@ def _cb_invalid_header(s, frame, name, namelen, value, valuelen, flags, ud):
 
 @ffi.callback(_FRAME_CB, onerror=_failure)
 def _cb_frame_recv(s, frame, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_frame_recv(frame)
     except BaseException as e:
@@ -581,7 +616,7 @@ def _cb_frame_recv(s, frame, ud):
 
 @ffi.callback(_FRAME_CB, onerror=_failure)
 def _cb_frame_send(s, frame, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_frame_send(frame)
     except BaseException as e:
@@ -590,7 +625,7 @@ def _cb_frame_send(s, frame, ud):
 
 @ffi.callback("int(nghttp2_session *, int32_t, uint32_t, void *)", onerror=_failure)
 def _cb_stream_close(s, sid, code, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_stream_close(sid, code)
     except BaseException as e:
@@ -600,7 +635,7 @@ def _cb_stream_close(s, sid, code, ud):
 @ffi.callback("int(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *)",
               onerror=_failure)
 def _cb_data_chunk(s, flags, sid, data, n, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._on_data(sid, data, n)
     except BaseException as e:
@@ -610,7 +645,7 @@ def _cb_data_chunk(s, flags, sid, data, n, ud):
 @ffi.callback("ssize_t(nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *,"
               " nghttp2_data_source *, void *)", onerror=_failure)
 def _cb_read_body(s, sid, buf, length, flags, source, ud):
-    session = ffi.from_handle(ud)
+    session = _from_handle(ud)
     try:
         return session._read_body(sid, buf, length, flags)
     except BaseException as e:
@@ -620,13 +655,15 @@ def _cb_read_body(s, sid, buf, length, flags, source, ud):
 class _Callbacks:
     """The nghttp2_session_callbacks table, built once per process on first use."""
 
-    read_body = _cb_read_body
-
     def __init__(self):
         self._table = None
+        self.provider = None
 
     def get(self, lib):
         if self._table is None:
+            prd = ffi.new("nghttp2_data_provider *")
+            prd.read_callback = _cb_read_body
+            self.provider = prd
             p = ffi.new("nghttp2_session_callbacks **")
             if lib.nghttp2_session_callbacks_new(p) != 0:
                 raise MemoryError("nghttp2_session_callbacks_new")

@@ -66,11 +66,16 @@ class Exchange:
     __slots__ = ("ws", "front", "req", "times", "server", "conn", "status", "framing",
                  "raw_head", "rhead", "parser", "up_keep", "content_length", "bytes_in", "bytes_out", "retries",
                  "reject", "retry_statuses", "tunnel", "upgrade", "keep", "tries", "exclude",
-                 "last", "route", "grpc_status", "expired")
+                 "last", "route", "grpc_status", "expired", "get_buffer", "put_buffer")
 
-    def __init__(self, ws, front):
+    def __init__(self, ws, front, buffers=None):
         self.ws = ws
         self.front = front
+        # where the upstream read buffer comes from: the worker's buffer_size pool, or
+        # ``buffers`` (get/put), a front end's own (HTTP/2 streams: smaller buffers)
+        pool = ws if buffers is None else buffers
+        self.get_buffer = pool.get_buffer
+        self.put_buffer = pool.put_buffer
         self.times = [0.0] * N_TIMES
         self.server = None  # the server of the try the context records
         self.conn = None  # and its connection (None: none was used)
@@ -251,8 +256,7 @@ class Exchange:
                 raise UpstreamFailed(504, "upstream send timeout", kind="timeout")
             raise UpstreamFailed(502, f"upstream send: {e}", retryable=conn.reused, kind="reset")
         self.times[T_SENT] = _monotonic()
-        ws = self.ws
-        buf = ws.get_buffer()
+        buf = self.get_buffer()
         view = memoryview(buf)
         try:  # the response, inline: one call less per request (scripts/hotpath-ab)
             self.front.deadline = _monotonic() + conn.server.head_timeout  # per_try_timeout
@@ -282,7 +286,7 @@ class Exchange:
             self.record(status, self.bytes_out, error)
             return False
         finally:
-            ws.put_buffer(buf)
+            self.put_buffer(buf)
 
     def _send_body(self, up, send_timeout: float) -> int:
         """Copy the request body to the upstream as the front end yields it; a chunked

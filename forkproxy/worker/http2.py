@@ -1,15 +1,13 @@
 """The HTTP/2 client connection: one greenlet reads and writes the socket and drives the
 sans-IO session (forkproxy/http2/session.py); each stream is a front end
-(:mod:`forkproxy.worker.front`) that drives one :class:`~forkproxy.worker.exchange.Exchange`
+(:mod:`forkproxy.worker.h2stream`) that drives one :class:`~forkproxy.worker.exchange.Exchange`
 in its own greenlet, against the same upstream pools, retries, limits and ring as
-HTTP/1.1.
+HTTP/1.1. Finished streams (object, exchange, greenlet) are kept for the connection's
+next requests, up to STREAMS_KEPT.
 
 The connection greenlet sleeps on one event, set by the socket's read watcher and by
 any stream that queued output or consumed request body; it then reads what the socket
 has, hands the session's events to the streams, and writes what the session framed.
-Streams never touch the socket: they queue response bytes in the session and wait while
-more than ``send_buffer`` bytes of theirs are queued (the client's window is closed or
-its connection slow), so reading from their upstream pauses and memory stays bounded.
 
 Lifecycle: idle (no stream) for keepalive_timeout: GOAWAY and close. Worker drain (QUIT,
 HUP's old generation, upgrade): GOAWAY(2^31-1) and a PING at once, the final GOAWAY with
@@ -26,16 +24,10 @@ import gevent
 from gevent import getcurrent
 from gevent.event import Event
 
-from forkproxy.http.forward import response_fields
-from forkproxy.http.framing import Framing
-from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.session import CLOSED, DATA, END, GOAWAY, REQUEST, ServerSession
-from forkproxy.http2.translate import response_fields as h2_fields
-from forkproxy.worker import faults, grpc
 from forkproxy.worker.client import _GONE, ClientConnection
-from forkproxy.worker.exchange import Exchange
-from forkproxy.worker.front import BodyAborted, ClientGone, Deadline
-from forkproxy.worker.http2front import Http2FrontEnd
+from forkproxy.worker.front import ClientGone, Deadline
+from forkproxy.worker.h2stream import Http2Stream, StreamBuffers
 
 _monotonic = time.monotonic
 #: the client connection preface (RFC 9113 section 3.4): what h2c prior knowledge begins with
@@ -46,13 +38,20 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 GOAWAY_GRACE = 2.0
 #: socket reads per wake-up before the connection writes and yields (fairness)
 READS_PER_WAKE = 16
+#: finished streams kept per connection for its next requests (each a parked greenlet,
+#: an Exchange and a front end: a few KiB); more concurrent ones end with their request
+STREAMS_KEPT = 16
+#: a connection without streams this long lets its pooled ones go (an idle connection
+#: keeps no parked greenlets; as an idle HTTP/1.1 connection parks after 1 s)
+POOL_IDLE = 1.0
 
 
 class Http2Connection(ClientConnection):
     """One HTTP/2 client connection (h2 over TLS, or h2c with prior knowledge)."""
 
     __slots__ = ("session", "streams", "wake", "watcher", "readable", "notice_at",
-                 "final_sent", "client_gone_away", "early")
+                 "final_sent", "client_gone_away", "early", "idle_streams", "over",
+                 "buffers", "run_callback")
 
     @classmethod
     def adopt(cls, conn: ClientConnection, early: bytes = b"") -> Http2Connection:
@@ -70,6 +69,13 @@ class Http2Connection(ClientConnection):
         self.final_sent = False
         self.client_gone_away = False
         self.early = early
+        self.idle_streams: list[Http2Stream] = []  # finished, parked, for the next requests
+        self.over = False  # the connection ended: streams handed a request do not start
+        ws = conn.ws
+        if ws.stream_buffers is None:
+            ws.stream_buffers = StreamBuffers(ws.buffer_size)
+        self.buffers = ws.stream_buffers
+        self.run_callback = None
         return self
 
     def _on_readable(self) -> None:
@@ -90,6 +96,7 @@ class Http2Connection(ClientConnection):
         self.idle = False  # the drain sends GOAWAY instead of shutting it down
         ws.h2_connections += 1
         session = self.session = ServerSession(ws.h2limits, ws.limits)
+        self.run_callback = gevent.get_hub().loop.run_callback
         try:
             self.watcher = ws.hub.loop.io(self.sock.fileno(), 1)
             self.watcher.start(self._on_readable)
@@ -123,8 +130,10 @@ class Http2Connection(ClientConnection):
                 self._goaway_step()
             if self.notice_at and not self.final_sent:
                 self.deadline = self.notice_at + GOAWAY_GRACE
-            elif not busy:
-                self.deadline = self.idle_since + ws.keepalive_timeout
+            elif not busy:  # idle: first the pooled streams go, then the connection
+                self.deadline = self.idle_since + (
+                    min(POOL_IDLE, ws.keepalive_timeout) if self.idle_streams
+                    else ws.keepalive_timeout)
             else:
                 self.deadline = 0.0
             wake.clear()
@@ -140,9 +149,13 @@ class Http2Connection(ClientConnection):
 
     def _timed_out(self) -> bool:
         """The deadline passed while waiting: the second GOAWAY of a drain is due (go on,
-        True), or the connection was idle too long (GOAWAY, then close: False)."""
+        True), the pooled streams were idle for POOL_IDLE (they end; go on), or the
+        connection was idle too long (GOAWAY, then close: False)."""
         if self.notice_at and not self.final_sent:
             self._goaway_step()
+            return True
+        if self.idle_streams and _monotonic() < self.idle_since + self.ws.keepalive_timeout:
+            self._release_streams()
             return True
         self.session.goaway()
         self._flush()
@@ -207,8 +220,15 @@ class Http2Connection(ClientConnection):
         while events:
             kind, sid, payload = events.popleft()
             if kind == REQUEST:
-                stream = streams[sid] = Http2Stream(self, sid, payload)
-                gevent.spawn(stream.run)
+                idle = self.idle_streams
+                if idle:
+                    stream = streams[sid] = idle.pop()
+                    stream.begin(sid, payload)
+                    self.run_callback(stream.greenlet.switch)  # parked in the hub
+                else:
+                    stream = streams[sid] = Http2Stream(self)
+                    stream.begin(sid, payload)
+                    gevent.spawn(stream.run)
                 continue
             stream = streams.get(sid)
             if kind == DATA:
@@ -249,11 +269,14 @@ class Http2Connection(ClientConnection):
     def _end(self) -> None:
         """The connection is over: every stream still running is told, all is closed."""
         ws = self.ws
+        self.over = True
         for stream in list(self.streams.values()):
             g = stream.greenlet
-            if g is not None and not g.dead:
+            # one handed its request but not yet running sees `over` and ends by itself
+            if g is not None and not g.dead and not stream.starting:
                 g.kill(ClientGone("connection closed"), block=False)
         self.streams.clear()
+        self._release_streams()
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher.close()
@@ -266,6 +289,12 @@ class Http2Connection(ClientConnection):
         self.deadline = 0.0
         self.close()
 
+    def _release_streams(self) -> None:
+        """End the pooled streams' greenlets (parked: each gets GreenletExit)."""
+        for stream in self.idle_streams:
+            stream.greenlet.kill(block=False)
+        self.idle_streams.clear()
+
     def _fault(self, e: BaseException) -> None:
         log = self.ws.spec.logger
         if log is not None:
@@ -275,176 +304,15 @@ class Http2Connection(ClientConnection):
             except Exception:
                 pass
 
-    def stream_done(self, stream: Http2Stream) -> None:
-        """A stream's greenlet ended (its exchange is over)."""
+    def stream_done(self, stream: Http2Stream) -> bool:
+        """A stream's exchange is over. True: it is kept for the next request (its
+        greenlet parks until then); False: its greenlet ends."""
         if self.streams.get(stream.stream) is stream:
             del self.streams[stream.stream]
         self.idle_since = _monotonic()
         self.wake.set()
-
-
-class Http2Stream(Http2FrontEnd):
-    """One request of an HTTP/2 connection: the front end of its exchange."""
-
-    __slots__ = ("conn", "ws", "listener", "remote", "remote_b", "tls_resumed",
-                 "tls_version", "deadline", "greenlet", "parked", "stream", "req", "body",
-                 "event", "closed", "blocked", "responded", "t_accept", "t_tls",
-                 "trailers", "request_trailers", "ended", "exchange")
-
-    def __init__(self, conn: Http2Connection, sid: int, req):
-        self.conn = conn
-        self.ws = conn.ws
-        self.listener = conn.listener
-        self.remote = conn.remote
-        self.remote_b = conn.remote_b
-        self.tls_resumed = conn.tls_resumed
-        self.tls_version = conn.tls_version
-        self.deadline = 0.0
-        self.greenlet = None
-        self.parked = None  # never parked (the sweeper reads it)
-        self.stream = sid
-        self.req = req
-        self.body: list = []  # request body pieces from the connection; None = the end
-        self.event = Event()
-        self.closed = None  # the stream's close code once the session closed it
-        self.blocked = False  # waiting for its queued response bytes to drain
-        self.responded = False
-        self.trailers = None  # response trailers for end_body()
-        self.ended = False  # the response is complete (end_body or send_error)
-        self.exchange = None
-        self.request_trailers = None
-        # the first stream of a connection carries its accept and TLS times
-        self.t_accept = conn.t_accept or _monotonic()
-        self.t_tls = conn.t_tls
-        conn.t_accept = 0.0
-        conn.t_tls = 0.0
-
-    def run(self) -> None:
-        ws = self.ws
-        self.greenlet = getcurrent()
-        ws.streams.add(self)
-        try:
-            self._handle()
-        except (ClientGone, Deadline):
-            self.abandoned()
-        except Exception as e:  # a bug: logged, 500 if nothing went out yet
-            self._fault(e)
-        finally:
-            ws.streams.discard(self)
-            self.deadline = 0.0
-            if not self.ended:  # broke off (the upstream failed mid-body): not complete
-                self.conn.session.reset(self.stream, ng.INTERNAL_ERROR)
-            self.conn.stream_done(self)
-
-    def _handle(self) -> None:
-        ws = self.ws
-        req = self.req
-        ex = self.exchange = Exchange(ws, self)
-        ex.start(req, self.t_accept, self.t_tls)
-        if not req.request_id:
-            req.request_id = ws.new_request_id()
-        if faults.REQUEST:
-            faults.request_fault(self, req)
-        climits = ws.client_limits
-        if climits is not None and not climits.allow_request(self.remote):
-            ex.reject = "rate_limited"
-            ex.fail(climits.status, None, "")
-            return
-        upstream = ws.router.route(req.host, req.path, self.listener.default_upstream)
-        ex.route = ws.router.matched
-        if upstream is None:
-            ex.fail(503, None, "no upstream")
-            return
-        if upstream.split:
-            upstream = upstream.choose(req, self.remote)
-        if req.grpc:
-            grpc.forward(ex, upstream)
-        else:
-            ex.forward(upstream)
-
-    def _fault(self, e: BaseException) -> None:
-        log = self.ws.spec.logger
-        if log is not None:
-            try:
-                log.error("request failed", request_id=self.req.request_id.decode("latin-1"),
-                          remote=self.remote, method=self.req.method, stream=self.stream,
-                          error=repr(e), exc_info=e)
-            except Exception:
-                pass
-        if not self.responded:
-            self.send_error(500)
-
-    # -- waiting on the connection -----------------------------------------------------
-
-    def _wait(self, timeout: float) -> None:
-        """Sleep until the connection has news for this stream (Deadline past timeout)."""
-        event = self.event
-        event.clear()
-        self.deadline = _monotonic() + timeout
-        event.wait()
-
-    def _queued(self) -> None:
-        """Response bytes were queued: have them written, and wait while more than the
-        send buffer of this stream is queued (the producer pauses its upstream)."""
-        conn = self.conn
-        conn.wake.set()
-        session = conn.session
-        limit = session.limits.send_buffer
-        send_timeout = self.ws.send_timeout
-        while session.pending(self.stream) > limit:
-            if self.closed is not None:
-                raise ClientGone("stream closed")
-            self.blocked = True
-            try:
-                self._wait(send_timeout)
-            except Deadline:
-                raise ClientGone("client not reading (send_timeout)")
-            finally:
-                self.blocked = False
-
-    # -- the exchange's front end --------------------------------------------------------
-
-    def read_body(self):
-        body = self.body
-        while not body:
-            if self.closed is not None:
-                raise BodyAborted(400, "stream_reset")
-            try:
-                self._wait(self.ws.body_timeout)
-            except Deadline:
-                self.conn.session.reset(self.stream, ng.CANCEL)
-                self.conn.wake.set()
-                raise BodyAborted(408, "body_timeout")
-        data = body.pop(0)
-        if data is None:
-            return None
-        self.conn.session.consume(self.stream, len(data))
-        self.conn.wake.set()
-        return data
-
-    def send_head(self, ex, first) -> None:
-        fields = response_fields(ex.raw_head) if ex.raw_head is not None else ex.rhead.headers
-        framing = ex.framing
-        length = ex.content_length if framing is Framing.LENGTH or (
-            framing is Framing.NONE and ex.req.method == "HEAD") else None
-        session = self.conn.session
-        self.responded = True
-        # no body (a trailers-only gRPC response over HTTP/1.1 has a length of 0): the
-        # HEADERS frame ends the stream
-        if not session.respond(self.stream, ex.status, h2_fields(fields, length),
-                               end_stream=framing is Framing.NONE or length == 0):
-            raise ClientGone("stream closed")
-        if first:
-            session.send_data(self.stream, bytes(first))
-        self._queued()
-
-    def send_body(self, data) -> None:
-        if not self.conn.session.send_data(self.stream, bytes(data)):
-            raise ClientGone("stream closed")
-        self._queued()
-
-    def end_body(self) -> bool:
-        self.ended = True
-        self.conn.session.end(self.stream, self.trailers)
-        self.conn.wake.set()
-        return True  # the connection's other streams go on whatever this one did
+        if self.over or len(self.idle_streams) >= STREAMS_KEPT:
+            return False
+        stream.req = None
+        self.idle_streams.append(stream)
+        return True

@@ -1,7 +1,7 @@
 """The less frequent parts of an HTTP/2 stream's front end: interim responses, trailers,
 and the answers the proxy gives itself.
 
-:class:`~forkproxy.worker.http2.Http2Stream` (the per-stream front end of an exchange)
+:class:`~forkproxy.worker.h2stream.Http2Stream` (the per-stream front end of an exchange)
 inherits them; they live here to keep the connection module within the worker module
 size. The stream provides ``conn`` (its Http2Connection: ``session`` and ``wake``),
 ``stream`` (its id), ``responded``, ``ended`` (the response is complete),

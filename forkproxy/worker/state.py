@@ -57,6 +57,9 @@ class WorkerState:
         self.rbuf = bytearray(65536)
         self.rview = memoryview(self.rbuf)
         self._buffers: list[bytearray] = []
+        #: the HTTP/2 streams' exchange buffers (forkproxy/worker/h2stream.py), made by
+        #: the worker's first HTTP/2 connection
+        self.stream_buffers = None
         self.draining = False
         self.connections: set = set()  # front ends with a deadline (swept) and a drain
         #: HTTP/2 streams being served: front ends with a deadline, swept like connections

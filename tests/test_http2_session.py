@@ -10,6 +10,7 @@ its HPACK state) survived.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -28,6 +29,8 @@ from forkproxy.http.request import Limits
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.limits import Http2Limits
 from forkproxy.http2.session import ServerSession
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROTOCOL_ERROR, REFUSED_STREAM, ENHANCE_YOUR_CALM = 0x1, 0x7, 0xB
 
@@ -435,3 +438,19 @@ def test_malformed_requests_count_as_resets():
     assert s.failed == "rapid_reset" and c.goaway().error_code == ENHANCE_YOUR_CALM
     assert s.stream_errors["rapid_reset"] == 1 and c.requests() == []
     s.close()
+
+
+def test_the_pre_parsed_declarations_are_current():
+    """_nghttp2_ffi.py is what scripts/gen-nghttp2-ffi makes of nghttp2_decls.py today."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen-nghttp2-ffi"),
+                        "--check"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_binding_loads_without_cffis_c_parser():
+    """Out-of-line ABI mode: a process that loads libnghttp2 never imports pycparser."""
+    code = ("import sys; from forkproxy.http2 import nghttp2 as ng; ng.library(); "
+            "print(sorted(m for m in ('cffi', 'pycparser') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -574,9 +574,9 @@ def _failure(exc, value, tb):
     return ng.ERR_CALLBACK_FAILURE
 
 
-#: cffi's FFI.from_handle is a Python method around this (one call less per callback,
-#: ten callbacks per request)
-_from_handle = ffi._backend.from_handle
+#: the out-of-line FFI's from_handle is the C function itself (cffi.FFI wraps it in a
+#: Python method: one call more per callback, ten callbacks per request)
+_from_handle = ffi.from_handle
 
 
 # One C callback per event, each written out (a generic *args trampoline cost ~0.5 us

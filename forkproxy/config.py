@@ -291,8 +291,14 @@ class ServerAddress(_Section, kw_only=True):
 
 
 class HealthCheckConfig(_Section, kw_only=True):
+    #: "http": GET ``path``; "grpc": the gRPC health protocol's
+    #: grpc.health.v1.Health/Check for ``service`` over HTTP/2 (the upstream's protocol
+    #: must be "h2c" or "h2"), a SERVING answer in time is a success
+    type: Literal["http", "grpc"] = "http"
     #: path requested with GET; a 2xx or 3xx answer in time is a success
     path: str = "/healthz"
+    #: type = "grpc": the service asked about ("" = the server as a whole)
+    service: str = ""
     #: time between two checks of one server
     interval: Duration = Duration(2.0)
     #: a check that takes longer (connect included) failed
@@ -314,6 +320,19 @@ class TcpKeepaliveConfig(_Section, kw_only=True):
     interval: Duration = Duration(10.0)
     #: unanswered probes before the connection is dropped (TCP_KEEPCNT)
     count: Positive = 6
+
+
+class UpstreamHttp2Config(_Section, kw_only=True):
+    """HTTP/2 to an upstream's servers (``protocol = "h2c"`` or ``"h2"``)."""
+
+    #: multiplexed connections per worker and server at most: another is opened when
+    #: every one carries the server's SETTINGS_MAX_CONCURRENT_STREAMS; past that a
+    #: request waits up to queue_timeout for a stream, then gets 503
+    max_connections: Positive = 4
+    #: a connection with no frame from the server for this long is sent a PING
+    ping_interval: Duration = Duration(10.0)
+    #: a PING unanswered this long closes the connection (a passive failure)
+    ping_timeout: Duration = Duration(5.0)
 
 
 TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
@@ -407,6 +426,11 @@ class UpstreamConfig(_Section, kw_only=True):
     #: certificate that fails verification is a 502 (reason in the error log), never a
     #: fallback to plain text. Health checks use it too
     tls: UpstreamTLSConfig | None = None
+    #: what the servers speak: "http/1.1", "h2c" (HTTP/2 over plain TCP, prior
+    #: knowledge) or "h2" (HTTP/2 over TLS, agreed by ALPN: needs tls)
+    protocol: Literal["http/1.1", "h2c", "h2"] = "http/1.1"
+    #: HTTP/2 connections (protocol "h2c" / "h2"), e.g. { max_connections = 2 }
+    http2: UpstreamHttp2Config = field(default_factory=UpstreamHttp2Config)
 
 
 class ResolverConfig(_Section, kw_only=True):
@@ -709,6 +733,12 @@ def _validate_route_target(key: str, route: RouteConfig, cfg: Config) -> list[st
 def _validate_upstream(key: str, up: UpstreamConfig, base: str, check_files: bool) -> list[str]:
     problems = _validate_servers(f"{key}.servers", up.servers)
     problems.extend(_validate_upstream_policy(key, up))
+    if up.protocol == "h2" and up.tls is None:
+        problems.append(f"{key}.protocol: \"h2\" is HTTP/2 over TLS: it needs tls "
+                        "(\"h2c\" is HTTP/2 over plain TCP)")
+    elif up.protocol == "h2c" and up.tls is not None:
+        problems.append(f"{key}.protocol: \"h2c\" is HTTP/2 over plain TCP: with tls, "
+                        "use \"h2\"")
     if up.tls is not None:
         problems.extend(_validate_upstream_tls(f"{key}.tls", up.tls, base, check_files))
         if not up.tls.server_name and any(s.resolve for s in up.servers) and not dns_tls_name(up):
@@ -847,6 +877,9 @@ def _validate_upstream_policy(key: str, up: UpstreamConfig) -> list[str]:
     elif up.hash:
         problems.append(f"{key}.hash: only used with balance = \"hash\"")
     hc = up.health_check
+    if hc is not None and hc.type == "grpc" and up.protocol == "http/1.1":
+        problems.append(f"{key}.health_check.type: \"grpc\" speaks HTTP/2: the upstream's "
+                        "protocol must be \"h2c\" or \"h2\"")
     if hc is not None:
         if not hc.path.startswith("/"):
             problems.append(f"{key}.health_check.path: must start with '/'")

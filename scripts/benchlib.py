@@ -72,7 +72,7 @@ end
 
 class Scenario:
     def __init__(self, name, title, *, kind="wrk", path="/tiny", close=False, tls=False,
-                 stime_mode="", tls_version="", unit="req", upstream_tls=False):
+                 stime_mode="", tls_version="", unit="req", upstream_tls=False, grpc=False):
         self.name = name
         self.title = title
         self.kind = kind  # "wrk", "stime" or "h2load"
@@ -83,6 +83,22 @@ class Scenario:
         self.tls_version = tls_version
         self.unit = unit
         self.upstream_tls = upstream_tls  # the proxy talks TLS to a TLS origin
+        self.grpc = grpc  # gRPC unary calls, h2c from the client and to the origin
+
+
+#: the gRPC scenario's method, and its message (the same both ways), length-prefixed
+GRPC_PATH = "/bench.Echo/Unary"
+GRPC_MESSAGE = b"x" * 32
+GRPC_FRAMED = b"\x00" + len(GRPC_MESSAGE).to_bytes(4, "big") + GRPC_MESSAGE
+GRPC_HEADERS = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+#: one real gRPC call through a proxy (grpcio, a test dependency, in the project venv):
+#: the reply's bytes and the status from the trailers, which h2load does not read
+GRPC_CHECK = """
+import sys, grpc
+with grpc.insecure_channel(sys.argv[1]) as ch:
+    reply, call = ch.unary_unary(sys.argv[2]).with_call(sys.argv[3].encode(), timeout=10)
+print(call.code().name, reply.decode())
+"""
 
 
 SCENARIOS = {s.name: s for s in [
@@ -116,6 +132,9 @@ SCENARIOS = {s.name: s for s in [
              path=""),
     Scenario("h2", "HTTP/2 over TLS (ALPN h2), 2 KiB body, h2load -c 32 -m 10",
              kind="h2load", tls=True, path="/static/2k"),
+    Scenario("grpc", "gRPC unary calls, 32-byte message each way, h2c from the client and to "
+             "the origin (nginx answering with grpc-status trailers), h2load -c 32 -m 10",
+             kind="h2load", path=GRPC_PATH, grpc=True),
 ]}
 DEFAULT_SCENARIOS = ["tiny", "1k", "1m", "close", "tls", "tls-close", "tls12-new",
                      "tls12-resume"]
@@ -135,6 +154,8 @@ TARGETS = [
     # issue 14's
     ("h2", "cpu", "nginx", "<=", 2.0, "HTTP/2 (TLS, 2 KiB): CPU/request <= 2x nginx"),
     ("h2", "rps", "nginx", ">=", 0.5, "HTTP/2 (TLS, 2 KiB): req/s >= 0.5x nginx"),
+    # issue 15's
+    ("grpc", "cpu", "nginx", "<=", 2.0, "gRPC unary (h2c): CPU/call <= 2x nginx (grpc_pass)"),
 ]
 
 
@@ -468,6 +489,8 @@ class Env:
         self.cert, self.key, self.pem = make_cert(self.run)
         self.origin_port = free_port()
         self.origin_tls_port = free_port()  # the same origin through TLS (tls-upstream)
+        self.origin_grpc_port = free_port()  # the same origin over h2c, answering gRPC
+        self.grpc_body = os.path.join(self.run, "grpc-request.bin")  # h2load's request body
         self.origin = None
         self.otlp_url = ""  # the OTLP/HTTP receiver's (--tracing)
         self.otlp_count = ""  # the file where it counts the export requests it got
@@ -501,10 +524,16 @@ class Env:
             f.write(os.urandom(2048))
         with open(os.path.join(www, "1m"), "wb") as f:
             f.write(os.urandom(1024 * 1024))
-        for d in (os.path.join(self.run, "www"), www):
+        grpc_dir = os.path.join(self.run, "www", os.path.dirname(GRPC_PATH).lstrip("/"))
+        os.makedirs(grpc_dir)
+        for path in (os.path.join(self.run, "www", GRPC_PATH.lstrip("/")), self.grpc_body):
+            with open(path, "wb") as f:
+                f.write(GRPC_FRAMED)
+        for d in (os.path.join(self.run, "www"), www, grpc_dir):
             os.chmod(d, 0o755)
         conf = render("origin.conf", {"RUN": self.run, "ORIGIN_PORT": self.origin_port,
                                       "ORIGIN_TLS_PORT": self.origin_tls_port,
+                                      "ORIGIN_GRPC_PORT": self.origin_grpc_port,
                                       "CERT": self.cert, "KEY": self.key},
                       os.path.join(self.run, "origin.conf"))
         errlog = os.path.join(self.run, "origin-startup.log")
@@ -535,6 +564,7 @@ class Proxy:
         self.port = free_port()
         self.tls_port: int | None = None
         self.up_tls_port: int | None = None  # a plain listener whose upstream is TLS
+        self.grpc_port: int | None = None  # an h2c listener whose upstream speaks h2c
         self.proc: subprocess.Popen | None = None
         self.note = ""  # why TLS (or the whole proxy) is unavailable
         self.idle_pss_kib = 0
@@ -544,7 +574,8 @@ class Proxy:
 
     def supports(self, scn: Scenario) -> bool:
         return (self.proc is not None and (not scn.tls or self.tls_port is not None)
-                and (not scn.upstream_tls or self.up_tls_port is not None))
+                and (not scn.upstream_tls or self.up_tls_port is not None)
+                and (not scn.grpc or self.grpc_port is not None))
 
     def start(self) -> None:
         raise NotImplementedError
@@ -562,6 +593,9 @@ class Proxy:
         if self.up_tls_port is not None:
             wait_ready(lambda: http_get(self.up_tls_port)[0] == 200, self.proc,
                        timeout, f"{self.name} to the TLS origin")
+        if self.grpc_port is not None:
+            wait_ready(lambda: grpc_call(self.grpc_port) == "OK " + GRPC_MESSAGE.decode(),
+                       self.proc, timeout, f"{self.name} gRPC")
 
     def check_bodies(self) -> None:
         for path, size in (("/tiny", 2), ("/static/1k", 1024), ("/static/1m", 1024 * 1024)):
@@ -624,6 +658,9 @@ class ForkProxy(Proxy):
         if self.up_tls_port is not None:
             lines += ["", "[[listener]]", f'listen = "127.0.0.1:{self.up_tls_port}"',
                       'upstream = "origin_tls"']
+        if self.grpc_port is not None:
+            lines += ["", "[[listener]]", f'listen = "127.0.0.1:{self.grpc_port}"',
+                      'upstream = "origin_grpc"', 'protocols = ["h2c"]']
         lines += [
             "",
             "[upstream.origin]",
@@ -635,6 +672,10 @@ class ForkProxy(Proxy):
                       f'servers = [{{ address = "127.0.0.1:{env.origin_tls_port}" }}]',
                       "keepalive = 64",
                       f'tls = {{ ca = "{env.cert}", server_name = "localhost" }}']
+        if self.grpc_port is not None:
+            lines += ["", "[upstream.origin_grpc]",
+                      f'servers = [{{ address = "127.0.0.1:{env.origin_grpc_port}" }}]',
+                      'protocol = "h2c"']
         path = os.path.join(run, f"{self.tag}{'-tls' if tls else ''}.toml")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -658,6 +699,8 @@ class ForkProxy(Proxy):
     def start(self) -> None:
         if self.env.args.want_upstream_tls and not self.source:  # (older builds: no key)
             self.up_tls_port = free_port()
+        if self.env.args.want_grpc and not self.source:
+            self.grpc_port = free_port()
         want_tls = self.env.args.want_tls
         if want_tls:
             self.tls_port = free_port()
@@ -691,6 +734,7 @@ class NginxProxy(Proxy):
         env = self.env
         self.tls_port = free_port()
         self.up_tls_port = free_port()
+        self.grpc_port = free_port()
         masks = []
         for i in range(env.workers):
             cpu = env.proxy_cpus[i % len(env.proxy_cpus)]
@@ -699,6 +743,7 @@ class NginxProxy(Proxy):
             "RUN": env.run, "ORIGIN_PORT": env.origin_port, "PORT": self.port,
             "TLS_PORT": self.tls_port, "WORKERS": env.workers, "CPUS": " ".join(masks),
             "UP_TLS_PORT": self.up_tls_port, "ORIGIN_TLS_PORT": env.origin_tls_port,
+            "GRPC_PORT": self.grpc_port, "ORIGIN_GRPC_PORT": env.origin_grpc_port,
             "CERT": env.cert, "KEY": env.key}, os.path.join(env.run, "nginx-proxy.conf"))
         errlog = os.path.join(env.run, "nginx-proxy-startup.log")
         self.proc = env.procs.start(
@@ -793,7 +838,8 @@ class ProxyPy(Proxy):
 
 def load_cmd(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> list[str]:
     args = env.args
-    port = proxy.tls_port if scn.tls else proxy.up_tls_port if scn.upstream_tls else proxy.port
+    port = (proxy.tls_port if scn.tls else proxy.up_tls_port if scn.upstream_tls
+            else proxy.grpc_port if scn.grpc else proxy.port)
     if scn.kind == "stime":
         www = ["-www", scn.path] if scn.path else []
         return [*env.taskset(env.load_cpus), "openssl", "s_time", "-connect",
@@ -801,8 +847,9 @@ def load_cmd(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> list[str
                 *www, scn.tls_version]
     url = f"{'https' if scn.tls else 'http'}://127.0.0.1:{port}{scn.path}"
     if scn.kind == "h2load":
+        grpc = ["-d", env.grpc_body, *GRPC_HEADERS] if scn.grpc else []
         return [*env.taskset(env.load_cpus), "h2load", "-D", str(max(1, round(duration))),
-                "-c", "32", "-m", "10", "-t", "1", url]
+                "-c", "32", "-m", "10", "-t", "1", *grpc, url]
     cmd = [*env.taskset(env.load_cpus), "wrk", f"-t{args.threads}", f"-c{args.connections}",
            f"-d{max(1, round(duration))}s", "--latency", "--timeout", "10s", "-s", env.lua]
     if scn.close:
@@ -833,7 +880,8 @@ def parse_h2load(out: str) -> dict:
     times = re.search(r"time for request:\s+([\d.]+)(us|ms|s)\s+([\d.]+)(us|ms|s)\s+"
                       r"([\d.]+)(us|ms|s)", out)
     proto = re.search(r"Application protocol: (\S+)", out)
-    if not (done and fin and times) or not proto or proto.group(1) != "h2":
+    data = re.search(r"\((\d+)\) data", out)
+    if not (done and fin and times and data) or not proto or proto.group(1) not in ("h2", "h2c"):
         raise RuntimeError(f"h2load printed no HTTP/2 summary:\n{out[-800:]}")
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
     secs = float(fin.group(1)) / (1000 if fin.group(2) == "ms" else 1)
@@ -843,8 +891,23 @@ def parse_h2load(out: str) -> dict:
     mean = float(times.group(5)) * scale[times.group(6)]
     return {"count": ok, "seconds": secs, "rate": ok / secs if secs else 0.0,
             "p50_ms": mean, "p90_ms": None, "p99_ms": None, "mean_ms": mean,
-            "max_ms": float(times.group(3)) * scale[times.group(4)], "bytes": 0,
-            "errors": errors}
+            "max_ms": float(times.group(3)) * scale[times.group(4)],
+            "bytes": int(data.group(1)), "errors": errors}
+
+
+def check_grpc_replies(res: dict) -> None:
+    """Every call h2load counted must have carried the reply message: h2load counts 2xx
+    statuses, and a proxy's gRPC error is a 200 with a status in the trailers, no message."""
+    missing = res["count"] - res["bytes"] // len(GRPC_FRAMED)
+    if missing > 0:
+        res["errors"]["no gRPC reply"] = missing
+
+
+def grpc_call(port: int) -> str:
+    """"<status> <reply>" of one real gRPC call through ``port`` (see GRPC_CHECK)."""
+    r = subprocess.run([VENV_PY, "-c", GRPC_CHECK, f"127.0.0.1:{port}", GRPC_PATH,
+                        GRPC_MESSAGE.decode()], capture_output=True, text=True, timeout=30)
+    return r.stdout.strip() if r.returncode == 0 else r.stderr.strip()[-300:]
 
 
 def parse_stime(out: str, wall: float) -> dict:
@@ -915,6 +978,8 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
         res = parse_stime(out, wall)
     elif scn.kind == "h2load":
         res = parse_h2load(out)
+        if scn.grpc:
+            check_grpc_replies(res)
     else:
         res = parse_wrk(out)
     proxy_cpu, proxy_sys, notes = cpu_delta(p_before, p_after)
@@ -1089,7 +1154,7 @@ def render_markdown(results: dict) -> str:
     lines.append("")
     targets = check_targets(results)
     if targets:
-        lines += ["#### Targets (issues 7 and 14)", "", "| target | forkproxy measured | verdict |",
+        lines += ["#### Targets (issues 7, 14 and 15)", "", "| target | forkproxy measured | verdict |",
                   "|---|---:|---|"]
         lines += [f"| {t} | {v} | {ok} |" for t, v, ok in targets]
         lines.append("")
@@ -1401,6 +1466,8 @@ def parse_args(argv):
         args.profile and SCENARIOS[args.profile].tls)
     args.want_upstream_tls = any(SCENARIOS[s].upstream_tls for s in args.scenarios) or bool(
         args.profile and SCENARIOS[args.profile].upstream_tls)
+    args.want_grpc = any(SCENARIOS[s].grpc for s in args.scenarios) or bool(
+        args.profile and SCENARIOS[args.profile].grpc)
     return args
 
 
@@ -1734,6 +1801,7 @@ def main_memprobe(argv: list[str], command: str) -> int:
     args.no_pin = True  # memory does not care; workers spread over all CPUs
     args.want_tls = False
     args.want_upstream_tls = False
+    args.want_grpc = False
     err = ensure_tools(["nginx", "openssl", "taskset"] + (["haproxy"] if args.peers else []))
     if err:
         print(f"memprobe: cannot run: {err}", file=sys.stderr)

@@ -49,6 +49,29 @@ def test_bench_quick_prints_a_table_with_a_ratio(tmp_path):
     assert (tmp_path / "bench.md").exists()
 
 
+@pytest.mark.timeout(240)
+def test_bench_grpc_scenario_counts_calls_that_carried_a_reply(tmp_path):
+    """The grpc scenario (issue 15): h2load's gRPC calls through forkproxy's h2c upstream and
+    nginx's grpc_pass, each proxy first checked with a real grpcio call, and no call counted
+    without its reply message (h2load alone counts any 2xx)."""
+    missing = _can_run() or (", ".join(missing_tools("h2load")) if os.geteuid() != 0 else None)
+    if missing:
+        skip_missing_tool(missing, "apt-get install -y wrk nginx-light nghttp2-client")
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench"), "--quick", "--scenarios",
+         "grpc", "--json", str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=230)
+    if proc.returncode == EXIT_SKIP:
+        skip_missing_tool("a scripts/bench prerequisite", proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    summary = json.loads(out_json.read_text())["scenarios"]["grpc"]["summary"]
+    for proxy in ("forkproxy", "nginx"):
+        assert summary[proxy]["rate"] > 0 and summary[proxy]["cpu_us"] > 0, summary
+        assert "no gRPC reply" not in summary[proxy]["errors"], summary
+    assert "gRPC unary (h2c): CPU/call <= 2x nginx" in proc.stdout
+
+
 @pytest.mark.timeout(180)
 def test_bench_tracing_prints_the_managers_cost(tmp_path):
     """--tracing: forkproxy with tracing off, at 1% and at 100% in the same run, spans

@@ -40,6 +40,8 @@ FLAG_END_STREAM = 0x01
 FLAG_ACK = 0x01
 FLAG_END_HEADERS = 0x04
 HCAT_REQUEST = 0
+HCAT_RESPONSE = 1
+HCAT_PUSH_RESPONSE = 2
 HCAT_HEADERS = 3
 DATA_FLAG_EOF = 0x01
 DATA_FLAG_NO_END_STREAM = 0x02
@@ -105,8 +107,12 @@ def library():
             info = lib.nghttp2_version(0)
             version = info.version_num
             # every declared function must resolve (a missing one raises AttributeError)
-            for fn in ("nghttp2_option_set_stream_reset_rate_limit",
-                       "nghttp2_option_set_max_continuations", "nghttp2_session_server_new2"):
+            # resolving nghttp2_session_del here also keeps a session's __del__, which
+            # the garbage collector may run inside a cffi call holding cffi's lock, from
+            # needing that lock to look the function up (a deadlock otherwise)
+            for fn in ("nghttp2_session_del", "nghttp2_option_set_stream_reset_rate_limit",
+                       "nghttp2_option_set_max_continuations", "nghttp2_session_server_new2",
+                       "nghttp2_session_client_new2", "nghttp2_session_get_remote_settings"):
                 getattr(lib, fn)
         except AttributeError as e:
             errors.append(f"{name}: {e}")

@@ -94,6 +94,11 @@ int nghttp2_session_server_new2(nghttp2_session **session_ptr,
     const nghttp2_session_callbacks *callbacks, void *user_data, const nghttp2_option *option);
 int nghttp2_session_client_new(nghttp2_session **session_ptr,
     const nghttp2_session_callbacks *callbacks, void *user_data);
+int nghttp2_session_client_new2(nghttp2_session **session_ptr,
+    const nghttp2_session_callbacks *callbacks, void *user_data, const nghttp2_option *option);
+uint32_t nghttp2_session_get_remote_settings(nghttp2_session *session, int id);
+int nghttp2_submit_window_update(nghttp2_session *session, uint8_t flags, int32_t stream_id,
+    int32_t window_size_increment);
 void nghttp2_session_del(nghttp2_session *session);
 ssize_t nghttp2_session_mem_recv(nghttp2_session *session, const uint8_t *in, size_t inlen);
 ssize_t nghttp2_session_mem_send(nghttp2_session *session, const uint8_t **data_ptr);

@@ -34,16 +34,15 @@ in :attr:`stream_errors` (``forkproxy_http2_stream_errors_total{reason}``).
 
 from __future__ import annotations
 
-from collections import deque
-
 from forkproxy.http.request import Limits
 from forkproxy.http2 import nghttp2 as ng
+from forkproxy.http2.base import CALLBACKS, OutStream, SessionBase
+from forkproxy.http2.base import nv as _nv
 from forkproxy.http2.limits import Http2Limits, TokenBucket
 from forkproxy.http2.translate import StreamRefused, build_request, request_trailers
 
 ffi = ng.ffi
 _buffer = ffi.buffer
-_memmove = ffi.memmove
 REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
 
 #: the opaque data of the PING sent with the first GOAWAY (its ACK is recognised)
@@ -61,100 +60,62 @@ _CODE_NAME = {ng.PROTOCOL_ERROR: "protocol_error", ng.FLOW_CONTROL_ERROR: "flow_
               ng.ENHANCE_YOUR_CALM: "enhance_your_calm"}
 
 
-class _Stream:
-    __slots__ = ("sid", "fields", "list_size", "oversize", "request", "received",
-                 "unconsumed", "out", "out_size", "offset", "eof", "trailers", "deferred",
-                 "responded", "refused", "ended")
+class _Stream(OutStream):
+    __slots__ = ("fields", "list_size", "oversize", "request", "received",
+                 "unconsumed", "responded", "refused", "ended")
 
     def __init__(self, sid: int):
-        self.sid = sid
+        super().__init__(sid)
         self.fields: list[tuple[bytes, bytes]] = []
         self.list_size = 0
         self.oversize = False
         self.request = None
         self.received = 0  # body bytes received (checked against content-length)
         self.unconsumed = 0  # received, not yet given back to the window by consume()
-        self.out: deque = deque()  # response body chunks not yet taken by nghttp2
-        self.out_size = 0
-        self.offset = 0  # into out[0]
-        self.eof = False
-        self.trailers = None
-        self.deferred = False
         self.responded = False
         self.refused = False  # the session answered or reset it: no consumer
         self.ended = False  # END_STREAM received
 
 
-class ServerSession:
+class ServerSession(SessionBase):
     """One HTTP/2 server connection (sans-IO). Call :meth:`close` when done."""
 
     def __init__(self, limits: Http2Limits | None = None, request_limits: Limits | None = None,
                  clock=None):
-        lib = ng.library()
-        self._lib = lib
+        super().__init__()
+        lib = self._lib
         self.limits = limits = limits or Http2Limits()
         self._max_list_size = limits.max_header_list_size
         self.request_limits = request_limits or Limits()
-        self.events: deque = deque()
-        self.streams: dict[int, _Stream] = {}
-        self.stream_errors: dict[str, int] = {}
-        self.failed: str | None = None  # why the connection is being torn down
         #: the client answered the PING sent with the first GOAWAY: every stream it
         #: opened before it saw that GOAWAY has arrived (TCP keeps the order)
         self.notice_acked = False
-        self._exc: BaseException | None = None
         self._violation: tuple[str, int] | None = None
         kw = {} if clock is None else {"clock": clock}
         self._resets = TokenBucket(limits.reset_burst, limits.reset_rate, **kw)
         self._control = TokenBucket(limits.control_burst, limits.control_rate, **kw)
-        self._handle = ffi.new_handle(self)  # alive as long as the C session
-        self._out_ptr = ffi.new("const uint8_t **")
-        self._session = self._new_session(lib, limits)
-
-    def _new_session(self, lib, limits: Http2Limits):
-        opt_p = ffi.new("nghttp2_option **")
-        if lib.nghttp2_option_new(opt_p) != 0:
-            raise MemoryError("nghttp2_option_new")
-        opt = opt_p[0]
-        try:
-            lib.nghttp2_option_set_no_auto_window_update(opt, 1)
-            # a backstop too: the control-frame bucket refuses a SETTINGS or PING flood
-            # first (a flood in one read would otherwise race the two limits)
-            lib.nghttp2_option_set_max_outbound_ack(
-                opt, max(limits.max_outbound_ack, 2 * limits.control_burst))
-            lib.nghttp2_option_set_max_settings(opt, limits.max_settings)
-            lib.nghttp2_option_set_max_continuations(opt, limits.max_continuations)
-            lib.nghttp2_option_set_max_deflate_dynamic_table_size(opt, limits.header_table_size)
-            # the library's own rapid-reset bucket is a backstop behind this session's
-            lib.nghttp2_option_set_stream_reset_rate_limit(
-                opt, limits.reset_burst * 2, int(limits.reset_rate * 2) + 1)
-            sp = ffi.new("nghttp2_session **")
-            if lib.nghttp2_session_server_new2(sp, _CALLBACKS.get(lib), self._handle, opt) != 0:
-                raise MemoryError("nghttp2_session_server_new2")
-        finally:
-            lib.nghttp2_option_del(opt)
-        session = sp[0]
-        iv = ffi.new("nghttp2_settings_entry[]", [
+        self._create(lib.nghttp2_session_server_new2)
+        self._settings([
             (ng.SETTINGS_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams),
             (ng.SETTINGS_INITIAL_WINDOW_SIZE, limits.initial_window_size),
             (ng.SETTINGS_MAX_FRAME_SIZE, limits.max_frame_size),
             (ng.SETTINGS_MAX_HEADER_LIST_SIZE, limits.max_header_list_size),
             (ng.SETTINGS_HEADER_TABLE_SIZE, limits.header_table_size),
             (ng.SETTINGS_ENABLE_PUSH, 0)])
-        rv = lib.nghttp2_submit_settings(session, ng.FLAG_NONE, iv, len(iv))
-        if rv != 0:
-            lib.nghttp2_session_del(session)
-            raise ValueError(f"nghttp2_submit_settings: {ng.strerror(rv)}")
-        return session
 
-    def close(self) -> None:
-        if self._session is not None:
-            self._lib.nghttp2_session_del(self._session)
-            self._session = None
-            self.streams.clear()
-
-    def __del__(self):
-        self.close()
+    def _set_options(self, lib, opt) -> None:
+        super()._set_options(lib, opt)
+        limits = self.limits
+        # a backstop too: the control-frame bucket refuses a SETTINGS or PING flood
+        # first (a flood in one read would otherwise race the two limits)
+        lib.nghttp2_option_set_max_outbound_ack(
+            opt, max(limits.max_outbound_ack, 2 * limits.control_burst))
+        lib.nghttp2_option_set_max_settings(opt, limits.max_settings)
+        lib.nghttp2_option_set_max_continuations(opt, limits.max_continuations)
+        lib.nghttp2_option_set_max_deflate_dynamic_table_size(opt, limits.header_table_size)
+        # the library's own rapid-reset bucket is a backstop behind this session's
+        lib.nghttp2_option_set_stream_reset_rate_limit(
+            opt, limits.reset_burst * 2, int(limits.reset_rate * 2) + 1)
 
     # -- driving -------------------------------------------------------------------------
 
@@ -170,49 +131,6 @@ class ServerSession:
             self._terminate(*violation)
         elif rv < 0:
             self._terminate(*_FATAL.get(rv, ("protocol_error", ng.PROTOCOL_ERROR)))
-
-    def _after_call(self) -> None:
-        """Re-raise, once C has returned, what a callback caught (never unwound through C)."""
-        exc = self._exc
-        if exc is not None:
-            self._exc = None
-            self.failed = "internal_error"
-            raise exc
-
-    def data_to_send(self) -> bytes:
-        """All bytes nghttp2 has to send now (frames, DATA pulled from the stream buffers)."""
-        if self._session is None:
-            return b""
-        lib, session, ptr = self._lib, self._session, self._out_ptr
-        chunks = []
-        while True:
-            n = lib.nghttp2_session_mem_send(session, ptr)
-            if n <= 0:
-                self._after_call()
-                if n < 0:
-                    self.failed = self.failed or "send_failed"
-                break
-            chunks.append(ffi.buffer(ptr[0], n)[:])
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    @property
-    def want_read(self) -> bool:
-        return self._session is not None and self.failed is None and bool(
-            self._lib.nghttp2_session_want_read(self._session))
-
-    @property
-    def want_write(self) -> bool:
-        return self._session is not None and bool(
-            self._lib.nghttp2_session_want_write(self._session))
-
-    @property
-    def finished(self) -> bool:
-        """Nothing more to read or write: the connection can be closed."""
-        return not self.want_read and not self.want_write
-
-    def _count(self, reason: str) -> None:
-        errors = self.stream_errors
-        errors[reason] = errors.get(reason, 0) + 1
 
     def _terminate(self, reason: str, code: int) -> None:
         """GOAWAY(code) and the end of the connection: every open stream is CLOSED for
@@ -313,10 +231,6 @@ class ServerSession:
 
     # -- callbacks (called by nghttp2 during receive/data_to_send) -----------------------
 
-    def _store(self, exc: BaseException) -> int:
-        self._exc = exc
-        return ng.ERR_CALLBACK_FAILURE
-
     def _on_header(self, frame, name, namelen, value, valuelen) -> int:
         sid = frame.hd.stream_id
         stream = self.streams.get(sid)
@@ -398,54 +312,12 @@ class ServerSession:
         return 0
 
     def _on_stream_close(self, sid: int, code: int) -> int:
-        stream = self.streams.pop(sid, None)
+        stream = self._forget(sid)
         if stream is None:
             return 0
-        if stream.unconsumed:
-            self._lib.nghttp2_session_consume_connection(self._session, stream.unconsumed)
         if stream.request is not None:
             self.events.append((CLOSED, sid, code))
         return 0
-
-    def _read_body(self, sid: int, buf, length: int, flags) -> int:
-        stream = self.streams.get(sid)
-        if stream is None:
-            return ng.ERR_DEFERRED
-        out = stream.out
-        if len(out) == 1 and not stream.offset and len(out[0]) <= length:
-            chunk = out.popleft()  # the usual case: one whole chunk queued, and it fits
-            n = len(chunk)
-            _memmove(buf, chunk, n)
-        else:
-            n = self._take(stream, buf, length)
-        stream.out_size -= n
-        if not out and stream.eof:
-            flags[0] |= ng.DATA_FLAG_EOF
-            if stream.trailers:
-                flags[0] |= ng.DATA_FLAG_NO_END_STREAM
-                nva, keep = _nv(stream.trailers)
-                self._lib.nghttp2_submit_trailer(self._session, sid, nva, len(keep) // 2)
-            return n
-        if n == 0:
-            stream.deferred = True
-            return ng.ERR_DEFERRED
-        return n
-
-    @staticmethod
-    def _take(stream: _Stream, buf, length: int) -> int:
-        """Copy up to ``length`` queued body bytes of ``stream`` into ``buf``."""
-        out = stream.out
-        n = 0
-        while out and n < length:
-            chunk = out[0]
-            take = min(len(chunk) - stream.offset, length - n)
-            _memmove(buf + n, memoryview(chunk)[stream.offset:stream.offset + take], take)
-            n += take
-            stream.offset += take
-            if stream.offset == len(chunk):
-                out.popleft()
-                stream.offset = 0
-        return n
 
     # -- response side -------------------------------------------------------------------
 
@@ -484,46 +356,8 @@ class ServerSession:
 
     def _submit(self, sid: int, nva, count: int, end_stream: bool) -> bool:
         # one data provider for every stream: nghttp2 copies the struct
-        prd = ffi.NULL if end_stream else _CALLBACKS.provider
+        prd = ffi.NULL if end_stream else CALLBACKS.provider
         return self._lib.nghttp2_submit_response(self._session, sid, nva, count, prd) == 0
-
-    def send_data(self, sid: int, data) -> bool:
-        """Queue response body bytes; False: the stream is gone (stop producing)."""
-        stream = self.streams.get(sid)
-        if stream is None:
-            return False
-        if data:
-            stream.out.append(data)
-            stream.out_size += len(data)
-            self._resume(stream)
-        return True
-
-    def end(self, sid: int, trailers=None) -> None:
-        """The response body is complete; ``trailers``: fields sent after it."""
-        stream = self.streams.get(sid)
-        if stream is None:
-            return
-        stream.eof = True
-        stream.trailers = trailers
-        self._resume(stream)
-
-    def _resume(self, stream: _Stream) -> None:
-        if stream.deferred:
-            stream.deferred = False
-            self._lib.nghttp2_session_resume_data(self._session, stream.sid)
-
-    def pending(self, sid: int) -> int:
-        """Response bytes of ``sid`` queued but not yet framed (0 if the stream is gone)."""
-        stream = self.streams.get(sid)
-        return stream.out_size if stream is not None else 0
-
-    def send_window(self, sid: int) -> int:
-        """What the client's flow control lets the stream send now (<= 0: closed)."""
-        lib, s = self._lib, self._session
-        if s is None:
-            return 0
-        return min(lib.nghttp2_session_get_stream_remote_window_size(s, sid),
-                   lib.nghttp2_session_get_remote_window_size(s))
 
     def reset(self, sid: int, code: int = ng.CANCEL) -> None:
         stream = self.streams.get(sid)
@@ -554,128 +388,3 @@ def nv_array(status: int, headers):
     length, and the buffers it points into (keep them alive as long as the array)."""
     nva, keep = _nv([(b":status", b"%d" % status), *headers])
     return nva, len(keep) // 2, keep
-
-
-def _nv(pairs):
-    """An nghttp2_nv array for ``pairs`` (one ffi.new from an initialiser list), and
-    the buffers it points into: keep them alive until the submit call returns (nghttp2
-    copies the fields)."""
-    from_buffer = ffi.from_buffer
-    keep = [from_buffer(x) for pair in pairs for x in pair]
-    nva = ffi.new("nghttp2_nv[]", [(keep[2 * i], keep[2 * i + 1], len(a), len(b), 0)
-                                   for i, (a, b) in enumerate(pairs)])
-    return nva, keep
-
-
-# -- the process's one set of C callbacks: user_data -> ServerSession ---------------------
-
-def _failure(exc, value, tb):
-    """cffi's onerror: the last line of defence (a bug before the session was found)."""
-    return ng.ERR_CALLBACK_FAILURE
-
-
-#: the out-of-line FFI's from_handle is the C function itself (cffi.FFI wraps it in a
-#: Python method: one call more per callback, ten callbacks per request)
-_from_handle = ffi.from_handle
-
-
-# One C callback per event, each written out (a generic *args trampoline cost ~0.5 us
-# more per call, and a request makes ~12 calls): find the session through user_data,
-# call its method, and store (never propagate into C) whatever it raises.
-_FRAME_CB = "int(nghttp2_session *, const nghttp2_frame *, void *)"
-_HEADER_CB = ("int(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,"
-              " const uint8_t *, size_t, uint8_t, void *)")
-
-
-@ffi.callback(_HEADER_CB, onerror=_failure)
-def _cb_header(s, frame, name, namelen, value, valuelen, flags, ud):
-    session = _from_handle(ud)
-    try:
-        return session._on_header(frame, name, namelen, value, valuelen)
-    except BaseException as e:
-        return session._store(e)
-
-
-@ffi.callback(_HEADER_CB, onerror=_failure)
-def _cb_invalid_header(s, frame, name, namelen, value, valuelen, flags, ud):
-    session = _from_handle(ud)
-    try:
-        return session._on_invalid_header(frame)
-    except BaseException as e:
-        return session._store(e)
-
-
-@ffi.callback(_FRAME_CB, onerror=_failure)
-def _cb_frame_recv(s, frame, ud):
-    session = _from_handle(ud)
-    try:
-        return session._on_frame_recv(frame)
-    except BaseException as e:
-        return session._store(e)
-
-
-@ffi.callback(_FRAME_CB, onerror=_failure)
-def _cb_frame_send(s, frame, ud):
-    session = _from_handle(ud)
-    try:
-        return session._on_frame_send(frame)
-    except BaseException as e:
-        return session._store(e)
-
-
-@ffi.callback("int(nghttp2_session *, int32_t, uint32_t, void *)", onerror=_failure)
-def _cb_stream_close(s, sid, code, ud):
-    session = _from_handle(ud)
-    try:
-        return session._on_stream_close(sid, code)
-    except BaseException as e:
-        return session._store(e)
-
-
-@ffi.callback("int(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *)",
-              onerror=_failure)
-def _cb_data_chunk(s, flags, sid, data, n, ud):
-    session = _from_handle(ud)
-    try:
-        return session._on_data(sid, data, n)
-    except BaseException as e:
-        return session._store(e)
-
-
-@ffi.callback("ssize_t(nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *,"
-              " nghttp2_data_source *, void *)", onerror=_failure)
-def _cb_read_body(s, sid, buf, length, flags, source, ud):
-    session = _from_handle(ud)
-    try:
-        return session._read_body(sid, buf, length, flags)
-    except BaseException as e:
-        return session._store(e)
-
-
-class _Callbacks:
-    """The nghttp2_session_callbacks table, built once per process on first use."""
-
-    def __init__(self):
-        self._table = None
-        self.provider = None
-
-    def get(self, lib):
-        if self._table is None:
-            prd = ffi.new("nghttp2_data_provider *")
-            prd.read_callback = _cb_read_body
-            self.provider = prd
-            p = ffi.new("nghttp2_session_callbacks **")
-            if lib.nghttp2_session_callbacks_new(p) != 0:
-                raise MemoryError("nghttp2_session_callbacks_new")
-            table = p[0]
-            lib.nghttp2_session_callbacks_set_on_header_callback(table, _cb_header)
-            lib.nghttp2_session_callbacks_set_on_invalid_header_callback(table, _cb_invalid_header)
-            lib.nghttp2_session_callbacks_set_on_frame_recv_callback(table, _cb_frame_recv)
-            lib.nghttp2_session_callbacks_set_on_frame_send_callback(table, _cb_frame_send)
-            lib.nghttp2_session_callbacks_set_on_stream_close_callback(table, _cb_stream_close)
-            lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(table, _cb_data_chunk)
-            self._table = table  # never freed: nghttp2 copies it into each session
-        return self._table
-
-
-_CALLBACKS = _Callbacks()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from forkproxy.http.messages import HOST_RE
+from forkproxy.http.messages import HOST_RE, connection_tokens
 from forkproxy.http.request import GRPC_CONTENT_TYPE, Limits, Request, trace_field
 from forkproxy.http.trailers import TrailersTooLarge, relayable_trailers
 
@@ -242,3 +242,40 @@ def response_fields(fields, content_length: int | None) -> list[tuple[bytes, byt
     if content_length is not None:
         out.append((b"content-length", b"%d" % content_length))
     return out
+
+
+#: request fields never sent to an HTTP/2 upstream: connection-specific (RFC 9113
+#: section 8.2.2; te is sent as "trailers" below), and host (it is :authority)
+_UPSTREAM_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te",
+                            b"transfer-encoding", b"upgrade", b"host", b"http2-settings",
+                            b"content-length"})
+
+
+def upstream_fields(req, rid: bytes, remote: bytes, scheme: bytes, host_fallback: bytes,
+                    extra: bytes = b"", up_scheme: bytes = b"http") -> list[tuple[bytes, bytes]]:
+    """The HTTP/2 header list sent to an HTTP/2 upstream for ``req``: the fields the
+    HTTP/1.1 head (forkproxy/http/forward.py: upstream_head) carries, as HTTP/2 has them
+    (names lower-case, the target in pseudo-headers, ``te: trailers`` for gRPC).
+    ``scheme``: the client's, for X-Forwarded-Proto; ``up_scheme``: the connection's."""
+    fields = [(b":method", req.method.encode()), (b":scheme", up_scheme),
+              (b":authority", req.host or host_fallback), (b":path", req.path)]
+    drop = _UPSTREAM_DROP
+    if req.connection:
+        drop = drop | connection_tokens(req.connection)
+    for name, value in req.headers:
+        lname = name.lower()
+        if lname not in drop:
+            fields.append((lname, value))
+    fields.append((b"te", b"trailers"))
+    fields.append((b"x-forwarded-for",
+                   req.forwarded_for + b", " + remote if req.forwarded_for else remote))
+    fields.append((b"x-forwarded-proto", scheme))
+    fields.append((b"x-request-id", rid))
+    if extra:  # whole HTTP/1.1 header lines (the trace context)
+        for line in extra.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if sep:
+                fields.append((name.strip().lower(), value.strip()))
+    if req.content_length is not None:
+        fields.append((b"content-length", b"%d" % req.content_length))
+    return fields

@@ -2,7 +2,8 @@
 
 For every server of an upstream with ``health_check = {...}``, one greenlet sends
 ``GET path`` every ``interval`` on a fresh connection (``Connection: close``); a 2xx or
-3xx status line within ``timeout`` (connect included) is a success. An upstream with
+3xx status line within ``timeout`` (connect included) is a success. ``type = "grpc"``
+makes a gRPC health call instead (forkproxy/manager/grpccheck.py): SERVING is a success. An upstream with
 ``tls`` is checked through TLS with its context: a certificate that does not verify
 fails the check (status "TLS handshake failed", the reason in the "upstream server
 down" log line). ``rise`` consecutive successes bring a down server up, ``fall`` consecutive failures take it
@@ -35,6 +36,7 @@ from gevent import socket
 from gevent.ssl import SSLSocket
 
 from forkproxy.config import config_dir, dns_tls_name, parse_hostport, resolved_spec
+from forkproxy.manager.grpccheck import NOT_SERVING_STATUS, check_grpc
 from forkproxy.shm.health import (
     DOWN,
     ST_BAD,
@@ -106,14 +108,20 @@ class CheckTLS:
 
 
 def check_once(host: str, port: int, path: str, host_header: str,
-               timeout: float, tls: CheckTLS | None = None) -> tuple[bool, int]:
-    """One check: (success, status) with status an HTTP status or ST_* code."""
+               timeout: float, tls: CheckTLS | None = None,
+               service: str | None = None) -> tuple[bool, int]:
+    """One check: (success, status) with status an HTTP status or ST_* code.
+    ``service``: not None for a gRPC check (forkproxy/manager/grpccheck.py)."""
     sock = None
     try:
         with gevent.Timeout(timeout):
             sock = socket.create_connection((host, port))
             if tls is not None:
                 sock = _start_tls(sock, tls, timeout)
+            if service is not None:
+                serving = check_grpc(sock, host_header, service,
+                                     b"http" if tls is None else b"https")
+                return serving, 200 if serving else NOT_SERVING_STATUS
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\n"
                          "User-Agent: forkproxy-health-check\r\nAccept: */*\r\n"
                          "Connection: close\r\n\r\n".encode("latin-1"))
@@ -269,12 +277,15 @@ class HealthChecker:
 
     def _tls(self, name: str, host: str) -> CheckTLS | None:
         """The TLS of upstream ``name``'s checks (one context per upstream), or None."""
-        tls = self.cfg.upstream[name].tls
+        up = self.cfg.upstream[name]
+        tls = up.tls
         if tls is None:
             return None
         ctx = self.contexts.get(name)
         if ctx is None:
             ctx = self.contexts[name] = client_context(tls, config_dir(self.cfg))
+            if up.protocol == "h2":  # as the workers connect to it
+                ctx.set_alpn_protocols(["h2"])
         return CheckTLS(ctx, server_name(tls, host))
 
     def _loop(self, name: str, address: str, hc, i: int, dns_name: str = "") -> None:
@@ -284,13 +295,15 @@ class HealthChecker:
         host, port = parse_hostport(address)
         host_header = hc.host or address
         tls = self._tls(name, dns_name or host)
+        service = hc.service if hc.type == "grpc" else None
         state, since = table.state(i)
         verdict = Verdict(hc.rise, hc.fall, state, since)
         # spread the first checks a little (many servers, one helper)
         gevent.sleep(random.uniform(0, min(hc.interval, 1.0) * 0.2))
         while True:
             t0 = time.monotonic()
-            ok, status = check_once(host, port, hc.path, host_header, hc.timeout, tls)
+            ok, status = check_once(host, port, hc.path, host_header, hc.timeout, tls,
+                                    service)
             now_ms = _now_ms()
             changed = verdict.observe(ok, now_ms)
             table.publish(i, verdict.state, verdict.since_ms, changed, ok,

@@ -35,7 +35,6 @@ from forkproxy.context import (
     RequestContext,
     encoder,
 )
-from forkproxy.http.forward import upstream_head
 from forkproxy.http.framing import LAST_CHUNK, Framing, frame_chunk, response_framing
 from forkproxy.http.messages import IDEMPOTENT
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser, fast_head
@@ -47,7 +46,6 @@ from forkproxy.worker.front import BodyAborted, ClientGone
 from forkproxy.worker.readiness import ReadWatch
 from forkproxy.worker.relay import RELAYERS
 from forkproxy.worker.server import PoolTimeout
-from forkproxy.worker.sockio import peer_closed
 from forkproxy.worker.tracing import start_span
 from forkproxy.worker.upconn import UpstreamConn
 
@@ -126,8 +124,8 @@ class Exchange:
         if remote is None:  # after a PROXY header, if any, named the client
             remote = front.remote_b = front.remote.encode()
         listener = front.listener
-        head = upstream_head(req, req.request_id, remote, listener.scheme,
-                             listener.host_fallback, start_span(req, self.ws))
+        head = upstream.make_head(req, req.request_id, remote, listener.scheme,
+                                  listener.host_fallback, start_span(req, self.ws))
         budget = upstream.budget
         budget.request(self.times[T_HEADERS])
         key = upstream.keyspec.key(req, front.remote) if upstream.keyspec is not None else None
@@ -142,7 +140,8 @@ class Exchange:
             self.retry_statuses = (rs if rs is not None and self.tries and replayable
                                    and budget.can(self.times[T_CONNECTED]) else None)
             try:
-                return self.send_and_relay(head, conn)
+                # HTTP/1.1 (send_and_relay below) or HTTP/2 (h2exchange), per upstream
+                return upstream.relay(self, head, conn)
             except UpstreamFailed as e:
                 conn.reusable = False
                 if e.retryable and replayable:
@@ -196,7 +195,7 @@ class Exchange:
                     continue
                 self.keep = self.fail(status, server, detail)
                 return None
-            if conn.reused and check_peer and peer_closed(conn.sock):
+            if conn.reused and check_peer and conn.closed_by_peer():
                 server.release(conn, False)
                 server.close_idle()
                 continue

@@ -251,7 +251,8 @@ class TLSServer(Server):
         self.tls_full = 0  # handshakes (counters since the worker started)
         self.tls_resumed = 0
 
-    def _connect(self) -> UpstreamConn:
+    def _tls_socket(self):
+        """A connected TLS socket (counted in active and in the handshake counters)."""
         sock = self._open()
         try:
             ssock = handshake(sock, self.tls_ctx, self.tls_name, self.tls_session,
@@ -259,11 +260,15 @@ class TLSServer(Server):
         except BaseException:
             self._not_connected()
             raise
-        self.connects += 1
         if ssock.session_reused:
             self.tls_resumed += 1
         else:
             self.tls_full += 1
+        return ssock
+
+    def _connect(self) -> UpstreamConn:
+        ssock = self._tls_socket()
+        self.connects += 1
         conn = TLSUpstreamConn(ssock, self)
         conn.fresh = self.cfg.tls.session_reuse  # else its session is never kept
         return conn

@@ -45,6 +45,9 @@ def tunnel(c, ex: Exchange, upstream) -> bool:
     always False (the connection closes afterwards)."""
     req = ex.req
     c.closing = True  # the parser stopped at the upgrade: nothing follows on this connection
+    if upstream.relay is not Exchange.send_and_relay:  # an HTTP/2 upstream (RFC 8441's
+        ex.reject = "upgrade"  # extended CONNECT is not implemented): refused, said so
+        return ex.fail(501, None, "upgrade to an HTTP/2 upstream is not supported")
     if c.remote_b is None:
         c.remote_b = c.remote.encode()
     head = upgrade_head(upstream_head(req, req.request_id, c.remote_b, c.listener.scheme,

@@ -15,6 +15,7 @@ from ssl import SSLEOFError, SSLWantReadError, SSLWantWriteError
 
 from forkproxy.tls.client import shutdown as tls_shutdown
 from forkproxy.worker.readiness import ReadWatch
+from forkproxy.worker.sockio import peer_closed
 
 _monotonic = time.monotonic
 
@@ -54,6 +55,10 @@ class UpstreamConn:
             return self.raw.recv_into(buf)
         except BlockingIOError:  # spurious wake-up
             return self.sock.recv_into(buf)
+
+    def closed_by_peer(self) -> bool:
+        """Checked before reusing it for a request that must not be sent twice."""
+        return peer_closed(self.sock)
 
     def close(self) -> None:
         if self.watch is not None:

@@ -42,7 +42,8 @@ from forkproxy.shm.health import DOWN, KEY, STATE, UP, WORDS, server_key
 from forkproxy.tls.client import client_context
 from forkproxy.worker.balancer import KeySpec, RetryBudget, make_balancer
 from forkproxy.worker.discovered import DnsFollower
-from forkproxy.worker.server import Server, TLSServer
+from forkproxy.worker.protocols import PROTOCOLS
+from forkproxy.worker.server import Server
 
 #: idle connections are swept (timeouts, age) this often
 REAP_INTERVAL = 1.0
@@ -60,8 +61,8 @@ class Upstream:
     __slots__ = ("name", "servers", "cfg", "balancer", "keyspec", "single", "max_fails",
                  "fail_timeout", "slow_start", "retries", "retry_connect", "retry_kinds",
                  "retry_statuses", "budget", "health", "next_reap", "tunnel_timeout",
-                 "total_weight", "watch", "fixed", "dns", "tls_ctx", "dns_name", "htable",
-                 "entries_missing", "next_lookup")
+                 "total_weight", "watch", "fixed", "dns", "tls_ctx", "dns_name", "protocol",
+                 "make_head", "relay", "htable", "entries_missing", "next_lookup")
 
     def __init__(self, name: str, cfg: UpstreamConfig, health=None, resolved=None,
                  base: str = "."):
@@ -69,6 +70,12 @@ class Upstream:
         self.cfg = cfg
         # one context per upstream: its servers' sessions; DNS-found servers verify the name
         self.tls_ctx = client_context(cfg.tls, base) if cfg.tls is not None else None
+        # how a try is made and the servers' pool class: chosen here, once
+        self.protocol = proto = PROTOCOLS[cfg.protocol]
+        self.make_head = proto.make_head
+        self.relay = proto.relay
+        if self.tls_ctx is not None and proto.alpn is not None:
+            self.tls_ctx.set_alpn_protocols(proto.alpn)
         self.dns_name = dns_tls_name(cfg) if cfg.tls is not None else ""
         #: the servers given by address; servers found through DNS are added by follow()
         self.fixed = [self._server(s.address, s.weight) for s in cfg.servers
@@ -114,8 +121,8 @@ class Upstream:
         """A server of this upstream, through TLS if it has ``tls``; ``name``: the DNS
         name it was found through (what TLS verifies unless server_name says)."""
         if self.tls_ctx is None:
-            return Server(self, address, weight, self.cfg)
-        return TLSServer(self, address, weight, self.cfg, self.tls_ctx, name)
+            return self.protocol.server(self, address, weight, self.cfg)
+        return self.protocol.tls_server(self, address, weight, self.cfg, self.tls_ctx, name)
 
     def _find_entries(self, servers, index: dict[int, int]) -> None:
         """Point servers without one at their health table entry (if it has one yet)."""

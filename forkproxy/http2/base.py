@@ -1,0 +1,360 @@
+"""What the HTTP/2 server and client sessions share on libnghttp2: driving the C session
+(bytes in, bytes to send, want_read/want_write), the outgoing body of a stream (a
+per-stream queue a data provider pulls from, deferring when empty), and the process's
+one table of C callbacks.
+
+The callbacks find their session through ``user_data`` and call its ``_on_*`` methods,
+so one table serves both :class:`~forkproxy.http2.session.ServerSession` (requests in,
+responses out) and :class:`~forkproxy.http2.client.ClientSession` (requests out,
+responses in): each implements the same handful of methods for its side.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from forkproxy.http2 import nghttp2 as ng
+
+ffi = ng.ffi
+_memmove = ffi.memmove
+#: the out-of-line FFI's from_handle is the C function itself (cffi.FFI wraps it in a
+#: Python method: one call more per callback, ten callbacks per request)
+_from_handle = ffi.from_handle
+
+
+class OutStream:
+    """A stream's outgoing body: chunks not yet taken by nghttp2, and how it ends."""
+
+    __slots__ = ("sid", "out", "out_size", "offset", "eof", "trailers", "deferred")
+
+    def __init__(self, sid: int):
+        self.sid = sid
+        self.out: deque = deque()  # body chunks not yet taken by nghttp2
+        self.out_size = 0
+        self.offset = 0  # into out[0]
+        self.eof = False
+        self.trailers = None
+        self.deferred = False
+
+
+class SessionBase:
+    """One nghttp2 session (either side) and the Python state its callbacks fill."""
+
+    def __init__(self):
+        self._lib = ng.library()
+        self.events: deque = deque()
+        self.streams: dict = {}
+        self.stream_errors: dict[str, int] = {}
+        self.failed: str | None = None  # why the connection is being torn down
+        self._exc: BaseException | None = None
+        self._handle = ffi.new_handle(self)  # alive as long as the C session
+        self._out_ptr = ffi.new("const uint8_t **")
+        self._session = None
+
+    #: whether the session's ``_on_frame_send`` needs calling
+    FRAME_SEND = True
+
+    def _create(self, create) -> None:
+        """The C session, made by ``create`` (nghttp2_session_server_new2 or
+        client_new2) with the options :meth:`_set_options` chose."""
+        lib = self._lib
+        opt_p = ffi.new("nghttp2_option **")
+        if lib.nghttp2_option_new(opt_p) != 0:
+            raise MemoryError("nghttp2_option_new")
+        opt = opt_p[0]
+        try:
+            self._set_options(lib, opt)
+            sp = ffi.new("nghttp2_session **")
+            if create(sp, CALLBACKS.get(lib, self.FRAME_SEND), self._handle, opt) != 0:
+                raise MemoryError("nghttp2 session")
+        finally:
+            lib.nghttp2_option_del(opt)
+        self._session = sp[0]
+
+    def _set_options(self, lib, opt) -> None:
+        """Both sides give windows back themselves, once the consumer took the bytes."""
+        lib.nghttp2_option_set_no_auto_window_update(opt, 1)
+
+    def _settings(self, entries) -> None:
+        iv = ffi.new("nghttp2_settings_entry[]", entries)
+        rv = self._lib.nghttp2_submit_settings(self._session, ng.FLAG_NONE, iv, len(iv))
+        if rv != 0:
+            self.close()
+            raise ValueError(f"nghttp2_submit_settings: {ng.strerror(rv)}")
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._lib.nghttp2_session_del(self._session)
+            self._session = None
+            self.streams.clear()
+
+    def __del__(self):
+        self.close()
+
+    # -- driving -------------------------------------------------------------------------
+
+    def _after_call(self) -> None:
+        """Re-raise, once C has returned, what a callback caught (never unwound through C)."""
+        exc = self._exc
+        if exc is not None:
+            self._exc = None
+            self.failed = "internal_error"
+            raise exc
+
+    def data_to_send(self) -> bytes:
+        """All bytes nghttp2 has to send now (frames, DATA pulled from the stream buffers)."""
+        if self._session is None:
+            return b""
+        lib, session, ptr = self._lib, self._session, self._out_ptr
+        chunks = []
+        while True:
+            n = lib.nghttp2_session_mem_send(session, ptr)
+            if n <= 0:
+                self._after_call()
+                if n < 0:
+                    self.failed = self.failed or "send_failed"
+                break
+            chunks.append(ffi.buffer(ptr[0], n)[:])
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @property
+    def want_read(self) -> bool:
+        return self._session is not None and self.failed is None and bool(
+            self._lib.nghttp2_session_want_read(self._session))
+
+    @property
+    def want_write(self) -> bool:
+        return self._session is not None and bool(
+            self._lib.nghttp2_session_want_write(self._session))
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more to read or write: the connection can be closed."""
+        return not self.want_read and not self.want_write
+
+    def _count(self, reason: str) -> None:
+        errors = self.stream_errors
+        errors[reason] = errors.get(reason, 0) + 1
+
+    def _forget(self, sid: int):
+        """Pop a closed stream (None if unknown): its received bytes nobody consumed go
+        back to the connection window."""
+        stream = self.streams.pop(sid, None)
+        if stream is not None and stream.unconsumed:
+            self._lib.nghttp2_session_consume_connection(self._session, stream.unconsumed)
+        return stream
+
+    def _store(self, exc: BaseException) -> int:
+        self._exc = exc
+        return ng.ERR_CALLBACK_FAILURE
+
+    # -- a stream's outgoing body --------------------------------------------------------
+
+    def _read_body(self, sid: int, buf, length: int, flags) -> int:
+        stream = self.streams.get(sid)
+        if stream is None:
+            return ng.ERR_DEFERRED
+        out = stream.out
+        if len(out) == 1 and not stream.offset and len(out[0]) <= length:
+            chunk = out.popleft()  # the usual case: one whole chunk queued, and it fits
+            n = len(chunk)
+            _memmove(buf, chunk, n)
+        else:
+            n = self._take(stream, buf, length)
+        stream.out_size -= n
+        if not out and stream.eof:
+            flags[0] |= ng.DATA_FLAG_EOF
+            if stream.trailers:
+                flags[0] |= ng.DATA_FLAG_NO_END_STREAM
+                nva, keep = nv(stream.trailers)
+                self._lib.nghttp2_submit_trailer(self._session, sid, nva, len(keep) // 2)
+            return n
+        if n == 0:
+            stream.deferred = True
+            return ng.ERR_DEFERRED
+        return n
+
+    @staticmethod
+    def _take(stream: OutStream, buf, length: int) -> int:
+        """Copy up to ``length`` queued body bytes of ``stream`` into ``buf``."""
+        out = stream.out
+        n = 0
+        while out and n < length:
+            chunk = out[0]
+            take = min(len(chunk) - stream.offset, length - n)
+            _memmove(buf + n, memoryview(chunk)[stream.offset:stream.offset + take], take)
+            n += take
+            stream.offset += take
+            if stream.offset == len(chunk):
+                out.popleft()
+                stream.offset = 0
+        return n
+
+    def send_data(self, sid: int, data) -> bool:
+        """Queue body bytes of ``sid``; False: the stream is gone (stop producing)."""
+        stream = self.streams.get(sid)
+        if stream is None:
+            return False
+        if data:
+            stream.out.append(data)
+            stream.out_size += len(data)
+            self._resume(stream)
+        return True
+
+    def end(self, sid: int, trailers=None) -> None:
+        """The body of ``sid`` is complete; ``trailers``: fields sent after it."""
+        stream = self.streams.get(sid)
+        if stream is None:
+            return
+        stream.eof = True
+        stream.trailers = trailers
+        self._resume(stream)
+
+    def _resume(self, stream: OutStream) -> None:
+        if stream.deferred:
+            stream.deferred = False
+            self._lib.nghttp2_session_resume_data(self._session, stream.sid)
+
+    def pending(self, sid: int) -> int:
+        """Body bytes of ``sid`` queued but not yet framed (0 if the stream is gone)."""
+        stream = self.streams.get(sid)
+        return stream.out_size if stream is not None else 0
+
+    def send_window(self, sid: int) -> int:
+        """What the peer's flow control lets the stream send now (<= 0: closed)."""
+        lib, s = self._lib, self._session
+        if s is None:
+            return 0
+        return min(lib.nghttp2_session_get_stream_remote_window_size(s, sid),
+                   lib.nghttp2_session_get_remote_window_size(s))
+
+    @staticmethod
+    def data_provider():
+        """The data provider that pulls from a stream's queue (see _read_body): one for
+        every stream, nghttp2 copies the struct."""
+        return CALLBACKS.provider
+
+
+def nv(pairs):
+    """An nghttp2_nv array for ``pairs`` (one ffi.new from an initialiser list), and
+    the buffers it points into: keep them alive until the submit call returns (nghttp2
+    copies the fields)."""
+    from_buffer = ffi.from_buffer
+    keep = [from_buffer(x) for pair in pairs for x in pair]
+    nva = ffi.new("nghttp2_nv[]", [(keep[2 * i], keep[2 * i + 1], len(a), len(b), 0)
+                                   for i, (a, b) in enumerate(pairs)])
+    return nva, keep
+
+
+# -- the process's one set of C callbacks: user_data -> the session ---------------------
+
+def _failure(exc, value, tb):
+    """cffi's onerror: the last line of defence (a bug before the session was found)."""
+    return ng.ERR_CALLBACK_FAILURE
+
+
+# One C callback per event, each written out (a generic *args trampoline cost ~0.5 us
+# more per call, and a request makes ~12 calls): find the session through user_data,
+# call its method, and store (never propagate into C) whatever it raises.
+_FRAME_CB = "int(nghttp2_session *, const nghttp2_frame *, void *)"
+_HEADER_CB = ("int(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,"
+              " const uint8_t *, size_t, uint8_t, void *)")
+
+
+@ffi.callback(_HEADER_CB, onerror=_failure)
+def _cb_header(s, frame, name, namelen, value, valuelen, flags, ud):
+    session = _from_handle(ud)
+    try:
+        return session._on_header(frame, name, namelen, value, valuelen)
+    except BaseException as e:
+        return session._store(e)
+
+
+@ffi.callback(_HEADER_CB, onerror=_failure)
+def _cb_invalid_header(s, frame, name, namelen, value, valuelen, flags, ud):
+    session = _from_handle(ud)
+    try:
+        return session._on_invalid_header(frame)
+    except BaseException as e:
+        return session._store(e)
+
+
+@ffi.callback(_FRAME_CB, onerror=_failure)
+def _cb_frame_recv(s, frame, ud):
+    session = _from_handle(ud)
+    try:
+        return session._on_frame_recv(frame)
+    except BaseException as e:
+        return session._store(e)
+
+
+@ffi.callback(_FRAME_CB, onerror=_failure)
+def _cb_frame_send(s, frame, ud):
+    session = _from_handle(ud)
+    try:
+        return session._on_frame_send(frame)
+    except BaseException as e:
+        return session._store(e)
+
+
+@ffi.callback("int(nghttp2_session *, int32_t, uint32_t, void *)", onerror=_failure)
+def _cb_stream_close(s, sid, code, ud):
+    session = _from_handle(ud)
+    try:
+        return session._on_stream_close(sid, code)
+    except BaseException as e:
+        return session._store(e)
+
+
+@ffi.callback("int(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *)",
+              onerror=_failure)
+def _cb_data_chunk(s, flags, sid, data, n, ud):
+    session = _from_handle(ud)
+    try:
+        return session._on_data(sid, data, n)
+    except BaseException as e:
+        return session._store(e)
+
+
+@ffi.callback("ssize_t(nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *,"
+              " nghttp2_data_source *, void *)", onerror=_failure)
+def _cb_read_body(s, sid, buf, length, flags, source, ud):
+    session = _from_handle(ud)
+    try:
+        return session._read_body(sid, buf, length, flags)
+    except BaseException as e:
+        return session._store(e)
+
+
+class _Callbacks:
+    """The nghttp2_session_callbacks tables, built once per process on first use: the
+    server's, and the client's, which has no frame-sent callback (a C to Python call
+    per frame sent that the client has nothing to do in)."""
+
+    def __init__(self):
+        self._tables: dict[bool, object] = {}
+        self.provider = None
+
+    def get(self, lib, frame_send: bool = True):
+        table = self._tables.get(frame_send)
+        if table is None:
+            if self.provider is None:
+                prd = ffi.new("nghttp2_data_provider *")
+                prd.read_callback = _cb_read_body
+                self.provider = prd
+            p = ffi.new("nghttp2_session_callbacks **")
+            if lib.nghttp2_session_callbacks_new(p) != 0:
+                raise MemoryError("nghttp2_session_callbacks_new")
+            table = p[0]
+            lib.nghttp2_session_callbacks_set_on_header_callback(table, _cb_header)
+            lib.nghttp2_session_callbacks_set_on_invalid_header_callback(table, _cb_invalid_header)
+            lib.nghttp2_session_callbacks_set_on_frame_recv_callback(table, _cb_frame_recv)
+            if frame_send:
+                lib.nghttp2_session_callbacks_set_on_frame_send_callback(table, _cb_frame_send)
+            lib.nghttp2_session_callbacks_set_on_stream_close_callback(table, _cb_stream_close)
+            lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(table, _cb_data_chunk)
+            self._tables[frame_send] = table  # never freed: nghttp2 copies it into each session
+        return table
+
+
+CALLBACKS = _Callbacks()

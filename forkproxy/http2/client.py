@@ -1,0 +1,205 @@
+"""A sans-IO HTTP/2 client connection on libnghttp2 (the proxy's side towards an HTTP/2
+upstream): requests out, responses in, bytes to send.
+
+Like the server session (forkproxy/http2/session.py), nothing here touches a socket;
+both share the driving code, the outgoing-body queue and the C callback table
+(forkproxy/http2/base.py).
+
+Events (``session.events``, a deque of ``(kind, stream_id, payload)``):
+
+* ``INTERIM``: a 1xx head, payload ``(status, fields)``;
+* ``HEAD``: the final response head, payload ``(status, fields)`` (fields without
+  pseudo-headers, names lower-case as HTTP/2 has them);
+* ``DATA``: a chunk of the response body (bytes). The stream's window only reopens when
+  the consumer calls :meth:`consume`, so an upstream never sends faster than the client
+  side drains;
+* ``TRAILERS``: the trailer fields (a list);
+* ``END``: the response is complete;
+* ``CLOSED``: the stream is gone; payload the error code (0: it completed). Closed
+  before END: reset (``REFUSED_STREAM``: never processed, safe to send again);
+* ``GOAWAY``: payload ``(last_stream_id, error_code)``; streams above the id were
+  not processed and are CLOSED with ``REFUSED_STREAM``;
+* ``SETTINGS``: the server's SETTINGS arrived (its stream limit is known);
+* ``PONG``: the server answered our PING.
+
+Requests: :meth:`request` (the head; a body then goes by ``send_data``/``end``, pulled by
+a data provider within the server's windows: :meth:`pending` tells the producer how
+much is still queued), :meth:`reset`, :meth:`ping`.
+"""
+
+from __future__ import annotations
+
+from forkproxy.http2 import nghttp2 as ng
+from forkproxy.http2.base import OutStream, SessionBase, nv
+
+ffi = ng.ffi
+INTERIM, HEAD, DATA, TRAILERS, END, CLOSED, GOAWAY, SETTINGS, PONG = range(1, 10)
+
+#: the window each response stream gets; the connection's is this times the streams
+STREAM_WINDOW = 256 * 1024
+CONNECTION_WINDOW = 16 * 1024 * 1024
+#: response header list bytes (RFC 9113 section 6.5.2 counting) before the stream is reset
+MAX_HEADER_LIST = 256 * 1024
+_PING = b"fp-alive"
+
+
+class _ClientStream(OutStream):
+    __slots__ = ("fields", "list_size", "headed", "unconsumed")
+
+    def __init__(self, sid: int):
+        super().__init__(sid)
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.list_size = 0
+        self.headed = False  # the final head was received (later HEADERS: trailers)
+        self.unconsumed = 0
+
+
+class ClientSession(SessionBase):
+    """One HTTP/2 connection to a server (sans-IO). Call :meth:`close` when done."""
+
+    FRAME_SEND = False  # nothing to do per frame sent
+
+    def __init__(self, stream_window: int = STREAM_WINDOW,
+                 connection_window: int = CONNECTION_WINDOW):
+        super().__init__()
+        lib = self._lib
+        self.goaway_last: int | None = None  # the last stream id of a GOAWAY received
+        self._create(lib.nghttp2_session_client_new2)
+        self._settings([(ng.SETTINGS_ENABLE_PUSH, 0),
+                        (ng.SETTINGS_INITIAL_WINDOW_SIZE, stream_window),
+                        (ng.SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)])
+        if connection_window > 65535:
+            lib.nghttp2_submit_window_update(self._session, ng.FLAG_NONE, 0,
+                                             connection_window - 65535)
+
+    def receive(self, data) -> None:
+        """Feed bytes read from the server; events and bytes to send may follow."""
+        if self._session is None or self.failed is not None:
+            return
+        rv = self._lib.nghttp2_session_mem_recv(self._session, ffi.from_buffer(data), len(data))
+        self._after_call()
+        if rv < 0:  # nghttp2 sends GOAWAY itself; every stream is over
+            self.failed = "protocol_error"
+            self._close_streams(ng.PROTOCOL_ERROR)
+
+    def _close_streams(self, code: int) -> None:
+        streams, self.streams = self.streams, {}
+        for sid in streams:
+            self.events.append((CLOSED, sid, code))
+
+    @property
+    def max_streams(self) -> int:
+        """The server's SETTINGS_MAX_CONCURRENT_STREAMS (nghttp2's default until known)."""
+        if self._session is None:
+            return 0
+        return self._lib.nghttp2_session_get_remote_settings(
+            self._session, ng.SETTINGS_MAX_CONCURRENT_STREAMS)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def request(self, fields, end_stream: bool) -> int:
+        """Submit a request head (``fields``: pseudo-headers first, names lower-case);
+        its body follows by send_data/end unless ``end_stream``. Returns the stream id
+        (negative: nghttp2's error, e.g. after GOAWAY)."""
+        nva, keep = nv(fields)
+        prd = ffi.NULL if end_stream else self.data_provider()
+        sid = self._lib.nghttp2_submit_request(self._session, ffi.NULL, nva, len(fields),
+                                               prd, ffi.NULL)
+        if sid > 0:
+            self.streams[sid] = _ClientStream(sid)
+        return sid
+
+    def consume(self, sid: int, n: int) -> None:
+        """The consumer relayed ``n`` body bytes of ``sid``: reopen the windows."""
+        stream = self.streams.get(sid)
+        if stream is None or self._session is None:
+            return  # closed: its unconsumed bytes went back to the connection window
+        stream.unconsumed -= n
+        self._lib.nghttp2_session_consume(self._session, sid, n)
+
+    def reset(self, sid: int, code: int = ng.CANCEL) -> None:
+        if sid in self.streams and self._session is not None:
+            self._lib.nghttp2_submit_rst_stream(self._session, ng.FLAG_NONE, sid, code)
+
+    def ping(self) -> None:
+        if self._session is not None:
+            self._lib.nghttp2_submit_ping(self._session, ng.FLAG_NONE, _PING)
+
+    def goaway(self) -> None:
+        """Tell the server this connection takes no more (no stream is open)."""
+        if self._session is not None:
+            self._lib.nghttp2_session_terminate_session(self._session, ng.NO_ERROR)
+
+    # -- callbacks (called by nghttp2 during receive/data_to_send) -----------------------
+
+    def _on_header(self, frame, name, namelen, value, valuelen) -> int:
+        stream = self.streams.get(frame.hd.stream_id)
+        if stream is None:
+            return 0
+        stream.list_size += namelen + valuelen + 32
+        if stream.list_size > MAX_HEADER_LIST:
+            return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # the stream is reset
+        stream.fields.append((ffi.buffer(name, namelen)[:], ffi.buffer(value, valuelen)[:]))
+        return 0
+
+    def _on_invalid_header(self, frame) -> int:
+        self._count("invalid_response_field")
+        return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # nghttp2 resets the stream
+
+    def _on_frame_recv(self, frame) -> int:
+        hd = frame.hd
+        kind = hd.type
+        if kind == ng.HEADERS:
+            stream = self.streams.get(hd.stream_id)
+            if stream is not None:
+                self._headers_done(stream)
+        elif kind == ng.GOAWAY:
+            last = frame.goaway.last_stream_id
+            self.goaway_last = last
+            self.events.append((GOAWAY, 0, (last, frame.goaway.error_code)))
+            return 0
+        elif kind == ng.SETTINGS:
+            if not hd.flags & ng.FLAG_ACK:
+                self.events.append((SETTINGS, 0, None))
+            return 0
+        elif kind == ng.PING:
+            if hd.flags & ng.FLAG_ACK:
+                self.events.append((PONG, 0, None))
+            return 0
+        elif kind != ng.DATA:
+            return 0
+        if hd.flags & ng.FLAG_END_STREAM and hd.stream_id in self.streams:
+            self.events.append((END, hd.stream_id, None))
+        return 0
+
+    def _headers_done(self, stream: _ClientStream) -> None:
+        fields, stream.fields = stream.fields, []
+        stream.list_size = 0
+        if stream.headed:
+            self.events.append((TRAILERS, stream.sid, fields))
+            return
+        status = 0
+        if fields and fields[0][0] == b":status":
+            status = int(fields[0][1])  # nghttp2 checked it is three digits
+        regular = [f for f in fields if not f[0].startswith(b":")]
+        if status >= 200:
+            stream.headed = True
+            self.events.append((HEAD, stream.sid, (status, regular)))
+        else:
+            self.events.append((INTERIM, stream.sid, (status, regular)))
+
+    def _on_data(self, sid: int, ptr, n: int) -> int:
+        stream = self.streams.get(sid)
+        if stream is None:
+            self._lib.nghttp2_session_consume(self._session, sid, n)
+            return 0
+        stream.unconsumed += n
+        self.events.append((DATA, sid, ffi.buffer(ptr, n)[:]))
+        return 0
+
+    def _on_stream_close(self, sid: int, code: int) -> int:
+        stream = self._forget(sid)
+        if stream is None:
+            return 0
+        self.events.append((CLOSED, sid, code))
+        return 0

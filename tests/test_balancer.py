@@ -227,6 +227,33 @@ def test_health_table_assign_keeps_state_and_reclaims_when_full():
     assert server_key("a", "x") != server_key("b", "x")
 
 
+def test_discovered_servers_have_a_region_of_their_own():
+    """The helper assigns DNS-found servers' entries, the master the configured ones':
+    neither hands out the other's entries, and a worker drops a verdict whose entry
+    went to another server."""
+    t = HealthTable(entries=2, discovered=2)
+    cfg = _cfg('[upstream.a]\nservers = [{ address = "127.0.0.1:1" }]\n'
+               'health_check = { interval = "1s" }\n')
+    assert t.assign(cfg) == 1
+    keys = [server_key("a", f"127.0.0.9:{p}") for p in (1, 2)]
+    found = t.assign_discovered(keys)
+    assert sorted(found.values()) == [2, 3] and t.discovered_index() == found
+    t.publish(found[keys[0]], DOWN, 500, True, False, 10, 2, 500)
+    assert t.assign_discovered(keys) == found  # kept, with its verdict
+    up = _upstream('health_check = { interval = "1s" }', t, n=1)
+    s = up._server("127.0.0.9:1", 1)
+    up._set_servers([*up.servers, s])
+    up._find_entries(up.servers, t.discovered_index())
+    up.refresh(1.0)
+    assert s.hidx == found[keys[0]] and not s.usable
+    third = server_key("a", "127.0.0.9:3")
+    again = t.assign_discovered([keys[1], third])  # full: :1's entry reclaimed
+    assert again[third] == found[keys[0]] and t.state(again[third])[0] == 0
+    up.refresh(2.0)
+    assert s.hidx == -1 and s.usable  # not someone else's verdict
+    assert t.assign(cfg) == 1 and t.find("a", "127.0.0.1:1") == 0  # the master's region
+
+
 def _upstream(extra: str, health=None, n=3):
     servers = ", ".join(f'{{ address = "127.0.0.1:{p}" }}' for p in range(1, n + 1))
     cfg = _cfg(f"[upstream.a]\nservers = [{servers}]\n{extra}\n")

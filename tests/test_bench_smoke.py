@@ -95,3 +95,29 @@ def test_bench_tracing_prints_the_managers_cost(tmp_path):
         assert tiny[name]["rate"] > 0 and tiny[name]["manager_us"] > 0, (name, tiny[name])
     [note] = [n for n in results["notes"] if n.startswith("OTLP receiver:")]
     assert int(note.split()[2]) > 0, note
+
+
+@pytest.mark.timeout(180)
+def test_pageload_quick_loads_pages_through_the_delay_relay(tmp_path):
+    """scripts/pageload --quick: pages load through the 50 ms RTT relay with HTTP/2 and
+    pipelined HTTP/1.1, through forkproxy and nginx. The only time asserted is a floor
+    the relay guarantees: no page can load in less than one round trip."""
+    missing = missing_tools("nginx", "h2load", "openssl", "taskset")
+    if missing and os.geteuid() != 0:
+        skip_missing_tool(", ".join(missing), "apt-get install -y nginx-light nghttp2-client")
+    out_json = tmp_path / "pageload.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "pageload"), "--quick", "--loaders", "2",
+         "--modes", "h1-pipelined,h2", "--link", "relay", "--json", str(out_json)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170)
+    if proc.returncode == EXIT_SKIP:
+        skip_missing_tool("a scripts/pageload prerequisite", proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "| HTTP/2 (TLS, ALPN h2), 1 connection | forkproxy |" in proc.stdout, proc.stdout
+    assert "userspace relay" in proc.stdout
+    results = json.loads(out_json.read_text())
+    [link] = results["links"]
+    for cell in ("h2/forkproxy", "h2/nginx", "h1-pipelined/forkproxy", "h1-pipelined/nginx"):
+        s = link["summary"][cell]
+        assert s["pages"] > 0 and s["errors"] == 0, (cell, s)
+        assert s["p50_ms"] >= 50.0, (cell, s)  # one 50 ms round trip at least

@@ -47,7 +47,9 @@ def two_origins(cleanup) -> tuple[LoopbackOrigin, LoopbackOrigin]:
     return a, b
 
 
-def dns_proxy(tmp_path, proxies_started, dns: Dnsmasq, servers: str, **kw) -> UProxy:
+def dns_proxy(tmp_path, proxies_started, dns: Dnsmasq, servers: str, upstream: str = "",
+              **kw) -> UProxy:
+    """A proxy whose upstream "app" has ``servers`` (``upstream``: more of its keys)."""
     p = UProxy(tmp_path, f"""
         [resolver]
         nameservers = ["{dns.nameserver}"]
@@ -56,6 +58,7 @@ def dns_proxy(tmp_path, proxies_started, dns: Dnsmasq, servers: str, **kw) -> UP
         [upstream.app]
         servers = [{servers}]
         max_fails = 0
+        {upstream}
         """, admin=True, start=False, **kw)
     proxies_started.append(p)
     p.start()
@@ -438,3 +441,63 @@ def test_a_reload_keeps_the_servers_found(tmp_path, cleanup, started):
     assert resolutions_before["ok"] >= 1  # counters survive the manager's reload:
     assert after["ok"] >= resolutions_before["ok"]
     assert after["timeout"] + after["nameservers_failed"] >= 1
+
+
+def statuses(p: UProxy, n: int) -> list[int]:
+    return [request(p.port, "GET", "/tiny")[0] for _ in range(n)]
+
+
+def test_servers_found_through_dns_are_health_checked(tmp_path, cleanup, started):
+    """The upstream's health_check applies to servers DNS lists: the one that is down is
+    taken out of rotation (no retries, no passive health: only the check can do it),
+    comes back once it answers, and is no longer checked once DNS drops it."""
+    port = free_port()
+    a = LoopbackOrigin("127.0.0.2", port)
+    cleanup(a)
+    dns = Dnsmasq(tmp_path, {"app.test": ["127.0.0.2", "127.0.0.3"]})
+    cleanup(dns)
+    name, up, down = f"app.test:{port}", f"127.0.0.2:{port}", f"127.0.0.3:{port}"
+    p = dns_proxy(tmp_path, started, dns, f'{{ address = "{name}", resolve = "1s" }}',
+                  upstream='retries = 0\nhealth_check = { interval = "200ms", '
+                           'timeout = "3s", fall = 2, rise = 2 }', workers=2)
+
+    def check(address: str) -> dict:
+        return p.server_status("app", address)["health_check"] or {}
+
+    wait_for(lambda: check(down).get("state") == "down", timeout=15,
+             what="the check taking the DNS-found server that is down out")
+    assert check(up)["state"] == "up"
+    assert check(down)["last_result"] == "connect failed"
+    # the workers read the verdict every SWEEP_INTERVAL (later under load): until then
+    # about half the requests go to the server that is down and fail (no retries)
+    wait_for(lambda: statuses(p, 10) == [200] * 10, timeout=15, what="the verdict applied")
+    before = a.proxied()
+    assert statuses(p, 60) == [200] * 60, "a server the check found down was still picked"
+    assert a.proxied() - before >= 60  # (plus the checks it got meanwhile)
+    down_logs = [e["server"] for e in p.log_events() if e.get("event") == "upstream server down"]
+    assert down in down_logs  # (a slow check of the live one under load may add it too)
+    # the server comes up: the check brings it back (rise = 2) and it takes traffic again
+    b = LoopbackOrigin("127.0.0.3", port)
+    cleanup(b)
+    wait_for(lambda: check(down).get("state") == "up", timeout=15, what="the server back up")
+    checks_seen = b.proxied()  # the checks it got so far
+
+    def reached() -> bool:
+        assert statuses(p, 10) == [200] * 10
+        return b.proxied() > checks_seen + 2
+    wait_for(reached, timeout=15, interval=0.1, what="traffic reaching the server back up")
+    ups = [e["server"] for e in p.log_events() if e.get("event") == "upstream server up"]
+    assert down in ups
+    metrics = p.metrics()
+    for result in ("failed", "ok"):
+        assert metric_value(metrics, "forkproxy_upstream_health_checks_total", upstream="app",
+                            server=down, result=result) >= 2
+    # dropped from DNS: nothing reaches it any more, not even a check
+    dns.set_hosts({"app.test": ["127.0.0.2"]})
+    wait_for(lambda: [s["address"] for s in entry_status(p, name)["servers"]] == [up],
+             timeout=10, what="the manager resolving the removal")
+    time.sleep(1.0)  # the workers and the checker follow within FOLLOW_INTERVAL
+    quiet = b.proxied()
+    assert statuses(p, 20) == [200] * 20
+    time.sleep(1.0)  # five check intervals
+    assert b.proxied() == quiet, "a server DNS dropped is still checked or served"

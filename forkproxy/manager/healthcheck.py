@@ -15,6 +15,14 @@ A server starts "unknown" (served like an up one); the first success makes it "u
 without a slow start, ``fall`` failures make it "down". A restarted helper, or a reload
 that keeps a server, continues from the verdict in the table.
 
+Servers found through DNS (``resolve`` entries, forkproxy/manager/discovery.py) are
+checked like configured ones when their upstream has ``health_check``: the helper
+follows the resolved-servers table (forkproxy/shm/resolved.py) every FOLLOW_INTERVAL,
+gives each server DNS lists an entry in the health table's discovered region, starts
+its check, and stops the check of a server DNS no longer lists (its entry keeps the
+verdict, should it come back). Through TLS, such a server is verified against the DNS
+name it was found through unless ``server_name`` says otherwise, as the workers do.
+
 The checks restart on every reload (the helper re-reads the config on HUP).
 """
 
@@ -27,7 +35,7 @@ import gevent
 from gevent import socket
 from gevent.ssl import SSLSocket
 
-from forkproxy.config import config_dir, parse_hostport
+from forkproxy.config import config_dir, dns_tls_name, parse_hostport, resolved_spec
 from forkproxy.manager.grpccheck import NOT_SERVING_STATUS, check_grpc
 from forkproxy.shm.health import (
     DOWN,
@@ -39,10 +47,13 @@ from forkproxy.shm.health import (
     UP,
     server_key,
 )
+from forkproxy.shm.resolved import format_address, slot_key
 from forkproxy.tls.client import TLSHandshakeFailed, client_context, handshake, server_name
 from forkproxy.tls.client import shutdown as tls_shutdown
 
 MAX_STATUS_LINE = 4096
+#: how often the checker looks for servers DNS added or dropped (one load per entry)
+FOLLOW_INTERVAL = 0.25
 
 
 def _now_ms() -> int:
@@ -154,15 +165,23 @@ def _start_tls(sock, tls: CheckTLS, timeout: float):
     return ssock
 
 
+def slot_key_of(upstream: str, entry) -> int:
+    """The resolved-table key of one ``resolve`` entry."""
+    return slot_key(upstream, resolved_spec(entry))
+
+
 class HealthChecker:
     """The check greenlets of one config; stop() before starting the next config's."""
 
-    def __init__(self, cfg, table, logger=None):
+    def __init__(self, cfg, table, logger=None, resolved=None):
         self.cfg = cfg
         self.table = table
         self.log = logger
+        self.resolved = resolved  # servers found through DNS (forkproxy.shm.resolved)
         self.greenlets: list[gevent.Greenlet] = []
         self.contexts: dict = {}  # upstream name -> client TLS context
+        #: the checks of servers found through DNS: (upstream, address) -> greenlet
+        self.found: dict[tuple[str, str], gevent.Greenlet] = {}
 
     def targets(self) -> list[tuple[str, str, object, int]]:
         """[(upstream, address, HealthCheckConfig, table entry)] to check."""
@@ -173,7 +192,7 @@ class HealthChecker:
             if hc is None:
                 continue
             for s in up.servers:
-                if s.resolve:  # found through DNS: passive health only
+                if s.resolve:  # found through DNS: follow_dns() checks them
                     continue
                 i = index.get(server_key(name, s.address), -1)
                 if i >= 0:
@@ -183,14 +202,78 @@ class HealthChecker:
                                    upstream=name, server=s.address)
         return out
 
-    def start(self) -> int:
-        for name, address, hc, i in self.targets():
+    def dns_slots(self) -> list[tuple[str, int]]:
+        """[(upstream, resolved-table slot)] of the ``resolve`` entries to follow."""
+        if self.resolved is None:
+            return []
+        index = self.resolved.index()
+        out = []
+        for name, up in self.cfg.upstream.items():
+            if up.health_check is None:
+                continue
+            for s in up.servers:
+                if s.resolve:
+                    i = index.get(slot_key_of(name, s), -1)
+                    if i >= 0:
+                        out.append((name, i))
+        return out
+
+    def start(self) -> tuple[int, int]:
+        """Start the checks: (configured servers checked, DNS entries followed: their
+        servers are checked as they appear)."""
+        targets = self.targets()
+        for name, address, hc, i in targets:
             self.greenlets.append(gevent.spawn(self._loop, name, address, hc, i))
-        return len(self.greenlets)
+        slots = self.dns_slots()
+        if slots:
+            self.greenlets.append(gevent.spawn(self._follow_dns, slots))
+        return len(targets), len(slots)
 
     def stop(self) -> None:
-        gevent.killall(self.greenlets, block=False)
+        gevent.killall(self.greenlets + list(self.found.values()), block=False)
         self.greenlets = []
+        self.found = {}
+
+    def _follow_dns(self, slots: list[tuple[str, int]]) -> None:
+        """Check the servers DNS lists now; re-read when a slot's sequence moved."""
+        seen = [-1] * len(slots)
+        while True:
+            seqs = [self.resolved.seq(i) for _, i in slots]
+            if seqs != seen:
+                seen = self.sync_dns(slots)
+            gevent.sleep(FOLLOW_INTERVAL)
+
+    def sync_dns(self, slots: list[tuple[str, int]]) -> list[int]:
+        """Start the checks of servers DNS added, stop those of servers it dropped;
+        returns the sequences read (all -1 when a slot was caught mid-write: nothing
+        changed, read again at the next look)."""
+        wanted: dict[tuple[str, str], int] = {}
+        done = []
+        for name, i in slots:
+            got = self.resolved.read(i)
+            if got is None:
+                return [-1] * len(slots)
+            done.append(got[0])
+            for host, port, _ in got[1]:
+                wanted[(name, format_address(host, port))] = 0
+        for key in [k for k in self.found if k not in wanted]:
+            self.found.pop(key).kill(block=False)
+        keys = {k: server_key(*k) for k in wanted}
+        room = self.table.discovered
+        if len(keys) > room:  # the rest are served unchecked (passive health only)
+            if self.log is not None:
+                self.log.error("more servers found through DNS than the health table holds: "
+                               "some are not checked", servers=len(keys), checked=room)
+            keys = dict(list(keys.items())[:room])
+        index = self.table.assign_discovered(list(keys.values()))
+        for key, hkey in keys.items():
+            if key not in self.found:
+                name, address = key
+                tls_name = dns_tls_name(self.cfg.upstream[name])
+                self.found[key] = gevent.spawn(self._loop, name, address,
+                                               self.cfg.upstream[name].health_check,
+                                               index[hkey], tls_name)
+        return done
 
     def _tls(self, name: str, host: str) -> CheckTLS | None:
         """The TLS of upstream ``name``'s checks (one context per upstream), or None."""
@@ -205,11 +288,13 @@ class HealthChecker:
                 ctx.set_alpn_protocols(["h2"])
         return CheckTLS(ctx, server_name(tls, host))
 
-    def _loop(self, name: str, address: str, hc, i: int) -> None:
+    def _loop(self, name: str, address: str, hc, i: int, dns_name: str = "") -> None:
+        """Check one server forever; ``dns_name``: the name it was found through (what
+        TLS verifies when ``server_name`` is empty, as in the workers)."""
         table = self.table
         host, port = parse_hostport(address)
         host_header = hc.host or address
-        tls = self._tls(name, host)
+        tls = self._tls(name, dns_name or host)
         service = hc.service if hc.type == "grpc" else None
         state, since = table.state(i)
         verdict = Verdict(hc.rise, hc.fall, state, since)

@@ -327,10 +327,10 @@ class Manager:
         health = self.spec.health
         if health is None:
             return
-        self.checker = HealthChecker(self.cfg, health, self.log)
-        n = self.checker.start()
-        if n:
-            self.log.info("health checks started", servers=n)
+        self.checker = HealthChecker(self.cfg, health, self.log, self.spec.resolved)
+        servers, dns_entries = self.checker.start()
+        if servers or dns_entries:
+            self.log.info("health checks started", servers=servers, dns_entries=dns_entries)
 
     def start_discovery(self) -> None:
         """Servers from DNS for the current config (restarted on reload; the shared

@@ -4,11 +4,13 @@ Created by the master before any fork (MAP_SHARED|MAP_ANONYMOUS, like the worker
 inherited by every child, never visible in /dev/shm, gone with the last process). Who
 writes what:
 
-* the master assigns entries (the KEY word) for every server of the config it loads,
-  at start and on each reload, before it forks the workers of that config and before it
-  signals the helper process;
+* the master assigns entries (the KEY word) for every configured server of the config
+  it loads, at start and on each reload, before it forks the workers of that config and
+  before it signals the helper process; it assigns only in the first ``entries``;
 * the helper process (forkproxy/manager/healthcheck.py) runs the active checks and is
-  the only writer of the other words;
+  the only writer of the other words; it also assigns the entries of servers found
+  through DNS (which appear and vanish without the master), only in the last
+  ``discovered`` entries: each region has a single writer of its KEY words;
 * workers only read the STATE word, every SWEEP_INTERVAL (forkproxy/worker/upstream.py
   ``Upstream.refresh``), never per request.
 
@@ -33,8 +35,10 @@ State and its time share one word on purpose: a worker that sees "up" also sees 
 the server came up, which is where its slow start begins (the same in every worker).
 
 An entry stays assigned to its key while the master lives (a reload keeps the state of
-servers that stay); only when the table is full are the entries of servers absent from
-the new config handed out again.
+servers that stay, a server that DNS drops and lists again keeps its verdict); only when
+a region is full are the entries of servers absent from the new config (or from DNS's
+current answers) handed out again. A reader that keeps an entry's index checks that
+the KEY word is still its server's before trusting the STATE word.
 """
 
 from __future__ import annotations
@@ -69,27 +73,40 @@ def unpack_state(word: int) -> tuple[int, int]:
 
 
 class HealthTable:
-    def __init__(self, entries: int = 1024):
-        self.entries = entries
-        self._map = mmap.mmap(-1, entries * ENTRY)
+    def __init__(self, entries: int = 1024, discovered: int = 1024):
+        self.entries = entries  # the configured servers' region: [0, entries)
+        self.discovered = discovered  # DNS-found servers': [entries, entries + discovered)
+        self._map = mmap.mmap(-1, (entries + discovered) * ENTRY)
         self.q = memoryview(self._map).cast("Q")
 
     # -- master --------------------------------------------------------------------------
 
     def assign(self, cfg) -> int:
-        """Give every server of ``cfg`` an entry; returns how many entries are in use."""
-        q = self.q
+        """Give every configured server of ``cfg`` an entry (servers found through DNS
+        get theirs from the helper: :meth:`assign_discovered`); returns how many
+        entries of the configured region are in use."""
         wanted = [server_key(name, s.address)
                   for name, up in cfg.upstream.items() for s in up.servers
-                  if not s.resolve]  # servers found through DNS are not checked actively
-        have = self.index()
-        free = [i for i in range(self.entries) if q[i * WORDS + KEY] == 0]
+                  if not s.resolve]
+        return len(self._assign(wanted, 0, self.entries))
+
+    # -- the helper process --------------------------------------------------------------
+
+    def assign_discovered(self, keys: list[int]) -> dict[int, int]:
+        """Give every key (servers DNS lists now) an entry of the discovered region,
+        keeping known keys' entries and verdicts; returns {key: entry} of the region."""
+        return self._assign(keys, self.entries, self.entries + self.discovered)
+
+    def _assign(self, wanted: list[int], lo: int, hi: int) -> dict[int, int]:
+        q = self.q
+        have = self.index(lo, hi)
+        free = [i for i in range(lo, hi) if q[i * WORDS + KEY] == 0]
         free.reverse()
         keep = set(wanted)
         for key in wanted:
             if key in have:
                 continue
-            if not free:  # full: reclaim the entries of servers no longer configured
+            if not free:  # full: reclaim the entries of servers no longer wanted
                 free = [i for k, i in have.items() if k not in keep]
                 for i in free:
                     q[i * WORDS + KEY] = 0
@@ -102,19 +119,25 @@ class HealthTable:
                 q[base + w] = 0
             q[base + KEY] = key  # last: the entry is valid once the key is set
             have[key] = i
-        return len(have)
+        return have
 
     # -- everyone ------------------------------------------------------------------------
 
-    def index(self) -> dict[int, int]:
-        """{key: entry} of the assigned entries."""
-        q = self.q
-        out = {}
-        for i in range(self.entries):
-            k = q[i * WORDS + KEY]
-            if k:
-                out[k] = i
-        return out
+    def index(self, lo: int = 0, hi: int = -1) -> dict[int, int]:
+        """{key: entry} of the assigned entries (of [lo, hi) when given; one strided
+        copy of the KEY words, not a load per entry)."""
+        if hi < 0:
+            hi = self.entries + self.discovered
+        keys = self.q[lo * WORDS + KEY:hi * WORDS:WORDS].tolist()
+        return {k: lo + n for n, k in enumerate(keys) if k}
+
+    def discovered_index(self) -> dict[int, int]:
+        """{key: entry} of the servers found through DNS (what a worker looks up when
+        DNS gives it a server: the helper may assign the entry a moment later)."""
+        return self.index(self.entries, self.entries + self.discovered)
+
+    def key(self, i: int) -> int:
+        return self.q[i * WORDS + KEY]
 
     def find(self, upstream: str, address: str) -> int:
         """The entry of a server, -1 if it has none."""

@@ -34,7 +34,7 @@ class Server(Peer):
     __slots__ = ("upstream", "host", "port", "address", "idle", "cfg", "family",
                  "connect_timeout", "head_timeout", "keepalive_timeout", "max_age",
                  "max_conns", "waiters", "connects", "reuses", "failures", "fails",
-                 "fail_start", "ejected_until", "ejections", "retries", "hidx", "hdown",
+                 "fail_start", "ejected_until", "ejections", "retries", "hidx", "hkey", "hdown",
                  "hsince", "ramp_start", "tunnels")
 
     def __init__(self, upstream, address: str, weight: int, cfg: UpstreamConfig):
@@ -61,6 +61,7 @@ class Server(Peer):
         self.ejections = 0
         self.retries = 0  # requests retried elsewhere after failing here
         self.hidx = -1  # entry in the shared health table (-1: no active check)
+        self.hkey = 0  # the entry's KEY word while it is this server's
         self.hdown = False
         self.hsince = 0.0  # when the active check last saw it come back up
         self.ramp_start = 0.0  # slow start since (monotonic), 0 = not ramping

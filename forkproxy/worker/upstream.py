@@ -17,7 +17,9 @@ Pool tiers, per worker and server (nginx's ``keepalive*`` plus HAProxy's ``maxco
 
 Server state in a worker (what /status shows, see :meth:`Server.gauge`):
 
-* ``down``: the active health check says so (shared by all workers);
+* ``down``: the active health check says so (shared by all workers; servers found
+  through DNS are checked too, their table entries assigned by the helper a moment
+  after DNS lists them: until then, and until their first verdict, they are served);
 * ``ejected``: passive health: ``max_fails`` failures within ``fail_timeout`` in this
   worker took it out for ``fail_timeout`` (nginx's semantics, per worker like nginx
   without a shared zone; never for a single-server upstream, also like nginx);
@@ -36,7 +38,7 @@ import time
 
 from forkproxy.config import UpstreamConfig, dns_tls_name
 from forkproxy.context import WEIGHT_SCALE
-from forkproxy.shm.health import DOWN, STATE, UP, WORDS, server_key
+from forkproxy.shm.health import DOWN, KEY, STATE, UP, WORDS, server_key
 from forkproxy.tls.client import client_context
 from forkproxy.worker.balancer import KeySpec, RetryBudget, make_balancer
 from forkproxy.worker.discovered import DnsFollower
@@ -45,6 +47,8 @@ from forkproxy.worker.server import Server
 
 #: idle connections are swept (timeouts, age) this often
 REAP_INTERVAL = 1.0
+#: servers without a health table entry yet (just found through DNS) look for it this often
+ENTRY_LOOKUP_INTERVAL = 0.5
 
 _monotonic = time.monotonic
 
@@ -58,7 +62,7 @@ class Upstream:
                  "fail_timeout", "slow_start", "retries", "retry_connect", "retry_kinds",
                  "retry_statuses", "budget", "health", "next_reap", "tunnel_timeout",
                  "total_weight", "watch", "fixed", "dns", "tls_ctx", "dns_name", "protocol",
-                 "make_head", "relay")
+                 "make_head", "relay", "htable", "entries_missing", "next_lookup")
 
     def __init__(self, name: str, cfg: UpstreamConfig, health=None, resolved=None,
                  base: str = "."):
@@ -99,13 +103,15 @@ class Upstream:
         self.tunnel_timeout = cfg.tunnel_timeout
         self.next_reap = 0.0
         self.health = None
+        self.htable = None
+        self.entries_missing = False  # a server waits for its health table entry
+        self.next_lookup = 0.0
         # refresh() has per-server work to do (verdicts, ejections, ramps): skipped otherwise
         self.watch = cfg.health_check is not None or cfg.slow_start > 0
         if health is not None and cfg.health_check is not None:
             self.health = health.q
-            index = health.index()
-            for s in self.servers:
-                s.hidx = index.get(server_key(name, s.address), -1)
+            self.htable = health
+            self._find_entries(self.servers, health.index())
         entries = [s for s in cfg.servers if s.resolve]
         self.dns = DnsFollower(resolved, name, entries) if entries and resolved else None
         if self.dns is not None:
@@ -117,6 +123,16 @@ class Upstream:
         if self.tls_ctx is None:
             return self.protocol.server(self, address, weight, self.cfg)
         return self.protocol.tls_server(self, address, weight, self.cfg, self.tls_ctx, name)
+
+    def _find_entries(self, servers, index: dict[int, int]) -> None:
+        """Point servers without one at their health table entry (if it has one yet)."""
+        missing = False
+        for s in servers:
+            if s.hidx < 0:
+                s.hkey = server_key(self.name, s.address)
+                s.hidx = index.get(s.hkey, -1)
+                missing = missing or s.hidx < 0
+        self.entries_missing = missing
 
     def _set_servers(self, servers: list[Server]) -> None:
         self.servers = servers
@@ -135,6 +151,9 @@ class Upstream:
         Called by the worker every SWEEP_INTERVAL (not per request)."""
         if self.dns is not None and self.dns.changed():
             self.follow(now)
+        if self.entries_missing and now >= self.next_lookup:
+            self.next_lookup = now + ENTRY_LOOKUP_INTERVAL
+            self._find_entries(self.servers, self.htable.index())
         if self.watch:
             self._apply(now)
         if now >= self.next_reap:
@@ -168,13 +187,19 @@ class Upstream:
             if address not in seen:
                 s.retire()
         self._set_servers(servers)
+        if self.htable is not None:
+            self._find_entries(servers, self.htable.discovered_index())
 
     def _apply(self, now: float) -> None:
         q = self.health
         slow = self.slow_start
         for s in self.servers:
             since = 0.0
-            if s.hidx >= 0 and q is not None:
+            if s.hidx >= 0 and q[s.hidx * WORDS + KEY] != s.hkey:
+                s.hidx = -1  # the entry went to another server: no verdict until found again
+                s.hdown = False
+                self.entries_missing = True
+            if s.hidx >= 0:
                 word = q[s.hidx * WORDS + STATE]
                 st = word & 3
                 down = st == DOWN

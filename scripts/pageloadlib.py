@@ -102,7 +102,7 @@ def parse_args(argv):
         if m not in MODES:
             p.error(f"unknown mode {m!r} (known: {', '.join(MODES)})")
     args.proxies = args.proxies.split(",")
-    args.want_tls, args.want_upstream_tls = True, False  # what benchlib's proxies read
+    args.want_tls, args.want_upstream_tls, args.want_grpc = True, False, False  # what benchlib's proxies read
     return args
 
 

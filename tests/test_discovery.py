@@ -276,6 +276,20 @@ upstream = "app"
 """
 
 
+def test_resolved_table_keeps_known_slots_reclaims_when_full_and_says_so():
+    table = ResolvedTable(2)
+    assert table.assign_keys([1, 2]) == 2
+    slots = table.index()
+    table.publish(slots[2], [("127.0.0.9", 9001, 3)])
+    assert table.assign_keys([2, 3]) == 2  # full: key 1's slot goes to key 3
+    after = table.index()
+    assert set(after) == {2, 3} and after[2] == slots[2] and after[3] == slots[1]
+    assert table.read(after[2])[1] == [("127.0.0.9", 9001, 3)]  # kept with its servers
+    assert table.read(after[3])[1] == []  # a fresh slot starts empty
+    with pytest.raises(RuntimeError, match="resolved-servers table full"):
+        table.assign_keys([4, 5, 6])
+
+
 def test_seqlock_readers_never_see_a_torn_set():
     table = ResolvedTable(2)
     table.assign_keys([1])

@@ -46,6 +46,7 @@ from __future__ import annotations
 import mmap
 
 from forkproxy.hashing import hash64
+from forkproxy.shm.slots import assign_slots
 
 ENTRY = 64
 WORDS = ENTRY // 8
@@ -99,27 +100,19 @@ class HealthTable:
 
     def _assign(self, wanted: list[int], lo: int, hi: int) -> dict[int, int]:
         q = self.q
-        have = self.index(lo, hi)
-        free = [i for i in range(lo, hi) if q[i * WORDS + KEY] == 0]
-        free.reverse()
-        keep = set(wanted)
-        for key in wanted:
-            if key in have:
-                continue
-            if not free:  # full: reclaim the entries of servers no longer wanted
-                free = [i for k, i in have.items() if k not in keep]
-                for i in free:
-                    q[i * WORDS + KEY] = 0
-                have = {k: i for k, i in have.items() if k in keep}
-                if not free:
-                    raise RuntimeError("health table full")
-            i = free.pop()
+
+        def clear(i: int) -> None:
+            q[i * WORDS + KEY] = 0
+
+        def install(i: int, key: int) -> None:
             base = i * WORDS
             for w in range(1, WORDS):
                 q[base + w] = 0
             q[base + KEY] = key  # last: the entry is valid once the key is set
-            have[key] = i
-        return have
+
+        free = [i for i in range(lo, hi) if q[i * WORDS + KEY] == 0]
+        free.reverse()
+        return assign_slots(wanted, self.index(lo, hi), free, clear, install, "health table")
 
     # -- everyone ------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ import struct
 
 from forkproxy.config import resolved_spec
 from forkproxy.hashing import hash64
+from forkproxy.shm.slots import assign_slots
 
 MAX_RECORDS = 64
 RECORD = 32
@@ -101,24 +102,19 @@ class ResolvedTable:
         """Give every key a slot (keeping the slots of known keys and their servers);
         returns how many slots are in use. RuntimeError when full."""
         q = self.q
-        have = self.index()
-        wanted = set(keys)
-        free = [i for i in range(self.slots) if q[self._word(i, KEY)] == 0]
-        free.reverse()
-        for key in keys:
-            if key in have:
-                continue
-            if not free:  # full: reclaim the slots of entries no longer configured
-                free = [i for k, i in have.items() if k not in wanted]
-                for i in free:
-                    q[self._word(i, KEY)] = 0
-                have = {k: i for k, i in have.items() if k in wanted}
-                if not free:
-                    raise RuntimeError("resolved-servers table full")
-            i = free.pop()
+        key_word = self._word
+
+        def clear(i: int) -> None:
+            q[key_word(i, KEY)] = 0
+
+        def install(i: int, key: int) -> None:
             self.publish(i, [])
-            q[self._word(i, KEY)] = key  # last: the slot is valid once the key is set
-            have[key] = i
+            q[key_word(i, KEY)] = key  # last: the slot is valid once the key is set
+
+        free = [i for i in range(self.slots) if q[key_word(i, KEY)] == 0]
+        free.reverse()
+        have = assign_slots(keys, self.index(), free, clear, install,
+                            "resolved-servers table")
         return len(have)
 
     # -- everyone ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Callback rules that keep a C library calling into Python safe:
 
 from __future__ import annotations
 
+import _ssl
 import ctypes
 import hashlib
 import os
@@ -97,6 +98,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "SSL_CTX_set_tlsext_ticket_key_evp_cb": (ctypes.c_int, [ctypes.c_void_p, _TICKET_CB]),
     "SSL_ctrl": (ctypes.c_long, [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]),
     "SSL_get_certificate": (ctypes.c_void_p, [ctypes.c_void_p]),
+    "SSL_get_SSL_CTX": (ctypes.c_void_p, [ctypes.c_void_p]),
+    "SSL_has_pending": (ctypes.c_int, [ctypes.c_void_p]),
     "SSL_version": (ctypes.c_int, [ctypes.c_void_p]),
     "i2d_X509": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p]),
     "RAND_bytes": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
@@ -297,6 +300,44 @@ def set_read_ahead(ctx: ssl.SSLContext) -> bool:
     p = ssl_ctx_pointer(ctx)
     lib.SSL_CTX_ctrl(p, _SSL_CTRL_SET_READ_AHEAD, 1, None)
     return int(lib.SSL_CTX_ctrl(p, _SSL_CTRL_GET_READ_AHEAD, 0, None)) == 1
+
+
+def ssl_pointer(sslobj: object) -> int:
+    """The ``SSL*`` inside CPython's ``_ssl._SSLSocket`` (the field after the weakref to
+    its socket, itself the first after ``PyObject_HEAD``), checked: OpenSSL must give the
+    ``SSL_CTX`` of the object's own context (read at the offset :func:`ssl_ctx_pointer`
+    checks) as this ``SSL``'s. Costs about a microsecond: once per connection."""
+    if type(sslobj) is not _ssl._SSLSocket:
+        raise TypeError(f"expected an _ssl._SSLSocket, got {type(sslobj).__name__}")
+    lib = library()
+    head = object.__basicsize__
+    p = ctypes.c_void_p.from_address(id(sslobj) + head + ctypes.sizeof(ctypes.c_void_p)).value
+    ctx = ctypes.c_void_p.from_address(id(sslobj.context) + head).value
+    if not p or not ctx or lib.SSL_get_SSL_CTX(p) != ctx:
+        raise OpenSSLError("SSL pointer check failed: the SSL read at the offset does not "
+                           "belong to the object's context (CPython struct layout changed?)")
+    return p
+
+
+def has_pending_function() -> Callable[[int], int]:
+    """``SSL_has_pending(SSL*)``: 1 if OpenSSL holds bytes of the connection not yet
+    returned, decrypted or not (with read-ahead, ``SSLObject.pending()`` counts only the
+    decrypted part of the current record). The ctypes function itself, for hot paths
+    (~0.2 µs a call, no Python frame)."""
+    return library().SSL_has_pending
+
+
+def enable_server_read_ahead(ctx: ssl.SSLContext) -> bool:
+    """Read-ahead on a server context whose connections check :func:`has_pending`
+    before they wait on the socket: True when on. First a connection object of this
+    context must pass :func:`ssl_pointer`'s check, so that no connection of it can be
+    left without the check it needs."""
+    try:
+        probe = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+        ssl_pointer(probe._sslobj)
+        return set_read_ahead(ctx)
+    except (OpenSSLError, TypeError, ssl.SSLError):
+        return False
 
 
 def session_timeout(ctx: ssl.SSLContext) -> int:

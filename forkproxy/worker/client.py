@@ -15,6 +15,7 @@ from ssl import SSLEOFError, SSLWantReadError, SSLWantWriteError
 
 from gevent import socket
 
+from forkproxy.tls.openssl import OpenSSLError, has_pending_function, ssl_pointer
 from forkproxy.worker.front import ClientGone
 from forkproxy.worker.readiness import ReadWatch
 from forkproxy.worker.sockio import recv_waiting, send_all
@@ -34,7 +35,8 @@ class ClientConnection:
 
     __slots__ = ("ws", "listener", "sock", "remote", "remote_b", "t_accept", "t_tls",
                  "tls_resumed", "tls_version", "deadline", "greenlet", "idle", "idle_since",
-                 "parked", "counted", "linger", "raw", "rwatch", "sslobj")
+                 "parked", "counted", "linger", "raw", "rwatch", "sslobj", "sslp",
+                 "has_pending")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -58,15 +60,27 @@ class ClientConnection:
         self.raw = sock._sock
         self.rwatch = None  # ReadWatch for the waits between requests
         self.sslobj = None  # the OpenSSL connection under a TLS socket
+        #: with read-ahead (worker/tls.py): its SSL* and SSL_has_pending, which also
+        #: counts bytes read ahead but not yet decrypted; else 0 and None
+        self.sslp = 0
+        self.has_pending = None
 
     def start_tls(self) -> bool:
         """TLS handshake on the accepted socket; False = it failed (socket closed)."""
         ssock = tls_handshake(self.sock, self.listener.tls_context, self.ws.header_timeout)
         if ssock is None:
             return False
+        sslobj = ssock._sslobj
+        if getattr(self.listener.tls_context, "read_ahead", False):
+            try:
+                self.sslp = ssl_pointer(sslobj)
+            except OpenSSLError:  # checked at start (worker/tls.py): not expected
+                close_notify(ssock)
+                return False
+            self.has_pending = has_pending_function()
         self.sock = ssock
         self.raw = None  # bytes go through the TLS object from now on
-        self.sslobj = ssock._sslobj
+        self.sslobj = sslobj
         self.t_tls = _monotonic()
         self.tls_resumed = ssock.session_reused
         self.tls_version = ssock.version() or ""
@@ -99,11 +113,13 @@ class ClientConnection:
 
     def _tls_read_waiting(self, buf) -> int:
         """recv_waiting for a TLS connection: wait on the armed watcher unless OpenSSL
-        holds decrypted bytes already (no read-ahead is set, so a record is never left
-        half-read in OpenSSL while the socket looks idle), then one SSL_read. A record
-        that has not fully arrived goes the gevent way."""
+        holds bytes already (with read-ahead: a pipelined request's record read with the
+        one before it, or the first request read with the handshake's last message;
+        without: decrypted bytes of a record not yet returned), then one SSL_read. A
+        record that has not fully arrived goes the gevent way."""
         sslobj = self.sslobj
-        if not sslobj.pending():
+        has_pending = self.has_pending
+        if not (has_pending(self.sslp) if has_pending is not None else sslobj.pending()):
             self._watch().wait()
         try:
             return sslobj.read(len(buf), buf)

@@ -72,14 +72,21 @@ class H2Stream:
         conn.flush()
         return True
 
+    def queue(self, data) -> bool:
+        """Queue request body bytes without waiting. False: the stream is gone."""
+        conn = self.conn
+        if self.closed or not conn.session.send_data(self.sid, bytes(data)):
+            return False
+        conn.flush()
+        return True
+
     def send(self, data, timeout: float) -> bool:
         """Queue request body bytes; wait while more than SEND_BUFFER of them are
         queued (the upstream's window is closed). False: the stream is gone."""
+        if not self.queue(data):
+            return False
         conn = self.conn
         session = conn.session
-        if self.closed or not session.send_data(self.sid, bytes(data)):
-            return False
-        conn.flush()
         while session.pending(self.sid) > SEND_BUFFER:
             if self.closed:
                 return False
@@ -112,6 +119,13 @@ class H2Stream:
                 event.clear()
                 event.wait()
         return items.popleft()
+
+    def cancel(self) -> None:
+        """Reset the stream (CANCEL) if it is still open: its request failed."""
+        conn = self.conn
+        if self.sid in conn.streams and not self.closed:
+            conn.session.reset(self.sid)  # CANCEL
+            conn.wake.set()
 
     def consume(self, n: int) -> None:
         """n response body bytes went to the client: the upstream may send more."""

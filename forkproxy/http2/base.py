@@ -237,7 +237,10 @@ class SessionBase:
 
 #: header lists whose nghttp2_nv arrays are kept (see nv); cleared when full
 NV_KEPT = 64
+#: hashes of header lists seen once (a list is kept the second time it comes)
+NV_SEEN = 1024
 _nv_kept: dict = {}
+_nv_seen: set = set()
 
 
 def nv(pairs):
@@ -245,23 +248,35 @@ def nv(pairs):
     alive until the submit call returns (nghttp2 copies the fields, so an array may be
     submitted again).
 
-    The last NV_KEPT header lists' arrays are kept and reused when the same list
-    comes again: a proxied gRPC call builds three (its request, its response head, its
-    trailers), most of them the same call after call, and building one cost ~6 µs here
-    (a pointer object per name and value and an initialiser tuple per field)."""
+    A header list that comes a second time has its array kept (up to NV_KEPT lists) and
+    reused from then on: a proxied gRPC call's response head and trailers are most often
+    the same call after call, and building an array cost ~6 µs here (a pointer object
+    per name and value and an initialiser tuple per field). Lists seen once (a request
+    id in them) are never kept, so they neither evict the others nor pile up for the
+    garbage collector; :func:`nv_once` skips the look-up for a list known to be new."""
     try:
         key = tuple(pairs)
         kept = _nv_kept.get(key)
     except TypeError:  # a bytearray or memoryview among them: not hashable
-        return _build_nv(pairs)
-    if kept is None:
+        return nv_once(pairs)
+    if kept is not None:
+        return kept
+    kept = nv_once(pairs)
+    seen = _nv_seen
+    h = hash(key)
+    if h not in seen:
+        if len(seen) >= NV_SEEN:
+            seen.clear()
+        seen.add(h)
+    else:
         if len(_nv_kept) >= NV_KEPT:
             _nv_kept.clear()
-        kept = _nv_kept[key] = _build_nv(pairs)
+        _nv_kept[key] = kept
     return kept
 
 
-def _build_nv(pairs):
+def nv_once(pairs):
+    """:func:`nv` without keeping the array."""
     from_buffer = ffi.from_buffer
     keep = [from_buffer(x) for pair in pairs for x in pair]
     nva = ffi.new("nghttp2_nv[]", [(keep[2 * i], keep[2 * i + 1], len(a), len(b), 0)

@@ -30,7 +30,7 @@ much is still queued), :meth:`reset`, :meth:`ping`.
 from __future__ import annotations
 
 from forkproxy.http2 import nghttp2 as ng
-from forkproxy.http2.base import OutStream, SessionBase, nv
+from forkproxy.http2.base import OutStream, SessionBase, nv_once
 
 ffi = ng.ffi
 INTERIM, HEAD, DATA, TRAILERS, END, CLOSED, GOAWAY, SETTINGS, PONG = range(1, 10)
@@ -101,7 +101,7 @@ class ClientSession(SessionBase):
         """Submit a request head (``fields``: pseudo-headers first, names lower-case);
         its body follows by send_data/end unless ``end_stream``. Returns the stream id
         (negative: nghttp2's error, e.g. after GOAWAY)."""
-        nva, keep = nv(fields)
+        nva, keep = nv_once(fields)  # x-request-id: never the same list twice
         prd = ffi.NULL if end_stream else self.data_provider()
         sid = self._lib.nghttp2_submit_request(self._session, ffi.NULL, nva, len(fields),
                                                prd, ffi.NULL)

@@ -52,6 +52,7 @@ def send_and_relay(ex, fields, stream: H2Stream) -> bool:
     pump = None
     try:
         if req.has_body and not _send_buffered(ex, stream):
+            stream.pumped = True
             pump = gevent.spawn(_pump_body, ex, stream)
         ex.times[T_SENT] = _monotonic()
         head = _read_head(ex, stream, pump)

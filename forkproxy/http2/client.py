@@ -33,6 +33,7 @@ from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.base import OutStream, SessionBase, nv_once
 
 ffi = ng.ffi
+_unpack = ffi.unpack  # names, values and chunks are char * (see base.py)
 INTERIM, HEAD, DATA, TRAILERS, END, CLOSED, GOAWAY, SETTINGS, PONG = range(1, 10)
 
 #: the window each response stream gets; the connection's is this times the streams
@@ -139,7 +140,8 @@ class ClientSession(SessionBase):
         stream.list_size += namelen + valuelen + 32
         if stream.list_size > MAX_HEADER_LIST:
             return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # the stream is reset
-        stream.fields.append((ffi.buffer(name, namelen)[:], ffi.buffer(value, valuelen)[:]))
+        # an empty value may come as NULL, which unpack refuses
+        stream.fields.append((_unpack(name, namelen), _unpack(value, valuelen) if valuelen else b""))
         return 0
 
     def _on_invalid_header(self, frame) -> int:
@@ -194,7 +196,7 @@ class ClientSession(SessionBase):
             self._lib.nghttp2_session_consume(self._session, sid, n)
             return 0
         stream.unconsumed += n
-        self.events.append((DATA, sid, ffi.buffer(ptr, n)[:]))
+        self.events.append((DATA, sid, _unpack(ptr, n) if n else b""))
         return 0
 
     def _on_stream_close(self, sid: int, code: int) -> int:

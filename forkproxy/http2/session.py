@@ -43,7 +43,7 @@ from forkproxy.http2.limits import Http2Limits, TokenBucket
 from forkproxy.http2.translate import StreamRefused, build_request, request_trailers
 
 ffi = ng.ffi
-_buffer = ffi.buffer
+_unpack = ffi.unpack  # names, values and chunks are char * (see base.py)
 REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
 
 #: the opaque data of the PING sent with the first GOAWAY (its ACK is recognised)
@@ -251,7 +251,7 @@ class ServerSession(SessionBase):
             self.events.append((DATA, sid, BODY_TOO_LARGE))
             return 0
         stream.unconsumed += n
-        self.events.append((DATA, sid, ffi.buffer(ptr, n)[:]))
+        self.events.append((DATA, sid, _unpack(ptr, n) if n else b""))
         return 0
 
     # -- callbacks (called by nghttp2 during receive/data_to_send) -----------------------
@@ -270,7 +270,8 @@ class ServerSession(SessionBase):
             stream.oversize = True
             stream.fields = []
             return 0
-        stream.fields.append((_buffer(name, namelen)[:], _buffer(value, valuelen)[:]))
+        # an empty value may come as NULL, which unpack refuses
+        stream.fields.append((_unpack(name, namelen), _unpack(value, valuelen) if valuelen else b""))
         return 0
 
     def _on_invalid_header(self, frame) -> int:

@@ -1,0 +1,42 @@
+"""Build the modules listed in COMPILED as C extensions with Cython, from their own .py sources.
+
+Each module is compiled in Cython's pure-Python mode, as gevent compiles its hub and
+queue: the .py file is the source, and a .pxd file beside it (when there is one) adds C
+types. The extension has the module's own name, so once built it is imported instead of
+the .py file.
+
+Without a compiler, without Cython, or with FORKPROXY_PURE_PYTHON=1 set, nothing is
+compiled and the package is plain Python (the extensions are ``optional``: a failed
+compile is a warning, not a failed install).
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+#: the modules compiled (each one's measured gain is in docs/BENCHMARKS.md)
+COMPILED = [
+    "forkproxy.manager.spantemplate",
+]
+
+
+def extensions():
+    if os.environ.get("FORKPROXY_PURE_PYTHON"):
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        return []
+    exts = []
+    for name in COMPILED:
+        base = name.replace(".", "/")
+        pxd = [base + ".pxd"] if os.path.exists(base + ".pxd") else []
+        exts.append(Extension(name, [base + ".py"], depends=pxd, optional=True))
+    return cythonize(exts, build_dir="build/cython", quiet=True, compiler_directives={
+        "language_level": 3,
+        # annotations are documentation here: C types come only from the .pxd files
+        "annotation_typing": False,
+    })
+
+
+setup(ext_modules=extensions())

@@ -16,6 +16,8 @@ from setuptools import Extension, setup
 
 #: the modules compiled (each one's measured gain is in docs/BENCHMARKS.md)
 COMPILED = [
+    "forkproxy.manager.sampling",
+    "forkproxy.manager.spanfill",
     "forkproxy.manager.spantemplate",
 ]
 

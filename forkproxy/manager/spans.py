@@ -29,6 +29,7 @@ from forkproxy.context import (
     T_HEADERS,
     RequestContext,
 )
+from forkproxy.manager.spanfill import COMPILED, MAX_BODY, Filler, shape_key
 from forkproxy.manager.spantemplate import Templates, child_span_id, field_tag
 
 SERVER = Span.SpanKind.SPAN_KIND_SERVER
@@ -61,7 +62,7 @@ def _split_address(address: str) -> tuple[str, int]:
 class SpanEncoder:
     """Turns batches of request contexts into ExportTraceServiceRequest bytes."""
 
-    def __init__(self, service_name: str):
+    def __init__(self, service_name: str, compiled: bool = COMPILED):
         self.resource = Resource(attributes=[
             _kv("service.name", service_name), _kv("service.version", __version__),
             _kv("telemetry.sdk.name", "forkproxy"), _kv("telemetry.sdk.language", "python")])
@@ -73,13 +74,16 @@ class SpanEncoder:
                           for name, _ in CHILDREN}
         self.templates = Templates(self.spans_for)
         self.value = self.templates.value
-        #: requests encoded by a template and by the slow builder (tests, scripts/tracecost)
-        self.fast = self.slow = 0
+        self.filler = Filler(self.templates) if compiled else None
+        #: requests encoded by the struct fill and by the slow builder (tests,
+        #: scripts/tracecost; the compiled fill counts its own: ``fast``)
+        self._fast = self.slow = 0
 
     def encode(self, batch: list[RequestContext]) -> bytes:
         """One export request: the spans of every request in ``batch``."""
         pieces: list[bytes] = []
         slow = self.encode_fast(batch, pieces)
+        self.slow += len(slow)
         if slow:
             ss = ScopeSpans()  # serialised without its scope: the spans' entries only
             for ctx in slow:
@@ -94,6 +98,11 @@ class SpanEncoder:
         return b"".join((RESOURCE_SPANS_TAG, varint(rs_len), self.resource_field, ss_head,
                          self.scope_field, *pieces))
 
+    @property
+    def fast(self) -> int:
+        """Requests encoded from a template."""
+        return self._fast + (self.filler.fast if self.filler is not None else 0)
+
     def encode_slow(self, batch: list[RequestContext]) -> bytes:
         """``encode`` with the protobuf classes only (the reference for tests)."""
         req = ExportTraceServiceRequest()
@@ -107,8 +116,17 @@ class SpanEncoder:
 
     def encode_fast(self, batch: list[RequestContext], out: list[bytes]) -> list:
         """Appends the serialised spans of the requests that have a template to ``out``;
-        returns the others. Per request: the shape's key, one template fill, the cached
-        variable attributes."""
+        returns the others. The compiled fill (spanfill.Filler) when this is the compiled
+        build, the generated ``struct`` fill otherwise (``compiled`` chooses in tests)."""
+        if self.filler is not None:
+            slow: list = []
+            out.append(self.filler.encode_fast(batch, slow))
+            return slow
+        return self.encode_packed(batch, out)
+
+    def encode_packed(self, batch: list[RequestContext], out: list[bytes]) -> list:
+        """encode_fast's pure-Python way. Per request: the shape's key, one template fill
+        (generated code, one struct.pack call), the cached variable attributes."""
         tpls = self.templates
         templates = tpls.templates
         make = tpls.make
@@ -118,18 +136,13 @@ class SpanEncoder:
         append = out.append
         slow = []
         for ctx in batch:
-            try:
-                t0, t1, t2, t3, t4, t5, t6, t7 = ctx.times
-            except ValueError:  # not N_TIMES times (never from this version's workers)
+            times = ctx.times
+            if len(times) != N_TIMES:  # never from this version's workers
                 slow.append(ctx)
                 continue
+            t0, t1, t2, t3, t4, t5, t6, t7 = times
             sid = ctx.span_id
-            key = (ctx.listener, ctx.route, ctx.upstream, ctx.upstream_addr, ctx.method,
-                   ctx.status, ctx.error, ctx.tls_version, ctx.tls_resumed, ctx.reused,
-                   ctx.retries, ctx.protocol,
-                   len(ctx.trace_id) << 8 | len(sid) << 4 | len(ctx.parent_span_id),
-                   t0 and t1 and t1 >= t0, t0 and t2 and t2 >= t0, t3 and t4 and t4 >= t3,
-                   t4 and t5 and t5 >= t4, t5 and t6 and t6 >= t5, t6 and t7 and t7 >= t6)
+            key = shape_key(ctx, times)
             tpl = templates.get(key)
             if tpl is None:
                 tpl = make(ctx, key)
@@ -152,11 +165,13 @@ class SpanEncoder:
             if ctx.tracestate:
                 extra += tpls.value(None, ctx.tracestate)
             n = tpl.body_len + len(extra)
+            if n >= MAX_BODY:  # more than the template's 2-byte varint holds
+                slow.append(ctx)
+                continue
             append(tpl.fill(ctx, t0, t1, t2, t3, t4, t5, t6, t7, base,
                             varints.get(n) or tpls.varint(n)))
             append(extra)
-        self.fast += len(batch) - len(slow)
-        self.slow += len(slow)
+        self._fast += len(batch) - len(slow)
         return slow
 
     def shape(self, ctx: RequestContext) -> bytes:

@@ -2,14 +2,10 @@
 queue, and a greenlet that sends batches over OTLP/HTTP (protobuf) to ``[tracing]
 endpoint``.
 
-Sampling (:meth:`Tracer.offer`, once per request record, cheap):
-
-* head: a request whose traceparent came sampled is kept; otherwise the trace id decides
-  with ``sample_ratio`` (tracecontext.sampled_by_ratio: the same rule the worker used to
-  set the sampled flag of a trace it started, so both agree);
-* tail, which only a proxy that saw the whole request can apply: errors (5xx, or an
-  error such as an upstream reset or the client gone) and requests slower than
-  ``sample_slower_than`` are always kept.
+Sampling (:meth:`Tracer.offer_batch`, once per batch of ring records, compiled:
+sampling.py): at the head by the traceparent's flag or ``sample_ratio``, at the tail (which
+only a proxy that saw the whole request can apply) errors and requests slower than
+``sample_slower_than``.
 
 The queue holds request records, not spans: encoding (spans.py) happens in the export
 greenlet, a batch at a time. The queue is bounded (``queue_size``): when the collector is
@@ -31,9 +27,10 @@ from gevent.event import Event
 
 from forkproxy import __version__
 from forkproxy.config import Endpoint, TracingConfig, parse_endpoint
-from forkproxy.context import T_ACCEPT, T_END, T_HEADERS, RequestContext
-from forkproxy.http.tracecontext import SAMPLED, ratio_threshold
+from forkproxy.context import RequestContext
+from forkproxy.http.tracecontext import ratio_threshold
 from forkproxy.manager.metrics import TextWriter
+from forkproxy.manager.sampling import sample_batch
 
 #: longest response body read from the collector (OTLP answers are small)
 MAX_RESPONSE = 64 * 1024
@@ -208,28 +205,20 @@ class Tracer:
 
     # -- per request (from Manager.on_batch) --------------------------------------------
 
-    def offer(self, ctx: RequestContext) -> None:
-        """Keep the record for export if a sampling rule says so; never waits. Called
-        only while export is enabled (Manager.on_batch checks once per batch)."""
-        trace_id = ctx.trace_id
-        if not trace_id:
-            return
-        # head (the sampled flag, the ratio on the id's low 8 bytes), then the tail rules
-        if not (ctx.trace_flags & SAMPLED
-                or int.from_bytes(trace_id[8:], "big") < self.threshold
-                or ctx.status >= 500 or ctx.error):
-            t = ctx.times
-            start = t[T_ACCEPT] or t[T_HEADERS]
-            if not start or t[T_END] - start <= self.slower_than:
-                return
-        self.sampled += 1
+    def offer_batch(self, items: list) -> None:
+        """Keep the request records of ``items`` that a sampling rule selects, for export;
+        never waits. Called only while export is enabled (RecordSink.on_batch checks)."""
         q = self.queue
-        if len(q) >= self.queue_size:
-            self.dropped_queue += 1
-            return
-        q.append(ctx)
+        sampled, dropped = sample_batch(items, q, self.queue_size - len(q), self.threshold,
+                                        self.slower_than)
+        self.sampled += sampled
+        self.dropped_queue += dropped
         if len(q) >= self.batch_size:
             self.wake.set()
+
+    def offer(self, ctx: RequestContext) -> None:
+        """offer_batch for one record."""
+        self.offer_batch([ctx])
 
     # -- export ---------------------------------------------------------------------------
 

@@ -535,7 +535,7 @@ def test_exported_template_spans_decode_at_a_real_receiver(receiver):
     recs = varied_records(1000, seed=99, shapes=10)
     for r in recs:
         tracer.offer(r)
-    while tracer.queue:
+    while tracer.queued:
         assert tracer._send_batch()
     assert tracer.exported == 1000 and tracer.encoder.fast > 800, tracer.encoder.fast
     got = {s.span_id: s for s in receiver.spans}

@@ -20,10 +20,21 @@ from forkproxy.http.tracecontext import SAMPLED
 ALL = 1 << 64
 
 
+def _id_low_u64(trace_id):
+    """The low 8 bytes of a 16-byte trace id, big-endian (sampling.pxd has it in C)."""
+    return int.from_bytes(trace_id[8:], "big")
+
+
+# compiled, the name is sampling.pxd's C function (gevent's way of giving pure-Python
+# mode a fallback for C code)
+locals().update(fp_id_low_u64=_id_low_u64)
+
+
 def sample_batch(items, queue, room, threshold, slower_than):
     """Appends the records of ``items`` a rule keeps to ``queue`` (``room`` of them at
     most); returns (kept by a rule, dropped for want of room)."""
     everything = threshold >= ALL
+    below = 0 if everything else threshold
     sampled = dropped = 0
     for rec in items:
         if type(rec) is not RequestContext:
@@ -31,14 +42,25 @@ def sample_batch(items, queue, room, threshold, slower_than):
         trace_id = rec.trace_id
         if not trace_id:
             continue
-        # head (the sampled flag, the ratio on the id's low 8 bytes), then the tail rules
-        if not (rec.trace_flags & SAMPLED or everything
-                or int.from_bytes(trace_id[8:], "big") < threshold
-                or rec.status >= 500 or rec.error):
+        # head: the sampled flag, the ratio on the id's low 8 bytes
+        keep = everything or rec.trace_flags & SAMPLED
+        if not keep:
+            if len(trace_id) == 16:
+                keep = fp_id_low_u64(trace_id) < below  # noqa: F821
+            else:  # never from a worker
+                keep = int.from_bytes(trace_id[8:], "big") < threshold
+        # tail: errors, and requests slower than slower_than
+        if not keep and (rec.status >= 500 or rec.error):
+            keep = True
+        if not keep:
             t = rec.times
-            start = t[T_ACCEPT] or t[T_HEADERS]
-            if not start or t[T_END] - start <= slower_than:
-                continue
+            if len(t) > T_END:
+                start = t[T_ACCEPT]
+                if start == 0:
+                    start = t[T_HEADERS]
+                keep = start != 0 and t[T_END] - start > slower_than
+        if not keep:
+            continue
         sampled += 1
         if room <= 0:
             dropped += 1

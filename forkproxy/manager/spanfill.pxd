@@ -84,7 +84,16 @@ cpdef tuple shape_key(ctx, list times)
 cdef class Filler:
     cdef readonly object tpls
     cdef bytearray buf
+    cdef Py_ssize_t pos
+    cdef list spare
     cdef public Py_ssize_t fast
+
+    cpdef Py_ssize_t written(self)
+    cpdef add(self, bytes data)
+    @cython.locals(pos=Py_ssize_t, start=Py_ssize_t, buf=bytearray)
+    cpdef take(self, bytes prefix)
+    cpdef recycle(self, view)
+    cpdef discard(self)
 
     cpdef reserve(self, Py_ssize_t used, Py_ssize_t need)
 
@@ -94,4 +103,4 @@ cdef class Filler:
                    a_in=bytes, a_state=bytes, extra=Py_ssize_t, body=Py_ssize_t,
                    end=Py_ssize_t, t7=double, off=double, t=double, s=Py_ssize_t, kind=int,
                    at=Py_ssize_t, max_body=Py_ssize_t)
-    cpdef bytearray encode_fast(self, list batch, list slow)
+    cpdef encode_fast(self, list batch, list slow)

@@ -35,9 +35,15 @@ except ImportError:  # no Cython where the package runs: it is plain Python
 K_TID, K_SID, K_PSID, K_START, K_END, K_VN, K_TIME, K_CHILD = 0, 1, 2, 3, 4, 5, 16, 32
 #: the server span's length is a 2-byte varint in a template (spantemplate.MAX_BODY)
 MAX_BODY = 1 << 14
-#: a request's template and attributes take at most this many bytes of the buffer
-#: before it is grown (the image and its attributes are measured first)
+#: a buffer's first size (grown when a request's spans would not fit: they are
+#: measured first)
 FIRST_BUFFER = 1 << 16
+#: room left at the start of a buffer for the export request's envelope (the enclosing
+#: messages' tags and lengths, the resource and the scope: Filler.take)
+HEAD_ROOM = 512
+#: buffers kept for reuse once their export request was sent (a new one of ~0.5 MiB per
+#: batch would cost its page faults every time)
+SPARE_BUFFERS = 2
 
 
 def slot_kind(name: str) -> int:
@@ -155,6 +161,8 @@ class Filler:
     def __init__(self, tpls):
         self.tpls = tpls
         self.buf = bytearray(FIRST_BUFFER)
+        self.pos = HEAD_ROOM  # the spans written since the last take() end here
+        self.spare = []
         self.fast = 0
 
     def reserve(self, used, need):
@@ -166,9 +174,45 @@ class Filler:
         buf[:used] = self.buf[:used]
         self.buf = buf
 
+    def written(self):
+        """The bytes of spans written since the last take()."""
+        return self.pos - HEAD_ROOM
+
+    def add(self, data):
+        """Appends spans serialised elsewhere (the slow builder's)."""
+        end = self.pos + len(data)
+        if end > len(self.buf):
+            self.reserve(self.pos, end)
+        self.pos = fp_put(self.buf, self.pos, data)  # noqa: F821
+
+    def take(self, prefix):
+        """``prefix`` (the envelope) and the spans written since the last call, as a view
+        of their buffer, which is the caller's until it gives it back (recycle); the
+        next spans go into another buffer."""
+        buf = self.buf
+        pos = self.pos
+        self.buf = self.spare.pop() if self.spare else bytearray(len(buf))
+        self.pos = HEAD_ROOM
+        if len(prefix) > HEAD_ROOM:  # a very long service name: copied
+            return memoryview(prefix + buf[HEAD_ROOM:pos])
+        start = HEAD_ROOM - len(prefix)
+        buf[start:HEAD_ROOM] = prefix
+        return memoryview(buf)[start:pos]
+
+    def recycle(self, view):
+        """Takes back a buffer take() gave out, once its bytes were sent."""
+        buf = view.obj
+        view.release()
+        if type(buf) is bytearray and len(self.spare) < SPARE_BUFFERS:
+            self.spare.append(buf)
+
+    def discard(self):
+        """Forgets the spans written since the last take()."""
+        self.pos = HEAD_ROOM
+
     def encode_fast(self, batch, slow):
-        """The spans of the requests in ``batch`` that have a template, as bytes (entries
-        of ScopeSpans.spans); the others are appended to ``slow``."""
+        """Writes the spans of the requests in ``batch`` that have a template after those
+        written before (see take); appends the others to ``slow``."""
         tpls = self.tpls
         templates = tpls.templates
         paths = tpls.paths
@@ -177,7 +221,7 @@ class Filler:
         m = fp_member  # noqa: F821
         buf = self.buf
         max_body = MAX_BODY
-        pos = 0
+        pos = self.pos
         for ctx in batch:
             if type(ctx) is not RequestContext:  # the offsets below are its fields'
                 slow.append(ctx)
@@ -260,5 +304,5 @@ class Filler:
             if a_state:
                 at = fp_put(buf, at, a_state)  # noqa: F821
             pos = at
+            self.pos = pos
             self.fast += 1
-        return buf[:pos]

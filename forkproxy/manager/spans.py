@@ -78,25 +78,68 @@ class SpanEncoder:
         #: requests encoded by the struct fill and by the slow builder (tests,
         #: scripts/tracecost; the compiled fill counts its own: ``fast``)
         self._fast = self.slow = 0
+        #: the open export request: its requests, and its spans written outside the
+        #: compiled fill's buffer (the struct fill's and the slow builder's)
+        self.count = 0
+        self.pieces: list[bytes] = []
 
     def encode(self, batch: list[RequestContext]) -> bytes:
-        """One export request: the spans of every request in ``batch``."""
-        pieces: list[bytes] = []
-        slow = self.encode_fast(batch, pieces)
+        """One export request: the spans of every request in ``batch`` (with no batch
+        open: append and finish)."""
+        self.append(batch)
+        body = self.finish()
+        data = bytes(body)
+        self.recycle(body)
+        return data
+
+    def append(self, batch: list[RequestContext]) -> None:
+        """Writes the spans of the requests in ``batch`` into the open export request."""
+        slow = self.encode_fast(batch, self.pieces)
         self.slow += len(slow)
         if slow:
             ss = ScopeSpans()  # serialised without its scope: the spans' entries only
             for ctx in slow:
                 self.add(ss.spans, ctx)
-            pieces.append(ss.SerializeToString())
+            data = ss.SerializeToString()
+            if self.filler is not None:
+                self.filler.add(data)
+            else:
+                self.pieces.append(data)
+        self.count += len(batch)
+
+    def finish(self) -> bytes | memoryview:
+        """The open export request's bytes (compiled: a view of the fill's buffer, to
+        give back with recycle once sent); the next one starts empty."""
         # ExportTraceServiceRequest{resource_spans: [{resource, scope_spans: [{scope,
-        # spans}]}]}: the lengths of the two enclosing messages, then one copy
+        # spans}]}]}: the lengths of the two enclosing messages before the spans
+        pieces = self.pieces
+        filler = self.filler
         varint = self.templates.varint
-        ss_len = len(self.scope_field) + sum(map(len, pieces))
+        ss_len = len(self.scope_field) + (filler.written() if filler is not None
+                                          else sum(map(len, pieces)))
         ss_head = SCOPE_SPANS_TAG + varint(ss_len)
         rs_len = len(self.resource_field) + len(ss_head) + ss_len
-        return b"".join((RESOURCE_SPANS_TAG, varint(rs_len), self.resource_field, ss_head,
-                         self.scope_field, *pieces))
+        prefix = b"".join((RESOURCE_SPANS_TAG, varint(rs_len), self.resource_field, ss_head,
+                           self.scope_field))
+        self.count = 0
+        if filler is not None:
+            return filler.take(prefix)
+        self.pieces = []
+        return b"".join((prefix, *pieces))
+
+    def recycle(self, body: bytes | memoryview) -> None:
+        """Gives finish()'s buffer back once its bytes were sent."""
+        if self.filler is not None and type(body) is memoryview:
+            self.filler.recycle(body)
+
+    def discard(self) -> int:
+        """Drops the open export request; returns how many requests it held."""
+        n = self.count
+        if self.filler is not None:
+            self.filler.discard()
+        self.pieces = []
+        self.count = 0
+        return n
 
     @property
     def fast(self) -> int:
@@ -120,7 +163,7 @@ class SpanEncoder:
         build, the generated ``struct`` fill otherwise (``compiled`` chooses in tests)."""
         if self.filler is not None:
             slow: list = []
-            out.append(self.filler.encode_fast(batch, slow))
+            self.filler.encode_fast(batch, slow)  # into its own buffer (see finish)
             return slow
         return self.encode_packed(batch, out)
 

@@ -18,7 +18,6 @@ from setuptools import Extension, setup
 COMPILED = [
     "forkproxy.manager.sampling",
     "forkproxy.manager.spanfill",
-    "forkproxy.manager.spantemplate",
 ]
 
 

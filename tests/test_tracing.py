@@ -95,6 +95,40 @@ def test_ids_are_distinct_and_ratio_sampling_is_fair():
     assert not any(tc.sampled_by_ratio(t, tc.ratio_threshold(0.0)) for t in traces[:100])
 
 
+def test_the_managers_sampling_agrees_with_the_workers_rule():
+    """sampling.sample_batch (C in the compiled build) keeps what the rules say: the
+    sampled flag, the ratio on the trace id (the worker's sampled_by_ratio), errors and
+    slow requests; records without a trace and other record types are skipped; what does
+    not fit the queue's room is counted as dropped."""
+    import random
+
+    from forkproxy.context import RequestContext, WorkerGauges
+    from forkproxy.manager.sampling import sample_batch
+
+    rnd = random.Random(7)
+    recs: list = [WorkerGauges(1, 0.0, 1, 1)]
+    for i in range(4000):
+        start = 100.0 + i
+        recs.append(RequestContext(
+            1.7e9, f"r{i}", 1, "l", "c", "GET", "/", rnd.choice([200, 200, 503]), 0, 0, "",
+            "", False, None, "", [start, 0.0, start + 0.001, 0.0, 0.0, 0.0, 0.0,
+                                  start + rnd.choice([0.01, 0.01, 0.9])],
+            error=rnd.choice(["", "", "", "upstream_reset"]),
+            trace_id=rnd.choice([rnd.randbytes(16), rnd.randbytes(16), b""]),
+            trace_flags=rnd.choice([0, 0, 0, 1])))
+    for ratio in (0.0, 0.3, 1.0):
+        threshold = tc.ratio_threshold(ratio)
+        want = [r for r in recs if type(r) is RequestContext and r.trace_id and (
+            r.trace_flags & 1 or tc.sampled_by_ratio(r.trace_id, threshold)
+            or r.status >= 500 or r.error or r.times[7] - r.times[0] > 0.5)]
+        kept: list = []
+        assert sample_batch(recs, kept, 1 << 30, threshold, 0.5) == (len(want), 0)
+        assert kept == want
+        kept = []
+        assert sample_batch(recs, kept, 10, threshold, 0.5) == (len(want), len(want) - 10)
+        assert kept == want[:10]
+
+
 # -- a real proxy -------------------------------------------------------------------------
 
 

@@ -81,6 +81,12 @@ cdef unsigned long long to_ns(double t, double off)
 cpdef tuple shape_key(ctx, list times)
 
 
+@cython.locals(t7=double, ts=double, off=double, t=double, s=Py_ssize_t, kind=int,
+               at=Py_ssize_t)
+cdef void fill_slots(bytearray buf, Py_ssize_t pos, Template tpl, ctx, list times, bytes sid,
+                     unsigned long long base, Py_ssize_t body) except *
+
+
 cdef class Filler:
     cdef readonly object tpls
     cdef bytearray buf
@@ -101,6 +107,6 @@ cdef class Filler:
                    pos=Py_ssize_t, times=list, key=tuple, tpl=Template, sid=bytes,
                    base=cython.ulonglong, a_path=bytes, a_client=bytes, a_out=bytes,
                    a_in=bytes, a_state=bytes, extra=Py_ssize_t, body=Py_ssize_t,
-                   end=Py_ssize_t, t7=double, off=double, t=double, s=Py_ssize_t, kind=int,
-                   at=Py_ssize_t, max_body=Py_ssize_t)
+                   end=Py_ssize_t, at=Py_ssize_t, max_body=Py_ssize_t, last_key=tuple,
+                   last_tpl=Template)
     cpdef encode_fast(self, list batch, list slow)

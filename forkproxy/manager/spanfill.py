@@ -154,6 +154,40 @@ def shape_key(ctx, times) -> tuple:
              | len(m(ctx, O_PARENT_SPAN_ID))) << 6 | phases)
 
 
+def fill_slots(buf, pos, tpl, ctx, times, sid, base, body):
+    """Stores a request's ids, times (Unix nanoseconds), phase span ids and server span
+    length (``body``, a 2-byte varint) in the slots of its template's image at ``pos``."""
+    m = fp_member  # noqa: F821
+    t7 = times[7]
+    ts = m(ctx, O_TS)
+    off = ts - t7
+    for s in range(tpl.nslots):
+        kind = tpl.kinds[s]
+        at = pos + tpl.offsets[s]
+        if kind >= K_CHILD:
+            fp_put_u64(buf, at, base ^ (kind - K_CHILD))  # noqa: F821
+        elif kind >= K_TIME:
+            fp_put_u64(buf, at, to_ns(times[kind - K_TIME], off))  # noqa: F821
+        elif kind == K_TID:
+            fp_put(buf, at, m(ctx, O_TRACE_ID))  # noqa: F821
+        elif kind == K_SID:
+            fp_put(buf, at, sid)  # noqa: F821
+        elif kind == K_PSID:
+            fp_put(buf, at, m(ctx, O_PARENT_SPAN_ID))  # noqa: F821
+        elif kind == K_END:
+            fp_put_u64(buf, at, to_ns(t7, off))  # noqa: F821
+        elif kind == K_START:  # accept, else the request head, else the end
+            t = times[0]
+            if t == 0:
+                t = times[2]
+            if t == 0:
+                t = t7
+            fp_put_u64(buf, at, to_ns(t, off))  # noqa: F821
+        else:  # K_VN
+            buf[at] = (body & 0x7F) | 0x80
+            buf[at + 1] = body >> 7
+
+
 class Filler:
     """The compiled fill of a SpanEncoder's templates (``tpls``: spantemplate.Templates,
     whose caches of templates and attributes it shares)."""
@@ -222,6 +256,8 @@ class Filler:
         buf = self.buf
         max_body = MAX_BODY
         pos = self.pos
+        last_key = None
+        last_tpl = None
         for ctx in batch:
             if type(ctx) is not RequestContext:  # the offsets below are its fields'
                 slow.append(ctx)
@@ -231,13 +267,18 @@ class Filler:
                 slow.append(ctx)
                 continue
             key = shape_key(ctx, times)
-            found = templates.get(key)
-            if found is None:
-                found = tpls.make(ctx, key)
-            if found is False:
-                slow.append(ctx)
-                continue
-            tpl = found
+            if key == last_key:  # the shape of the request before: compared, not hashed
+                tpl = last_tpl
+            else:
+                found = templates.get(key)
+                if found is None:
+                    found = tpls.make(ctx, key)
+                if found is False:
+                    slow.append(ctx)
+                    continue
+                tpl = found
+                last_key = key
+                last_tpl = tpl
             sid = m(ctx, O_SPAN_ID)
             base = fp_le_u64(sid)  # noqa: F821 (8 bytes: the key holds the ids' lengths)
             if base < 8:  # a child id would be 0 (base ^ i)
@@ -268,33 +309,7 @@ class Filler:
                 self.reserve(pos, end)
                 buf = self.buf
             fp_put(buf, pos, tpl.image)  # noqa: F821
-            t7 = times[7]
-            off = m(ctx, O_TS) - t7
-            for s in range(tpl.nslots):
-                kind = tpl.kinds[s]
-                at = pos + tpl.offsets[s]
-                if kind >= K_CHILD:
-                    fp_put_u64(buf, at, base ^ (kind - K_CHILD))  # noqa: F821
-                elif kind >= K_TIME:
-                    fp_put_u64(buf, at, to_ns(times[kind - K_TIME], off))  # noqa: F821
-                elif kind == K_TID:
-                    fp_put(buf, at, m(ctx, O_TRACE_ID))  # noqa: F821
-                elif kind == K_SID:
-                    fp_put(buf, at, sid)  # noqa: F821
-                elif kind == K_PSID:
-                    fp_put(buf, at, m(ctx, O_PARENT_SPAN_ID))  # noqa: F821
-                elif kind == K_END:
-                    fp_put_u64(buf, at, to_ns(t7, off))  # noqa: F821
-                elif kind == K_START:  # accept, else the request head, else the end
-                    t = times[0]
-                    if t == 0:
-                        t = times[2]
-                    if t == 0:
-                        t = t7
-                    fp_put_u64(buf, at, to_ns(t, off))  # noqa: F821
-                else:  # K_VN
-                    buf[at] = (body & 0x7F) | 0x80
-                    buf[at + 1] = body >> 7
+            fill_slots(buf, pos, tpl, ctx, times, sid, base, body)
             at = fp_put(buf, pos + tpl.size, a_path)  # noqa: F821
             at = fp_put(buf, at, a_client)  # noqa: F821
             if a_out:

@@ -78,7 +78,11 @@ cdef unsigned long long to_ns(double t, double off)
 
 @cython.locals(t0=double, t1=double, t2=double, t3=double, t4=double, t5=double, t6=double,
                t7=double, phases=int)
+cdef long shape_bits(ctx, list times) except? -1
+
 cpdef tuple shape_key(ctx, list times)
+
+cdef bint same_shape(ctx, long bits, tuple key) except -1
 
 
 @cython.locals(t7=double, ts=double, off=double, t=double, s=Py_ssize_t, kind=int,

@@ -134,10 +134,10 @@ def to_ns(t, off):
     return int((t + off) * 1e9)
 
 
-def shape_key(ctx, times) -> tuple:
-    """The key of ctx's template: the labels of its server span, its ids' lengths and
-    which phase spans it has (their times present and in order), as bits (``times``:
-    ctx.times, N_TIMES of them)."""
+def shape_bits(ctx, times):
+    """The part of ctx's shape key that is not a label: its ids' lengths and which phase
+    spans it has (their times present and in order), as bits (``times``: ctx.times,
+    N_TIMES of them)."""
     t0, t1, t2, t3, t4, t5, t6, t7 = times[0], times[1], times[2], times[3], times[4], \
         times[5], times[6], times[7]
     phases = ((t0 != 0 and t1 != 0 and t1 >= t0)
@@ -147,11 +147,29 @@ def shape_key(ctx, times) -> tuple:
               | (t5 != 0 and t6 != 0 and t6 >= t5) << 4
               | (t6 != 0 and t7 != 0 and t7 >= t6) << 5)
     m = fp_member  # noqa: F821
+    return (len(m(ctx, O_TRACE_ID)) << 8 | len(m(ctx, O_SPAN_ID)) << 4
+            | len(m(ctx, O_PARENT_SPAN_ID))) << 6 | phases
+
+
+def shape_key(ctx, times) -> tuple:
+    """The key of ctx's template: the labels of its server span, and shape_bits."""
+    m = fp_member  # noqa: F821
     return (m(ctx, O_LISTENER), m(ctx, O_ROUTE), m(ctx, O_UPSTREAM), m(ctx, O_UPSTREAM_ADDR),
             m(ctx, O_METHOD), m(ctx, O_STATUS), m(ctx, O_ERROR), m(ctx, O_TLS_VERSION),
             m(ctx, O_TLS_RESUMED), m(ctx, O_REUSED), m(ctx, O_RETRIES), m(ctx, O_PROTOCOL),
-            (len(m(ctx, O_TRACE_ID)) << 8 | len(m(ctx, O_SPAN_ID)) << 4
-             | len(m(ctx, O_PARENT_SPAN_ID))) << 6 | phases)
+            shape_bits(ctx, times))
+
+
+def same_shape(ctx, bits, key):
+    """Whether ctx's shape key (its shape_bits ``bits``) is ``key``, compared field by
+    field: no tuple made, nothing hashed."""
+    m = fp_member  # noqa: F821
+    return (bits == key[12] and m(ctx, O_LISTENER) == key[0] and m(ctx, O_ROUTE) == key[1]
+            and m(ctx, O_UPSTREAM) == key[2] and m(ctx, O_UPSTREAM_ADDR) == key[3]
+            and m(ctx, O_METHOD) == key[4] and m(ctx, O_STATUS) == key[5]
+            and m(ctx, O_ERROR) == key[6] and m(ctx, O_TLS_VERSION) == key[7]
+            and m(ctx, O_TLS_RESUMED) is key[8] and m(ctx, O_REUSED) is key[9]
+            and m(ctx, O_RETRIES) == key[10] and m(ctx, O_PROTOCOL) == key[11])
 
 
 def fill_slots(buf, pos, tpl, ctx, times, sid, base, body):
@@ -266,10 +284,10 @@ class Filler:
             if len(times) != 8:  # not N_TIMES times (never from this version's workers)
                 slow.append(ctx)
                 continue
-            key = shape_key(ctx, times)
-            if key == last_key:  # the shape of the request before: compared, not hashed
-                tpl = last_tpl
+            if last_key is not None and same_shape(ctx, shape_bits(ctx, times), last_key):
+                tpl = last_tpl  # the shape of the request before: compared, not hashed
             else:
+                key = shape_key(ctx, times)
                 found = templates.get(key)
                 if found is None:
                     found = tpls.make(ctx, key)

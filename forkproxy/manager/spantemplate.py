@@ -6,9 +6,11 @@ OTLP schema: trace_id (16 bytes), span_id and parent_span_id (8), start and end 
 (fixed64). So for one *shape* (everything SpanEncoder.shape keys on, whether the client
 sent a parent, and which phases happened) the server span and its phase spans are
 serialised once with sentinel ids and times; the sentinels' offsets split the bytes into
-constant pieces and slots, and one ``struct.Struct`` per shape writes a request's spans
-in a single ``pack`` call (the constants are passed as ``Ns`` arguments; generated code
-passes them in order). The variable-length attributes (url.path, client.address, body
+constant pieces and slots. In the compiled build spanfill.py writes them (the pieces as
+one image whose slots it stores in C); otherwise one ``struct.Struct`` per shape writes a
+request's spans in a single ``pack`` call (the constants are passed as ``Ns`` arguments;
+generated code passes them in order). Both write the same pieces, and the tests compare
+both with the protobuf classes' bytes. The variable-length attributes (url.path, client.address, body
 sizes) and tracestate follow the template as serialised repeated fields of the server
 span (protobuf concatenates repeated fields, and accepts fields in any order); the
 server span's length is the official varint encoder's.

@@ -1,6 +1,6 @@
 # cython: boundscheck=False, wraparound=False
-"""Span templates filled in C: a batch's requests written into one buffer by one compiled
-loop (Cython compiles this file with spanfill.pxd's C types: setup.py COMPILED).
+"""Span templates filled in C: a batch's requests written into a reused buffer by one
+compiled loop (Cython compiles this file with spanfill.pxd's C types: setup.py COMPILED).
 
 spantemplate.py splits a shape's serialised spans into constants and fixed-width slots.
 A :class:`Template` holds them as one image (the constants, each slot zeroed) and the
@@ -10,10 +10,11 @@ batch's buffer, stores its ids, its times in Unix nanoseconds (C doubles, trunca
 appends the cached variable attributes: no Python call per request but the caches'
 look-ups, no ``struct.pack`` of ~60 arguments.
 
-Run as plain Python it writes the same bytes, slowly (a Python operation per byte
-stored): spans.py uses it only when compiled (``COMPILED``) and keeps the generated
-``struct`` fill otherwise; tests/test_tracing.py checks both against the protobuf
-builder in both builds.
+The C parts that plain Python has no words for (memcpy, stores of C integers, a field
+read at its offset) are C functions in spanfill.pxd with Python equivalents here under
+the same names. Run as plain Python it writes the same bytes, more slowly than the
+generated ``struct`` fill: spans.py uses it only when compiled (``COMPILED``);
+tests/test_tracing.py checks both fills against the protobuf builder in both builds.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ except ImportError:  # no Cython where the package runs: it is plain Python
 #: slot kinds (spantemplate.SLOT_FORMATS' names): time i in Unix nanoseconds is
 #: K_TIME + i, the id of phase span i K_CHILD + i
 K_TID, K_SID, K_PSID, K_START, K_END, K_VN, K_TIME, K_CHILD = 0, 1, 2, 3, 4, 5, 16, 32
-#: the server span's length is a 2-byte varint in a template (spantemplate.MAX_BODY)
+#: the server span's length is a 2-byte varint in a template: shorter bodies only
 MAX_BODY = 1 << 14
 #: a buffer's first size (grown when a request's spans would not fit: they are
 #: measured first)

@@ -21,6 +21,7 @@ COMPILED = [
     "forkproxy.manager.histogram",
     "forkproxy.manager.recordpass",
     "forkproxy.manager.jsonline",
+    "forkproxy.shm.ringwalk",
 ]
 
 

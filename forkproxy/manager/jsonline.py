@@ -12,10 +12,21 @@ from __future__ import annotations
 import time
 
 import msgspec
+from msgspec.structs import astuple
 
 from forkproxy.context import N_TIMES, T_ACCEPT, T_END, T_HEADERS, RequestContext, padded_times
 
 _json = msgspec.json.Encoder()
+
+#: RequestContext's field positions (in ``msgspec.structs.astuple``)
+(_TS, _REQUEST_ID, _WORKER, _LISTENER, _REMOTE, _METHOD, _PATH, _STATUS, _BYTES_IN,
+ _BYTES_OUT, _UPSTREAM, _UPSTREAM_ADDR, _REUSED, _TLS_RESUMED, _TLS_VERSION, _TIMES, _ERROR,
+ _PROTOCOL, _STREAM, _TRACE_ID, _SPAN_ID, _GRPC_STATUS) = (
+    RequestContext.__struct_fields__.index(name) for name in (
+        "ts", "request_id", "worker", "listener", "remote", "method", "path", "status",
+        "bytes_in", "bytes_out", "upstream", "upstream_addr", "reused", "tls_resumed",
+        "tls_version", "times", "error", "protocol", "stream", "trace_id", "span_id",
+        "grpc_status"))
 
 
 class _Clock:
@@ -107,25 +118,27 @@ def phases_ms(ctx: RequestContext) -> dict[str, float]:
 def json_record(ctx: RequestContext, ms: dict[str, float]) -> JsonLine:
     """The line's fields; ``ms``: the phases in ms. Runs for every logged request, hence
     the timestamp and duration written out here (as :meth:`_Clock.iso` and
-    metrics.request_duration, which a test holds it to)."""
-    ts = ctx.ts
+    metrics.request_duration, which a test holds it to). The context's fields are read
+    from one ``astuple``: compiled, 24 attribute lookups cost more than the tuple."""
+    f = astuple(ctx)
+    ts = f[_TS]
     sec = int(ts)
     clock = _clock
     if sec != clock.sec:
         clock.iso(ts)
     frac = int((ts - sec) * 1000)
-    t = ctx.times
+    t = f[_TIMES]
     end = t[T_END]
     start = t[T_HEADERS] or t[T_ACCEPT]
     d = end - start if end and start and end >= start else 0.0
     us = int(d * 1e6 + 0.5)
+    grpc_status = f[_GRPC_STATUS]
     return JsonLine(
-        f"{clock.prefix}.{frac:03d}Z", ctx.request_id, ctx.remote,
-        ctx.method, ctx.path, ctx.status, ctx.bytes_out, ctx.upstream, ctx.upstream_addr,
-        us / 1000.0, ms, ctx.tls_resumed, ctx.worker, ctx.listener,
-        ctx.bytes_in, ctx.reused, ctx.tls_version, ctx.error, ctx.trace_id.hex(),
-        ctx.span_id.hex(), ctx.protocol, ctx.stream or None,
-        ctx.path if ctx.grpc_status is not None else "", ctx.grpc_status)
+        f"{clock.prefix}.{frac:03d}Z", f[_REQUEST_ID], f[_REMOTE], f[_METHOD], f[_PATH],
+        f[_STATUS], f[_BYTES_OUT], f[_UPSTREAM], f[_UPSTREAM_ADDR], us / 1000.0, ms,
+        f[_TLS_RESUMED], f[_WORKER], f[_LISTENER], f[_BYTES_IN], f[_REUSED],
+        f[_TLS_VERSION], f[_ERROR], f[_TRACE_ID].hex(), f[_SPAN_ID].hex(), f[_PROTOCOL],
+        f[_STREAM] or None, f[_PATH] if grpc_status is not None else "", grpc_status)
 
 
 def json_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:

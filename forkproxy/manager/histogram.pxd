@@ -3,7 +3,7 @@
 
 cdef class Histogram:
     cdef public tuple bounds
-    cdef public list counts
+    cdef public long long[::1] buckets
     cdef public double sum
     cdef public double sumsq
 

@@ -17,7 +17,8 @@ cdef Py_ssize_t _duration_bucket(double v) noexcept
 cpdef count_batch(object m, list reqs)
 
 @cython.locals(durations=dict, groups=dict, ph=dict, compiled=bint, f2p="long[::1]",
-               c_hdr=list, c_tls=list, c_conn=list, c_send=list, c_fb=list, c_body=list,
+               c_hdr="long long[::1]", c_tls="long long[::1]", c_conn="long long[::1]",
+               c_send="long long[::1]", c_fb="long long[::1]", c_body="long long[::1]",
                s_hdr=double, s_tls=double, s_conn=double, s_send=double, s_fb=double,
                s_body=double, ta=double, tt=double, th=double, tcs=double, tc=double,
                tsent=double, tfb=double, te=double, start=double, v=double, i=Py_ssize_t,

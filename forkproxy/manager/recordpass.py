@@ -115,7 +115,7 @@ def time_batch(m, reqs):
     db, fb, f2p = DURATION_BUCKETS, FINE_BUCKETS, _F2P
     ph = m.phases
     compiled = COMPILED
-    c_hdr, c_tls, c_conn, c_send, c_fb, c_body = [ph[name].counts for name in PHASES]
+    c_hdr, c_tls, c_conn, c_send, c_fb, c_body = [ph[name].buckets for name in PHASES]
     s_hdr, s_tls, s_conn, s_send, s_fb, s_body = [ph[name].sum for name in PHASES]
     for ctx in reqs:
         t = ctx.times
@@ -131,12 +131,14 @@ def time_batch(m, reqs):
                 if h is None:
                     h = durations[(ctx.listener, upstream)] = Histogram(db)
                 v = te - start
-                h.counts[_duration_bucket(v) if compiled else bisect_left(db, v)] += 1
+                i = _duration_bucket(v) if compiled else bisect_left(db, v)
+                h.buckets[i] += 1
                 h.sum += v
             start = ta or th
             if start and te >= start:
                 h, v = g.total, te - start
-                h.counts[_fine_bucket(v) if compiled else bisect_left(fb, v)] += 1
+                i = _fine_bucket(v) if compiled else bisect_left(fb, v)
+                h.buckets[i] += 1
                 h.sum += v
                 h.sumsq += v * v
         if ta:
@@ -145,7 +147,7 @@ def time_batch(m, reqs):
                 i = _fine_bucket(v) if compiled else bisect_left(fb, v)
                 c_hdr[f2p[i]] += 1
                 s_hdr += v
-                h.counts[i] += 1
+                h.buckets[i] += 1
                 h.sum += v
                 h.sumsq += v * v
             if tt and tt >= ta:
@@ -153,7 +155,7 @@ def time_batch(m, reqs):
                 i = _fine_bucket(v) if compiled else bisect_left(fb, v)
                 c_tls[f2p[i]] += 1
                 s_tls += v
-                h.counts[i] += 1
+                h.buckets[i] += 1
                 h.sum += v
                 h.sumsq += v * v
         if tcs and tc and tc >= tcs and not ctx.reused:
@@ -161,7 +163,7 @@ def time_batch(m, reqs):
             i = _fine_bucket(v) if compiled else bisect_left(fb, v)
             c_conn[f2p[i]] += 1
             s_conn += v
-            h.counts[i] += 1
+            h.buckets[i] += 1
             h.sum += v
             h.sumsq += v * v
         if tc and tsent and tsent >= tc:
@@ -169,7 +171,7 @@ def time_batch(m, reqs):
             i = _fine_bucket(v) if compiled else bisect_left(fb, v)
             c_send[f2p[i]] += 1
             s_send += v
-            h.counts[i] += 1
+            h.buckets[i] += 1
             h.sum += v
             h.sumsq += v * v
         if tsent and tfb and tfb >= tsent:
@@ -177,7 +179,7 @@ def time_batch(m, reqs):
             i = _fine_bucket(v) if compiled else bisect_left(fb, v)
             c_fb[f2p[i]] += 1
             s_fb += v
-            h.counts[i] += 1
+            h.buckets[i] += 1
             h.sum += v
             h.sumsq += v * v
         if tfb and te and te >= tfb:
@@ -185,7 +187,7 @@ def time_batch(m, reqs):
             i = _fine_bucket(v) if compiled else bisect_left(fb, v)
             c_body[f2p[i]] += 1
             s_body += v
-            h.counts[i] += 1
+            h.buckets[i] += 1
             h.sum += v
             h.sumsq += v * v
     for name, s in zip(PHASES, (s_hdr, s_tls, s_conn, s_send, s_fb, s_body), strict=True):

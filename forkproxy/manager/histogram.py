@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
+from types import FunctionType
 
 from forkproxy.context import PHASES
 
@@ -30,21 +31,35 @@ FINE_BUCKETS = tuple(sorted(set(PHASE_BUCKETS) | {
 FINE_TO_PHASE = (*(bisect_left(PHASE_BUCKETS, b) for b in FINE_BUCKETS), len(PHASE_BUCKETS))
 
 
+def _compiled_probe():
+    """A function to look at: Cython's functions are not Python functions."""
+
+
+#: True when this module runs compiled
+COMPILED = not isinstance(_compiled_probe, FunctionType)
+
+
+def _zeros(n: int):
+    """n zero counts: an array('q') compiled (a typed view in histogram.pxd), else a list."""
+    return array("q", bytes(8 * n)) if COMPILED else [0] * n
+
+
 class Histogram:
     """Bucket counts (per bucket, not cumulative), sum of observations, and the sum of
     their squares (kept by the critical-path report's histograms: the deviation).
 
     The batch passes (recordpass.py) inline :meth:`observe` (it runs for every request
-    and phase). The counts live in ``buckets``, an ``array('q')`` (compiled: a typed
-    view, so an increment is one C addition instead of a new int object); ``counts`` is
-    a list copy of them.
+    and phase). The counts live in ``buckets``: compiled, an ``array('q')`` seen through
+    a typed view, so that an increment is one C addition instead of a new int object; as
+    Python, a list (the interpreter's list subscripts are faster than an array's).
+    ``counts`` is a list copy of them.
     """
 
     __slots__ = ("bounds", "buckets", "sum", "sumsq")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
-        self.buckets = array("q", bytes(8 * (len(bounds) + 1)))  # zeros; the last is +Inf
+        self.buckets = _zeros(len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
         self.sumsq = 0.0
 

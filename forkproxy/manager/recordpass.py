@@ -112,9 +112,9 @@ def time_batch(m, reqs):
     complete head (``th or ta``).
     """
     durations, groups = m.durations, m.groups
-    db, fb, f2p = DURATION_BUCKETS, FINE_BUCKETS, _F2P
-    ph = m.phases
     compiled = COMPILED
+    db, fb, f2p = DURATION_BUCKETS, FINE_BUCKETS, _F2P if compiled else FINE_TO_PHASE
+    ph = m.phases
     c_hdr, c_tls, c_conn, c_send, c_fb, c_body = [ph[name].buckets for name in PHASES]
     s_hdr, s_tls, s_conn, s_send, s_fb, s_body = [ph[name].sum for name in PHASES]
     for ctx in reqs:

@@ -38,7 +38,9 @@ headers and payloads below it, then stores ``tail`` once per batch. From Python 
 access goes through ``memoryview.cast('Q')`` at an 8-byte-aligned offset, which CPython
 compiles to a single ``mov``: atomic on x86-64 (measured, and re-checked by a test; a
 property of the CPython build, not a language guarantee). Each access is a separate
-bytecode behind opaque calls, so the C compiler cannot reorder them either.
+bytecode behind opaque calls, so the C compiler cannot reorder them either. The
+consumer's walk (ringwalk.py) is compiled, but it too makes each access as one call on
+these memoryview objects.
 
 * x86-64 (TSO): stores are seen in program order and loads are not reordered with other
   loads or with later stores. Hence payload/header stores are visible before ``head``

@@ -20,8 +20,39 @@ SIGNAL_VERBS = {
 DEFAULT_CONFIG = "/etc/forkproxy/forkproxy.toml"
 
 
+def _help_width() -> int:
+    """The width argparse gives its help: shutil.get_terminal_size()'s columns (COLUMNS,
+    else the terminal's, else 80) less 2, found without shutil. argparse imports shutil
+    for every parser it builds, and shutil imports bz2, lzma and zlib with their C
+    libraries: ~0.6 MiB that the master would keep, for one number, and pass to every
+    child it forks."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position, width or _help_width())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with _HelpFormatter (its subparsers are _Parsers too)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="forkproxy", description=__doc__)
+    p = _Parser(prog="forkproxy", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True)
     for verb, text in [
         ("run", "run in the foreground (Ctrl-C / TERM = fast stop)"),

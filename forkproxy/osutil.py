@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import mmap
 import os
 import signal
 
@@ -21,6 +22,15 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def lazy_buffer(size: int) -> mmap.mmap:
+    """A writable buffer of ``size`` zero bytes whose pages become resident only when
+    something is written to them (an anonymous mapping). ``bytearray(size)`` zero-fills,
+    so every page of it is resident from the start: a 256 KiB relay buffer that carries
+    a 2-byte answer would cost 256 KiB instead of 4. Supports what the workers do with
+    their buffers: ``recv_into``, ``memoryview``, ``find``, ``len``."""
+    return mmap.mmap(-1, size)
 
 
 def set_pdeathsig(sig: int = signal.SIGTERM) -> None:

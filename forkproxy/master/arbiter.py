@@ -204,9 +204,10 @@ class Arbiter:
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
         self.lifeline_r, self.lifeline_w = os.pipe2(os.O_CLOEXEC)
-        # everything the children need is imported; freeze so they share these pages
+        # everything the children need is imported; freeze so they share these pages.
+        # No gc.collect() first: the holes it frees in shared pages are where the
+        # children's first allocations land, copying those pages (-0.2 MiB measured)
         _preload(cfg)
-        gc.collect()
         gc.freeze()
 
     def _setup_shared(self) -> None:

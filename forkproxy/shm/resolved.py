@@ -4,7 +4,7 @@ One slot per server entry with ``resolve`` (an A/AAAA name or an SRV name) of ev
 upstream, in an anonymous shared mapping created by the master before any fork (like
 the health table: inherited by every child, never in /dev/shm). Who writes what:
 
-* the master assigns slots (the KEY word) for the entries of the config it loads, at
+* the master assigns slots (their keys) for the entries of the config it loads, at
   start and on each reload, before it forks that config's workers and signals the
   manager; a slot keeps its servers across reloads, so a new generation starts with
   the last good set;
@@ -13,11 +13,16 @@ the health table: inherited by every child, never in /dev/shm). Who writes what:
 * workers read a slot in ``Upstream.refresh`` (every SWEEP_INTERVAL, never per request):
   one 8-byte load of SEQ, and a copy of the records only when it moved.
 
-Slot layout (SLOT bytes; words are aligned 8-byte words, each written with one store):
+Layout (words are aligned 8-byte words, each written with one store): first the key
+array, one word per slot: hash64(b"DNS\\0UPSTREAM\\0SPEC"), never 0; 0 = a free slot.
+The keys sit apart from the slots so that finding a slot (the master's assignment, every
+reader's ``index``) reads one page, not a word of every slot: the shared mapping's pages
+become resident when first read, and the scan of 256 keys 2,112 bytes apart made all
+528 KiB of it resident in the master and the manager, DNS or not. Then the slots, SLOT
+bytes each:
 
   word 0  SEQ     seqlock sequence: odd while the manager writes the records
-  word 1  KEY     hash64(b"DNS\\0UPSTREAM\\0SPEC"), never 0; 0 = a free slot
-  word 2  COUNT   records in use
+  word 1  COUNT   records in use
   64      MAX_RECORDS records of RECORD bytes: address (16 bytes, inet_pton; an IPv4
           address in the first 4), port u16, family u8 (4 or 6), pad, weight u32
 
@@ -42,7 +47,7 @@ MAX_RECORDS = 64
 RECORD = 32
 HEADER = 64
 SLOT = HEADER + MAX_RECORDS * RECORD
-SEQ, KEY, COUNT = range(3)
+SEQ, COUNT = range(2)
 _REC = struct.Struct("<16sHBxI8x")
 assert _REC.size == RECORD
 #: a reader gives up (keeps its old set until the next refresh) after this many torn copies
@@ -83,12 +88,20 @@ def decode_records(data: bytes) -> list[tuple[str, int, int]]:
 class ResolvedTable:
     def __init__(self, slots: int = 256):
         self.slots = slots
-        self._map = mmap.mmap(-1, slots * SLOT)
+        self.keys_bytes = -(-slots * 8 // HEADER) * HEADER  # the key array, slot-aligned
+        self._map = mmap.mmap(-1, self.keys_bytes + slots * SLOT)
         self.mv = memoryview(self._map)
         self.q = self.mv.cast("Q")
 
+    def _base(self, i: int) -> int:
+        return self.keys_bytes + i * SLOT
+
     def _word(self, i: int, w: int) -> int:
-        return i * (SLOT // 8) + w
+        return self._base(i) // 8 + w
+
+    def seq_word(self, i: int) -> int:
+        """Index in ``q`` of slot i's sequence (a reader's one load per refresh)."""
+        return self._word(i, SEQ)
 
     # -- master --------------------------------------------------------------------------
 
@@ -102,16 +115,15 @@ class ResolvedTable:
         """Give every key a slot (keeping the slots of known keys and their servers);
         returns how many slots are in use. RuntimeError when full."""
         q = self.q
-        key_word = self._word
 
         def clear(i: int) -> None:
-            q[key_word(i, KEY)] = 0
+            q[i] = 0
 
         def install(i: int, key: int) -> None:
             self.publish(i, [])
-            q[key_word(i, KEY)] = key  # last: the slot is valid once the key is set
+            q[i] = key  # last: the slot is valid once the key is set
 
-        free = [i for i in range(self.slots) if q[key_word(i, KEY)] == 0]
+        free = [i for i, k in enumerate(q[:self.slots].tolist()) if k == 0]
         free.reverse()
         have = assign_slots(keys, self.index(), free, clear, install,
                             "resolved-servers table")
@@ -121,13 +133,7 @@ class ResolvedTable:
 
     def index(self) -> dict[int, int]:
         """{key: slot} of the assigned slots."""
-        q = self.q
-        out = {}
-        for i in range(self.slots):
-            k = q[self._word(i, KEY)]
-            if k:
-                out[k] = i
-        return out
+        return {k: i for i, k in enumerate(self.q[:self.slots].tolist()) if k}
 
     def find(self, upstream: str, spec: str) -> int:
         """The slot of an entry, -1 if it has none."""
@@ -141,7 +147,7 @@ class ResolvedTable:
         """(seq, [(ip, port, weight)]) of slot i; None if every try raced a write."""
         q = self.q
         w_seq = self._word(i, SEQ)
-        base = i * SLOT + HEADER
+        base = self._base(i) + HEADER
         for _ in range(READ_TRIES):
             s1 = q[w_seq]
             if s1 & 1:
@@ -159,7 +165,7 @@ class ResolvedTable:
         q = self.q
         w_seq = self._word(i, SEQ)
         data = encode_records(records)
-        base = i * SLOT + HEADER
+        base = self._base(i) + HEADER
         q[w_seq] = q[w_seq] | 1  # odd: readers retry
         self.mv[base:base + len(data)] = data
         q[self._word(i, COUNT)] = len(data) // RECORD

@@ -11,7 +11,7 @@ swaps in (worker/upstream.py ``Upstream.follow``).
 from __future__ import annotations
 
 from forkproxy.config import resolved_spec
-from forkproxy.shm.resolved import SEQ, SLOT, format_address
+from forkproxy.shm.resolved import format_address
 
 
 class DnsFollower:
@@ -24,7 +24,7 @@ class DnsFollower:
         self.q = table.q
         slots = [table.find(upstream, resolved_spec(s)) for s in entries]
         self.slots = [i for i in slots if i >= 0]  # none only if the table was full
-        self.seq_words = [i * (SLOT // 8) + SEQ for i in self.slots]
+        self.seq_words = [table.seq_word(i) for i in self.slots]
         self.seen = [-1] * len(self.slots)  # sequence of the copy in found (-1: never read)
         self.found: list[list[tuple[str, int]]] = [[] for _ in self.slots]
 

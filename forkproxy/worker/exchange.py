@@ -305,7 +305,7 @@ class Exchange:
             total += len(data)
             up.sendall(frame_chunk(data) if chunked else data)
 
-    def _read_head(self, conn: UpstreamConn, buf: bytearray, view) -> tuple[int, int]:
+    def _read_head(self, conn: UpstreamConn, buf, view) -> tuple[int, int]:
         """Read up to the end of a final response head, skipping interim ones (100,
         103). Sets status, raw_head or rhead; returns (end of head, bytes in buf)."""
         up = conn.sock

@@ -3,6 +3,7 @@ ring, and the listener each connection came in on. One thread, no locks."""
 
 from __future__ import annotations
 
+import mmap
 import os
 
 from forkproxy.config import config_dir
@@ -10,6 +11,7 @@ from forkproxy.context import encoder
 from forkproxy.http.request import Limits
 from forkproxy.http.tracecontext import IdGenerator, ratio_threshold
 from forkproxy.http2.limits import Http2Limits
+from forkproxy.osutil import lazy_buffer
 from forkproxy.shm.limitzone import ClientLimits
 from forkproxy.worker.router import Router
 from forkproxy.worker.splice import PipePool
@@ -54,9 +56,9 @@ class WorkerState:
         self.upstreams = build_upstreams(cfg.upstream, spec.health, spec.resolved,
                                          config_dir(cfg))
         self.router = Router(cfg.route, self.upstreams)
-        self.rbuf = bytearray(65536)
+        self.rbuf = lazy_buffer(65536)  # resident as far as reads fill it
         self.rview = memoryview(self.rbuf)
-        self._buffers: list[bytearray] = []
+        self._buffers: list[mmap.mmap] = []
         #: the HTTP/2 streams' exchange buffers (forkproxy/worker/h2stream.py), made by
         #: the worker's first HTTP/2 connection
         self.stream_buffers = None
@@ -106,10 +108,12 @@ class WorkerState:
         self._rid += 1
         return b"%s%08x" % (self._rid_prefix, self._rid)
 
-    def get_buffer(self) -> bytearray:
-        return self._buffers.pop() if self._buffers else bytearray(self.buffer_size)
+    def get_buffer(self) -> mmap.mmap:
+        """A relay buffer of buffer_size: its pages are resident once a response has
+        filled them, so tiny answers do not each pin buffer_size bytes in the pool."""
+        return self._buffers.pop() if self._buffers else lazy_buffer(self.buffer_size)
 
-    def put_buffer(self, buf: bytearray) -> None:
+    def put_buffer(self, buf: mmap.mmap) -> None:
         if len(self._buffers) < 64:
             self._buffers.append(buf)
 

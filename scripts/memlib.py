@@ -1,0 +1,126 @@
+"""`scripts/memprobe --ab REV`: idle memory of this tree against another revision, in
+interleaved rounds (this tree, REV, this tree, REV, ...), so that both builds see the
+same machine.
+
+The PSS of file-backed pages (libpython, libcrypto, the extension modules) is shared
+with every other process on the machine that maps the same file pages, so on a busy
+machine it moves by megabytes between two runs of one build. Each round therefore also
+gives the anonymous and the shared-memory PSS, and the distinct physical pages of the
+process tree (/proc/PID/pagemap: each page mapped by the master, the helpers or the
+workers counted once): the tree's PSS sum on a machine where nothing else maps those
+files, steady to ~0.2 MiB between rounds. Page frame numbers need root
+(CAP_SYS_ADMIN); without them that column is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import os
+import statistics
+import struct
+import sys
+import time
+
+import benchlib as b
+
+PAGE = 4096
+PFN_MASK = (1 << 55) - 1
+
+
+def distinct_pages_mib(pids: list[int]) -> float | None:
+    """MiB of distinct physical pages mapped by pids; None without page frame numbers."""
+    seen: set[int] = set()
+    for pid in pids:
+        try:
+            maps = open(f"/proc/{pid}/maps").read().splitlines()  # noqa: SIM115
+            with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+                for line in maps:
+                    fields = line.split()
+                    if len(fields) > 5 and fields[5] == "[vsyscall]":
+                        continue
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    pagemap.seek(lo // PAGE * 8)
+                    data = pagemap.read((hi - lo) // PAGE * 8)
+                    seen.update(e & PFN_MASK for (e,) in struct.iter_unpack("Q", data)
+                                if e >> 63)
+        except OSError:
+            continue
+    seen.discard(0)  # present pages read as frame 0 without CAP_SYS_ADMIN
+    return len(seen) * PAGE / 1048576 if seen else None
+
+
+def sample(px) -> dict:
+    """PSS by kind summed over the proxy's processes, and the tree's distinct pages."""
+    pids = px.pids()
+    out = {"pss": 0.0, "anon": 0.0, "file": 0.0, "shmem": 0.0, "procs": []}
+    for pid in pids:
+        m = b.smaps(pid)
+        out["pss"] += m.get("Pss", 0) / 1024
+        out["anon"] += m.get("Pss_Anon", 0) / 1024
+        out["file"] += m.get("Pss_File", 0) / 1024
+        out["shmem"] += m.get("Pss_Shmem", 0) / 1024
+        out["procs"].append(f"{b._comm(pid)} {m.get('Pss', 0) / 1024:.1f}"
+                            f"/{m.get('Private_Dirty', 0) / 1024:.1f}")
+    out["distinct"] = distinct_pages_mib(pids)
+    return out
+
+
+def _summary(label: str, rows: list[dict]) -> str:
+    parts = [f"{label}:"]
+    for key in ("pss", "anon", "file", "shmem", "distinct"):
+        vals = [r[key] for r in rows if r[key] is not None]
+        if vals:
+            parts.append(f"{key} {statistics.median(vals):.2f} "
+                         f"({min(vals):.1f}-{max(vals):.1f})")
+    return "  ".join(parts)
+
+
+def main_ab(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="scripts/memprobe --ab REV",
+                                description="idle PSS of this tree against REV, interleaved")
+    p.add_argument("--ab", required=True, metavar="REV", help="git revision to compare")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--settle", type=float, default=2.0, help="seconds before each sample")
+    args = p.parse_args(argv)
+    args.no_pin, args.keep = True, False
+    args.want_tls = args.want_upstream_tls = args.want_grpc = False
+    err = b.ensure_tools(["nginx", "openssl", "taskset"])
+    if err:
+        print(f"memprobe: cannot run: {err}", file=sys.stderr)
+        return b.EXIT_SKIP
+    b.ensure_venv()
+    b.precompile_package()
+    procs = b.Procs()
+    env = None
+    results: dict[str, list[dict]] = {"this tree": [], args.ab: []}
+    try:
+        env = b.Env(args, procs)
+        env.start_origin()
+        for rnd in range(args.rounds):
+            for label in results:
+                px = b.ForkProxy(env, rev="" if label == "this tree" else args.ab)
+                if px.source:  # the other build, compiled as pip install would
+                    compileall.compile_dir(os.path.join(px.source, "forkproxy"), quiet=1)
+                try:
+                    px.start()
+                    time.sleep(args.settle)
+                    row = sample(px)
+                finally:
+                    px.stop()
+                results[label].append(row)
+                distinct = "" if row["distinct"] is None else f" distinct {row['distinct']:.1f}"
+                print(f"round {rnd} {label}: PSS {row['pss']:.1f} MiB (anon {row['anon']:.1f}"
+                      f" file {row['file']:.1f} shmem {row['shmem']:.2f}){distinct}  "
+                      + ", ".join(row["procs"]), flush=True)
+        print("medians (min-max) in MiB over", args.rounds, "rounds")
+        for label, rows in results.items():
+            print(_summary(label, rows))
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        procs.stop_all()
+        if env is not None:
+            env.cleanup()

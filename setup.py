@@ -17,7 +17,8 @@ from setuptools import Extension, setup
 
 #: the modules compiled (each one's measured gain is in docs/BENCHMARKS.md)
 COMPILED = [
-    "forkproxy.manager.spantemplate",
+    "forkproxy.manager.sampling",
+    "forkproxy.manager.spanfill",
     "forkproxy.manager.histogram",
     "forkproxy.manager.recordpass",
     "forkproxy.manager.jsonline",

@@ -11,12 +11,18 @@ compile is a warning, not a failed install).
 """
 
 import os
+import re
 
 from setuptools import Extension, setup
 
 #: the modules compiled (each one's measured gain is in docs/BENCHMARKS.md)
 COMPILED = [
-    "forkproxy.manager.spantemplate",
+    "forkproxy.manager.sampling",
+    "forkproxy.manager.spanfill",
+    "forkproxy.manager.histogram",
+    "forkproxy.manager.recordpass",
+    "forkproxy.manager.jsonline",
+    "forkproxy.shm.ringwalk",
 ]
 
 
@@ -31,6 +37,11 @@ def extensions():
     for name in COMPILED:
         base = name.replace(".", "/")
         pxd = [base + ".pxd"] if os.path.exists(base + ".pxd") else []
+        # the .pxd files it cimports from (recordpass.pxd: histogram.pxd)
+        for p in pxd[:]:
+            with open(p) as f:
+                pxd += [m.replace(".", "/") + ".pxd"
+                        for m in re.findall(r"^from (forkproxy[\w.]*) cimport", f.read(), re.M)]
         exts.append(Extension(name, [base + ".py"], depends=pxd, optional=True))
     return cythonize(exts, build_dir="build/cython", quiet=True, compiler_directives={
         "language_level": 3,

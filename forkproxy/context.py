@@ -146,3 +146,11 @@ def phase_durations(ctx: RequestContext) -> dict[str, float]:
         if t[a] and t[b] and t[b] >= t[a]:
             out[name] = t[b] - t[a]
     return out
+
+
+_ZEROS = (0.0,) * N_TIMES
+
+
+def padded_times(times: list[float]) -> tuple[float, ...]:
+    """N_TIMES timestamps from a record that has another number (padded or cut)."""
+    return (*times, *_ZEROS)[:N_TIMES]

@@ -86,6 +86,22 @@ class Scenario:
         self.upstream_tls = upstream_tls  # the proxy talks TLS to a TLS origin
         self.grpc = grpc  # gRPC unary calls, h2c from the client and to the origin
 
+    def in_flight(self, args) -> int:
+        """Requests the load generator keeps in flight at once: what an idle upstream
+        pool must hold for a saturated worker to stop opening connections."""
+        if self.kind == "h2load":
+            return H2LOAD_CLIENTS * H2LOAD_STREAMS
+        if self.kind == "wrk":
+            return args.connections
+        return 1  # openssl s_time: one connection at a time
+
+
+#: h2load's clients and streams per client (-c, -m) in the HTTP/2 and gRPC scenarios
+H2LOAD_CLIENTS = 32
+H2LOAD_STREAMS = 10
+#: the bench's idle upstream pool when no scenario needs more (both proxies' keepalive)
+KEEPALIVE_MIN = 64
+
 
 #: the gRPC scenario's method, and its message (the same both ways), length-prefixed
 GRPC_PATH = "/bench.Echo/Unary"
@@ -484,6 +500,9 @@ class Env:
         self.args = args
         self.procs = procs
         self.workers = args.workers
+        #: idle upstream connections both proxies keep (forkproxy's keepalive, nginx's
+        #: keepalive N): the same meaning, the same number
+        self.keepalive = getattr(args, "keepalive", None) or KEEPALIVE_MIN
         self.load_cpus, self.proxy_cpus = cpu_layout(args.workers, not args.no_pin)
         self.run = tempfile.mkdtemp(prefix="fp-bench-")
         os.chmod(self.run, 0o755)  # nginx workers run as nobody: they read www/
@@ -666,12 +685,12 @@ class ForkProxy(Proxy):
             "",
             "[upstream.origin]",
             f'servers = [{{ address = "127.0.0.1:{env.origin_port}" }}]',
-            "keepalive = 64",
+            f"keepalive = {env.keepalive}",
         ]
         if self.up_tls_port is not None:  # verified like nginx's proxy_ssl_verify on
             lines += ["", "[upstream.origin_tls]",
                       f'servers = [{{ address = "127.0.0.1:{env.origin_tls_port}" }}]',
-                      "keepalive = 64",
+                      f"keepalive = {env.keepalive}",
                       f'tls = {{ ca = "{env.cert}", server_name = "localhost" }}']
         if self.grpc_port is not None:
             lines += ["", "[upstream.origin_grpc]",
@@ -745,7 +764,7 @@ class NginxProxy(Proxy):
             "TLS_PORT": self.tls_port, "WORKERS": env.workers, "CPUS": " ".join(masks),
             "UP_TLS_PORT": self.up_tls_port, "ORIGIN_TLS_PORT": env.origin_tls_port,
             "GRPC_PORT": self.grpc_port, "ORIGIN_GRPC_PORT": env.origin_grpc_port,
-            "CERT": env.cert, "KEY": env.key}, os.path.join(env.run, "nginx-proxy.conf"))
+            "CERT": env.cert, "KEY": env.key, "KEEPALIVE": env.keepalive}, os.path.join(env.run, "nginx-proxy.conf"))
         errlog = os.path.join(env.run, "nginx-proxy-startup.log")
         self.proc = env.procs.start(
             self.name, [*env.taskset(env.proxy_cpus), "nginx", "-p", env.run + "/", "-e",
@@ -850,7 +869,7 @@ def load_cmd(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> list[str
     if scn.kind == "h2load":
         grpc = ["-d", env.grpc_body, *GRPC_HEADERS] if scn.grpc else []
         return [*env.taskset(env.load_cpus), "h2load", "-D", str(max(1, round(duration))),
-                "-c", "32", "-m", "10", "-t", "1", *grpc, url]
+                "-c", str(H2LOAD_CLIENTS), "-m", str(H2LOAD_STREAMS), "-t", "1", *grpc, url]
     cmd = [*env.taskset(env.load_cpus), "wrk", f"-t{args.threads}", f"-c{args.connections}",
            f"-d{max(1, round(duration))}s", "--latency", "--timeout", "10s", "-s", env.lua]
     if scn.close:
@@ -1146,6 +1165,8 @@ def render_markdown(results: dict) -> str:
     lines.append(f"Layout: {cfg['workers']} worker(s) per proxy on CPU {cfg['proxy_cpus']}; "
                  f"origin (nginx, 1 worker), load generator and driver on CPU "
                  f"{cfg['load_cpus']}; wrk -t{cfg['threads']} -c{cfg['connections']}; "
+                 f"{cfg.get('keepalive', KEEPALIVE_MIN)} idle upstream connections kept per "
+                 "worker (forkproxy and nginx `keepalive`); "
                  f"{cfg['rounds']} interleaved rounds of {cfg['duration']:g} s per proxy "
                  f"after a {cfg['warmup']:g} s warm-up; figures are medians. "
                  f"Load average at start: {m['loadavg']}; each run waited up to "
@@ -1407,6 +1428,10 @@ def parse_args(argv):
                    help="also run proxy.py (tiny and 1k scenarios; installed in a throwaway "
                         "venv)")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--keepalive", type=int, default=None, metavar="N",
+                   help="idle upstream connections each proxy keeps per worker (forkproxy's "
+                        "keepalive, nginx's keepalive N; default: the most requests any "
+                        "chosen scenario keeps in flight, at least 64: 320 with h2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-pin", action="store_true", help="do not pin CPUs")
     p.add_argument("--quiet-threshold", type=float, default=30.0,
@@ -1463,6 +1488,9 @@ def parse_args(argv):
     args.proxies = proxies
     if args.profile and args.profile not in SCENARIOS:
         p.error(f"unknown scenario {args.profile!r} for --profile")
+    if args.keepalive is None:
+        args.keepalive = max([KEEPALIVE_MIN] + [SCENARIOS[s].in_flight(args)
+                                                for s in args.scenarios])
     args.want_tls = any(SCENARIOS[s].tls for s in args.scenarios) or bool(
         args.profile and SCENARIOS[args.profile].tls)
     args.want_upstream_tls = any(SCENARIOS[s].upstream_tls for s in args.scenarios) or bool(
@@ -1552,6 +1580,7 @@ def main_bench(argv: list[str], command: str) -> int:
             "config": {"workers": args.workers, "rounds": args.rounds,
                        "duration": args.duration, "warmup": args.warmup,
                        "connections": args.connections, "threads": args.threads,
+                       "keepalive": args.keepalive,
                        "load_cpus": cpu_list(env.load_cpus),
                        "proxy_cpus": cpu_list(env.proxy_cpus),
                        "proxies": [p.name for p in proxies], "scenarios": args.scenarios,

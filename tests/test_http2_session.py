@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from h2client import GET, RawClient
@@ -384,14 +385,18 @@ FLOODS = [
 @pytest.mark.parametrize("make,code,reason", [f[1:] for f in FLOODS], ids=[f[0] for f in FLOODS])
 def test_hostile_connection(session, make, code, reason):
     c = RawClient(session)
+    started = time.monotonic()
     c.raw(make(c))
+    elapsed = time.monotonic() - started
     assert reason in session.stream_errors, session.stream_errors
     assert session.failed is not None and not session.want_read
     if code is not None:
         goaway = c.goaway()
         assert goaway is not None and goaway.error_code == code, c.events[-3:]
     if reason == "rapid_reset":  # the attack was cut off after the reset burst
-        assert len(c.requests()) <= session.limits.reset_burst + 1
+        # the bucket refills at reset_rate while the burst is processed (slower on a busy CPU)
+        refill = int(session.limits.reset_rate * elapsed) + 1
+        assert len(c.requests()) <= session.limits.reset_burst + refill
         assert c.kinds().count("CLOSED") == len(c.requests())  # each one aborted upstream
     else:
         assert "END" not in c.kinds()  # no request completed from the flood

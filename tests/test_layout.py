@@ -16,7 +16,7 @@ MAX_WORKER_MODULE_LINES = 450
 
 #: "path:Qualified.name" -> why it may be longer (a measured A/B figure for a hot path)
 LONG_FUNCTIONS: dict[str, str] = {
-    "forkproxy/manager/metrics.py:Metrics._time": (
+    "forkproxy/manager/recordpass.py:time_batch": (
         "every record's timings in one walk: split into the duration and phase pass and "
         "the critical-path report's pass it cost 0.5 µs more per record (2.24 against "
         "1.74 µs in batches of 1024, docs/BENCHMARKS.md, \"The manager's record path\")"),

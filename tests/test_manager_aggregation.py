@@ -12,6 +12,7 @@ import pytest
 
 from forkproxy.context import N_TIMES, PHASES, RequestContext, WorkerGauges
 from forkproxy.manager import accesslog
+from forkproxy.manager.jsonline import json_batch
 from forkproxy.manager.metrics import (
     DURATION_BUCKETS,
     FINE_BUCKETS,
@@ -158,6 +159,18 @@ def test_bucket_index_equals_the_linear_search_at_every_edge(bounds):
         assert got == linear_bucket(PHASE_BUCKETS, t[2] - t[0]), v
         (group,) = m.groups.values()
         assert group.hdr.counts.index(1) == linear_bucket(FINE_BUCKETS, t[2] - t[0]), v
+    # the batched durations: the whole request (from its complete head) is the value
+    for v in edge_values(DURATION_BUCKETS) + edge_values(FINE_BUCKETS):
+        t = [0.0] * N_TIMES
+        t[2], t[7] = 10.0, 10.0 + v
+        ctx = RequestContext(0.0, "r", 1, "l", "", "GET", "/", 200, 0, 0, "", "", True, None,
+                             "", t)
+        m = Metrics()
+        m.observe_batch([ctx])
+        (h,) = m.durations.values()
+        assert h.counts.index(1) == linear_bucket(DURATION_BUCKETS, t[7] - t[2]), v
+        (group,) = m.groups.values()
+        assert group.total.counts.index(1) == linear_bucket(FINE_BUCKETS, t[7] - t[2]), v
 
 
 def test_batched_metrics_equal_the_per_record_reference():
@@ -181,6 +194,7 @@ def test_batched_metrics_equal_the_per_record_reference():
 
 def test_phases_ms_and_the_json_line_equal_the_generic_versions():
     rng = random.Random(7)
+    gauges = WorkerGauges(1, 1.0, 5, 2, [])  # not a request: no line
     for _ in range(3000):
         ctx = random_context(rng)
         ms = phases_ms(ctx)
@@ -192,6 +206,8 @@ def test_phases_ms_and_the_json_line_equal_the_generic_versions():
         assert line["ts"].endswith(f".{int((ctx.ts - sec) * 1000):03d}Z")
         assert line["duration_ms"] == int(request_duration(ctx) * 1e6 + 0.5) / 1000
         assert line["phases"] == ms and line["request_id"] == ctx.request_id
+        # the access log's batch path makes the same bytes (jsonline.json_batch)
+        assert json_batch([ctx, gauges]) == (accesslog.json_line(ctx, ms), 1)
 
 
 def test_shards_counters_add_up_to_the_per_record_sum():

@@ -95,6 +95,40 @@ def test_ids_are_distinct_and_ratio_sampling_is_fair():
     assert not any(tc.sampled_by_ratio(t, tc.ratio_threshold(0.0)) for t in traces[:100])
 
 
+def test_the_managers_sampling_agrees_with_the_workers_rule():
+    """sampling.sample_batch (C in the compiled build) keeps what the rules say: the
+    sampled flag, the ratio on the trace id (the worker's sampled_by_ratio), errors and
+    slow requests; records without a trace and other record types are skipped; what does
+    not fit the queue's room is counted as dropped."""
+    import random
+
+    from forkproxy.context import RequestContext, WorkerGauges
+    from forkproxy.manager.sampling import sample_batch
+
+    rnd = random.Random(7)
+    recs: list = [WorkerGauges(1, 0.0, 1, 1)]
+    for i in range(4000):
+        start = 100.0 + i
+        recs.append(RequestContext(
+            1.7e9, f"r{i}", 1, "l", "c", "GET", "/", rnd.choice([200, 200, 503]), 0, 0, "",
+            "", False, None, "", [start, 0.0, start + 0.001, 0.0, 0.0, 0.0, 0.0,
+                                  start + rnd.choice([0.01, 0.01, 0.9])],
+            error=rnd.choice(["", "", "", "upstream_reset"]),
+            trace_id=rnd.choice([rnd.randbytes(16), rnd.randbytes(16), b""]),
+            trace_flags=rnd.choice([0, 0, 0, 1])))
+    for ratio in (0.0, 0.3, 1.0):
+        threshold = tc.ratio_threshold(ratio)
+        want = [r for r in recs if type(r) is RequestContext and r.trace_id and (
+            r.trace_flags & 1 or tc.sampled_by_ratio(r.trace_id, threshold)
+            or r.status >= 500 or r.error or r.times[7] - r.times[0] > 0.5)]
+        kept: list = []
+        assert sample_batch(recs, kept, 1 << 30, threshold, 0.5) == (len(want), 0)
+        assert kept == want
+        kept = []
+        assert sample_batch(recs, kept, 10, threshold, 0.5) == (len(want), len(want) - 10)
+        assert kept == want[:10]
+
+
 # -- a real proxy -------------------------------------------------------------------------
 
 
@@ -467,22 +501,26 @@ def assert_same_spans(got: dict, want: dict) -> None:
         assert g.ListFields() == w.ListFields(), (span_id.hex(), g, w)
 
 
-def test_span_templates_write_what_the_protobuf_classes_write():
+@pytest.mark.parametrize("compiled", [True, False], ids=["spanfill", "struct"])
+def test_span_templates_write_what_the_protobuf_classes_write(compiled):
     """A differential test: 6,000 requests of 60 shapes encoded by the templates (and the
     protobuf builder for a shape's first MAKE_AFTER requests and the ids templates leave
-    to it) decode, with the official classes, to the same spans as the builder's."""
+    to it) decode, with the official classes, to the same spans as the builder's. Both
+    fills: spanfill's (C in the compiled build, Python in the pure one) and the generated
+    struct packing."""
     from forkproxy.manager.spans import SpanEncoder
 
-    enc = SpanEncoder("forkproxy-test")
+    enc = SpanEncoder("forkproxy-test", compiled=compiled)
     ref = SpanEncoder("forkproxy-test")
     recs = varied_records(6000, seed=18)
     recs[7].span_id = b"\x03" + bytes(7)  # a child id would be 0: the slow builder
     recs[8].trace_id = b"\x01" * 15  # not 16 bytes (never from a worker): slow too
     recs[9].times = recs[9].times[:5]  # too few times (neither): slow, the rest 0
+    recs[10].path = "/" + "p" * 17000  # the server span over 16 KiB: slow
     for at in range(0, len(recs), 512):
         batch = recs[at:at + 512]
         assert_same_spans(decoded_spans(enc.encode(batch)), decoded_spans(ref.encode_slow(batch)))
-    assert enc.slow >= 3 and enc.fast > 0.8 * len(recs), (enc.fast, enc.slow)
+    assert enc.slow >= 4 and enc.fast > 0.8 * len(recs), (enc.fast, enc.slow)
     assert len(enc.templates.templates) > 40  # most shapes got one
 
 
@@ -513,14 +551,10 @@ def test_span_templates_are_bounded_and_fall_back():
 
 
 def enc_key(ctx) -> tuple:
-    """SpanEncoder.encode_fast's shape key of ctx (to look its template up)."""
-    t0, t1, t2, t3, t4, t5, t6, t7 = ctx.times
-    return (ctx.listener, ctx.route, ctx.upstream, ctx.upstream_addr, ctx.method,
-            ctx.status, ctx.error, ctx.tls_version, ctx.tls_resumed, ctx.reused,
-            ctx.retries, ctx.protocol,
-            len(ctx.trace_id) << 8 | len(ctx.span_id) << 4 | len(ctx.parent_span_id),
-            t0 and t1 and t1 >= t0, t0 and t2 and t2 >= t0, t3 and t4 and t4 >= t3,
-            t4 and t5 and t5 >= t4, t5 and t6 and t6 >= t5, t6 and t7 and t7 >= t6)
+    """The shape key of ctx (to look its template up)."""
+    from forkproxy.manager.spanfill import shape_key
+
+    return shape_key(ctx, ctx.times)
 
 
 def test_exported_template_spans_decode_at_a_real_receiver(receiver):
@@ -535,7 +569,7 @@ def test_exported_template_spans_decode_at_a_real_receiver(receiver):
     recs = varied_records(1000, seed=99, shapes=10)
     for r in recs:
         tracer.offer(r)
-    while tracer.queue:
+    while tracer.queued:
         assert tracer._send_batch()
     assert tracer.exported == 1000 and tracer.encoder.fast > 800, tracer.encoder.fast
     got = {s.span_id: s for s in receiver.spans}

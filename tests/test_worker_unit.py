@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from forkproxy.worker.heap import TRIM_INTERVAL, HeapTrimmer
+import subprocess
+import sys
+
+from forkproxy.worker.heap import GC_YOUNG_THRESHOLD, TRIM_INTERVAL, HeapTrimmer
 
 
 def test_heap_trimmer_trims_only_well_below_the_peak_and_not_too_often():
@@ -19,3 +22,14 @@ def test_heap_trimmer_trims_only_well_below_the_peak_and_not_too_often():
     assert not t.check(1700, now)  # 300 fewer: too few to be worth a trim
     assert t.check(0, now + TRIM_INTERVAL)
     assert t.trims == 2
+
+
+def test_settle_heap_freezes_and_raises_the_young_threshold():
+    """In a fresh interpreter (the test process's collector is left alone)."""
+    code = ("import gc\nfrom forkproxy.worker.heap import settle_heap\n"
+            "before = gc.get_threshold()\nsettle_heap()\n"
+            "print(gc.get_freeze_count() > 0, before[1:] == gc.get_threshold()[1:],"
+            " gc.get_threshold()[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "True", str(GC_YOUNG_THRESHOLD)]

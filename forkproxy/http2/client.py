@@ -29,10 +29,15 @@ much is still queued), :meth:`reset`, :meth:`ping`.
 
 from __future__ import annotations
 
+from itertools import compress as _compress
+from operator import ne as _ne
+
 from forkproxy.http2 import nghttp2 as ng
-from forkproxy.http2.base import OutStream, SessionBase, nv
+from forkproxy.http2.base import OutStream, SessionBase, nv_once
 
 ffi = ng.ffi
+_from_buffer = ffi.from_buffer
+_unpack = ffi.unpack  # names, values and chunks are char * (see base.py)
 INTERIM, HEAD, DATA, TRAILERS, END, CLOSED, GOAWAY, SETTINGS, PONG = range(1, 10)
 
 #: the window each response stream gets; the connection's is this times the streams
@@ -64,6 +69,10 @@ class ClientSession(SessionBase):
         super().__init__()
         lib = self._lib
         self.goaway_last: int | None = None  # the last stream id of a GOAWAY received
+        # the last request head, its nghttp2_nv array and its buffers (see _request_nv)
+        self._last_fields: tuple | None = None
+        self._last_nva = None
+        self._last_keep: list | None = None
         self._create(lib.nghttp2_session_client_new2)
         self._settings([(ng.SETTINGS_ENABLE_PUSH, 0),
                         (ng.SETTINGS_INITIAL_WINDOW_SIZE, stream_window),
@@ -101,13 +110,35 @@ class ClientSession(SessionBase):
         """Submit a request head (``fields``: pseudo-headers first, names lower-case);
         its body follows by send_data/end unless ``end_stream``. Returns the stream id
         (negative: nghttp2's error, e.g. after GOAWAY)."""
-        nva, keep = nv(fields)
+        nva = self._request_nv(fields)
         prd = ffi.NULL if end_stream else self.data_provider()
         sid = self._lib.nghttp2_submit_request(self._session, ffi.NULL, nva, len(fields),
                                                prd, ffi.NULL)
         if sid > 0:
             self.streams[sid] = _ClientStream(sid)
         return sid
+
+    def _request_nv(self, fields):
+        """The nghttp2_nv array of a request head: the last request's, with the fields
+        that differ from its (the request id, most often only that) pointed at the new
+        names and values. nghttp2 copies the fields at submit, so the array is free to
+        change after; building it whole cost ~7 µs here for a gRPC call's dozen fields,
+        patching one field ~1 µs."""
+        last = self._last_fields
+        if last is None or len(last) != len(fields):
+            nva, keep = nv_once(fields)
+            self._last_nva, self._last_keep = nva, keep
+        else:
+            nva, keep = self._last_nva, self._last_keep
+            for i in _compress(range(len(fields)), map(_ne, fields, last)):
+                name, value = fields[i]
+                entry = nva[i]
+                keep[2 * i] = entry.name = _from_buffer(name)
+                keep[2 * i + 1] = entry.value = _from_buffer(value)
+                entry.namelen = len(name)
+                entry.valuelen = len(value)
+        self._last_fields = tuple(fields)
+        return nva
 
     def consume(self, sid: int, n: int) -> None:
         """The consumer relayed ``n`` body bytes of ``sid``: reopen the windows."""
@@ -139,7 +170,8 @@ class ClientSession(SessionBase):
         stream.list_size += namelen + valuelen + 32
         if stream.list_size > MAX_HEADER_LIST:
             return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # the stream is reset
-        stream.fields.append((ffi.buffer(name, namelen)[:], ffi.buffer(value, valuelen)[:]))
+        # an empty value may come as NULL, which unpack refuses
+        stream.fields.append((_unpack(name, namelen), _unpack(value, valuelen) if valuelen else b""))
         return 0
 
     def _on_invalid_header(self, frame) -> int:
@@ -194,7 +226,7 @@ class ClientSession(SessionBase):
             self._lib.nghttp2_session_consume(self._session, sid, n)
             return 0
         stream.unconsumed += n
-        self.events.append((DATA, sid, ffi.buffer(ptr, n)[:]))
+        self.events.append((DATA, sid, _unpack(ptr, n) if n else b""))
         return 0
 
     def _on_stream_close(self, sid: int, code: int) -> int:

@@ -43,8 +43,12 @@ from forkproxy.http2.limits import Http2Limits, TokenBucket
 from forkproxy.http2.translate import StreamRefused, build_request, request_trailers
 
 ffi = ng.ffi
-_buffer = ffi.buffer
+_unpack = ffi.unpack  # names, values and chunks are char * (see base.py)
 REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
+# the constants the per-frame callbacks test, as module globals (one lookup, not two)
+_DATA_FRAME, _HEADERS_FRAME, _RST_STREAM_FRAME = ng.DATA, ng.HEADERS, ng.RST_STREAM
+_END_STREAM = ng.FLAG_END_STREAM
+_HCAT_REQUEST = ng.HCAT_REQUEST
 
 #: the opaque data of the PING sent with the first GOAWAY (its ACK is recognised)
 _NOTICE_PING = b"goaway-1"
@@ -190,7 +194,7 @@ class ServerSession(SessionBase):
             self.reset(stream.sid, ng.PROTOCOL_ERROR)
 
     def _headers_done(self, frame, stream: _Stream) -> None:
-        end_stream = bool(frame.hd.flags & ng.FLAG_END_STREAM)
+        end_stream = bool(frame.hd.flags & _END_STREAM)
         if stream.request is not None or stream.refused:  # trailers (nghttp2 checked
             fields, stream.fields = stream.fields, []  # they end the stream)
             if stream.oversize and not stream.refused:
@@ -251,7 +255,7 @@ class ServerSession(SessionBase):
             self.events.append((DATA, sid, BODY_TOO_LARGE))
             return 0
         stream.unconsumed += n
-        self.events.append((DATA, sid, ffi.buffer(ptr, n)[:]))
+        self.events.append((DATA, sid, _unpack(ptr, n) if n else b""))
         return 0
 
     # -- callbacks (called by nghttp2 during receive/data_to_send) -----------------------
@@ -260,7 +264,7 @@ class ServerSession(SessionBase):
         sid = frame.hd.stream_id
         stream = self.streams.get(sid)
         if stream is None:
-            if frame.headers.cat != ng.HCAT_REQUEST:
+            if frame.headers.cat != _HCAT_REQUEST:
                 return 0
             stream = self.streams[sid] = _Stream(sid)
         elif stream.oversize:
@@ -270,7 +274,7 @@ class ServerSession(SessionBase):
             stream.oversize = True
             stream.fields = []
             return 0
-        stream.fields.append((_buffer(name, namelen)[:], _buffer(value, valuelen)[:]))
+        stream.fields.append((_unpack(name, namelen), _unpack(value, valuelen)))
         return 0
 
     def _on_invalid_header(self, frame) -> int:
@@ -284,14 +288,14 @@ class ServerSession(SessionBase):
     def _on_frame_recv(self, frame) -> int:
         hd = frame.hd
         kind = hd.type
-        if kind == ng.DATA:
+        if kind == _DATA_FRAME:
             stream = self.streams.get(hd.stream_id)
-            if hd.flags & ng.FLAG_END_STREAM:
+            if hd.flags & _END_STREAM:
                 if stream is not None and stream.request is not None:
                     self._end(stream)
             elif hd.length == 0 and not self._control.take():
                 return self._flood(ng.DATA)
-        elif kind == ng.HEADERS:
+        elif kind == _HEADERS_FRAME:
             stream = self.streams.get(hd.stream_id)
             if stream is not None:
                 self._headers_done(frame, stream)
@@ -319,7 +323,7 @@ class ServerSession(SessionBase):
         and the DATA frames that entitle the client to WINDOW_UPDATEs."""
         hd = frame.hd
         kind = hd.type
-        if hd.flags & ng.FLAG_END_STREAM and kind <= ng.HEADERS:
+        if hd.flags & _END_STREAM and kind <= _HEADERS_FRAME:
             stream = self.streams.get(hd.stream_id)
             if stream is not None and not stream.ended:
                 # answered before the request ended (an error mid-body): ask the client
@@ -327,10 +331,10 @@ class ServerSession(SessionBase):
                 stream.refused = True
                 self._lib.nghttp2_submit_rst_stream(self._session, ng.FLAG_NONE,
                                                     hd.stream_id, ng.NO_ERROR)
-        if kind == ng.DATA:
+        if kind == _DATA_FRAME:
             if self._window_credit < _MAX_WINDOW_CREDIT:
                 self._window_credit += 2
-        elif kind == ng.RST_STREAM:
+        elif kind == _RST_STREAM_FRAME:
             code = frame.rst_stream.error_code
             stream = self.streams.get(hd.stream_id)
             if code == ng.REFUSED_STREAM:

@@ -72,18 +72,21 @@ def _malformed(reason: str, detail: str) -> StreamRefused:
 
 def _pseudo(fields) -> tuple[dict, int]:
     """The leading pseudo-header fields (each once, known, requests only)."""
-    pseudo: dict[bytes, bytes] = {}
-    i = 0
-    for name, value in fields:
-        if not name.startswith(b":"):
+    first = 0
+    for name, _ in fields:
+        if name[:1] != b":":
             break
-        if name not in _PSEUDO:
-            raise _malformed("pseudo_header", f"unknown pseudo-header {name[:32]!r}")
-        if name in pseudo:
-            raise _malformed("pseudo_header", f"repeated {name.decode()}")
-        pseudo[name] = value
-        i += 1
-    return pseudo, i
+        first += 1
+    pseudo = dict(fields[:first])
+    if len(pseudo) != first or not pseudo.keys() <= _PSEUDO:  # (rare: find which)
+        seen: set[bytes] = set()
+        for name, _ in fields[:first]:
+            if name not in _PSEUDO:
+                raise _malformed("pseudo_header", f"unknown pseudo-header {name[:32]!r}")
+            if name in seen:
+                raise _malformed("pseudo_header", f"repeated {name.decode()}")
+            seen.add(name)
+    return pseudo, first
 
 
 def build_request(fields: list[tuple[bytes, bytes]], end_stream: bool, limits: Limits) -> Request:

@@ -34,100 +34,19 @@ import errno
 import os
 import time
 
-import msgspec
-
-from forkproxy.context import T_ACCEPT, T_END, T_HEADERS, RequestContext
-from forkproxy.manager.metrics import phases_ms, request_duration
+from forkproxy.context import RequestContext
+from forkproxy.manager.jsonline import (  # noqa: F401 (JsonLine, json_line: re-exported)
+    JsonLine,
+    _Clock,
+    _clock,
+    json_batch,
+    json_line,
+    json_lines,
+    phases_ms,
+)
+from forkproxy.manager.metrics import request_duration
 
 BUFFER_BYTES = 64 * 1024
-
-_json = msgspec.json.Encoder()
-
-
-class _Clock:
-    """ISO 8601 UTC timestamps with milliseconds; the seconds part is cached."""
-
-    __slots__ = ("sec", "prefix")
-
-    def __init__(self):
-        self.sec = -1
-        self.prefix = ""
-
-    def iso(self, ts: float) -> str:
-        sec = int(ts)
-        if sec != self.sec:
-            self.sec = sec
-            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        ms = int((ts - sec) * 1000)
-        return f"{self.prefix}.{ms:03d}Z"
-
-
-_clock = _Clock()
-
-
-class JsonLine(msgspec.Struct, gc=False, omit_defaults=True):
-    """The fields of a ``json`` access log line, in this order (``stream`` only for
-    HTTP/2 requests)."""
-
-    ts: str
-    request_id: str
-    remote: str
-    method: str
-    path: str
-    status: int
-    bytes_out: int
-    upstream: str
-    upstream_addr: str
-    duration_ms: float
-    phases: dict[str, float]
-    tls_resumed: bool | None
-    worker: int
-    listener: str
-    bytes_in: int
-    upstream_reused: bool
-    tls_version: str
-    error: str
-    #: W3C trace context ids in hex ("" when the request had no trace)
-    trace_id: str
-    span_id: str
-    protocol: str
-    stream: int | None = None
-    #: gRPC requests only: the method (the path, /package.Service/Method) and status
-    grpc_method: str = ""
-    grpc_status: int | None = None
-
-
-def json_record(ctx: RequestContext, ms: dict[str, float]) -> JsonLine:
-    """The line's fields; ``ms``: the phases in ms. Runs for every logged request, hence
-    the timestamp and duration written out here (as :meth:`_Clock.iso` and
-    metrics.request_duration, which a test holds it to)."""
-    ts = ctx.ts
-    sec = int(ts)
-    clock = _clock
-    if sec != clock.sec:
-        clock.iso(ts)
-    t = ctx.times
-    end = t[T_END]
-    start = t[T_HEADERS] or t[T_ACCEPT]
-    d = end - start if end and start and end >= start else 0.0
-    return JsonLine(
-        f"{clock.prefix}.{int((ts - sec) * 1000):03d}Z", ctx.request_id, ctx.remote,
-        ctx.method, ctx.path, ctx.status, ctx.bytes_out, ctx.upstream, ctx.upstream_addr,
-        int(d * 1e6 + 0.5) / 1000, ms, ctx.tls_resumed, ctx.worker, ctx.listener,
-        ctx.bytes_in, ctx.reused, ctx.tls_version, ctx.error, ctx.trace_id.hex(),
-        ctx.span_id.hex(), ctx.protocol, ctx.stream or None,
-        ctx.path if ctx.grpc_status is not None else "", ctx.grpc_status)
-
-
-def json_line(ctx: RequestContext, ms: dict[str, float]) -> bytes:
-    """One JSON access log line (with the trailing newline); ``ms``: phases in ms."""
-    return _json.encode(json_record(ctx, ms)) + b"\n"
-
-
-def json_lines(entries: list[tuple[RequestContext, dict[str, float]]]) -> bytes:
-    """Many JSON lines in one encoder call."""
-    return _json.encode_lines([json_record(c, ms) for c, ms in entries])
-
 
 #: short phase names for the console format
 _SHORT = {
@@ -171,7 +90,14 @@ def console_lines(entries: list[tuple[RequestContext, dict[str, float]]]) -> byt
     return b"".join([console_line(c, ms) for c, ms in entries])
 
 
-FORMATTERS = {"json": json_lines, "console": console_lines}
+def console_batch(items: list) -> tuple[bytes, int]:
+    """The console lines of the request contexts in a batch of ring records, and their number."""
+    entries = [(c, phases_ms(c)) for c in items if type(c) is RequestContext]
+    return console_lines(entries), len(entries)
+
+
+#: format -> (lines of [(context, phases in ms)], lines of a batch of ring records)
+FORMATTERS = {"json": (json_lines, json_batch), "console": (console_lines, console_batch)}
 
 
 class AccessLog:
@@ -181,7 +107,7 @@ class AccessLog:
         self.logger = logger
         self.path = path
         self.fmt = fmt
-        self.format = FORMATTERS[fmt]
+        self.format, self.format_batch = FORMATTERS[fmt]
         self.fd = -1
         self.own_fd = False
         self.buf: list[bytes] = []
@@ -212,15 +138,19 @@ class AccessLog:
     def write_batch(self, items: list) -> None:
         """Format the request contexts of a batch of ring records into the buffer."""
         if self.fd >= 0:
-            self.write_many([(c, phases_ms(c)) for c in items if type(c) is RequestContext])
+            data, n = self.format_batch(items)
+            if n:
+                self._buffer(data, n)
 
     def write_many(self, entries: list[tuple[RequestContext, dict[str, float]]]) -> None:
         """Format a batch of (request context, phases in ms) into the buffer."""
         if self.fd < 0 or not entries:
             return
-        data = self.format(entries)
+        self._buffer(self.format(entries), len(entries))
+
+    def _buffer(self, data: bytes, n_lines: int) -> None:
         self.buf.append(data)
-        self.pending += len(entries)
+        self.pending += n_lines
         self.size += len(data)
         if self.size >= BUFFER_BYTES:
             self.flush()
@@ -271,7 +201,7 @@ class AccessLog:
     def reconfigure(self, path: str, fmt: str) -> None:
         """HUP: switch file and/or format (flushes to the old destination first)."""
         self.fmt = fmt
-        self.format = FORMATTERS[fmt]
+        self.format, self.format_batch = FORMATTERS[fmt]
         if path == self.path:
             return
         self.flush()

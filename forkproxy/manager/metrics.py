@@ -19,106 +19,35 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from bisect import bisect_left
 from collections.abc import Iterable
 
 import msgspec
 
 from forkproxy.context import (
-    N_TIMES,
     PHASES,
     T_ACCEPT,
-    T_CONNECTED,
     T_END,
     T_HEADERS,
-    T_TLS,
     RequestContext,
     WorkerGauges,
 )
+from forkproxy.manager.histogram import (  # noqa: F401 (re-exported: tests, phases.py)
+    DURATION_BUCKETS,
+    FINE_BUCKETS,
+    FINE_TO_PHASE,
+    PHASE_BUCKETS,
+    Histogram,
+    PhaseGroup,
+)
+from forkproxy.manager.jsonline import phases_ms  # noqa: F401 (re-exported)
+from forkproxy.manager.recordpass import count_batch, time_batch
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-#: request duration buckets (seconds)
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0, 30.0, 60.0)
-#: phase buckets: finer at the low end, a pooled connection or a loopback send take us
-PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-#: the critical-path report's finer buckets (16 per decade from 50 us to 60 s, PHASE_BUCKETS
-#: among them): its p99 estimates are within a bucket's ~15%
-FINE_BUCKETS = tuple(sorted(set(PHASE_BUCKETS) | {
-    float(f"{10 ** (k / 16):.3g}") for k in range(-69, 30)}))
-#: FINE_BUCKETS index (the last: +Inf) -> PHASE_BUCKETS index of the same observation:
-#: a value in fine bucket i is above fine bound i-1 and at most fine bound i, and no phase
-#: bound lies between two neighbouring fine bounds, so its phase bucket is that of bound i
-FINE_TO_PHASE = (*(bisect_left(PHASE_BUCKETS, b) for b in FINE_BUCKETS), len(PHASE_BUCKETS))
 
 #: Linux TCP states (include/net/tcp_states.h), index = state number
 TCP_STATES = ("", "established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2",
               "time_wait", "close", "close_wait", "last_ack", "listen", "closing",
               "new_syn_recv")
-
-
-class Histogram:
-    """Bucket counts (per bucket, not cumulative), sum of observations, and the sum of
-    their squares (kept by the critical-path report's histograms: the deviation).
-
-    Metrics.observe inlines :meth:`observe` (it runs for every request and phase).
-    """
-
-    __slots__ = ("bounds", "counts", "sum", "sumsq")
-
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.sumsq = 0.0
-
-    def observe(self, value: float) -> None:
-        # Prometheus buckets are "le": a value equal to a bound belongs to that bucket
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.sumsq += value * value
-
-    def add(self, counts: list[int], total: float, sumsq: float = 0.0) -> None:
-        """Add another histogram's bucket counts (same bounds), sum and sum of squares."""
-        if len(counts) != len(self.counts):
-            raise ValueError("histograms with different buckets")
-        for i, n in enumerate(counts):
-            self.counts[i] += n
-        self.sum += total
-        self.sumsq += sumsq
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """[(upper bound, observations <= bound)], ending with (inf, count)."""
-        out = []
-        acc = 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            acc += n
-            out.append((bound, acc))
-        return out
-
-    def quantile(self, q: float) -> float:
-        """Estimate like PromQL's histogram_quantile (linear within the bucket)."""
-        if not self.count:
-            return float("nan")
-        rank = q * self.count
-        prev_bound, prev_acc = 0.0, 0
-        for bound, acc in self.cumulative():
-            if acc >= rank:
-                if bound == float("inf"):
-                    return prev_bound
-                in_bucket = acc - prev_acc
-                if not in_bucket:
-                    return bound
-                return prev_bound + (bound - prev_bound) * (rank - prev_acc) / in_bucket
-            prev_bound, prev_acc = bound, acc
-        return prev_bound
 
 
 def request_duration(ctx: RequestContext) -> float:
@@ -143,40 +72,7 @@ def phases(ctx: RequestContext) -> dict[str, float]:
     return out
 
 
-def phases_ms(ctx: RequestContext) -> dict[str, float]:
-    """Milliseconds (rounded to the microsecond) per phase that happened, in PHASES order.
-
-    What the access log shows: it runs for every logged request, hence written out (the
-    same conditions as :func:`phases`; a test holds the two together).
-    """
-    t = ctx.times
-    ta, tt, th, tcs, tc, tsent, tfb, te = t if len(t) == N_TIMES else _padded(t)
-    ms = {}
-    if ta:
-        if th and th >= ta:
-            ms["accept_to_headers"] = int((th - ta) * 1e6 + 0.5) / 1000
-        if tt and tt >= ta:
-            ms["tls_handshake"] = int((tt - ta) * 1e6 + 0.5) / 1000
-    if tcs and tc and tc >= tcs:
-        ms["upstream_connect"] = int((tc - tcs) * 1e6 + 0.5) / 1000
-    if tc and tsent and tsent >= tc:
-        ms["request_send"] = int((tsent - tc) * 1e6 + 0.5) / 1000
-    if tsent and tfb and tfb >= tsent:
-        ms["upstream_first_byte"] = int((tfb - tsent) * 1e6 + 0.5) / 1000
-    if tfb and te and te >= tfb:
-        ms["response_body"] = int((te - tfb) * 1e6 + 0.5) / 1000
-    return ms
-
-
 _PHASE_LIST = list(PHASES.items())
-
-_ZEROS = (0.0,) * N_TIMES
-
-
-def _padded(times: list[float]) -> tuple[float, ...]:
-    """N_TIMES timestamps from a record that has another number (padded or cut)."""
-    return (*times, *_ZEROS)[:N_TIMES]
-
 
 class MetricsState(msgspec.Struct, array_like=True, gc=False):
     """A Metrics' counters as plain data (msgpack), for a shard to hand to the manager."""
@@ -199,31 +95,6 @@ class MetricsState(msgspec.Struct, array_like=True, gc=False):
     groups: list[tuple[str, str, list[tuple[list[int], float, float]]]] = []
     #: gRPC requests: listener, upstream, grpc status, count
     grpc: list[tuple[str, str, int, int]] = []
-
-
-class PhaseGroup:
-    """The critical-path report's histograms of one (route, upstream): each phase's and
-    the whole request's (from its first byte, or the accept, to the end of the response),
-    FINE_BUCKETS, with sums of squares."""
-
-    __slots__ = ("hdr", "tls", "conn", "send", "fb", "body", "total")
-
-    def __init__(self):
-        for name in self.__slots__:
-            setattr(self, name, Histogram(FINE_BUCKETS))
-
-    @property
-    def phases(self) -> dict[str, Histogram]:
-        """Phase name (as PHASES) -> histogram."""
-        return dict(zip(PHASES, (self.hdr, self.tls, self.conn, self.send, self.fb,
-                                 self.body), strict=True))
-
-    def state(self) -> list[tuple[list[int], float, float]]:
-        return [(h.counts, h.sum, h.sumsq) for h in (getattr(self, n) for n in self.__slots__)]
-
-    def add(self, state: list[tuple[list[int], float, float]]) -> None:
-        for name, (counts, total, sumsq) in zip(self.__slots__, state, strict=True):
-            getattr(self, name).add(counts, total, sumsq)
 
 
 class Metrics:
@@ -278,38 +149,11 @@ class Metrics:
             for r in items:
                 if type(r) is not RequestContext:
                     self.observe_gauges(r)
-        self._count(reqs)
-        self._time(reqs)
+        count_batch(self, reqs)
+        time_batch(self, reqs)
 
-    def _count(self, reqs: list[RequestContext]) -> None:
-        """The counters of a batch of request contexts."""
-        self.records += len(reqs)
-        requests, tls, reuse = self.requests, self.tls, self.reuse
-        bytes_in, bytes_out = self.bytes_in, self.bytes_out
-        for ctx in reqs:
-            listener = ctx.listener
-            upstream = ctx.upstream
-            key = (listener, upstream, ctx.status)
-            requests[key] = requests.get(key, 0) + 1
-            t = ctx.times
-            if len(t) != N_TIMES:
-                t = _padded(t)
-            if t[T_TLS]:  # the first request of a TLS connection carries its handshake
-                resumed = bool(ctx.tls_resumed)
-                tls[resumed] = tls.get(resumed, 0) + 1
-            if upstream and t[T_CONNECTED]:
-                rkey = (upstream, ctx.reused)
-                reuse[rkey] = reuse.get(rkey, 0) + 1
-            n = ctx.bytes_in
-            if n:
-                bytes_in[listener] = bytes_in.get(listener, 0) + n
-            n = ctx.bytes_out
-            if n:
-                bytes_out[listener] = bytes_out.get(listener, 0) + n
-            if ctx.reject or ctx.retries or ctx.tunnel or ctx.error or ctx.grpc_status is not None:
-                self._count_rare(ctx)
-
-    def _count_rare(self, ctx: RequestContext) -> None:
+    def count_rare(self, ctx: RequestContext) -> None:
+        """What few requests have: an error, a reject, retries, a tunnel, a gRPC status."""
         if ctx.error and self.on_error is not None:
             self.on_error(ctx)
         if ctx.reject:
@@ -322,98 +166,6 @@ class Metrics:
         if ctx.grpc_status is not None:
             key = (ctx.listener, upstream, ctx.grpc_status)
             self.grpc[key] = self.grpc.get(key, 0) + 1
-
-    def _time(self, reqs: list[RequestContext]) -> None:
-        """Duration and phase histograms, and the critical-path report's (per route and
-        upstream, FINE_BUCKETS, sums of squares), of a batch: one walk over each record's
-        timestamps, one bisect per phase (:data:`FINE_TO_PHASE` gives the phase bucket).
-
-        Written out: a loop over (name, index, index, histogram) tuples cost ~0.3 µs more
-        per record, a call per update ~0.8 µs, and two walks (this one and the report's)
-        ~0.5 µs (tests/test_layout.py). Phase sums are kept in locals, continuing from
-        the histograms' own: the same additions in the same order. Conditions as in
-        :func:`phases`; a pooled connection's wait for the pool is no connect. The
-        report's request runs from the accept (``ta or th``), the duration from the
-        complete head (``th or ta``).
-        """
-        durations, groups = self.durations, self.groups
-        db, fb, f2p = DURATION_BUCKETS, FINE_BUCKETS, FINE_TO_PHASE
-        ph = self.phases
-        c_hdr, c_tls, c_conn, c_send, c_fb, c_body = (ph[name].counts for name in PHASES)
-        s_hdr, s_tls, s_conn, s_send, s_fb, s_body = (ph[name].sum for name in PHASES)
-        for ctx in reqs:
-            t = ctx.times
-            ta, tt, th, tcs, tc, tsent, tfb, te = t if len(t) == N_TIMES else _padded(t)
-            upstream = ctx.upstream
-            g = groups.get((ctx.route, upstream))
-            if g is None:
-                g = groups[(ctx.route, upstream)] = PhaseGroup()
-            if te:
-                start = th or ta
-                if start and te >= start:  # not for a 400 answered before any timestamp
-                    h = durations.get((ctx.listener, upstream))
-                    if h is None:
-                        h = durations[(ctx.listener, upstream)] = Histogram(db)
-                    v = te - start
-                    h.counts[bisect_left(db, v)] += 1
-                    h.sum += v
-                start = ta or th
-                if start and te >= start:
-                    h, v = g.total, te - start
-                    h.counts[bisect_left(fb, v)] += 1
-                    h.sum += v
-                    h.sumsq += v * v
-            if ta:
-                if th and th >= ta:
-                    h, v = g.hdr, th - ta
-                    i = bisect_left(fb, v)
-                    c_hdr[f2p[i]] += 1
-                    s_hdr += v
-                    h.counts[i] += 1
-                    h.sum += v
-                    h.sumsq += v * v
-                if tt and tt >= ta:
-                    h, v = g.tls, tt - ta
-                    i = bisect_left(fb, v)
-                    c_tls[f2p[i]] += 1
-                    s_tls += v
-                    h.counts[i] += 1
-                    h.sum += v
-                    h.sumsq += v * v
-            if tcs and tc and tc >= tcs and not ctx.reused:
-                h, v = g.conn, tc - tcs
-                i = bisect_left(fb, v)
-                c_conn[f2p[i]] += 1
-                s_conn += v
-                h.counts[i] += 1
-                h.sum += v
-                h.sumsq += v * v
-            if tc and tsent and tsent >= tc:
-                h, v = g.send, tsent - tc
-                i = bisect_left(fb, v)
-                c_send[f2p[i]] += 1
-                s_send += v
-                h.counts[i] += 1
-                h.sum += v
-                h.sumsq += v * v
-            if tsent and tfb and tfb >= tsent:
-                h, v = g.fb, tfb - tsent
-                i = bisect_left(fb, v)
-                c_fb[f2p[i]] += 1
-                s_fb += v
-                h.counts[i] += 1
-                h.sum += v
-                h.sumsq += v * v
-            if tfb and te and te >= tfb:
-                h, v = g.body, te - tfb
-                i = bisect_left(fb, v)
-                c_body[f2p[i]] += 1
-                s_body += v
-                h.counts[i] += 1
-                h.sum += v
-                h.sumsq += v * v
-        for name, s in zip(PHASES, (s_hdr, s_tls, s_conn, s_send, s_fb, s_body), strict=True):
-            ph[name].sum = s
 
     # -- shards (manager/shards.py) ------------------------------------------------------
 

@@ -6,7 +6,6 @@ which measures how many records per second one core can take through it.
 
 from __future__ import annotations
 
-from forkproxy.context import RequestContext
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.metrics import Metrics
 from forkproxy.manager.tracing import Tracer
@@ -25,7 +24,4 @@ class RecordSink:
         self.accesslog.write_batch(items)
         tracer = self.tracer
         if tracer is not None and tracer.enabled:
-            offer = tracer.offer
-            for rec in items:
-                if type(rec) is RequestContext:
-                    offer(rec)
+            tracer.offer_batch(items)

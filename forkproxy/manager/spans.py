@@ -29,6 +29,7 @@ from forkproxy.context import (
     T_HEADERS,
     RequestContext,
 )
+from forkproxy.manager.spanfill import COMPILED, MAX_BODY, Filler, shape_key
 from forkproxy.manager.spantemplate import Templates, child_span_id, field_tag
 
 SERVER = Span.SpanKind.SPAN_KIND_SERVER
@@ -61,7 +62,7 @@ def _split_address(address: str) -> tuple[str, int]:
 class SpanEncoder:
     """Turns batches of request contexts into ExportTraceServiceRequest bytes."""
 
-    def __init__(self, service_name: str):
+    def __init__(self, service_name: str, compiled: bool = COMPILED):
         self.resource = Resource(attributes=[
             _kv("service.name", service_name), _kv("service.version", __version__),
             _kv("telemetry.sdk.name", "forkproxy"), _kv("telemetry.sdk.language", "python")])
@@ -73,26 +74,77 @@ class SpanEncoder:
                           for name, _ in CHILDREN}
         self.templates = Templates(self.spans_for)
         self.value = self.templates.value
-        #: requests encoded by a template and by the slow builder (tests, scripts/tracecost)
-        self.fast = self.slow = 0
+        self.filler = Filler(self.templates) if compiled else None
+        #: requests encoded by the struct fill and by the slow builder (tests,
+        #: scripts/tracecost; the compiled fill counts its own: ``fast``)
+        self._fast = self.slow = 0
+        #: the open export request: its requests, and its spans written outside the
+        #: compiled fill's buffer (the struct fill's and the slow builder's)
+        self.count = 0
+        self.pieces: list[bytes] = []
 
     def encode(self, batch: list[RequestContext]) -> bytes:
-        """One export request: the spans of every request in ``batch``."""
-        pieces: list[bytes] = []
-        slow = self.encode_fast(batch, pieces)
+        """One export request: the spans of every request in ``batch`` (with no batch
+        open: append and finish)."""
+        self.append(batch)
+        body = self.finish()
+        data = bytes(body)
+        self.recycle(body)
+        return data
+
+    def append(self, batch: list[RequestContext]) -> None:
+        """Writes the spans of the requests in ``batch`` into the open export request."""
+        slow = self.encode_fast(batch, self.pieces)
+        self.slow += len(slow)
         if slow:
             ss = ScopeSpans()  # serialised without its scope: the spans' entries only
             for ctx in slow:
                 self.add(ss.spans, ctx)
-            pieces.append(ss.SerializeToString())
+            data = ss.SerializeToString()
+            if self.filler is not None:
+                self.filler.add(data)
+            else:
+                self.pieces.append(data)
+        self.count += len(batch)
+
+    def finish(self) -> bytes | memoryview:
+        """The open export request's bytes (compiled: a view of the fill's buffer, to
+        give back with recycle once sent); the next one starts empty."""
         # ExportTraceServiceRequest{resource_spans: [{resource, scope_spans: [{scope,
-        # spans}]}]}: the lengths of the two enclosing messages, then one copy
+        # spans}]}]}: the lengths of the two enclosing messages before the spans
+        pieces = self.pieces
+        filler = self.filler
         varint = self.templates.varint
-        ss_len = len(self.scope_field) + sum(map(len, pieces))
+        ss_len = len(self.scope_field) + (filler.written() if filler is not None
+                                          else sum(map(len, pieces)))
         ss_head = SCOPE_SPANS_TAG + varint(ss_len)
         rs_len = len(self.resource_field) + len(ss_head) + ss_len
-        return b"".join((RESOURCE_SPANS_TAG, varint(rs_len), self.resource_field, ss_head,
-                         self.scope_field, *pieces))
+        prefix = b"".join((RESOURCE_SPANS_TAG, varint(rs_len), self.resource_field, ss_head,
+                           self.scope_field))
+        self.count = 0
+        if filler is not None:
+            return filler.take(prefix)
+        self.pieces = []
+        return b"".join((prefix, *pieces))
+
+    def recycle(self, body: bytes | memoryview) -> None:
+        """Gives finish()'s buffer back once its bytes were sent."""
+        if self.filler is not None and type(body) is memoryview:
+            self.filler.recycle(body)
+
+    def discard(self) -> int:
+        """Drops the open export request; returns how many requests it held."""
+        n = self.count
+        if self.filler is not None:
+            self.filler.discard()
+        self.pieces = []
+        self.count = 0
+        return n
+
+    @property
+    def fast(self) -> int:
+        """Requests encoded from a template."""
+        return self._fast + (self.filler.fast if self.filler is not None else 0)
 
     def encode_slow(self, batch: list[RequestContext]) -> bytes:
         """``encode`` with the protobuf classes only (the reference for tests)."""
@@ -107,8 +159,17 @@ class SpanEncoder:
 
     def encode_fast(self, batch: list[RequestContext], out: list[bytes]) -> list:
         """Appends the serialised spans of the requests that have a template to ``out``;
-        returns the others. Per request: the shape's key, one template fill, the cached
-        variable attributes."""
+        returns the others. The compiled fill (spanfill.Filler) when this is the compiled
+        build, the generated ``struct`` fill otherwise (``compiled`` chooses in tests)."""
+        if self.filler is not None:
+            slow: list = []
+            self.filler.encode_fast(batch, slow)  # into its own buffer (see finish)
+            return slow
+        return self.encode_packed(batch, out)
+
+    def encode_packed(self, batch: list[RequestContext], out: list[bytes]) -> list:
+        """encode_fast's pure-Python way. Per request: the shape's key, one template fill
+        (generated code, one struct.pack call), the cached variable attributes."""
         tpls = self.templates
         templates = tpls.templates
         make = tpls.make
@@ -118,18 +179,13 @@ class SpanEncoder:
         append = out.append
         slow = []
         for ctx in batch:
-            try:
-                t0, t1, t2, t3, t4, t5, t6, t7 = ctx.times
-            except ValueError:  # not N_TIMES times (never from this version's workers)
+            times = ctx.times
+            if len(times) != N_TIMES:  # never from this version's workers
                 slow.append(ctx)
                 continue
+            t0, t1, t2, t3, t4, t5, t6, t7 = times
             sid = ctx.span_id
-            key = (ctx.listener, ctx.route, ctx.upstream, ctx.upstream_addr, ctx.method,
-                   ctx.status, ctx.error, ctx.tls_version, ctx.tls_resumed, ctx.reused,
-                   ctx.retries, ctx.protocol,
-                   len(ctx.trace_id) << 8 | len(sid) << 4 | len(ctx.parent_span_id),
-                   t0 and t1 and t1 >= t0, t0 and t2 and t2 >= t0, t3 and t4 and t4 >= t3,
-                   t4 and t5 and t5 >= t4, t5 and t6 and t6 >= t5, t6 and t7 and t7 >= t6)
+            key = shape_key(ctx, times)
             tpl = templates.get(key)
             if tpl is None:
                 tpl = make(ctx, key)
@@ -152,11 +208,13 @@ class SpanEncoder:
             if ctx.tracestate:
                 extra += tpls.value(None, ctx.tracestate)
             n = tpl.body_len + len(extra)
+            if n >= MAX_BODY:  # more than the template's 2-byte varint holds
+                slow.append(ctx)
+                continue
             append(tpl.fill(ctx, t0, t1, t2, t3, t4, t5, t6, t7, base,
                             varints.get(n) or tpls.varint(n)))
             append(extra)
-        self.fast += len(batch) - len(slow)
-        self.slow += len(slow)
+        self._fast += len(batch) - len(slow)
         return slow
 
     def shape(self, ctx: RequestContext) -> bytes:

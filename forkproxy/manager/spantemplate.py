@@ -6,9 +6,11 @@ OTLP schema: trace_id (16 bytes), span_id and parent_span_id (8), start and end 
 (fixed64). So for one *shape* (everything SpanEncoder.shape keys on, whether the client
 sent a parent, and which phases happened) the server span and its phase spans are
 serialised once with sentinel ids and times; the sentinels' offsets split the bytes into
-constant pieces and slots, and one ``struct.Struct`` per shape writes a request's spans
-in a single ``pack`` call (the constants are passed as ``Ns`` arguments; generated code
-passes them in order). The variable-length attributes (url.path, client.address, body
+constant pieces and slots. In the compiled build spanfill.py writes them (the pieces as
+one image whose slots it stores in C); otherwise one ``struct.Struct`` per shape writes a
+request's spans in a single ``pack`` call (the constants are passed as ``Ns`` arguments;
+generated code passes them in order). Both write the same pieces, and the tests compare
+both with the protobuf classes' bytes. The variable-length attributes (url.path, client.address, body
 sizes) and tracestate follow the template as serialised repeated fields of the server
 span (protobuf concatenates repeated fields, and accepts fields in any order); the
 server span's length is the official varint encoder's.
@@ -30,6 +32,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
 
 from forkproxy.context import RequestContext
+from forkproxy.manager.spanfill import MAX_BODY, Template
 
 #: templates kept at most (~7 KiB each); when full, the oldest quarter goes
 MAX_TEMPLATES = 512
@@ -40,7 +43,7 @@ MAKE_AFTER = 16
 MAX_VALUES = 8192
 #: the server span's length is written as a 2-byte varint in a template: bodies of
 #: 128..16383 bytes (any other length goes to the slow builder)
-MIN_BODY, MAX_BODY = 1 << 7, 1 << 14
+MIN_BODY = 1 << 7
 #: the id lengths (trace, span, parent) a template's slots hold
 ID_SIZES = ((16, 8, 0), (16, 8, 8))
 #: slot name -> struct format; "n<i>" is time index i in Unix nanoseconds, "c<i>" the
@@ -166,18 +169,6 @@ def compile_fill(pieces: list[tuple[str, object]]) -> Callable:
 _CODE: dict[str, object] = {}
 
 
-class Template:
-    """One shape's spans: ``fill(...)`` returns the phase spans' entries, then the server
-    span's tag, its length and its fixed fields; the caller appends the server span's
-    variable attributes (``body_len`` plus their length is the length)."""
-
-    __slots__ = ("fill", "body_len")
-
-    def __init__(self, fill: Callable, body_len: int):
-        self.fill = fill
-        self.body_len = body_len
-
-
 #: ScopeSpans.spans' tag (one entry of the repeated field)
 SPAN_ENTRY_TAG = field_tag(ScopeSpans, "spans")
 
@@ -270,7 +261,7 @@ class Templates:
         packed = st.pack(*(next(consts) if a[0] == "C" else check[a] for a in args))
         if len(body2) != len(body) or packed != kids2 + SPAN_ENTRY_TAG + check["vn"] + body2:
             return None
-        return Template(compile_fill(pieces), len(body))
+        return Template(pieces, len(body), compile_fill(pieces))
 
     def varint(self, n: int) -> bytes:
         v = self.varints.get(n)

@@ -2,19 +2,16 @@
 queue, and a greenlet that sends batches over OTLP/HTTP (protobuf) to ``[tracing]
 endpoint``.
 
-Sampling (:meth:`Tracer.offer`, once per request record, cheap):
+Sampling (:meth:`Tracer.offer_batch`, once per batch of ring records, compiled:
+sampling.py): at the head by the traceparent's flag or ``sample_ratio``, at the tail (which
+only a proxy that saw the whole request can apply) errors and requests slower than
+``sample_slower_than``.
 
-* head: a request whose traceparent came sampled is kept; otherwise the trace id decides
-  with ``sample_ratio`` (tracecontext.sampled_by_ratio: the same rule the worker used to
-  set the sampled flag of a trace it started, so both agree);
-* tail, which only a proxy that saw the whole request can apply: errors (5xx, or an
-  error such as an upstream reset or the client gone) and requests slower than
-  ``sample_slower_than`` are always kept.
-
-The queue holds request records, not spans: encoding (spans.py) happens in the export
-greenlet, a batch at a time. The queue is bounded (``queue_size``): when the collector is
-down or slow, records beyond it are dropped and counted, and so are those of a batch the
-collector refused or did not answer within ``export_timeout``. Nothing here ever makes
+The queue holds encoded export requests: a sampled request's spans are written (spans.py)
+when the batch of records it came in is sampled, and the export greenlet only sends. The
+queue is bounded (``queue_size`` requests): when the collector is down or slow, requests
+beyond it are dropped and counted, and so are those of an export request the collector
+refused or did not answer within ``export_timeout``. Nothing here ever makes
 the collector greenlets (or the workers, who never wait on the manager) wait.
 """
 
@@ -31,9 +28,10 @@ from gevent.event import Event
 
 from forkproxy import __version__
 from forkproxy.config import Endpoint, TracingConfig, parse_endpoint
-from forkproxy.context import T_ACCEPT, T_END, T_HEADERS, RequestContext
-from forkproxy.http.tracecontext import SAMPLED, ratio_threshold
+from forkproxy.context import RequestContext
+from forkproxy.http.tracecontext import ratio_threshold
 from forkproxy.manager.metrics import TextWriter
+from forkproxy.manager.sampling import sample_batch
 
 #: longest response body read from the collector (OTLP answers are small)
 MAX_RESPONSE = 64 * 1024
@@ -75,7 +73,7 @@ class OTLPClient:
             sock = gssl.create_default_context().wrap_socket(sock, server_hostname=ep.host)
         return sock
 
-    def post(self, body: bytes) -> int:
+    def post(self, body: bytes | memoryview) -> int:
         """Send one export request; returns the HTTP status (raises ExportError)."""
         timer = gevent.Timeout.start_new(self.timeout)
         try:
@@ -84,8 +82,9 @@ class OTLPClient:
                 try:
                     if fresh:
                         self.sock = self._connect()
-                    self.sock.sendall(self.head + b"Content-Length: %d\r\n\r\n" % len(body)
-                                      + body)
+                    # the body is a view of the encoder's buffer: sent as it is
+                    self.sock.sendall(self.head + b"Content-Length: %d\r\n\r\n" % len(body))
+                    self.sock.sendall(body)
                     return self._read_response()
                 except gevent.Timeout as t:
                     if t is not timer:
@@ -144,7 +143,10 @@ class Tracer:
 
     def __init__(self, cfg: TracingConfig | None = None, logger=None):
         self.logger = logger
-        self.queue: deque[RequestContext] = deque()
+        #: export requests ready to send, each with its number of requests
+        self.batches: deque[tuple[bytes, int]] = deque()
+        #: sampled requests not yet sent: in ``batches`` and in the encoder's open batch
+        self.queued = 0
         self.wake = Event()
         self.greenlet: gevent.Greenlet | None = None
         self.client: OTLPClient | None = None
@@ -157,6 +159,7 @@ class Tracer:
         self.dropped_export = 0
         self.requests_ok = 0
         self.requests_failed = 0
+        self.failures = 0  # export requests failed, and batches lost in encoding
         self.threshold = 0
         self.slower_than = 0.0
         self.queue_size = 1
@@ -171,6 +174,8 @@ class Tracer:
             # protobuf and the OTLP classes (~6 MiB) only in a manager that exports
             from forkproxy.manager.spans import SpanEncoder
 
+            if self.encoder is not None and self.encoder.count:
+                self._close_batch()  # the old service name's spans go as they are
             self.encoder = SpanEncoder(cfg.service_name)
         old = self.client
         if old is not None and (endpoint is None or old.endpoint != endpoint
@@ -186,8 +191,11 @@ class Tracer:
         self.queue_size = cfg.queue_size
         self.batch_size = cfg.batch_size
         if not self.enabled:
-            self.dropped_export += len(self.queue)
-            self.queue.clear()
+            self.dropped_export += self.queued
+            self.batches.clear()
+            if self.encoder is not None:
+                self.encoder.discard()
+            self.queued = 0
 
     def start(self) -> None:
         if self.greenlet is None:
@@ -199,37 +207,52 @@ class Tracer:
             return
         self.greenlet.kill(block=True, timeout=1.0)
         self.greenlet = None
-        if self.enabled and self.queue:
+        if self.enabled and self.queued:
             with gevent.Timeout(flush_timeout, False):
-                while self.queue:
+                while self.queued:
                     self._send_batch()
         if self.client is not None:
             self.client.close()
 
     # -- per request (from Manager.on_batch) --------------------------------------------
 
+    def offer_batch(self, items: list) -> None:
+        """Encode the spans of the request records in ``items`` that a sampling rule
+        selects into export requests of ``batch_size`` requests; never waits. Called
+        only while export is enabled (RecordSink.on_batch checks). Encoding here, while
+        the records are fresh, rather than in the export greenlet keeps no record alive."""
+        kept: list = []
+        sampled, dropped = sample_batch(items, kept, self.queue_size - self.queued,
+                                        self.threshold, self.slower_than)
+        self.sampled += sampled
+        self.dropped_queue += dropped
+        if not kept:
+            return
+        enc = self.encoder
+        size = self.batch_size
+        at = 0
+        try:
+            while at < len(kept):
+                room = size - enc.count
+                part = kept if not at and len(kept) <= room else kept[at:at + room]
+                enc.append(part)
+                at += len(part)
+                self.queued += len(part)
+                if enc.count >= size:
+                    self._close_batch()
+        except Exception as e:  # a bug in encoding: count, never break the record path
+            lost = enc.discard()
+            self.queued -= lost
+            self._failed(lost + len(kept) - at, f"encoding: {e!r}")
+
     def offer(self, ctx: RequestContext) -> None:
-        """Keep the record for export if a sampling rule says so; never waits. Called
-        only while export is enabled (Manager.on_batch checks once per batch)."""
-        trace_id = ctx.trace_id
-        if not trace_id:
-            return
-        # head (the sampled flag, the ratio on the id's low 8 bytes), then the tail rules
-        if not (ctx.trace_flags & SAMPLED
-                or int.from_bytes(trace_id[8:], "big") < self.threshold
-                or ctx.status >= 500 or ctx.error):
-            t = ctx.times
-            start = t[T_ACCEPT] or t[T_HEADERS]
-            if not start or t[T_END] - start <= self.slower_than:
-                return
-        self.sampled += 1
-        q = self.queue
-        if len(q) >= self.queue_size:
-            self.dropped_queue += 1
-            return
-        q.append(ctx)
-        if len(q) >= self.batch_size:
-            self.wake.set()
+        """offer_batch for one record."""
+        self.offer_batch([ctx])
+
+    def _close_batch(self) -> None:
+        n = self.encoder.count
+        self.batches.append((self.encoder.finish(), n))
+        self.wake.set()
 
     # -- export ---------------------------------------------------------------------------
 
@@ -241,46 +264,57 @@ class Tracer:
             else:  # a full batch wakes us early
                 self.wake.wait(self.cfg.export_interval if self.cfg else 1.0)
             self.wake.clear()
-            while self.queue and self.enabled:
-                ok = self._send_batch()
+            while self.queued and self.enabled:
+                ok = self._send_batch()  # the ready ones, or after the interval a partial one
                 if not ok:
                     backoff = min(max(BACKOFF, backoff * 2), MAX_BACKOFF)
                     break
                 backoff = 0.0
-                if len(self.queue) < self.batch_size:
+                if not self.batches:
                     break
 
     def _send_batch(self) -> bool:
-        q = self.queue
-        batch = [q.popleft() for _ in range(min(self.batch_size, len(q)))]
-        if not batch or self.client is None:
+        """Send the oldest export request ready, else the open one (a partial batch)."""
+        if not self.batches:
+            if self.encoder is None or not self.encoder.count:
+                return True
+            self._close_batch()
+        body, n = self.batches.popleft()
+        self.queued -= n
+        if self.client is None:
             return True
         try:
-            body = self.encoder.encode(batch)
             status = self.client.post(body)
-        except Exception as e:  # ExportError, or a bug in encoding: count, never crash
+        except Exception as e:  # ExportError, or a bug: count, never crash
             status = 0
             error = str(e)
         else:
             error = f"HTTP {status}"
+        finally:
+            self.encoder.recycle(body)
         if 200 <= status < 300:
-            self.exported += len(batch)
+            self.exported += n
             self.requests_ok += 1
             return True
-        self.dropped_export += len(batch)
         self.requests_failed += 1
-        if self.logger is not None and self.requests_failed & (self.requests_failed - 1) == 0:
-            # 1st, 2nd, 4th, 8th... failure: a down collector does not flood the log
-            self.logger.warning("trace export failed, spans dropped", spans=len(batch),
-                                error=error, failures=self.requests_failed)
+        self._failed(n, error)
         return False
+
+    def _failed(self, n: int, error: str) -> None:
+        """``n`` sampled requests' spans lost: counted, and logged on the 1st, 2nd, 4th,
+        8th... failure (a down collector does not flood the log)."""
+        self.dropped_export += n
+        self.failures += 1
+        if self.logger is not None and self.failures & (self.failures - 1) == 0:
+            self.logger.warning("trace export failed, spans dropped", spans=n, error=error,
+                                failures=self.failures)
 
     # -- metrics ----------------------------------------------------------------------------
 
     def counts(self) -> TracerCounts:
         return TracerCounts(self.sampled, self.exported, self.dropped_queue,
                             self.dropped_export, self.requests_ok, self.requests_failed,
-                            len(self.queue))
+                            self.queued)
 
 
 class TracerCounts(msgspec.Struct, array_like=True, gc=False):

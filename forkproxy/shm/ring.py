@@ -38,7 +38,9 @@ headers and payloads below it, then stores ``tail`` once per batch. From Python 
 access goes through ``memoryview.cast('Q')`` at an 8-byte-aligned offset, which CPython
 compiles to a single ``mov``: atomic on x86-64 (measured, and re-checked by a test; a
 property of the CPython build, not a language guarantee). Each access is a separate
-bytecode behind opaque calls, so the C compiler cannot reorder them either.
+bytecode behind opaque calls, so the C compiler cannot reorder them either. The
+consumer's walk (ringwalk.py) is compiled, but it too makes each access as one call on
+these memoryview objects.
 
 * x86-64 (TSO): stores are seen in program order and loads are not reordered with other
   loads or with later stores. Hence payload/header stores are visible before ``head``
@@ -67,23 +69,25 @@ from collections.abc import Callable
 
 from gevent.socket import wait_read
 
+from forkproxy.shm.ringwalk import (  # noqa: F401 (HEADER_SIZE: re-exported)
+    _DATA,
+    _HEAD,
+    _HI,
+    _LOST,
+    _TAIL,
+    HEADER_SIZE,
+    WRAP,
+    walk,
+)
 from forkproxy.shm.segment import create_mapping
 
 Payload = bytes | bytearray | memoryview
 
-HEADER_SIZE = 4096
 MAGIC = 0x31474E4952504B46  # "FKPRING1"
-WRAP = 0xFFFFFFFF
-_M32 = 0xFFFFFFFF
-_HI = _M32 << 32
-_DATA = HEADER_SIZE
 MIN_DATA_SIZE = 64
 MAX_DATA_SIZE = 1 << 32
 
-# Indexes of u64 words in the mapping (byte offset // 8).
-_HEAD = 0
-_TAIL = 64 // 8
-_LOST = 72 // 8
+# Indexes of u64 words in the mapping (byte offset // 8); the consumer's in ringwalk.py.
 _DROPPED = 128 // 8
 _WAITING = 192 // 8
 _MAGIC = 256 // 8
@@ -245,7 +249,8 @@ class Ring:
         after the batch; if the handler raises, the records handed out so far (including
         that one) are consumed and the exception propagates. Returns the number handled.
         """
-        return self._walk(handler, None, None, (), max_records)[0]
+        return walk(self._q, self._buf, self._size, self._max, handler, None, None, (),
+                    max_records)[0]
 
     def drain_decoded(self, decode: Callable[[memoryview], object], out: list,
                       errors: type[Exception] | tuple = (),
@@ -259,62 +264,8 @@ class Ring:
         that raises one of ``errors`` is consumed and counted, not appended. Returns
         (records consumed, records that did not decode).
         """
-        return self._walk(None, decode, out, errors, max_records)
-
-    def _walk(self, handler, decode, out, errors, max_records: int) -> tuple[int, int]:
-        """The consumer's walk over committed records (see :meth:`drain`)."""
-        q = self._q
-        buf = self._buf
-        size = self._size
-        mask = self._mask
-        maxp = self._max
-        tail = q[_TAIL]
-        head = q[_HEAD]
-        if head == tail:
-            return 0, 0
-        if not 0 < head - tail <= size:  # corrupt counters: nothing below head is trustworthy
-            q[_LOST] += 1
-            q[_TAIL] = head
-            return 0, 0
-        count = bad = 0
-        append = out.append if out is not None else None
-        try:
-            while tail != head and count < max_records:
-                off = tail & mask
-                word = q[(_DATA + off) >> 3]
-                n = word & _M32
-                if word & _HI != (tail << 29) & _HI:
-                    break  # not written in this lap: stale, or never committed
-                if n > maxp:
-                    # A wrap marker is committed together with the record after it.
-                    if n != WRAP or off == 0 or tail + size - off >= head:
-                        break
-                    tail += size - off
-                    continue
-                need = (n + 15) & -8
-                if off + need > size or tail + need > head:
-                    break
-                at = _DATA + off + 8
-                tail += need
-                count += 1
-                if append is not None:
-                    try:
-                        append(decode(buf[at : at + n]))
-                    except errors:
-                        bad += 1
-                    continue
-                view = buf[at : at + n]
-                try:
-                    handler(view)
-                finally:
-                    view.release()
-            else:
-                return count, bad
-            q[_LOST] += 1  # a break: skip everything committed so far and resynchronise
-            tail = head
-        finally:
-            q[_TAIL] = tail
-        return count, bad
+        return walk(self._q, self._buf, self._size, self._max, None, decode, out, errors,
+                    max_records)
 
     def wait(self, timeout: float = 0.05) -> None:
         """Sleep (cooperatively, in gevent) until the producer rings or ``timeout`` passes.

@@ -76,6 +76,11 @@ class FrontEnd:
         Raises BodyAborted (the client's body failed) or ClientGone."""
         raise NotImplementedError
 
+    def body_buffered(self) -> bool:
+        """Whether read_body() would return at once (a piece or the end is already
+        held): the HTTP/2 upstream path then sends it without a greenlet of its own."""
+        return False
+
     def send_continue(self) -> None:
         """The client sent ``Expect: 100-continue``: tell it to send the body."""
         raise NotImplementedError

@@ -35,6 +35,8 @@ CONN_LOST = -1
 PING_TIMEOUT = -2
 #: bytes of a request body queued in the session, per stream, before its producer waits
 SEND_BUFFER = 64 * 1024
+#: released streams a connection keeps to lend again (at most the streams it had at once)
+STREAMS_KEPT = 128
 _PER_STREAM = (h2c.INTERIM, h2c.HEAD, h2c.DATA, h2c.TRAILERS, h2c.END, h2c.CLOSED)
 
 
@@ -42,18 +44,24 @@ class H2Stream:
     """One request on an HTTP/2 upstream connection (what the exchange holds as ``conn``)."""
 
     __slots__ = ("conn", "server", "sid", "items", "event", "reused", "reusable", "blocked",
-                 "closed")
+                 "closed", "pumped")
 
-    def __init__(self, conn: H2Conn, reused: bool):
+    def __init__(self, conn: H2Conn):
         self.conn = conn
         self.server = conn.server
-        self.sid = 0  # until submitted
         self.items: deque = deque()  # (kind, payload) from the session, in order
         self.event = Event()
+
+    def begin(self, reused: bool) -> None:
+        """Start a request (a new object, or one the connection kept: see H2Conn.lend)."""
+        self.sid = 0  # until submitted
+        self.items.clear()
+        self.event.clear()
         self.reused = reused  # the connection carried a stream before this one
         self.reusable = False  # the exchange's verdict (unused: the connection stays)
         self.blocked = False  # waiting for its queued body bytes to drain
         self.closed = False  # CLOSED seen
+        self.pumped = False  # a pump greenlet sends its body (it may outlive the stream)
 
     def closed_by_peer(self) -> bool:
         """The pool never lends a stream on a connection that went away."""
@@ -72,14 +80,21 @@ class H2Stream:
         conn.flush()
         return True
 
+    def queue(self, data) -> bool:
+        """Queue request body bytes without waiting. False: the stream is gone."""
+        conn = self.conn
+        if self.closed or not conn.session.send_data(self.sid, bytes(data)):
+            return False
+        conn.flush()
+        return True
+
     def send(self, data, timeout: float) -> bool:
         """Queue request body bytes; wait while more than SEND_BUFFER of them are
         queued (the upstream's window is closed). False: the stream is gone."""
+        if not self.queue(data):
+            return False
         conn = self.conn
         session = conn.session
-        if self.closed or not session.send_data(self.sid, bytes(data)):
-            return False
-        conn.flush()
         while session.pending(self.sid) > SEND_BUFFER:
             if self.closed:
                 return False
@@ -113,6 +128,13 @@ class H2Stream:
                 event.wait()
         return items.popleft()
 
+    def cancel(self) -> None:
+        """Reset the stream (CANCEL) if it is still open: its request failed."""
+        conn = self.conn
+        if self.sid in conn.streams and not self.closed:
+            conn.session.reset(self.sid)  # CANCEL
+            conn.wake.set()
+
     def consume(self, n: int) -> None:
         """n response body bytes went to the client: the upstream may send more."""
         conn = self.conn
@@ -133,7 +155,7 @@ class H2Conn:
 
     __slots__ = ("server", "sock", "session", "streams", "active", "wake", "ready", "gone",
                  "closed", "opened", "created", "idle_since", "last_seen", "ping_at",
-                 "reader", "writer", "tls", "nblocked", "max_streams")
+                 "reader", "writer", "tls", "nblocked", "max_streams", "kept")
 
     def __init__(self, server, sock, tls: bool):
         self.server = server
@@ -151,6 +173,7 @@ class H2Conn:
         self.opened = 0  # streams lent over its life
         self.created = self.idle_since = self.last_seen = _monotonic()
         self.ping_at = 0.0  # when the PING not yet answered went out (0: none)
+        self.kept: list[H2Stream] = []  # released streams, lent again (see lend)
         self.wake.set()  # the preface and SETTINGS
         self.reader = gevent.spawn(self._read_loop)
         self.writer = gevent.spawn(self._write_loop)
@@ -162,10 +185,22 @@ class H2Conn:
         return self.max_streams - self.active
 
     def lend(self) -> H2Stream:
-        stream = H2Stream(self, self.opened > 0)
+        """A stream for one request: one the connection kept if it has one (an object, a
+        deque and an Event less per request, and fewer objects for the cyclic garbage
+        collector to walk), else a new one."""
+        kept = self.kept
+        stream = kept.pop() if kept else H2Stream(self)
+        stream.begin(self.opened > 0)
         self.opened += 1
         self.active += 1
         return stream
+
+    def keep(self, stream: H2Stream) -> None:
+        """A released stream, to be lent again; not one whose pump greenlet may still
+        run (killed, not yet gone) and touch it, nor past STREAMS_KEPT."""
+        if not stream.pumped and len(self.kept) < STREAMS_KEPT:
+            stream.items.clear()  # no payload held until the next request
+            self.kept.append(stream)
 
     def _read_loop(self) -> None:
         buf = bytearray(64 * 1024)
@@ -273,6 +308,7 @@ class H2Conn:
             stream.items.append((h2c.CLOSED, code))
             stream.event.set()
         self.streams.clear()
+        self.kept.clear()
         me = getcurrent()
         for g in (self.reader, self.writer):
             if g is not me and not g.dead:

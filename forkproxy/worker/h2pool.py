@@ -113,6 +113,7 @@ class H2Pooling:
         self.active -= 1
         conn = stream.conn
         conn.active -= 1
+        conn.keep(stream)
         if not conn.active:
             conn.idle_since = _monotonic()
             if self.hdown:  # down or retired (no longer swept): not kept

@@ -249,6 +249,9 @@ class Http2Stream(Http2FrontEnd):
         self.conn.wake.set()
         return data
 
+    def body_buffered(self) -> bool:
+        return bool(self.body)
+
     def send_head(self, ex, first) -> None:
         framing = ex.framing
         length = ex.content_length if framing is Framing.LENGTH or (

@@ -1,4 +1,5 @@
-"""Giving freed heap memory back to the OS after many connections closed."""
+"""The worker's heap: the garbage collector's set-up after start-up, and giving freed
+heap memory back to the OS after many connections closed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,25 @@ import gc
 #: its high-water mark, checked at most every TRIM_INTERVAL seconds (see HeapTrimmer)
 TRIM_INTERVAL = 5.0
 TRIM_MIN_DROP = 500
+
+
+#: the collector's young-generation threshold in a worker (CPython's default is 700)
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_heap() -> None:
+    """Once the worker is set up: what it built lives as long as it does, so it is
+    frozen out of the collector's generations (fewer objects scanned per collection),
+    and the young generation's threshold is raised.
+
+    The threshold counts container allocations less deallocations, and requests in
+    flight keep theirs alive: with 320 gRPC calls in flight a young collection came every
+    ~25 calls and found 7,000-10,000 live objects (field tuples, lists, requests, heads),
+    all promoted, so the older generations were walked often too: ~11 µs of CPU per call
+    (docs/BENCHMARKS.md, gRPC). At 10,000 the walk comes 100 times less often. Cycles of
+    garbage wait longer for it (a few MB at most); the heap trimmer still collects."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 class HeapTrimmer:

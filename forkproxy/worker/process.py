@@ -27,7 +27,7 @@ from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
 from forkproxy.worker import faults, profiling
 from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.front import Deadline
-from forkproxy.worker.heap import HeapTrimmer
+from forkproxy.worker.heap import HeapTrimmer, settle_heap
 from forkproxy.worker.http1 import Http1Connection
 from forkproxy.worker.http2 import PREFACE, Http2Connection
 from forkproxy.worker.state import ListenerRuntime, WorkerState
@@ -103,10 +103,10 @@ class Worker:
         self._build_listeners()
         # last step of the set-up: afterwards files under the master's home may be unreadable
         osutil.drop_privileges(self.spec.uid, self.spec.gid, self.spec.groups)
-        # what the worker built at start lives as long as the worker: keep it out of the
-        # collector's young generations (fewer objects scanned per collection). Greenlets
-        # are spawned after this, so the gauges' greenlet count still sees them.
-        gc.freeze()
+        # what the worker built at start lives as long as the worker: frozen out of the
+        # collector's generations (heap.py). Greenlets are spawned after this, so the
+        # gauges' greenlet count still sees them.
+        settle_heap()
         self.acceptors = [gevent.spawn(self.accept_loop, lsock, lr)
                           for lsock, lr in self.listeners]
         gevent.spawn(self.sweep_loop)

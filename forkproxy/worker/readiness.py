@@ -16,6 +16,24 @@ from __future__ import annotations
 from gevent import getcurrent
 
 
+def wait_writable(sock, timeout: float) -> bool:
+    """Block the calling greenlet until the gevent socket ``sock`` is writable (a
+    non-blocking connect finished, either way): True, or False after ``timeout``
+    seconds. The socket's own write watcher and one timer, both switching straight back
+    to the greenlet; stopped on the way out whatever ends the wait."""
+    hub = sock.hub
+    io = sock._write_event
+    timer = hub.loop.timer(timeout)
+    switch = getcurrent().switch
+    io.start(switch, True)
+    timer.start(switch, False)
+    try:
+        return hub.switch()
+    finally:
+        io.stop()
+        timer.close()
+
+
 class ReadWatch:
     __slots__ = ("_io", "_hub", "_waiter")
 

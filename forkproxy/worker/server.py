@@ -7,9 +7,12 @@ there.
 
 from __future__ import annotations
 
+import ipaddress
 import socket as pysocket
 import time
 from collections import deque
+from errno import EINPROGRESS
+from os import strerror
 
 from gevent import socket
 from gevent.event import Event
@@ -19,6 +22,7 @@ from forkproxy.context import WEIGHT_SCALE, UpstreamGauge
 from forkproxy.hashing import hash64
 from forkproxy.tls.client import handshake, server_name
 from forkproxy.worker.balancer import Peer
+from forkproxy.worker.readiness import wait_writable
 from forkproxy.worker.upconn import TLSUpstreamConn, UpstreamConn
 
 _monotonic = time.monotonic
@@ -31,7 +35,8 @@ class PoolTimeout(Exception):
 class Server(Peer):
     """One upstream server with its idle pool, health and balancing state."""
 
-    __slots__ = ("upstream", "host", "port", "address", "idle", "cfg", "family",
+    __slots__ = ("upstream", "host", "port", "address", "idle", "cfg", "family", "sockaddr",
+                 "sockopts",
                  "connect_timeout", "head_timeout", "keepalive_timeout", "max_age",
                  "max_conns", "waiters", "connects", "reuses", "failures", "fails",
                  "fail_start", "ejected_until", "ejections", "retries", "hidx", "hkey", "hdown",
@@ -43,6 +48,10 @@ class Server(Peer):
         self.host, self.port = parse_hostport(address)
         self.address = address
         self.family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        #: (host, port) when the host is an IP address: connected without gevent's
+        #: resolver; None for a name (resolved by gevent at each connect)
+        self.sockaddr = (self.host, self.port) if _is_ip(self.host) else None
+        self.sockopts = _socket_options(cfg)
         self.cfg = cfg
         per_try = cfg.per_try_timeout
         self.connect_timeout = min(cfg.connect_timeout, per_try) if per_try else cfg.connect_timeout
@@ -106,25 +115,35 @@ class Server(Peer):
         return UpstreamConn(sock, self)
 
     def _open(self):
-        """A connected TCP socket (TCP_NODELAY, keep-alive probes), counted in active."""
+        """A connected TCP socket (TCP_NODELAY, keep-alive probes), counted in active.
+
+        The options are set before connecting (the socket inherits them), straight on
+        the plain socket, and the connect is one non-blocking connect_ex and one wait
+        for writable under a timer: gevent's connect adds a getsockopt, a Timeout
+        exception object and a Waiter per connection, which a worker that opens
+        connections under load pays each time (docs/BENCHMARKS.md)."""
         sock = socket.socket(self.family, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
         self.active += 1  # counted while connecting: max_connections holds across the wait
         try:
-            sock.connect((self.host, self.port))
-            sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-            ka = self.cfg.tcp_keepalive
-            if ka.enabled:
-                sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_KEEPALIVE, 1)
-                sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_KEEPIDLE, max(1, int(ka.idle)))
-                sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_KEEPINTVL,
-                                max(1, int(ka.interval)))
-                sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_KEEPCNT, ka.count)
+            raw = sock._sock
+            for level, option, value in self.sockopts:
+                raw.setsockopt(level, option, value)
+            if self.sockaddr is None:  # a host name: gevent resolves it
+                sock.settimeout(self.connect_timeout)
+                sock.connect((self.host, self.port))
+                sock.settimeout(None)  # later steps are bounded by the connection's deadline
+                return sock
+            err = raw.connect_ex(self.sockaddr)
+            if err == EINPROGRESS:
+                if not wait_writable(sock, self.connect_timeout):
+                    raise socket.timeout("timed out")
+                err = raw.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_ERROR)
+            if err:
+                raise OSError(err, strerror(err))
         except BaseException:
             sock.close()
             self._not_connected()
             raise
-        sock.settimeout(None)  # later steps are bounded by the connection's deadline
         return sock
 
     def _not_connected(self) -> None:
@@ -232,6 +251,27 @@ class Server(Peer):
                              self.state_name(_monotonic()), self.eff_weight, self.connects,
                              self.reuses, self.failures, self.ejections, self.retries,
                              len(self.waiters), self.tunnels)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _socket_options(cfg: UpstreamConfig) -> tuple[tuple[int, int, int], ...]:
+    """The setsockopt calls of every new upstream socket: TCP_NODELAY, and keep-alive
+    probes when ``tcp_keepalive`` is on."""
+    opts = [(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)]
+    ka = cfg.tcp_keepalive
+    if ka.enabled:
+        opts += [(pysocket.SOL_SOCKET, pysocket.SO_KEEPALIVE, 1),
+                 (pysocket.IPPROTO_TCP, pysocket.TCP_KEEPIDLE, max(1, int(ka.idle))),
+                 (pysocket.IPPROTO_TCP, pysocket.TCP_KEEPINTVL, max(1, int(ka.interval))),
+                 (pysocket.IPPROTO_TCP, pysocket.TCP_KEEPCNT, ka.count)]
+    return tuple(opts)
 
 
 class TLSServer(Server):

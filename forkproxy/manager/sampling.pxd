@@ -1,0 +1,19 @@
+# C types of sampling.py (Cython's pure-Python mode: the .py file is the source)
+cimport cython
+
+cdef extern from *:
+    """
+    static CYTHON_INLINE unsigned long long fp_id_low_u64(PyObject *trace_id) {
+        const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(trace_id) + 8;
+        unsigned long long v = 0;
+        int i;
+        for (i = 0; i < 8; i++) v = (v << 8) | p[i];
+        return v;
+    }
+    """
+    unsigned long long fp_id_low_u64(bytes trace_id)
+
+
+@cython.locals(everything=bint, below=cython.ulonglong, sampled=Py_ssize_t,
+               dropped=Py_ssize_t, trace_id=bytes, keep=bint, t=list, start=double)
+cpdef tuple sample_batch(items, list queue, Py_ssize_t room, threshold, double slower_than)

@@ -1,0 +1,81 @@
+"""The consumer's walk over a ring's committed records (forkproxy/shm/ring.py), and the
+layout constants it reads.
+
+Split from ring.py so that the manager's side can be compiled (setup.py's COMPILED;
+ringwalk.pxd types the positions, lengths and counters as C integers) while the worker's
+``Ring.push`` stays as it is. Every access to the shared mapping still goes through the
+``memoryview`` objects ``Ring`` hands in (``q``: the mapping cast to u64 words, ``buf``:
+its bytes), one opaque call each, in the order ring.py's docstring gives ("Ordering"):
+compiling changes the arithmetic between the loads, not the loads.
+"""
+
+from __future__ import annotations
+
+HEADER_SIZE = 4096
+WRAP = 0xFFFFFFFF
+_M32 = 0xFFFFFFFF
+_HI = _M32 << 32
+_DATA = HEADER_SIZE
+
+# Indexes of u64 words in the mapping (byte offset // 8).
+_HEAD = 0
+_TAIL = 64 // 8
+_LOST = 72 // 8
+
+
+def walk(q, buf, size, maxp, handler, decode, out, errors, max_records):
+    """Up to ``max_records`` committed records, oldest first: ``handler(view)`` on each,
+    or with ``decode``, ``out.append(decode(view))`` (Ring.drain, Ring.drain_decoded).
+
+    ``size``: the data area's size (a power of two), ``maxp``: the longest payload.
+    Publishes ``tail`` once, at the end (also when the handler raises). Returns
+    (records consumed, records whose decode raised one of ``errors``).
+    """
+    mask = size - 1
+    tail = q[_TAIL]
+    head = q[_HEAD]
+    if head == tail:
+        return 0, 0
+    if not (head > tail and head - tail <= size):  # corrupt: nothing below head is trustworthy
+        q[_LOST] += 1
+        q[_TAIL] = head
+        return 0, 0
+    count = bad = 0
+    append = out.append if out is not None else None
+    try:
+        while tail != head and count < max_records:
+            off = tail & mask
+            word = q[(_DATA + off) >> 3]
+            n = word & _M32
+            if word & _HI != (tail << 29) & _HI:
+                break  # not written in this lap: stale, or never committed
+            if n > maxp:
+                # A wrap marker is committed together with the record after it.
+                if n != WRAP or off == 0 or tail + size - off >= head:
+                    break
+                tail += size - off
+                continue
+            need = (n + 15) & ~7
+            if off + need > size or tail + need > head:
+                break
+            at = _DATA + off + 8
+            tail += need
+            count += 1
+            if append is not None:
+                try:
+                    append(decode(buf[at : at + n]))
+                except errors:
+                    bad += 1
+                continue
+            view = buf[at : at + n]
+            try:
+                handler(view)
+            finally:
+                view.release()
+        else:
+            return count, bad
+        q[_LOST] += 1  # a break: skip everything committed so far and resynchronise
+        tail = head
+    finally:
+        q[_TAIL] = tail
+    return count, bad

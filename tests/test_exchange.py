@@ -24,7 +24,7 @@ from forkproxy.shm.ring import Ring
 from forkproxy.worker.exchange import Exchange
 from forkproxy.worker.front import BodyAborted, FrontEnd
 from forkproxy.worker.process import WorkerSpec
-from forkproxy.worker.state import ListenerRuntime, WorkerState
+from forkproxy.worker.state import POOLED_BUFFERS_IDLE, ListenerRuntime, WorkerState
 
 
 class StreamFront(FrontEnd):
@@ -228,3 +228,18 @@ def test_one_exchange_serves_requests_one_after_another(worker):
     ctxs = contexts(ring)
     assert [c.bytes_out for c in ctxs] == [10, 20, 30]
     assert [c.reused for c in ctxs] == [False, True, True]  # the pooled connection
+
+
+def test_relay_buffers_pool_to_the_peak_in_flight_and_trim_back(worker):
+    """More responses in flight than the idle pool keeps must not map a buffer per
+    request once the peak was seen; a fall in load gives the extra buffers back."""
+    ws = worker[0]
+    peak = [ws.get_buffer() for _ in range(300)]
+    for buf in peak:
+        ws.put_buffer(buf)
+    again = [ws.get_buffer() for _ in range(300)]
+    assert {id(b) for b in again} == {id(b) for b in peak}  # all reused, none new
+    for buf in again:
+        ws.put_buffer(buf)
+    ws.trim_buffers()
+    assert len(ws._buffers) == POOLED_BUFFERS_IDLE

@@ -353,7 +353,8 @@ class Worker:
             now = time.monotonic()
             for up in upstreams:  # health verdicts, ejections, slow start, idle sweep
                 up.refresh(now)
-            self.trimmer.check(len(ws.connections), now)
+            if self.trimmer.check(len(ws.connections), now):
+                ws.trim_buffers()
             for conn in ws.connections:
                 d = conn.deadline
                 if d and d < now:

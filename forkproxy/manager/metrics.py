@@ -39,7 +39,7 @@ from forkproxy.manager.histogram import (  # noqa: F401 (re-exported: tests, pha
     Histogram,
     PhaseGroup,
 )
-from forkproxy.manager.jsonline import phases_ms  # noqa: F401 (re-exported)
+from forkproxy.manager.jsonline import phases_ms
 from forkproxy.manager.recordpass import count_batch, time_batch
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -337,6 +337,32 @@ def test_hostile_translation_is_caught_by_forkproxy_too():
         assert info.value.status == 0, case_id
 
 
+def test_the_same_header_list_again_gives_the_same_request_as_a_new_object():
+    """build_request's memo: a list equal to the last one gives a Request equal in every
+    field to a fresh translation, and a new object whose lists are its own."""
+    from forkproxy.http.request import Request
+    from forkproxy.http2.translate import build_request
+
+    limits = Limits()
+    fields = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"ex.com"),
+              (b":path", b"/a?b"), (b"cookie", b"a=1"), (b"cookie", b"b=2"),
+              (b"content-length", b"5"), (b"x-forwarded-for", b"10.0.0.1"),
+              (b"traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"),
+              (b"content-type", b"application/grpc"), (b"expect", b"100-continue")]
+    first = build_request(list(fields), False, limits)
+    again = build_request(list(fields), False, limits)
+    assert again is not first and again.headers is not first.headers
+    assert {k: getattr(again, k) for k in Request.__slots__} == \
+        {k: getattr(first, k) for k in Request.__slots__}
+    again.headers.append((b"x", b"y"))
+    again.request_id = b"set by the worker"
+    third = build_request(list(fields), False, limits)
+    assert (b"x", b"y") not in third.headers and third.request_id == b""
+    # a different end_stream is a different translation (content-length without a body)
+    with pytest.raises(Exception, match="content-length without a body"):
+        build_request(list(fields), True, limits)
+
+
 # -- hostile corpus: connection level ----------------------------------------------------
 
 

@@ -441,6 +441,46 @@ def test_header_block_at_the_continuation_bound_is_answered_431(session):
     assert session.stream_errors == {"headers_too_large": 1} and session.failed is None
 
 
+def test_header_blocks_split_across_reads_of_two_connections_stay_apart():
+    """Fields are collected per session (in C when fieldsink is compiled): two
+    connections' header blocks, each in HEADERS + CONTINUATIONs and fed a
+    few bytes at a time, interleaved, give each connection its own request, with every
+    field. (One byte per read is not used: libnghttp2 1.52 then counts the block's
+    CONTINUATIONs as a flood, with or without forkproxy's sink.)"""
+    sessions = [ServerSession(Http2Limits(), Limits()) for _ in range(2)]
+    try:
+        clients = [RawClient(s) for s in sessions]
+        wires = [c.headers_frames(1, _req(path=b"/%d" % i, extra=[
+            (b"x-n", b"%d" % i), (b"x-long", b"v" * 300)]), continuations=2)
+            for i, c in enumerate(clients)]
+        for at in range(0, max(map(len, wires)), 3):
+            for s, wire in zip(sessions, wires, strict=True):
+                if at < len(wire):
+                    s.receive(wire[at:at + 3])
+        for i, c in enumerate(clients):
+            c.pump()
+            (req,) = c.requests()
+            assert (req.path, req.headers) == (b"/%d" % i, [(b"x-n", b"%d" % i),
+                                                            (b"x-long", b"v" * 300)])
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def test_oversized_trailers_are_refused_and_the_connection_serves_on(session):
+    c = RawClient(session)
+    sid = c.send(_req(method=b"POST"), end_stream=False)
+    c.conn.send_data(sid, b"abc")
+    c.conn.send_headers(sid, [(b"x-t%d" % i, b"v" * 1000) for i in range(40)],
+                        end_stream=True)
+    c.pump()
+    assert c.resets() == {sid: PROTOCOL_ERROR}
+    assert session.stream_errors == {"headers_too_large": 1}
+    nxt = c.send(_req(path=b"/next"))
+    c.pump()
+    assert c.kinds(nxt) == ["REQUEST", "END"]
+
+
 def test_bad_preface_closes_without_processing(session):
     session.receive(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 20)
     assert session.failed == "bad_preface" and session.stream_errors == {"bad_preface": 1}

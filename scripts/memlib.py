@@ -18,38 +18,12 @@ import argparse
 import compileall
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import sysconfig
 import time
 
 import benchlib as b
-
-PAGE = 4096
-PFN_MASK = (1 << 55) - 1
-
-
-def distinct_pages_mib(pids: list[int]) -> float | None:
-    """MiB of distinct physical pages mapped by pids; None without page frame numbers."""
-    seen: set[int] = set()
-    for pid in pids:
-        try:
-            maps = open(f"/proc/{pid}/maps").read().splitlines()  # noqa: SIM115
-            with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
-                for line in maps:
-                    fields = line.split()
-                    if len(fields) > 5 and fields[5] == "[vsyscall]":
-                        continue
-                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                    pagemap.seek(lo // PAGE * 8)
-                    data = pagemap.read((hi - lo) // PAGE * 8)
-                    seen.update(e & PFN_MASK for (e,) in struct.iter_unpack("Q", data)
-                                if e >> 63)
-        except OSError:
-            continue
-    seen.discard(0)  # present pages read as frame 0 without CAP_SYS_ADMIN
-    return len(seen) * PAGE / 1048576 if seen else None
 
 
 def build_like_this_tree(source: str, rev: str) -> None:
@@ -94,7 +68,7 @@ def sample(px) -> dict:
         out["shmem"] += m.get("Pss_Shmem", 0) / 1024
         out["procs"].append(f"{b._comm(pid)} {m.get('Pss', 0) / 1024:.1f}"
                             f"/{m.get('Private_Dirty', 0) / 1024:.1f}")
-    out["distinct"] = distinct_pages_mib(pids)
+    out["distinct"] = b.distinct_pages_mib(pids)
     return out
 
 

@@ -139,8 +139,10 @@ class H2Stream:
         """n response body bytes went to the client: the upstream may send more."""
         conn = self.conn
         if not conn.closed:
-            conn.session.consume(self.sid, n)
-            conn.flush()
+            session = conn.session
+            session.consume(self.sid, n)
+            if session.want_write:  # a WINDOW_UPDATE was due: most often none is
+                conn.wake.set()
 
     def finish(self) -> None:
         """The exchange is done with the stream: reset it if it is still open."""
@@ -215,7 +217,10 @@ class H2Conn:
                 self.last_seen = _monotonic()
                 session.receive(view[:n])
                 self._dispatch()
-                self.flush()  # SETTINGS and PING ACKs, WINDOW_UPDATEs, deferred bodies
+                # SETTINGS and PING ACKs, WINDOW_UPDATEs, deferred bodies: the writer
+                # woken only when there are some (most reads bring responses only)
+                if session.want_write:
+                    self.wake.set()
                 if session.failed is not None:
                     why = f"upstream HTTP/2 error: {session.failed}"
                     break

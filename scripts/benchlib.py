@@ -874,6 +874,18 @@ class ProxyPy(Proxy):
 # -- measuring -----------------------------------------------------------------------------
 
 
+def paced_lua(rate: int, connections: int) -> str:
+    """wrk's ``delay`` hook for --rate: each connection waits connections/rate seconds
+    after a response before its next request, so every proxy is offered about ``rate``
+    requests per second (a little less: the wait comes on top of the response time). The
+    same rate for every row keeps the manager's costs per wake-up (one per 10 ms batch,
+    whatever the rate) the same share of each request, so that rows differ by their own
+    work only."""
+    if not rate:
+        return ""
+    return f"delay = function() return {max(1, round(1000 * connections / rate))} end\n"
+
+
 def load_cmd(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> list[str]:
     args = env.args
     port = (proxy.tls_port if scn.tls else proxy.up_tls_port if scn.upstream_tls
@@ -1206,7 +1218,8 @@ def render_markdown(results: dict) -> str:
                  f"{m['python']}, {m['openssl']}; {m['nginx']}, {m['haproxy']}, {m['wrk']}  ")
     lines.append(f"Layout: {cfg['workers']} worker(s) per proxy on CPU {cfg['proxy_cpus']}; "
                  f"origin (nginx, 1 worker), load generator and driver on CPU "
-                 f"{cfg['load_cpus']}; wrk -t{cfg['threads']} -c{cfg['connections']}; "
+                 f"{cfg['load_cpus']}; wrk -t{cfg['threads']} -c{cfg['connections']}"
+                 + (f" paced to ~{cfg['rate']:,} req/s" if cfg.get("rate") else "") + "; "
                  f"{cfg.get('keepalive', KEEPALIVE_MIN)} idle upstream connections kept per "
                  "worker (forkproxy and nginx `keepalive`); "
                  f"{cfg['rounds']} interleaved rounds of {cfg['duration']:g} s per proxy "
@@ -1471,6 +1484,10 @@ def parse_args(argv):
                    help="also run proxy.py (tiny and 1k scenarios; installed in a throwaway "
                         "venv)")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--rate", type=int, default=0, metavar="REQ_PER_S",
+                   help="pace wrk to about this many requests per second (keep-alive "
+                        "scenarios; default: as fast as it goes). With --tracing: the "
+                        "rows compared at the same rate")
     p.add_argument("--keepalive", type=int, default=None, metavar="N",
                    help="idle upstream connections each proxy keeps per worker (forkproxy's "
                         "keepalive, nginx's keepalive N; default: the most requests any "
@@ -1581,7 +1598,7 @@ def main_bench(argv: list[str], command: str) -> int:
         os.sched_setaffinity(0, set(env.load_cpus))
         env.lua = os.path.join(env.run, "report.lua")
         with open(env.lua, "w") as f:
-            f.write(WRK_LUA)
+            f.write(WRK_LUA + paced_lua(args.rate, args.connections))
         machine = machine_facts()
         log(f"scratch {env.run}; load CPUs {env.load_cpus}, proxy CPUs {env.proxy_cpus}; "
             f"load average {machine['loadavg']}")
@@ -1623,6 +1640,7 @@ def main_bench(argv: list[str], command: str) -> int:
             "config": {"workers": args.workers, "rounds": args.rounds,
                        "duration": args.duration, "warmup": args.warmup,
                        "connections": args.connections, "threads": args.threads,
+                       "rate": args.rate,
                        "keepalive": args.keepalive,
                        "load_cpus": cpu_list(env.load_cpus),
                        "proxy_cpus": cpu_list(env.proxy_cpus),

@@ -261,6 +261,24 @@ def cpu_delta(before: dict, after: dict) -> tuple[float, float, list[str]]:
     return ticks / CLK_TCK, sys_ticks / CLK_TCK, notes
 
 
+def sched_ns(pids) -> dict[tuple[int, int], int]:
+    """{(pid, starttime): CPU nanoseconds of all its threads} from /proc/PID/task/*/schedstat
+    (the scheduler's own count: /proc/PID/stat's 10 ms ticks are too coarse for the
+    manager's few µs per request)."""
+    out = {}
+    for pid in pids:
+        st = read_stat(pid)
+        if st is None:
+            continue
+        ns = 0
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    ns += int(f.read().split()[0])
+        out[(pid, st[2])] = ns
+    return out
+
+
 def pss_kib(pids) -> int:
     total = 0
     for pid in pids:
@@ -899,6 +917,18 @@ class ProxyPy(Proxy):
 # -- measuring -----------------------------------------------------------------------------
 
 
+def paced_lua(rate: int, connections: int) -> str:
+    """wrk's ``delay`` hook for --rate: each connection waits connections/rate seconds
+    after a response before its next request, so every proxy is offered about ``rate``
+    requests per second (a little less: the wait comes on top of the response time). The
+    same rate for every row keeps the manager's costs per wake-up (one per 10 ms batch,
+    whatever the rate) the same share of each request, so that rows differ by their own
+    work only."""
+    if not rate:
+        return ""
+    return f"delay = function() return {max(1, round(1000 * connections / rate))} end\n"
+
+
 def load_cmd(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> list[str]:
     args = env.args
     port = (proxy.tls_port if scn.tls else proxy.up_tls_port if scn.upstream_tls
@@ -1009,7 +1039,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     pids = proxy.pids()
     origin = env.origin_pids()
     p_before = cpu_snapshot(pids)
-    m_before = cpu_snapshot(manager_pids(pids))
+    m_before = sched_ns(manager_pids(pids))
     o_before = cpu_snapshot(origin)
     c_before = children_cpu()
     busy_before = busy_ticks()
@@ -1032,7 +1062,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     busy_after = busy_ticks()
     gen_cpu = children_cpu() - c_before
     p_after = cpu_snapshot(proxy.pids())
-    m_after = cpu_snapshot(manager_pids(proxy.pids()))
+    m_after = sched_ns(manager_pids(proxy.pids()))
     o_after = cpu_snapshot(env.origin_pids())
     out = out.decode(errors="replace")
     if gen.returncode != 0:
@@ -1046,7 +1076,8 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     else:
         res = parse_wrk(out)
     proxy_cpu, proxy_sys, notes = cpu_delta(p_before, p_after)
-    manager_cpu, _, _ = cpu_delta(m_before, m_after)
+    # a shard that appeared during the run counts whole, one that vanished not at all
+    manager_cpu = sum(ns - m_before.get(key, 0) for key, ns in m_after.items()) / 1e9
     origin_cpu, _, _ = cpu_delta(o_before, o_after)
     total = (busy_after - busy_before) / CLK_TCK
     other = max(0.0, total - proxy_cpu - origin_cpu - gen_cpu)
@@ -1073,19 +1104,42 @@ def manager_pids(pids) -> list[int]:
     return [p for p in pids if _comm(p).startswith(("fp-manager", "fp-collector"))]
 
 
-def tracing_table(summary: dict[str, dict]) -> list[str]:
+def tracing_table(summary: dict[str, dict], runs: dict[str, list] | None = None) -> list[str]:
     """The manager's CPU per request with tracing off, at 1% and at 100% (--tracing):
-    the rows forkproxy, forkproxy+trace0.01, forkproxy+trace1 of one scenario."""
+    the rows forkproxy, forkproxy+trace0.01, forkproxy+trace1 of one scenario. With the
+    runs, "added" is the median of each round's difference from the tracing-off run of
+    the same round (the rounds are interleaved: the pairs saw the same load), with its
+    range; a difference of medians moves more with the machine's load."""
     off = summary.get("forkproxy", {}).get("manager_us")
     if off is None:
         return []
-    lines = ["| forkproxy manager (+ collector shards) | CPU µs/req | added by tracing |",
-             "|---|---:|---:|", f"| tracing off | {off:.2f} | |"]
+    lines = ["| forkproxy manager (+ collector shards) | CPU µs/req | added by tracing "
+             "(median of the rounds' differences) | rounds' differences |",
+             "|---|---:|---:|---|", f"| tracing off | {off:.2f} | | |"]
     for ratio in ("0.01", "1"):
-        us = summary.get(f"forkproxy+trace{ratio}", {}).get("manager_us")
-        if us is not None:
-            lines.append(f"| sample_ratio = {ratio} | {us:.2f} | **{us - off:+.2f}** |")
+        name = f"forkproxy+trace{ratio}"
+        us = summary.get(name, {}).get("manager_us")
+        if us is None:
+            continue
+        diffs = paired_differences(runs or {}, name)
+        if diffs:
+            lines.append(f"| sample_ratio = {ratio} | {us:.2f} | "
+                         f"**{statistics.median(diffs):+.2f}** | "
+                         f"{', '.join(f'{d:+.2f}' for d in diffs)} |")
+        else:
+            lines.append(f"| sample_ratio = {ratio} | {us:.2f} | **{us - off:+.2f}** | |")
     return lines if len(lines) > 3 else []
+
+
+def paired_differences(runs: dict[str, list], name: str) -> list[float]:
+    """Each round's manager µs/request of ``name`` minus the tracing-off run's."""
+    base = {r.get("round"): r.get("manager_us") for r in runs.get("forkproxy", [])}
+    out = []
+    for r in runs.get(name, []):
+        a, b = base.get(r.get("round")), r.get("manager_us")
+        if a is not None and b is not None:
+            out.append(b - a)
+    return out
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -1208,7 +1262,8 @@ def render_markdown(results: dict) -> str:
                  f"{m['python']}, {m['openssl']}; {m['nginx']}, {m['haproxy']}, {m['wrk']}  ")
     lines.append(f"Layout: {cfg['workers']} worker(s) per proxy on CPU {cfg['proxy_cpus']}; "
                  f"origin (nginx, 1 worker), load generator and driver on CPU "
-                 f"{cfg['load_cpus']}; wrk -t{cfg['threads']} -c{cfg['connections']}; "
+                 f"{cfg['load_cpus']}; wrk -t{cfg['threads']} -c{cfg['connections']}"
+                 + (f" paced to ~{cfg['rate']:,} req/s" if cfg.get("rate") else "") + "; "
                  f"{cfg.get('keepalive', KEEPALIVE_MIN)} idle upstream connections kept per "
                  "worker (forkproxy and nginx `keepalive`); "
                  f"{cfg['rounds']} interleaved rounds of {cfg['duration']:g} s per proxy "
@@ -1230,8 +1285,9 @@ def render_markdown(results: dict) -> str:
         lines.append("")
         lines += scenario_table(scn, data["summary"], data.get("skipped", {}))
         lines.append("")
-        if tracing_table(data["summary"]):
-            lines += tracing_table(data["summary"]) + [""]
+        traced = tracing_table(data["summary"], data.get("runs"))
+        if traced:
+            lines += traced + [""]
     idle = results.get("idle_pss_mib", {})
     if idle:
         lines.append("Idle PSS after start-up (all processes of each proxy, "
@@ -1474,6 +1530,10 @@ def parse_args(argv):
                    help="also run proxy.py (tiny and 1k scenarios; installed in a throwaway "
                         "venv)")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--rate", type=int, default=0, metavar="REQ_PER_S",
+                   help="pace wrk to about this many requests per second (keep-alive "
+                        "scenarios; default: as fast as it goes). With --tracing: the "
+                        "rows compared at the same rate")
     p.add_argument("--keepalive", type=int, default=None, metavar="N",
                    help="idle upstream connections each proxy keeps per worker (forkproxy's "
                         "keepalive, nginx's keepalive N; default: the most requests any "
@@ -1586,7 +1646,7 @@ def main_bench(argv: list[str], command: str) -> int:
         os.sched_setaffinity(0, set(env.load_cpus))
         env.lua = os.path.join(env.run, "report.lua")
         with open(env.lua, "w") as f:
-            f.write(WRK_LUA)
+            f.write(WRK_LUA + paced_lua(args.rate, args.connections))
         machine = machine_facts()
         log(f"scratch {env.run}; load CPUs {env.load_cpus}, proxy CPUs {env.proxy_cpus}; "
             f"load average {machine['loadavg']}")
@@ -1630,6 +1690,7 @@ def main_bench(argv: list[str], command: str) -> int:
             "config": {"workers": args.workers, "rounds": args.rounds,
                        "duration": args.duration, "warmup": args.warmup,
                        "connections": args.connections, "threads": args.threads,
+                       "rate": args.rate,
                        "keepalive": args.keepalive,
                        "load_cpus": cpu_list(env.load_cpus),
                        "proxy_cpus": cpu_list(env.proxy_cpus),
@@ -1660,6 +1721,7 @@ def main_bench(argv: list[str], command: str) -> int:
                     try:
                         res = measure(env, px, scn, args.duration)
                         res["waited_s"], res["load_before_pct"] = waited, load
+                        res["round"] = rnd
                     except RuntimeError as e:
                         failed[px.name] = _last_line(e)
                         log(f"  {px.name}: failed: {e}")
@@ -1683,8 +1745,9 @@ def main_bench(argv: list[str], command: str) -> int:
                                            "summary": summary, "skipped": skipped}
             print(f"\n#### {sname}: {scn.title}\n", file=sys.stderr)
             print("\n".join(scenario_table(scn, summary, skipped)), file=sys.stderr, flush=True)
-            if tracing_table(summary):
-                print("\n" + "\n".join(tracing_table(summary)), file=sys.stderr, flush=True)
+            if tracing_table(summary, runs):
+                print("\n" + "\n".join(tracing_table(summary, runs)), file=sys.stderr,
+                      flush=True)
         if env.otlp_count:  # the traced rows measured nothing if no span arrived
             try:
                 with open(env.otlp_count) as f:

@@ -23,6 +23,7 @@ COMPILED = [
     "forkproxy.manager.recordpass",
     "forkproxy.manager.jsonline",
     "forkproxy.shm.ringwalk",
+    "forkproxy.http2.fieldsink",
 ]
 
 

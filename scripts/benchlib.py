@@ -755,14 +755,22 @@ class ForkProxy(Proxy):
         self._launch(tls=False)
 
 
-def checkout(run: str, rev: str) -> str:
-    """The source tree of git revision ``rev`` in the scratch directory (for --ab)."""
-    dest = os.path.join(run, "ab-" + rev.replace("/", "-"))
+def checkout(run: str, rev: str, prefix: str = "ab-") -> str:
+    """The source tree of git revision ``rev`` in the scratch directory (for --ab), with
+    its compiled modules built (setup.py COMPILED, as the working tree has them; else
+    they would run as plain Python) unless FORKPROXY_PURE_PYTHON is set."""
+    dest = os.path.join(run, prefix + rev.replace("/", "-"))
     if not os.path.isdir(dest):
         os.makedirs(dest)
-        archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "forkproxy"],
+        archive = subprocess.run(["git", "-C", ROOT, "archive", rev, "forkproxy", "setup.py"],
                                  check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+        if not os.environ.get("FORKPROXY_PURE_PYTHON"):
+            built = subprocess.run([VENV_PY, "setup.py", "-q", "build_ext", "--inplace",
+                                    "-j", "2"], cwd=dest, capture_output=True, text=True)
+            if built.returncode != 0:
+                print(f"# {rev}: compiled modules not built, it runs as plain Python",
+                      file=sys.stderr)
     return dest
 
 

@@ -337,6 +337,32 @@ def test_hostile_translation_is_caught_by_forkproxy_too():
         assert info.value.status == 0, case_id
 
 
+def test_the_same_header_list_again_gives_the_same_request_as_a_new_object():
+    """build_request's memo: a list equal to the last one gives a Request equal in every
+    field to a fresh translation, and a new object whose lists are its own."""
+    from forkproxy.http.request import Request
+    from forkproxy.http2.translate import build_request
+
+    limits = Limits()
+    fields = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"ex.com"),
+              (b":path", b"/a?b"), (b"cookie", b"a=1"), (b"cookie", b"b=2"),
+              (b"content-length", b"5"), (b"x-forwarded-for", b"10.0.0.1"),
+              (b"traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"),
+              (b"content-type", b"application/grpc"), (b"expect", b"100-continue")]
+    first = build_request(list(fields), False, limits)
+    again = build_request(list(fields), False, limits)
+    assert again is not first and again.headers is not first.headers
+    assert {k: getattr(again, k) for k in Request.__slots__} == \
+        {k: getattr(first, k) for k in Request.__slots__}
+    again.headers.append((b"x", b"y"))
+    again.request_id = b"set by the worker"
+    third = build_request(list(fields), False, limits)
+    assert (b"x", b"y") not in third.headers and third.request_id == b""
+    # a different end_stream is a different translation (content-length without a body)
+    with pytest.raises(Exception, match="content-length without a body"):
+        build_request(list(fields), True, limits)
+
+
 # -- hostile corpus: connection level ----------------------------------------------------
 
 
@@ -413,6 +439,46 @@ def test_header_block_at_the_continuation_bound_is_answered_431(session):
     c.raw(frames)
     assert c.responses()[1][b":status"] == b"431" and c.requests() == []
     assert session.stream_errors == {"headers_too_large": 1} and session.failed is None
+
+
+def test_header_blocks_split_across_reads_of_two_connections_stay_apart():
+    """Fields are collected per session (in C when fieldsink is compiled): two
+    connections' header blocks, each in HEADERS + CONTINUATIONs and fed a
+    few bytes at a time, interleaved, give each connection its own request, with every
+    field. (One byte per read is not used: libnghttp2 1.52 then counts the block's
+    CONTINUATIONs as a flood, with or without forkproxy's sink.)"""
+    sessions = [ServerSession(Http2Limits(), Limits()) for _ in range(2)]
+    try:
+        clients = [RawClient(s) for s in sessions]
+        wires = [c.headers_frames(1, _req(path=b"/%d" % i, extra=[
+            (b"x-n", b"%d" % i), (b"x-long", b"v" * 300)]), continuations=2)
+            for i, c in enumerate(clients)]
+        for at in range(0, max(map(len, wires)), 3):
+            for s, wire in zip(sessions, wires, strict=True):
+                if at < len(wire):
+                    s.receive(wire[at:at + 3])
+        for i, c in enumerate(clients):
+            c.pump()
+            (req,) = c.requests()
+            assert (req.path, req.headers) == (b"/%d" % i, [(b"x-n", b"%d" % i),
+                                                            (b"x-long", b"v" * 300)])
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def test_oversized_trailers_are_refused_and_the_connection_serves_on(session):
+    c = RawClient(session)
+    sid = c.send(_req(method=b"POST"), end_stream=False)
+    c.conn.send_data(sid, b"abc")
+    c.conn.send_headers(sid, [(b"x-t%d" % i, b"v" * 1000) for i in range(40)],
+                        end_stream=True)
+    c.pump()
+    assert c.resets() == {sid: PROTOCOL_ERROR}
+    assert session.stream_errors == {"headers_too_large": 1}
+    nxt = c.send(_req(path=b"/next"))
+    c.pump()
+    assert c.kinds(nxt) == ["REQUEST", "END"]
 
 
 def test_bad_preface_closes_without_processing(session):

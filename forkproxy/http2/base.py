@@ -52,6 +52,10 @@ class SessionBase:
         self.failed: str | None = None  # why the connection is being torn down
         self._exc: BaseException | None = None
         self._handle = ffi.new_handle(self)  # alive as long as the C session
+        #: nghttp2's user_data: a pointer whose first member is the handle (the callbacks
+        #: below take it as ``void **``); the server's is its C field sink's struct
+        #: (forkproxy/http2/fieldsink.py), whose first member is the handle too
+        self._user_data = ffi.new("void *[1]", [self._handle])
         self._out_ptr = ffi.new("const uint8_t **")
         # the same pointer seen as char: bytes by one unpack (see _unpack)
         self._out_chars = ffi.cast("const char **", self._out_ptr)
@@ -59,6 +63,8 @@ class SessionBase:
 
     #: whether the session's ``_on_frame_send`` needs calling
     FRAME_SEND = True
+    #: the C on_header callback's address (fieldsink.header_callback), 0: the Python one
+    HEADER_CALLBACK = 0
 
     def _create(self, create) -> None:
         """The C session, made by ``create`` (nghttp2_session_server_new2 or
@@ -71,7 +77,8 @@ class SessionBase:
         try:
             self._set_options(lib, opt)
             sp = ffi.new("nghttp2_session **")
-            if create(sp, CALLBACKS.get(lib, self.FRAME_SEND), self._handle, opt) != 0:
+            table = CALLBACKS.get(lib, self.FRAME_SEND, self.HEADER_CALLBACK)
+            if create(sp, table, self._user_data, opt) != 0:
                 raise MemoryError("nghttp2 session")
         finally:
             lib.nghttp2_option_del(opt)
@@ -304,14 +311,14 @@ def _failure(exc, value, tb):
 # same ABI; the table entries are cast to nghttp2's types), so ``ffi.unpack`` makes the
 # bytes in one call: ``ffi.buffer(p, n)[:]`` made a buffer object and then the bytes,
 # ~0.85 against ~0.2 µs, twice per header field.
-_FRAME_CB = "int(nghttp2_session *, const nghttp2_frame *, void *)"
+_FRAME_CB = "int(nghttp2_session *, const nghttp2_frame *, void **)"
 _HEADER_CB = ("int(nghttp2_session *, const nghttp2_frame *, const char *, size_t,"
-              " const char *, size_t, uint8_t, void *)")
+              " const char *, size_t, uint8_t, void **)")
 
 
 @ffi.callback(_HEADER_CB, onerror=_failure)
 def _cb_header(s, frame, name, namelen, value, valuelen, flags, ud):
-    session = _from_handle(ud)
+    session = _from_handle(ud[0])
     try:
         return session._on_header(frame, name, namelen, value, valuelen)
     except BaseException as e:
@@ -320,7 +327,7 @@ def _cb_header(s, frame, name, namelen, value, valuelen, flags, ud):
 
 @ffi.callback(_HEADER_CB, onerror=_failure)
 def _cb_invalid_header(s, frame, name, namelen, value, valuelen, flags, ud):
-    session = _from_handle(ud)
+    session = _from_handle(ud[0])
     try:
         return session._on_invalid_header(frame)
     except BaseException as e:
@@ -329,7 +336,7 @@ def _cb_invalid_header(s, frame, name, namelen, value, valuelen, flags, ud):
 
 @ffi.callback(_FRAME_CB, onerror=_failure)
 def _cb_frame_recv(s, frame, ud):
-    session = _from_handle(ud)
+    session = _from_handle(ud[0])
     try:
         return session._on_frame_recv(frame)
     except BaseException as e:
@@ -338,26 +345,26 @@ def _cb_frame_recv(s, frame, ud):
 
 @ffi.callback(_FRAME_CB, onerror=_failure)
 def _cb_frame_send(s, frame, ud):
-    session = _from_handle(ud)
+    session = _from_handle(ud[0])
     try:
         return session._on_frame_send(frame)
     except BaseException as e:
         return session._store(e)
 
 
-@ffi.callback("int(nghttp2_session *, int32_t, uint32_t, void *)", onerror=_failure)
+@ffi.callback("int(nghttp2_session *, int32_t, uint32_t, void **)", onerror=_failure)
 def _cb_stream_close(s, sid, code, ud):
-    session = _from_handle(ud)
+    session = _from_handle(ud[0])
     try:
         return session._on_stream_close(sid, code)
     except BaseException as e:
         return session._store(e)
 
 
-@ffi.callback("int(nghttp2_session *, uint8_t, int32_t, const char *, size_t, void *)",
+@ffi.callback("int(nghttp2_session *, uint8_t, int32_t, const char *, size_t, void **)",
               onerror=_failure)
 def _cb_data_chunk(s, flags, sid, data, n, ud):
-    session = _from_handle(ud)
+    session = _from_handle(ud[0])
     try:
         return session._on_data(sid, data, n)
     except BaseException as e:
@@ -365,9 +372,9 @@ def _cb_data_chunk(s, flags, sid, data, n, ud):
 
 
 @ffi.callback("ssize_t(nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *,"
-              " nghttp2_data_source *, void *)", onerror=_failure)
+              " nghttp2_data_source *, void **)", onerror=_failure)
 def _cb_read_body(s, sid, buf, length, flags, source, ud):
-    session = _from_handle(ud)
+    session = _from_handle(ud[0])
     try:
         return session._read_body(sid, buf, length, flags)
     except BaseException as e:
@@ -380,31 +387,38 @@ class _Callbacks:
     per frame sent that the client has nothing to do in)."""
 
     def __init__(self):
-        self._tables: dict[bool, object] = {}
+        self._tables: dict[tuple[bool, int], object] = {}
         self.provider = None
 
-    def get(self, lib, frame_send: bool = True):
-        table = self._tables.get(frame_send)
+    def get(self, lib, frame_send: bool = True, header_callback: int = 0):
+        """The table; ``header_callback``: the address of a C on_header callback to
+        register instead of the Python one (0: the Python one)."""
+        key = (frame_send, header_callback)
+        table = self._tables.get(key)
         if table is None:
             if self.provider is None:
                 prd = ffi.new("nghttp2_data_provider *")
-                prd.read_callback = _cb_read_body
+                prd.read_callback = ffi.cast("nghttp2_data_source_read_callback",
+                                             _cb_read_body)
                 self.provider = prd
             p = ffi.new("nghttp2_session_callbacks **")
             if lib.nghttp2_session_callbacks_new(p) != 0:
                 raise MemoryError("nghttp2_session_callbacks_new")
             table = p[0]
             lib.nghttp2_session_callbacks_set_on_header_callback(
-                table, ffi.cast("nghttp2_on_header_callback", _cb_header))
+                table, ffi.cast("nghttp2_on_header_callback", header_callback or _cb_header))
             lib.nghttp2_session_callbacks_set_on_invalid_header_callback(
                 table, ffi.cast("nghttp2_on_invalid_header_callback", _cb_invalid_header))
-            lib.nghttp2_session_callbacks_set_on_frame_recv_callback(table, _cb_frame_recv)
+            lib.nghttp2_session_callbacks_set_on_frame_recv_callback(
+                table, ffi.cast("nghttp2_on_frame_recv_callback", _cb_frame_recv))
             if frame_send:
-                lib.nghttp2_session_callbacks_set_on_frame_send_callback(table, _cb_frame_send)
-            lib.nghttp2_session_callbacks_set_on_stream_close_callback(table, _cb_stream_close)
+                lib.nghttp2_session_callbacks_set_on_frame_send_callback(
+                    table, ffi.cast("nghttp2_on_frame_send_callback", _cb_frame_send))
+            lib.nghttp2_session_callbacks_set_on_stream_close_callback(
+                table, ffi.cast("nghttp2_on_stream_close_callback", _cb_stream_close))
             lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
                 table, ffi.cast("nghttp2_on_data_chunk_recv_callback", _cb_data_chunk))
-            self._tables[frame_send] = table  # never freed: nghttp2 copies it into each session
+            self._tables[key] = table  # never freed: nghttp2 copies it into each session
         return table
 
 

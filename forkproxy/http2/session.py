@@ -39,6 +39,7 @@ from forkproxy.http.request import Limits
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.base import CALLBACKS, OutStream, SessionBase
 from forkproxy.http2.base import nv as _nv
+from forkproxy.http2.fieldsink import header_callback, new_sink
 from forkproxy.http2.limits import Http2Limits, TokenBucket
 from forkproxy.http2.translate import StreamRefused, build_request, request_trailers
 
@@ -72,14 +73,10 @@ _CODE_NAME = {ng.PROTOCOL_ERROR: "protocol_error", ng.FLOW_CONTROL_ERROR: "flow_
 
 
 class _Stream(OutStream):
-    __slots__ = ("fields", "list_size", "oversize", "request", "received",
-                 "unconsumed", "responded", "refused", "ended")
+    __slots__ = ("request", "received", "unconsumed", "responded", "refused", "ended")
 
     def __init__(self, sid: int):
         super().__init__(sid)
-        self.fields: list[tuple[bytes, bytes]] = []
-        self.list_size = 0
-        self.oversize = False
         self.request = None
         self.received = 0  # body bytes received (checked against content-length)
         self.unconsumed = 0  # received, not yet given back to the window by consume()
@@ -91,12 +88,22 @@ class _Stream(OutStream):
 class ServerSession(SessionBase):
     """One HTTP/2 server connection (sans-IO). Call :meth:`close` when done."""
 
+    #: header fields are collected in C when fieldsink is compiled (one call into Python
+    #: per HEADERS frame instead of one per field)
+    HEADER_CALLBACK = header_callback()
+
     def __init__(self, limits: Http2Limits | None = None, request_limits: Limits | None = None,
                  clock=None):
         super().__init__()
         lib = self._lib
         self.limits = limits = limits or Http2Limits()
-        self._max_list_size = limits.max_header_list_size
+        #: the header block being received (forkproxy/http2/fieldsink.py); compiled, it
+        #: is nghttp2's user_data, its first member the handle
+        self._sink = sink = new_sink(limits.max_header_list_size)
+        if sink.address:
+            user_data = ffi.cast("void **", sink.address)
+            user_data[0] = self._handle
+            self._user_data = user_data
         self.request_limits = request_limits or Limits()
         self._body_limit = self.request_limits.body_size
         #: the client answered the PING sent with the first GOAWAY: every stream it
@@ -193,17 +200,17 @@ class ServerSession(SessionBase):
         else:
             self.reset(stream.sid, ng.PROTOCOL_ERROR)
 
-    def _headers_done(self, frame, stream: _Stream) -> None:
+    def _headers_done(self, frame, stream: _Stream, fields) -> None:
+        """A header block received: ``fields`` its list, None if it passed the header
+        list size limit."""
         end_stream = bool(frame.hd.flags & _END_STREAM)
         if stream.request is not None or stream.refused:  # trailers (nghttp2 checked
-            fields, stream.fields = stream.fields, []  # they end the stream)
-            if stream.oversize and not stream.refused:
+            if fields is None and not stream.refused:  # that they end the stream)
                 self._refuse(stream, StreamRefused("headers_too_large", 0, "trailers too large"))
             elif end_stream:
                 self._end(stream, fields)
             return
-        fields, stream.fields = stream.fields, []
-        if stream.oversize:
+        if fields is None:
             self._refuse(stream, StreamRefused("headers_too_large", 431, "header list too large"))
             return
         try:
@@ -212,7 +219,6 @@ class ServerSession(SessionBase):
             self._refuse(stream, err)
             return
         stream.request = req
-        stream.list_size = 0  # trailers, if any, have a header list budget of their own
         self.events.append((REQUEST, stream.sid, req))
         if end_stream:
             stream.ended = True
@@ -261,24 +267,20 @@ class ServerSession(SessionBase):
     # -- callbacks (called by nghttp2 during receive/data_to_send) -----------------------
 
     def _on_header(self, frame, name, namelen, value, valuelen) -> int:
-        sid = frame.hd.stream_id
-        stream = self.streams.get(sid)
-        if stream is None:
-            if frame.headers.cat != _HCAT_REQUEST:
-                return 0
-            stream = self.streams[sid] = _Stream(sid)
-        elif stream.oversize:
-            return 0
-        size = stream.list_size = stream.list_size + namelen + valuelen + 32  # RFC 9113 6.5.2
-        if size > self._max_list_size:
-            stream.oversize = True
-            stream.fields = []
-            return 0
-        stream.fields.append((_unpack(name, namelen), _unpack(value, valuelen)))
+        """Plain Python only: compiled, fieldsink's C callback collects the fields."""
+        self._sink.add(frame.hd.stream_id, _unpack(name, namelen), _unpack(value, valuelen))
         return 0
 
+    def _new_stream(self, frame):
+        """The stream a request's header block opens (None: not a request's block)."""
+        if frame.headers.cat != _HCAT_REQUEST:
+            return None
+        sid = frame.hd.stream_id
+        stream = self.streams[sid] = _Stream(sid)
+        return stream
+
     def _on_invalid_header(self, frame) -> int:
-        stream = self.streams.get(frame.hd.stream_id)
+        stream = self.streams.get(frame.hd.stream_id) or self._new_stream(frame)
         if stream is not None and not stream.refused:
             stream.refused = True
             self._count("invalid_field")
@@ -296,9 +298,10 @@ class ServerSession(SessionBase):
             elif hd.length == 0 and not self._control.take():
                 return self._flood(ng.DATA)
         elif kind == _HEADERS_FRAME:
-            stream = self.streams.get(hd.stream_id)
+            fields = self._sink.take(hd.stream_id)
+            stream = self.streams.get(hd.stream_id) or self._new_stream(frame)
             if stream is not None:
-                self._headers_done(frame, stream)
+                self._headers_done(frame, stream, fields)
         elif kind == ng.RST_STREAM:
             self._reset_budget()
             if self._violation is not None:

@@ -18,7 +18,7 @@ from gevent import socket
 from forkproxy.tls.openssl import OpenSSLError, has_pending_function, ssl_pointer
 from forkproxy.worker.front import ClientGone
 from forkproxy.worker.readiness import ReadWatch
-from forkproxy.worker.sockio import recv_waiting, send_all
+from forkproxy.worker.sockio import close_plain, recv_waiting, send_all
 from forkproxy.worker.tls import close_notify, tls_handshake
 
 _timeout = socket.timeout
@@ -182,7 +182,7 @@ class ClientConnection:
         if self.linger:
             self._linger()
         try:
-            sock.close()
+            close_plain(sock)
         except OSError:
             pass
 

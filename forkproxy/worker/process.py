@@ -30,6 +30,7 @@ from forkproxy.worker.front import Deadline
 from forkproxy.worker.heap import HeapTrimmer, settle_heap
 from forkproxy.worker.http1 import Http1Connection
 from forkproxy.worker.http2 import PREFACE, Http2Connection
+from forkproxy.worker.sockio import nodelay_for_accepted
 from forkproxy.worker.state import ListenerRuntime, WorkerState
 
 #: how often connection deadlines are checked (timeouts are this coarse)
@@ -191,6 +192,7 @@ class Worker:
     def accept_loop(self, lsock, lr: ListenerRuntime) -> None:
         ws = self.ws
         gsock = socket.socket(fileno=os.dup(lsock.fileno()))
+        nodelay_for_accepted(gsock)
         backoff = 0.0
         graceful = self.graceful
         try:
@@ -212,10 +214,6 @@ class Worker:
                         return
                     continue
                 backoff = 0.0
-                try:
-                    sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
                 # registered before its greenlet runs: a drain that starts in between
                 # still waits for it instead of exiting with the socket unserved
                 conn = Http1Connection(ws, lr, sock, addr, time.monotonic())

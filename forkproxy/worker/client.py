@@ -100,7 +100,15 @@ class ClientConnection:
                 return sock.recv_into(buf)
             if self.raw is not None:
                 watch = self.rwatch
-                return recv_waiting(watch if watch is not None else self._watch(), sock, buf)
+                if watch is None:
+                    # a new connection (or a parked one that became readable): its first
+                    # request is nearly always there already, so read before making and
+                    # arming the watcher (an fcntl, an epoll_ctl and a loop turn)
+                    try:
+                        return self.raw.recv_into(buf)
+                    except BlockingIOError:
+                        watch = self._watch()
+                return recv_waiting(watch, sock, buf)
             if self.sslobj is not None:
                 return self._tls_read_waiting(buf)
             return sock.recv_into(buf)

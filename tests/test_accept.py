@@ -67,6 +67,7 @@ from gevent import socket
 from forkproxy import config
 from forkproxy.shm.ring import Ring
 from forkproxy.worker.process import Worker, WorkerSpec
+from forkproxy.worker.runners import Runners
 from forkproxy.worker.state import ListenerRuntime, WorkerState
 
 def listen():
@@ -98,6 +99,7 @@ spec = WorkerSpec(cfg=cfg, slot=0, index=0, generation=1, cpu=None, sockets=[], 
                   lifeline_fd=-1, ring=ring)
 worker = Worker(spec)
 worker.hub = gevent.get_hub()
+worker.runners = Runners(worker.hub)
 worker.ws = ws = WorkerState(spec, worker.hub, worker.unpark)
 front = listen()
 gevent.spawn(worker.accept_loop, front, ListenerRuntime("t", ws.upstreams["app"], b"http"))

@@ -10,6 +10,7 @@ import sys
 import gevent
 from gevent import socket
 
+from forkproxy.worker.runners import Runners
 from forkproxy.worker.sockio import close_plain, nodelay_for_accepted
 
 
@@ -134,3 +135,40 @@ def test_a_closed_connection_is_freed_without_the_collector():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0"]
+
+
+def test_runners_reuse_their_greenlets_and_keep_only_so_many():
+    hub = gevent.get_hub()
+    runners = Runners(hub, kept=2)
+    seen = []
+
+    def serve(conn):
+        seen.append((conn, gevent.getcurrent()))
+        gevent.sleep(0.001 * conn)  # a blocking step: the runners overlap
+
+    for conn in range(3):  # three at once: three greenlets
+        runners.run(serve, conn)
+    gevent.sleep(0.05)
+    first = {g for _, g in seen}
+    assert len(first) == 3 and len(runners.idle) == 2  # the third ended: 2 kept
+    seen.clear()
+    runners.run(serve, 10)
+    runners.run(serve, 11)
+    gevent.sleep(0.05)
+    assert [c for c, _ in seen] == [10, 11]
+    assert {g for _, g in seen} <= first  # served by waiting runners, none spawned
+    waiting = list(runners.idle)
+    runners.clear()
+    gevent.sleep(0.01)
+    assert runners.idle == [] and all(g.dead for g in waiting)
+
+
+def test_a_runner_thrown_into_while_waiting_ends_and_is_not_reused():
+    hub = gevent.get_hub()
+    runners = Runners(hub)
+    runners.run(lambda conn: None, 1)
+    gevent.sleep(0.01)
+    (g,) = runners.idle
+    hub.loop.run_callback(g.throw, RuntimeError("stray"))
+    gevent.sleep(0.01)
+    assert g.dead and runners.idle == []

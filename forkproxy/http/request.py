@@ -83,6 +83,7 @@ TWO_TRACEPARENTS = b"-"
 #: keep-alive connection (and a load generator) sends the same head again and again: a
 #: bytes compare instead of the regex and the field loop. Per process (one thread).
 _last_request: list = [b"", None, None]
+_new_request = object.__new__
 
 
 class Limits:
@@ -266,14 +267,17 @@ class RequestParser:
         head = bytes(data)
         last = _last_request
         if head == last[0] and limits is last[1]:  # the same bytes as the last fast head
-            req = Request()
+            # every field stored once (Request() would store its defaults first)
+            req = _new_request(Request)
             (req.method, req.target, req.path, req.version, headers, req.host, req.keep_alive,
              req.request_id, req.forwarded_for, connection, req.header_bytes, req.traceparent,
              req.tracestate) = last[2]
-            if headers:
-                req.headers = headers.copy()
-            if connection:
-                req.connection = connection.copy()
+            req.headers = headers.copy()
+            req.connection = connection.copy()
+            req.content_length = None
+            req.chunked = req.expect_continue = req.has_body = False
+            req.upgrade = req.grpc = b""
+            req.trace = NO_TRACE
             return self._emit_fast(req)
         m = _SIMPLE_REQUEST_RE.fullmatch(head)
         if m is None:

@@ -173,7 +173,9 @@ class RequestParser:
         self._parser = None  # llhttp, made the first time the fast path declines a head
         self._req: Request | None = None
         self._emitted = False  # _req went out as a HEAD event (it is not "current")
-        self._in_head = False
+        #: inside a request head (its first bytes came, its end did not): a plain
+        #: attribute, read by the connection before every wait
+        self.in_head = False
         self._in_body = False  # between the head and the end of a chunked message
         self._began = False  # a message began during the current feed()
         self._cur = 0  # events the message being parsed queued during this feed()
@@ -240,7 +242,7 @@ class RequestParser:
             self._fail(_classify(e))
             return
         limits = self.limits
-        if self._in_head:
+        if self.in_head:
             # a head spread over several reads: httptools buffers the unfinished field,
             # which no callback has counted yet. A head that began in this read is at
             # most one recv buffer; after that every byte read belongs to the head.
@@ -356,11 +358,8 @@ class RequestParser:
         self._cur = 0
         events.append((ERROR, err))
         self.failed = err
-        self._in_head = self._in_body = False
+        self.in_head = self._in_body = False
 
-    @property
-    def in_head(self) -> bool:
-        return self._in_head
 
     @staticmethod
     def _tunnelable(req: Request) -> bool:
@@ -387,7 +386,7 @@ class RequestParser:
         self._boundary = False
         self._req = Request()
         self._emitted = False
-        self._in_head = True
+        self.in_head = True
         self._began = True
         self._cur = 0
         self._head_bytes = 0
@@ -412,7 +411,7 @@ class RequestParser:
             raise HTTPError(431, "header line too large")
         if BAD_VALUE_RE.search(value) or not TOKEN_RE.match(name):
             raise HTTPError(400, "invalid character in header")
-        if not self._in_head:
+        if not self.in_head:
             # a trailer field (after the last chunk): checked, counted, never forwarded
             self._trailer_bytes += size + 4
             if self._trailer_bytes > limits.header_size:
@@ -484,7 +483,7 @@ class RequestParser:
         version = req.version = p.get_http_version()
         req.keep_alive = p.should_keep_alive()
         req.has_body = req.chunked or bool(req.content_length)
-        self._in_head = False
+        self.in_head = False
         if req.method == "CONNECT":
             raise HTTPError(501, "CONNECT not supported", kind="upgrade")
         if version != "1.1" and version != "1.0":

@@ -161,6 +161,22 @@ def _classify(e: Exception) -> HTTPError:
     return HTTPError(400, f"bad request: {msg}")
 
 
+def _remembered_request(fields: tuple) -> Request:
+    """The request of the head the fast path took last (``_last_request``), every field
+    stored once (Request() would store its defaults first)."""
+    req = _new_request(Request)
+    (req.method, req.target, req.path, req.version, headers, req.host, req.keep_alive,
+     req.request_id, req.forwarded_for, connection, req.header_bytes, req.traceparent,
+     req.tracestate) = fields
+    req.headers = headers.copy()
+    req.connection = connection.copy()
+    req.content_length = None
+    req.chunked = req.expect_continue = req.has_body = False
+    req.upgrade = req.grpc = b""
+    req.trace = NO_TRACE
+    return req
+
+
 class RequestParser:
     """Feed bytes with feed(); pop events from .events.
 
@@ -269,18 +285,7 @@ class RequestParser:
         head = bytes(data)
         last = _last_request
         if head == last[0] and limits is last[1]:  # the same bytes as the last fast head
-            # every field stored once (Request() would store its defaults first)
-            req = _new_request(Request)
-            (req.method, req.target, req.path, req.version, headers, req.host, req.keep_alive,
-             req.request_id, req.forwarded_for, connection, req.header_bytes, req.traceparent,
-             req.tracestate) = last[2]
-            req.headers = headers.copy()
-            req.connection = connection.copy()
-            req.content_length = None
-            req.chunked = req.expect_continue = req.has_body = False
-            req.upgrade = req.grpc = b""
-            req.trace = NO_TRACE
-            return self._emit_fast(req)
+            return self._emit_fast(_remembered_request(last[2]))
         m = _SIMPLE_REQUEST_RE.fullmatch(head)
         if m is None:
             return False

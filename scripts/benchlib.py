@@ -772,8 +772,28 @@ def copy_compiled(dest: str) -> list[str]:
     return copied
 
 
+#: nginx's access log when forkproxy's is on too (``nginx+log``): the fields of forkproxy's
+#: ``json`` line that nginx has, one JSON object per request, written through a 64 KiB
+#: buffer flushed every second (forkproxy's manager also writes whole batches of lines)
+NGINX_JSON_LOG = (
+    "log_format fp_json escape=json '{\"ts\":\"$time_iso8601\",\"request_id\":\"$request_id\","
+    "\"remote\":\"$remote_addr\",\"method\":\"$request_method\",\"path\":\"$request_uri\","
+    "\"status\":$status,\"bytes_in\":$request_length,\"bytes_out\":$bytes_sent,"
+    "\"upstream_addr\":\"$upstream_addr\",\"request_time\":$request_time,"
+    "\"upstream_connect\":\"$upstream_connect_time\",\"upstream_header\":"
+    "\"$upstream_header_time\",\"upstream_response\":\"$upstream_response_time\"}';\n"
+    "    access_log {path} fp_json buffer=64k flush=1s;")
+
+
 class NginxProxy(Proxy):
     name = "nginx"
+
+    def __init__(self, env: Env, access_log: bool = False):
+        super().__init__(env)
+        self.access_log = access_log
+        if access_log:
+            self.name = "nginx+log"
+        self.tag = self.name.replace("+", "-")
 
     def start(self) -> None:
         env = self.env
@@ -789,8 +809,22 @@ class NginxProxy(Proxy):
             "TLS_PORT": self.tls_port, "WORKERS": env.workers, "CPUS": " ".join(masks),
             "UP_TLS_PORT": self.up_tls_port, "ORIGIN_TLS_PORT": env.origin_tls_port,
             "GRPC_PORT": self.grpc_port, "ORIGIN_GRPC_PORT": env.origin_grpc_port,
-            "CERT": env.cert, "KEY": env.key, "KEEPALIVE": env.keepalive}, os.path.join(env.run, "nginx-proxy.conf"))
-        errlog = os.path.join(env.run, "nginx-proxy-startup.log")
+            "CERT": env.cert, "KEY": env.key, "KEEPALIVE": env.keepalive},
+            os.path.join(env.run, f"{self.tag}-proxy.conf"))
+        if self.tag != "nginx":  # a second nginx in the run: its own pid, logs, temp paths
+            with open(conf) as f:
+                text = f.read()
+            text = text.replace("/nginx-proxy", f"/{self.tag}-proxy").replace(
+                "/np_", f"/{self.tag}_")
+            if self.access_log:
+                line = "    access_log off;\n"
+                if line not in text:
+                    raise RuntimeError("nginx-proxy.conf: access_log line not found")
+                path = os.path.join(env.run, f"{self.tag}-access.log")
+                text = text.replace(line, "    " + NGINX_JSON_LOG.replace("{path}", path) + "\n", 1)
+            with open(conf, "w") as f:
+                f.write(text)
+        errlog = os.path.join(env.run, f"{self.tag}-proxy-startup.log")
         self.proc = env.procs.start(
             self.name, [*env.taskset(env.proxy_cpus), "nginx", "-p", env.run + "/", "-e",
                         errlog, "-c", conf, "-g", "daemon off;"], log_path=errlog)
@@ -1132,6 +1166,7 @@ def scenario_table(scn: Scenario, summary: dict[str, dict], skipped: dict[str, s
             f" | {_ms(s['p50_ms'])} | {_ms(s['p99_ms'])} | {_num(s['cpu_us'], 1)}"
             f" | {_num(s['sys_us'], 1)} | {_num(s['pss_mib'], 1)} | {_num(s['other_cpu_pct'])} |")
     pairs = [("forkproxy", "nginx"), ("forkproxy", "haproxy"), ("forkproxy+log", "forkproxy"),
+             ("forkproxy+log", "nginx+log"), ("nginx+log", "nginx"),
              ("forkproxy", "proxy.py")]
     for a, b in pairs:
         if a in summary and b in summary:
@@ -1448,7 +1483,9 @@ def parse_args(argv):
                         "sample_ratio 0.01 and 1 (rows forkproxy+trace0.01, "
                         "forkproxy+trace1) and print the manager's CPU per request")
     p.add_argument("--access-log", action="store_true",
-                   help="also run forkproxy with its access log on (row forkproxy+log)")
+                   help="also run forkproxy and nginx with their access logs on (rows "
+                        "forkproxy+log and, when nginx runs, nginx+log: JSON lines, "
+                        "buffered 64 KiB / 1 s)")
     p.add_argument("--proxypy", action="store_true",
                    help="also run proxy.py (tiny and 1k scenarios; installed in a throwaway "
                         "venv)")
@@ -1492,6 +1529,8 @@ def parse_args(argv):
     if args.access_log and "forkproxy+log" not in proxies:
         proxies.insert(proxies.index("forkproxy") + 1 if "forkproxy" in proxies else 0,
                        "forkproxy+log")
+    if args.access_log and "nginx" in proxies and "nginx+log" not in proxies:
+        proxies.insert(proxies.index("nginx") + 1, "nginx+log")
     if args.tracing:
         at = proxies.index("forkproxy") + 1 if "forkproxy" in proxies else 0
         if "forkproxy" not in proxies:
@@ -1507,7 +1546,7 @@ def parse_args(argv):
     for name in proxies:
         if name.startswith("forkproxy@"):
             continue
-        if name not in ("forkproxy", "forkproxy+log", "nginx", "haproxy", "proxy.py",
+        if name not in ("forkproxy", "forkproxy+log", "nginx", "nginx+log", "haproxy", "proxy.py",
                         "forkproxy+trace0.01", "forkproxy+trace1"):
             p.error(f"unknown proxy {name!r}")
     args.proxies = proxies
@@ -1581,7 +1620,9 @@ def main_bench(argv: list[str], command: str) -> int:
                       "forkproxy+log": lambda: ForkProxy(env, True),
                       "forkproxy+trace0.01": lambda: ForkProxy(env, trace_ratio=0.01),
                       "forkproxy+trace1": lambda: ForkProxy(env, trace_ratio=1.0),
-                      "nginx": lambda: NginxProxy(env), "haproxy": lambda: HAProxy(env),
+                      "nginx": lambda: NginxProxy(env),
+                      "nginx+log": lambda: NginxProxy(env, True),
+                      "haproxy": lambda: HAProxy(env),
                       "proxy.py": lambda: ProxyPy(env)}[name]()
             try:
                 px.start()

@@ -23,7 +23,12 @@ The link: netem through pyroute2 where the kernel has ``sch_netem`` (the client 
 a network namespace behind a veth pair with ``delay`` and ``loss`` on both ends, a
 zero-delay relay on the host side bridges to the proxy's loopback listener), otherwise
 scripts/delayrelay.py (a userspace relay with the same delay, and its loss model: see
-its docstring). Each figure says which produced it.
+its docstring). Each figure says which produced it. The proxies reach the origin through
+the same delay (``--origin-delay-ms``, by default ``--delay-ms``; a delay relay in front of
+the origin), as when one netem qdisc on the loopback shapes every packet of the host:
+a proxy then pays an upstream round trip per request, one after another for a pipeline
+and concurrently for HTTP/2 streams. ``--origin-delay-ms 0`` leaves the origin on
+loopback.
 
 Rounds interleave every (link, mode, proxy) run; each cell is the median over rounds.
 """
@@ -50,9 +55,11 @@ from benchlib import (
     ensure_tools,
     ensure_venv,
     free_port,
+    http_get,
     log,
     machine_facts,
     tree,
+    wait_ready,
 )
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -79,6 +86,9 @@ def parse_args(argv):
     p.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     p.add_argument("--loaders", type=int, default=4, help="concurrent page loaders")
     p.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay (RTT = 2x)")
+    p.add_argument("--origin-delay-ms", type=float, default=None,
+                   help="one-way delay between the proxy and the origin (default: --delay-ms, "
+                        "as one netem qdisc on the host's loopback shapes both legs; 0: none)")
     p.add_argument("--loss", default="0,0.01",
                    help="comma-separated loss probabilities, one link each (default 0,0.01)")
     p.add_argument("--rto-ms", type=float, default=200.0,
@@ -97,6 +107,8 @@ def parse_args(argv):
     if args.quick:
         args.rounds, args.duration, args.loss = 1, 2.0, "0"
     args.losses = [float(x) for x in args.loss.split(",")]
+    if args.origin_delay_ms is None:
+        args.origin_delay_ms = args.delay_ms
     args.modes = args.modes.split(",")
     for m in args.modes:
         if m not in MODES:
@@ -202,6 +214,28 @@ class NetemLink:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             netns.remove(self.name)  # removes the veth pair and its qdiscs
+
+
+def delay_origin(env: Env, procs: Procs, args) -> str:
+    """Put the slow link between the proxies and the origin too: a delay relay in front of
+    the origin's port, which the proxies are then configured with. Returns its description.
+
+    The design's figures come from a link that delays every packet of the host, the
+    proxy's upstream round trips included (netem on the loopback shapes both legs). That
+    is where pipelining loses: a proxy answers pipelined requests one after another, so a
+    page of ten costs ten upstream round trips in a pipeline, and one with ten concurrent
+    streams. No loss on this leg.
+    """
+    if not args.origin_delay_ms:
+        return "the origin on loopback, no delay between the proxies and the origin"
+    port = free_port()
+    cmd = [*env.taskset(env.load_cpus), VENV_PY, RELAY, "--listen", f"127.0.0.1:{port}",
+           "--to", f"127.0.0.1:{env.origin_port}", "--delay-ms", str(args.origin_delay_ms)]
+    relay = procs.start("origin-relay", cmd, log_path=os.path.join(env.run, "origin-relay.log"))
+    wait_ready(lambda: http_get(port, PATH) == (200, 2048), relay, 10, "the origin's relay")
+    env.origin_port = port
+    return (f"the origin behind a userspace delay relay, {args.origin_delay_ms:g} ms each way "
+            "between the proxies and the origin (no loss on that leg)")
 
 
 def wait_link(link, timeout: float = 10.0) -> None:
@@ -342,6 +376,8 @@ def run(args, env: Env, procs: Procs, command: str) -> dict:
     link_cls = NetemLink if not why and args.link != "relay" else RelayLink
     log(f"link: {link_cls.kind}" + (f" (netem unavailable: {why})" if why else ""))
     env.start_origin()
+    origin_leg = delay_origin(env, procs, args)
+    log(f"origin leg: {origin_leg}")
     proxies = start_proxies(env, args.proxies)
     links = []
     for loss in args.losses:
@@ -350,7 +386,7 @@ def run(args, env: Env, procs: Procs, command: str) -> dict:
             wait_link(lk)
         links.append({"loss": loss, "per": per, "runs": {}})
     results = {"command": command, "machine": machine, "netem_unavailable": why,
-               "link_kind": link_cls.kind, "modes": args.modes,
+               "link_kind": link_cls.kind, "origin_leg": origin_leg, "modes": args.modes,
                "proxies": [px.name for px in proxies], "loaders": args.loaders,
                "rounds": args.rounds, "duration_s": args.duration, "links": [],
                "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -406,7 +442,8 @@ def main(argv: list[str], command: str) -> int:
     md = (f"`{command}`: {results['loaders']} page loaders, {results['rounds']} interleaved "
           f"rounds of {results['duration_s']:g} s per cell (medians), load CPUs "
           f"{results['load_cpus']}, proxy CPUs {results['proxy_cpus']}; load average "
-          f"{results['loadavg_before']} before, {results['loadavg_after']} after.\n"
+          f"{results['loadavg_before']} before, {results['loadavg_after']} after; "
+          f"{results['origin_leg']}.\n"
           + render(results))
     print(md)
     if args.json:

@@ -840,6 +840,13 @@ def uses_dns(cfg: Config) -> bool:
     return any(s.resolve for up in cfg.upstream.values() for s in up.servers)
 
 
+def uses_http2(cfg: Config) -> bool:
+    """True when a listener may serve HTTP/2 (h2 or h2c; a TLS listener offers h2 by
+    default) or an upstream speaks it (gRPC health checks need that too)."""
+    return (any({"h2", "h2c"} & set(listener_protocols(lcfg)) for lcfg in cfg.listener)
+            or any(up.protocol != "http/1.1" for up in cfg.upstream.values()))
+
+
 def _validate_resolver(cfg: Config, check_files: bool) -> list[str]:
     problems = []
     res = cfg.resolver

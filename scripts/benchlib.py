@@ -36,6 +36,7 @@ import signal
 import socket
 import ssl
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -258,6 +259,24 @@ def cpu_delta(before: dict, after: dict) -> tuple[float, float, list[str]]:
         if key not in after:
             notes.append(f"process {key[0]} exited during the run")
     return ticks / CLK_TCK, sys_ticks / CLK_TCK, notes
+
+
+def sched_ns(pids) -> dict[tuple[int, int], int]:
+    """{(pid, starttime): CPU nanoseconds of all its threads} from /proc/PID/task/*/schedstat
+    (the scheduler's own count: /proc/PID/stat's 10 ms ticks are too coarse for the
+    manager's few µs per request)."""
+    out = {}
+    for pid in pids:
+        st = read_stat(pid)
+        if st is None:
+            continue
+        ns = 0
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    ns += int(f.read().split()[0])
+        out[(pid, st[2])] = ns
+    return out
 
 
 def pss_kib(pids) -> int:
@@ -915,6 +934,18 @@ class ProxyPy(Proxy):
 # -- measuring -----------------------------------------------------------------------------
 
 
+def paced_lua(rate: int, connections: int) -> str:
+    """wrk's ``delay`` hook for --rate: each connection waits connections/rate seconds
+    after a response before its next request, so every proxy is offered about ``rate``
+    requests per second (a little less: the wait comes on top of the response time). The
+    same rate for every row keeps the manager's costs per wake-up (one per 10 ms batch,
+    whatever the rate) the same share of each request, so that rows differ by their own
+    work only."""
+    if not rate:
+        return ""
+    return f"delay = function() return {max(1, round(1000 * connections / rate))} end\n"
+
+
 def load_cmd(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> list[str]:
     args = env.args
     port = (proxy.tls_port if scn.tls else proxy.up_tls_port if scn.upstream_tls
@@ -1025,7 +1056,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     pids = proxy.pids()
     origin = env.origin_pids()
     p_before = cpu_snapshot(pids)
-    m_before = cpu_snapshot(manager_pids(pids))
+    m_before = sched_ns(manager_pids(pids))
     o_before = cpu_snapshot(origin)
     c_before = children_cpu()
     busy_before = busy_ticks()
@@ -1048,7 +1079,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     busy_after = busy_ticks()
     gen_cpu = children_cpu() - c_before
     p_after = cpu_snapshot(proxy.pids())
-    m_after = cpu_snapshot(manager_pids(proxy.pids()))
+    m_after = sched_ns(manager_pids(proxy.pids()))
     o_after = cpu_snapshot(env.origin_pids())
     out = out.decode(errors="replace")
     if gen.returncode != 0:
@@ -1062,7 +1093,8 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     else:
         res = parse_wrk(out)
     proxy_cpu, proxy_sys, notes = cpu_delta(p_before, p_after)
-    manager_cpu, _, _ = cpu_delta(m_before, m_after)
+    # a shard that appeared during the run counts whole, one that vanished not at all
+    manager_cpu = sum(ns - m_before.get(key, 0) for key, ns in m_after.items()) / 1e9
     origin_cpu, _, _ = cpu_delta(o_before, o_after)
     total = (busy_after - busy_before) / CLK_TCK
     other = max(0.0, total - proxy_cpu - origin_cpu - gen_cpu)
@@ -1089,19 +1121,42 @@ def manager_pids(pids) -> list[int]:
     return [p for p in pids if _comm(p).startswith(("fp-manager", "fp-collector"))]
 
 
-def tracing_table(summary: dict[str, dict]) -> list[str]:
+def tracing_table(summary: dict[str, dict], runs: dict[str, list] | None = None) -> list[str]:
     """The manager's CPU per request with tracing off, at 1% and at 100% (--tracing):
-    the rows forkproxy, forkproxy+trace0.01, forkproxy+trace1 of one scenario."""
+    the rows forkproxy, forkproxy+trace0.01, forkproxy+trace1 of one scenario. With the
+    runs, "added" is the median of each round's difference from the tracing-off run of
+    the same round (the rounds are interleaved: the pairs saw the same load), with its
+    range; a difference of medians moves more with the machine's load."""
     off = summary.get("forkproxy", {}).get("manager_us")
     if off is None:
         return []
-    lines = ["| forkproxy manager (+ collector shards) | CPU µs/req | added by tracing |",
-             "|---|---:|---:|", f"| tracing off | {off:.2f} | |"]
+    lines = ["| forkproxy manager (+ collector shards) | CPU µs/req | added by tracing "
+             "(median of the rounds' differences) | rounds' differences |",
+             "|---|---:|---:|---|", f"| tracing off | {off:.2f} | | |"]
     for ratio in ("0.01", "1"):
-        us = summary.get(f"forkproxy+trace{ratio}", {}).get("manager_us")
-        if us is not None:
-            lines.append(f"| sample_ratio = {ratio} | {us:.2f} | **{us - off:+.2f}** |")
+        name = f"forkproxy+trace{ratio}"
+        us = summary.get(name, {}).get("manager_us")
+        if us is None:
+            continue
+        diffs = paired_differences(runs or {}, name)
+        if diffs:
+            lines.append(f"| sample_ratio = {ratio} | {us:.2f} | "
+                         f"**{statistics.median(diffs):+.2f}** | "
+                         f"{', '.join(f'{d:+.2f}' for d in diffs)} |")
+        else:
+            lines.append(f"| sample_ratio = {ratio} | {us:.2f} | **{us - off:+.2f}** | |")
     return lines if len(lines) > 3 else []
+
+
+def paired_differences(runs: dict[str, list], name: str) -> list[float]:
+    """Each round's manager µs/request of ``name`` minus the tracing-off run's."""
+    base = {r.get("round"): r.get("manager_us") for r in runs.get("forkproxy", [])}
+    out = []
+    for r in runs.get(name, []):
+        a, b = base.get(r.get("round")), r.get("manager_us")
+        if a is not None and b is not None:
+            out.append(b - a)
+    return out
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -1224,7 +1279,8 @@ def render_markdown(results: dict) -> str:
                  f"{m['python']}, {m['openssl']}; {m['nginx']}, {m['haproxy']}, {m['wrk']}  ")
     lines.append(f"Layout: {cfg['workers']} worker(s) per proxy on CPU {cfg['proxy_cpus']}; "
                  f"origin (nginx, 1 worker), load generator and driver on CPU "
-                 f"{cfg['load_cpus']}; wrk -t{cfg['threads']} -c{cfg['connections']}; "
+                 f"{cfg['load_cpus']}; wrk -t{cfg['threads']} -c{cfg['connections']}"
+                 + (f" paced to ~{cfg['rate']:,} req/s" if cfg.get("rate") else "") + "; "
                  f"{cfg.get('keepalive', KEEPALIVE_MIN)} idle upstream connections kept per "
                  "worker (forkproxy and nginx `keepalive`); "
                  f"{cfg['rounds']} interleaved rounds of {cfg['duration']:g} s per proxy "
@@ -1246,8 +1302,9 @@ def render_markdown(results: dict) -> str:
         lines.append("")
         lines += scenario_table(scn, data["summary"], data.get("skipped", {}))
         lines.append("")
-        if tracing_table(data["summary"]):
-            lines += tracing_table(data["summary"]) + [""]
+        traced = tracing_table(data["summary"], data.get("runs"))
+        if traced:
+            lines += traced + [""]
     idle = results.get("idle_pss_mib", {})
     if idle:
         lines.append("Idle PSS after start-up (all processes of each proxy, "
@@ -1490,6 +1547,10 @@ def parse_args(argv):
                    help="also run proxy.py (tiny and 1k scenarios; installed in a throwaway "
                         "venv)")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--rate", type=int, default=0, metavar="REQ_PER_S",
+                   help="pace wrk to about this many requests per second (keep-alive "
+                        "scenarios; default: as fast as it goes). With --tracing: the "
+                        "rows compared at the same rate")
     p.add_argument("--keepalive", type=int, default=None, metavar="N",
                    help="idle upstream connections each proxy keeps per worker (forkproxy's "
                         "keepalive, nginx's keepalive N; default: the most requests any "
@@ -1602,7 +1663,7 @@ def main_bench(argv: list[str], command: str) -> int:
         os.sched_setaffinity(0, set(env.load_cpus))
         env.lua = os.path.join(env.run, "report.lua")
         with open(env.lua, "w") as f:
-            f.write(WRK_LUA)
+            f.write(WRK_LUA + paced_lua(args.rate, args.connections))
         machine = machine_facts()
         log(f"scratch {env.run}; load CPUs {env.load_cpus}, proxy CPUs {env.proxy_cpus}; "
             f"load average {machine['loadavg']}")
@@ -1646,6 +1707,7 @@ def main_bench(argv: list[str], command: str) -> int:
             "config": {"workers": args.workers, "rounds": args.rounds,
                        "duration": args.duration, "warmup": args.warmup,
                        "connections": args.connections, "threads": args.threads,
+                       "rate": args.rate,
                        "keepalive": args.keepalive,
                        "load_cpus": cpu_list(env.load_cpus),
                        "proxy_cpus": cpu_list(env.proxy_cpus),
@@ -1676,6 +1738,7 @@ def main_bench(argv: list[str], command: str) -> int:
                     try:
                         res = measure(env, px, scn, args.duration)
                         res["waited_s"], res["load_before_pct"] = waited, load
+                        res["round"] = rnd
                     except RuntimeError as e:
                         failed[px.name] = _last_line(e)
                         log(f"  {px.name}: failed: {e}")
@@ -1699,8 +1762,9 @@ def main_bench(argv: list[str], command: str) -> int:
                                            "summary": summary, "skipped": skipped}
             print(f"\n#### {sname}: {scn.title}\n", file=sys.stderr)
             print("\n".join(scenario_table(scn, summary, skipped)), file=sys.stderr, flush=True)
-            if tracing_table(summary):
-                print("\n" + "\n".join(tracing_table(summary)), file=sys.stderr, flush=True)
+            if tracing_table(summary, runs):
+                print("\n" + "\n".join(tracing_table(summary, runs)), file=sys.stderr,
+                      flush=True)
         if env.otlp_count:  # the traced rows measured nothing if no span arrived
             try:
                 with open(env.otlp_count) as f:
@@ -1788,6 +1852,32 @@ def open_idle(port: int, n: int, held: list) -> None:
 AFTER_CLOSE_WAIT = 7.0
 
 
+PAGE = 4096
+PFN_MASK = (1 << 55) - 1
+
+
+def distinct_pages_mib(pids: list[int]) -> float | None:
+    """MiB of distinct physical pages mapped by pids; None without page frame numbers."""
+    seen: set[int] = set()
+    for pid in pids:
+        try:
+            maps = open(f"/proc/{pid}/maps").read().splitlines()  # noqa: SIM115
+            with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+                for line in maps:
+                    fields = line.split()
+                    if len(fields) > 5 and fields[5] == "[vsyscall]":
+                        continue
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    pagemap.seek(lo // PAGE * 8)
+                    data = pagemap.read((hi - lo) // PAGE * 8)
+                    seen.update(e & PFN_MASK for (e,) in struct.iter_unpack("Q", data)
+                                if e >> 63)
+        except OSError:
+            continue
+    seen.discard(0)  # present pages read as frame 0 without CAP_SYS_ADMIN
+    return len(seen) * PAGE / 1048576 if seen else None
+
+
 def probe_proxy(px: Proxy, steps: list[int], settle: float) -> dict:
     """Idle PSS per process, then PSS as idle keep-alive connections are added."""
     master = px.proc.pid
@@ -1799,6 +1889,7 @@ def probe_proxy(px: Proxy, steps: list[int], settle: float) -> dict:
                       "rss_kib": m.get("Rss", 0), "pss_kib": m.get("Pss", 0),
                       "private_dirty_kib": m.get("Private_Dirty", 0)})
     idle = sum(p["pss_kib"] for p in procs)
+    idle_distinct = distinct_pages_mib(px.pids())
     # warm up: a few hundred requests over a few connections, then closed
     warm: list = []
     for _ in range(4):
@@ -1835,7 +1926,8 @@ def probe_proxy(px: Proxy, steps: list[int], settle: float) -> dict:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
         (x - mx) ** 2 for x in xs)
-    return {"processes": procs, "idle_pss_kib": idle, "warm_pss_kib": base,
+    return {"processes": procs, "idle_pss_kib": idle, "idle_distinct_mib": idle_distinct,
+            "warm_pss_kib": base,
             "points": points, "per_conn_kib": (points[-1][1] - base) / n if n else None,
             "slope_kib": slope, "after_close_pss_kib": after,
             "fd_growth": {str(k): v for k, v in spread.items() if v}}
@@ -1846,14 +1938,17 @@ def render_memprobe(res: dict) -> str:
              f"Run: {res['started']}, forkproxy {res['machine'].get('git', '?')}, "
              f"{res['workers']} workers per proxy, {res['connections']:,} idle keep-alive "
              "connections (one GET /tiny each, then idle); forkproxy's bytecode compiled "
-             "first, as `pip install` does", ""]
-    lines += ["| proxy | idle PSS MiB (all processes) | after warm-up | N idle conns "
+             "first, as `pip install` does; load average "
+             f"{res['machine'].get('loadavg', '?')}", ""]
+    lines += ["| proxy | idle PSS MiB (all processes) | idle distinct pages MiB "
+              "| after warm-up | N idle conns "
               "| PSS with N | KiB per idle conn | slope KiB/conn | after closing "
               "| conns per process |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in res["proxies"].items():
         lines.append(
-            f"| {name} | {r['idle_pss_kib'] / 1024:.1f} | {r['warm_pss_kib'] / 1024:.1f} | "
+            f"| {name} | {r['idle_pss_kib'] / 1024:.1f} | "
+            f"{_num(r.get('idle_distinct_mib'), 1)} | {r['warm_pss_kib'] / 1024:.1f} | "
             f"{r['points'][-1][0]:,} | "
             f"{r['points'][-1][1] / 1024:.1f} | {_num(r['per_conn_kib'], 2)} | "
             f"{_num(r['slope_kib'], 2)} | {r['after_close_pss_kib'] / 1024:.1f} | "
@@ -1864,11 +1959,16 @@ def render_memprobe(res: dict) -> str:
         core = sum(p["pss_kib"] for p in fp["processes"]
                    if p["master"] or p["comm"].startswith("fp-worker")) / 1024
         total = fp["idle_pss_kib"] / 1024
+        # PSS shares library pages with every other process that maps them, so it reads
+        # low on a busy machine; the tree's distinct pages are its PSS on a dedicated host
+        distinct = fp.get("idle_distinct_mib")
+        judged = distinct if distinct is not None else total
         per = fp["per_conn_kib"] or 0
         lines += ["| target (issue 7) | forkproxy measured | verdict |", "|---|---:|---|",
                   f"| PSS at idle, master + helpers + {res['workers']} workers <= 40 MiB | "
-                  f"{total:.1f} MiB (master + workers: {core:.1f} MiB) | "
-                  f"{'met' if total <= 40 else '**missed**'} |",
+                  f"{total:.1f} MiB PSS here (master + workers: {core:.1f} MiB); "
+                  f"{_num(distinct, 1)} MiB distinct pages, its PSS on a dedicated host | "
+                  f"{'met' if judged <= 40 else '**missed**'} |",
                   f"| <= 4 KiB per idle keep-alive connection | {per:.2f} KiB | "
                   f"{'met' if per <= 4 else '**missed**'} |", ""]
     for note in res.get("notes", []):

@@ -18,36 +18,42 @@ import argparse
 import compileall
 import os
 import statistics
-import struct
+import subprocess
 import sys
+import sysconfig
 import time
 
 import benchlib as b
 
-PAGE = 4096
-PFN_MASK = (1 << 55) - 1
+
+def build_like_this_tree(source: str, rev: str) -> None:
+    """Compile REV's checkout as this tree is built: its bytecode, as ``pip install``
+    writes it, and the modules its setup.py lists in COMPILED, as scripts/setup builds
+    them. ``git archive`` carries neither, and a pure-Python manager left ~1 MiB less in
+    the tree at idle than the compiled one (file-backed extension pages), which an A/B
+    of two compiled builds must not count as a change."""
+    compileall.compile_dir(os.path.join(source, "forkproxy"), quiet=1)
+    if os.environ.get("FORKPROXY_PURE_PYTHON") or this_tree_is_pure():
+        return
+    setup_py = subprocess.run(["git", "-C", b.ROOT, "show", f"{rev}:setup.py"],
+                              capture_output=True, text=True)
+    if setup_py.returncode != 0 or "COMPILED" not in setup_py.stdout:
+        return  # REV has no compiled modules
+    with open(os.path.join(source, "setup.py"), "w") as f:
+        f.write(setup_py.stdout)
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    if any(name.endswith(suffix) for _d, _s, names in os.walk(source) for name in names):
+        return  # built by an earlier round
+    print(f"memprobe: compiling {rev}'s extension modules", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "-j", "2"],
+                   cwd=source, check=True, capture_output=True)
 
 
-def distinct_pages_mib(pids: list[int]) -> float | None:
-    """MiB of distinct physical pages mapped by pids; None without page frame numbers."""
-    seen: set[int] = set()
-    for pid in pids:
-        try:
-            maps = open(f"/proc/{pid}/maps").read().splitlines()  # noqa: SIM115
-            with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
-                for line in maps:
-                    fields = line.split()
-                    if len(fields) > 5 and fields[5] == "[vsyscall]":
-                        continue
-                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                    pagemap.seek(lo // PAGE * 8)
-                    data = pagemap.read((hi - lo) // PAGE * 8)
-                    seen.update(e & PFN_MASK for (e,) in struct.iter_unpack("Q", data)
-                                if e >> 63)
-        except OSError:
-            continue
-    seen.discard(0)  # present pages read as frame 0 without CAP_SYS_ADMIN
-    return len(seen) * PAGE / 1048576 if seen else None
+def this_tree_is_pure() -> bool:
+    """True when this tree runs without its compiled modules (none built)."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    return not any(name.endswith(suffix) for _d, _s, names
+                   in os.walk(os.path.join(b.ROOT, "forkproxy")) for name in names)
 
 
 def sample(px) -> dict:
@@ -62,7 +68,7 @@ def sample(px) -> dict:
         out["shmem"] += m.get("Pss_Shmem", 0) / 1024
         out["procs"].append(f"{b._comm(pid)} {m.get('Pss', 0) / 1024:.1f}"
                             f"/{m.get('Private_Dirty', 0) / 1024:.1f}")
-    out["distinct"] = distinct_pages_mib(pids)
+    out["distinct"] = b.distinct_pages_mib(pids)
     return out
 
 
@@ -101,8 +107,8 @@ def main_ab(argv: list[str]) -> int:
         for rnd in range(args.rounds):
             for label in results:
                 px = b.ForkProxy(env, rev="" if label == "this tree" else args.ab)
-                if px.source:  # the other build, compiled as pip install would
-                    compileall.compile_dir(os.path.join(px.source, "forkproxy"), quiet=1)
+                if px.source:  # the other build, compiled as this tree is
+                    build_like_this_tree(px.source, args.ab)
                 try:
                     px.start()
                     time.sleep(args.settle)

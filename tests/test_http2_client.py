@@ -67,11 +67,38 @@ def test_request_and_response_with_trailers_both_ways():
     pump(c, s)
     kinds = [(k, p) for k, i, p in events(c, sid)]
     assert kinds[0] == (h2c.INTERIM, (103, [(b"link", b"</a>")]))
-    assert kinds[1] == (h2c.HEAD, (200, [(b"content-type", b"application/grpc")]))
+    assert kinds[1] == (h2c.HEAD, (200, [(b"content-type", b"application/grpc")], None))
     assert kinds[2] == (h2c.DATA, b"world")
     assert kinds[3] == (h2c.TRAILERS, [(b"grpc-status", b"0")])
     assert kinds[4] == (h2c.END, None)
     assert kinds[5] == (h2c.CLOSED, 0)
+
+
+def test_content_length_is_taken_out_of_the_head_and_stream_objects_are_reused():
+    c, s = h2c.ClientSession(), h2s.ServerSession()
+    pump(c, s)
+    for body in (b"abc", b"defgh"):
+        sid = c.request(GET, end_stream=True)
+        pump(c, s)
+        events(s)
+        s.respond(sid, 200, [(b"content-type", b"text/plain"),
+                             (b"content-length", b"%d" % len(body)), (b"x-a", b"1")])
+        s.send_data(sid, body)
+        s.end(sid, [(b"x-length-trailer", b"7")])
+        pump(c, s)
+        kinds = [(k, p) for k, i, p in events(c, sid)]
+        assert kinds[0] == (h2c.HEAD, (200, [(b"content-type", b"text/plain"),
+                                             (b"x-a", b"1")], len(body)))
+        assert kinds[1] == (h2c.DATA, body)
+        assert kinds[2] == (h2c.TRAILERS, [(b"x-length-trailer", b"7")])
+        assert kinds[3:] == [(h2c.END, None), (h2c.CLOSED, 0)]
+    # a response without a length after one with: the kept stream object forgot it
+    sid = c.request(GET, end_stream=True)
+    pump(c, s)
+    s.respond(sid, 204, [])
+    s.end(sid)
+    pump(c, s)
+    assert [(k, p) for k, i, p in events(c, sid)][0] == (h2c.HEAD, (204, [], None))
 
 
 def test_settings_known_before_requests():

@@ -579,6 +579,33 @@ def test_exported_template_spans_decode_at_a_real_receiver(receiver):
         assert got[span_id].ListFields() == w.ListFields()
 
 
+def test_sampled_requests_are_gathered_then_written_and_all_exported(receiver):
+    """At a low ratio a batch of records holds one or two sampled requests: they wait
+    (counted in the queue) until ENCODE_AT are there, or until the export, which writes
+    and sends them too; disabling export counts the waiting ones as dropped."""
+    from forkproxy.config import TracingConfig
+    from forkproxy.manager.tracing import ENCODE_AT, Tracer
+
+    cfg = TracingConfig(endpoint=receiver.url, sample_ratio=1.0, queue_size=10000)
+    tracer = Tracer(cfg)
+    recs = varied_records(ENCODE_AT + 3, seed=5, shapes=4)
+    tracer.offer_batch(recs[:ENCODE_AT - 1])
+    assert (tracer.queued, len(tracer.pending), tracer.encoder.count) == (
+        ENCODE_AT - 1, ENCODE_AT - 1, 0)
+    tracer.offer_batch(recs[ENCODE_AT - 1:ENCODE_AT])
+    assert (tracer.queued, len(tracer.pending), tracer.encoder.count) == (
+        ENCODE_AT, 0, ENCODE_AT)
+    tracer.offer_batch(recs[ENCODE_AT:])
+    assert (tracer.queued, len(tracer.pending)) == (ENCODE_AT + 3, 3)
+    while tracer.queued:
+        assert tracer._send_batch()
+    assert tracer.exported == ENCODE_AT + 3 and not tracer.pending
+    assert len(receiver.server_spans()) == ENCODE_AT + 3
+    tracer.offer_batch(recs[:5])
+    tracer.configure(TracingConfig(endpoint=""))
+    assert (tracer.queued, tracer.pending, tracer.dropped_export) == (0, [], 5)
+
+
 def test_a_busy_shapes_spans_are_the_same_from_the_builder_and_the_template(
         proxies, tmp_path, origin, receiver):
     """Through a real proxy: a shape's first MAKE_AFTER - 1 requests are encoded by the

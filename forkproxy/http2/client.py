@@ -8,8 +8,9 @@ both share the driving code, the outgoing-body queue and the C callback table
 Events (``session.events``, a deque of ``(kind, stream_id, payload)``):
 
 * ``INTERIM``: a 1xx head, payload ``(status, fields)``;
-* ``HEAD``: the final response head, payload ``(status, fields)`` (fields without
-  pseudo-headers, names lower-case as HTTP/2 has them);
+* ``HEAD``: the final response head, payload ``(status, fields, content_length)``
+  (fields without pseudo-headers and without ``content-length``, names lower-case as
+  HTTP/2 has them; the length an int, None when the head has none);
 * ``DATA``: a chunk of the response body (bytes). The stream's window only reopens when
   the consumer calls :meth:`consume`, so an upstream never sends faster than the client
   side drains;
@@ -39,6 +40,7 @@ ffi = ng.ffi
 _from_buffer = ffi.from_buffer
 _unpack = ffi.unpack  # names, values and chunks are char * (see base.py)
 INTERIM, HEAD, DATA, TRAILERS, END, CLOSED, GOAWAY, SETTINGS, PONG = range(1, 10)
+_HEADERS, _DATA, _END_STREAM = ng.HEADERS, ng.DATA, ng.FLAG_END_STREAM
 
 #: the window each response stream gets; the connection's is this times the streams
 STREAM_WINDOW = 256 * 1024
@@ -49,7 +51,7 @@ _PING = b"fp-alive"
 
 
 class _ClientStream(OutStream):
-    __slots__ = ("fields", "list_size", "headed", "unconsumed")
+    __slots__ = ("fields", "list_size", "headed", "unconsumed", "length")
 
     def __init__(self, sid: int):
         super().__init__(sid)
@@ -57,6 +59,22 @@ class _ClientStream(OutStream):
         self.list_size = 0
         self.headed = False  # the final head was received (later HEADERS: trailers)
         self.unconsumed = 0
+        self.length = None  # the head's content-length
+
+    def reuse(self, sid: int) -> _ClientStream:
+        """The object of a closed stream, for a new one (see ClientSession.request)."""
+        self.sid = sid
+        self.out.clear()
+        self.out_size = self.offset = self.list_size = self.unconsumed = 0
+        self.eof = self.deferred = self.headed = False
+        self.trailers = self.length = None
+        if self.fields:
+            self.fields = []
+        return self
+
+
+#: closed streams' objects a session keeps to use again
+STREAMS_KEPT = 128
 
 
 class ClientSession(SessionBase):
@@ -73,6 +91,7 @@ class ClientSession(SessionBase):
         self._last_fields: tuple | None = None
         self._last_nva = None
         self._last_keep: list | None = None
+        self._kept: list[_ClientStream] = []  # closed streams' objects (see request)
         self._create(lib.nghttp2_session_client_new2)
         self._settings([(ng.SETTINGS_ENABLE_PUSH, 0),
                         (ng.SETTINGS_INITIAL_WINDOW_SIZE, stream_window),
@@ -115,7 +134,8 @@ class ClientSession(SessionBase):
         sid = self._lib.nghttp2_submit_request(self._session, ffi.NULL, nva, len(fields),
                                                prd, ffi.NULL)
         if sid > 0:
-            self.streams[sid] = _ClientStream(sid)
+            kept = self._kept
+            self.streams[sid] = kept.pop().reuse(sid) if kept else _ClientStream(sid)
         return sid
 
     def _request_nv(self, fields):
@@ -167,11 +187,19 @@ class ClientSession(SessionBase):
         stream = self.streams.get(frame.hd.stream_id)
         if stream is None:
             return 0
-        stream.list_size += namelen + valuelen + 32
-        if stream.list_size > MAX_HEADER_LIST:
+        size = stream.list_size = stream.list_size + namelen + valuelen + 32
+        if size > MAX_HEADER_LIST:
             return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # the stream is reset
         # an empty value may come as NULL, which unpack refuses
-        stream.fields.append((_unpack(name, namelen), _unpack(value, valuelen) if valuelen else b""))
+        value = _unpack(value, valuelen) if valuelen else b""
+        if namelen == 14 and not stream.headed:
+            name = _unpack(name, namelen)
+            if name == b"content-length":  # the head's, for the relay (nghttp2 checked it)
+                stream.length = int(value)
+                return 0
+            stream.fields.append((name, value))
+            return 0
+        stream.fields.append((_unpack(name, namelen), value))
         return 0
 
     def _on_invalid_header(self, frame) -> int:
@@ -181,11 +209,21 @@ class ClientSession(SessionBase):
     def _on_frame_recv(self, frame) -> int:
         hd = frame.hd
         kind = hd.type
-        if kind == ng.HEADERS:
-            stream = self.streams.get(hd.stream_id)
+        if kind == _HEADERS:
+            sid = hd.stream_id
+            stream = self.streams.get(sid)
             if stream is not None:
                 self._headers_done(stream)
-        elif kind == ng.GOAWAY:
+                if hd.flags & _END_STREAM:
+                    self.events.append((END, sid, None))
+            return 0
+        if kind == _DATA:
+            if hd.flags & _END_STREAM:
+                sid = hd.stream_id
+                if sid in self.streams:
+                    self.events.append((END, sid, None))
+            return 0
+        if kind == ng.GOAWAY:
             last = frame.goaway.last_stream_id
             self.goaway_last = last
             self.events.append((GOAWAY, 0, (last, frame.goaway.error_code)))
@@ -198,10 +236,6 @@ class ClientSession(SessionBase):
             if hd.flags & ng.FLAG_ACK:
                 self.events.append((PONG, 0, None))
             return 0
-        elif kind != ng.DATA:
-            return 0
-        if hd.flags & ng.FLAG_END_STREAM and hd.stream_id in self.streams:
-            self.events.append((END, hd.stream_id, None))
         return 0
 
     def _headers_done(self, stream: _ClientStream) -> None:
@@ -213,12 +247,17 @@ class ClientSession(SessionBase):
         status = 0
         if fields and fields[0][0] == b":status":
             status = int(fields[0][1])  # nghttp2 checked it is three digits
-        regular = [f for f in fields if not f[0].startswith(b":")]
+            # nghttp2 checked the pseudo-headers too: a response has :status only,
+            # before the regular fields
+            del fields[0]
+        else:
+            fields = [f for f in fields if not f[0].startswith(b":")]
         if status >= 200:
             stream.headed = True
-            self.events.append((HEAD, stream.sid, (status, regular)))
+            self.events.append((HEAD, stream.sid, (status, fields, stream.length)))
         else:
-            self.events.append((INTERIM, stream.sid, (status, regular)))
+            self.events.append((INTERIM, stream.sid, (status, fields)))
+            stream.length = None
 
     def _on_data(self, sid: int, ptr, n: int) -> int:
         stream = self.streams.get(sid)
@@ -234,4 +273,7 @@ class ClientSession(SessionBase):
         if stream is None:
             return 0
         self.events.append((CLOSED, sid, code))
+        kept = self._kept
+        if len(kept) < STREAMS_KEPT:
+            kept.append(stream)
         return 0

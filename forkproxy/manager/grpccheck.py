@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 
 from forkproxy.http2 import client as h2c
+from forkproxy.manager import healthcheck
 
 PATH = b"/grpc.health.v1.Health/Check"
 SERVING = 1
@@ -107,3 +108,6 @@ def check_grpc(sock, authority: str, service: str, scheme: bytes) -> bool:
             session.events.clear()
     finally:
         session.close()
+
+
+healthcheck.GRPC.update(call=check_grpc, not_serving=NOT_SERVING_STATUS)

@@ -36,7 +36,6 @@ from gevent import socket
 from gevent.ssl import SSLSocket
 
 from forkproxy.config import config_dir, dns_tls_name, parse_hostport, resolved_spec
-from forkproxy.manager.grpccheck import NOT_SERVING_STATUS, check_grpc
 from forkproxy.shm.health import (
     DOWN,
     ST_BAD,
@@ -50,6 +49,12 @@ from forkproxy.shm.health import (
 from forkproxy.shm.resolved import format_address, slot_key
 from forkproxy.tls.client import TLSHandshakeFailed, client_context, handshake, server_name
 from forkproxy.tls.client import shutdown as tls_shutdown
+
+#: the gRPC health call, registered by forkproxy/manager/grpccheck.py ("call", and
+#: "not_serving": the status reported for NOT_SERVING). The module speaks HTTP/2 through
+#: libnghttp2, so it is imported only for configs with HTTP/2 upstreams, which gRPC
+#: checks require (manager/process.py HTTP2_MODULES, master/features.py)
+GRPC: dict[str, object] = {}
 
 MAX_STATUS_LINE = 4096
 #: how often the checker looks for servers DNS added or dropped (one load per entry)
@@ -119,9 +124,9 @@ def check_once(host: str, port: int, path: str, host_header: str,
             if tls is not None:
                 sock = _start_tls(sock, tls, timeout)
             if service is not None:
-                serving = check_grpc(sock, host_header, service,
-                                     b"http" if tls is None else b"https")
-                return serving, 200 if serving else NOT_SERVING_STATUS
+                serving = GRPC["call"](sock, host_header, service,
+                                       b"http" if tls is None else b"https")
+                return serving, 200 if serving else GRPC["not_serving"]
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\n"
                          "User-Agent: forkproxy-health-check\r\nAccept: */*\r\n"
                          "Connection: close\r\n\r\n".encode("latin-1"))

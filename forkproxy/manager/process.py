@@ -19,6 +19,7 @@ The master's death (the lifeline pipe reaches EOF, or PR_SET_PDEATHSIG) is a QUI
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import signal
 import sys
@@ -57,6 +58,11 @@ from forkproxy.shm.keystore import KeyStore
 from forkproxy.shm.resolved import ResolvedTable
 from forkproxy.shm.ring import Ring
 from forkproxy.shm.table import WorkerTable
+
+#: the manager's modules for configs that use HTTP/2 (gRPC health checks): the master
+#: imports them before forking such configs (forkproxy/master/features.py); a reload that
+#: brings HTTP/2 in loads them here
+HTTP2_MODULES = ("forkproxy.manager.grpccheck",)
 
 FLUSH_INTERVAL = 0.5
 FORGET_INTERVAL = 5.0
@@ -327,6 +333,9 @@ class Manager:
         health = self.spec.health
         if health is None:
             return
+        if config_mod.uses_http2(self.cfg):
+            for name in HTTP2_MODULES:
+                importlib.import_module(name)
         self.checker = HealthChecker(self.cfg, health, self.log, self.spec.resolved)
         servers, dns_entries = self.checker.start()
         if servers or dns_entries:

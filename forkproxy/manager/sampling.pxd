@@ -1,5 +1,6 @@
 # C types of sampling.py (Cython's pure-Python mode: the .py file is the source)
 cimport cython
+from forkproxy.manager.recordslots cimport fp_member, fp_member_offset
 
 cdef extern from *:
     """
@@ -14,6 +15,11 @@ cdef extern from *:
     unsigned long long fp_id_low_u64(bytes trace_id)
 
 
+cdef Py_ssize_t O_TRACE_ID, O_TRACE_FLAGS, O_STATUS, O_ERROR, O_TIMES
+cdef Py_ssize_t I_ACCEPT, I_HEADERS, I_END
+
+
 @cython.locals(everything=bint, below=cython.ulonglong, sampled=Py_ssize_t,
-               dropped=Py_ssize_t, trace_id=bytes, keep=bint, t=list, start=double)
+               dropped=Py_ssize_t, trace_id=bytes, keep=bint, flags=long, status=long,
+               error=str, t=list, start=double, end=double)
 cpdef tuple sample_batch(items, list queue, Py_ssize_t room, threshold, double slower_than)

@@ -1,35 +1,10 @@
 # C types of spanfill.py (Cython's pure-Python mode: the .py file is the source)
 cimport cython
+from forkproxy.manager.recordslots cimport fp_member, fp_member_offset
 
 cdef extern from *:
     """
     #include <string.h>
-    #include "structmember.h"
-
-    /* a record's field by its offset in the object (an object slot, never unset in a
-       msgspec Struct; None if it were) */
-    static CYTHON_INLINE PyObject *fp_member(PyObject *obj, Py_ssize_t offset) {
-        PyObject *v = *(PyObject **)((char *)obj + offset);
-        if (v == NULL) v = Py_None;
-        Py_INCREF(v);
-        return v;
-    }
-
-    /* the offset of an object-slot field, from its member descriptor */
-    static Py_ssize_t fp_member_offset(PyObject *descr) {
-        PyMemberDef *m;
-        if (!PyObject_TypeCheck(descr, &PyMemberDescr_Type)) {
-            PyErr_SetString(PyExc_TypeError, "not a member descriptor");
-            return -1;
-        }
-        m = ((PyMemberDescrObject *)descr)->d_member;
-        if ((m->type != T_OBJECT_EX && m->type != T_OBJECT) || m->offset <= 0) {
-            PyErr_SetString(PyExc_TypeError, "not an object field");
-            return -1;
-        }
-        return m->offset;
-    }
-
     /* the callers reserve the room (Filler.reserve) */
     static CYTHON_INLINE Py_ssize_t fp_put(PyObject *buf, Py_ssize_t at, PyObject *data) {
         Py_ssize_t n = PyBytes_GET_SIZE(data);
@@ -51,8 +26,6 @@ cdef extern from *:
         return v;
     }
     """
-    object fp_member(object obj, Py_ssize_t offset)
-    Py_ssize_t fp_member_offset(object descr) except -1
     Py_ssize_t fp_put(bytearray buf, Py_ssize_t at, bytes data)
     void fp_put_u64(bytearray buf, Py_ssize_t at, unsigned long long v)
     unsigned long long fp_le_u64(bytes data)

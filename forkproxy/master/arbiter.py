@@ -25,10 +25,9 @@ import time
 
 from forkproxy import config as config_mod
 from forkproxy import log as log_mod
-from forkproxy.http2 import nghttp2
 from forkproxy.manager import discovery
 from forkproxy.manager import process as manager_process
-from forkproxy.master import daemon
+from forkproxy.master import daemon, features, prefork
 from forkproxy.master.listeners import BindError, BoundListener, enable_migrate_req
 from forkproxy.master.recycle import Recycler
 from forkproxy.master.tickets import TicketKeys
@@ -208,6 +207,7 @@ class Arbiter:
         # No gc.collect() first: the holes it frees in shared pages are where the
         # children's first allocations land, copying those pages (-0.2 MiB measured)
         _preload(cfg)
+        prefork.take_free_blocks()
         gc.freeze()
 
     def _setup_shared(self) -> None:
@@ -267,6 +267,7 @@ class Arbiter:
                    if {"h2", "h2c"} & set(config_mod.listener_protocols(lcfg))]
         if not wanting:
             return
+        nghttp2 = features.http2_engine()
         try:
             version = nghttp2.self_test()
         except nghttp2.Nghttp2Unavailable as e:
@@ -673,6 +674,7 @@ class Arbiter:
             return
         self.closing_listeners.extend(reuse.values())  # listeners no longer configured
         self.cfg = new_cfg
+        features.load(new_cfg)  # before the new generation is forked
         self.cpus = config_mod.worker_cpus(new_cfg, max(self.nworkers, 64))
         self.bound = bound
         self.generation += 1
@@ -815,27 +817,16 @@ def _describe(status: int) -> str:
 def _preload(cfg) -> None:
     """Import what children use so its pages are shared (gc.freeze keeps them clean).
 
-    What only some configs need is imported only for them: cryptography (certificates in
-    the workers, OCSP in the manager) with TLS listeners, pyroute2 (listeners.py) with
-    interface listeners, dnspython (the manager's discovery) with servers that resolve;
-    otherwise they would be resident for nothing (~7, ~9 and ~13 MiB).
+    What only some configs need is imported only for them (features.py: HTTP/2, TLS, DNS,
+    tracing; pyroute2 in listeners.py with interface listeners); otherwise it would be
+    resident for nothing.
 
     The workers' and the manager's own modules are imported at the top of this module. The
     manager's are there although only the manager runs them: imported after fork they
     cost the manager ~4 MiB private (new objects fill the holes of shared pages, import
     machinery and caches are written), imported before fork ~1 MiB shared.
     """
-    if any(lcfg.tls is not None for lcfg in cfg.listener):
-        import cryptography.hazmat.primitives.serialization  # noqa: F401
-        import cryptography.x509  # noqa: F401
-
-        import forkproxy.tls.stapling  # noqa: F401  (the manager's OCSP fetching)
-
-    if config_mod.uses_dns(cfg):
-        import forkproxy.manager.dnslookup  # noqa: F401  (dnspython, ~13 MiB: the manager's)
-    if cfg.tracing.endpoint:
-        import forkproxy.manager.spans  # noqa: F401  (protobuf: only when exporting spans)
-
+    features.load(cfg)
     import pprint  # noqa: F401  (gevent's hub formats contexts with it)
     import traceback  # noqa: F401
 

@@ -53,8 +53,12 @@ def parse_timeout(value: bytes) -> float:
 
 
 def _field(fields, name: bytes) -> bytes | None:
+    """The value of field ``name`` (lower-case), whatever the case of the names:
+    lower-cased only when the length matches (a call per request looks for a field
+    most requests do not have)."""
+    size = len(name)
     for n, v in fields:
-        if n.lower() == name:
+        if len(n) == size and n.lower() == name:
             return v
     return None
 

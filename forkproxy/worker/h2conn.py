@@ -37,7 +37,11 @@ PING_TIMEOUT = -2
 SEND_BUFFER = 64 * 1024
 #: released streams a connection keeps to lend again (at most the streams it had at once)
 STREAMS_KEPT = 128
-_PER_STREAM = (h2c.INTERIM, h2c.HEAD, h2c.DATA, h2c.TRAILERS, h2c.END, h2c.CLOSED)
+#: the session's per-stream events are the kinds up to CLOSED (see _dispatch)
+_CLOSED = h2c.CLOSED
+assert max(h2c.INTERIM, h2c.HEAD, h2c.DATA, h2c.TRAILERS, h2c.END) < _CLOSED < min(
+    h2c.GOAWAY, h2c.SETTINGS, h2c.PONG)
+_SETTINGS, _PONG, _GOAWAY = h2c.SETTINGS, h2c.PONG, h2c.GOAWAY
 
 
 class H2Stream:
@@ -139,8 +143,10 @@ class H2Stream:
         """n response body bytes went to the client: the upstream may send more."""
         conn = self.conn
         if not conn.closed:
-            conn.session.consume(self.sid, n)
-            conn.flush()
+            session = conn.session
+            session.consume(self.sid, n)
+            if session.want_write:  # a WINDOW_UPDATE was due: most often none is
+                conn.wake.set()
 
     def finish(self) -> None:
         """The exchange is done with the stream: reset it if it is still open."""
@@ -215,7 +221,10 @@ class H2Conn:
                 self.last_seen = _monotonic()
                 session.receive(view[:n])
                 self._dispatch()
-                self.flush()  # SETTINGS and PING ACKs, WINDOW_UPDATEs, deferred bodies
+                # SETTINGS and PING ACKs, WINDOW_UPDATEs, deferred bodies: the writer
+                # woken only when there are some (most reads bring responses only)
+                if session.want_write:
+                    self.wake.set()
                 if session.failed is not None:
                     why = f"upstream HTTP/2 error: {session.failed}"
                     break
@@ -273,22 +282,23 @@ class H2Conn:
     def _dispatch(self) -> None:
         events = self.session.events
         streams = self.streams
+        popleft = events.popleft
         while events:
-            kind, sid, payload = events.popleft()
-            if kind in _PER_STREAM:
+            kind, sid, payload = popleft()
+            if kind <= _CLOSED:  # a stream's
                 stream = streams.get(sid)
                 if stream is not None:
-                    if kind == h2c.CLOSED:
+                    if kind == _CLOSED:
                         stream.closed = True
                     stream.items.append((kind, payload))
                     stream.event.set()
-            elif kind == h2c.SETTINGS:
+            elif kind == _SETTINGS:
                 self.max_streams = self.session.max_streams
                 self.ready.set()
                 self.server.h2_wake()  # more streams may fit now
-            elif kind == h2c.PONG:
+            elif kind == _PONG:
                 self.ping_at = 0.0
-            elif kind == h2c.GOAWAY:
+            elif kind == _GOAWAY:
                 self.gone = True  # streams above its last id are CLOSED REFUSED_STREAM
 
     def ping(self, now: float) -> None:

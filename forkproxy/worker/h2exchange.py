@@ -156,18 +156,15 @@ def _closed_early(stream: H2Stream, code: int) -> UpstreamFailed:
 
 
 def _relay(ex, stream: H2Stream, head, pump) -> bool:
-    status, fields = head
+    # the session took content-length out of the fields (nghttp2 checked it, and
+    # checks the body against it); the list is this response's own
+    status, fields, length = head
     if ex.retry_statuses is not None and status in ex.retry_statuses:
         raise UpstreamFailed(status, f"upstream answered {status}", kind="status")
     rhead = ResponseHead()
     rhead.status = ex.status = status
     rhead.reason = _REASONS.get(status, b"")
-    length = None
-    for name, value in fields:
-        if name == b"content-length":
-            length = int(value)  # nghttp2 checked it (and checks the body against it)
-        else:
-            rhead.headers.append((name, value))
+    rhead.headers = fields
     items = stream.items
     if items and items[0][0] == h2c.END and not length:
         # the HEADERS frame ended the stream (gRPC's trailers-only responses): so does

@@ -59,10 +59,11 @@ class H2Pooling:
         while True:
             best = None
             room = 0
-            for conn in self.h2conns:
-                r = conn.capacity()
-                if r > room:
-                    best, room = conn, r
+            for conn in self.h2conns:  # conn.capacity(), inline (one call per connection)
+                if not conn.gone:
+                    r = conn.max_streams - conn.active
+                    if r > room:
+                        best, room = conn, r
             if best is not None:
                 if best.opened:
                     self.reuses += 1

@@ -24,12 +24,11 @@ from gevent.event import Event
 
 from forkproxy import osutil
 from forkproxy.http.proxy_protocol import ProxyProtocolError, recv_header
-from forkproxy.worker import faults, profiling
+from forkproxy.worker import faults, frontends, profiling
 from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.front import Deadline
 from forkproxy.worker.heap import HeapTrimmer, settle_heap
 from forkproxy.worker.http1 import Http1Connection
-from forkproxy.worker.http2 import PREFACE, Http2Connection
 from forkproxy.worker.runners import Runners
 from forkproxy.worker.sockio import nodelay_for_accepted
 from forkproxy.worker.spec import WorkerSpec
@@ -249,14 +248,14 @@ class Worker:
         h2 = None
         if conn.sslobj is not None:
             if conn.sock.selected_alpn_protocol() == "h2":
-                h2, label = Http2Connection.adopt(conn), "h2"
+                h2, label = frontends.CONNECTIONS["h2"].adopt(conn), "h2"
         elif lr.h2c:
             first = self._peek_preface(conn)
             if first is None:
                 self._close_quietly(conn)
                 return None
-            if first == PREFACE:
-                h2, label = Http2Connection.adopt(conn), "h2c"
+            if first == frontends.PREFACES["h2c"]:
+                h2, label = frontends.CONNECTIONS["h2"].adopt(conn), "h2c"
         if h2 is None:
             self.ws.count_connection(lr.name, "http/1.1")
             return conn
@@ -268,15 +267,16 @@ class Worker:
     def _peek_preface(self, conn) -> bytes | None:
         """The first bytes of a plain connection, left in the socket: the 24 of the
         HTTP/2 preface, or as many as show it is not one. None: closed or timed out."""
+        preface = frontends.PREFACES["h2c"]
         conn.greenlet = gevent.getcurrent()  # the sweeper throws Deadline into it
         conn.deadline = time.monotonic() + self.ws.header_timeout
         try:
             while True:
                 socket.wait_read(conn.sock.fileno())
-                data = conn.sock.recv(len(PREFACE), pysocket.MSG_PEEK)
+                data = conn.sock.recv(len(preface), pysocket.MSG_PEEK)
                 if not data:
                     return None
-                if len(data) == len(PREFACE) or not PREFACE.startswith(data):
+                if len(data) == len(preface) or not preface.startswith(data):
                     return data
                 gevent.sleep(0.01)  # a prefix of the preface: wait for the rest
         except (OSError, Deadline):

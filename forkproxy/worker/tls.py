@@ -8,10 +8,10 @@ import ssl
 from gevent import socket
 
 from forkproxy import config as config_mod
-from forkproxy.http2 import nghttp2
 from forkproxy.tls import openssl
 from forkproxy.tls.context import build_server_context, install_callbacks, staple_provider_for
 from forkproxy.tls.tickets import ticket_lifetime
+from forkproxy.worker import frontends
 
 _HANDSHAKE_ERRORS = (ssl.SSLError, OSError, socket.timeout, ValueError)
 #: what this worker can serve; ALPN offers the listener's protocols filtered by it, so a
@@ -28,16 +28,8 @@ def served_protocols(lcfg) -> tuple[str, ...]:
     """The listener's protocols that this process can serve: HTTP/2 only when libnghttp2
     loaded (the master refuses to start when a listener names it explicitly and it does
     not; a TLS listener's default then falls back to http/1.1)."""
-    served = SERVED_PROTOCOLS if http2_available() else ("http/1.1",)
+    served = SERVED_PROTOCOLS if frontends.http2_available() else ("http/1.1",)
     return tuple(p for p in config_mod.listener_protocols(lcfg) if p in served)
-
-
-def http2_available() -> bool:
-    try:
-        nghttp2.library()
-    except nghttp2.Nghttp2Unavailable:
-        return False
-    return True
 
 
 def worker_tls_context(cfg, li: int, keystore):

@@ -1,0 +1,51 @@
+"""The master's small-object heap just before it forks: its free blocks taken.
+
+CPython's allocator (pymalloc) serves a small object from the first pool of its size
+class that has a free block. After start-up the master's pools are full of holes left by
+temporary objects, scattered over pages that hold the shared modules' objects. A child's
+first allocations would fill those holes, and each one copies a whole shared 4 KiB page
+for one object. Taking every free block in the master first (the blocks stay resident,
+they were already) makes the children allocate from fresh pools: their new objects are
+packed into pages of their own, and the shared pages stay shared.
+"""
+
+from __future__ import annotations
+
+#: pymalloc's pool size and the offset of a pool's first block (its header, aligned)
+POOL_SIZE = 16384
+POOL_FIRST_BLOCK = 48
+#: size classes of 16 bytes up to the small-object threshold (512)
+SIZE_CLASSES = range(16, 513, 16)
+#: at most this many blocks taken per size class
+MAX_PER_CLASS = 20000
+#: what a bytes object of length 0 takes (its header and the trailing NUL)
+BYTES_OVERHEAD = 33
+
+_plugs: list = []
+
+
+def _block(size: int, n: int):
+    """A new object of pymalloc size class ``size`` (``n`` makes each one distinct)."""
+    if size == 16:
+        return object()
+    if size == 32:
+        return float(n)  # 24 bytes, in the 32-byte class
+    return bytes(size - BYTES_OVERHEAD)
+
+
+def take_free_blocks() -> int:
+    """Allocate objects until every size class draws from a fresh pool; returns how many
+    blocks were taken. The objects are kept for the master's life."""
+    taken = 0
+    for size in SIZE_CLASSES:
+        prev = None
+        for n in range(MAX_PER_CLASS):
+            obj = _block(size, n)
+            addr = id(obj)
+            _plugs.append(obj)
+            taken += 1
+            # a fresh pool is carved in order: its first block, then the one after it
+            if prev is not None and prev % POOL_SIZE == POOL_FIRST_BLOCK and addr == prev + size:
+                break
+            prev = addr
+    return taken

@@ -774,6 +774,30 @@ def checkout(run: str, rev: str, prefix: str = "ab-") -> str:
     return dest
 
 
+def copy_compiled(dest: str) -> list[str]:
+    """Give another build's source tree the working tree's compiled modules (setup.py
+    COMPILED) whose .py source it has unchanged: without them its manager and ring walk
+    ran as plain Python while the working tree's ran compiled, which made every --ab look
+    better for the working tree. Returns the modules copied."""
+    copied = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "forkproxy")):
+        for name in files:
+            if not name.endswith(".so"):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, name), ROOT)
+            src_py = os.path.join(ROOT, os.path.dirname(rel), name.split(".")[0] + ".py")
+            dest_py = os.path.join(dest, os.path.dirname(rel), name.split(".")[0] + ".py")
+            try:
+                with open(src_py, "rb") as a, open(dest_py, "rb") as b:
+                    if a.read() != b.read():
+                        continue
+            except OSError:
+                continue
+            shutil.copy2(os.path.join(ROOT, rel), os.path.join(dest, rel))
+            copied.append(rel)
+    return copied
+
+
 #: nginx's access log when forkproxy's is on too (``nginx+log``): the fields of forkproxy's
 #: ``json`` line that nginx has, one JSON object per request, written through a 64 KiB
 #: buffer flushed every second (forkproxy's manager also writes whole batches of lines)

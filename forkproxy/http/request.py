@@ -83,6 +83,7 @@ TWO_TRACEPARENTS = b"-"
 #: keep-alive connection (and a load generator) sends the same head again and again: a
 #: bytes compare instead of the regex and the field loop. Per process (one thread).
 _last_request: list = [b"", None, None]
+_new_request = object.__new__
 
 
 class Limits:
@@ -160,6 +161,22 @@ def _classify(e: Exception) -> HTTPError:
     return HTTPError(400, f"bad request: {msg}")
 
 
+def _remembered_request(fields: tuple) -> Request:
+    """The request of the head the fast path took last (``_last_request``), every field
+    stored once (Request() would store its defaults first)."""
+    req = _new_request(Request)
+    (req.method, req.target, req.path, req.version, headers, req.host, req.keep_alive,
+     req.request_id, req.forwarded_for, connection, req.header_bytes, req.traceparent,
+     req.tracestate) = fields
+    req.headers = headers.copy()
+    req.connection = connection.copy()
+    req.content_length = None
+    req.chunked = req.expect_continue = req.has_body = False
+    req.upgrade = req.grpc = b""
+    req.trace = NO_TRACE
+    return req
+
+
 class RequestParser:
     """Feed bytes with feed(); pop events from .events.
 
@@ -172,7 +189,9 @@ class RequestParser:
         self._parser = None  # llhttp, made the first time the fast path declines a head
         self._req: Request | None = None
         self._emitted = False  # _req went out as a HEAD event (it is not "current")
-        self._in_head = False
+        #: inside a request head (its first bytes came, its end did not): a plain
+        #: attribute, read by the connection before every wait
+        self.in_head = False
         self._in_body = False  # between the head and the end of a chunked message
         self._began = False  # a message began during the current feed()
         self._cur = 0  # events the message being parsed queued during this feed()
@@ -239,7 +258,7 @@ class RequestParser:
             self._fail(_classify(e))
             return
         limits = self.limits
-        if self._in_head:
+        if self.in_head:
             # a head spread over several reads: httptools buffers the unfinished field,
             # which no callback has counted yet. A head that began in this read is at
             # most one recv buffer; after that every byte read belongs to the head.
@@ -266,15 +285,7 @@ class RequestParser:
         head = bytes(data)
         last = _last_request
         if head == last[0] and limits is last[1]:  # the same bytes as the last fast head
-            req = Request()
-            (req.method, req.target, req.path, req.version, headers, req.host, req.keep_alive,
-             req.request_id, req.forwarded_for, connection, req.header_bytes, req.traceparent,
-             req.tracestate) = last[2]
-            if headers:
-                req.headers = headers.copy()
-            if connection:
-                req.connection = connection.copy()
-            return self._emit_fast(req)
+            return self._emit_fast(_remembered_request(last[2]))
         m = _SIMPLE_REQUEST_RE.fullmatch(head)
         if m is None:
             return False
@@ -352,11 +363,8 @@ class RequestParser:
         self._cur = 0
         events.append((ERROR, err))
         self.failed = err
-        self._in_head = self._in_body = False
+        self.in_head = self._in_body = False
 
-    @property
-    def in_head(self) -> bool:
-        return self._in_head
 
     @staticmethod
     def _tunnelable(req: Request) -> bool:
@@ -383,7 +391,7 @@ class RequestParser:
         self._boundary = False
         self._req = Request()
         self._emitted = False
-        self._in_head = True
+        self.in_head = True
         self._began = True
         self._cur = 0
         self._head_bytes = 0
@@ -408,7 +416,7 @@ class RequestParser:
             raise HTTPError(431, "header line too large")
         if BAD_VALUE_RE.search(value) or not TOKEN_RE.match(name):
             raise HTTPError(400, "invalid character in header")
-        if not self._in_head:
+        if not self.in_head:
             # a trailer field (after the last chunk): checked, counted, never forwarded
             self._trailer_bytes += size + 4
             if self._trailer_bytes > limits.header_size:
@@ -480,7 +488,7 @@ class RequestParser:
         version = req.version = p.get_http_version()
         req.keep_alive = p.should_keep_alive()
         req.has_body = req.chunked or bool(req.content_length)
-        self._in_head = False
+        self.in_head = False
         if req.method == "CONNECT":
             raise HTTPError(501, "CONNECT not supported", kind="upgrade")
         if version != "1.1" and version != "1.0":

@@ -18,7 +18,7 @@ from gevent import socket
 from forkproxy.tls.openssl import OpenSSLError, has_pending_function, ssl_pointer
 from forkproxy.worker.front import ClientGone
 from forkproxy.worker.readiness import ReadWatch
-from forkproxy.worker.sockio import recv_waiting, send_all
+from forkproxy.worker.sockio import close_plain, recv_waiting, send_all
 from forkproxy.worker.tls import close_notify, tls_handshake
 
 _timeout = socket.timeout
@@ -100,7 +100,15 @@ class ClientConnection:
                 return sock.recv_into(buf)
             if self.raw is not None:
                 watch = self.rwatch
-                return recv_waiting(watch if watch is not None else self._watch(), sock, buf)
+                if watch is None:
+                    # a new connection (or a parked one that became readable): its first
+                    # request is nearly always there already, so read before making and
+                    # arming the watcher (an fcntl, an epoll_ctl and a loop turn)
+                    try:
+                        return self.raw.recv_into(buf)
+                    except BlockingIOError:
+                        watch = self._watch()
+                return recv_waiting(watch, sock, buf)
             if self.sslobj is not None:
                 return self._tls_read_waiting(buf)
             return sock.recv_into(buf)
@@ -182,7 +190,7 @@ class ClientConnection:
         if self.linger:
             self._linger()
         try:
-            sock.close()
+            close_plain(sock)
         except OSError:
             pass
 

@@ -29,6 +29,9 @@ from forkproxy.worker import tls as worker_tls
 from forkproxy.worker.front import Deadline
 from forkproxy.worker.heap import HeapTrimmer, settle_heap
 from forkproxy.worker.http1 import Http1Connection
+from forkproxy.worker.runners import Runners
+from forkproxy.worker.sockio import nodelay_for_accepted
+from forkproxy.worker.spec import WorkerSpec
 from forkproxy.worker.state import ListenerRuntime, WorkerState
 
 #: how often connection deadlines are checked (timeouts are this coarse)
@@ -40,33 +43,6 @@ _IGNORED = (signal.SIGHUP, signal.SIGUSR2, signal.SIGWINCH, signal.SIGTTIN, sign
             signal.SIGUSR1)
 #: accept() errors that mean "out of a resource": back off instead of spinning
 _ACCEPT_RESOURCE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-class WorkerSpec:
-    """Everything the master hands a worker at fork (documented fork-shared state)."""
-
-    def __init__(self, *, cfg, slot: int, index: int, generation: int, cpu: int | None,
-                 sockets: list, ready_fd: int, lifeline_fd: int, ring=None, table=None,
-                 keystore=None, logger=None, uid=None, gid=None, groups=None,
-                 limit_zone=None, health=None, resolved=None):
-        self.cfg = cfg
-        self.slot = slot
-        self.index = index  # worker-table entry / ring number
-        self.generation = generation
-        self.cpu = cpu
-        self.sockets = sockets  # [(listener_index, socket)] for this slot
-        self.ready_fd = ready_fd
-        self.lifeline_fd = lifeline_fd
-        self.ring = ring
-        self.table = table
-        self.keystore = keystore
-        self.logger = logger
-        self.uid = uid
-        self.gid = gid
-        self.groups = groups
-        self.limit_zone = limit_zone  # per-client-IP limits (forkproxy.shm.limitzone)
-        self.health = health  # active health verdicts (forkproxy.shm.health), read-only
-        self.resolved = resolved  # servers found through DNS (forkproxy.shm.resolved), read-only
 
 
 def _wait_read(fd: int, timeout: float) -> None:
@@ -89,6 +65,7 @@ class Worker:
         self.hub = None
         self.listeners: list[tuple[object, ListenerRuntime]] = []
         self.acceptors: list = []
+        self.runners: Runners | None = None  # the connections' greenlets, made in run()
         self.trimmer = HeapTrimmer()
 
     # -- start-up ------------------------------------------------------------------------
@@ -97,6 +74,7 @@ class Worker:
         """Set up, serve until told to stop, drain; raises SystemExit."""
         self._prepare_process()
         self.hub = gevent.get_hub()  # the hub and its imports exist before privileges drop
+        self.runners = Runners(self.hub)
         self.ws = WorkerState(self.spec, self.hub, self.unpark)
         self._install_signals()
         self._build_listeners()
@@ -189,7 +167,9 @@ class Worker:
 
     def accept_loop(self, lsock, lr: ListenerRuntime) -> None:
         ws = self.ws
+        run = self.runners.run
         gsock = socket.socket(fileno=os.dup(lsock.fileno()))
+        nodelay_for_accepted(gsock)
         backoff = 0.0
         graceful = self.graceful
         try:
@@ -211,15 +191,11 @@ class Worker:
                         return
                     continue
                 backoff = 0.0
-                try:
-                    sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
                 # registered before its greenlet runs: a drain that starts in between
                 # still waits for it instead of exiting with the socket unserved
                 conn = Http1Connection(ws, lr, sock, addr, time.monotonic())
                 ws.connections.add(conn)
-                gevent.spawn(self.serve_connection, conn)
+                run(self.serve_connection, conn)
         finally:
             gsock.close()
 
@@ -233,19 +209,22 @@ class Worker:
 
     def _serve(self, conn, fresh: bool) -> None:
         parked = False
+        front = conn  # the connection's front end: an HTTP/2 one may take its place
         try:
             if not fresh or self._open(conn):
                 if fresh:
-                    conn = self._protocol(conn)
-                if conn is not None:
-                    parked = conn.serve()
+                    front = self._protocol(conn)
+                if front is not None:
+                    parked = front.serve()
         except Exception as e:  # a bug must not take the worker down with it
             if self.logger is not None:
                 self.logger.exception("connection failed", remote=conn.remote, error=str(e))
             self._close_quietly(conn)
         finally:
             if not parked:
-                self.finish(conn)
+                front = conn if front is None else front
+                front.greenlet = None  # the runner serves others next: no Deadline for it
+                self.finish(front)
 
     def _open(self, conn) -> bool:
         """The steps before a new connection's first request; False = it is done."""
@@ -337,7 +316,7 @@ class Worker:
     def unpark(self, conn) -> None:
         """libev callback, in the hub: a parked idle connection became readable."""
         conn.unparked()
-        gevent.spawn(self.resume, conn)
+        self.runners.run(self.resume, conn)
 
     # -- the periodic loops --------------------------------------------------------------
 
@@ -355,6 +334,7 @@ class Worker:
                 up.refresh(now)
             if self.trimmer.check(len(ws.connections), now):
                 ws.trim_buffers()
+                self.runners.clear()
             for conn in ws.connections:
                 d = conn.deadline
                 if d and d < now:

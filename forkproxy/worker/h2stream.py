@@ -126,7 +126,8 @@ class Http2Stream(Http2FrontEnd):
         self.request_trailers = None
         self.starting = True
         conn = self.conn
-        self.t_accept = conn.t_accept or _monotonic()
+        # a later stream's start: when its request was read (the connection's last read)
+        self.t_accept = conn.t_accept or conn.idle_since
         self.t_tls = conn.t_tls
         conn.t_accept = 0.0
         conn.t_tls = 0.0

@@ -116,6 +116,7 @@ class ServerSession(SessionBase):
         #: opened before it saw that GOAWAY has arrived (TCP keeps the order)
         self.notice_acked = False
         self._violation: tuple[str, int] | None = None
+        self._dropped: list[dict] = []  # streams of a torn-down connection (_close_streams)
         kw = {} if clock is None else {"clock": clock}
         self._resets = TokenBucket(limits.reset_burst, limits.reset_rate, **kw)
         self._control = TokenBucket(limits.control_burst, limits.control_rate, **kw)
@@ -172,6 +173,9 @@ class ServerSession(SessionBase):
 
     def _close_streams(self, code: int) -> None:
         streams, self.streams = self.streams, {}
+        # nghttp2 sends no more DATA once terminating, but a whole body's source
+        # (respond_whole) is still its pointer: kept until the C session is gone
+        self._dropped.append(streams)
         for sid, stream in streams.items():
             if stream.request is not None:
                 self.events.append((CLOSED, sid, code))

@@ -35,6 +35,7 @@ from operator import ne as _ne
 
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.base import OutStream, SessionBase, nv_once
+from forkproxy.http2.fieldsink import header_callback, new_sink
 
 ffi = ng.ffi
 _from_buffer = ffi.from_buffer
@@ -51,25 +52,20 @@ _PING = b"fp-alive"
 
 
 class _ClientStream(OutStream):
-    __slots__ = ("fields", "list_size", "headed", "unconsumed", "length")
+    __slots__ = ("headed", "unconsumed")
 
     def __init__(self, sid: int):
         super().__init__(sid)
-        self.fields: list[tuple[bytes, bytes]] = []
-        self.list_size = 0
         self.headed = False  # the final head was received (later HEADERS: trailers)
         self.unconsumed = 0
-        self.length = None  # the head's content-length
 
     def reuse(self, sid: int) -> _ClientStream:
         """The object of a closed stream, for a new one (see ClientSession.request)."""
         self.sid = sid
         self.out.clear()
-        self.out_size = self.offset = self.list_size = self.unconsumed = 0
+        self.out_size = self.offset = self.unconsumed = 0
         self.eof = self.deferred = self.headed = False
-        self.trailers = self.length = None
-        if self.fields:
-            self.fields = []
+        self.trailers = None
         return self
 
 
@@ -77,15 +73,48 @@ class _ClientStream(OutStream):
 STREAMS_KEPT = 128
 
 
+def _translate_head(fields) -> tuple[int, list, int | None]:
+    """A response head's block as the HEAD event has it: the status, the regular
+    fields without ``content-length`` (a new list), and that length (None: none)."""
+    status = 0
+    if fields and fields[0][0] == b":status":
+        status = int(fields[0][1])  # nghttp2 checked it is three digits
+        # nghttp2 checked the pseudo-headers too: a response has :status only, before
+        # the regular fields
+        rest = fields[1:]
+    else:
+        rest = [f for f in fields if not f[0].startswith(b":")]
+    length = None
+    for i, (name, value) in enumerate(rest):
+        if name == b"content-length":  # for the relay (nghttp2 checked it; one at most)
+            length = int(value)
+            del rest[i]
+            break
+    return status, rest, length
+
+
 class ClientSession(SessionBase):
     """One HTTP/2 connection to a server (sans-IO). Call :meth:`close` when done."""
 
     FRAME_SEND = False  # nothing to do per frame sent
+    #: the response's header fields are collected in C when fieldsink is compiled (one
+    #: call into Python per HEADERS frame instead of one per field)
+    HEADER_CALLBACK = header_callback()
 
     def __init__(self, stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW):
         super().__init__()
         lib = self._lib
+        #: the header block being received (forkproxy/http2/fieldsink.py): past
+        #: MAX_HEADER_LIST its stream is reset; a block the same as one of the last two
+        #: comes as the same list, whose translation _headers_done keeps
+        self._sink = sink = new_sink(MAX_HEADER_LIST, fail=True, memo=True)
+        if sink.address:  # compiled: the sink is nghttp2's user_data, the handle first
+            user_data = ffi.cast("void **", sink.address)
+            user_data[0] = self._handle
+            self._user_data = user_data
+        #: the last final head's field list and its event payload (see _headers_done)
+        self._head_fields = self._head_payload = None
         self.goaway_last: int | None = None  # the last stream id of a GOAWAY received
         # the last request head, its nghttp2_nv array and its buffers (see _request_nv)
         self._last_fields: tuple | None = None
@@ -184,22 +213,11 @@ class ClientSession(SessionBase):
     # -- callbacks (called by nghttp2 during receive/data_to_send) -----------------------
 
     def _on_header(self, frame, name, namelen, value, valuelen) -> int:
-        stream = self.streams.get(frame.hd.stream_id)
-        if stream is None:
-            return 0
-        size = stream.list_size = stream.list_size + namelen + valuelen + 32
-        if size > MAX_HEADER_LIST:
-            return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # the stream is reset
+        """Plain Python only: compiled, fieldsink's C callback collects the fields."""
         # an empty value may come as NULL, which unpack refuses
-        value = _unpack(value, valuelen) if valuelen else b""
-        if namelen == 14 and not stream.headed:
-            name = _unpack(name, namelen)
-            if name == b"content-length":  # the head's, for the relay (nghttp2 checked it)
-                stream.length = int(value)
-                return 0
-            stream.fields.append((name, value))
-            return 0
-        stream.fields.append((_unpack(name, namelen), value))
+        if self._sink.add(frame.hd.stream_id, _unpack(name, namelen),
+                          _unpack(value, valuelen) if valuelen else b""):
+            return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # past the limit: the stream is reset
         return 0
 
     def _on_invalid_header(self, frame) -> int:
@@ -211,9 +229,10 @@ class ClientSession(SessionBase):
         kind = hd.type
         if kind == _HEADERS:
             sid = hd.stream_id
+            fields = self._sink.take(sid)  # taken whatever the stream: the sink is empty
             stream = self.streams.get(sid)
             if stream is not None:
-                self._headers_done(stream)
+                self._headers_done(stream, fields)
                 if hd.flags & _END_STREAM:
                     self.events.append((END, sid, None))
             return 0
@@ -238,26 +257,23 @@ class ClientSession(SessionBase):
             return 0
         return 0
 
-    def _headers_done(self, stream: _ClientStream) -> None:
-        fields, stream.fields = stream.fields, []
-        stream.list_size = 0
+    def _headers_done(self, stream: _ClientStream, fields) -> None:
+        """A header block of ``stream`` received whole (the sink's list: possibly a
+        remembered one, shared, so it is never changed here or after)."""
         if stream.headed:
             self.events.append((TRAILERS, stream.sid, fields))
             return
-        status = 0
-        if fields and fields[0][0] == b":status":
-            status = int(fields[0][1])  # nghttp2 checked it is three digits
-            # nghttp2 checked the pseudo-headers too: a response has :status only,
-            # before the regular fields
-            del fields[0]
-        else:
-            fields = [f for f in fields if not f[0].startswith(b":")]
+        if fields is self._head_fields:  # the same head as the last one
+            self.events.append((HEAD, stream.sid, self._head_payload))
+            stream.headed = True
+            return
+        status, rest, length = head = _translate_head(fields)
         if status >= 200:
             stream.headed = True
-            self.events.append((HEAD, stream.sid, (status, fields, stream.length)))
+            self._head_fields, self._head_payload = fields, head
+            self.events.append((HEAD, stream.sid, head))
         else:
-            self.events.append((INTERIM, stream.sid, (status, fields)))
-            stream.length = None
+            self.events.append((INTERIM, stream.sid, (status, rest)))
 
     def _on_data(self, sid: int, ptr, n: int) -> int:
         stream = self.streams.get(sid)

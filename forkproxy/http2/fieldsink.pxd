@@ -7,6 +7,11 @@ cdef extern from *:
     #include <string.h>
     #include <nghttp2/nghttp2.h>
 
+    /* blocks a memo sink remembers (a response's head and its trailers: two kinds
+       that alternate), and the largest it remembers */
+    #define FP_SINK_MEMO 2
+    #define FP_SINK_MEMO_MAX 2048
+
     /* A session's header block being received. nghttp2's user_data points here, and
        the handle comes first: the Python callbacks find their session as user_data[0]
        (forkproxy/http2/base.py). */
@@ -20,20 +25,70 @@ cdef extern from *:
         char *buf;         /* per field: name length, value length (size_t), name, value */
         size_t used, cap;
         Py_ssize_t count;
+        int fail;          /* a block past the limit fails the callback (the stream is
+                              reset) instead of being dropped for a 431 */
+        int memo;          /* take() gives the list of the same block again (below) */
+        char *mbuf[FP_SINK_MEMO];      /* the blocks remembered, as buf has them */
+        size_t mused[FP_SINK_MEMO];
+        PyObject *mlist[FP_SINK_MEMO]; /* the lists made of them */
+        int mnext;                     /* the slot the next new block takes */
     } fp_sink;
 
     /* a buffer grown past this for a large block is freed once it was taken */
     #define FP_SINK_KEEP 4096
 
-    static void fp_sink_init(fp_sink *s, Py_ssize_t limit) {
+    static void fp_sink_init(fp_sink *s, Py_ssize_t limit, int fail, int memo) {
         memset(s, 0, sizeof(*s));
         s->limit = (size_t)limit;
+        s->fail = fail;
+        s->memo = memo;
     }
 
     static void fp_sink_free(fp_sink *s) {
         free(s->buf);
         s->buf = NULL;
         s->cap = s->used = 0;
+    }
+
+    /* everything, the remembered blocks too (the sink's end) */
+    static void fp_sink_dealloc(fp_sink *s) {
+        int i;
+        fp_sink_free(s);
+        for (i = 0; i < FP_SINK_MEMO; i++) {
+            free(s->mbuf[i]);
+            s->mbuf[i] = NULL;
+            Py_CLEAR(s->mlist[i]);
+        }
+    }
+
+    /* the list of a remembered block with the same fields as the one taken, or NULL */
+    static PyObject *fp_sink_recall(fp_sink *s) {
+        int i;
+        for (i = 0; i < FP_SINK_MEMO; i++) {
+            if (s->mlist[i] != NULL && s->mused[i] == s->used
+                    && memcmp(s->mbuf[i], s->buf, s->used) == 0) {
+                Py_INCREF(s->mlist[i]);
+                return s->mlist[i];
+            }
+        }
+        return NULL;
+    }
+
+    /* remember the block taken and its list (a failed copy: not remembered) */
+    static void fp_sink_remember(fp_sink *s, PyObject *list) {
+        int i = s->mnext;
+        char *copy;
+        if (s->used > FP_SINK_MEMO_MAX)
+            return;
+        copy = (char *)realloc(s->mbuf[i], s->used ? s->used : 1);
+        if (copy == NULL)
+            return;
+        memcpy(copy, s->buf, s->used);
+        s->mbuf[i] = copy;
+        s->mused[i] = s->used;
+        Py_INCREF(list);
+        Py_XSETREF(s->mlist[i], list);
+        s->mnext = (i + 1) % FP_SINK_MEMO;
     }
 
     /* nghttp2's on_header_callback: copy one field of the block (no Python, no GIL) */
@@ -58,7 +113,7 @@ cdef extern from *:
             s->oversize = 1;
             s->used = 0;
             s->count = 0;
-            return 0;
+            return s->fail ? NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE : 0;
         }
         need = s->used + 2 * sizeof(size_t) + namelen + valuelen;
         if (need > s->cap) {
@@ -95,6 +150,11 @@ cdef extern from *:
             s->oversize = 0;
             Py_RETURN_NONE;
         }
+        if (s->memo && (out = fp_sink_recall(s)) != NULL) {
+            s->used = 0;
+            s->count = 0;
+            return out;
+        }
         out = PyList_New(s->count);
         if (out == NULL)
             return NULL;
@@ -119,6 +179,8 @@ cdef extern from *:
             PyList_SET_ITEM(out, i, pair);
             at += namelen + valuelen;
         }
+        if (s->memo)
+            fp_sink_remember(s, out);
         s->used = 0;
         s->count = 0;
         if (s->cap > FP_SINK_KEEP)
@@ -131,8 +193,8 @@ cdef extern from *:
     """
     ctypedef struct fp_sink:
         int cat
-    void fp_sink_init(fp_sink *s, Py_ssize_t limit)
-    void fp_sink_free(fp_sink *s)
+    void fp_sink_init(fp_sink *s, Py_ssize_t limit, int fail, int memo)
+    void fp_sink_dealloc(fp_sink *s)
     object fp_sink_take(fp_sink *s, int sid)
     Py_ssize_t fp_sink_address(fp_sink *s)
     Py_ssize_t fp_header_callback_address()

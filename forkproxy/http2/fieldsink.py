@@ -16,6 +16,16 @@ stored, and :meth:`take` gives None (431); nothing else is checked here: nghttp2
 checks, the invalid-field callback and forkproxy/http2/translate.py stay as they were.
 As plain Python (no compiler, or FORKPROXY_PURE_PYTHON=1), :class:`PyFieldSink` collects
 the same way from the session's Python header callback.
+
+The upstream client (forkproxy/http2/client.py) asks for two things more. ``fail``: a
+block past the limit fails the C callback with NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE,
+so nghttp2 resets that stream (a response head too large is the upstream's fault, not
+answered with a 431). ``memo``: the compiled sink remembers its last two blocks (a
+response's head and its trailers) and their lists, and a block byte for byte the same
+as one of them is given as the same list again, not made anew: a gRPC server's heads
+and trailers repeat call after call (the head within its ``date``'s second), and the
+client keeps its translation of such a list (an ``is`` test). A remembered list is
+shared: nobody may change it.
 """
 
 from __future__ import annotations
@@ -43,21 +53,23 @@ class PyFieldSink:
         self.oversize = False
         self.fields: list[tuple[bytes, bytes]] = []
 
-    def add(self, sid: int, name: bytes, value: bytes) -> None:
-        """One field of stream ``sid``'s block (what fp_on_header does in C)."""
+    def add(self, sid: int, name: bytes, value: bytes) -> bool:
+        """One field of stream ``sid``'s block (what fp_on_header does in C); True when
+        this field took the block past the limit."""
         if sid != self.sid:  # a new block (blocks never interleave)
             self.sid = sid
             self.size = 0
             self.oversize = False
             self.fields = []
         elif self.oversize:
-            return
+            return False
         size = self.size = self.size + len(name) + len(value) + 32
         if size > self.limit:
             self.oversize = True
             self.fields = []
-            return
+            return True
         self.fields.append((name, value))
+        return False
 
     def take(self, sid: int):
         """Block ``sid``'s fields, None if it passed the limit; the sink is then empty."""
@@ -75,11 +87,11 @@ class CFieldSink:
     """The compiled sink: nghttp2's user_data, filled by the C callback. Only made when
     COMPILED (its methods are C functions of fieldsink.pxd)."""
 
-    def __init__(self, limit: int):
-        fp_sink_init(cython.address(self.sink), limit)  # noqa: F821
+    def __init__(self, limit: int, fail: bool = False, memo: bool = False):
+        fp_sink_init(cython.address(self.sink), limit, fail, memo)  # noqa: F821
 
     def __dealloc__(self):
-        fp_sink_free(cython.address(self.sink))  # noqa: F821
+        fp_sink_dealloc(cython.address(self.sink))  # noqa: F821
 
     @property
     def address(self) -> int:
@@ -98,6 +110,8 @@ def header_callback() -> int:
     return 0
 
 
-def new_sink(limit: int):
-    """A sink for one session: the C one when compiled."""
-    return CFieldSink(limit) if COMPILED else PyFieldSink(limit)
+def new_sink(limit: int, fail: bool = False, memo: bool = False):
+    """A sink for one session: the C one when compiled (``fail`` and ``memo``: see the
+    module's docstring; the plain-Python sink has no memo, and its session's callback
+    fails an oversize block itself)."""
+    return CFieldSink(limit, fail, memo) if COMPILED else PyFieldSink(limit)

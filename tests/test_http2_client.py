@@ -53,7 +53,7 @@ def events(session, sid=None):
     return out
 
 
-def test_request_and_response_with_trailers_both_ways():
+def test_request_and_response_with_trailers_both_ways(sink_kind):
     c, s = h2c.ClientSession(), h2s.ServerSession()
     sid = c.request(POST, end_stream=False)
     c.send_data(sid, b"hello")
@@ -104,14 +104,14 @@ def test_content_length_is_taken_out_of_the_head_and_stream_objects_are_reused()
     assert [(k, p) for k, i, p in events(c, sid)][0] == (h2c.HEAD, (204, [], None))
 
 
-def test_settings_known_before_requests():
+def test_settings_known_before_requests(sink_kind):
     c, s = h2c.ClientSession(), h2s.ServerSession()
     pump(c, s)
     assert (h2c.SETTINGS, 0, None) in events(c)
     assert c.max_streams == s.limits.max_concurrent_streams
 
 
-def test_goaway_refuses_streams_above_its_last_id():
+def test_goaway_refuses_streams_above_its_last_id(sink_kind):
     c, s = h2c.ClientSession(), h2s.ServerSession()
     first = c.request(GET, end_stream=True)
     pump(c, s)
@@ -141,7 +141,7 @@ def test_response_window_opens_only_as_the_consumer_takes():
     assert 0 < received <= 16384
 
 
-def test_ping_is_answered():
+def test_ping_is_answered(sink_kind):
     c, s = h2c.ClientSession(), h2s.ServerSession()
     pump(c, s)
     events(c)
@@ -150,7 +150,7 @@ def test_ping_is_answered():
     assert (h2c.PONG, 0, None) in events(c)
 
 
-def test_reset_stream_is_closed_with_its_code():
+def test_reset_stream_is_closed_with_its_code(sink_kind):
     c, s = h2c.ClientSession(), h2s.ServerSession()
     sid = c.request(GET, end_stream=True)
     pump(c, s)
@@ -162,12 +162,14 @@ def test_reset_stream_is_closed_with_its_code():
 @pytest.fixture(params=["compiled", "python"])
 def sink_kind(request, monkeypatch):
     """Both header sinks (forkproxy/http2/fieldsink.py): the C one when the module is
-    compiled, and the plain-Python one with the session's Python header callback."""
+    compiled, and the plain-Python one with the session's Python header callback (and
+    its Python frame callback for every frame, not the C filter in front of it)."""
     if request.param == "compiled":
         if not fieldsink.COMPILED:
             pytest.skip("fieldsink is not compiled in this build")
     else:
         monkeypatch.setattr(h2c.ClientSession, "HEADER_CALLBACK", 0)
+        monkeypatch.setattr(h2c.ClientSession, "FRAME_RECV_CALLBACK", 0)
         monkeypatch.setattr(h2c, "new_sink", lambda limit, fail, memo:
                             fieldsink.PyFieldSink(limit))
     return request.param

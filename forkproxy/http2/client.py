@@ -34,8 +34,8 @@ from itertools import compress as _compress
 from operator import ne as _ne
 
 from forkproxy.http2 import nghttp2 as ng
-from forkproxy.http2.base import OutStream, SessionBase, nv_once
-from forkproxy.http2.fieldsink import header_callback, new_sink
+from forkproxy.http2.base import OutStream, SessionBase, frame_recv_address, nv_once
+from forkproxy.http2.fieldsink import client_frame_callback, header_callback, new_sink
 
 ffi = ng.ffi
 _from_buffer = ffi.from_buffer
@@ -100,6 +100,9 @@ class ClientSession(SessionBase):
     #: the response's header fields are collected in C when fieldsink is compiled (one
     #: call into Python per HEADERS frame instead of one per field)
     HEADER_CALLBACK = header_callback()
+    #: and frames it does nothing for are done with in C (a DATA frame that does not end
+    #: its stream, WINDOW_UPDATE...): _on_frame_recv is called for the others only
+    FRAME_RECV_CALLBACK = client_frame_callback(frame_recv_address())
 
     def __init__(self, stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW):

@@ -188,6 +188,41 @@ cdef extern from *:
         return out;
     }
 
+    /* The upstream client's on_frame_recv: the Python callback (set once, by address)
+       only for the frames forkproxy/http2/client.py acts on; the others (a DATA frame
+       that does not end its stream, a SETTINGS or PING ACK... WINDOW_UPDATE,
+       RST_STREAM) are done with here, two C to Python calls fewer per gRPC call. */
+    static nghttp2_on_frame_recv_callback fp_client_frame_next = NULL;
+
+    static int fp_client_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
+                                    void *user_data) {
+        switch (frame->hd.type) {
+        case NGHTTP2_HEADERS:
+        case NGHTTP2_GOAWAY:
+            break;
+        case NGHTTP2_DATA:
+            if (!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
+                return 0;
+            break;
+        case NGHTTP2_SETTINGS:
+            if (frame->hd.flags & NGHTTP2_FLAG_ACK)
+                return 0;
+            break;
+        case NGHTTP2_PING:
+            if (!(frame->hd.flags & NGHTTP2_FLAG_ACK))
+                return 0;
+            break;
+        default:
+            return 0;
+        }
+        return fp_client_frame_next(session, frame, user_data);
+    }
+
+    static Py_ssize_t fp_client_frame_callback(Py_ssize_t next) {
+        fp_client_frame_next = (nghttp2_on_frame_recv_callback)next;
+        return (Py_ssize_t)&fp_client_frame_recv;
+    }
+
     static Py_ssize_t fp_sink_address(fp_sink *s) { return (Py_ssize_t)s; }
     static Py_ssize_t fp_header_callback_address(void) { return (Py_ssize_t)&fp_on_header; }
     """
@@ -198,6 +233,7 @@ cdef extern from *:
     object fp_sink_take(fp_sink *s, int sid)
     Py_ssize_t fp_sink_address(fp_sink *s)
     Py_ssize_t fp_header_callback_address()
+    Py_ssize_t fp_client_frame_callback(Py_ssize_t next)
 
 
 cdef class CFieldSink:

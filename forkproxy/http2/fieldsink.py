@@ -110,6 +110,15 @@ def header_callback() -> int:
     return 0
 
 
+def client_frame_callback(python_callback: int) -> int:
+    """The address of the upstream client's C on_frame_recv callback, which calls
+    ``python_callback`` (an address) only for the frames the client acts on; 0 when this
+    module runs as plain Python (the client then registers ``python_callback``)."""
+    if COMPILED:
+        return fp_client_frame_callback(python_callback)  # noqa: F821
+    return 0
+
+
 def new_sink(limit: int, fail: bool = False, memo: bool = False):
     """A sink for one session: the C one when compiled (``fail`` and ``memo``: see the
     module's docstring; the plain-Python sink has no memo, and its session's callback

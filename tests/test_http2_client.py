@@ -169,7 +169,7 @@ def sink_kind(request, monkeypatch):
             pytest.skip("fieldsink is not compiled in this build")
     else:
         monkeypatch.setattr(h2c.ClientSession, "HEADER_CALLBACK", 0)
-        monkeypatch.setattr(h2c.ClientSession, "FRAME_RECV_CALLBACK", 0)
+        monkeypatch.setattr(h2c.ClientSession, "C_CALLBACKS", ())
         monkeypatch.setattr(h2c, "new_sink", lambda limit, fail, memo:
                             fieldsink.PyFieldSink(limit))
     return request.param

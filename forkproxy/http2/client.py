@@ -33,15 +33,19 @@ from __future__ import annotations
 from itertools import compress as _compress
 from operator import ne as _ne
 
+from forkproxy.http2 import fieldsink
 from forkproxy.http2 import nghttp2 as ng
-from forkproxy.http2.base import OutStream, SessionBase, frame_recv_address, nv_once
-from forkproxy.http2.fieldsink import client_frame_callback, header_callback, new_sink
+from forkproxy.http2.base import OutStream, SessionBase, nv_once
+from forkproxy.http2.fieldsink import client_callbacks, header_callback, new_sink
 
 ffi = ng.ffi
 _from_buffer = ffi.from_buffer
 _unpack = ffi.unpack  # names, values and chunks are char * (see base.py)
 INTERIM, HEAD, DATA, TRAILERS, END, CLOSED, GOAWAY, SETTINGS, PONG = range(1, 10)
 _HEADERS, _DATA, _END_STREAM = ng.HEADERS, ng.DATA, ng.FLAG_END_STREAM
+_EV_HEADERS_END, _EV_DATA, _EV_END, _EV_CLOSED, _EV_GOAWAY, _EV_SETTINGS = (
+    fieldsink.EV_HEADERS_END, fieldsink.EV_DATA, fieldsink.EV_END, fieldsink.EV_CLOSED,
+    fieldsink.EV_GOAWAY, fieldsink.EV_SETTINGS)
 
 #: the window each response stream gets; the connection's is this times the streams
 STREAM_WINDOW = 256 * 1024
@@ -100,9 +104,10 @@ class ClientSession(SessionBase):
     #: the response's header fields are collected in C when fieldsink is compiled (one
     #: call into Python per HEADERS frame instead of one per field)
     HEADER_CALLBACK = header_callback()
-    #: and frames it does nothing for are done with in C (a DATA frame that does not end
-    #: its stream, WINDOW_UPDATE...): _on_frame_recv is called for the others only
-    FRAME_RECV_CALLBACK = client_frame_callback(frame_recv_address())
+    #: and, compiled, the frames, DATA chunks and stream closes are queued in C during
+    #: a call into nghttp2 and handled after it (_run_queued: one call into Python per
+    #: read, not one per event; frames the client does nothing for are not queued)
+    C_CALLBACKS = client_callbacks()
 
     def __init__(self, stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW):
@@ -116,6 +121,8 @@ class ClientSession(SessionBase):
             user_data = ffi.cast("void **", sink.address)
             user_data[0] = self._handle
             self._user_data = user_data
+        #: the events the C callbacks queued (None: the Python callbacks handle them)
+        self._drain = sink.drain if self.C_CALLBACKS else None
         #: the last final head's field list and its event payload (see _headers_done)
         self._head_fields = self._head_payload = None
         self.goaway_last: int | None = None  # the last stream id of a GOAWAY received
@@ -137,10 +144,53 @@ class ClientSession(SessionBase):
         if self._session is None or self.failed is not None:
             return
         rv = self._lib.nghttp2_session_mem_recv(self._session, ffi.from_buffer(data), len(data))
+        if self._drain is not None:
+            self._run_queued()
         self._after_call()
         if rv < 0:  # nghttp2 sends GOAWAY itself; every stream is over
             self.failed = "protocol_error"
             self._close_streams(ng.PROTOCOL_ERROR)
+
+    def data_to_send(self) -> bytes:
+        """As SessionBase's; a stream nghttp2 closed while sending (its END_STREAM, a
+        RST_STREAM) is handled before it returns."""
+        data = SessionBase.data_to_send(self)
+        if self._drain is not None:
+            self._run_queued()
+        return data
+
+    def _run_queued(self) -> None:
+        """The events the C callbacks queued during the last call into nghttp2,
+        handled in their order as the Python callbacks below handle them one by one."""
+        queued = self._drain()
+        if queued is None:
+            return
+        events, streams = self.events, self.streams
+        try:
+            for kind, sid, payload in queued:
+                if kind == _EV_DATA:
+                    self._on_chunk(sid, payload)
+                elif kind <= _EV_HEADERS_END:
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        self._headers_done(stream, payload)
+                        if kind == _EV_HEADERS_END:
+                            events.append((END, sid, None))
+                elif kind == _EV_CLOSED:
+                    self._on_stream_close(sid, payload)
+                elif kind == _EV_END:
+                    if sid in streams:
+                        events.append((END, sid, None))
+                elif kind == _EV_GOAWAY:
+                    self.goaway_last = payload[0]
+                    events.append((GOAWAY, 0, payload))
+                elif kind == _EV_SETTINGS:
+                    events.append((SETTINGS, 0, None))
+                else:
+                    events.append((PONG, 0, None))
+        except BaseException:
+            self.failed = "internal_error"
+            raise
 
     def _close_streams(self, code: int) -> None:
         streams, self.streams = self.streams, {}
@@ -279,13 +329,16 @@ class ClientSession(SessionBase):
             self.events.append((INTERIM, stream.sid, (status, rest)))
 
     def _on_data(self, sid: int, ptr, n: int) -> int:
-        stream = self.streams.get(sid)
-        if stream is None:
-            self._lib.nghttp2_session_consume(self._session, sid, n)
-            return 0
-        stream.unconsumed += n
-        self.events.append((DATA, sid, _unpack(ptr, n) if n else b""))
+        self._on_chunk(sid, _unpack(ptr, n) if n else b"")
         return 0
+
+    def _on_chunk(self, sid: int, data: bytes) -> None:
+        stream = self.streams.get(sid)
+        if stream is None:  # (nghttp2 gives the connection's window back whatever)
+            self._lib.nghttp2_session_consume(self._session, sid, len(data))
+            return
+        stream.unconsumed += len(data)
+        self.events.append((DATA, sid, data))
 
     def _on_stream_close(self, sid: int, code: int) -> int:
         stream = self._forget(sid)

@@ -102,6 +102,12 @@ class CFieldSink:
         """Block ``sid``'s fields, None if it passed the limit; the sink is then empty."""
         return fp_sink_take(cython.address(self.sink), sid)  # noqa: F821
 
+    def drain(self):
+        """The client's events queued by its C callbacks (client_callbacks), in order,
+        as (EV_* kind, stream id, payload); None if there are none. The queue is then
+        empty."""
+        return fp_sink_drain(cython.address(self.sink))  # noqa: F821
+
 
 def header_callback() -> int:
     """The address of the C on_header callback; 0 when this module runs as plain Python."""
@@ -110,13 +116,20 @@ def header_callback() -> int:
     return 0
 
 
-def client_frame_callback(python_callback: int) -> int:
-    """The address of the upstream client's C on_frame_recv callback, which calls
-    ``python_callback`` (an address) only for the frames the client acts on; 0 when this
-    module runs as plain Python (the client then registers ``python_callback``)."""
+#: the kinds of the client's queued events (fieldsink.pxd's FP_EV_*)
+EV_HEADERS, EV_HEADERS_END, EV_DATA, EV_END, EV_CLOSED, EV_GOAWAY, EV_SETTINGS, EV_PONG = \
+    range(1, 9)
+
+
+def client_callbacks() -> tuple[tuple[str, int], ...]:
+    """The upstream client's C callbacks that queue its events in the sink (frames
+    received, DATA chunks, streams closed), as (nghttp2 callback name, address) pairs;
+    empty when this module runs as plain Python (the client's Python callbacks then)."""
     if COMPILED:
-        return fp_client_frame_callback(python_callback)  # noqa: F821
-    return 0
+        return (("frame_recv", fp_client_frame_recv_address()),  # noqa: F821
+                ("data_chunk", fp_client_data_chunk_address()),  # noqa: F821
+                ("stream_close", fp_client_stream_close_address()))  # noqa: F821
+    return ()
 
 
 def new_sink(limit: int, fail: bool = False, memo: bool = False):

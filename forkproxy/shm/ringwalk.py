@@ -23,9 +23,11 @@ _TAIL = 64 // 8
 _LOST = 72 // 8
 
 
-def walk(q, buf, size, maxp, handler, decode, out, errors, max_records):
+def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, dst=None, ends=None):
     """Up to ``max_records`` committed records, oldest first: ``handler(view)`` on each,
-    or with ``decode``, ``out.append(decode(view))`` (Ring.drain, Ring.drain_decoded).
+    or with ``decode``, ``out.append(decode(view))`` (Ring.drain, Ring.drain_decoded),
+    or with ``dst``, each record's bytes copied into ``dst`` back to back, record ``k``
+    ending at ``ends[k]`` (Ring.drain_raw; ``dst`` has room for the ring's data area).
 
     ``size``: the data area's size (a power of two), ``maxp``: the longest payload.
     Publishes ``tail`` once, at the end (also when the handler raises). Returns
@@ -40,8 +42,11 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records):
         q[_LOST] += 1
         q[_TAIL] = head
         return 0, 0
-    count = bad = 0
+    count = bad = used = 0
     append = out.append if out is not None else None
+    copy = dst is not None
+    if copy:
+        src = buf
     try:
         while tail != head and count < max_records:
             off = tail & mask
@@ -61,6 +66,11 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records):
             at = _DATA + off + 8
             tail += need
             count += 1
+            if copy:
+                dst[used : used + n] = src[at : at + n]
+                used += n
+                ends[count - 1] = used
+                continue
             if append is not None:
                 try:
                     append(decode(buf[at : at + n]))

@@ -1,0 +1,139 @@
+"""The compiled record path (manager/rawbatch.py: records scanned into C structs, counters
+and histograms from them, JSON lines written in C) against msgspec's decode and the
+Python path: the same exposition to the last digit and the same access log bytes, for
+records that take every branch (the fast path, each fallback, hostile strings, records
+that do not decode), in batches drained from a real ring."""
+
+from __future__ import annotations
+
+import random
+
+import msgspec
+import pytest
+
+from forkproxy.context import N_TIMES, RequestContext, WorkerGauges, decoder, encoder
+from forkproxy.manager import rawbatch
+from forkproxy.manager.jsonline import json_batch
+from forkproxy.manager.metrics import Metrics
+from forkproxy.shm.ring import Ring
+from test_manager_aggregation import random_context
+
+pytestmark = pytest.mark.skipif(not rawbatch.COMPILED,
+                                reason="the C record path exists only when compiled")
+
+HOSTILE = ["", "/", "/a\"b", "/back\\slash", "/ctl\x01\x1f\x7f", "/tab\tnl\nret\r",
+           "/b\bf\f", "/caf\u00e9", "/\u2603snow", "x" * 40, "y" * 300, "z" * 5000,
+           "/emoji\U0001f600", "/nul\x00"]
+
+
+def hostile_context(rng: random.Random) -> RequestContext:
+    ctx = random_context(rng)
+    pick = rng.choice
+    ctx.path = pick(HOSTILE)
+    ctx.remote = pick(["127.0.0.1", "::1", "a\"b", "\u00e9"])
+    ctx.method = pick(["GET", "M\\", "PO\nST"])
+    ctx.request_id = pick([ctx.request_id, "", "id\x02"])
+    ctx.listener = pick(["a:1", "b:2", "l\u00e9", "l\"q"])
+    ctx.upstream = pick(["", "app", "api", "u\\p"])
+    ctx.route = pick(["", "* /api", "\u00e9 /"])
+    ctx.protocol, ctx.stream = pick([("HTTP/1.1", 0), ("HTTP/2", 1), ("HTTP/2", 2**31 - 1)])
+    ctx.trace_id, ctx.span_id = pick([(b"", b""), (bytes(range(16)), b"\xff" * 8)])
+    ctx.trace_flags = pick([0, 1])
+    ctx.tracestate = pick(["", "a=b"])
+    ctx.grpc_status = pick([None, None, None, 0, 14])
+    ctx.worker = pick([1, 2**40, -5])
+    ctx.bytes_out = pick([0, 1, 2**50, 255, 65536])
+    ctx.status = pick([200, 404, 0, 99999])
+    ctx.ts = pick([ctx.ts, 0.0, 1e12, 1.5])
+    if rng.random() < 0.05:
+        ctx.times = [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1e7]  # 1e13 µs: the Python line
+    if rng.random() < 0.05:
+        ctx.times = ctx.times[:6]  # another number of timestamps
+    return ctx
+
+
+def odd_payloads() -> list[bytes]:
+    """Records the scanner must leave to msgspec: gauges, short or long arrays, ints where
+    floats go, garbage that does not decode."""
+    t = [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0]
+    full = list(msgspec.structs.astuple(RequestContext(
+        1.0, "r", 1, "a:1", "h", "GET", "/", 200, 0, 0, "app", "", False, None, "", t)))
+    return [
+        encoder.encode(WorkerGauges(7, 1.0, 5, 2, [])),
+        msgspec.msgpack.encode([1, *full[:16]]),  # an older record: fewer fields
+        msgspec.msgpack.encode([1, *full, "extra"]),
+        msgspec.msgpack.encode([1, *full[:15], [0, 0, 1, 0, 0, 0, 0, 2]]),  # ints
+        b"\xc1garbage",
+        msgspec.msgpack.encode([1, *full[:7], "200", *full[8:]]),  # wrong type
+    ]
+
+
+def run_both(payloads: list[bytes], batch: int = 97) -> None:
+    """Through the ring: the C path and the reference, batch by batch."""
+    ring = Ring.create(1 << 20)
+    raw = rawbatch.RawBatch(ring.data_size, batch)
+    fast, ref = Metrics(), Metrics()
+    fast_lines, ref_lines = [], []
+    bad = 0
+    try:
+        for i in range(0, len(payloads), batch):
+            for p in payloads[i:i + batch]:
+                assert ring.push(p)
+            raw.n = ring.drain_raw(raw.data, raw.ends, batch)
+            assert raw.n == len(payloads[i:i + batch])
+            fast_lines.append(raw.process(fast, True))
+            bad += raw.bad
+            items = []
+            for p in payloads[i:i + batch]:
+                try:
+                    items.append(decoder.decode(p))
+                except msgspec.DecodeError:
+                    pass
+            ref.observe_batch(items)
+            ref_lines.append(json_batch(items)[0])
+            assert raw.records() == items
+    finally:
+        ring.close()
+    assert bad == sum(1 for p in payloads if safe_decode(p) is None)
+    assert b"".join(fast_lines) == b"".join(ref_lines)
+    assert fast.render() == ref.render()
+    assert (fast.records, fast.gauge_records) == (ref.records, ref.gauge_records)
+
+
+def safe_decode(p: bytes):
+    try:
+        return decoder.decode(p)
+    except msgspec.DecodeError:
+        return None
+
+
+def test_plain_records_take_the_c_path_and_match_msgspec_to_the_byte():
+    rng = random.Random(4)
+    ctxs = [random_context(rng) for _ in range(3000)]
+    for c in ctxs:  # no rare fields: every record on the fast path
+        c.error = c.reject = ""
+        c.retries, c.tunnel = 0, False
+    run_both([encoder.encode(c) for c in ctxs], batch=1024)
+
+
+def test_every_fallback_and_hostile_strings_match_msgspec():
+    rng = random.Random(16)
+    payloads = [encoder.encode(hostile_context(rng)) for _ in range(4000)]
+    odd = odd_payloads()
+    for i in range(0, len(payloads), 37):
+        payloads.insert(i, odd[(i // 37) % len(odd)])
+    run_both(payloads)
+
+
+def test_durations_at_the_edge_of_the_c_writer_range():
+    """Phases from 0 to just under and over 1e12 µs: msgspec's float text, C or Python."""
+    payloads = []
+    for us in (0, 1, 9, 10, 99, 100, 999, 1000, 1001, 12000, 123456, 999999999999,
+               1000000000000, 2**53):
+        t = [0.0] * N_TIMES
+        t[0], t[2] = 10.0, 10.0 + us / 1e6
+        t[7] = t[2] + us / 1e6
+        payloads.append(encoder.encode(RequestContext(
+            1_700_000_000.999, "r", 1, "a:1", "h", "GET", "/", 200, 0, 0, "", "", False,
+            None, "", t)))
+    run_both(payloads)

@@ -44,6 +44,7 @@ def hostile_context(rng: random.Random) -> RequestContext:
     ctx.worker = pick([1, 2**40, -5])
     ctx.bytes_out = pick([0, 1, 2**50, 255, 65536])
     ctx.status = pick([200, 404, 0, 99999])
+    ctx.retries = pick([0, 0, 1, -3, 2**45])
     ctx.ts = pick([ctx.ts, 0.0, 1e12, 1.5])
     if rng.random() < 0.05:
         ctx.times = [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1e7]  # 1e13 µs: the Python line
@@ -68,13 +69,15 @@ def odd_payloads() -> list[bytes]:
     ]
 
 
-def run_both(payloads: list[bytes], batch: int = 97) -> None:
+def run_both(payloads: list[bytes], batch: int = 97) -> int:
     """Through the ring: the C path and the reference, batch by batch."""
     ring = Ring.create(1 << 20)
     raw = rawbatch.RawBatch(ring.data_size, batch)
     fast, ref = Metrics(), Metrics()
+    fast_errors, ref_errors = [], []  # the records Metrics.on_error is given
+    fast.on_error, ref.on_error = fast_errors.append, ref_errors.append
     fast_lines, ref_lines = [], []
-    bad = 0
+    bad = scanned = 0
     try:
         for i in range(0, len(payloads), batch):
             for p in payloads[i:i + batch]:
@@ -83,6 +86,7 @@ def run_both(payloads: list[bytes], batch: int = 97) -> None:
             assert raw.n == len(payloads[i:i + batch])
             fast_lines.append(raw.process(fast, True))
             bad += raw.bad
+            scanned += raw.scanned
             items = []
             for p in payloads[i:i + batch]:
                 try:
@@ -97,6 +101,10 @@ def run_both(payloads: list[bytes], batch: int = 97) -> None:
     assert bad == sum(1 for p in payloads if safe_decode(p) is None)
     assert b"".join(fast_lines) == b"".join(ref_lines)
     assert fast.render() == ref.render()
+    assert fast_errors == ref_errors
+    for attr in ("rejected", "retries", "tunnels", "grpc", "requests", "bytes_out"):
+        assert getattr(fast, attr) == getattr(ref, attr), attr
+    return scanned
     assert (fast.records, fast.gauge_records) == (ref.records, ref.gauge_records)
 
 
@@ -107,13 +115,12 @@ def safe_decode(p: bytes):
         return None
 
 
-def test_plain_records_take_the_c_path_and_match_msgspec_to_the_byte():
+def test_records_take_the_c_path_and_match_msgspec_to_the_byte():
     rng = random.Random(4)
-    ctxs = [random_context(rng) for _ in range(3000)]
-    for c in ctxs:  # no rare fields: every record on the fast path
-        c.error = c.reject = ""
-        c.retries, c.tunnel = 0, False
-    run_both([encoder.encode(c) for c in ctxs], batch=1024)
+    ctxs = [random_context(rng) for _ in range(3000)]  # errors, rejects, retries, tunnels
+    for c in ctxs[::3]:
+        c.grpc_status = c.status % 17
+    assert run_both([encoder.encode(c) for c in ctxs], batch=1024) == len(ctxs)
 
 
 def test_every_fallback_and_hostile_strings_match_msgspec():
@@ -122,7 +129,8 @@ def test_every_fallback_and_hostile_strings_match_msgspec():
     odd = odd_payloads()
     for i in range(0, len(payloads), 37):
         payloads.insert(i, odd[(i // 37) % len(odd)])
-    run_both(payloads)
+    scanned = run_both(payloads)
+    assert 0 < scanned < len(payloads)  # both paths taken
 
 
 def test_durations_at_the_edge_of_the_c_writer_range():
@@ -136,4 +144,4 @@ def test_durations_at_the_edge_of_the_c_writer_range():
         payloads.append(encoder.encode(RequestContext(
             1_700_000_000.999, "r", 1, "a:1", "h", "GET", "/", 200, 0, 0, "", "", False,
             None, "", t)))
-    run_both(payloads)
+    assert run_both(payloads) == len(payloads)

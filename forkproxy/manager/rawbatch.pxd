@@ -11,7 +11,11 @@ from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_bytearray_data, fp_ce
 from forkproxy.manager.recordpass cimport _duration_bucket, _fine_bucket
 
 cdef long[::1] _F2P
-cdef unsigned long long K_REQ, K_REUSE, K_BIN, K_BOUT, K_DUR, K_GRP
+cdef unsigned long long K_REQ, K_REUSE, K_BIN, K_BOUT, K_DUR, K_GRP, K_REJ, K_RETRY
+cdef unsigned long long K_TUN, K_GRPC
+
+cdef _flush_rare(object m, unsigned long long kind, str a, str b, unsigned long long x,
+                 long long n)
 
 @cython.locals(i=Py_ssize_t)
 cdef void _observe(Histogram p, Histogram h, double v) noexcept
@@ -21,7 +25,8 @@ cdef class RawBatch:
     cdef public object view
     cdef const unsigned char *base
     cdef public long long[::1] ends
-    cdef public Py_ssize_t max_records, n, bad, lines
+    cdef public Py_ssize_t max_records, n, bad, lines, scanned
+    cdef Py_ssize_t start, end
     cdef public bint busy
     cdef public list names
     cdef fp_name_slot *names_tab
@@ -52,6 +57,9 @@ cdef class RawBatch:
 
     @cython.locals(c="fp_cells *", ci=Py_ssize_t)
     cdef Histogram _duration(self, object m, Py_ssize_t lid, Py_ssize_t uid)
+
+    @cython.locals(c="fp_cells *", x="unsigned long long")
+    cdef _rare(self, object m, fp_rec *r, Py_ssize_t lid, Py_ssize_t uid)
 
     cdef _hold(self, Py_ssize_t ci, object obj)
 

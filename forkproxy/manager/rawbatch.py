@@ -11,7 +11,7 @@ the JSON access log line is written in C (rawjson.pxd: the bytes msgspec writes)
 The counters' label strings are interned (an id per distinct listener, upstream and
 route); a batch's counts add up in C cells keyed by those ids and go into the Metrics'
 dicts once per batch (:meth:`RawBatch._flush`). A record the scanner does not take (a
-gauges record, a rare field set, a non-ASCII string, an unexpected type) is decoded by
+gauges record, a non-ASCII string, an unexpected type or number) is decoded by
 msgspec where it stands and takes the Python path (count_batch, time_batch,
 json_line), so the access log keeps ring order. As plain Python (FORKPROXY_PURE_PYTHON=1,
 no compiler) this module is not used: ``COMPILED`` is False and the Collector decodes
@@ -47,6 +47,10 @@ K_BIN = 3 << 56  # bytes_in: listener
 K_BOUT = 4 << 56  # bytes_out: listener
 K_DUR = 5 << 56  # the duration histogram of listener, upstream
 K_GRP = 6 << 56  # the critical-path report's PhaseGroup of route, upstream
+K_REJ = 7 << 56  # rejected: reason
+K_RETRY = 8 << 56  # retries: upstream
+K_TUN = 9 << 56  # tunnels: upstream
+K_GRPC = 10 << 56  # grpc: listener, upstream, grpc status
 
 #: records per batch at most (the Collector's BATCH); cells: at most 6 per record
 MAX_RECORDS = 1024
@@ -60,6 +64,19 @@ def _observe(p, h, v):
     h.buckets[i] += 1
     h.sum += v
     h.sumsq += v * v
+
+
+def _flush_rare(m, kind, a: str, b: str, x: int, n: int) -> None:
+    """A rare counter's cell into the Metrics (RawBatch._flush)."""
+    if kind == K_REJ:
+        m.rejected[a] = m.rejected.get(a, 0) + n
+    elif kind == K_RETRY:
+        m.retries[b] = m.retries.get(b, 0) + n
+    elif kind == K_TUN:
+        m.tunnels[b] = m.tunnels.get(b, 0) + n
+    elif kind == K_GRPC:
+        k = (a, b, x)
+        m.grpc[k] = m.grpc.get(k, 0) + n
 
 
 class RawBatch:
@@ -76,6 +93,7 @@ class RawBatch:
         self.max_records = max_records
         self.n = 0
         self.bad = 0  # records that did not decode (the Collector counts them)
+        self.scanned = 0  # records of the last batch read by the C scanner
         self.busy = False
         self.names: list[str] = []
         self.names_tab = fp_names_new()  # noqa: F821
@@ -128,6 +146,7 @@ class RawBatch:
         try:
             for k in range(self.n):
                 end = self.ends[k]
+                self.start, self.end = start, end
                 if fp_scan(self.base + start, end - start, r) == 0:  # noqa: F821
                     fast += 1
                     self._count(m, r)
@@ -138,6 +157,7 @@ class RawBatch:
                 start = end
         finally:
             m.records += fast
+            self.scanned = fast
             self._flush(m)
         return fp_out_bytes(self.out)  # noqa: F821
 
@@ -196,7 +216,25 @@ class RawBatch:
             fp_cell_add(c, K_BIN | lid, r.bytes_in)  # noqa: F821
         if r.bytes_out:
             fp_cell_add(c, K_BOUT | lid, r.bytes_out)  # noqa: F821
+        if r.error.n or r.reject.n or r.retries or r.tunnel or r.has_grpc:
+            self._rare(m, r, lid, uid)
         self._time(m, r, lid, uid, rid)
+
+    def _rare(self, m, r, lid: int, uid: int) -> None:
+        """Metrics.count_rare for one scanned record; ``on_error`` gets it decoded."""
+        c = self.cells
+        if r.error.n and m.on_error is not None:
+            m.on_error(decoder.decode(self.view[self.start:self.end]))
+        if r.reject.n:
+            x = fp_intern(self.names_tab, self.names, r.reject)  # noqa: F821
+            fp_cell_add(c, K_REJ | x, 1)  # noqa: F821
+        if r.retries:
+            fp_cell_add(c, K_RETRY | (uid << 16), r.retries)  # noqa: F821
+        if r.tunnel:
+            fp_cell_add(c, K_TUN | (uid << 16), 1)  # noqa: F821
+        if r.has_grpc:
+            x = r.grpc_status
+            fp_cell_add(c, K_GRPC | (x << 32) | (uid << 16) | lid, 1)  # noqa: F821
 
     def _group(self, m, rid: int, uid: int):
         c = self.cells
@@ -284,6 +322,8 @@ class RawBatch:
                 bytes_in[a] = bytes_in.get(a, 0) + n
             elif kind == K_BOUT:
                 bytes_out[a] = bytes_out.get(a, 0) + n
+            else:
+                _flush_rare(m, kind, a, b, x, n)
         for resumed, n in ((False, self.tls_new), (True, self.tls_resumed)):
             if n:
                 m.tls[resumed] = m.tls.get(resumed, 0) + n

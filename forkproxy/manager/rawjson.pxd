@@ -198,6 +198,10 @@ cdef extern from *:
         FP_LIT(w, ",\\"span_id\\":"); w = fp_jhex(w, r->span_id.p, r->span_id.n);
         FP_LIT(w, ",\\"protocol\\":"); FP_S(w, protocol);
         if (r->stream) { FP_LIT(w, ",\\"stream\\":"); w = fp_jint(w, r->stream); }
+        if (r->has_grpc) {
+            if (r->path.n) { FP_LIT(w, ",\\"grpc_method\\":"); FP_S(w, path); }
+            FP_LIT(w, ",\\"grpc_status\\":"); w = fp_jint(w, r->grpc_status);
+        }
         FP_LIT(w, "}\\n");
         o->len = w - o->buf;
         return 1;

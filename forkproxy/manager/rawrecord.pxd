@@ -1,8 +1,8 @@
 # A ring record (context.py's RequestContext, msgpack, array_like, tag 1) read into a C
 # struct, and the C helpers of the compiled record path (rawbatch.pxd cimports these).
 # Declarations only: no module of this name runs. Anything the scanner does not take
-# (another tag, another field count or type, a non-ASCII string, a rare field set:
-# error, reject, retries, tunnel, grpc_status) makes fp_scan return -1: that record is
+# (another tag, another field count or type, a non-ASCII string, a number out of the
+# range the C counters keep) makes fp_scan return -1: that record is
 # decoded by msgspec and takes the Python path (rawbatch.py).
 
 cdef extern from *:
@@ -23,6 +23,10 @@ cdef extern from *:
         int reused, tls_resumed;  /* tls_resumed: -1 = None (plain-text listener) */
         int flags;
         double t[8];
+        /* the rare fields (Metrics.count_rare); has_grpc: grpc_status is not None */
+        fp_str reject;
+        long long retries, grpc_status;
+        int tunnel, has_grpc;
     } fp_rec;
 
     typedef struct { const unsigned char *p, *end; int flags; } fp_cur;
@@ -131,9 +135,9 @@ cdef extern from *:
     /* 0: the record is in r; -1: decode it with msgspec instead (see above) */
     static int fp_scan(const unsigned char *p, Py_ssize_t n, fp_rec *r) {
         fp_cur c;
-        fp_str reject, parent, tracestate;
-        long long tag, retries, trace_flags;
-        int tunnel, i;
+        fp_str parent, tracestate;
+        long long tag, trace_flags;
+        int i;
         if (n < 4 || p[0] != 0xdc || p[1] != 0 || p[2] != 30) return -1;
         c.p = p + 3; c.end = p + n; c.flags = 0;
         if (fp_get_int(&c, &tag) || tag != 1
@@ -149,20 +153,23 @@ cdef extern from *:
         if (c.p >= c.end || *c.p++ != 0x98) return -1;
         for (i = 0; i < 8; i++)
             if (fp_get_f64(&c, &r->t[i])) return -1;
-        if (fp_get_str(&c, &r->error) || fp_get_str(&c, &reject)
-            || fp_get_int(&c, &retries) || fp_get_bool(&c, &tunnel, 0)
+        if (fp_get_str(&c, &r->error) || fp_get_str(&c, &r->reject)
+            || fp_get_int(&c, &r->retries) || fp_get_bool(&c, &r->tunnel, 0)
             || fp_get_str(&c, &r->protocol) || fp_get_int(&c, &r->stream)
             || fp_get_str(&c, &r->route) || fp_get_bin(&c, &r->trace_id)
             || fp_get_bin(&c, &r->span_id) || fp_get_bin(&c, &parent)
             || fp_get_int(&c, &trace_flags) || fp_get_str(&c, &tracestate))
             return -1;
-        /* grpc_status None, and the end of the record */
-        if (c.p + 1 != c.end || *c.p != 0xc0) return -1;
-        /* the rare fields: the Python path counts them (Metrics.count_rare) */
-        if (r->error.n || reject.n || retries || tunnel) return -1;
+        /* grpc_status (None or an int), and the end of the record */
+        if (c.p < c.end && *c.p == 0xc0) { r->has_grpc = 0; r->grpc_status = 0; c.p++; }
+        else if (fp_get_int(&c, &r->grpc_status)) return -1;
+        else r->has_grpc = 1;
+        if (c.p != c.end) return -1;
         /* the counters' keys and sums stay in what the C cells hold */
         if (r->status < 0 || r->status > 0xffff || r->bytes_in < 0 || r->bytes_out < 0
-            || r->bytes_in > (1LL << 48) || r->bytes_out > (1LL << 48)) return -1;
+            || r->bytes_in > (1LL << 48) || r->bytes_out > (1LL << 48)
+            || r->retries < -(1LL << 40) || r->retries > (1LL << 40)
+            || r->grpc_status < 0 || r->grpc_status > 0xffff) return -1;
         r->flags = c.flags;
         return 0;
     }
@@ -328,6 +335,9 @@ cdef extern from *:
         int reused, tls_resumed
         int flags
         double t[8]
+        fp_str reject
+        long long retries, grpc_status
+        int tunnel, has_grpc
 
     ctypedef struct fp_name_slot:
         unsigned long long hash

@@ -10,13 +10,15 @@ import random
 
 import msgspec
 import pytest
+from test_manager_aggregation import random_context
 
 from forkproxy.context import N_TIMES, RequestContext, WorkerGauges, decoder, encoder
 from forkproxy.manager import rawbatch
 from forkproxy.manager.jsonline import json_batch
+from forkproxy.http.tracecontext import ratio_threshold
 from forkproxy.manager.metrics import Metrics
+from forkproxy.manager.sampling import sample_batch
 from forkproxy.shm.ring import Ring
-from test_manager_aggregation import random_context
 
 pytestmark = pytest.mark.skipif(not rawbatch.COMPILED,
                                 reason="the C record path exists only when compiled")
@@ -145,3 +147,33 @@ def test_durations_at_the_edge_of_the_c_writer_range():
             1_700_000_000.999, "r", 1, "a:1", "h", "GET", "/", 200, 0, 0, "", "", False,
             None, "", t)))
     assert run_both(payloads) == len(payloads)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.5, 1.0])
+@pytest.mark.parametrize("slower_than", [0.0, 0.05, 1e9])
+def test_sampling_candidates_keep_what_the_sampling_rules_keep(ratio, slower_than):
+    """The tracer is given only the records its rules may keep, decoded: the same
+    records kept and the same counts as from the whole batch decoded."""
+    rng = random.Random(int(ratio * 100) + int(slower_than))
+    ctxs = [hostile_context(rng) for _ in range(600)]
+    for c in ctxs:
+        c.trace_id = rng.choice([b"", rng.randbytes(16), rng.randbytes(16), b"short"])
+        c.trace_flags = rng.choice([0, 0, 0, 1, 3])
+    payloads = [encoder.encode(c) for c in ctxs] + odd_payloads()
+    ring = Ring.create(1 << 20)
+    try:
+        raw = rawbatch.RawBatch(ring.data_size, len(payloads))
+        for p in payloads:
+            assert ring.push(p)
+        raw.n = ring.drain_raw(raw.data, raw.ends, len(payloads))
+        threshold = ratio_threshold(ratio)
+        candidates = raw.sampling_candidates(threshold, slower_than)
+        everything = [r for r in map(safe_decode, payloads) if r is not None]
+    finally:
+        ring.close()
+    kept, ref_kept = [], []
+    counts = sample_batch(candidates, kept, 10**6, threshold, slower_than)
+    assert counts == sample_batch(everything, ref_kept, 10**6, threshold, slower_than)
+    assert kept == ref_kept
+    if ratio < 1.0:
+        assert len(candidates) < len(everything)  # the rest was never decoded

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from array import array
-
 import os
 import random
 import signal
@@ -11,6 +9,7 @@ import struct
 import time
 import traceback
 import zlib
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 

@@ -7,7 +7,7 @@ from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_bytearray_data, fp_ce
                                           fp_cells, fp_cells_clear, fp_cells_free,
                                           fp_cells_new, fp_free, fp_intern, fp_name_slot,
                                           fp_names_clear, fp_names_new, fp_rec, fp_rec_new,
-                                          fp_scan)
+                                          fp_scan, fp_may_sample)
 from forkproxy.manager.recordpass cimport _duration_bucket, _fine_bucket
 
 cdef long[::1] _F2P
@@ -37,6 +37,10 @@ cdef class RawBatch:
     cdef long long tls_new, tls_resumed, sec
     cdef bytes prefix
     cdef Histogram ph_hdr, ph_tls, ph_conn, ph_send, ph_fb, ph_body
+
+    @cython.locals(everything=bint, below="unsigned long long", r="fp_rec *",
+                   start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, out=list)
+    cpdef list sampling_candidates(self, object threshold, double slower_than)
 
     @cython.locals(fast=Py_ssize_t, r="fp_rec *", start=Py_ssize_t, end=Py_ssize_t,
                    k=Py_ssize_t)

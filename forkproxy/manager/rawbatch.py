@@ -29,6 +29,7 @@ from forkproxy.context import RequestContext, decoder
 from forkproxy.manager.histogram import DURATION_BUCKETS, FINE_TO_PHASE, Histogram, PhaseGroup
 from forkproxy.manager.jsonline import json_line, phases_ms
 from forkproxy.manager.recordpass import count_batch, time_batch
+from forkproxy.manager.sampling import ALL
 
 try:
     import cython
@@ -123,6 +124,27 @@ class RawBatch:
                 out.append(decoder.decode(self.view[start:end]))
             except msgspec.DecodeError:
                 pass
+            start = end
+        return out
+
+    def sampling_candidates(self, threshold: int, slower_than: float) -> list:
+        """The batch's records a sampling rule may keep (sampling.py's rules, decided on
+        the C struct), decoded by msgspec for Tracer.offer_batch, which applies the rules
+        again: the others are never decoded. Records the scanner does not take are all
+        candidates."""
+        everything = threshold >= ALL
+        below = 0 if everything else threshold
+        r = self.rec
+        out = []
+        start = 0
+        for k in range(self.n):
+            end = self.ends[k]
+            if (fp_scan(self.base + start, end - start, r) != 0  # noqa: F821
+                    or fp_may_sample(r, everything, below, slower_than)):  # noqa: F821
+                try:
+                    out.append(decoder.decode(self.view[start:end]))
+                except msgspec.DecodeError:
+                    pass
             start = end
         return out
 

@@ -25,7 +25,7 @@ cdef extern from *:
         double t[8];
         /* the rare fields (Metrics.count_rare); has_grpc: grpc_status is not None */
         fp_str reject;
-        long long retries, grpc_status;
+        long long retries, grpc_status, trace_flags;
         int tunnel, has_grpc;
     } fp_rec;
 
@@ -136,7 +136,7 @@ cdef extern from *:
     static int fp_scan(const unsigned char *p, Py_ssize_t n, fp_rec *r) {
         fp_cur c;
         fp_str parent, tracestate;
-        long long tag, trace_flags;
+        long long tag;
         int i;
         if (n < 4 || p[0] != 0xdc || p[1] != 0 || p[2] != 30) return -1;
         c.p = p + 3; c.end = p + n; c.flags = 0;
@@ -158,7 +158,7 @@ cdef extern from *:
             || fp_get_str(&c, &r->protocol) || fp_get_int(&c, &r->stream)
             || fp_get_str(&c, &r->route) || fp_get_bin(&c, &r->trace_id)
             || fp_get_bin(&c, &r->span_id) || fp_get_bin(&c, &parent)
-            || fp_get_int(&c, &trace_flags) || fp_get_str(&c, &tracestate))
+            || fp_get_int(&c, &r->trace_flags) || fp_get_str(&c, &tracestate))
             return -1;
         /* grpc_status (None or an int), and the end of the record */
         if (c.p < c.end && *c.p == 0xc0) { r->has_grpc = 0; r->grpc_status = 0; c.p++; }
@@ -172,6 +172,22 @@ cdef extern from *:
             || r->grpc_status < 0 || r->grpc_status > 0xffff) return -1;
         r->flags = c.flags;
         return 0;
+    }
+
+    /* Whether a sampling rule may keep the record (sampling.sample_batch's rules, which
+       run again on the records kept here): 0 only when none does. */
+    static int fp_may_sample(const fp_rec *r, int everything, unsigned long long below,
+                             double slower_than) {
+        unsigned long long low = 0;
+        double start;
+        int i;
+        if (r->trace_id.n == 0) return 0;
+        if (everything || (r->trace_flags & 1) || r->trace_id.n != 16) return 1;
+        for (i = 8; i < 16; i++) low = (low << 8) | r->trace_id.p[i];
+        if (low < below || r->status >= 500 || r->error.n) return 1;
+        start = r->t[0];
+        if (start == 0) start = r->t[2];
+        return start != 0 && r->t[7] - start > slower_than;
     }
 
     /* 64-bit hash of a short string (8 bytes at a time) */
@@ -336,7 +352,7 @@ cdef extern from *:
         int flags
         double t[8]
         fp_str reject
-        long long retries, grpc_status
+        long long retries, grpc_status, trace_flags
         int tunnel, has_grpc
 
     ctypedef struct fp_name_slot:
@@ -349,6 +365,8 @@ cdef extern from *:
 
     int FP_ESC, FP_NAMES_SLOTS, FP_NAMES_MAX, FP_CELL_SLOTS
     int fp_scan(const unsigned char *p, Py_ssize_t n, fp_rec *r) noexcept
+    int fp_may_sample(const fp_rec *r, int everything, unsigned long long below,
+                      double slower_than) noexcept
     Py_ssize_t fp_intern(fp_name_slot *tab, list names, fp_str s) except -1
     ctypedef struct fp_cells:
         Py_ssize_t n, cap

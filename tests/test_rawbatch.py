@@ -13,9 +13,9 @@ import pytest
 from test_manager_aggregation import random_context
 
 from forkproxy.context import N_TIMES, RequestContext, WorkerGauges, decoder, encoder
+from forkproxy.http.tracecontext import ratio_threshold
 from forkproxy.manager import rawbatch
 from forkproxy.manager.jsonline import json_batch
-from forkproxy.http.tracecontext import ratio_threshold
 from forkproxy.manager.metrics import Metrics
 from forkproxy.manager.sampling import sample_batch
 from forkproxy.shm.ring import Ring

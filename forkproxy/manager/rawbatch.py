@@ -329,7 +329,7 @@ class RawBatch:
         requests, reuse, bytes_in, bytes_out = m.requests, m.reuse, m.bytes_in, m.bytes_out
         for ci in range(c.n):
             key = c.keys[ci]
-            kind = key & (0xFF << 56)
+            kind = (key >> 56) << 56
             a = names[key & 0xFFFF]
             b = names[(key >> 16) & 0xFFFF]
             x = (key >> 32) & 0xFFFFFF

@@ -144,7 +144,17 @@ cdef extern from *:
         return 0;
     }
 
-    #define FP_S(w, f) ((w) = fp_jstr((w), r->f.p, r->f.n))
+    /* a string that needs no escape (the record's FP_ESC flag is clear) */
+    static CYTHON_INLINE char *fp_jstr_plain(char *w, const unsigned char *p, Py_ssize_t n) {
+        *w++ = '"';
+        memcpy(w, p, (size_t)n);
+        w += n;
+        *w++ = '"';
+        return w;
+    }
+
+    #define FP_S(w, f) ((w) = esc ? fp_jstr((w), r->f.p, r->f.n) \\
+                              : fp_jstr_plain((w), r->f.p, r->f.n))
 
     /* One line into o: 1, or 0 when the Python line is needed, -1 on MemoryError.
        prefix: "YYYY-MM-DDTHH:MM:SS" of int(ts); frac: int((ts - int(ts)) * 1000). */
@@ -153,7 +163,7 @@ cdef extern from *:
         long long us[6], dur;
         double start = r->t[2] ? r->t[2] : r->t[0], end = r->t[7];
         char *w;
-        int i, first = 1;
+        int i, first = 1, esc = r->flags & FP_ESC;
         if (fp_phases_us(r, us) < 0) return 0;
         dur = (end && start && end >= start) ? fp_us(end - start) : 0;
         if (dur < 0) return 0;

@@ -43,6 +43,7 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, dst=None
         q[_TAIL] = head
         return 0, 0
     count = bad = used = 0
+    data, m32, hi = _DATA, _M32, _HI  # C integers when compiled (ringwalk.pxd)
     append = out.append if out is not None else None
     copy = dst is not None
     if copy:
@@ -50,9 +51,9 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, dst=None
     try:
         while tail != head and count < max_records:
             off = tail & mask
-            word = q[(_DATA + off) >> 3]
-            n = word & _M32
-            if word & _HI != (tail << 29) & _HI:
+            word = q[(data + off) >> 3]
+            n = word & m32
+            if word & hi != (tail << 29) & hi:
                 break  # not written in this lap: stale, or never committed
             if n > maxp:
                 # A wrap marker is committed together with the record after it.
@@ -63,7 +64,7 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, dst=None
             need = (n + 15) & ~7
             if off + need > size or tail + need > head:
                 break
-            at = _DATA + off + 8
+            at = data + off + 8
             tail += need
             count += 1
             if copy:

@@ -14,9 +14,11 @@ from test_manager_aggregation import random_context
 
 from forkproxy.context import N_TIMES, RequestContext, WorkerGauges, decoder, encoder
 from forkproxy.http.tracecontext import ratio_threshold
-from forkproxy.manager import rawbatch
+from forkproxy.manager import accesslog, rawbatch
+from forkproxy.manager.collector import Collector
 from forkproxy.manager.jsonline import json_batch
 from forkproxy.manager.metrics import Metrics
+from forkproxy.manager.records import RecordSink
 from forkproxy.manager.sampling import sample_batch
 from forkproxy.shm.ring import Ring
 
@@ -177,3 +179,38 @@ def test_sampling_candidates_keep_what_the_sampling_rules_keep(ratio, slower_tha
     assert kept == ref_kept
     if ratio < 1.0:
         assert len(candidates) < len(everything)  # the rest was never decoded
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_collector_hands_raw_batches_to_the_record_sink(tmp_path, fmt):
+    """The manager's wiring: Collector + RecordSink over real rings take the raw path,
+    and count, log and report decode errors as the decoded path does."""
+    rng = random.Random(5)
+    rings = {i: Ring.create(1 << 18) for i in range(2)}
+    per_ring = [[encoder.encode(hostile_context(rng)) for _ in range(300)] for _ in rings]
+    for payloads in per_ring:
+        payloads[17:17] = odd_payloads()
+    logs = {name: accesslog.AccessLog(str(tmp_path / f"{name}.log"), fmt)
+            for name in ("raw", "ref")}
+    raw_metrics, ref_metrics = Metrics(), Metrics()
+    try:
+        col = Collector(rings, RecordSink(raw_metrics, logs["raw"]).on_batch, batch=64)
+        assert col.raw is not None  # compiled: the raw path
+        for ring, payloads in zip(rings.values(), per_ring, strict=True):
+            for p in payloads:
+                assert ring.push(p)
+        assert col.drain_all() == sum(map(len, per_ring))
+        ref = RecordSink(ref_metrics, logs["ref"])
+        items = [r for payloads in per_ring for r in map(safe_decode, payloads) if r]
+        for at in range(0, len(items), 64):
+            ref.on_batch(items[at:at + 64])
+        assert col.decode_errors == sum(safe_decode(p) is None for ps in per_ring for p in ps)
+        assert col.records == len(items)
+    finally:
+        for ring in rings.values():
+            ring.close()
+        for log in logs.values():
+            log.close()
+    raw_log, ref_log = ((tmp_path / f"{n}.log").read_bytes() for n in ("raw", "ref"))
+    assert raw_log == ref_log and raw_log.count(b"\n") == ref_metrics.records
+    assert raw_metrics.render() == ref_metrics.render()

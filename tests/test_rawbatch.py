@@ -214,3 +214,16 @@ def test_the_collector_hands_raw_batches_to_the_record_sink(tmp_path, fmt):
     raw_log, ref_log = ((tmp_path / f"{n}.log").read_bytes() for n in ("raw", "ref"))
     assert raw_log == ref_log and raw_log.count(b"\n") == ref_metrics.records
     assert raw_metrics.render() == ref_metrics.render()
+
+
+def test_a_batch_that_does_not_describe_its_data_is_refused():
+    raw = rawbatch.RawBatch(1024, 4)
+    raw.n = 5
+    with pytest.raises(ValueError):
+        raw.process(Metrics(), True)
+    raw.n, raw.ends[0], raw.ends[1] = 2, 10, 2000
+    with pytest.raises(ValueError):
+        raw.records()
+    raw.ends[1] = 5
+    with pytest.raises(ValueError):
+        raw.sampling_candidates(0, 0.0)

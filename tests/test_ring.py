@@ -614,3 +614,7 @@ def test_drain_raw_copies_records_back_to_back_in_ring_order(make_ring):
                 start = ends[k]
     assert got == msgs
     assert ring.drain_raw(dst, ends, 10) == 0
+    with pytest.raises(ValueError):
+        ring.drain_raw(bytearray(ring.data_size - 1), ends, 10)
+    with pytest.raises(ValueError):
+        ring.drain_raw(dst, ends, 301)

@@ -38,6 +38,9 @@ cdef class RawBatch:
     cdef bytes prefix
     cdef Histogram ph_hdr, ph_tls, ph_conn, ph_send, ph_fb, ph_body
 
+    @cython.locals(start="long long", end="long long", size="long long", k=Py_ssize_t)
+    cdef _check(self)
+
     @cython.locals(everything=bint, below="unsigned long long", r="fp_rec *",
                    start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, out=list)
     cpdef list sampling_candidates(self, object threshold, double slower_than)

@@ -113,9 +113,23 @@ class RawBatch:
         fp_free(self.rec)  # noqa: F821
         fp_out_free(self.out)  # noqa: F821
 
+    def _check(self) -> None:
+        """``n`` and ``ends`` describe records inside ``data`` (the loops read them
+        unchecked: set by Ring.drain_raw, but both are public)."""
+        if not 0 <= self.n <= self.max_records:
+            raise ValueError(f"RawBatch: {self.n} records, room for {self.max_records}")
+        start = 0
+        size = len(self.data)
+        for k in range(self.n):
+            end = self.ends[k]
+            if end < start or end > size:
+                raise ValueError(f"RawBatch: record {k} ends at {end}")
+            start = end
+
     def records(self) -> list:
         """The batch decoded by msgspec (records that do not decode are left out): what
         the tracer and the console format read."""
+        self._check()
         out = []
         start = 0
         for k in range(self.n):
@@ -132,6 +146,7 @@ class RawBatch:
         the C struct), decoded by msgspec for Tracer.offer_batch, which applies the rules
         again: the others are never decoded. Records the scanner does not take are all
         candidates."""
+        self._check()
         everything = threshold >= ALL
         below = 0 if everything else threshold
         r = self.rec
@@ -151,6 +166,7 @@ class RawBatch:
     def process(self, m, lines: bool) -> bytes:
         """Count the batch into Metrics ``m``; with ``lines``, return its JSON access log
         lines (``self.lines`` of them), else b""."""
+        self._check()
         if len(self.names) > FP_NAMES_MAX:  # noqa: F821 (forget labels no longer seen)
             fp_names_clear(self.names_tab)  # noqa: F821
             self.names = []

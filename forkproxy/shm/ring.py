@@ -275,6 +275,8 @@ class Ring:
         is published and the ring space freed). ``dst`` must hold ``data_size`` bytes: a
         batch never holds more than the data area. Returns the number of records.
         """
+        if len(dst) < self._size or len(ends) < max_records:  # the walk writes unchecked
+            raise ValueError("drain_raw: dst smaller than the data area, or too few ends")
         return walk(self._q, self._buf, self._size, self._max, None, None, None, (),
                     max_records, dst, ends)[0]
 

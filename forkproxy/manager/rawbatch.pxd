@@ -3,7 +3,7 @@ cimport cython
 from forkproxy.manager.histogram cimport Histogram, PhaseGroup
 from forkproxy.manager.rawjson cimport (fp_line, fp_out, fp_out_bytes, fp_out_free,
                                         fp_out_new, fp_put)
-from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_bytearray_data, fp_cell_add,
+from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_buffer_data, fp_cell_add,
                                           fp_cells, fp_cells_clear, fp_cells_free,
                                           fp_cells_new, fp_free, fp_intern, fp_name_slot,
                                           fp_names_clear, fp_names_new, fp_rec, fp_rec_new,
@@ -21,7 +21,7 @@ cdef _flush_rare(object m, unsigned long long kind, str a, str b, unsigned long 
 cdef void _observe(Histogram p, Histogram h, double v) noexcept
 
 cdef class RawBatch:
-    cdef public bytearray data
+    cdef public object data
     cdef public object view
     cdef const unsigned char *base
     cdef public long long[::1] ends

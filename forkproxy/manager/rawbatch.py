@@ -20,6 +20,7 @@ every record with msgspec as before. Measured in docs/BENCHMARKS.md ("Round 4").
 
 from __future__ import annotations
 
+import mmap
 import time
 from array import array
 
@@ -81,15 +82,18 @@ def _flush_rare(m, kind, a: str, b: str, x: int, n: int) -> None:
 
 
 class RawBatch:
-    """A batch of ring records as bytes: ``data`` holds them back to back, record ``k``
-    ends at ``ends[k]``; ``n`` records. :meth:`process` counts them into a Metrics and
-    returns their JSON lines. One per Collector (``busy`` while it is being processed).
+    """A batch of ring records as bytes: ``data`` (an anonymous mapping) holds them back
+    to back, record ``k`` ends at ``ends[k]``; ``n`` records. :meth:`process` counts them
+    into a Metrics and returns their JSON lines. One per Collector (``busy`` while it is
+    being processed).
     """
 
     def __init__(self, data_size: int, max_records: int = MAX_RECORDS):
-        self.data = bytearray(data_size)
-        self.view = memoryview(self.data)
-        self.base = fp_bytearray_data(self.data)  # noqa: F821
+        # anonymous memory: pages appear as batches fill them (a bytearray would
+        # zero, and so make resident, all of it at once)
+        self.data = mmap.mmap(-1, data_size)
+        self.view = memoryview(self.data)  # also keeps the mapping from being closed
+        self.base = fp_buffer_data(self.data)  # noqa: F821
         self.ends = array("q", bytes(8 * max_records))
         self.max_records = max_records
         self.n = 0

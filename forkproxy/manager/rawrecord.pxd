@@ -335,8 +335,13 @@ cdef extern from *:
         return r;
     }
 
-    static CYTHON_INLINE const unsigned char *fp_bytearray_data(PyObject *b) {
-        return (const unsigned char *)PyByteArray_AS_STRING(b);
+    /* the address of a writable buffer (the caller keeps the object, and with it the
+       memory, alive and unresized: RawBatch holds an export of it) */
+    static const unsigned char *fp_buffer_data(PyObject *obj) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(obj, &b, PyBUF_WRITABLE) < 0) return NULL;
+        PyBuffer_Release(&b);
+        return (const unsigned char *)b.buf;
     }
     """
     ctypedef struct fp_str:
@@ -382,4 +387,4 @@ cdef extern from *:
     void fp_names_clear(fp_name_slot *t) noexcept
     fp_rec *fp_rec_new() except NULL
     void fp_free(void *p) noexcept
-    const unsigned char *fp_bytearray_data(bytearray b) noexcept
+    const unsigned char *fp_buffer_data(object obj) except NULL

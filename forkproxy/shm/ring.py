@@ -267,7 +267,7 @@ class Ring:
         return walk(self._q, self._buf, self._size, self._max, None, decode, out, errors,
                     max_records)
 
-    def drain_raw(self, dst: bytearray, ends, max_records: int = 4096) -> int:
+    def drain_raw(self, dst, ends, max_records: int = 4096) -> int:
         """Copy up to ``max_records`` records' bytes into ``dst`` back to back; record
         ``k`` ends at ``ends[k]`` (an ``array('q')`` of at least ``max_records``).
 

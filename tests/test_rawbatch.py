@@ -217,6 +217,8 @@ def test_the_collector_hands_raw_batches_to_the_record_sink(tmp_path, fmt):
 
 
 def test_a_batch_that_does_not_describe_its_data_is_refused():
+    with pytest.raises(ValueError):
+        rawbatch.RawBatch(1024, rawbatch.MAX_RECORDS + 1)
     raw = rawbatch.RawBatch(1024, 4)
     raw.n = 5
     with pytest.raises(ValueError):
@@ -227,3 +229,18 @@ def test_a_batch_that_does_not_describe_its_data_is_refused():
     raw.ends[1] = 5
     with pytest.raises(ValueError):
         raw.sampling_candidates(0, 0.0)
+
+
+def test_a_batch_of_distinct_labels_fills_every_kind_of_cell():
+    """Every record with its own listener, upstream, route, reject reason and gRPC
+    status: the most cells a batch can start (rawbatch.CELLS_PER_RECORD each)."""
+    rng = random.Random(9)
+    ctxs = []
+    for i in range(rawbatch.MAX_RECORDS):
+        c = random_context(rng)
+        c.listener, c.upstream, c.route = f"l{i}", f"u{i}", f"r{i}"
+        c.reject, c.retries, c.tunnel, c.grpc_status = f"why{i}", 1 + i, True, i
+        c.bytes_in, c.bytes_out, c.reused = 1, 2, i % 2 == 0
+        c.times = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
+        ctxs.append(c)
+    assert run_both([encoder.encode(c) for c in ctxs], batch=rawbatch.MAX_RECORDS) == len(ctxs)

@@ -35,6 +35,7 @@ import msgspec
 
 from forkproxy.context import decoder
 from forkproxy.manager.rawbatch import COMPILED as RAW_COMPILED
+from forkproxy.manager.rawbatch import MAX_RECORDS as RAW_MAX_RECORDS
 from forkproxy.manager.rawbatch import RawBatch
 
 BATCH = 1024
@@ -63,7 +64,8 @@ class Collector:
         self.wakeups = 0
         #: the sink's on_raw_batch when the compiled path is there, and its one batch
         sink = getattr(on_batch, "__self__", None)
-        self.on_raw = getattr(sink, "on_raw_batch", None) if RAW_COMPILED else None
+        raw_ok = RAW_COMPILED and batch <= RAW_MAX_RECORDS
+        self.on_raw = getattr(sink, "on_raw_batch", None) if raw_ok else None
         self.raw = None
         if self.on_raw is not None and self.rings:
             self.raw = RawBatch(max(r.data_size for r in self.rings.values()), batch)

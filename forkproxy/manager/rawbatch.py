@@ -54,8 +54,10 @@ K_RETRY = 8 << 56  # retries: upstream
 K_TUN = 9 << 56  # tunnels: upstream
 K_GRPC = 10 << 56  # grpc: listener, upstream, grpc status
 
-#: records per batch at most (the Collector's BATCH); cells: at most 6 per record
+#: records per batch at most (the Collector's BATCH), and the cells one record can
+#: start (one per K_ kind): the tables are sized for them
 MAX_RECORDS = 1024
+CELLS_PER_RECORD = 10
 
 
 def _observe(p, h, v):
@@ -102,7 +104,9 @@ class RawBatch:
         self.busy = False
         self.names: list[str] = []
         self.names_tab = fp_names_new()  # noqa: F821
-        self.cells = fp_cells_new(6 * max_records + 16)  # noqa: F821
+        if not 0 < max_records <= MAX_RECORDS:  # the cell and name tables' sizes
+            raise ValueError(f"RawBatch: at most {MAX_RECORDS} records a batch")
+        self.cells = fp_cells_new(CELLS_PER_RECORD * max_records + 16)  # noqa: F821
         self.rec = fp_rec_new()  # noqa: F821
         self.out = fp_out_new()  # noqa: F821
         self.objs: list = []

@@ -244,7 +244,7 @@ cdef extern from *:
 
     /* Per-batch cells: a 64-bit key (kind and ids, rawbatch.py) -> a cell number, given
        in the order first seen; the cell's count and key live in rawbatch's arrays. */
-    #define FP_CELL_SLOTS (1 << 15)
+    #define FP_CELL_SLOTS (1 << 16)
 
     typedef struct { uint64_t key; Py_ssize_t cell1; } fp_cell_slot;
 
@@ -254,7 +254,7 @@ cdef extern from *:
                                            Py_ssize_t *ncells, Py_ssize_t *slot_of,
                                            int *fresh) {
         uint64_t h = key * 0x9E3779B97F4A7C15ULL;
-        size_t i = (size_t)(h >> 49);
+        size_t i = (size_t)(h >> 48);
         for (;;) {
             fp_cell_slot *slot = &tab[i];
             if (slot->cell1 == 0) {
@@ -301,9 +301,15 @@ cdef extern from *:
         PyMem_Free(c->counts); PyMem_Free(c);
     }
 
-    /* cells for cap cells at most (cap <= FP_CELL_SLOTS / 2), NULL with MemoryError */
+    /* cells for cap cells at most (cap <= FP_CELL_SLOTS / 4: the table never fills),
+       NULL with MemoryError (or ValueError) */
     static fp_cells *fp_cells_new(Py_ssize_t cap) {
-        fp_cells *c = (fp_cells *)PyMem_Calloc(1, sizeof(fp_cells));
+        fp_cells *c;
+        if (cap > FP_CELL_SLOTS / 4) {
+            PyErr_SetString(PyExc_ValueError, "too many cells for the cell table");
+            return NULL;
+        }
+        c = (fp_cells *)PyMem_Calloc(1, sizeof(fp_cells));
         if (c != NULL) {
             c->cap = cap;
             c->tab = (fp_cell_slot *)PyMem_Calloc(FP_CELL_SLOTS, sizeof(fp_cell_slot));

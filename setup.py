@@ -25,6 +25,7 @@ COMPILED = [
     "forkproxy.shm.ringwalk",
     "forkproxy.http2.fieldsink",
     "forkproxy.http2.sendpath",
+    "forkproxy.manager.rawbatch",
 ]
 
 #: Cython's shared utility module: one copy of the code Cython adds to every module (the

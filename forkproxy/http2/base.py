@@ -401,6 +401,12 @@ def _cb_read_body(s, sid, buf, length, flags, source, ud):
         return session._store(e)
 
 
+def frame_recv_address() -> int:
+    """The address of the Python frame-received callback (the server's C one hands it
+    the frames it does not queue: forkproxy/http2/fieldsink.py)."""
+    return int(ffi.cast("intptr_t", _cb_frame_recv))
+
+
 class _Callbacks:
     """The nghttp2_session_callbacks tables, built once per process on first use: the
     server's, and the client's, which has no frame-sent callback (a C to Python call

@@ -108,6 +108,11 @@ class CFieldSink:
         """Block ``sid``'s fields, None if it passed the limit; the sink is then empty."""
         return fp_sink_take(cython.address(self.sink), sid)  # noqa: F821
 
+    def set_frame_recv(self, address: int) -> None:
+        """The Python frame-received callback the server's C one hands the frames it
+        does not queue to (server_callbacks)."""
+        fp_sink_set_py_frame_recv(cython.address(self.sink), address)  # noqa: F821
+
     def drain(self):
         """The client's events queued by its C callbacks (client_callbacks), in order,
         as (EV_* kind, stream id, payload); None if there are none. The queue is then
@@ -125,6 +130,8 @@ def header_callback() -> int:
 #: the kinds of the client's queued events (fieldsink.pxd's FP_EV_*)
 EV_HEADERS, EV_HEADERS_END, EV_DATA, EV_END, EV_CLOSED, EV_GOAWAY, EV_SETTINGS, EV_PONG = \
     range(1, 9)
+#: and the server's header blocks: a request's, another (trailers); each with END_STREAM
+EV_REQUEST, EV_REQUEST_END, EV_BLOCK, EV_BLOCK_END = range(9, 13)
 
 
 def client_callbacks() -> tuple[tuple[str, int], ...]:
@@ -133,6 +140,19 @@ def client_callbacks() -> tuple[tuple[str, int], ...]:
     empty when this module runs as plain Python (the client's Python callbacks then)."""
     if COMPILED:
         return (("frame_recv", fp_client_frame_recv_address()),  # noqa: F821
+                ("data_chunk", fp_client_data_chunk_address()),  # noqa: F821
+                ("stream_close", fp_client_stream_close_address()))  # noqa: F821
+    return ()
+
+
+def server_callbacks() -> tuple[tuple[str, int], ...]:
+    """The server session's C callbacks (header blocks, DATA chunks, the END_STREAM of
+    DATA and stream closes queued in the sink; every other frame received handed to the
+    Python callback given to :meth:`CFieldSink.set_frame_recv`); empty when this module
+    runs as plain Python. The chunk and close callbacks are the client's: they queue the
+    same events."""
+    if COMPILED:
+        return (("frame_recv", fp_server_frame_recv_address()),  # noqa: F821
                 ("data_chunk", fp_client_data_chunk_address()),  # noqa: F821
                 ("stream_close", fp_client_stream_close_address()))  # noqa: F821
     return ()

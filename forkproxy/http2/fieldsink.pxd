@@ -38,6 +38,8 @@ cdef extern from *:
         /* the server's Python frame-received callback (base.py's), which handles the
            frames the server's C one does not queue */
         int (*py_frame_recv)(nghttp2_session *, const nghttp2_frame *, void *);
+        /* and its frame-sent one, for the frames sent that are not queued */
+        int (*py_frame_send)(nghttp2_session *, const nghttp2_frame *, void *);
     } fp_sink;
 
     /* one queued event: a header block (its bytes as buf has them), a DATA chunk (its
@@ -65,6 +67,10 @@ cdef extern from *:
     #define FP_EV_REQUEST_END 10
     #define FP_EV_BLOCK 11
     #define FP_EV_BLOCK_END 12
+    /* frames the server sent: DATA, DATA with END_STREAM, HEADERS with END_STREAM */
+    #define FP_EV_SENT_DATA 13
+    #define FP_EV_SENT_DATA_END 14
+    #define FP_EV_SENT_HEADERS_END 15
     /* an event queue grown past this is freed once drained */
     #define FP_EV_KEEP 262144
 
@@ -363,9 +369,33 @@ cdef extern from *:
         return s->py_frame_recv(session, frame, user_data);
     }
 
-    static void fp_sink_set_py_frame_recv(fp_sink *s, Py_ssize_t address) {
-        s->py_frame_recv = (int (*)(nghttp2_session *, const nghttp2_frame *, void *))
-            address;
+    /* the frames sent the server acts on after the call (an answer that ended its
+       stream before the request did, the DATA frames that earn WINDOW_UPDATEs) are
+       queued; a HEADERS frame without END_STREAM needs nothing; RST_STREAM and GOAWAY
+       (counting, the end of the connection) go to the Python callback at once */
+    static int fp_server_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
+                                    void *user_data) {
+        fp_sink *s = (fp_sink *)user_data;
+        int end = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+        switch (frame->hd.type) {
+        case NGHTTP2_DATA:
+            return fp_ev_push(s, end ? FP_EV_SENT_DATA_END : FP_EV_SENT_DATA,
+                              frame->hd.stream_id, 0, 0, NULL, 0, 0);
+        case NGHTTP2_HEADERS:
+            return end ? fp_ev_push(s, FP_EV_SENT_HEADERS_END, frame->hd.stream_id, 0, 0,
+                                    NULL, 0, 0) : 0;
+        default:
+            return s->py_frame_send(session, frame, user_data);
+        }
+    }
+
+    static void fp_sink_set_py_callbacks(fp_sink *s, Py_ssize_t recv, Py_ssize_t send) {
+        s->py_frame_recv = (int (*)(nghttp2_session *, const nghttp2_frame *, void *))recv;
+        s->py_frame_send = (int (*)(nghttp2_session *, const nghttp2_frame *, void *))send;
+    }
+
+    static Py_ssize_t fp_server_frame_send_address(void) {
+        return (Py_ssize_t)&fp_server_frame_send;
     }
 
     static Py_ssize_t fp_server_frame_recv_address(void) {
@@ -474,7 +504,8 @@ cdef extern from *:
     Py_ssize_t fp_client_data_chunk_address()
     Py_ssize_t fp_client_stream_close_address()
     Py_ssize_t fp_server_frame_recv_address()
-    void fp_sink_set_py_frame_recv(fp_sink *s, Py_ssize_t address)
+    void fp_sink_set_py_callbacks(fp_sink *s, Py_ssize_t recv, Py_ssize_t send)
+    Py_ssize_t fp_server_frame_send_address()
 
 
 cdef class CFieldSink:

@@ -108,10 +108,11 @@ class CFieldSink:
         """Block ``sid``'s fields, None if it passed the limit; the sink is then empty."""
         return fp_sink_take(cython.address(self.sink), sid)  # noqa: F821
 
-    def set_frame_recv(self, address: int) -> None:
-        """The Python frame-received callback the server's C one hands the frames it
-        does not queue to (server_callbacks)."""
-        fp_sink_set_py_frame_recv(cython.address(self.sink), address)  # noqa: F821
+    def set_python_callbacks(self, frame_recv: int, frame_send: int) -> None:
+        """The Python frame-received and frame-sent callbacks the server's C ones hand
+        the frames they do not queue to (server_callbacks)."""
+        fp_sink_set_py_callbacks(cython.address(self.sink), frame_recv,  # noqa: F821
+                                 frame_send)
 
     def drain(self):
         """The client's events queued by its C callbacks (client_callbacks), in order,
@@ -132,6 +133,8 @@ EV_HEADERS, EV_HEADERS_END, EV_DATA, EV_END, EV_CLOSED, EV_GOAWAY, EV_SETTINGS, 
     range(1, 9)
 #: and the server's header blocks: a request's, another (trailers); each with END_STREAM
 EV_REQUEST, EV_REQUEST_END, EV_BLOCK, EV_BLOCK_END = range(9, 13)
+#: and the frames it sent: DATA, DATA with END_STREAM, HEADERS with END_STREAM
+EV_SENT_DATA, EV_SENT_DATA_END, EV_SENT_HEADERS_END = range(13, 16)
 
 
 def client_callbacks() -> tuple[tuple[str, int], ...]:
@@ -147,12 +150,13 @@ def client_callbacks() -> tuple[tuple[str, int], ...]:
 
 def server_callbacks() -> tuple[tuple[str, int], ...]:
     """The server session's C callbacks (header blocks, DATA chunks, the END_STREAM of
-    DATA and stream closes queued in the sink; every other frame received handed to the
-    Python callback given to :meth:`CFieldSink.set_frame_recv`); empty when this module
-    runs as plain Python. The chunk and close callbacks are the client's: they queue the
-    same events."""
+    DATA, stream closes, DATA frames and END_STREAM sent queued in the sink; every other
+    frame received or sent handed to the Python callbacks given to
+    :meth:`CFieldSink.set_python_callbacks`); empty when this module runs as plain
+    Python. The chunk and close callbacks are the client's: they queue the same events."""
     if COMPILED:
         return (("frame_recv", fp_server_frame_recv_address()),  # noqa: F821
+                ("frame_send", fp_server_frame_send_address()),  # noqa: F821
                 ("data_chunk", fp_client_data_chunk_address()),  # noqa: F821
                 ("stream_close", fp_client_stream_close_address()))  # noqa: F821
     return ()

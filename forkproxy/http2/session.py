@@ -38,7 +38,7 @@ from forkproxy.http.grpcstatus import proxy_answer
 from forkproxy.http.request import Limits
 from forkproxy.http2 import fieldsink
 from forkproxy.http2 import nghttp2 as ng
-from forkproxy.http2.base import CALLBACKS, OutStream, SessionBase, frame_recv_address
+from forkproxy.http2.base import CALLBACKS, OutStream, SessionBase, frame_callback_addresses
 from forkproxy.http2.base import nv as _nv
 from forkproxy.http2.fieldsink import header_callback, new_sink, server_callbacks
 from forkproxy.http2.limits import Http2Limits, TokenBucket
@@ -58,6 +58,7 @@ _HCAT_REQUEST = ng.HCAT_REQUEST
 _EV_DATA, _EV_END, _EV_CLOSED = fieldsink.EV_DATA, fieldsink.EV_END, fieldsink.EV_CLOSED
 _EV_REQUEST, _EV_REQUEST_END = fieldsink.EV_REQUEST, fieldsink.EV_REQUEST_END
 _EV_BLOCK_ENDS = frozenset((fieldsink.EV_REQUEST_END, fieldsink.EV_BLOCK_END))
+_EV_SENT_DATA, _EV_SENT_HEADERS_END = fieldsink.EV_SENT_DATA, fieldsink.EV_SENT_HEADERS_END
 
 #: the opaque data of the PING sent with the first GOAWAY (its ACK is recognised)
 _NOTICE_PING = b"goaway-1"
@@ -103,7 +104,8 @@ class ServerSession(SessionBase):
     HEADER_CALLBACK = header_callback()
     #: and, compiled, the header blocks, DATA chunks, DATA's END_STREAM and stream
     #: closes are queued in C during a call into nghttp2 and handled after it
-    #: (_run_queued); the other frames received still reach _on_frame_recv at once
+    #: (_run_queued), and so are the DATA frames and END_STREAMs sent; the other frames
+    #: received and sent still reach _on_frame_recv and _on_frame_send at once
     C_CALLBACKS = server_callbacks()
 
     def __init__(self, limits: Http2Limits | None = None, request_limits: Limits | None = None,
@@ -120,8 +122,9 @@ class ServerSession(SessionBase):
             self._user_data = user_data
         #: the events the C callbacks queued (None: the Python callbacks handle them)
         self._drain = None
+        self._resend = False  # _sent_end submitted a RST_STREAM after a queued event
         if self.C_CALLBACKS:
-            sink.set_frame_recv(frame_recv_address())
+            sink.set_python_callbacks(*frame_callback_addresses())
             self._drain = sink.drain
         self.request_limits = request_limits or Limits()
         self._body_limit = self.request_limits.body_size
@@ -184,6 +187,9 @@ class ServerSession(SessionBase):
         data = SessionBase.data_to_send(self)
         if self._drain is not None:
             self._run_queued()
+            if self._resend:  # its RST_STREAM(NO_ERROR) goes with this batch
+                self._resend = False
+                data += self.data_to_send()
         return data
 
     def _run_queued(self) -> None:
@@ -198,6 +204,11 @@ class ServerSession(SessionBase):
             for kind, sid, payload in queued:
                 if kind == _EV_DATA:
                     self._on_chunk(sid, payload)
+                elif kind >= _EV_SENT_DATA:
+                    if kind != _EV_SENT_DATA:
+                        self._resend = self._sent_end(sid) or self._resend
+                    if kind != _EV_SENT_HEADERS_END and self._window_credit < _MAX_WINDOW_CREDIT:
+                        self._window_credit += 2
                 elif kind >= _EV_REQUEST:
                     stream = streams.get(sid)
                     if stream is None and kind <= _EV_REQUEST_END:
@@ -400,13 +411,7 @@ class ServerSession(SessionBase):
             # a RST_STREAM or GOAWAY looks at the streams: the closes C queued first
             self._run_queued()
         if hd.flags & _END_STREAM and kind <= _HEADERS_FRAME:
-            stream = self.streams.get(hd.stream_id)
-            if stream is not None and not stream.ended:
-                # answered before the request ended (an error mid-body): ask the client
-                # to stop sending, without error (RFC 9113 section 8.1)
-                stream.refused = True
-                self._lib.nghttp2_submit_rst_stream(self._session, ng.FLAG_NONE,
-                                                    hd.stream_id, ng.NO_ERROR)
+            self._sent_end(hd.stream_id)
         if kind == _DATA_FRAME:
             if self._window_credit < _MAX_WINDOW_CREDIT:
                 self._window_credit += 2
@@ -432,6 +437,17 @@ class ServerSession(SessionBase):
                 self._count(self.failed)
                 self._close_streams(code)
         return 0
+
+    def _sent_end(self, sid: int) -> bool:
+        """Our END_STREAM of ``sid`` was sent; True: a RST_STREAM was submitted."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.ended:
+            return False
+        # answered before the request ended (an error mid-body): ask the client to stop
+        # sending, without error (RFC 9113 section 8.1)
+        stream.refused = True
+        self._lib.nghttp2_submit_rst_stream(self._session, ng.FLAG_NONE, sid, ng.NO_ERROR)
+        return True
 
     def _on_stream_close(self, sid: int, code: int) -> int:
         stream = self._forget(sid)

@@ -32,6 +32,14 @@ frames it acts on, DATA chunks (copied) and stream closes are queued in the sink
 nghttp2 runs, and :meth:`CFieldSink.drain` gives them to Python in order once the call
 into nghttp2 returned: one call into Python per read instead of one per event (cffi's
 callback machinery was ~25% of the client session's receive).
+
+The server session (forkproxy/http2/session.py) queues its events the same way
+(:func:`server_callbacks`): header blocks (a block past the limit as None, for the
+431), DATA chunks, DATA's END_STREAM, stream closes, and the DATA frames and
+END_STREAMs it sent. The frames it must act on during the call (RST_STREAM, control
+frames, GOAWAY, an empty DATA frame: its limits stop nghttp2 mid-read) go to its Python
+callbacks at once (:meth:`CFieldSink.set_python_callbacks`), which handle the queue
+first, so the order is that of one callback per event.
 """
 
 from __future__ import annotations

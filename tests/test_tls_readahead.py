@@ -12,7 +12,7 @@ import pytest
 
 from forkproxy import config as config_mod
 from forkproxy.tls import openssl
-from forkproxy.worker import tls as worker_tls
+from forkproxy.worker import tlscontext
 
 REQUEST = b"GET /headers HTTP/1.1\r\nHost: localhost\r\n\r\n"
 LAST = b"GET /headers HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -116,7 +116,7 @@ def test_worker_context_reads_ahead_and_finds_the_ssl_pointer(cert):
         f'[listener.tls]\ncertificates = [{{ cert = "{cert[0]}", key = "{cert[1]}" }}]\n'
         'ocsp_stapling = false\n[upstream.app]\nservers = [{ address = "127.0.0.1:2" }]\n',
         check_files=False)
-    ctx = worker_tls.worker_tls_context(cfg, 0, None)
+    ctx = tlscontext.listener_context(cfg, 0, None)
     assert ctx.read_ahead
     obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
     p = openssl.ssl_pointer(obj._sslobj)

@@ -11,6 +11,8 @@ import ssl
 import subprocess
 
 from fp import free_port, request, wait_for
+from otlputil import Receiver
+from tlsutil import BioClient
 
 OPENSSL_FILES = ("/libssl.so", "/libcrypto.so")
 
@@ -76,7 +78,36 @@ def test_reload_from_plain_to_a_tls_listener(tmp_path, origin, proxies):
              and not old_workers & set(p.workers_pids()), timeout=30, what="new workers")
     assert maps_openssl(p.pid)
     assert all(maps_openssl(pid) for pid in p.workers_pids())
-    for _ in range(4):  # both workers, each a TLS read that would block first
+    for _ in range(4):  # both workers
         resp = https_get(tls_port, cert)
         assert resp.startswith(b"HTTP/1.1 200"), resp[:200]
+    for _ in range(4):  # half a record: the worker's read raises ssl.SSLWantReadError,
+        # which client.py, imported before TLS was on, must match (tlsnames)
+        c = BioClient(tls_port, cert, ssl.TLSVersion.TLSv1_3)
+        try:
+            c.handshake()
+            c.send_split(b"GET /tiny HTTP/1.1\r\nHost: localhost\r\nConnection: close"
+                         b"\r\n\r\n", pause=0.2)
+            got = c.read_to_close()
+        finally:
+            c.close()
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
     assert request(p.port, "GET", "/tiny")[0] == 200
+
+
+def test_tracing_to_https_loads_openssl_and_exports(tmp_path, origin, proxies, monkeypatch):
+    cert, key = self_signed(tmp_path)
+    receiver = Receiver()
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        receiver.server.socket = ctx.wrap_socket(receiver.server.socket, server_side=True)
+        monkeypatch.setenv("SSL_CERT_FILE", cert)  # the exporter verifies with the system store
+        p = proxies(tmp_path, origin.address, workers=2, extra=(
+            f'[tracing]\nendpoint = "https://localhost:{receiver.port}/v1/traces"\n'
+            'sample_ratio = 1.0\nexport_interval = "100ms"\n'))
+        assert {pid: maps_openssl(pid) for pid in tree(p)} == {pid: True for pid in tree(p)}
+        assert request(p.port, "GET", "/tiny")[0] == 200
+        wait_for(lambda: receiver.server_spans(), timeout=30, what="a span exported over TLS")
+    finally:
+        receiver.stop()

@@ -4,12 +4,10 @@ to say. Real forked proxy, a real TLS client that places records in one TCP send
 
 from __future__ import annotations
 
-import socket
 import ssl
 import subprocess
 
 import pytest
-
 from tlsutil import BioClient
 
 from forkproxy import config as config_mod

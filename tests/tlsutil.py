@@ -12,8 +12,8 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field

@@ -44,7 +44,7 @@ class SSLSocket:
     """Placeholder for gevent's SSLSocket (for isinstance); no object is one."""
 
 
-#: what a non-blocking send on a plain or TLS socket raises when it would block
+#: a send that took nothing: EAGAIN on plain text, SSL_write wanting the socket on TLS
 WOULD_BLOCK: tuple[type[BaseException], ...] = (BlockingIOError, SSLWantWriteError,
                                                 SSLWantReadError)
 

@@ -50,7 +50,6 @@ from forkproxy.worker.tracing import start_span
 from forkproxy.worker.upconn import UpstreamConn
 
 _timeout = socket.timeout
-#: a send that took nothing: EAGAIN on plain text, SSL_write wanting the socket on TLS
 _monotonic = time.monotonic
 _ZERO_TIMES = (0.0,) * N_TIMES
 #: the largest upstream response head read, however it arrives

@@ -65,6 +65,9 @@ class SessionBase:
     FRAME_SEND = True
     #: the C on_header callback's address (fieldsink.header_callback), 0: the Python one
     HEADER_CALLBACK = 0
+    #: C callbacks registered instead of the Python ones: (name, address) pairs, names
+    #: "frame_recv", "data_chunk", "stream_close" (fieldsink.client_callbacks)
+    C_CALLBACKS: tuple = ()
 
     def _create(self, create) -> None:
         """The C session, made by ``create`` (nghttp2_session_server_new2 or
@@ -77,7 +80,8 @@ class SessionBase:
         try:
             self._set_options(lib, opt)
             sp = ffi.new("nghttp2_session **")
-            table = CALLBACKS.get(lib, self.FRAME_SEND, self.HEADER_CALLBACK)
+            table = CALLBACKS.get(lib, self.FRAME_SEND, self.HEADER_CALLBACK,
+                                  self.C_CALLBACKS)
             if create(sp, table, self._user_data, opt) != 0:
                 raise MemoryError("nghttp2 session")
         finally:
@@ -387,15 +391,18 @@ class _Callbacks:
     per frame sent that the client has nothing to do in)."""
 
     def __init__(self):
-        self._tables: dict[tuple[bool, int], object] = {}
+        self._tables: dict[tuple[bool, int, tuple], object] = {}
         self.provider = None
 
-    def get(self, lib, frame_send: bool = True, header_callback: int = 0):
+    def get(self, lib, frame_send: bool = True, header_callback: int = 0,
+            c_callbacks: tuple = ()):
         """The table; ``header_callback``: the address of a C on_header callback to
-        register instead of the Python one (0: the Python one)."""
-        key = (frame_send, header_callback)
+        register instead of the Python one (0: the Python one); ``c_callbacks``: more
+        such, as (name, address) pairs (see SessionBase.C_CALLBACKS)."""
+        key = (frame_send, header_callback, c_callbacks)
         table = self._tables.get(key)
         if table is None:
+            c = dict(c_callbacks)
             if self.provider is None:
                 prd = ffi.new("nghttp2_data_provider *")
                 prd.read_callback = ffi.cast("nghttp2_data_source_read_callback",
@@ -410,14 +417,17 @@ class _Callbacks:
             lib.nghttp2_session_callbacks_set_on_invalid_header_callback(
                 table, ffi.cast("nghttp2_on_invalid_header_callback", _cb_invalid_header))
             lib.nghttp2_session_callbacks_set_on_frame_recv_callback(
-                table, ffi.cast("nghttp2_on_frame_recv_callback", _cb_frame_recv))
+                table, ffi.cast("nghttp2_on_frame_recv_callback",
+                                c.get("frame_recv") or _cb_frame_recv))
             if frame_send:
                 lib.nghttp2_session_callbacks_set_on_frame_send_callback(
                     table, ffi.cast("nghttp2_on_frame_send_callback", _cb_frame_send))
             lib.nghttp2_session_callbacks_set_on_stream_close_callback(
-                table, ffi.cast("nghttp2_on_stream_close_callback", _cb_stream_close))
+                table, ffi.cast("nghttp2_on_stream_close_callback",
+                                c.get("stream_close") or _cb_stream_close))
             lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
-                table, ffi.cast("nghttp2_on_data_chunk_recv_callback", _cb_data_chunk))
+                table, ffi.cast("nghttp2_on_data_chunk_recv_callback",
+                                c.get("data_chunk") or _cb_data_chunk))
             self._tables[key] = table  # never freed: nghttp2 copies it into each session
         return table
 

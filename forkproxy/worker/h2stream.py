@@ -259,15 +259,18 @@ class Http2Stream(Http2FrontEnd):
         status = ex.status
         raw = ex.raw_head
         memo = _memo
-        if raw is not None and raw == memo.raw and length == memo.length \
-                and status == memo.status:
+        # an HTTP/1.1 head: its raw bytes; an HTTP/2 upstream's: its field list, which
+        # the client session gives again (the same object, never changed) for a head
+        # the same as the last one (forkproxy/http2/client.py)
+        key = raw if raw is not None else ex.rhead.headers
+        if (key is memo.raw or raw is not None and raw == memo.raw) \
+                and length == memo.length and status == memo.status:
             nva, count = memo.nva, memo.count
         else:
-            fields = response_fields(raw) if raw is not None else ex.rhead.headers
+            fields = response_fields(raw) if raw is not None else key
             nva, count, keep = nv_array(status, h2_fields(fields, length))
-            if raw is not None:
-                memo.raw, memo.length, memo.status = raw, length, status
-                memo.nva, memo.count, memo.keep = nva, count, keep
+            memo.raw, memo.length, memo.status = key, length, status
+            memo.nva, memo.count, memo.keep = nva, count, keep
         session = self.conn.session
         self.responded = True
         # no body (a trailers-only gRPC response over HTTP/1.1 has a length of 0): the

@@ -18,10 +18,10 @@ connection the upstream had closed while idle is retried on a fresh one (not cou
 from __future__ import annotations
 
 import time
-from ssl import SSLWantReadError, SSLWantWriteError
 
 from gevent import socket
 
+from forkproxy import tlsnames
 from forkproxy.context import (
     N_TIMES,
     T_ACCEPT,
@@ -39,7 +39,7 @@ from forkproxy.http.framing import LAST_CHUNK, Framing, frame_chunk, response_fr
 from forkproxy.http.messages import IDEMPOTENT
 from forkproxy.http.response import HEAD_END, BadResponse, ResponseParser, fast_head
 from forkproxy.http.trailers import TrailersTooLarge, last_chunk, relayable_trailers
-from forkproxy.tls.client import TLSHandshakeFailed
+from forkproxy.tlsnames import TLSHandshakeFailed
 from forkproxy.worker import grpc
 from forkproxy.worker.failures import Upgraded, UpstreamBroken, UpstreamFailed
 from forkproxy.worker.front import BodyAborted, ClientGone
@@ -50,8 +50,6 @@ from forkproxy.worker.tracing import start_span
 from forkproxy.worker.upconn import UpstreamConn
 
 _timeout = socket.timeout
-#: a send that took nothing: EAGAIN on plain text, SSL_write wanting the socket on TLS
-_WOULD_BLOCK = (BlockingIOError, SSLWantWriteError, SSLWantReadError)
 _monotonic = time.monotonic
 _ZERO_TIMES = (0.0,) * N_TIMES
 #: the largest upstream response head read, however it arrives
@@ -243,7 +241,7 @@ class Exchange:
             else:
                 try:  # the plain socket's send, or SSL_write (no gevent wrapper frame)
                     n = conn.send(head)
-                except _WOULD_BLOCK:
+                except tlsnames.WOULD_BLOCK:
                     n = 0  # TLS: the whole head again (SSL_write retries the same bytes)
                 if n != len(head):
                     up.sendall(memoryview(head)[n:])

@@ -26,6 +26,11 @@ COMPILED = [
     "forkproxy.http2.fieldsink",
 ]
 
+#: Cython's shared utility module: one copy of the code Cython adds to every module (the
+#: memoryview types above all, which histogram, recordpass and spanfill each carried),
+#: which they import; scripts/build-ext builds it with them
+SHARED_UTILITY = "forkproxy._cyutility"
+
 
 def extensions():
     if os.environ.get("FORKPROXY_PURE_PYTHON"):
@@ -44,7 +49,9 @@ def extensions():
                 pxd += [m.replace(".", "/") + ".pxd"
                         for m in re.findall(r"^from (forkproxy[\w.]*) cimport", f.read(), re.M)]
         exts.append(Extension(name, [base + ".py"], depends=pxd, optional=True))
-    return cythonize(exts, build_dir="build/cython", quiet=True, compiler_directives={
+    exts.append(Extension(SHARED_UTILITY, sources=[], optional=True))
+    return cythonize(exts, build_dir="build/cython", quiet=True,
+                     shared_utility_qualified_name=SHARED_UTILITY, compiler_directives={
         "language_level": 3,
         # annotations are documentation here: C types come only from the .pxd files
         "annotation_typing": False,

@@ -5,11 +5,42 @@ Only the master, the manager and rare worker events log; nothing on a request's 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+import types
 
-import structlog
+
+class AsyncioOnFirstUse(types.ModuleType):
+    """What structlog's modules hold as ``asyncio`` until they use it.
+
+    structlog's package imports asyncio (~1.8 MiB of the master's heap, which every forked
+    child maps and partly copies) only for its async methods (``ainfo``,
+    ``AsyncBoundLogger``), which look the module up when called:
+    ``asyncio.get_running_loop()``. forkproxy runs on gevent and never calls them; if
+    anything does, this stand-in imports the real asyncio then and answers from it.
+    """
+
+    def __getattr__(self, name: str):
+        if sys.modules.get("asyncio") is self:
+            del sys.modules["asyncio"]
+        return getattr(importlib.import_module("asyncio"), name)
+
+
+def import_structlog():
+    """structlog, with asyncio left to the first call of an async logging method."""
+    if "asyncio" in sys.modules or "structlog" in sys.modules:
+        return importlib.import_module("structlog")
+    stand_in = sys.modules["asyncio"] = AsyncioOnFirstUse("asyncio")
+    try:
+        return importlib.import_module("structlog")
+    finally:
+        if sys.modules.get("asyncio") is stand_in:
+            del sys.modules["asyncio"]
+
+
+structlog = import_structlog()
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}

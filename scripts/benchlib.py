@@ -45,6 +45,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "scripts", "bench-configs")
 VENV_PY = os.path.join(ROOT, ".venv", "bin", "python")
+#: the interpreter forkproxy itself runs under (memprobe: a venv of its runtime
+#: dependencies alone, scripts/memlib.py)
+PROXY_PY = VENV_PY
 RESULTS = os.path.join(ROOT, "bench-results")
 DOCS = os.path.join(ROOT, "docs", "BENCHMARKS.md")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -731,7 +734,7 @@ class ForkProxy(Proxy):
         if self.source:  # the other build's package shadows the installed one
             penv = dict(os.environ, PYTHONPATH=self.source)
         self.proc = env.procs.start(
-            self.name, [*env.taskset(env.proxy_cpus), VENV_PY, "-m", "forkproxy", "run", "-c",
+            self.name, [*env.taskset(env.proxy_cpus), PROXY_PY, "-m", "forkproxy", "run", "-c",
                         conf], log_path=errlog, cwd=self.source or ROOT, env=penv)
         self.wait_up()
 
@@ -1945,7 +1948,8 @@ def render_memprobe(res: dict) -> str:
              f"Run: {res['started']}, forkproxy {res['machine'].get('git', '?')}, "
              f"{res['workers']} workers per proxy, {res['connections']:,} idle keep-alive "
              "connections (one GET /tiny each, then idle); forkproxy's bytecode compiled "
-             "first, as `pip install` does; load average "
+             "first, as `pip install` does, run in a venv of its runtime dependencies "
+             "alone; load average "
              f"{res['machine'].get('loadavg', '?')}", ""]
     lines += ["| proxy | idle PSS MiB (all processes) | idle distinct pages MiB "
               "| after warm-up | N idle conns "

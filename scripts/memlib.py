@@ -22,8 +22,39 @@ import subprocess
 import sys
 import sysconfig
 import time
+import tomllib
 
 import benchlib as b
+
+RUNTIME_VENV = os.path.join(b.ROOT, ".venv-runtime")
+
+
+def runtime_python() -> str:
+    """The interpreter of a venv holding forkproxy's runtime dependencies alone
+    (pyproject.toml's ``dependencies``, pinned by constraints.txt), made or renewed here.
+
+    The development venv also holds the test dependencies, and the proxy imports some of
+    what they bring: msgspec imports typing_extensions whenever it is installed, and only
+    grpcio (tests) installs it here (~0.45 MiB of the idle tree). A deployed proxy
+    (``pip install forkproxy``) has none of them, so memprobe runs forkproxy under this
+    venv, with the package itself from the source tree (``python -m forkproxy`` in it)."""
+    py = os.path.join(RUNTIME_VENV, "bin", "python")
+    stamp = os.path.join(RUNTIME_VENV, ".installed")
+    sources = [os.path.join(b.ROOT, name) for name in ("pyproject.toml", "constraints.txt")]
+    if os.path.exists(stamp) and all(os.path.getmtime(src) <= os.path.getmtime(stamp)
+                                     for src in sources):
+        return py
+    with open(sources[0], "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    print(f"memprobe: installing forkproxy's runtime dependencies in {RUNTIME_VENV}",
+          file=sys.stderr, flush=True)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--clear", RUNTIME_VENV], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    "-c", sources[1], *deps], check=True)
+    with open(stamp, "w"):
+        pass
+    return py
 
 
 def build_like_this_tree(source: str, rev: str) -> None:
@@ -98,6 +129,7 @@ def main_ab(argv: list[str]) -> int:
         return b.EXIT_SKIP
     b.ensure_venv()
     b.precompile_package()
+    b.PROXY_PY = runtime_python()
     procs = b.Procs()
     env = None
     results: dict[str, list[dict]] = {"this tree": [], args.ab: []}

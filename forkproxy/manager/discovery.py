@@ -103,6 +103,12 @@ class Source:
         }
 
 
+def in_thread_pool(fn, args):
+    """fn(*args) in the hub's thread pool, which gevent creates (importing
+    gevent.threadpool) on first use: a config without DNS servers never loads it."""
+    return gevent.get_hub().threadpool.apply(fn, args)
+
+
 class Discovery:
     """The resolving greenlets of one config; stop() before starting the next config's."""
 
@@ -110,7 +116,7 @@ class Discovery:
         self.table = table
         self.log = logger
         #: runs a blocking call off the hub (the hub's thread pool by default)
-        self.run_blocking = run_blocking or gevent.get_hub().threadpool.apply
+        self.run_blocking = run_blocking or in_thread_pool
         self.lookups = None
         self.resolver = None
         self.resolver_error = ""

@@ -496,8 +496,6 @@ def _preload(spec: ManagerSpec) -> None:
     (arbiter._preload: shared pages, far cheaper than importing here), so this is a safety
     net; OCSP (cryptography, http.client) only when this manager can staple.
     """
-    import gevent.threadpool  # noqa: F401  (name resolution: health checks, OCSP)
-
     if spec.keystore is not None:
         import forkproxy.tls.stapling  # noqa: F401
 

@@ -818,7 +818,7 @@ def _preload(cfg) -> None:
     """Import what children use so its pages are shared (gc.freeze keeps them clean).
 
     What only some configs need is imported only for them (features.py: HTTP/2, TLS, DNS,
-    tracing; pyroute2 in listeners.py with interface listeners); otherwise it would be
+    tracing, gevent's thread pool; pyroute2 in listeners.py with interface listeners); otherwise it would be
     resident for nothing.
 
     The workers' and the manager's own modules are imported at the top of this module. The
@@ -834,6 +834,5 @@ def _preload(cfg) -> None:
     import gevent.event  # noqa: F401
     import gevent.server  # noqa: F401  (the manager's admin endpoint)
     import gevent.socket  # noqa: F401
-    import gevent.threadpool  # noqa: F401  (the manager's name resolution)
     import httptools  # noqa: F401
     import msgspec  # noqa: F401

@@ -27,6 +27,14 @@ def uses_tracing(cfg) -> bool:
     return bool(cfg.tracing.endpoint)
 
 
+def uses_thread_pool(cfg) -> bool:
+    """gevent resolves a name in the hub's thread pool, and ``create_connection`` resolves
+    even an IP literal: the manager's health checks, OCSP fetches (TLS listeners), the span
+    export and DNS discovery go through it. Nothing else in the tree does."""
+    return (config_mod.uses_dns(cfg) or uses_tls(cfg) or uses_tracing(cfg)
+            or any(up.health_check is not None for up in cfg.upstream.values()))
+
+
 #: (feature, whether a config uses it, the modules it needs), with what they cost when
 #: loaded for nothing (PSS of the tree at idle)
 FEATURES = (
@@ -41,6 +49,8 @@ FEATURES = (
     ("dns", config_mod.uses_dns, ("forkproxy.manager.dnslookup",)),
     # a tracing endpoint: the manager's span export (protobuf)
     ("tracing", uses_tracing, ("forkproxy.manager.spans",)),
+    # name resolution: gevent's thread pool with concurrent.futures (~1.2 MiB)
+    ("threadpool", uses_thread_pool, ("gevent.threadpool",)),
 )
 
 

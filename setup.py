@@ -24,6 +24,8 @@ COMPILED = [
     "forkproxy.manager.jsonline",
     "forkproxy.shm.ringwalk",
     "forkproxy.http2.fieldsink",
+    "forkproxy.http2.sendpath",
+    "forkproxy.manager.rawbatch",
 ]
 
 #: Cython's shared utility module: one copy of the code Cython adds to every module (the

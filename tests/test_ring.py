@@ -9,6 +9,7 @@ import struct
 import time
 import traceback
 import zlib
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -594,3 +595,26 @@ def test_sigkilled_producer_never_yields_torn_duplicated_or_reordered_records(ma
     assert ring.dropped > 0 and stalls >= 8
     assert ring.head > 50 * ring.data_size  # many laps, many wrap markers
     assert len(records) > 1000
+
+
+def test_drain_raw_copies_records_back_to_back_in_ring_order(make_ring):
+    ring = make_ring(1 << 16)
+    msgs = [bytes([i % 256]) * (i % 50 + 1) for i in range(300)]
+    dst, ends = bytearray(ring.data_size), array("q", bytes(8 * 300))
+    got = []
+    for i in range(0, 300, 100):
+        for m in msgs[i:i + 100]:
+            assert ring.push(m)
+        for most in (64, 300):  # a partial batch, then the rest
+            n = ring.drain_raw(dst, ends, most)
+            assert n == min(most, 100) if most == 64 else n == 36
+            start = 0
+            for k in range(n):
+                got.append(bytes(dst[start:ends[k]]))
+                start = ends[k]
+    assert got == msgs
+    assert ring.drain_raw(dst, ends, 10) == 0
+    with pytest.raises(ValueError):
+        ring.drain_raw(bytearray(ring.data_size - 1), ends, 10)
+    with pytest.raises(ValueError):
+        ring.drain_raw(dst, ends, 301)

@@ -142,6 +142,11 @@ class AccessLog:
             if n:
                 self._buffer(data, n)
 
+    def write_lines(self, data: bytes, n_lines: int) -> None:
+        """Lines already formatted (manager/rawbatch.py's JSON lines) into the buffer."""
+        if self.fd >= 0 and n_lines:
+            self._buffer(data, n_lines)
+
     def write_many(self, entries: list[tuple[RequestContext, dict[str, float]]]) -> None:
         """Format a batch of (request context, phases in ms) into the buffer."""
         if self.fd < 0 or not entries:

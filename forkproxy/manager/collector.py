@@ -17,8 +17,13 @@ no more system calls than one).
   at most 1/COALESCE wake-ups per second per busy ring, whatever the request rate.
 
 Records are decoded straight from the mapping (msgspec copies what it keeps) inside
-``Ring.drain_decoded``, with no Python call per record but the decoder's; the batch is processed after ``drain`` returns, so ``tail`` is published and
-the ring space freed before the access log and metrics work starts.
+``Ring.drain_decoded``, with no Python call per record but the decoder's; the batch is
+processed after ``drain`` returns, so ``tail`` is published and the ring space freed
+before the access log and metrics work starts.
+
+When manager/rawbatch.py is compiled and ``on_batch`` is a RecordSink's, records are not
+decoded at all: ``Ring.drain_raw`` copies a batch's bytes into one reused RawBatch and
+the sink's ``on_raw_batch`` reads them as C structs (docs/BENCHMARKS.md, "Round 4").
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import gevent
 import msgspec
 
 from forkproxy.context import decoder
+from forkproxy.manager.rawbatch import COMPILED as RAW_COMPILED
+from forkproxy.manager.rawbatch import MAX_RECORDS as RAW_MAX_RECORDS
+from forkproxy.manager.rawbatch import RawBatch
 
 BATCH = 1024
 COALESCE = 0.01
@@ -54,6 +62,13 @@ class Collector:
         self.records = 0
         self.batches = 0
         self.wakeups = 0
+        #: the sink's on_raw_batch when the compiled path is there, and its one batch
+        sink = getattr(on_batch, "__self__", None)
+        raw_ok = RAW_COMPILED and batch <= RAW_MAX_RECORDS
+        self.on_raw = getattr(sink, "on_raw_batch", None) if raw_ok else None
+        self.raw = None
+        if self.on_raw is not None and self.rings:
+            self.raw = RawBatch(max(r.data_size for r in self.rings.values()), batch)
 
     def start(self) -> None:
         for index, ring in sorted(self.rings.items()):
@@ -67,6 +82,9 @@ class Collector:
         return self.table is not None and self.table.read(index) is not None
 
     def _drain_once(self, ring, items: list) -> int:
+        raw = self.raw
+        if raw is not None and not raw.busy:
+            return self._drain_raw(ring, raw)
         n, bad = ring.drain_decoded(decoder.decode, items, msgspec.DecodeError, self.batch)
         self.decode_errors += bad
         if items:
@@ -78,6 +96,27 @@ class Collector:
                 if self.logger is not None:
                     self.logger.exception("processing a batch of records failed", error=str(e))
             items.clear()
+        return n
+
+    def _drain_raw(self, ring, raw: RawBatch) -> int:
+        """A batch as bytes to the sink's on_raw_batch (``busy`` while it runs: another
+        ring's greenlet drains the decoded way if processing ever yields)."""
+        raw.busy = True
+        try:
+            n = raw.n = ring.drain_raw(raw.data, raw.ends, self.batch)
+            if n:
+                raw.bad = 0
+                try:
+                    self.on_raw(raw)
+                except Exception as e:  # a bug in processing must not stop the collection
+                    if self.logger is not None:
+                        self.logger.exception("processing a batch of records failed",
+                                              error=str(e))
+                self.decode_errors += raw.bad
+                self.records += n - raw.bad
+                self.batches += 1
+        finally:
+            raw.busy = False
         return n
 
     def _loop(self, index: int, ring) -> None:

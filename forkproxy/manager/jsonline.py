@@ -128,6 +128,8 @@ def json_record(ctx: RequestContext, ms: dict[str, float]) -> JsonLine:
         clock.iso(ts)
     frac = int((ts - sec) * 1000)
     t = f[_TIMES]
+    if len(t) != N_TIMES:
+        t = padded_times(t)
     end = t[T_END]
     start = t[T_HEADERS] or t[T_ACCEPT]
     d = end - start if end and start and end >= start else 0.0

@@ -24,12 +24,14 @@ from collections.abc import Iterable
 import msgspec
 
 from forkproxy.context import (
+    N_TIMES,
     PHASES,
     T_ACCEPT,
     T_END,
     T_HEADERS,
     RequestContext,
     WorkerGauges,
+    padded_times,
 )
 from forkproxy.manager.histogram import (  # noqa: F401 (re-exported: tests, phases.py)
     DURATION_BUCKETS,
@@ -53,6 +55,8 @@ TCP_STATES = ("", "established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2
 def request_duration(ctx: RequestContext) -> float:
     """Seconds from the request head being complete (else accepted) to the response's end."""
     t = ctx.times
+    if len(t) != N_TIMES:
+        t = padded_times(t)
     end = t[T_END]
     start = t[T_HEADERS] or t[T_ACCEPT]
     if end and start and end >= start:

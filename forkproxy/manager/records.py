@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.metrics import Metrics
+from forkproxy.manager.rawbatch import RawBatch
 from forkproxy.manager.tracing import Tracer
 
 
 class RecordSink:
-    """``on_batch(records)``: the Collector's callback (the list is reused: not kept)."""
+    """``on_batch(records)``: the Collector's callback (the list is reused: not kept);
+    ``on_raw_batch(batch)``: the one it calls instead when rawbatch is compiled."""
 
     def __init__(self, metrics: Metrics, accesslog: AccessLog, tracer: Tracer | None = None):
         self.metrics = metrics
@@ -25,3 +27,19 @@ class RecordSink:
         tracer = self.tracer
         if tracer is not None and tracer.enabled:
             tracer.offer_batch(items)
+
+    def on_raw_batch(self, batch: RawBatch) -> None:
+        """The same for a batch of records as bytes (the Collector's compiled path,
+        manager/rawbatch.py): the metrics and the JSON lines from C structs; the console
+        format gets the batch decoded by msgspec, the tracer only the records its sampling
+        rules may keep."""
+        log = self.accesslog
+        json = log.enabled and log.fmt == "json"
+        data = batch.process(self.metrics, json)
+        if json:
+            log.write_lines(data, batch.lines)
+        elif log.enabled:
+            log.write_batch(batch.records())
+        tracer = self.tracer
+        if tracer is not None and tracer.enabled:
+            tracer.offer_batch(batch.sampling_candidates(tracer.threshold, tracer.slower_than))

@@ -267,6 +267,19 @@ class Ring:
         return walk(self._q, self._buf, self._size, self._max, None, decode, out, errors,
                     max_records)
 
+    def drain_raw(self, dst, ends, max_records: int = 4096) -> int:
+        """Copy up to ``max_records`` records' bytes into ``dst`` back to back; record
+        ``k`` ends at ``ends[k]`` (an ``array('q')`` of at least ``max_records``).
+
+        The compiled manager's drain (manager/rawbatch.py reads the copies after ``tail``
+        is published and the ring space freed). ``dst`` must hold ``data_size`` bytes: a
+        batch never holds more than the data area. Returns the number of records.
+        """
+        if len(dst) < self._size or len(ends) < max_records:  # the walk writes unchecked
+            raise ValueError("drain_raw: dst smaller than the data area, or too few ends")
+        return walk(self._q, self._buf, self._size, self._max, None, None, None, (),
+                    max_records, dst, ends)[0]
+
     def wait(self, timeout: float = 0.05) -> None:
         """Sleep (cooperatively, in gevent) until the producer rings or ``timeout`` passes.
 

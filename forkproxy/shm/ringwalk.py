@@ -23,9 +23,11 @@ _TAIL = 64 // 8
 _LOST = 72 // 8
 
 
-def walk(q, buf, size, maxp, handler, decode, out, errors, max_records):
+def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, dst=None, ends=None):
     """Up to ``max_records`` committed records, oldest first: ``handler(view)`` on each,
-    or with ``decode``, ``out.append(decode(view))`` (Ring.drain, Ring.drain_decoded).
+    or with ``decode``, ``out.append(decode(view))`` (Ring.drain, Ring.drain_decoded),
+    or with ``dst``, each record's bytes copied into ``dst`` back to back, record ``k``
+    ending at ``ends[k]`` (Ring.drain_raw; ``dst`` has room for the ring's data area).
 
     ``size``: the data area's size (a power of two), ``maxp``: the longest payload.
     Publishes ``tail`` once, at the end (also when the handler raises). Returns
@@ -40,14 +42,18 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records):
         q[_LOST] += 1
         q[_TAIL] = head
         return 0, 0
-    count = bad = 0
+    count = bad = used = 0
+    data, m32, hi = _DATA, _M32, _HI  # C integers when compiled (ringwalk.pxd)
     append = out.append if out is not None else None
+    copy = dst is not None
+    if copy:
+        src = buf
     try:
         while tail != head and count < max_records:
             off = tail & mask
-            word = q[(_DATA + off) >> 3]
-            n = word & _M32
-            if word & _HI != (tail << 29) & _HI:
+            word = q[(data + off) >> 3]
+            n = word & m32
+            if word & hi != (tail << 29) & hi:
                 break  # not written in this lap: stale, or never committed
             if n > maxp:
                 # A wrap marker is committed together with the record after it.
@@ -58,9 +64,14 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records):
             need = (n + 15) & ~7
             if off + need > size or tail + need > head:
                 break
-            at = _DATA + off + 8
+            at = data + off + 8
             tail += need
             count += 1
+            if copy:
+                dst[used : used + n] = src[at : at + n]
+                used += n
+                ends[count - 1] = used
+                continue
             if append is not None:
                 try:
                     append(decode(buf[at : at + n]))

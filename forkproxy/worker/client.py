@@ -93,8 +93,12 @@ class ClientConnection:
 
         waiting: the bytes are almost never there yet (a keep-alive client's next
         request): wait on the armed watcher first instead of trying a read."""
-        sock = self.sock
         self.deadline = _monotonic() + timeout
+        return self.recv_by(buf, waiting)
+
+    def recv_by(self, buf, waiting: bool) -> int:
+        """recv() within the ``deadline`` the caller set (it read the clock already)."""
+        sock = self.sock
         try:
             if not waiting:
                 return sock.recv_into(buf)

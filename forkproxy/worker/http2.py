@@ -18,12 +18,12 @@ connection closes.
 from __future__ import annotations
 
 import time
-from ssl import SSLEOFError, SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
 
 import gevent
 from gevent import getcurrent
 from gevent.event import Event
 
+from forkproxy import tlsnames
 from forkproxy.http2.session import (
     BODY_TOO_LARGE,
     CLOSED,
@@ -206,10 +206,10 @@ class Http2Connection(ClientConnection):
         for _ in range(READS_PER_WAKE):
             try:
                 n = raw.recv_into(buf) if raw is not None else sslobj.read(size, buf)
-            except (BlockingIOError, SSLWantReadError, SSLWantWriteError):
+            except (BlockingIOError, tlsnames.SSLWantReadError, tlsnames.SSLWantWriteError):
                 self.readable = False
                 return got
-            except (SSLEOFError, SSLZeroReturnError):
+            except (tlsnames.SSLEOFError, tlsnames.SSLZeroReturnError):
                 return None
             except OSError as e:
                 if e.errno in _GONE:

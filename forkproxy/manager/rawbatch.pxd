@@ -2,12 +2,13 @@
 cimport cython
 from forkproxy.manager.histogram cimport Histogram, PhaseGroup
 from forkproxy.manager.rawjson cimport (fp_line, fp_out, fp_out_bytes, fp_out_free,
-                                        fp_out_new, fp_put)
+                                        fp_out_new, fp_out_put)
 from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_buffer_data, fp_cell_add,
                                           fp_cells, fp_cells_clear, fp_cells_free,
                                           fp_cells_new, fp_free, fp_intern, fp_name_slot,
                                           fp_names_clear, fp_names_new, fp_rec, fp_rec_new,
                                           fp_scan, fp_may_sample)
+from forkproxy.manager.spanfill cimport Filler
 from forkproxy.manager.recordpass cimport _duration_bucket, _fine_bucket
 
 cdef long[::1] _F2P
@@ -42,8 +43,13 @@ cdef class RawBatch:
     cdef _check(self)
 
     @cython.locals(everything=bint, below="unsigned long long", r="fp_rec *",
-                   start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, out=list)
-    cpdef list sampling_candidates(self, object threshold, double slower_than)
+                   start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, objs=list, keep=int,
+                   filler=Filler, size=Py_ssize_t, room=Py_ssize_t, sampled=Py_ssize_t,
+                   dropped=Py_ssize_t, kept=Py_ssize_t, slower_than=double)
+    cpdef list trace(self, object tracer)
+    cdef _decode_into(self, list out, Py_ssize_t start, Py_ssize_t end)
+    @cython.locals(one=list)
+    cdef _append_decoded(self, object enc, Py_ssize_t start, Py_ssize_t end)
 
     @cython.locals(fast=Py_ssize_t, r="fp_rec *", start=Py_ssize_t, end=Py_ssize_t,
                    k=Py_ssize_t)

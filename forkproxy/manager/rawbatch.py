@@ -149,27 +149,69 @@ class RawBatch:
             start = end
         return out
 
-    def sampling_candidates(self, threshold: int, slower_than: float) -> list:
-        """The batch's records a sampling rule may keep (sampling.py's rules, decided on
-        the C struct), decoded by msgspec for Tracer.offer_batch, which applies the rules
-        again: the others are never decoded. Records the scanner does not take are all
-        candidates."""
+    def trace(self, tracer) -> list:
+        """The batch's sampled requests' spans written by ``tracer``'s encoder from the C
+        struct while the batch's bytes are there (spanfill.Filler.fill_rec): the rules
+        decided on the struct (sampling.sample_batch's), the queue bound and the export
+        requests of ``batch_size`` as Tracer.offer_batch keeps them. A sampled record
+        whose shape has no template yet is decoded and appended as an object (which
+        counts it towards its template). Returns, decoded, the records the scanner does
+        not take (and trace ids that are not 16 bytes), for Tracer.offer_batch."""
         self._check()
+        threshold = tracer.threshold
         everything = threshold >= ALL
         below = 0 if everything else threshold
+        slower_than = tracer.slower_than
+        enc = tracer.encoder
+        filler = enc.filler
+        size = tracer.batch_size
+        room = tracer.queue_size - tracer.queued
+        filler.begin_raw()
         r = self.rec
-        out = []
+        objs = []
+        sampled = dropped = kept = 0
         start = 0
-        for k in range(self.n):
-            end = self.ends[k]
-            if (fp_scan(self.base + start, end - start, r) != 0  # noqa: F821
-                    or fp_may_sample(r, everything, below, slower_than)):  # noqa: F821
-                try:
-                    out.append(decoder.decode(self.view[start:end]))
-                except msgspec.DecodeError:
-                    pass
-            start = end
-        return out
+        try:
+            for k in range(self.n):
+                end = self.ends[k]
+                keep = -1
+                if fp_scan(self.base + start, end - start, r) == 0:  # noqa: F821
+                    keep = fp_may_sample(r, everything, below, slower_than)  # noqa: F821
+                if keep < 0:  # decided by the object path
+                    self._decode_into(objs, start, end)
+                elif keep:
+                    sampled += 1
+                    if room <= 0:
+                        dropped += 1
+                    else:
+                        room -= 1
+                        kept += 1
+                        if filler.fill_rec(r):
+                            enc.count += 1
+                        else:
+                            self._append_decoded(enc, start, end)
+                        if enc.count >= size:
+                            tracer._close_batch()
+                start = end
+        finally:
+            tracer.sampled += sampled
+            tracer.dropped_queue += dropped
+            tracer.queued += kept
+        return objs
+
+    def _decode_into(self, out: list, start: int, end: int) -> None:
+        try:
+            out.append(decoder.decode(self.view[start:end]))
+        except msgspec.DecodeError:
+            pass
+
+    def _append_decoded(self, enc, start: int, end: int) -> None:
+        """A sampled record the C fill did not take, decoded for SpanEncoder.append."""
+        one = []
+        self._decode_into(one, start, end)
+        enc.append(one)
+        if not one:  # (the scanner took it: never)
+            enc.count += 1
 
     def process(self, m, lines: bool) -> bytes:
         """Count the batch into Metrics ``m``; with ``lines``, return its JSON access log
@@ -224,7 +266,7 @@ class RawBatch:
             self._put(json_line(rec, phases_ms(rec)))
 
     def _put(self, line: bytes) -> None:
-        fp_put(self.out, line, len(line))  # noqa: F821
+        fp_out_put(self.out, line, len(line))  # noqa: F821
         self.lines += 1
 
     def _line(self, r, start: int, end: int) -> None:

@@ -217,6 +217,8 @@ class Filler:
         self.pos = HEAD_ROOM  # the spans written since the last take() end here
         self.spare = []
         self.fast = 0
+        self.r_key = None  # fill_rec's last shape and its template
+        self.r_tpl = None
 
     def reserve(self, used, need):
         """Grows the buffer to at least ``need`` bytes, keeping its first ``used``."""
@@ -340,3 +342,133 @@ class Filler:
             pos = at
             self.pos = pos
             self.fast += 1
+
+    # -- from a ring record read into a C struct (rawbatch.RawBatch.trace; compiled only:
+    # the fp_* names below are C functions of spanfill.pxd and rawrecord.pxd) ----------
+
+    def begin_raw(self):
+        """Forgets the last shape fill_rec saw (its template may have been evicted)."""
+        self.r_key = None
+        self.r_tpl = None
+
+    def _rec_bits(self, r):
+        """shape_bits of the record in ``r``."""
+        t0, t1, t2, t3, t4, t5, t6, t7 = r.t[0], r.t[1], r.t[2], r.t[3], r.t[4], r.t[5], \
+            r.t[6], r.t[7]
+        phases = ((t0 != 0 and t1 != 0 and t1 >= t0)
+                  | (t0 != 0 and t2 != 0 and t2 >= t0) << 1
+                  | (t3 != 0 and t4 != 0 and t4 >= t3) << 2
+                  | (t4 != 0 and t5 != 0 and t5 >= t4) << 3
+                  | (t5 != 0 and t6 != 0 and t6 >= t5) << 4
+                  | (t6 != 0 and t7 != 0 and t7 >= t6) << 5)
+        return (r.trace_id.n << 8 | r.span_id.n << 4 | r.parent_span_id.n) << 6 | phases
+
+    def _rec_key(self, r, bits):
+        """shape_key of the record in ``r`` (its strings made: only when its shape is not
+        the last record's)."""
+        s = fp_str_new  # noqa: F821
+        resumed = None if r.tls_resumed < 0 else r.tls_resumed == 1
+        return (s(r.listener), s(r.route), s(r.upstream), s(r.upstream_addr), s(r.method),
+                r.status, s(r.error), s(r.tls_version), resumed, r.reused != 0, r.retries,
+                s(r.protocol), bits)
+
+    def _rec_same(self, r, bits, key):
+        """Whether the record's shape key is ``key`` (compared in place, nothing made)."""
+        eq = fp_str_is  # noqa: F821
+        resumed = None if r.tls_resumed < 0 else r.tls_resumed == 1
+        return (bits == key[12] and r.status == key[5] and r.retries == key[10]
+                and eq(r.listener, key[0]) and eq(r.route, key[1])
+                and eq(r.upstream, key[2]) and eq(r.upstream_addr, key[3])
+                and eq(r.method, key[4]) and eq(r.error, key[6])
+                and eq(r.tls_version, key[7]) and resumed is key[8]
+                and (r.reused != 0) is key[9] and eq(r.protocol, key[11]))
+
+    def _rec_slots(self, pos, tpl, r, base, body):
+        """fill_slots for the record in ``r``."""
+        buf = self.buf
+        t7 = r.t[7]
+        off = r.ts - t7
+        for s in range(tpl.nslots):
+            kind = tpl.kinds[s]
+            at = pos + tpl.offsets[s]
+            if kind >= K_CHILD:
+                fp_put_u64(buf, at, base ^ (kind - K_CHILD))  # noqa: F821
+            elif kind >= K_TIME:
+                fp_put_u64(buf, at, to_ns(r.t[kind - K_TIME], off))  # noqa: F821
+            elif kind == K_TID:
+                fp_put_str(buf, at, r.trace_id)  # noqa: F821
+            elif kind == K_SID:
+                fp_put_str(buf, at, r.span_id)  # noqa: F821
+            elif kind == K_PSID:
+                fp_put_str(buf, at, r.parent_span_id)  # noqa: F821
+            elif kind == K_END:
+                fp_put_u64(buf, at, to_ns(t7, off))  # noqa: F821
+            elif kind == K_START:
+                t = r.t[0]
+                if t == 0:
+                    t = r.t[2]
+                if t == 0:
+                    t = t7
+                fp_put_u64(buf, at, to_ns(t, off))  # noqa: F821
+            else:  # K_VN
+                buf[at] = (body & 0x7F) | 0x80
+                buf[at + 1] = body >> 7
+
+    def fill_rec(self, r):
+        """encode_fast for one record read into the C struct ``r`` (its strings point
+        into the batch's bytes): 1 if its spans were written, 0 if it has no template
+        yet, or the template cannot take it (the caller decodes it for append)."""
+        bits = self._rec_bits(r)
+        key = self.r_key
+        if key is not None and self._rec_same(r, bits, key):
+            tpl = self.r_tpl
+        else:
+            key = self._rec_key(r, bits)
+            found = self.tpls.templates.get(key)
+            if found is None or found is False:
+                return 0
+            tpl = found
+            self.r_key = key
+            self.r_tpl = tpl
+        base = fp_le_u64_at(r.span_id.p)  # noqa: F821 (8 bytes: the key says so)
+        if base < 8:  # a child id would be 0 (base ^ i)
+            return 0
+        tpls = self.tpls
+        path = fp_str_new(r.path)  # noqa: F821
+        remote = fp_str_new(r.remote)  # noqa: F821
+        a_path = tpls.paths.get(path) or tpls.path_miss(path)
+        a_client = tpls.clients.get(remote) or tpls.miss(tpls.clients, "client.address",
+                                                         remote)
+        a_out = a_in = a_state = b""
+        size = r.bytes_out
+        if size:
+            a_out = tpls.sizes.get(size) or tpls.miss(tpls.sizes, "http.response.body.size",
+                                                      size)
+        size = r.bytes_in
+        if size:
+            a_in = tpls.sizes.get(-size) or tpls.miss(tpls.sizes, "http.request.body.size",
+                                                      size, -size)
+        if r.tracestate.n:
+            a_state = tpls.value(None, fp_str_new(r.tracestate))  # noqa: F821
+        extra = len(a_path) + len(a_client) + len(a_out) + len(a_in) + len(a_state)
+        body = tpl.body_len + extra
+        if body >= MAX_BODY:  # a longer length than the template's 2-byte varint
+            return 0
+        pos = self.pos
+        end = pos + tpl.size + extra
+        if end > len(self.buf):
+            self.reserve(pos, end)
+        buf = self.buf
+        fp_put(buf, pos, tpl.image)  # noqa: F821
+        self._rec_slots(pos, tpl, r, base, body)
+        at = fp_put(buf, pos + tpl.size, a_path)  # noqa: F821
+        at = fp_put(buf, at, a_client)  # noqa: F821
+        if a_out:
+            at = fp_put(buf, at, a_out)  # noqa: F821
+        if a_in:
+            at = fp_put(buf, at, a_in)  # noqa: F821
+        if a_state:
+            at = fp_put(buf, at, a_state)  # noqa: F821
+        self.pos = at
+        self.fast += 1
+        return 1

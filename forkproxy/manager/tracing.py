@@ -244,6 +244,24 @@ class Tracer:
         if len(pending) >= ENCODE_AT:
             self._encode_pending()
 
+    def offer_raw(self, batch) -> None:
+        """offer_batch for a batch of records as bytes (manager/rawbatch.py, compiled):
+        the rules decided and the spans written from the C struct, with no object per
+        request; only records the scanner does not take come back decoded."""
+        enc = self.encoder
+        if enc.filler is None:  # an encoder without the compiled fill (never in use)
+            self.offer_batch(batch.records())
+            return
+        try:
+            objs = batch.trace(self)
+        except Exception as e:  # a bug in encoding: count, never break the record path
+            lost = enc.discard()
+            self.queued -= lost
+            self._failed(lost, f"encoding: {e!r}")
+            return
+        if objs:
+            self.offer_batch(objs)
+
     def _encode_pending(self) -> None:
         """Writes the spans of the pending requests into the open export request(s)."""
         kept = self.pending

@@ -45,11 +45,12 @@ cdef class RawBatch:
     @cython.locals(everything=bint, below="unsigned long long", r="fp_rec *",
                    start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, objs=list, keep=int,
                    filler=Filler, size=Py_ssize_t, room=Py_ssize_t, sampled=Py_ssize_t,
-                   dropped=Py_ssize_t, kept=Py_ssize_t, slower_than=double)
+                   dropped=Py_ssize_t, kept=Py_ssize_t, slower_than=double,
+                   count=Py_ssize_t)
     cpdef list trace(self, object tracer)
     cdef _decode_into(self, list out, Py_ssize_t start, Py_ssize_t end)
     @cython.locals(one=list)
-    cdef _append_decoded(self, object enc, Py_ssize_t start, Py_ssize_t end)
+    cdef bint _append_decoded(self, object tracer, Py_ssize_t start, Py_ssize_t end) except -1
 
     @cython.locals(fast=Py_ssize_t, r="fp_rec *", start=Py_ssize_t, end=Py_ssize_t,
                    k=Py_ssize_t)

@@ -166,6 +166,7 @@ class RawBatch:
         filler = enc.filler
         size = tracer.batch_size
         room = tracer.queue_size - tracer.queued
+        count = enc.count  # the open export request's requests (enc.count when it matters)
         filler.begin_raw()
         r = self.rec
         objs = []
@@ -187,13 +188,19 @@ class RawBatch:
                         room -= 1
                         kept += 1
                         if filler.fill_rec(r):
-                            enc.count += 1
+                            count += 1
                         else:
-                            self._append_decoded(enc, start, end)
-                        if enc.count >= size:
+                            enc.count = count
+                            if not self._append_decoded(tracer, start, end):
+                                kept -= 1  # counted as an export failure
+                            count = enc.count
+                        if count >= size:
+                            enc.count = count
                             tracer._close_batch()
+                            count = 0
                 start = end
         finally:
+            enc.count = count
             tracer.sampled += sampled
             tracer.dropped_queue += dropped
             tracer.queued += kept
@@ -205,13 +212,18 @@ class RawBatch:
         except msgspec.DecodeError:
             pass
 
-    def _append_decoded(self, enc, start: int, end: int) -> None:
-        """A sampled record the C fill did not take, decoded for SpanEncoder.append."""
+    def _append_decoded(self, tracer, start: int, end: int) -> bool:
+        """A sampled record the C fill did not take, decoded for SpanEncoder.append
+        (False: its spans could not be written, e.g. times protobuf cannot hold: that
+        request alone is lost, and counted)."""
         one = []
         self._decode_into(one, start, end)
-        enc.append(one)
-        if not one:  # (the scanner took it: never)
-            enc.count += 1
+        try:
+            tracer.encoder.append(one)
+        except Exception as e:  # the builder raised before writing anything
+            tracer._failed(1, f"encoding: {e!r}")
+            return False
+        return len(one) == 1
 
     def process(self, m, lines: bool) -> bytes:
         """Count the batch into Metrics ``m``; with ``lines``, return its JSON access log

@@ -1,6 +1,7 @@
 # C types of spanfill.py (Cython's pure-Python mode: the .py file is the source)
 cimport cython
-from forkproxy.manager.rawrecord cimport fp_rec, fp_str
+from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_free, fp_intern, fp_name_slot,
+                                          fp_names_clear, fp_names_new, fp_rec, fp_str)
 from forkproxy.manager.recordslots cimport fp_member, fp_member_offset
 
 cdef extern from *:
@@ -118,6 +119,12 @@ cdef class Filler:
 
     cdef object r_key
     cdef Template r_tpl
+    cdef fp_name_slot *path_tab
+    cdef fp_name_slot *client_tab
+    cdef list path_names, path_attrs, client_names, client_attrs
+
+    @cython.locals(i=Py_ssize_t, a_path=bytes, a_client=bytes)
+    cdef tuple _rec_attrs(self, fp_rec *r)
 
     cpdef begin_raw(self)
     @cython.locals(t0=double, t1=double, t2=double, t3=double, t4=double, t5=double,

@@ -219,6 +219,8 @@ class Filler:
         self.fast = 0
         self.r_key = None  # fill_rec's last shape and its template
         self.r_tpl = None
+        #: fill_rec's paths and clients by their bytes: the ids' str and attributes
+        self.path_names, self.path_attrs, self.client_names, self.client_attrs = [], [], [], []
 
     def reserve(self, used, need):
         """Grows the buffer to at least ``need`` bytes, keeping its first ``used``."""
@@ -347,9 +349,42 @@ class Filler:
     # the fp_* names below are C functions of spanfill.pxd and rawrecord.pxd) ----------
 
     def begin_raw(self):
-        """Forgets the last shape fill_rec saw (its template may have been evicted)."""
+        """Before a batch of fill_rec: forgets the last shape it saw (its template may
+        have been evicted), and the paths and clients seen once FP_NAMES_MAX were."""
         self.r_key = None
         self.r_tpl = None
+        if not self.path_tab:  # made on first use (~1 MiB each)
+            self.path_tab = fp_names_new()  # noqa: F821
+            self.client_tab = fp_names_new()  # noqa: F821
+        if len(self.path_names) > FP_NAMES_MAX or len(self.client_names) > FP_NAMES_MAX:  # noqa: F821
+            fp_names_clear(self.path_tab)  # noqa: F821
+            fp_names_clear(self.client_tab)  # noqa: F821
+            self.path_names, self.path_attrs = [], []
+            self.client_names, self.client_attrs = [], []
+
+    def __dealloc__(self):
+        fp_free(self.path_tab)  # noqa: F821
+        fp_free(self.client_tab)  # noqa: F821
+
+    def _rec_attrs(self, r):
+        """The record's url.path and client.address attributes, serialised: found by
+        their bytes (fp_intern: no str made but the first time), else the caches'."""
+        tpls = self.tpls
+        i = fp_intern(self.path_tab, self.path_names, r.path)  # noqa: F821
+        if i < len(self.path_attrs):
+            a_path = self.path_attrs[i]
+        else:
+            path = self.path_names[i]
+            a_path = tpls.paths.get(path) or tpls.path_miss(path)
+            self.path_attrs.append(a_path)
+        i = fp_intern(self.client_tab, self.client_names, r.remote)  # noqa: F821
+        if i < len(self.client_attrs):
+            return a_path, self.client_attrs[i]
+        remote = self.client_names[i]
+        a_client = tpls.clients.get(remote) or tpls.miss(tpls.clients, "client.address",
+                                                         remote)
+        self.client_attrs.append(a_client)
+        return a_path, a_client
 
     def _rec_bits(self, r):
         """shape_bits of the record in ``r``."""
@@ -434,11 +469,7 @@ class Filler:
         if base < 8:  # a child id would be 0 (base ^ i)
             return 0
         tpls = self.tpls
-        path = fp_str_new(r.path)  # noqa: F821
-        remote = fp_str_new(r.remote)  # noqa: F821
-        a_path = tpls.paths.get(path) or tpls.path_miss(path)
-        a_client = tpls.clients.get(remote) or tpls.miss(tpls.clients, "client.address",
-                                                         remote)
+        a_path, a_client = self._rec_attrs(r)
         a_out = a_in = a_state = b""
         size = r.bytes_out
         if size:

@@ -15,6 +15,7 @@ from test_tracing import decoded_spans, varied_records
 from forkproxy.config import TracingConfig
 from forkproxy.context import encoder
 from forkproxy.manager import rawbatch
+from forkproxy.manager.metrics import Metrics
 from forkproxy.manager.spanfill import shape_key
 from forkproxy.manager.tracing import Tracer
 from forkproxy.shm.ring import Ring
@@ -30,9 +31,11 @@ def export_bodies(payloads: list[bytes], raw: bool, batch: int = 64, passes: int
                   **cfg) -> tuple:
     """The export requests' bytes and the tracer's counts for ``payloads`` offered in
     collector batches of ``batch``: as RecordSink.on_raw_batch offers them (``raw``), or
-    decoded as RecordSink.on_batch does. With ``passes`` 2, the bytes of the second
+    decoded as RecordSink.on_batch does; ``raw`` "process": in RawBatch.process's pass,
+    as RecordSink.on_raw_batch does. With ``passes`` 2, the bytes of the second
     pass, when every shape has its template."""
     tracer = Tracer(TracingConfig(endpoint=NOWHERE, **cfg))
+    metrics = Metrics()
     ring = Ring.create(1 << 20)
     bodies = []
 
@@ -55,7 +58,10 @@ def export_bodies(payloads: list[bytes], raw: bool, batch: int = 64, passes: int
                 for p in payloads[at:at + batch]:
                     assert ring.push(p)
                 rb.n = ring.drain_raw(rb.data, rb.ends, batch)
-                if raw:
+                if raw == "process":  # as RecordSink.on_raw_batch: in the metrics pass
+                    rb.process(metrics, True, tracer)
+                    tracer.offer_raw(rb, traced=True)
+                elif raw:
                     tracer.offer_raw(rb)
                 else:
                     tracer.offer_batch(rb.records())
@@ -81,7 +87,9 @@ def ascii_records(n: int, seed: int, shapes: int) -> list:
 
 @pytest.mark.parametrize("ratio, slower_than, batch_size", [
     (1.0, 0.5, 512), (1.0, 0.5, 100), (0.3, 1.0, 512), (0.0, 0.0, 64), (0.0, 1e9, 512)])
-def test_spans_from_the_c_struct_are_the_object_paths_bytes(ratio, slower_than, batch_size):
+@pytest.mark.parametrize("way", [True, "process"], ids=["trace", "process"])
+def test_spans_from_the_c_struct_are_the_object_paths_bytes(ratio, slower_than, batch_size,
+                                                            way):
     """2,500 requests of 40 shapes, head sampled or not, the counts the same. The first
     time through (a shape's first MAKE_AFTER requests without a template take the object
     path inside the C loop) the same spans: the object path writes those after the
@@ -94,7 +102,7 @@ def test_spans_from_the_c_struct_are_the_object_paths_bytes(ratio, slower_than, 
     payloads = [encoder.encode(r) for r in recs]
     cfg = dict(sample_ratio=ratio, sample_slower_than=slower_than, batch_size=batch_size,
                queue_size=100_000)
-    got, got_counts, enc = export_bodies(payloads, True, **cfg)
+    got, got_counts, enc = export_bodies(payloads, way, **cfg)
     want, want_counts, _ = export_bodies(payloads, False, **cfg)
     assert got_counts == want_counts and got_counts[0] > 0
     assert_same_spans(got, want, got_counts[0])
@@ -105,7 +113,7 @@ def test_spans_from_the_c_struct_are_the_object_paths_bytes(ratio, slower_than, 
     payloads = [p for r, p in zip(recs, payloads, strict=True)
                 if templates.get(shape_key(r, r.times))]
     assert len(payloads) > len(recs) // 2
-    got, got_counts, _ = export_bodies(payloads, True, passes=2, **cfg)
+    got, got_counts, _ = export_bodies(payloads, way, passes=2, **cfg)
     want, want_counts, enc = export_bodies(payloads, False, passes=2, **cfg)
     assert got_counts == want_counts
     assert len(got) == len(want) and got == want
@@ -128,7 +136,7 @@ def assert_same_spans(got: list[bytes], want: list[bytes], requests: int) -> Non
 def test_a_full_queue_drops_the_same_requests():
     payloads = [encoder.encode(r) for r in ascii_records(1000, seed=7, shapes=5)]
     cfg = dict(sample_ratio=1.0, batch_size=50, queue_size=300)
-    got, got_counts, _ = export_bodies(payloads, True, **cfg)
+    got, got_counts, _ = export_bodies(payloads, "process", **cfg)
     want, want_counts, _ = export_bodies(payloads, False, **cfg)
     assert got_counts == want_counts == (1000, 700, 300)
     assert_same_spans(got, want, 300)
@@ -146,9 +154,9 @@ def test_records_the_scanner_leaves_give_the_same_spans():
         recs[i].ts = 1.7e9 + i  # (times out of protobuf's range: see below)
         recs[i].times = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7][:rng.choice([6, 8])]
     payloads = [encoder.encode(r) for r in recs]
-    for ratio in (1.0, 0.2):
+    for ratio, way in ((1.0, True), (0.2, True), (1.0, "process")):
         cfg = dict(sample_ratio=ratio, batch_size=256, queue_size=100_000)
-        got, got_counts, _ = export_bodies(payloads, True, **cfg)
+        got, got_counts, _ = export_bodies(payloads, way, **cfg)
         want, want_counts, _ = export_bodies(payloads, False, **cfg)
         assert got_counts == want_counts and got_counts[0] > 1000 * ratio
         assert_same_spans(got, want, got_counts[0])
@@ -160,7 +168,7 @@ def test_a_request_whose_spans_cannot_be_written_is_lost_alone():
     recs = ascii_records(40, seed=2, shapes=1)
     recs[7].ts = 1e12  # ~1e21 ns: not a fixed64
     payloads = [encoder.encode(r) for r in recs]
-    bodies, counts, _ = export_bodies(payloads, True, sample_ratio=1.0)
+    bodies, counts, _ = export_bodies(payloads, "process", sample_ratio=1.0)
     assert counts == (40, 0, 39)
     spans = {}
     for body in bodies:

@@ -7,8 +7,8 @@ from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_buffer_data, fp_cell_
                                           fp_cells, fp_cells_clear, fp_cells_free,
                                           fp_cells_new, fp_free, fp_intern, fp_name_slot,
                                           fp_names_clear, fp_names_new, fp_rec, fp_rec_new,
-                                          fp_scan, fp_may_sample)
-from forkproxy.manager.spanfill cimport Filler
+                                          fp_scan)
+from forkproxy.manager.rawspans cimport RawTrace
 from forkproxy.manager.recordpass cimport _duration_bucket, _fine_bucket
 
 cdef long[::1] _F2P
@@ -35,6 +35,7 @@ cdef class RawBatch:
     cdef fp_rec *rec
     cdef fp_out *out
     cdef list objs
+    cdef public RawTrace tr
     cdef long long tls_new, tls_resumed, sec
     cdef bytes prefix
     cdef Histogram ph_hdr, ph_tls, ph_conn, ph_send, ph_fb, ph_body
@@ -42,21 +43,15 @@ cdef class RawBatch:
     @cython.locals(start="long long", end="long long", size="long long", k=Py_ssize_t)
     cdef _check(self)
 
-    @cython.locals(everything=bint, below="unsigned long long", r="fp_rec *",
-                   start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, objs=list, keep=int,
-                   filler=Filler, size=Py_ssize_t, room=Py_ssize_t, sampled=Py_ssize_t,
-                   dropped=Py_ssize_t, kept=Py_ssize_t, slower_than=double,
-                   count=Py_ssize_t)
-    cpdef list trace(self, object tracer)
-    cdef _decode_into(self, list out, Py_ssize_t start, Py_ssize_t end)
-    @cython.locals(one=list)
-    cdef bint _append_decoded(self, object tracer, Py_ssize_t start, Py_ssize_t end) except -1
+    @cython.locals(r="fp_rec *", start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t,
+                   t=RawTrace)
+    cpdef trace(self, object tracer)
 
     @cython.locals(fast=Py_ssize_t, r="fp_rec *", start=Py_ssize_t, end=Py_ssize_t,
-                   k=Py_ssize_t)
-    cpdef bytes process(self, object m, bint lines)
+                   k=Py_ssize_t, t=RawTrace, tracing=bint)
+    cpdef bytes process(self, object m, bint lines, object tracer=*)
 
-    cdef _slow(self, object m, Py_ssize_t start, Py_ssize_t end, bint lines)
+    cdef _slow(self, object m, Py_ssize_t start, Py_ssize_t end, bint lines, bint tracing)
     cdef _put(self, bytes line)
 
     @cython.locals(ts=double, sec="long long", frac=int)

@@ -29,8 +29,8 @@ import msgspec
 from forkproxy.context import RequestContext, decoder
 from forkproxy.manager.histogram import DURATION_BUCKETS, FINE_TO_PHASE, Histogram, PhaseGroup
 from forkproxy.manager.jsonline import json_line, phases_ms
+from forkproxy.manager.rawspans import RawTrace
 from forkproxy.manager.recordpass import count_batch, time_batch
-from forkproxy.manager.sampling import ALL
 
 try:
     import cython
@@ -110,6 +110,7 @@ class RawBatch:
         self.rec = fp_rec_new()  # noqa: F821
         self.out = fp_out_new()  # noqa: F821
         self.objs: list = []
+        self.tr = RawTrace()
         self.tls_new = self.tls_resumed = 0
         self.sec = -1
         self.prefix = b""
@@ -149,85 +150,30 @@ class RawBatch:
             start = end
         return out
 
-    def trace(self, tracer) -> list:
-        """The batch's sampled requests' spans written by ``tracer``'s encoder from the C
-        struct while the batch's bytes are there (spanfill.Filler.fill_rec): the rules
-        decided on the struct (sampling.sample_batch's), the queue bound and the export
-        requests of ``batch_size`` as Tracer.offer_batch keeps them. A sampled record
-        whose shape has no template yet is decoded and appended as an object (which
-        counts it towards its template). Returns, decoded, the records the scanner does
-        not take (and trace ids that are not 16 bytes), for Tracer.offer_batch."""
+    def trace(self, tracer) -> None:
+        """Tracing alone (rawspans.RawTrace over the batch, scanning it again; the
+        manager traces in process()'s pass instead): ``self.tr`` then holds the records
+        for Tracer.offer_batch and any encoding error (Tracer.offer_raw reads them)."""
         self._check()
-        threshold = tracer.threshold
-        everything = threshold >= ALL
-        below = 0 if everything else threshold
-        slower_than = tracer.slower_than
-        enc = tracer.encoder
-        filler = enc.filler
-        size = tracer.batch_size
-        room = tracer.queue_size - tracer.queued
-        count = enc.count  # the open export request's requests (enc.count when it matters)
-        filler.begin_raw()
+        t = self.tr
+        t.begin(tracer)
         r = self.rec
-        objs = []
-        sampled = dropped = kept = 0
         start = 0
         try:
             for k in range(self.n):
                 end = self.ends[k]
-                keep = -1
-                if fp_scan(self.base + start, end - start, r) == 0:  # noqa: F821
-                    keep = fp_may_sample(r, everything, below, slower_than)  # noqa: F821
-                if keep < 0:  # decided by the object path
-                    self._decode_into(objs, start, end)
-                elif keep:
-                    sampled += 1
-                    if room <= 0:
-                        dropped += 1
-                    else:
-                        room -= 1
-                        kept += 1
-                        if filler.fill_rec(r):
-                            count += 1
-                        else:
-                            enc.count = count
-                            if not self._append_decoded(tracer, start, end):
-                                kept -= 1  # counted as an export failure
-                            count = enc.count
-                        if count >= size:
-                            enc.count = count
-                            tracer._close_batch()
-                            count = 0
+                if fp_scan(self.base + start, end - start, r) != 0:  # noqa: F821
+                    t.decoded(self.view, start, end)
+                elif t.on:
+                    t.rec(r, self.view, start, end)
                 start = end
         finally:
-            enc.count = count
-            tracer.sampled += sampled
-            tracer.dropped_queue += dropped
-            tracer.queued += kept
-        return objs
+            t.end()
 
-    def _decode_into(self, out: list, start: int, end: int) -> None:
-        try:
-            out.append(decoder.decode(self.view[start:end]))
-        except msgspec.DecodeError:
-            pass
-
-    def _append_decoded(self, tracer, start: int, end: int) -> bool:
-        """A sampled record the C fill did not take, decoded for SpanEncoder.append
-        (False: its spans could not be written, e.g. times protobuf cannot hold: that
-        request alone is lost, and counted)."""
-        one = []
-        self._decode_into(one, start, end)
-        try:
-            tracer.encoder.append(one)
-        except Exception as e:  # the builder raised before writing anything
-            tracer._failed(1, f"encoding: {e!r}")
-            return False
-        return len(one) == 1
-
-    def process(self, m, lines: bool) -> bytes:
+    def process(self, m, lines: bool, tracer=None) -> bytes:
         """Count the batch into Metrics ``m``; with ``lines``, return its JSON access log
-        lines (``self.lines`` of them), else b""."""
+        lines (``self.lines`` of them), else b"". With ``tracer``, trace it in the same
+        pass (one scan per record: see trace)."""
         self._check()
         if len(self.names) > FP_NAMES_MAX:  # noqa: F821 (forget labels no longer seen)
             fp_names_clear(self.names_tab)  # noqa: F821
@@ -242,6 +188,10 @@ class RawBatch:
         self.bad = 0
         fast = 0
         r = self.rec
+        t = self.tr
+        tracing = tracer is not None
+        if tracing:
+            t.begin(tracer)
         start = 0
         try:
             for k in range(self.n):
@@ -252,17 +202,21 @@ class RawBatch:
                     self._count(m, r)
                     if lines:
                         self._line(r, start, end)
+                    if tracing and t.on:
+                        t.rec(r, self.view, start, end)
                 else:
-                    self._slow(m, start, end, lines)
+                    self._slow(m, start, end, lines, tracing)
                 start = end
         finally:
             m.records += fast
             self.scanned = fast
             self._flush(m)
+            if tracing:
+                t.end()
         return fp_out_bytes(self.out)  # noqa: F821
 
-    def _slow(self, m, start: int, end: int, lines: bool) -> None:
-        """One record through msgspec and the Python path."""
+    def _slow(self, m, start: int, end: int, lines: bool, tracing: bool) -> None:
+        """One record through msgspec and the Python path (and to the tracer's)."""
         try:
             rec = decoder.decode(self.view[start:end])
         except msgspec.DecodeError:
@@ -272,6 +226,8 @@ class RawBatch:
             m.observe_gauges(rec)
             return
         one = [rec]
+        if tracing:
+            self.tr.objs.append(rec)
         count_batch(m, one)
         time_batch(m, one)
         if lines:

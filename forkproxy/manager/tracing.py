@@ -244,22 +244,25 @@ class Tracer:
         if len(pending) >= ENCODE_AT:
             self._encode_pending()
 
-    def offer_raw(self, batch) -> None:
+    def offer_raw(self, batch, traced: bool = False) -> None:
         """offer_batch for a batch of records as bytes (manager/rawbatch.py, compiled):
-        the rules decided and the spans written from the C struct, with no object per
-        request; only records the scanner does not take come back decoded."""
-        enc = self.encoder
-        if enc.filler is None:  # an encoder without the compiled fill (never in use)
+        the rules decided and the spans written from the C structs (rawspans.RawTrace),
+        with no object per request; only records the scanner does not take come back
+        decoded, for offer_batch. ``traced``: RawBatch.process did it in its pass."""
+        if self.encoder.filler is None:  # an encoder without the compiled fill
             self.offer_batch(batch.records())
             return
-        try:
-            objs = batch.trace(self)
-        except Exception as e:  # a bug in encoding: count, never break the record path
-            lost = enc.discard()
+        if not traced:
+            batch.trace(self)
+        t = batch.tr
+        if t.error is not None:  # a bug in encoding: count, never break the record path
+            lost = self.encoder.discard()
             self.queued -= lost
-            self._failed(lost, f"encoding: {e!r}")
-            return
-        if objs:
+            self._failed(lost, f"encoding: {t.error!r}")
+            t.error = None
+        if t.objs:
+            objs = t.objs
+            t.objs = []
             self.offer_batch(objs)
 
     def _encode_pending(self) -> None:

@@ -117,7 +117,8 @@ class ServerConfig(_Section, kw_only=True):
     ring_size: Size = Size(1 << 20)
     #: processes that drain the rings into the metrics and the access log: the manager
     #: and collectors - 1 shard processes (fp-collector-N), each with its share of the
-    #: workers; "auto": one per 4 workers. Read when the manager starts
+    #: workers; "auto": one per 16 workers (one per 4 when the record path runs as plain
+    #: Python). Read when the manager starts
     collectors: Positive | Literal["auto"] = "auto"
     #: RLIMIT_NOFILE set by each worker at start (nginx's worker_rlimit_nofile); 0 = inherit
     worker_rlimit_nofile: Annotated[int, Meta(ge=0)] = 0
@@ -1016,15 +1017,20 @@ def resolve_path(p: str, base: str) -> str:
     return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
 
 
-#: workers per collector process with ``collectors = "auto"``: one core drains 125-200k
-#: records/s with the JSON access log on (docs/BENCHMARKS.md); 4 busy workers make
-#: ~100k, half to 0.8 of a collector's core
-WORKERS_PER_COLLECTOR = 4
+#: workers per collector process with ``collectors = "auto"``: the compiled record path
+#: (manager/rawbatch) takes ~1 µs per record with the JSON access log on, so 16 busy
+#: workers (~400k records/s) use ~0.4 of a collector's core (docs/BENCHMARKS.md, "The
+#: manager's record path", round 4)
+WORKERS_PER_COLLECTOR = 16
+#: the same as plain Python (no compiler): ~7.5 µs per record, 4 busy workers ~0.75 core
+WORKERS_PER_COLLECTOR_PURE = 4
 
 
-def collector_count(cfg: Config) -> int:
+def collector_count(cfg: Config, workers_per_collector: int = WORKERS_PER_COLLECTOR) -> int:
+    """Processes draining the rings: as configured, or for "auto" one per
+    ``workers_per_collector`` workers (the manager passes the figure of its build)."""
     if cfg.server.collectors == "auto":
-        return -(-worker_count(cfg) // WORKERS_PER_COLLECTOR)
+        return -(-worker_count(cfg) // workers_per_collector)
     return int(cfg.server.collectors)
 
 

@@ -4,7 +4,9 @@ entries by them (shm/health.py), so both must see the very same function."""
 
 from __future__ import annotations
 
-import hashlib
+# hashlib's own blake2b (hashlib.blake2b is _blake2.blake2b): hashlib itself loads
+# _hashlib, which maps and initialises libcrypto (~3.4 MiB) in every process
+from _blake2 import blake2b
 
 _M64 = (1 << 64) - 1
 _U53 = 2.0**-53
@@ -12,7 +14,7 @@ _U53 = 2.0**-53
 
 def hash64(data: bytes, salt: bytes = b"") -> int:
     """A stable 64-bit hash (the same in every process and after every restart)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=salt).digest(), "little")
+    return int.from_bytes(blake2b(data, digest_size=8, person=salt).digest(), "little")
 
 
 def mix64(x: int) -> int:

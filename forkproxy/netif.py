@@ -40,8 +40,12 @@ def resolve(addr) -> list[tuple[int, tuple]]:
         for fam, a, scope in interface_addresses(addr.iface):
             out.append((fam, (a, addr.port, 0, scope) if fam == socket.AF_INET6 else (a, addr.port)))
         return out
+    # an ASCII name as bytes: a str goes through the "idna" codec first, whose import
+    # (encodings.idna, stringprep, unicodedata) every process would then carry; an ASCII
+    # name is its own IDNA form
+    host = addr.host.encode() if addr.host and addr.host.isascii() else addr.host
     try:
-        infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM,
+        infos = socket.getaddrinfo(host, addr.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
     except socket.gaierror as e:
         raise BindError(f"cannot resolve {addr.host!r}: {e.strerror}")

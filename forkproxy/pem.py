@@ -1,12 +1,12 @@
 """PEM certificate and key files: read them, name a key's type, and say why a pair
 cannot be served. The lowest floor, so that config validation (`forkproxy check`) and
-the TLS contexts share one answer. cryptography is imported inside the functions: it
-costs ~7 MiB that a proxy without TLS listeners never needs."""
+the TLS contexts share one answer. cryptography and ssl are imported inside the functions:
+they cost ~7 and ~3.5 MiB (ssl initialises libcrypto) that a proxy without TLS never needs,
+and config.py, which every process imports, imports this module."""
 
 from __future__ import annotations
 
 import os
-import ssl
 
 
 def read_file(path: str) -> bytes:
@@ -46,6 +46,8 @@ def load_certs(path: str, what: str) -> tuple[list, str]:
 
 def check_cert_key(cert_path: str, key_path: str) -> str | None:
     """Why this pair cannot be served (for ``forkproxy check``), or None if it can."""
+    import ssl
+
     from cryptography.hazmat.primitives import serialization
 
     certs, err = load_certs(cert_path, "certificate")
@@ -79,6 +81,8 @@ def check_cert_key(cert_path: str, key_path: str) -> str | None:
 
 def check_ca(path: str) -> str | None:
     """Why a CA file cannot be used to verify servers, or None if it can."""
+    import ssl
+
     certs, err = load_certs(path, "CA file")
     if err:
         return err
@@ -102,6 +106,8 @@ def _is_ca(cert) -> bool:
 
 def check_system_ca() -> str | None:
     """Why the system store cannot verify servers (no CA bundle where OpenSSL looks)."""
+    import ssl
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_default_certs()
     paths = ssl.get_default_verify_paths()
@@ -120,6 +126,8 @@ def _has_files(directory: str) -> bool:
 
 def check_ciphers(ciphers: str) -> list[str]:
     """OpenSSL's complaint about a TLS 1.2 cipher list, if any."""
+    import ssl
+
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).set_ciphers(ciphers)
     except ssl.SSLError:

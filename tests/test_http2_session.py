@@ -29,7 +29,7 @@ from hyperframe.frame import (
 from forkproxy.http.request import Limits
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.limits import Http2Limits
-from forkproxy.http2.session import ServerSession
+from forkproxy.http2.session import ServerSession, nv_array
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +78,32 @@ def test_get_becomes_a_request_and_the_response_reaches_the_client(session):
     c.pump()
     assert c.responses()[sid][b":status"] == b"200"
     assert c.kinds(sid) == ["REQUEST", "END", "CLOSED"]
+
+
+@pytest.mark.parametrize("window", [65535, 1000])
+def test_a_whole_body_goes_out_as_the_client_window_allows(session, window):
+    """respond_whole (a body that is all of the response, read by nghttp2 in C when
+    sendpath is compiled): in DATA frames no larger than the client's window, the last
+    one ending the stream, whatever the window."""
+    c = RawClient(session)
+    c.conn.update_settings({SettingsFrame.INITIAL_WINDOW_SIZE: window})
+    c.pump()
+    sid = c.send(_req())
+    c.pump()
+    body = bytes(range(256)) * 20  # 5,120 bytes
+    nva, count, keep = nv_array(200, [(b"content-length", b"%d" % len(body))])
+    assert session.respond_whole(sid, nva, count, body)
+    assert not session.respond_whole(sid, nva, count, body)  # answered once
+    assert session.pending(sid) <= len(body)
+    for _ in range(20):
+        c.pump()
+    data = [f for f in c.frames if isinstance(f, DataFrame) and f.stream_id == sid]
+    assert b"".join(f.data for f in data) == body
+    assert all(len(f.data) <= window for f in data) and len(data) >= len(body) // window
+    assert [("END_STREAM" in f.flags) for f in data] == [False] * (len(data) - 1) + [True]
+    assert c.responses()[sid][b":status"] == b"200"
+    assert c.kinds(sid) == ["REQUEST", "END", "CLOSED"] and sid not in session.streams
+    assert not session.respond_whole(sid, nva, count, body)  # the stream is gone
 
 
 def test_post_with_length_and_body_without_length(session):

@@ -28,7 +28,8 @@ from fp import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from forkproxy.manager import profiling
+from forkproxy import config as config_mod
+from forkproxy.manager import profiling, rawbatch
 
 
 def admin_get(p, path: str, headers: dict | None = None):
@@ -440,6 +441,19 @@ def spread_requests(port: int, prefix: str, conns: int = 24, per_conn: int = 2) 
     for k in range(conns):
         ids += keepalive_requests(port, ["/tiny"] * per_conn, f"{prefix}{k}")
     return ids
+
+
+def test_auto_collectors_follow_the_record_paths_cost(tmp_path, origin, proxies):
+    """collectors = "auto" (the default): one collector per 16 workers when the record path
+    is compiled (~1 µs per record), one per 4 as plain Python (~7.5 µs): 5 workers get one
+    collector compiled and two shards' worth as plain Python."""
+    workers = config_mod.WORKERS_PER_COLLECTOR_PURE + 1
+    p = proxies(tmp_path, origin.address, workers=workers, admin=True)
+    want = 1 if rawbatch.COMPILED else 2
+    assert json.loads(admin_get(p, "/status")[2])["collectors"] == want
+    manager = p.manager_pid()
+    shards = [c for c in children_of(manager) if comm(c).startswith("fp-collector")]
+    assert len(shards) == want - 1
 
 
 def test_collector_shards_count_log_reopen_and_restart(tmp_path, origin, proxies):

@@ -4,15 +4,15 @@ to say. Real forked proxy, a real TLS client that places records in one TCP send
 
 from __future__ import annotations
 
-import socket
 import ssl
 import subprocess
 
 import pytest
+from tlsutil import BioClient
 
 from forkproxy import config as config_mod
 from forkproxy.tls import openssl
-from forkproxy.worker import tls as worker_tls
+from forkproxy.worker import tlscontext
 
 REQUEST = b"GET /headers HTTP/1.1\r\nHost: localhost\r\n\r\n"
 LAST = b"GET /headers HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -33,57 +33,6 @@ def tls_listener(tmp_path, origin, proxies, cert):
     return proxies(tmp_path, origin.address, workers=1, listener_extra=(
         f'[listener.tls]\ncertificates = [{{ cert = "{cert[0]}", key = "{cert[1]}" }}]\n'
         "ocsp_stapling = false\n"))
-
-
-class BioClient:
-    """A TLS client over memory BIOs, so the test decides what goes into each send."""
-
-    def __init__(self, port: int, ca, version: ssl.TLSVersion):
-        ctx = ssl.create_default_context(cafile=str(ca))
-        ctx.minimum_version = ctx.maximum_version = version
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
-
-    def handshake(self, flush_last: bool = True) -> None:
-        """flush_last False: the client's last handshake flight stays in the BIO, to go
-        out in one send with the first request."""
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self.sock.sendall(self.outgoing.read())
-                self.incoming.write(self.sock.recv(65536))
-        if flush_last:
-            self.sock.sendall(self.outgoing.read())
-
-    def send_records(self, *requests: bytes) -> None:
-        """Each request its own TLS record, all in one send(2)."""
-        for r in requests:
-            self.tls.write(r)
-        self.sock.sendall(self.outgoing.read())
-
-    def read_to_close(self) -> bytes:
-        out = b""
-        while True:
-            try:
-                data = self.tls.read(65536)
-                if not data:  # close_notify
-                    return out
-                out += data
-                continue
-            except ssl.SSLWantReadError:
-                pass
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return out
-            data = self.sock.recv(65536)  # a 10 s timeout: a stalled proxy fails the test
-            if not data:
-                return out
-            self.incoming.write(data)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
@@ -116,7 +65,7 @@ def test_worker_context_reads_ahead_and_finds_the_ssl_pointer(cert):
         f'[listener.tls]\ncertificates = [{{ cert = "{cert[0]}", key = "{cert[1]}" }}]\n'
         'ocsp_stapling = false\n[upstream.app]\nservers = [{ address = "127.0.0.1:2" }]\n',
         check_files=False)
-    ctx = worker_tls.worker_tls_context(cfg, 0, None)
+    ctx = tlscontext.listener_context(cfg, 0, None)
     assert ctx.read_ahead
     obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
     p = openssl.ssl_pointer(obj._sslobj)

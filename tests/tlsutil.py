@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -540,3 +541,65 @@ def memory_handshake(
     ci.write(so.read())
     assert c.read(1) == b"x"  # also consumes TLS 1.3 tickets
     return c, s
+
+
+class BioClient:
+    """A TLS client over memory BIOs, so the test decides what goes into each send."""
+
+    def __init__(self, port: int, ca, version: ssl.TLSVersion):
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.minimum_version = ctx.maximum_version = version
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    def handshake(self, flush_last: bool = True) -> None:
+        """flush_last False: the client's last handshake flight stays in the BIO, to go
+        out in one send with the first request."""
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                self.incoming.write(self.sock.recv(65536))
+        if flush_last:
+            self.sock.sendall(self.outgoing.read())
+
+    def send_records(self, *requests: bytes) -> None:
+        """Each request its own TLS record, all in one send(2)."""
+        for r in requests:
+            self.tls.write(r)
+        self.sock.sendall(self.outgoing.read())
+
+    def read_to_close(self) -> bytes:
+        out = b""
+        while True:
+            try:
+                data = self.tls.read(65536)
+                if not data:  # close_notify
+                    return out
+                out += data
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return out
+            data = self.sock.recv(65536)  # a 10 s timeout: a stalled proxy fails the test
+            if not data:
+                return out
+            self.incoming.write(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send_split(self, request: bytes, pause: float) -> None:
+        """One request's TLS record in two sends ``pause`` apart: the server's read of
+        the first part finds half a record (OpenSSL's want-read)."""
+        self.tls.write(request)
+        data = self.outgoing.read()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(data[:len(data) // 2])
+        time.sleep(pause)
+        self.sock.sendall(data[len(data) // 2:])
+

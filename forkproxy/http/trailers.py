@@ -35,9 +35,22 @@ class TrailersTooLarge(ValueError):
     """A trailer section over MAX_TRAILER_BYTES."""
 
 
+class _Last:
+    """The last section filtered and what came of it: an HTTP/2 upstream's client
+    session gives the same list object again for a section the same as before
+    (forkproxy/http2/client.py: gRPC's ``grpc-status: 0`` call after call). Both lists
+    are never changed once made, by their makers or their users."""
+
+    fields: list | None = None
+    out: list | None = None
+
+
 def relayable_trailers(fields) -> list[tuple[bytes, bytes]]:
     """The fields of a trailer section that may be relayed, names lower-cased (an empty
-    list: nothing to relay). Raises TrailersTooLarge."""
+    list: nothing to relay; the list is shared, not to be changed). Raises
+    TrailersTooLarge."""
+    if fields is _Last.fields:
+        return _Last.out
     out = []
     size = 0
     for name, value in fields:
@@ -47,6 +60,7 @@ def relayable_trailers(fields) -> list[tuple[bytes, bytes]]:
         name = name.lower()
         if name not in NOT_IN_TRAILERS and not name.startswith(b":"):
             out.append((name, value))
+    _Last.fields, _Last.out = fields, out
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 
 from forkproxy.http2 import nghttp2 as ng
+from forkproxy.http2 import sendpath
 
 ffi = ng.ffi
 _memmove = ffi.memmove
@@ -24,6 +25,8 @@ _from_handle = ffi.from_handle
 #: the header callbacks and the send loop pass char pointers for it)
 _unpack = ffi.unpack
 _DATA_FLAG_EOF = ng.DATA_FLAG_EOF
+#: frames drained in C (forkproxy/http2/sendpath.py) when it is compiled
+_DRAIN = sendpath.drain if sendpath.COMPILED else None
 
 
 class OutStream:
@@ -60,11 +63,16 @@ class SessionBase:
         # the same pointer seen as char: bytes by one unpack (see _unpack)
         self._out_chars = ffi.cast("const char **", self._out_ptr)
         self._session = None
+        self._session_addr = 0  # the C session's address (sendpath.drain)
+        self._mem_send = 0  # nghttp2_session_mem_send's (sendpath.drain)
 
     #: whether the session's ``_on_frame_send`` needs calling
     FRAME_SEND = True
     #: the C on_header callback's address (fieldsink.header_callback), 0: the Python one
     HEADER_CALLBACK = 0
+    #: C callbacks registered instead of the Python ones: (name, address) pairs, names
+    #: "frame_recv", "data_chunk", "stream_close" (fieldsink.client_callbacks)
+    C_CALLBACKS: tuple = ()
 
     def _create(self, create) -> None:
         """The C session, made by ``create`` (nghttp2_session_server_new2 or
@@ -77,12 +85,15 @@ class SessionBase:
         try:
             self._set_options(lib, opt)
             sp = ffi.new("nghttp2_session **")
-            table = CALLBACKS.get(lib, self.FRAME_SEND, self.HEADER_CALLBACK)
+            table = CALLBACKS.get(lib, self.FRAME_SEND, self.HEADER_CALLBACK,
+                                  self.C_CALLBACKS)
             if create(sp, table, self._user_data, opt) != 0:
                 raise MemoryError("nghttp2 session")
         finally:
             lib.nghttp2_option_del(opt)
         self._session = sp[0]
+        self._session_addr = int(ffi.cast("intptr_t", sp[0]))
+        self._mem_send = CALLBACKS.mem_send(lib)
 
     def _set_options(self, lib, opt) -> None:
         """Both sides give windows back themselves, once the consumer took the bytes."""
@@ -118,6 +129,15 @@ class SessionBase:
         """All bytes nghttp2 has to send now (frames, DATA pulled from the stream buffers)."""
         if self._session is None:
             return b""
+        if _DRAIN is not None:  # the loop below in C: one call
+            data = _DRAIN(self._session_addr, self._mem_send)
+            if data.__class__ is tuple:  # (the bytes before an error, the error)
+                self._after_call()
+                self.failed = self.failed or "send_failed"
+                return data[0]
+            if self._exc is not None:
+                self._after_call()
+            return data
         lib, session, ptr, chars = self._lib, self._session, self._out_ptr, self._out_chars
         chunks = []
         while True:
@@ -387,20 +407,40 @@ class _Callbacks:
     per frame sent that the client has nothing to do in)."""
 
     def __init__(self):
-        self._tables: dict[tuple[bool, int], object] = {}
+        self._tables: dict[tuple[bool, int, tuple], object] = {}
         self.provider = None
+        #: the data provider of whole bodies (sendpath.BodySource, read in C): its
+        #: source.ptr is set per response (nghttp2 copies the struct at submit)
+        self.whole = None
+        self._mem_send = 0
 
-    def get(self, lib, frame_send: bool = True, header_callback: int = 0):
+    def mem_send(self, lib) -> int:
+        """The address of nghttp2_session_mem_send (for sendpath.drain)."""
+        addr = self._mem_send
+        if not addr:
+            addr = self._mem_send = int(ffi.cast(
+                "intptr_t", ffi.addressof(lib, "nghttp2_session_mem_send")))
+        return addr
+
+    def get(self, lib, frame_send: bool = True, header_callback: int = 0,
+            c_callbacks: tuple = ()):
         """The table; ``header_callback``: the address of a C on_header callback to
-        register instead of the Python one (0: the Python one)."""
-        key = (frame_send, header_callback)
+        register instead of the Python one (0: the Python one); ``c_callbacks``: more
+        such, as (name, address) pairs (see SessionBase.C_CALLBACKS)."""
+        key = (frame_send, header_callback, c_callbacks)
         table = self._tables.get(key)
         if table is None:
+            c = dict(c_callbacks)
             if self.provider is None:
                 prd = ffi.new("nghttp2_data_provider *")
                 prd.read_callback = ffi.cast("nghttp2_data_source_read_callback",
                                              _cb_read_body)
                 self.provider = prd
+                if sendpath.COMPILED:
+                    whole = ffi.new("nghttp2_data_provider *")
+                    whole.read_callback = ffi.cast("nghttp2_data_source_read_callback",
+                                                   sendpath.read_callback())
+                    self.whole = whole
             p = ffi.new("nghttp2_session_callbacks **")
             if lib.nghttp2_session_callbacks_new(p) != 0:
                 raise MemoryError("nghttp2_session_callbacks_new")
@@ -410,14 +450,17 @@ class _Callbacks:
             lib.nghttp2_session_callbacks_set_on_invalid_header_callback(
                 table, ffi.cast("nghttp2_on_invalid_header_callback", _cb_invalid_header))
             lib.nghttp2_session_callbacks_set_on_frame_recv_callback(
-                table, ffi.cast("nghttp2_on_frame_recv_callback", _cb_frame_recv))
+                table, ffi.cast("nghttp2_on_frame_recv_callback",
+                                c.get("frame_recv") or _cb_frame_recv))
             if frame_send:
                 lib.nghttp2_session_callbacks_set_on_frame_send_callback(
                     table, ffi.cast("nghttp2_on_frame_send_callback", _cb_frame_send))
             lib.nghttp2_session_callbacks_set_on_stream_close_callback(
-                table, ffi.cast("nghttp2_on_stream_close_callback", _cb_stream_close))
+                table, ffi.cast("nghttp2_on_stream_close_callback",
+                                c.get("stream_close") or _cb_stream_close))
             lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
-                table, ffi.cast("nghttp2_on_data_chunk_recv_callback", _cb_data_chunk))
+                table, ffi.cast("nghttp2_on_data_chunk_recv_callback",
+                                c.get("data_chunk") or _cb_data_chunk))
             self._tables[key] = table  # never freed: nghttp2 copies it into each session
         return table
 

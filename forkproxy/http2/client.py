@@ -33,14 +33,19 @@ from __future__ import annotations
 from itertools import compress as _compress
 from operator import ne as _ne
 
+from forkproxy.http2 import fieldsink
 from forkproxy.http2 import nghttp2 as ng
 from forkproxy.http2.base import OutStream, SessionBase, nv_once
+from forkproxy.http2.fieldsink import client_callbacks, header_callback, new_sink
 
 ffi = ng.ffi
 _from_buffer = ffi.from_buffer
 _unpack = ffi.unpack  # names, values and chunks are char * (see base.py)
 INTERIM, HEAD, DATA, TRAILERS, END, CLOSED, GOAWAY, SETTINGS, PONG = range(1, 10)
 _HEADERS, _DATA, _END_STREAM = ng.HEADERS, ng.DATA, ng.FLAG_END_STREAM
+_EV_HEADERS_END, _EV_DATA, _EV_END, _EV_CLOSED, _EV_GOAWAY, _EV_SETTINGS = (
+    fieldsink.EV_HEADERS_END, fieldsink.EV_DATA, fieldsink.EV_END, fieldsink.EV_CLOSED,
+    fieldsink.EV_GOAWAY, fieldsink.EV_SETTINGS)
 
 #: the window each response stream gets; the connection's is this times the streams
 STREAM_WINDOW = 256 * 1024
@@ -51,25 +56,20 @@ _PING = b"fp-alive"
 
 
 class _ClientStream(OutStream):
-    __slots__ = ("fields", "list_size", "headed", "unconsumed", "length")
+    __slots__ = ("headed", "unconsumed")
 
     def __init__(self, sid: int):
         super().__init__(sid)
-        self.fields: list[tuple[bytes, bytes]] = []
-        self.list_size = 0
         self.headed = False  # the final head was received (later HEADERS: trailers)
         self.unconsumed = 0
-        self.length = None  # the head's content-length
 
     def reuse(self, sid: int) -> _ClientStream:
         """The object of a closed stream, for a new one (see ClientSession.request)."""
         self.sid = sid
         self.out.clear()
-        self.out_size = self.offset = self.list_size = self.unconsumed = 0
+        self.out_size = self.offset = self.unconsumed = 0
         self.eof = self.deferred = self.headed = False
-        self.trailers = self.length = None
-        if self.fields:
-            self.fields = []
+        self.trailers = None
         return self
 
 
@@ -77,15 +77,54 @@ class _ClientStream(OutStream):
 STREAMS_KEPT = 128
 
 
+def _translate_head(fields) -> tuple[int, list, int | None]:
+    """A response head's block as the HEAD event has it: the status, the regular
+    fields without ``content-length`` (a new list), and that length (None: none)."""
+    status = 0
+    if fields and fields[0][0] == b":status":
+        status = int(fields[0][1])  # nghttp2 checked it is three digits
+        # nghttp2 checked the pseudo-headers too: a response has :status only, before
+        # the regular fields
+        rest = fields[1:]
+    else:
+        rest = [f for f in fields if not f[0].startswith(b":")]
+    length = None
+    for i, (name, value) in enumerate(rest):
+        if name == b"content-length":  # for the relay (nghttp2 checked it; one at most)
+            length = int(value)
+            del rest[i]
+            break
+    return status, rest, length
+
+
 class ClientSession(SessionBase):
     """One HTTP/2 connection to a server (sans-IO). Call :meth:`close` when done."""
 
     FRAME_SEND = False  # nothing to do per frame sent
+    #: the response's header fields are collected in C when fieldsink is compiled (one
+    #: call into Python per HEADERS frame instead of one per field)
+    HEADER_CALLBACK = header_callback()
+    #: and, compiled, the frames, DATA chunks and stream closes are queued in C during
+    #: a call into nghttp2 and handled after it (_run_queued: one call into Python per
+    #: read, not one per event; frames the client does nothing for are not queued)
+    C_CALLBACKS = client_callbacks()
 
     def __init__(self, stream_window: int = STREAM_WINDOW,
                  connection_window: int = CONNECTION_WINDOW):
         super().__init__()
         lib = self._lib
+        #: the header block being received (forkproxy/http2/fieldsink.py): past
+        #: MAX_HEADER_LIST its stream is reset; a block the same as one of the last two
+        #: comes as the same list, whose translation _headers_done keeps
+        self._sink = sink = new_sink(MAX_HEADER_LIST, fail=True, memo=True)
+        if sink.address:  # compiled: the sink is nghttp2's user_data, the handle first
+            user_data = ffi.cast("void **", sink.address)
+            user_data[0] = self._handle
+            self._user_data = user_data
+        #: the events the C callbacks queued (None: the Python callbacks handle them)
+        self._drain = sink.drain if self.C_CALLBACKS else None
+        #: the last final head's field list and its event payload (see _headers_done)
+        self._head_fields = self._head_payload = None
         self.goaway_last: int | None = None  # the last stream id of a GOAWAY received
         # the last request head, its nghttp2_nv array and its buffers (see _request_nv)
         self._last_fields: tuple | None = None
@@ -105,10 +144,53 @@ class ClientSession(SessionBase):
         if self._session is None or self.failed is not None:
             return
         rv = self._lib.nghttp2_session_mem_recv(self._session, ffi.from_buffer(data), len(data))
+        if self._drain is not None:
+            self._run_queued()
         self._after_call()
         if rv < 0:  # nghttp2 sends GOAWAY itself; every stream is over
             self.failed = "protocol_error"
             self._close_streams(ng.PROTOCOL_ERROR)
+
+    def data_to_send(self) -> bytes:
+        """As SessionBase's; a stream nghttp2 closed while sending (its END_STREAM, a
+        RST_STREAM) is handled before it returns."""
+        data = SessionBase.data_to_send(self)
+        if self._drain is not None:
+            self._run_queued()
+        return data
+
+    def _run_queued(self) -> None:
+        """The events the C callbacks queued during the last call into nghttp2,
+        handled in their order as the Python callbacks below handle them one by one."""
+        queued = self._drain()
+        if queued is None:
+            return
+        events, streams = self.events, self.streams
+        try:
+            for kind, sid, payload in queued:
+                if kind == _EV_DATA:
+                    self._on_chunk(sid, payload)
+                elif kind <= _EV_HEADERS_END:
+                    stream = streams.get(sid)
+                    if stream is not None:
+                        self._headers_done(stream, payload)
+                        if kind == _EV_HEADERS_END:
+                            events.append((END, sid, None))
+                elif kind == _EV_CLOSED:
+                    self._on_stream_close(sid, payload)
+                elif kind == _EV_END:
+                    if sid in streams:
+                        events.append((END, sid, None))
+                elif kind == _EV_GOAWAY:
+                    self.goaway_last = payload[0]
+                    events.append((GOAWAY, 0, payload))
+                elif kind == _EV_SETTINGS:
+                    events.append((SETTINGS, 0, None))
+                else:
+                    events.append((PONG, 0, None))
+        except BaseException:
+            self.failed = "internal_error"
+            raise
 
     def _close_streams(self, code: int) -> None:
         streams, self.streams = self.streams, {}
@@ -184,22 +266,11 @@ class ClientSession(SessionBase):
     # -- callbacks (called by nghttp2 during receive/data_to_send) -----------------------
 
     def _on_header(self, frame, name, namelen, value, valuelen) -> int:
-        stream = self.streams.get(frame.hd.stream_id)
-        if stream is None:
-            return 0
-        size = stream.list_size = stream.list_size + namelen + valuelen + 32
-        if size > MAX_HEADER_LIST:
-            return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # the stream is reset
+        """Plain Python only: compiled, fieldsink's C callback collects the fields."""
         # an empty value may come as NULL, which unpack refuses
-        value = _unpack(value, valuelen) if valuelen else b""
-        if namelen == 14 and not stream.headed:
-            name = _unpack(name, namelen)
-            if name == b"content-length":  # the head's, for the relay (nghttp2 checked it)
-                stream.length = int(value)
-                return 0
-            stream.fields.append((name, value))
-            return 0
-        stream.fields.append((_unpack(name, namelen), value))
+        if self._sink.add(frame.hd.stream_id, _unpack(name, namelen),
+                          _unpack(value, valuelen) if valuelen else b""):
+            return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # past the limit: the stream is reset
         return 0
 
     def _on_invalid_header(self, frame) -> int:
@@ -211,9 +282,10 @@ class ClientSession(SessionBase):
         kind = hd.type
         if kind == _HEADERS:
             sid = hd.stream_id
+            fields = self._sink.take(sid)  # taken whatever the stream: the sink is empty
             stream = self.streams.get(sid)
             if stream is not None:
-                self._headers_done(stream)
+                self._headers_done(stream, fields)
                 if hd.flags & _END_STREAM:
                     self.events.append((END, sid, None))
             return 0
@@ -238,35 +310,35 @@ class ClientSession(SessionBase):
             return 0
         return 0
 
-    def _headers_done(self, stream: _ClientStream) -> None:
-        fields, stream.fields = stream.fields, []
-        stream.list_size = 0
+    def _headers_done(self, stream: _ClientStream, fields) -> None:
+        """A header block of ``stream`` received whole (the sink's list: possibly a
+        remembered one, shared, so it is never changed here or after)."""
         if stream.headed:
             self.events.append((TRAILERS, stream.sid, fields))
             return
-        status = 0
-        if fields and fields[0][0] == b":status":
-            status = int(fields[0][1])  # nghttp2 checked it is three digits
-            # nghttp2 checked the pseudo-headers too: a response has :status only,
-            # before the regular fields
-            del fields[0]
-        else:
-            fields = [f for f in fields if not f[0].startswith(b":")]
+        if fields is self._head_fields:  # the same head as the last one
+            self.events.append((HEAD, stream.sid, self._head_payload))
+            stream.headed = True
+            return
+        status, rest, length = head = _translate_head(fields)
         if status >= 200:
             stream.headed = True
-            self.events.append((HEAD, stream.sid, (status, fields, stream.length)))
+            self._head_fields, self._head_payload = fields, head
+            self.events.append((HEAD, stream.sid, head))
         else:
-            self.events.append((INTERIM, stream.sid, (status, fields)))
-            stream.length = None
+            self.events.append((INTERIM, stream.sid, (status, rest)))
 
     def _on_data(self, sid: int, ptr, n: int) -> int:
-        stream = self.streams.get(sid)
-        if stream is None:
-            self._lib.nghttp2_session_consume(self._session, sid, n)
-            return 0
-        stream.unconsumed += n
-        self.events.append((DATA, sid, _unpack(ptr, n) if n else b""))
+        self._on_chunk(sid, _unpack(ptr, n) if n else b"")
         return 0
+
+    def _on_chunk(self, sid: int, data: bytes) -> None:
+        stream = self.streams.get(sid)
+        if stream is None:  # (nghttp2 gives the connection's window back whatever)
+            self._lib.nghttp2_session_consume(self._session, sid, len(data))
+            return
+        stream.unconsumed += len(data)
+        self.events.append((DATA, sid, data))
 
     def _on_stream_close(self, sid: int, code: int) -> int:
         stream = self._forget(sid)

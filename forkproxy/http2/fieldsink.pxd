@@ -7,6 +7,11 @@ cdef extern from *:
     #include <string.h>
     #include <nghttp2/nghttp2.h>
 
+    /* blocks a memo sink remembers (a response's head and its trailers: two kinds
+       that alternate), and the largest it remembers */
+    #define FP_SINK_MEMO 2
+    #define FP_SINK_MEMO_MAX 2048
+
     /* A session's header block being received. nghttp2's user_data points here, and
        the handle comes first: the Python callbacks find their session as user_data[0]
        (forkproxy/http2/base.py). */
@@ -20,20 +25,103 @@ cdef extern from *:
         char *buf;         /* per field: name length, value length (size_t), name, value */
         size_t used, cap;
         Py_ssize_t count;
+        int fail;          /* a block past the limit fails the callback (the stream is
+                              reset) instead of being dropped for a 431 */
+        int memo;          /* take() gives the list of the same block again (below) */
+        char *mbuf[FP_SINK_MEMO];      /* the blocks remembered, as buf has them */
+        size_t mused[FP_SINK_MEMO];
+        PyObject *mlist[FP_SINK_MEMO]; /* the lists made of them */
+        int mnext;                     /* the slot the next new block takes */
+        char *ev;          /* the client's events queued during a call into nghttp2
+                              (fp_ev_push), each an fp_event and its bytes */
+        size_t ev_used, ev_cap;
     } fp_sink;
+
+    /* one queued event: a header block (its bytes as buf has them), a DATA chunk (its
+       bytes), the end of a stream's DATA, a stream closed, GOAWAY, SETTINGS, PING ACK */
+    typedef struct {
+        int kind;
+        int32_t sid;
+        int64_t a, b;
+        size_t len;        /* the bytes that follow */
+        Py_ssize_t count;  /* a header block's fields */
+    } fp_event;
+
+    /* the kinds (forkproxy/http2/fieldsink.py has the same numbers) */
+    #define FP_EV_HEADERS 1
+    #define FP_EV_HEADERS_END 2
+    #define FP_EV_DATA 3
+    #define FP_EV_END 4
+    #define FP_EV_CLOSED 5
+    #define FP_EV_GOAWAY 6
+    #define FP_EV_SETTINGS 7
+    #define FP_EV_PONG 8
+    /* an event queue grown past this is freed once drained */
+    #define FP_EV_KEEP 262144
 
     /* a buffer grown past this for a large block is freed once it was taken */
     #define FP_SINK_KEEP 4096
 
-    static void fp_sink_init(fp_sink *s, Py_ssize_t limit) {
+    static void fp_sink_init(fp_sink *s, Py_ssize_t limit, int fail, int memo) {
         memset(s, 0, sizeof(*s));
         s->limit = (size_t)limit;
+        s->fail = fail;
+        s->memo = memo;
     }
 
     static void fp_sink_free(fp_sink *s) {
         free(s->buf);
         s->buf = NULL;
         s->cap = s->used = 0;
+    }
+
+    static void fp_ev_free(fp_sink *s) {
+        free(s->ev);
+        s->ev = NULL;
+        s->ev_cap = s->ev_used = 0;
+    }
+
+    /* everything, the remembered blocks too (the sink's end) */
+    static void fp_sink_dealloc(fp_sink *s) {
+        int i;
+        fp_sink_free(s);
+        fp_ev_free(s);
+        for (i = 0; i < FP_SINK_MEMO; i++) {
+            free(s->mbuf[i]);
+            s->mbuf[i] = NULL;
+            Py_CLEAR(s->mlist[i]);
+        }
+    }
+
+    /* the list of a remembered block with the same fields as the one taken, or NULL */
+    static PyObject *fp_sink_recall(fp_sink *s, const char *buf, size_t used) {
+        int i;
+        for (i = 0; i < FP_SINK_MEMO; i++) {
+            if (s->mlist[i] != NULL && s->mused[i] == used
+                    && memcmp(s->mbuf[i], buf, used) == 0) {
+                Py_INCREF(s->mlist[i]);
+                return s->mlist[i];
+            }
+        }
+        return NULL;
+    }
+
+    /* remember the block taken and its list (a failed copy: not remembered) */
+    static void fp_sink_remember(fp_sink *s, const char *buf, size_t used,
+                                 PyObject *list) {
+        int i = s->mnext;
+        char *copy;
+        if (used > FP_SINK_MEMO_MAX)
+            return;
+        copy = (char *)realloc(s->mbuf[i], used ? used : 1);
+        if (copy == NULL)
+            return;
+        memcpy(copy, buf, used);
+        s->mbuf[i] = copy;
+        s->mused[i] = used;
+        Py_INCREF(list);
+        Py_XSETREF(s->mlist[i], list);
+        s->mnext = (i + 1) % FP_SINK_MEMO;
     }
 
     /* nghttp2's on_header_callback: copy one field of the block (no Python, no GIL) */
@@ -58,7 +146,7 @@ cdef extern from *:
             s->oversize = 1;
             s->used = 0;
             s->count = 0;
-            return 0;
+            return s->fail ? NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE : 0;
         }
         need = s->used + 2 * sizeof(size_t) + namelen + valuelen;
         if (need > s->cap) {
@@ -82,36 +170,30 @@ cdef extern from *:
         return 0;
     }
 
-    /* block sid's fields as a list of (name, value) bytes, None if it passed the limit;
-       the sink is then empty */
-    static PyObject *fp_sink_take(fp_sink *s, int32_t sid) {
+    /* a block's fields (buf: count fields as fp_on_header stores them) as a list of
+       (name, value) bytes; a memo sink's list of the same block again when it has one */
+    static PyObject *fp_block_list(fp_sink *s, const char *buf, size_t used,
+                                   Py_ssize_t count) {
         PyObject *out, *name, *value, *pair;
         size_t at = 0, namelen, valuelen;
         Py_ssize_t i;
-        if (s->sid != sid)  /* a block without fields */
-            return PyList_New(0);
-        s->sid = 0;
-        if (s->oversize) {
-            s->oversize = 0;
-            Py_RETURN_NONE;
-        }
-        out = PyList_New(s->count);
+        if (s->memo && (out = fp_sink_recall(s, buf, used)) != NULL)
+            return out;
+        out = PyList_New(count);
         if (out == NULL)
             return NULL;
-        for (i = 0; i < s->count; i++) {
-            memcpy(&namelen, s->buf + at, sizeof(size_t));
-            memcpy(&valuelen, s->buf + at + sizeof(size_t), sizeof(size_t));
+        for (i = 0; i < count; i++) {
+            memcpy(&namelen, buf + at, sizeof(size_t));
+            memcpy(&valuelen, buf + at + sizeof(size_t), sizeof(size_t));
             at += 2 * sizeof(size_t);
-            name = PyBytes_FromStringAndSize(s->buf + at, (Py_ssize_t)namelen);
-            value = name ? PyBytes_FromStringAndSize(s->buf + at + namelen,
+            name = PyBytes_FromStringAndSize(buf + at, (Py_ssize_t)namelen);
+            value = name ? PyBytes_FromStringAndSize(buf + at + namelen,
                                                       (Py_ssize_t)valuelen) : NULL;
             pair = value ? PyTuple_New(2) : NULL;
             if (pair == NULL) {
                 Py_XDECREF(name);
                 Py_XDECREF(value);
                 Py_DECREF(out);
-                s->used = 0;
-                s->count = 0;
                 return NULL;
             }
             PyTuple_SET_ITEM(pair, 0, name);
@@ -119,6 +201,23 @@ cdef extern from *:
             PyList_SET_ITEM(out, i, pair);
             at += namelen + valuelen;
         }
+        if (s->memo)
+            fp_sink_remember(s, buf, used, out);
+        return out;
+    }
+
+    /* block sid's fields as a list of (name, value) bytes, None if it passed the limit;
+       the sink is then empty */
+    static PyObject *fp_sink_take(fp_sink *s, int32_t sid) {
+        PyObject *out;
+        if (s->sid != sid)  /* a block without fields */
+            return PyList_New(0);
+        s->sid = 0;
+        if (s->oversize) {
+            s->oversize = 0;
+            Py_RETURN_NONE;
+        }
+        out = fp_block_list(s, s->buf, s->used, s->count);
         s->used = 0;
         s->count = 0;
         if (s->cap > FP_SINK_KEEP)
@@ -126,19 +225,191 @@ cdef extern from *:
         return out;
     }
 
+    /* -- the upstream client's events, queued in C ------------------------------------
+       During nghttp2_session_mem_recv/mem_send the client's callbacks only queue what
+       happened (fp_ev_push); forkproxy/http2/client.py drains the queue once the call
+       returned: one call into Python per read instead of one per frame, chunk and
+       stream closed. */
+
+    static int fp_ev_push(fp_sink *s, int kind, int32_t sid, int64_t a, int64_t b,
+                          const char *bytes, size_t len, Py_ssize_t count) {
+        fp_event e;
+        size_t need = s->ev_used + sizeof(fp_event) + len;
+        if (need > s->ev_cap) {
+            size_t cap = s->ev_cap ? s->ev_cap : 4096;
+            char *ev;
+            while (cap < need)
+                cap *= 2;
+            ev = (char *)realloc(s->ev, cap);
+            if (ev == NULL)
+                return NGHTTP2_ERR_CALLBACK_FAILURE;
+            s->ev = ev;
+            s->ev_cap = cap;
+        }
+        e.kind = kind;
+        e.sid = sid;
+        e.a = a;
+        e.b = b;
+        e.len = len;
+        e.count = count;
+        memcpy(s->ev + s->ev_used, &e, sizeof(fp_event));
+        if (len)
+            memcpy(s->ev + s->ev_used + sizeof(fp_event), bytes, len);
+        s->ev_used = need;
+        return 0;
+    }
+
+    /* the frames client.py acts on, queued (the others are done with here) */
+    static int fp_client_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
+                                    void *user_data) {
+        fp_sink *s = (fp_sink *)user_data;
+        int32_t sid = frame->hd.stream_id;
+        int rv;
+        (void)session;
+        switch (frame->hd.type) {
+        case NGHTTP2_HEADERS:
+            if (s->sid != sid)  /* a block without fields */
+                return fp_ev_push(s, (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
+                                  ? FP_EV_HEADERS_END : FP_EV_HEADERS, sid, 0, 0, NULL, 0, 0);
+            /* (a block past the limit failed its callback: no frame_recv for it) */
+            rv = fp_ev_push(s, (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
+                            ? FP_EV_HEADERS_END : FP_EV_HEADERS, sid, 0, 0,
+                            s->buf, s->used, s->count);
+            s->sid = 0;
+            s->used = 0;
+            s->count = 0;
+            if (s->cap > FP_SINK_KEEP)
+                fp_sink_free(s);
+            return rv;
+        case NGHTTP2_DATA:
+            if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)
+                return fp_ev_push(s, FP_EV_END, sid, 0, 0, NULL, 0, 0);
+            return 0;
+        case NGHTTP2_GOAWAY:
+            return fp_ev_push(s, FP_EV_GOAWAY, 0, frame->goaway.last_stream_id,
+                              frame->goaway.error_code, NULL, 0, 0);
+        case NGHTTP2_SETTINGS:
+            if (frame->hd.flags & NGHTTP2_FLAG_ACK)
+                return 0;
+            return fp_ev_push(s, FP_EV_SETTINGS, 0, 0, 0, NULL, 0, 0);
+        case NGHTTP2_PING:
+            if (!(frame->hd.flags & NGHTTP2_FLAG_ACK))
+                return 0;
+            return fp_ev_push(s, FP_EV_PONG, 0, 0, 0, NULL, 0, 0);
+        default:
+            return 0;
+        }
+    }
+
+    static int fp_client_data_chunk(nghttp2_session *session, uint8_t flags, int32_t sid,
+                                    const uint8_t *data, size_t len, void *user_data) {
+        (void)session; (void)flags;
+        return fp_ev_push((fp_sink *)user_data, FP_EV_DATA, sid, 0, 0,
+                          (const char *)data, len, 0);
+    }
+
+    static int fp_client_stream_close(nghttp2_session *session, int32_t sid,
+                                      uint32_t code, void *user_data) {
+        (void)session;
+        return fp_ev_push((fp_sink *)user_data, FP_EV_CLOSED, sid, code, 0, NULL, 0, 0);
+    }
+
+    /* the queued events as a list of (kind, stream id, payload), in order; the queue is
+       then empty (None: nothing was queued) */
+    static PyObject *fp_sink_drain(fp_sink *s) {
+        PyObject *out, *item, *payload, *kind, *sid;
+        fp_event e;
+        size_t at = 0;
+        const char *bytes;
+        if (s->ev_used == 0)
+            Py_RETURN_NONE;
+        out = PyList_New(0);
+        if (out == NULL)
+            goto fail;
+        while (at < s->ev_used) {
+            memcpy(&e, s->ev + at, sizeof(fp_event));
+            bytes = s->ev + at + sizeof(fp_event);
+            at += sizeof(fp_event) + e.len;
+            switch (e.kind) {
+            case FP_EV_HEADERS:
+            case FP_EV_HEADERS_END:
+                payload = fp_block_list(s, bytes, e.len, e.count);
+                break;
+            case FP_EV_DATA:
+                payload = PyBytes_FromStringAndSize(bytes, (Py_ssize_t)e.len);
+                break;
+            case FP_EV_CLOSED:
+                payload = PyLong_FromLongLong(e.a);
+                break;
+            case FP_EV_GOAWAY:
+                payload = Py_BuildValue("(LL)", (long long)e.a, (long long)e.b);
+                break;
+            default:
+                payload = Py_None;
+                Py_INCREF(payload);
+            }
+            if (payload == NULL)
+                goto fail;
+            item = PyTuple_New(3);
+            if (item == NULL) {
+                Py_DECREF(payload);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(item, 2, payload);
+            if ((kind = PyLong_FromLong(e.kind)) == NULL) {
+                Py_DECREF(item);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(item, 0, kind);
+            if ((sid = PyLong_FromLong(e.sid)) == NULL) {
+                Py_DECREF(item);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(item, 1, sid);
+            if (PyList_Append(out, item) < 0) {
+                Py_DECREF(item);
+                goto fail;
+            }
+            Py_DECREF(item);
+        }
+        s->ev_used = 0;
+        if (s->ev_cap > FP_EV_KEEP)
+            fp_ev_free(s);
+        return out;
+    fail:
+        Py_XDECREF(out);
+        s->ev_used = 0;
+        return NULL;
+    }
+
+    static Py_ssize_t fp_client_frame_recv_address(void) {
+        return (Py_ssize_t)&fp_client_frame_recv;
+    }
+    static Py_ssize_t fp_client_data_chunk_address(void) {
+        return (Py_ssize_t)&fp_client_data_chunk;
+    }
+    static Py_ssize_t fp_client_stream_close_address(void) {
+        return (Py_ssize_t)&fp_client_stream_close;
+    }
+
     static Py_ssize_t fp_sink_address(fp_sink *s) { return (Py_ssize_t)s; }
     static Py_ssize_t fp_header_callback_address(void) { return (Py_ssize_t)&fp_on_header; }
     """
     ctypedef struct fp_sink:
         int cat
-    void fp_sink_init(fp_sink *s, Py_ssize_t limit)
-    void fp_sink_free(fp_sink *s)
+    void fp_sink_init(fp_sink *s, Py_ssize_t limit, int fail, int memo)
+    void fp_sink_dealloc(fp_sink *s)
     object fp_sink_take(fp_sink *s, int sid)
     Py_ssize_t fp_sink_address(fp_sink *s)
     Py_ssize_t fp_header_callback_address()
+    object fp_sink_drain(fp_sink *s)
+    Py_ssize_t fp_client_frame_recv_address()
+    Py_ssize_t fp_client_data_chunk_address()
+    Py_ssize_t fp_client_stream_close_address()
 
 
 cdef class CFieldSink:
     cdef fp_sink sink
 
     cpdef take(self, int sid)
+    cpdef drain(self)

@@ -16,6 +16,22 @@ stored, and :meth:`take` gives None (431); nothing else is checked here: nghttp2
 checks, the invalid-field callback and forkproxy/http2/translate.py stay as they were.
 As plain Python (no compiler, or FORKPROXY_PURE_PYTHON=1), :class:`PyFieldSink` collects
 the same way from the session's Python header callback.
+
+The upstream client (forkproxy/http2/client.py) asks for two things more. ``fail``: a
+block past the limit fails the C callback with NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE,
+so nghttp2 resets that stream (a response head too large is the upstream's fault, not
+answered with a 431). ``memo``: the compiled sink remembers its last two blocks (a
+response's head and its trailers) and their lists, and a block byte for byte the same
+as one of them is given as the same list again, not made anew: a gRPC server's heads
+and trailers repeat call after call (the head within its ``date``'s second), and the
+client keeps its translation of such a list (an ``is`` test). A remembered list is
+shared: nobody may change it.
+
+The client's other receive callbacks are C too when compiled (:func:`client_callbacks`):
+frames it acts on, DATA chunks (copied) and stream closes are queued in the sink while
+nghttp2 runs, and :meth:`CFieldSink.drain` gives them to Python in order once the call
+into nghttp2 returned: one call into Python per read instead of one per event (cffi's
+callback machinery was ~25% of the client session's receive).
 """
 
 from __future__ import annotations
@@ -43,21 +59,23 @@ class PyFieldSink:
         self.oversize = False
         self.fields: list[tuple[bytes, bytes]] = []
 
-    def add(self, sid: int, name: bytes, value: bytes) -> None:
-        """One field of stream ``sid``'s block (what fp_on_header does in C)."""
+    def add(self, sid: int, name: bytes, value: bytes) -> bool:
+        """One field of stream ``sid``'s block (what fp_on_header does in C); True when
+        this field took the block past the limit."""
         if sid != self.sid:  # a new block (blocks never interleave)
             self.sid = sid
             self.size = 0
             self.oversize = False
             self.fields = []
         elif self.oversize:
-            return
+            return False
         size = self.size = self.size + len(name) + len(value) + 32
         if size > self.limit:
             self.oversize = True
             self.fields = []
-            return
+            return True
         self.fields.append((name, value))
+        return False
 
     def take(self, sid: int):
         """Block ``sid``'s fields, None if it passed the limit; the sink is then empty."""
@@ -75,11 +93,11 @@ class CFieldSink:
     """The compiled sink: nghttp2's user_data, filled by the C callback. Only made when
     COMPILED (its methods are C functions of fieldsink.pxd)."""
 
-    def __init__(self, limit: int):
-        fp_sink_init(cython.address(self.sink), limit)  # noqa: F821
+    def __init__(self, limit: int, fail: bool = False, memo: bool = False):
+        fp_sink_init(cython.address(self.sink), limit, fail, memo)  # noqa: F821
 
     def __dealloc__(self):
-        fp_sink_free(cython.address(self.sink))  # noqa: F821
+        fp_sink_dealloc(cython.address(self.sink))  # noqa: F821
 
     @property
     def address(self) -> int:
@@ -90,6 +108,12 @@ class CFieldSink:
         """Block ``sid``'s fields, None if it passed the limit; the sink is then empty."""
         return fp_sink_take(cython.address(self.sink), sid)  # noqa: F821
 
+    def drain(self):
+        """The client's events queued by its C callbacks (client_callbacks), in order,
+        as (EV_* kind, stream id, payload); None if there are none. The queue is then
+        empty."""
+        return fp_sink_drain(cython.address(self.sink))  # noqa: F821
+
 
 def header_callback() -> int:
     """The address of the C on_header callback; 0 when this module runs as plain Python."""
@@ -98,6 +122,24 @@ def header_callback() -> int:
     return 0
 
 
-def new_sink(limit: int):
-    """A sink for one session: the C one when compiled."""
-    return CFieldSink(limit) if COMPILED else PyFieldSink(limit)
+#: the kinds of the client's queued events (fieldsink.pxd's FP_EV_*)
+EV_HEADERS, EV_HEADERS_END, EV_DATA, EV_END, EV_CLOSED, EV_GOAWAY, EV_SETTINGS, EV_PONG = \
+    range(1, 9)
+
+
+def client_callbacks() -> tuple[tuple[str, int], ...]:
+    """The upstream client's C callbacks that queue its events in the sink (frames
+    received, DATA chunks, streams closed), as (nghttp2 callback name, address) pairs;
+    empty when this module runs as plain Python (the client's Python callbacks then)."""
+    if COMPILED:
+        return (("frame_recv", fp_client_frame_recv_address()),  # noqa: F821
+                ("data_chunk", fp_client_data_chunk_address()),  # noqa: F821
+                ("stream_close", fp_client_stream_close_address()))  # noqa: F821
+    return ()
+
+
+def new_sink(limit: int, fail: bool = False, memo: bool = False):
+    """A sink for one session: the C one when compiled (``fail`` and ``memo``: see the
+    module's docstring; the plain-Python sink has no memo, and its session's callback
+    fails an oversize block itself)."""
+    return CFieldSink(limit, fail, memo) if COMPILED else PyFieldSink(limit)

@@ -41,10 +41,14 @@ from forkproxy.http2.base import CALLBACKS, OutStream, SessionBase
 from forkproxy.http2.base import nv as _nv
 from forkproxy.http2.fieldsink import header_callback, new_sink
 from forkproxy.http2.limits import Http2Limits, TokenBucket
+from forkproxy.http2.sendpath import COMPILED as _WHOLE_IN_C
+from forkproxy.http2.sendpath import BodySource
 from forkproxy.http2.translate import StreamRefused, build_request, request_trailers
 
 ffi = ng.ffi
-_unpack = ffi.unpack  # names, values and chunks are char * (see base.py)
+_unpack = ffi.unpack
+_void_p = ffi.typeof("void *")
+_cast = ffi.cast  # names, values and chunks are char * (see base.py)
 REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
 # the constants the per-frame callbacks test, as module globals (one lookup, not two)
 _DATA_FRAME, _HEADERS_FRAME, _RST_STREAM_FRAME = ng.DATA, ng.HEADERS, ng.RST_STREAM
@@ -73,10 +77,12 @@ _CODE_NAME = {ng.PROTOCOL_ERROR: "protocol_error", ng.FLOW_CONTROL_ERROR: "flow_
 
 
 class _Stream(OutStream):
-    __slots__ = ("request", "received", "unconsumed", "responded", "refused", "ended")
+    __slots__ = ("request", "received", "unconsumed", "responded", "refused", "ended",
+                 "source")
 
     def __init__(self, sid: int):
         super().__init__(sid)
+        self.source = None  # a whole body read by nghttp2 in C (respond_whole)
         self.request = None
         self.received = 0  # body bytes received (checked against content-length)
         self.unconsumed = 0  # received, not yet given back to the window by consume()
@@ -110,6 +116,7 @@ class ServerSession(SessionBase):
         #: opened before it saw that GOAWAY has arrived (TCP keeps the order)
         self.notice_acked = False
         self._violation: tuple[str, int] | None = None
+        self._dropped: list[dict] = []  # streams of a torn-down connection (_close_streams)
         kw = {} if clock is None else {"clock": clock}
         self._resets = TokenBucket(limits.reset_burst, limits.reset_rate, **kw)
         self._control = TokenBucket(limits.control_burst, limits.control_rate, **kw)
@@ -166,6 +173,9 @@ class ServerSession(SessionBase):
 
     def _close_streams(self, code: int) -> None:
         streams, self.streams = self.streams, {}
+        # nghttp2 sends no more DATA once terminating, but a whole body's source
+        # (respond_whole) is still its pointer: kept until the C session is gone
+        self._dropped.append(streams)
         for sid, stream in streams.items():
             if stream.request is not None:
                 self.events.append((CLOSED, sid, code))
@@ -402,6 +412,24 @@ class ServerSession(SessionBase):
             return False
         stream.responded = True
         return self._submit(sid, nva, count, end_stream)
+
+    def respond_whole(self, sid: int, nva, count: int, body: bytes) -> bool:
+        """:meth:`respond_nv` with ``body``, all of the response (not empty, no
+        trailers): compiled, nghttp2 reads it in C (sendpath.BodySource; no Python data
+        provider call), else it is queued for the Python one. False: the stream is gone."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.responded:
+            return False
+        stream.responded = True
+        stream.eof = True
+        if not _WHOLE_IN_C:
+            stream.out.append(body)
+            stream.out_size = len(body)
+            return self._submit(sid, nva, count, False)
+        source = stream.source = BodySource(body)  # kept until the stream closes
+        prd = CALLBACKS.whole
+        prd.source.ptr = _cast(_void_p, source.address)
+        return self._lib.nghttp2_submit_response(self._session, sid, nva, count, prd) == 0
 
     def _submit(self, sid: int, nva, count: int, end_stream: bool) -> bool:
         # one data provider for every stream: nghttp2 copies the struct

@@ -23,10 +23,13 @@ The request logic (:meth:`Admin.dispatch`) is separate from the socket code.
 
 from __future__ import annotations
 
-import hmac
 import json
 import socket as pysocket
 import time
+
+# CPython's constant-time comparison: hmac's (OpenSSL's CRYPTO_memcmp) comes with
+# hashlib, which maps and initialises libcrypto in a config without TLS
+from _operator import _compare_digest as compare_digest
 from urllib.parse import parse_qs, urlsplit
 
 import gevent
@@ -101,7 +104,7 @@ class Admin:
         if not self.token:
             return None
         got = headers.get("authorization", "")
-        if hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+        if compare_digest(got.encode(), f"Bearer {self.token}".encode()):
             return None
         return Response(401, "unauthorized\n", headers=[("WWW-Authenticate", 'Bearer realm="forkproxy"')])
 

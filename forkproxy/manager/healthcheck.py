@@ -33,8 +33,8 @@ import time
 
 import gevent
 from gevent import socket
-from gevent.ssl import SSLSocket
 
+from forkproxy import tlsnames
 from forkproxy.config import config_dir, dns_tls_name, parse_hostport, resolved_spec
 from forkproxy.shm.health import (
     DOWN,
@@ -147,7 +147,7 @@ def check_once(host: str, port: int, path: str, host_header: str,
         return False, ST_CONNECT
     finally:
         if sock is not None:
-            if isinstance(sock, SSLSocket):
+            if isinstance(sock, tlsnames.SSLSocket):
                 tls.session = sock.session or tls.session
                 tls_shutdown(sock)
             else:

@@ -34,7 +34,7 @@ from gevent.socket import wait_read
 
 from forkproxy import config as config_mod
 from forkproxy import log as log_mod
-from forkproxy.manager import phases, shards, upstreams
+from forkproxy.manager import phases, rawbatch, shards, upstreams
 from forkproxy.manager.accesslog import AccessLog
 from forkproxy.manager.admin import HEALTHY_WITHIN, Admin
 from forkproxy.manager.collector import Collector
@@ -98,7 +98,9 @@ class Manager:
         self.rings = dict(spec.rings)
         cfg = self.cfg
         #: the manager drains ring i when i % n_collectors == 0, its shards the others
-        self.n_collectors = max(1, min(config_mod.collector_count(cfg), len(self.rings)))
+        per = (config_mod.WORKERS_PER_COLLECTOR if rawbatch.COMPILED
+               else config_mod.WORKERS_PER_COLLECTOR_PURE)
+        self.n_collectors = max(1, min(config_mod.collector_count(cfg, per), len(self.rings)))
         self.shards: list[shards.Shard] = []  # forked by serve()
         self.metrics = Metrics()
         self.metrics.on_error = TLSFailureLog(logger).observe

@@ -1,9 +1,10 @@
 """Collector shards: more processes for the rings when one core cannot drain them all.
 
 Measured with ``scripts/replay-bench`` (docs/BENCHMARKS.md, "The manager's record
-path"): one Python process drains, counts and logs 125-200k request records per second
-with the JSON access log on; 32 busy workers make about 800k. With ``[server]
-collectors = K`` (``auto``: one per 4 workers), the manager keeps the rings whose index
+path"): one process drains, counts and logs ~1M request records per second with the
+JSON access log on through the compiled record path (125-200k as plain Python); 32 busy
+workers make about 800k. With ``[server] collectors = K`` (``auto``: one per 16 workers,
+one per 4 as plain Python), the manager keeps the rings whose index
 ``i`` has ``i % K == 0`` and forks K - 1 shard processes (``fp-collector-k``); shard k
 drains the rings with ``i % K == k`` into its own Metrics and the same access log file
 (O_APPEND, and every flush is one ``write`` of whole lines, so lines of two shards never

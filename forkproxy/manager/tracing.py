@@ -27,10 +27,10 @@ from collections import deque
 import gevent
 import msgspec
 from gevent import socket as gsocket
-from gevent import ssl as gssl
 from gevent.event import Event
 
 from forkproxy import __version__
+from forkproxy import tlsnames as gssl  # create_default_context: gevent.ssl's, bound with TLS
 from forkproxy.config import Endpoint, TracingConfig, parse_endpoint
 from forkproxy.context import RequestContext
 from forkproxy.http.tracecontext import ratio_threshold

@@ -37,7 +37,6 @@ from forkproxy.shm.limitzone import LimitZone
 from forkproxy.shm.resolved import ResolvedTable
 from forkproxy.shm.ring import Ring
 from forkproxy.shm.table import M_RECYCLES_HEARTBEAT, WorkerTable
-from forkproxy.tls.openssl import self_test
 from forkproxy.worker import process as worker_process
 
 SIGNALS = [signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
@@ -248,7 +247,7 @@ class Arbiter:
         tls = [lcfg.tls for lcfg in cfg.listener if lcfg.tls is not None]
         if not tls or self.ticket_keys is not None:
             return
-        result = self_test()
+        result = features.tls_shim().self_test()
         if not result.ok:
             if all(t.allow_degraded for t in tls):
                 self.log.error("TLS DEGRADED: per-process session tickets, no OCSP stapling",

@@ -17,6 +17,9 @@ from forkproxy.manager import process as manager_process
 
 #: where the HTTP/2 engine (libnghttp2's binding and its self-test) lives
 HTTP2_ENGINE = "forkproxy.http2.nghttp2"
+#: the TLS modules' binder (:func:`forkproxy.worker.tlscontext.bind`) and the OpenSSL shim
+TLS_BINDER = "forkproxy.worker.tlscontext"
+TLS_SHIM = "forkproxy.tls.openssl"
 
 
 def uses_tls(cfg) -> bool:
@@ -25,6 +28,13 @@ def uses_tls(cfg) -> bool:
 
 def uses_tracing(cfg) -> bool:
     return bool(cfg.tracing.endpoint)
+
+
+def uses_openssl(cfg) -> bool:
+    """Anything that speaks TLS: a TLS listener, an upstream with ``tls`` (its requests and
+    its health checks), a tracing endpoint over https."""
+    return (uses_tls(cfg) or any(up.tls is not None for up in cfg.upstream.values())
+            or (uses_tracing(cfg) and config_mod.parse_endpoint(cfg.tracing.endpoint).tls))
 
 
 def uses_thread_pool(cfg) -> bool:
@@ -38,6 +48,9 @@ def uses_thread_pool(cfg) -> bool:
 #: (feature, whether a config uses it, the modules it needs), with what they cost when
 #: loaded for nothing (PSS of the tree at idle)
 FEATURES = (
+    # anything over TLS: ssl, gevent.ssl, the TLS modules, and with them libssl and
+    # libcrypto (~5.6 MiB); bound into forkproxy/tlsnames.py by load()
+    ("openssl", uses_openssl, ("ssl", "gevent.ssl", TLS_SHIM, TLS_BINDER)),
     # HTTP/2 listeners (a TLS listener offers h2 by default) and upstreams: the worker's
     # HTTP/2 modules, the cffi binding and libnghttp2, the manager's gRPC checks (~1 MiB)
     ("http2", config_mod.uses_http2,
@@ -62,7 +75,15 @@ def load(cfg) -> list[str]:
             used.append(feature)
             for name in modules:
                 importlib.import_module(name)
+    if "openssl" in used:
+        importlib.import_module(TLS_BINDER).bind()
     return used
+
+
+def tls_shim():
+    """The OpenSSL shim (forkproxy.tls.openssl), for the master's self-test of a config
+    with TLS listeners (imported by :func:`load` already)."""
+    return importlib.import_module(TLS_SHIM)
 
 
 def http2_engine():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import secrets
 
 import posix_ipc
 
@@ -32,7 +31,7 @@ def segment_name(purpose: str) -> str:
     """``/forkproxy.<pid>.<purpose>.<random>``: the pid says who made it (see sweep_stale)."""
     if not purpose or "/" in purpose or "." in purpose:
         raise ValueError(f"bad segment purpose {purpose!r}")
-    return f"/{PREFIX}{os.getpid()}.{purpose}.{secrets.token_hex(6)}"
+    return f"/{PREFIX}{os.getpid()}.{purpose}.{os.urandom(6).hex()}"
 
 
 def create_mapping(purpose: str, size: int) -> mmap.mmap:

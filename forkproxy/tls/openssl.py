@@ -24,6 +24,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from forkproxy import tlsnames
+
 __all__ = [
     "OpenSSLError",
     "SelfTestResult",
@@ -69,8 +71,7 @@ _STATUS_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _GENERIC_CB = ctypes.CFUNCTYPE(None)
 
 
-class OpenSSLError(RuntimeError):
-    """The shim cannot be used safely in this process."""
+OpenSSLError = tlsnames.OpenSSLError  # there, for code that every config imports
 
 
 class OSSL_PARAM(ctypes.Structure):  # noqa: N801 - OpenSSL's name

@@ -11,11 +11,11 @@ from __future__ import annotations
 import errno
 import socket as pysocket
 import time
-from ssl import SSLEOFError, SSLWantReadError, SSLWantWriteError
 
 from gevent import socket
 
-from forkproxy.tls.openssl import OpenSSLError, has_pending_function, ssl_pointer
+from forkproxy import tlsnames
+from forkproxy.tlsnames import OpenSSLError, has_pending_function, ssl_pointer
 from forkproxy.worker.front import ClientGone
 from forkproxy.worker.readiness import ReadWatch
 from forkproxy.worker.sockio import close_plain, recv_waiting, send_all
@@ -93,8 +93,12 @@ class ClientConnection:
 
         waiting: the bytes are almost never there yet (a keep-alive client's next
         request): wait on the armed watcher first instead of trying a read."""
-        sock = self.sock
         self.deadline = _monotonic() + timeout
+        return self.recv_by(buf, waiting)
+
+    def recv_by(self, buf, waiting: bool) -> int:
+        """recv() within the ``deadline`` the caller set (it read the clock already)."""
+        sock = self.sock
         try:
             if not waiting:
                 return sock.recv_into(buf)
@@ -131,9 +135,9 @@ class ClientConnection:
             self._watch().wait()
         try:
             return sslobj.read(len(buf), buf)
-        except (SSLWantReadError, SSLWantWriteError):
+        except (tlsnames.SSLWantReadError, tlsnames.SSLWantWriteError):
             return self.sock.recv_into(buf)
-        except SSLEOFError:  # closed without close_notify: an EOF like any other
+        except tlsnames.SSLEOFError:  # closed without close_notify: an EOF like any other
             return 0
 
     def _watch(self) -> ReadWatch:
@@ -168,7 +172,7 @@ class ClientConnection:
             try:  # SSL_write without partial writes: all of it, or retried whole below
                 if self.sslobj.write(data) == len(data):
                     return
-            except (SSLWantWriteError, SSLWantReadError):
+            except (tlsnames.SSLWantWriteError, tlsnames.SSLWantReadError):
                 pass
             except OSError as e:
                 raise ClientGone(str(e))

@@ -27,6 +27,7 @@ from forkproxy.http2.translate import response_fields as h2_fields
 from forkproxy.worker import faults, grpc
 from forkproxy.worker.exchange import MAX_RESPONSE_HEAD, Exchange
 from forkproxy.worker.front import BodyAborted, ClientGone, Deadline
+from forkproxy.worker.h2conn import H2Stream
 from forkproxy.worker.http2front import Http2FrontEnd
 
 _monotonic = time.monotonic
@@ -81,7 +82,7 @@ class Http2Stream(Http2FrontEnd):
     __slots__ = ("conn", "ws", "listener", "remote", "remote_b", "tls_resumed",
                  "tls_version", "deadline", "greenlet", "parked", "stream", "req", "body",
                  "event", "closed", "blocked", "responded", "t_accept", "t_tls",
-                 "trailers", "request_trailers", "ended", "exchange", "starting")
+                 "trailers", "request_trailers", "ended", "exchange", "starting", "whole")
 
     def __init__(self, conn):
         self.conn = conn
@@ -108,6 +109,7 @@ class Http2Stream(Http2FrontEnd):
         self.t_tls = 0.0
         self.exchange = Exchange(conn.ws, self, conn.buffers)
         self.starting = False  # handed a request, its greenlet not yet running it
+        self.whole = False  # send_head submitted all of the response (set there)
 
     def begin(self, sid: int, req) -> None:
         """Take stream ``sid``'s request (the connection then starts or wakes the
@@ -124,7 +126,8 @@ class Http2Stream(Http2FrontEnd):
         self.request_trailers = None
         self.starting = True
         conn = self.conn
-        self.t_accept = conn.t_accept or _monotonic()
+        # a later stream's start: when its request was read (the connection's last read)
+        self.t_accept = conn.t_accept or conn.idle_since
         self.t_tls = conn.t_tls
         conn.t_accept = 0.0
         conn.t_tls = 0.0
@@ -259,17 +262,30 @@ class Http2Stream(Http2FrontEnd):
         status = ex.status
         raw = ex.raw_head
         memo = _memo
-        if raw is not None and raw == memo.raw and length == memo.length \
-                and status == memo.status:
+        # an HTTP/1.1 head: its raw bytes; an HTTP/2 upstream's: its field list, which
+        # the client session gives again (the same object, never changed) for a head
+        # the same as the last one (forkproxy/http2/client.py)
+        key = raw if raw is not None else ex.rhead.headers
+        if (key is memo.raw or raw is not None and raw == memo.raw) \
+                and length == memo.length and status == memo.status:
             nva, count = memo.nva, memo.count
         else:
-            fields = response_fields(raw) if raw is not None else ex.rhead.headers
+            fields = response_fields(raw) if raw is not None else key
             nva, count, keep = nv_array(status, h2_fields(fields, length))
-            if raw is not None:
-                memo.raw, memo.length, memo.status = raw, length, status
-                memo.nva, memo.count, memo.keep = nva, count, keep
+            memo.raw, memo.length, memo.status = key, length, status
+            memo.nva, memo.count, memo.keep = nva, count, keep
         session = self.conn.session
         self.responded = True
+        # all of a Content-Length body came with the head from an HTTP/1.1 upstream (no
+        # trailers can follow): submitted with it, read by nghttp2 in C
+        if first and length == len(first) and framing is Framing.LENGTH \
+                and length <= session.limits.send_buffer and ex.conn.__class__ is not H2Stream:
+            self.whole = True
+            if not session.respond_whole(self.stream, nva, count, bytes(first)):
+                raise ClientGone("stream closed")
+            self.conn.wake.set()
+            return
+        self.whole = False
         # no body (a trailers-only gRPC response over HTTP/1.1 has a length of 0): the
         # HEADERS frame ends the stream
         if not session.respond_nv(self.stream, nva, count,
@@ -286,6 +302,7 @@ class Http2Stream(Http2FrontEnd):
 
     def end_body(self) -> bool:
         self.ended = True
-        self.conn.session.end(self.stream, self.trailers)
-        self.conn.wake.set()
+        if not self.whole:  # else the session has it all, and the connection was woken
+            self.conn.session.end(self.stream, self.trailers)
+            self.conn.wake.set()
         return True  # the connection's other streams go on whatever this one did

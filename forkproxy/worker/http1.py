@@ -158,8 +158,9 @@ class Http1Connection(ClientConnection, FrontEnd):
             timeout = PARK_AFTER
         elif plain_idle:
             timeout = idle_left
+        self.deadline = now + timeout
         try:  # the read of _fill, inline: once per request (scripts/hotpath-ab)
-            n = self.recv(ws.rbuf, timeout, self.idle)
+            n = self.recv_by(ws.rbuf, self.idle)
         except _timeout:
             if self.idle:
                 if plain_idle and idle_left > PARK_AFTER + SWEEP_SLACK:

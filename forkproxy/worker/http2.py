@@ -18,12 +18,12 @@ connection closes.
 from __future__ import annotations
 
 import time
-from ssl import SSLEOFError, SSLWantReadError, SSLWantWriteError, SSLZeroReturnError
 
 import gevent
 from gevent import getcurrent
 from gevent.event import Event
 
+from forkproxy import tlsnames
 from forkproxy.http2.session import (
     BODY_TOO_LARGE,
     CLOSED,
@@ -125,6 +125,7 @@ class Http2Connection(ClientConnection):
         session = self.session
         wake = self.wake
         ws = self.ws
+        was_busy = False
         while True:
             self._flush()
             if session.failed is not None or session.finished:
@@ -139,11 +140,14 @@ class Http2Connection(ClientConnection):
             if self.notice_at and not self.final_sent:
                 self.deadline = self.notice_at + GOAWAY_GRACE
             elif not busy:  # idle: first the pooled streams go, then the connection
+                if was_busy:  # since now (not a clock read per finished stream)
+                    self.idle_since = _monotonic()
                 self.deadline = self.idle_since + (
                     min(POOL_IDLE, ws.keepalive_timeout) if self.idle_streams
                     else ws.keepalive_timeout)
             else:
                 self.deadline = 0.0
+            was_busy = busy
             wake.clear()
             got = self._read()
             if got is None:
@@ -196,16 +200,16 @@ class Http2Connection(ClientConnection):
                 self.watcher.stop()
             return False
         # woken by a stream, not by the socket: no read (it would only say EAGAIN)
-        if not self.readable and (sslobj is None or not sslobj.pending()):
+        if not self.readable and (sslobj is None or not self._tls_pending()):
             return False
         got = False
         for _ in range(READS_PER_WAKE):
             try:
                 n = raw.recv_into(buf) if raw is not None else sslobj.read(size, buf)
-            except (BlockingIOError, SSLWantReadError, SSLWantWriteError):
+            except (BlockingIOError, tlsnames.SSLWantReadError, tlsnames.SSLWantWriteError):
                 self.readable = False
                 return got
-            except (SSLEOFError, SSLZeroReturnError):
+            except (tlsnames.SSLEOFError, tlsnames.SSLZeroReturnError):
                 return None
             except OSError as e:
                 if e.errno in _GONE:
@@ -219,7 +223,19 @@ class Http2Connection(ClientConnection):
             self._dispatch()
             if not session.want_read:
                 break
+            if n < size and (raw is not None or not self._tls_pending()):
+                # a short read took what the socket (and OpenSSL) had: the read watcher
+                # (level-triggered) says when more comes, no read ends in EAGAIN first
+                self.readable = False
+                break
         return got
+
+    def _tls_pending(self) -> bool:
+        """OpenSSL holds bytes of the connection (with read-ahead, records read but not
+        yet decrypted count too: SSL_has_pending)."""
+        has_pending = self.has_pending
+        return bool(has_pending(self.sslp) if has_pending is not None
+                    else self.sslobj.pending())
 
     def _dispatch(self) -> None:
         session = self.session
@@ -318,8 +334,7 @@ class Http2Connection(ClientConnection):
         greenlet parks until then); False: its greenlet ends."""
         if self.streams.get(stream.stream) is stream:
             del self.streams[stream.stream]
-        self.idle_since = _monotonic()
-        self.wake.set()
+        self.wake.set()  # the loop sees whether the connection is idle now
         if self.over or len(self.idle_streams) >= STREAMS_KEPT:
             return False
         stream.req = None

@@ -1,19 +1,16 @@
-"""TLS in a worker: the listener's context (shared ticket keys + staples from the
-master's key store) and the handshake of an accepted connection."""
+"""TLS in a worker: the protocols a listener serves, the handshake of an accepted
+connection and its close. Every config imports this module, so it imports no ssl: the
+listener's context is built in forkproxy/worker/tlscontext.py (loaded by the TLS
+feature), and ssl's classes are reached through forkproxy/tlsnames.py."""
 
 from __future__ import annotations
-
-import ssl
 
 from gevent import socket
 
 from forkproxy import config as config_mod
-from forkproxy.tls import openssl
-from forkproxy.tls.context import build_server_context, install_callbacks, staple_provider_for
-from forkproxy.tls.tickets import ticket_lifetime
+from forkproxy import tlsnames
 from forkproxy.worker import frontends
 
-_HANDSHAKE_ERRORS = (ssl.SSLError, OSError, socket.timeout, ValueError)
 #: what this worker can serve; ALPN offers the listener's protocols filtered by it, so a
 #: client is never offered a protocol the worker would then fail to speak
 SERVED_PROTOCOLS = ("h2", "http/1.1", "h2c")
@@ -33,39 +30,9 @@ def served_protocols(lcfg) -> tuple[str, ...]:
 
 
 def worker_tls_context(cfg, li: int, keystore):
-    """Build listener li's context; keystore None = degraded (per-process tickets)."""
-    tls = cfg.listener[li].tls
-    base = config_mod.config_dir(cfg)
-    pairs = [(config_mod.resolve_path(c.cert, base), config_mod.resolve_path(c.key, base))
-             for c in tls.certificates]
-    ctx = build_server_context(pairs, alpn=served_protocols(cfg.listener[li]))
-    if not tls.session_tickets:
-        for c in ctx.contexts():
-            c.options |= ssl.OP_NO_TICKET
-    if keystore is not None:
-        install_callbacks(
-            ctx,
-            keys_provider=keystore.keys if tls.session_tickets else None,
-            staple_provider=(staple_provider_for(ctx, keystore.staple, slot_base(cfg, li))
-                             if tls.ocsp_stapling else None),
-            session_timeout=ticket_lifetime(cfg),
-        )
-    ctx.read_ahead = server_read_ahead(ctx)
-    return ctx
-
-
-def server_read_ahead(ctx) -> bool:
-    """Read-ahead on the listener's contexts (OpenSSL reads a record in one read(2), not
-    its 5-byte header and then its body: one syscall less per request; nginx does the
-    same). Its connections must then ask OpenSSL whether it holds bytes before they wait
-    on the socket (:class:`~forkproxy.worker.client.ClientConnection`). False, and off,
-    when the shim cannot give them that check. Read-ahead is copied into a connection
-    when it is made, so the contexts SNI switches to need it only for consistency."""
-    if not openssl.enable_server_read_ahead(ctx):
-        return False
-    for c in ctx.contexts()[1:]:
-        openssl.set_read_ahead(c)
-    return True
+    """Build listener li's context; keystore None = degraded (per-process tickets). Built
+    by forkproxy/worker/tlscontext.py, which the TLS feature loads and binds."""
+    return tlsnames.listener_context(cfg, li, keystore)
 
 
 def tls_handshake(raw, context, timeout: float):
@@ -77,7 +44,7 @@ def tls_handshake(raw, context, timeout: float):
     try:
         ssock = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         ssock.do_handshake()
-    except _HANDSHAKE_ERRORS:
+    except (tlsnames.SSLError, OSError, socket.timeout, ValueError):
         try:
             raw.close()
         except OSError:
@@ -92,7 +59,7 @@ def close_notify(sock) -> None:
     try:
         sock.settimeout(0.2)
         sock.unwrap()
-    except _HANDSHAKE_ERRORS:
+    except (tlsnames.SSLError, OSError, socket.timeout, ValueError):
         pass
     try:
         sock.close()

@@ -11,8 +11,8 @@ through the socket object itself (gevent's plain or TLS socket: ``sendall``,
 from __future__ import annotations
 
 import time
-from ssl import SSLEOFError, SSLWantReadError, SSLWantWriteError
 
+from forkproxy import tlsnames
 from forkproxy.tls.client import shutdown as tls_shutdown
 from forkproxy.worker.readiness import ReadWatch
 from forkproxy.worker.sockio import peer_closed
@@ -94,9 +94,9 @@ class TLSUpstreamConn(UpstreamConn):
             watch.wait()
         try:
             return sslobj.read(len(buf), buf)
-        except (SSLWantReadError, SSLWantWriteError):  # part of a record, or a ticket
+        except (tlsnames.SSLWantReadError, tlsnames.SSLWantWriteError):  # part of a record, or a ticket
             return self.sock.recv_into(buf)
-        except SSLEOFError:  # closed without close_notify: an EOF like any other
+        except tlsnames.SSLEOFError:  # closed without close_notify: an EOF like any other
             return 0
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ COMPILED = [
     "forkproxy.shm.ringwalk",
     "forkproxy.http2.fieldsink",
     "forkproxy.http2.sendpath",
+    "forkproxy.manager.rawspans",
     "forkproxy.manager.rawbatch",
 ]
 

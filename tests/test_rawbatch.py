@@ -13,13 +13,11 @@ import pytest
 from test_manager_aggregation import random_context
 
 from forkproxy.context import N_TIMES, RequestContext, WorkerGauges, decoder, encoder
-from forkproxy.http.tracecontext import ratio_threshold
 from forkproxy.manager import accesslog, rawbatch
 from forkproxy.manager.collector import Collector
 from forkproxy.manager.jsonline import json_batch
 from forkproxy.manager.metrics import Metrics
 from forkproxy.manager.records import RecordSink
-from forkproxy.manager.sampling import sample_batch
 from forkproxy.shm.ring import Ring
 
 pytestmark = pytest.mark.skipif(not rawbatch.COMPILED,
@@ -151,36 +149,6 @@ def test_durations_at_the_edge_of_the_c_writer_range():
     assert run_both(payloads) == len(payloads)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.5, 1.0])
-@pytest.mark.parametrize("slower_than", [0.0, 0.05, 1e9])
-def test_sampling_candidates_keep_what_the_sampling_rules_keep(ratio, slower_than):
-    """The tracer is given only the records its rules may keep, decoded: the same
-    records kept and the same counts as from the whole batch decoded."""
-    rng = random.Random(int(ratio * 100) + int(slower_than))
-    ctxs = [hostile_context(rng) for _ in range(600)]
-    for c in ctxs:
-        c.trace_id = rng.choice([b"", rng.randbytes(16), rng.randbytes(16), b"short"])
-        c.trace_flags = rng.choice([0, 0, 0, 1, 3])
-    payloads = [encoder.encode(c) for c in ctxs] + odd_payloads()
-    ring = Ring.create(1 << 20)
-    try:
-        raw = rawbatch.RawBatch(ring.data_size, len(payloads))
-        for p in payloads:
-            assert ring.push(p)
-        raw.n = ring.drain_raw(raw.data, raw.ends, len(payloads))
-        threshold = ratio_threshold(ratio)
-        candidates = raw.sampling_candidates(threshold, slower_than)
-        everything = [r for r in map(safe_decode, payloads) if r is not None]
-    finally:
-        ring.close()
-    kept, ref_kept = [], []
-    counts = sample_batch(candidates, kept, 10**6, threshold, slower_than)
-    assert counts == sample_batch(everything, ref_kept, 10**6, threshold, slower_than)
-    assert kept == ref_kept
-    if ratio < 1.0:
-        assert len(candidates) < len(everything)  # the rest was never decoded
-
-
 @pytest.mark.parametrize("fmt", ["json", "console"])
 def test_the_collector_hands_raw_batches_to_the_record_sink(tmp_path, fmt):
     """The manager's wiring: Collector + RecordSink over real rings take the raw path,
@@ -228,7 +196,7 @@ def test_a_batch_that_does_not_describe_its_data_is_refused():
         raw.records()
     raw.ends[1] = 5
     with pytest.raises(ValueError):
-        raw.sampling_candidates(0, 0.0)
+        raw.trace(None)  # (checked before the tracer is read)
 
 
 def test_a_batch_of_distinct_labels_fills_every_kind_of_cell():

@@ -2,12 +2,13 @@
 cimport cython
 from forkproxy.manager.histogram cimport Histogram, PhaseGroup
 from forkproxy.manager.rawjson cimport (fp_line, fp_out, fp_out_bytes, fp_out_free,
-                                        fp_out_new, fp_put)
+                                        fp_out_new, fp_out_put)
 from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_buffer_data, fp_cell_add,
                                           fp_cells, fp_cells_clear, fp_cells_free,
                                           fp_cells_new, fp_free, fp_intern, fp_name_slot,
                                           fp_names_clear, fp_names_new, fp_rec, fp_rec_new,
-                                          fp_scan, fp_may_sample)
+                                          fp_scan)
+from forkproxy.manager.rawspans cimport RawTrace
 from forkproxy.manager.recordpass cimport _duration_bucket, _fine_bucket
 
 cdef long[::1] _F2P
@@ -34,6 +35,7 @@ cdef class RawBatch:
     cdef fp_rec *rec
     cdef fp_out *out
     cdef list objs
+    cdef public RawTrace tr
     cdef long long tls_new, tls_resumed, sec
     cdef bytes prefix
     cdef Histogram ph_hdr, ph_tls, ph_conn, ph_send, ph_fb, ph_body
@@ -41,15 +43,15 @@ cdef class RawBatch:
     @cython.locals(start="long long", end="long long", size="long long", k=Py_ssize_t)
     cdef _check(self)
 
-    @cython.locals(everything=bint, below="unsigned long long", r="fp_rec *",
-                   start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t, out=list)
-    cpdef list sampling_candidates(self, object threshold, double slower_than)
+    @cython.locals(r="fp_rec *", start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t,
+                   t=RawTrace)
+    cpdef trace(self, object tracer)
 
     @cython.locals(fast=Py_ssize_t, r="fp_rec *", start=Py_ssize_t, end=Py_ssize_t,
-                   k=Py_ssize_t)
-    cpdef bytes process(self, object m, bint lines)
+                   k=Py_ssize_t, t=RawTrace, tracing=bint)
+    cpdef bytes process(self, object m, bint lines, object tracer=*)
 
-    cdef _slow(self, object m, Py_ssize_t start, Py_ssize_t end, bint lines)
+    cdef _slow(self, object m, Py_ssize_t start, Py_ssize_t end, bint lines, bint tracing)
     cdef _put(self, bytes line)
 
     @cython.locals(ts=double, sec="long long", frac=int)

@@ -29,8 +29,8 @@ import msgspec
 from forkproxy.context import RequestContext, decoder
 from forkproxy.manager.histogram import DURATION_BUCKETS, FINE_TO_PHASE, Histogram, PhaseGroup
 from forkproxy.manager.jsonline import json_line, phases_ms
+from forkproxy.manager.rawspans import RawTrace
 from forkproxy.manager.recordpass import count_batch, time_batch
-from forkproxy.manager.sampling import ALL
 
 try:
     import cython
@@ -110,6 +110,7 @@ class RawBatch:
         self.rec = fp_rec_new()  # noqa: F821
         self.out = fp_out_new()  # noqa: F821
         self.objs: list = []
+        self.tr = RawTrace()
         self.tls_new = self.tls_resumed = 0
         self.sec = -1
         self.prefix = b""
@@ -149,31 +150,30 @@ class RawBatch:
             start = end
         return out
 
-    def sampling_candidates(self, threshold: int, slower_than: float) -> list:
-        """The batch's records a sampling rule may keep (sampling.py's rules, decided on
-        the C struct), decoded by msgspec for Tracer.offer_batch, which applies the rules
-        again: the others are never decoded. Records the scanner does not take are all
-        candidates."""
+    def trace(self, tracer) -> None:
+        """Tracing alone (rawspans.RawTrace over the batch, scanning it again; the
+        manager traces in process()'s pass instead): ``self.tr`` then holds the records
+        for Tracer.offer_batch and any encoding error (Tracer.offer_raw reads them)."""
         self._check()
-        everything = threshold >= ALL
-        below = 0 if everything else threshold
+        t = self.tr
+        t.begin(tracer)
         r = self.rec
-        out = []
         start = 0
-        for k in range(self.n):
-            end = self.ends[k]
-            if (fp_scan(self.base + start, end - start, r) != 0  # noqa: F821
-                    or fp_may_sample(r, everything, below, slower_than)):  # noqa: F821
-                try:
-                    out.append(decoder.decode(self.view[start:end]))
-                except msgspec.DecodeError:
-                    pass
-            start = end
-        return out
+        try:
+            for k in range(self.n):
+                end = self.ends[k]
+                if fp_scan(self.base + start, end - start, r) != 0:  # noqa: F821
+                    t.decoded(self.view, start, end)
+                elif t.on:
+                    t.rec(r, self.view, start, end)
+                start = end
+        finally:
+            t.end()
 
-    def process(self, m, lines: bool) -> bytes:
+    def process(self, m, lines: bool, tracer=None) -> bytes:
         """Count the batch into Metrics ``m``; with ``lines``, return its JSON access log
-        lines (``self.lines`` of them), else b""."""
+        lines (``self.lines`` of them), else b"". With ``tracer``, trace it in the same
+        pass (one scan per record: see trace)."""
         self._check()
         if len(self.names) > FP_NAMES_MAX:  # noqa: F821 (forget labels no longer seen)
             fp_names_clear(self.names_tab)  # noqa: F821
@@ -188,6 +188,10 @@ class RawBatch:
         self.bad = 0
         fast = 0
         r = self.rec
+        t = self.tr
+        tracing = tracer is not None
+        if tracing:
+            t.begin(tracer)
         start = 0
         try:
             for k in range(self.n):
@@ -198,17 +202,21 @@ class RawBatch:
                     self._count(m, r)
                     if lines:
                         self._line(r, start, end)
+                    if tracing and t.on:
+                        t.rec(r, self.view, start, end)
                 else:
-                    self._slow(m, start, end, lines)
+                    self._slow(m, start, end, lines, tracing)
                 start = end
         finally:
             m.records += fast
             self.scanned = fast
             self._flush(m)
+            if tracing:
+                t.end()
         return fp_out_bytes(self.out)  # noqa: F821
 
-    def _slow(self, m, start: int, end: int, lines: bool) -> None:
-        """One record through msgspec and the Python path."""
+    def _slow(self, m, start: int, end: int, lines: bool, tracing: bool) -> None:
+        """One record through msgspec and the Python path (and to the tracer's)."""
         try:
             rec = decoder.decode(self.view[start:end])
         except msgspec.DecodeError:
@@ -218,13 +226,15 @@ class RawBatch:
             m.observe_gauges(rec)
             return
         one = [rec]
+        if tracing:
+            self.tr.objs.append(rec)
         count_batch(m, one)
         time_batch(m, one)
         if lines:
             self._put(json_line(rec, phases_ms(rec)))
 
     def _put(self, line: bytes) -> None:
-        fp_put(self.out, line, len(line))  # noqa: F821
+        fp_out_put(self.out, line, len(line))  # noqa: F821
         self.lines += 1
 
     def _line(self, r, start: int, end: int) -> None:

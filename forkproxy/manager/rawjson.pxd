@@ -26,7 +26,7 @@ cdef extern from *:
         return 0;
     }
 
-    static int fp_put(fp_out *o, const char *p, Py_ssize_t n) {
+    static int fp_out_put(fp_out *o, const char *p, Py_ssize_t n) {
         if (fp_reserve(o, n) < 0) return -1;
         memcpy(o->buf + o->len, p, (size_t)n);
         o->len += n;
@@ -224,6 +224,6 @@ cdef extern from *:
     fp_out *fp_out_new() except NULL
     void fp_out_free(fp_out *o) noexcept
     bytes fp_out_bytes(fp_out *o)
-    int fp_put(fp_out *o, const char *p, Py_ssize_t n) except -1
+    int fp_out_put(fp_out *o, const char *p, Py_ssize_t n) except -1
     int fp_line(fp_out *o, const fp_rec *r, const char *prefix, int frac,
                 Py_ssize_t rec_len) except -1

@@ -19,7 +19,8 @@ cdef extern from *:
         double ts;
         long long worker, status, bytes_in, bytes_out, stream;
         fp_str request_id, listener, remote, method, path, upstream, upstream_addr,
-               tls_version, error, protocol, route, trace_id, span_id;
+               tls_version, error, protocol, route, trace_id, span_id, parent_span_id,
+               tracestate;
         int reused, tls_resumed;  /* tls_resumed: -1 = None (plain-text listener) */
         int flags;
         double t[8];
@@ -135,7 +136,6 @@ cdef extern from *:
     /* 0: the record is in r; -1: decode it with msgspec instead (see above) */
     static int fp_scan(const unsigned char *p, Py_ssize_t n, fp_rec *r) {
         fp_cur c;
-        fp_str parent, tracestate;
         long long tag;
         int i;
         if (n < 4 || p[0] != 0xdc || p[1] != 0 || p[2] != 30) return -1;
@@ -157,8 +157,8 @@ cdef extern from *:
             || fp_get_int(&c, &r->retries) || fp_get_bool(&c, &r->tunnel, 0)
             || fp_get_str(&c, &r->protocol) || fp_get_int(&c, &r->stream)
             || fp_get_str(&c, &r->route) || fp_get_bin(&c, &r->trace_id)
-            || fp_get_bin(&c, &r->span_id) || fp_get_bin(&c, &parent)
-            || fp_get_int(&c, &r->trace_flags) || fp_get_str(&c, &tracestate))
+            || fp_get_bin(&c, &r->span_id) || fp_get_bin(&c, &r->parent_span_id)
+            || fp_get_int(&c, &r->trace_flags) || fp_get_str(&c, &r->tracestate))
             return -1;
         /* grpc_status (None or an int), and the end of the record */
         if (c.p < c.end && *c.p == 0xc0) { r->has_grpc = 0; r->grpc_status = 0; c.p++; }
@@ -174,15 +174,17 @@ cdef extern from *:
         return 0;
     }
 
-    /* Whether a sampling rule may keep the record (sampling.sample_batch's rules, which
-       run again on the records kept here): 0 only when none does. */
+    /* Whether a sampling rule keeps the record (sampling.sample_batch's rules): 1 or 0;
+       -1 for a trace id that is not 16 bytes (never from a worker: the caller decodes
+       the record and lets sample_batch decide). */
     static int fp_may_sample(const fp_rec *r, int everything, unsigned long long below,
                              double slower_than) {
         unsigned long long low = 0;
         double start;
         int i;
         if (r->trace_id.n == 0) return 0;
-        if (everything || (r->trace_flags & 1) || r->trace_id.n != 16) return 1;
+        if (everything || (r->trace_flags & 1)) return 1;
+        if (r->trace_id.n != 16) return -1;
         for (i = 8; i < 16; i++) low = (low << 8) | r->trace_id.p[i];
         if (low < below || r->status >= 500 || r->error.n) return 1;
         start = r->t[0];
@@ -358,7 +360,8 @@ cdef extern from *:
         double ts
         long long worker, status, bytes_in, bytes_out, stream
         fp_str request_id, listener, remote, method, path, upstream, upstream_addr
-        fp_str tls_version, error, protocol, route, trace_id, span_id
+        fp_str tls_version, error, protocol, route, trace_id, span_id, parent_span_id
+        fp_str tracestate
         int reused, tls_resumed
         int flags
         double t[8]

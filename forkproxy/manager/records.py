@@ -31,15 +31,17 @@ class RecordSink:
     def on_raw_batch(self, batch: RawBatch) -> None:
         """The same for a batch of records as bytes (the Collector's compiled path,
         manager/rawbatch.py): the metrics and the JSON lines from C structs; the console
-        format gets the batch decoded by msgspec, the tracer only the records its sampling
-        rules may keep."""
+        format gets the batch decoded by msgspec; the tracer samples and writes spans from
+        the C structs in the same pass (rawspans.RawTrace, Tracer.offer_raw)."""
         log = self.accesslog
         json = log.enabled and log.fmt == "json"
-        data = batch.process(self.metrics, json)
+        tracer = self.tracer
+        if tracer is not None and not tracer.enabled:
+            tracer = None
+        data = batch.process(self.metrics, json, tracer)
         if json:
             log.write_lines(data, batch.lines)
         elif log.enabled:
             log.write_batch(batch.records())
-        tracer = self.tracer
-        if tracer is not None and tracer.enabled:
-            tracer.offer_batch(batch.sampling_candidates(tracer.threshold, tracer.slower_than))
+        if tracer is not None:
+            tracer.offer_raw(batch, traced=True)

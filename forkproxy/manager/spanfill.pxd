@@ -25,6 +25,7 @@ cdef extern from *:
         for (i = 0; i < 8; i++) v |= (unsigned long long)p[i] << (8 * i);
         return v;
     }
+
     """
     Py_ssize_t fp_put(bytearray buf, Py_ssize_t at, bytes data)
     void fp_put_u64(bytearray buf, Py_ssize_t at, unsigned long long v)
@@ -87,3 +88,4 @@ cdef class Filler:
                    end=Py_ssize_t, at=Py_ssize_t, max_body=Py_ssize_t, last_key=tuple,
                    last_tpl=Template)
     cpdef encode_fast(self, list batch, list slow)
+

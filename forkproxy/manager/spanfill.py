@@ -340,3 +340,4 @@ class Filler:
             pos = at
             self.pos = pos
             self.fast += 1
+

@@ -29,7 +29,8 @@ from forkproxy.context import (
     T_HEADERS,
     RequestContext,
 )
-from forkproxy.manager.spanfill import COMPILED, MAX_BODY, Filler, shape_key
+from forkproxy.manager.rawspans import RawFiller
+from forkproxy.manager.spanfill import COMPILED, MAX_BODY, shape_key
 from forkproxy.manager.spantemplate import Templates, child_span_id, field_tag
 
 SERVER = Span.SpanKind.SPAN_KIND_SERVER
@@ -74,7 +75,7 @@ class SpanEncoder:
                           for name, _ in CHILDREN}
         self.templates = Templates(self.spans_for)
         self.value = self.templates.value
-        self.filler = Filler(self.templates) if compiled else None
+        self.filler = RawFiller(self.templates) if compiled else None
         #: requests encoded by the struct fill and by the slow builder (tests,
         #: scripts/tracecost; the compiled fill counts its own: ``fast``)
         self._fast = self.slow = 0

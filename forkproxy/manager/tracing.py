@@ -244,6 +244,27 @@ class Tracer:
         if len(pending) >= ENCODE_AT:
             self._encode_pending()
 
+    def offer_raw(self, batch, traced: bool = False) -> None:
+        """offer_batch for a batch of records as bytes (manager/rawbatch.py, compiled):
+        the rules decided and the spans written from the C structs (rawspans.RawTrace),
+        with no object per request; only records the scanner does not take come back
+        decoded, for offer_batch. ``traced``: RawBatch.process did it in its pass."""
+        if self.encoder.filler is None:  # an encoder without the compiled fill
+            self.offer_batch(batch.records())
+            return
+        if not traced:
+            batch.trace(self)
+        t = batch.tr
+        if t.error is not None:  # a bug in encoding: count, never break the record path
+            lost = self.encoder.discard()
+            self.queued -= lost
+            self._failed(lost, f"encoding: {t.error!r}")
+            t.error = None
+        if t.objs:
+            objs = t.objs
+            t.objs = []
+            self.offer_batch(objs)
+
     def _encode_pending(self) -> None:
         """Writes the spans of the pending requests into the open export request(s)."""
         kept = self.pending

@@ -553,3 +553,46 @@ def test_the_binding_loads_without_cffis_c_parser():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# -- events queued in C (fieldsink compiled), handled after the call into nghttp2 -------
+
+def test_events_keep_their_order_around_a_frame_python_handles_at_once(session):
+    """Two requests, a client reset of the first, a third request and the client's
+    GOAWAY, in one read: compiled, the header blocks are queued in C and the GOAWAY goes
+    to the Python callback at once, which handles what was queued before it first; the
+    session's events come in the order the frames came, as with one callback each."""
+    c = RawClient(session)
+    first = c.send(_req(b"/1"))
+    second = c.send(_req(b"/2"))
+    c.conn.reset_stream(first, 0x8)
+    third = c.send(_req(b"/3"))
+    c.conn.close_connection()
+    session.receive(c.conn.data_to_send())
+    order = [(kind, sid) for kind, sid, _ in session.events]
+    assert order == [(1, first), (3, first), (1, second), (3, second), (4, first),
+                     (1, third), (3, third), (5, 0)]
+    c.pump()
+    assert [r.path for r in c.requests()] == [b"/1", b"/2", b"/3"]
+
+
+class _FailingSession(ServerSession):
+    """A session whose request handling raises (a bug): the failure must not unwind
+    through nghttp2's C, and it ends the session."""
+
+    def _headers_done(self, stream, fields, end_stream):
+        raise RuntimeError("handler bug")
+
+
+def test_a_failure_while_handling_received_events_marks_the_session_failed():
+    session = _FailingSession(Http2Limits(), Limits())
+    try:
+        c = RawClient(session, handshake=False)
+        c.send(_req())
+        with pytest.raises(RuntimeError, match="handler bug"):
+            session.receive(c.conn.data_to_send())
+        assert session.failed == "internal_error"
+        assert not session.want_read
+        session.receive(c.conn.data_to_send())  # nothing more is read: no second raise
+    finally:
+        session.close()

@@ -71,7 +71,7 @@ class SessionBase:
     #: the C on_header callback's address (fieldsink.header_callback), 0: the Python one
     HEADER_CALLBACK = 0
     #: C callbacks registered instead of the Python ones: (name, address) pairs, names
-    #: "frame_recv", "data_chunk", "stream_close" (fieldsink.client_callbacks)
+    #: "frame_recv", "frame_send", "data_chunk", "stream_close" (fieldsink's)
     C_CALLBACKS: tuple = ()
 
     def _create(self, create) -> None:
@@ -401,6 +401,13 @@ def _cb_read_body(s, sid, buf, length, flags, source, ud):
         return session._store(e)
 
 
+def frame_callback_addresses() -> tuple[int, int]:
+    """The addresses of the Python frame-received and frame-sent callbacks (the
+    server's C ones hand them the frames they do not queue: forkproxy/http2/fieldsink.py)."""
+    return (int(ffi.cast("intptr_t", _cb_frame_recv)),
+            int(ffi.cast("intptr_t", _cb_frame_send)))
+
+
 class _Callbacks:
     """The nghttp2_session_callbacks tables, built once per process on first use: the
     server's, and the client's, which has no frame-sent callback (a C to Python call
@@ -454,7 +461,8 @@ class _Callbacks:
                                 c.get("frame_recv") or _cb_frame_recv))
             if frame_send:
                 lib.nghttp2_session_callbacks_set_on_frame_send_callback(
-                    table, ffi.cast("nghttp2_on_frame_send_callback", _cb_frame_send))
+                    table, ffi.cast("nghttp2_on_frame_send_callback",
+                                    c.get("frame_send") or _cb_frame_send))
             lib.nghttp2_session_callbacks_set_on_stream_close_callback(
                 table, ffi.cast("nghttp2_on_stream_close_callback",
                                 c.get("stream_close") or _cb_stream_close))

@@ -35,6 +35,11 @@ cdef extern from *:
         char *ev;          /* the client's events queued during a call into nghttp2
                               (fp_ev_push), each an fp_event and its bytes */
         size_t ev_used, ev_cap;
+        /* the server's Python frame-received callback (base.py's), which handles the
+           frames the server's C one does not queue */
+        int (*py_frame_recv)(nghttp2_session *, const nghttp2_frame *, void *);
+        /* and its frame-sent one, for the frames sent that are not queued */
+        int (*py_frame_send)(nghttp2_session *, const nghttp2_frame *, void *);
     } fp_sink;
 
     /* one queued event: a header block (its bytes as buf has them), a DATA chunk (its
@@ -56,6 +61,16 @@ cdef extern from *:
     #define FP_EV_GOAWAY 6
     #define FP_EV_SETTINGS 7
     #define FP_EV_PONG 8
+    /* the server's header blocks: a request's (the stream's first block) or another
+       (trailers), with END_STREAM or not; a block past the limit has count -1 (None) */
+    #define FP_EV_REQUEST 9
+    #define FP_EV_REQUEST_END 10
+    #define FP_EV_BLOCK 11
+    #define FP_EV_BLOCK_END 12
+    /* frames the server sent: DATA, DATA with END_STREAM, HEADERS with END_STREAM */
+    #define FP_EV_SENT_DATA 13
+    #define FP_EV_SENT_DATA_END 14
+    #define FP_EV_SENT_HEADERS_END 15
     /* an event queue grown past this is freed once drained */
     #define FP_EV_KEEP 262144
 
@@ -314,6 +329,79 @@ cdef extern from *:
         return fp_ev_push((fp_sink *)user_data, FP_EV_CLOSED, sid, code, 0, NULL, 0, 0);
     }
 
+    /* -- the server session's events, queued in C --------------------------------------
+       forkproxy/http2/session.py: header blocks, DATA chunks, the END_STREAM of DATA and
+       stream closes are queued; every other frame received (RST_STREAM, control frames,
+       GOAWAY, PING, an empty DATA frame: limits and counting) goes to the Python
+       callback at once, which first handles what was queued before it, so the order is
+       the Python callbacks' and a limit still stops nghttp2 mid-read. */
+    static int fp_server_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
+                                    void *user_data) {
+        fp_sink *s = (fp_sink *)user_data;
+        int32_t sid = frame->hd.stream_id;
+        int end = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+        int kind, rv;
+        switch (frame->hd.type) {
+        case NGHTTP2_HEADERS:
+            kind = frame->headers.cat == NGHTTP2_HCAT_REQUEST
+                ? (end ? FP_EV_REQUEST_END : FP_EV_REQUEST)
+                : (end ? FP_EV_BLOCK_END : FP_EV_BLOCK);
+            if (s->sid != sid)  /* a block without fields */
+                return fp_ev_push(s, kind, sid, 0, 0, NULL, 0, 0);
+            rv = fp_ev_push(s, kind, sid, 0, 0, s->buf, s->oversize ? 0 : s->used,
+                            s->oversize ? -1 : s->count);
+            s->sid = 0;
+            s->oversize = 0;
+            s->used = 0;
+            s->count = 0;
+            if (s->cap > FP_SINK_KEEP)
+                fp_sink_free(s);
+            return rv;
+        case NGHTTP2_DATA:
+            if (end)
+                return fp_ev_push(s, FP_EV_END, sid, 0, 0, NULL, 0, 0);
+            if (frame->hd.length > 0)
+                return 0;
+            break;  /* an empty DATA frame: the control-frame budget */
+        default:
+            break;
+        }
+        return s->py_frame_recv(session, frame, user_data);
+    }
+
+    /* the frames sent the server acts on after the call (an answer that ended its
+       stream before the request did, the DATA frames that earn WINDOW_UPDATEs) are
+       queued; a HEADERS frame without END_STREAM needs nothing; RST_STREAM and GOAWAY
+       (counting, the end of the connection) go to the Python callback at once */
+    static int fp_server_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
+                                    void *user_data) {
+        fp_sink *s = (fp_sink *)user_data;
+        int end = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+        switch (frame->hd.type) {
+        case NGHTTP2_DATA:
+            return fp_ev_push(s, end ? FP_EV_SENT_DATA_END : FP_EV_SENT_DATA,
+                              frame->hd.stream_id, 0, 0, NULL, 0, 0);
+        case NGHTTP2_HEADERS:
+            return end ? fp_ev_push(s, FP_EV_SENT_HEADERS_END, frame->hd.stream_id, 0, 0,
+                                    NULL, 0, 0) : 0;
+        default:
+            return s->py_frame_send(session, frame, user_data);
+        }
+    }
+
+    static void fp_sink_set_py_callbacks(fp_sink *s, Py_ssize_t recv, Py_ssize_t send) {
+        s->py_frame_recv = (int (*)(nghttp2_session *, const nghttp2_frame *, void *))recv;
+        s->py_frame_send = (int (*)(nghttp2_session *, const nghttp2_frame *, void *))send;
+    }
+
+    static Py_ssize_t fp_server_frame_send_address(void) {
+        return (Py_ssize_t)&fp_server_frame_send;
+    }
+
+    static Py_ssize_t fp_server_frame_recv_address(void) {
+        return (Py_ssize_t)&fp_server_frame_recv;
+    }
+
     /* the queued events as a list of (kind, stream id, payload), in order; the queue is
        then empty (None: nothing was queued) */
     static PyObject *fp_sink_drain(fp_sink *s) {
@@ -333,7 +421,16 @@ cdef extern from *:
             switch (e.kind) {
             case FP_EV_HEADERS:
             case FP_EV_HEADERS_END:
-                payload = fp_block_list(s, bytes, e.len, e.count);
+            case FP_EV_REQUEST:
+            case FP_EV_REQUEST_END:
+            case FP_EV_BLOCK:
+            case FP_EV_BLOCK_END:
+                if (e.count < 0) {  /* past the limit */
+                    payload = Py_None;
+                    Py_INCREF(payload);
+                } else {
+                    payload = fp_block_list(s, bytes, e.len, e.count);
+                }
                 break;
             case FP_EV_DATA:
                 payload = PyBytes_FromStringAndSize(bytes, (Py_ssize_t)e.len);
@@ -406,6 +503,9 @@ cdef extern from *:
     Py_ssize_t fp_client_frame_recv_address()
     Py_ssize_t fp_client_data_chunk_address()
     Py_ssize_t fp_client_stream_close_address()
+    Py_ssize_t fp_server_frame_recv_address()
+    void fp_sink_set_py_callbacks(fp_sink *s, Py_ssize_t recv, Py_ssize_t send)
+    Py_ssize_t fp_server_frame_send_address()
 
 
 cdef class CFieldSink:

@@ -32,6 +32,14 @@ frames it acts on, DATA chunks (copied) and stream closes are queued in the sink
 nghttp2 runs, and :meth:`CFieldSink.drain` gives them to Python in order once the call
 into nghttp2 returned: one call into Python per read instead of one per event (cffi's
 callback machinery was ~25% of the client session's receive).
+
+The server session (forkproxy/http2/session.py) queues its events the same way
+(:func:`server_callbacks`): header blocks (a block past the limit as None, for the
+431), DATA chunks, DATA's END_STREAM, stream closes, and the DATA frames and
+END_STREAMs it sent. The frames it must act on during the call (RST_STREAM, control
+frames, GOAWAY, an empty DATA frame: its limits stop nghttp2 mid-read) go to its Python
+callbacks at once (:meth:`CFieldSink.set_python_callbacks`), which handle the queue
+first, so the order is that of one callback per event.
 """
 
 from __future__ import annotations
@@ -108,6 +116,12 @@ class CFieldSink:
         """Block ``sid``'s fields, None if it passed the limit; the sink is then empty."""
         return fp_sink_take(cython.address(self.sink), sid)  # noqa: F821
 
+    def set_python_callbacks(self, frame_recv: int, frame_send: int) -> None:
+        """The Python frame-received and frame-sent callbacks the server's C ones hand
+        the frames they do not queue to (server_callbacks)."""
+        fp_sink_set_py_callbacks(cython.address(self.sink), frame_recv,  # noqa: F821
+                                 frame_send)
+
     def drain(self):
         """The client's events queued by its C callbacks (client_callbacks), in order,
         as (EV_* kind, stream id, payload); None if there are none. The queue is then
@@ -125,6 +139,10 @@ def header_callback() -> int:
 #: the kinds of the client's queued events (fieldsink.pxd's FP_EV_*)
 EV_HEADERS, EV_HEADERS_END, EV_DATA, EV_END, EV_CLOSED, EV_GOAWAY, EV_SETTINGS, EV_PONG = \
     range(1, 9)
+#: and the server's header blocks: a request's, another (trailers); each with END_STREAM
+EV_REQUEST, EV_REQUEST_END, EV_BLOCK, EV_BLOCK_END = range(9, 13)
+#: and the frames it sent: DATA, DATA with END_STREAM, HEADERS with END_STREAM
+EV_SENT_DATA, EV_SENT_DATA_END, EV_SENT_HEADERS_END = range(13, 16)
 
 
 def client_callbacks() -> tuple[tuple[str, int], ...]:
@@ -133,6 +151,20 @@ def client_callbacks() -> tuple[tuple[str, int], ...]:
     empty when this module runs as plain Python (the client's Python callbacks then)."""
     if COMPILED:
         return (("frame_recv", fp_client_frame_recv_address()),  # noqa: F821
+                ("data_chunk", fp_client_data_chunk_address()),  # noqa: F821
+                ("stream_close", fp_client_stream_close_address()))  # noqa: F821
+    return ()
+
+
+def server_callbacks() -> tuple[tuple[str, int], ...]:
+    """The server session's C callbacks (header blocks, DATA chunks, the END_STREAM of
+    DATA, stream closes, DATA frames and END_STREAM sent queued in the sink; every other
+    frame received or sent handed to the Python callbacks given to
+    :meth:`CFieldSink.set_python_callbacks`); empty when this module runs as plain
+    Python. The chunk and close callbacks are the client's: they queue the same events."""
+    if COMPILED:
+        return (("frame_recv", fp_server_frame_recv_address()),  # noqa: F821
+                ("frame_send", fp_server_frame_send_address()),  # noqa: F821
                 ("data_chunk", fp_client_data_chunk_address()),  # noqa: F821
                 ("stream_close", fp_client_stream_close_address()))  # noqa: F821
     return ()

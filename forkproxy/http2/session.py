@@ -36,10 +36,11 @@ from __future__ import annotations
 
 from forkproxy.http.grpcstatus import proxy_answer
 from forkproxy.http.request import Limits
+from forkproxy.http2 import fieldsink
 from forkproxy.http2 import nghttp2 as ng
-from forkproxy.http2.base import CALLBACKS, OutStream, SessionBase
+from forkproxy.http2.base import CALLBACKS, OutStream, SessionBase, frame_callback_addresses
 from forkproxy.http2.base import nv as _nv
-from forkproxy.http2.fieldsink import header_callback, new_sink
+from forkproxy.http2.fieldsink import header_callback, new_sink, server_callbacks
 from forkproxy.http2.limits import Http2Limits, TokenBucket
 from forkproxy.http2.sendpath import COMPILED as _WHOLE_IN_C
 from forkproxy.http2.sendpath import BodySource
@@ -54,6 +55,10 @@ REQUEST, DATA, END, CLOSED, GOAWAY = 1, 2, 3, 4, 5
 _DATA_FRAME, _HEADERS_FRAME, _RST_STREAM_FRAME = ng.DATA, ng.HEADERS, ng.RST_STREAM
 _END_STREAM = ng.FLAG_END_STREAM
 _HCAT_REQUEST = ng.HCAT_REQUEST
+_EV_DATA, _EV_END, _EV_CLOSED = fieldsink.EV_DATA, fieldsink.EV_END, fieldsink.EV_CLOSED
+_EV_REQUEST, _EV_REQUEST_END = fieldsink.EV_REQUEST, fieldsink.EV_REQUEST_END
+_EV_BLOCK_ENDS = frozenset((fieldsink.EV_REQUEST_END, fieldsink.EV_BLOCK_END))
+_EV_SENT_DATA, _EV_SENT_HEADERS_END = fieldsink.EV_SENT_DATA, fieldsink.EV_SENT_HEADERS_END
 
 #: the opaque data of the PING sent with the first GOAWAY (its ACK is recognised)
 _NOTICE_PING = b"goaway-1"
@@ -97,6 +102,11 @@ class ServerSession(SessionBase):
     #: header fields are collected in C when fieldsink is compiled (one call into Python
     #: per HEADERS frame instead of one per field)
     HEADER_CALLBACK = header_callback()
+    #: and, compiled, the header blocks, DATA chunks, DATA's END_STREAM and stream
+    #: closes are queued in C during a call into nghttp2 and handled after it
+    #: (_run_queued), and so are the DATA frames and END_STREAMs sent; the other frames
+    #: received and sent still reach _on_frame_recv and _on_frame_send at once
+    C_CALLBACKS = server_callbacks()
 
     def __init__(self, limits: Http2Limits | None = None, request_limits: Limits | None = None,
                  clock=None):
@@ -110,6 +120,12 @@ class ServerSession(SessionBase):
             user_data = ffi.cast("void **", sink.address)
             user_data[0] = self._handle
             self._user_data = user_data
+        #: the events the C callbacks queued (None: the Python callbacks handle them)
+        self._drain = None
+        self._resend = False  # _sent_end submitted a RST_STREAM after a queued event
+        if self.C_CALLBACKS:
+            sink.set_python_callbacks(*frame_callback_addresses())
+            self._drain = sink.drain
         self.request_limits = request_limits or Limits()
         self._body_limit = self.request_limits.body_size
         #: the client answered the PING sent with the first GOAWAY: every stream it
@@ -155,6 +171,8 @@ class ServerSession(SessionBase):
         if self._session is None or self.failed is not None:
             return
         rv = self._lib.nghttp2_session_mem_recv(self._session, ffi.from_buffer(data), len(data))
+        if self._drain is not None:
+            self._run_queued()
         self._after_call()
         violation = self._violation
         if violation is not None:  # a limit broken inside a callback
@@ -162,6 +180,50 @@ class ServerSession(SessionBase):
             self._terminate(*violation)
         elif rv < 0:
             self._terminate(*_FATAL.get(rv, ("protocol_error", ng.PROTOCOL_ERROR)))
+
+    def data_to_send(self) -> bytes:
+        """As SessionBase's; the streams nghttp2 closed while sending are handled before
+        it returns."""
+        data = SessionBase.data_to_send(self)
+        if self._drain is not None:
+            self._run_queued()
+            if self._resend:  # its RST_STREAM(NO_ERROR) goes with this batch
+                self._resend = False
+                data += self.data_to_send()
+        return data
+
+    def _run_queued(self) -> None:
+        """The events the C callbacks queued during the call into nghttp2 (or before a
+        Python callback inside it), handled in their order as the Python callbacks
+        handle them one by one. A failure marks the session failed, as the client's."""
+        queued = self._drain()
+        if queued is None:
+            return
+        streams = self.streams
+        try:
+            for kind, sid, payload in queued:
+                if kind == _EV_DATA:
+                    self._on_chunk(sid, payload)
+                elif kind >= _EV_SENT_DATA:
+                    if kind != _EV_SENT_DATA:
+                        self._resend = self._sent_end(sid) or self._resend
+                    if kind != _EV_SENT_HEADERS_END and self._window_credit < _MAX_WINDOW_CREDIT:
+                        self._window_credit += 2
+                elif kind >= _EV_REQUEST:
+                    stream = streams.get(sid)
+                    if stream is None and kind <= _EV_REQUEST_END:
+                        stream = streams[sid] = _Stream(sid)
+                    if stream is not None:
+                        self._headers_done(stream, payload, kind in _EV_BLOCK_ENDS)
+                elif kind == _EV_CLOSED:
+                    self._on_stream_close(sid, payload)
+                elif kind == _EV_END:
+                    stream = streams.get(sid)
+                    if stream is not None and stream.request is not None:
+                        self._end(stream)
+        except BaseException:
+            self.failed = "internal_error"
+            raise
 
     def _terminate(self, reason: str, code: int) -> None:
         """GOAWAY(code) and the end of the connection: every open stream is CLOSED for
@@ -210,10 +272,9 @@ class ServerSession(SessionBase):
         else:
             self.reset(stream.sid, ng.PROTOCOL_ERROR)
 
-    def _headers_done(self, frame, stream: _Stream, fields) -> None:
+    def _headers_done(self, stream: _Stream, fields, end_stream: bool) -> None:
         """A header block received: ``fields`` its list, None if it passed the header
         list size limit."""
-        end_stream = bool(frame.hd.flags & _END_STREAM)
         if stream.request is not None or stream.refused:  # trailers (nghttp2 checked
             if fields is None and not stream.refused:  # that they end the stream)
                 self._refuse(stream, StreamRefused("headers_too_large", 0, "trailers too large"))
@@ -251,16 +312,22 @@ class ServerSession(SessionBase):
         self.events.append((END, stream.sid, trailers or None))
 
     def _on_data(self, sid: int, ptr, n: int) -> int:
+        """Plain Python only: compiled, the chunk is queued in C (_run_queued)."""
+        self._on_chunk(sid, _unpack(ptr, n) if n else b"")
+        return 0
+
+    def _on_chunk(self, sid: int, chunk: bytes) -> None:
+        n = len(chunk)
         stream = self.streams.get(sid)
         if stream is None or stream.refused or stream.request is None:
             self._lib.nghttp2_session_consume(self._session, sid, n)
-            return 0
+            return
         stream.received += n
         cl = stream.request.content_length
         if cl is not None and stream.received > cl:
             self._lib.nghttp2_session_consume(self._session, sid, n)
             self._refuse(stream, StreamRefused("content_length", 0, "body longer than declared"))
-            return 0
+            return
         if cl is None and stream.received > self._body_limit > 0:
             # no declared length to refuse up front: the exchange already streams the
             # body, so its front end is told (read_body raises BodyAborted 413) and the
@@ -269,10 +336,9 @@ class ServerSession(SessionBase):
             stream.refused = True
             self._count("body_too_large")
             self.events.append((DATA, sid, BODY_TOO_LARGE))
-            return 0
+            return
         stream.unconsumed += n
-        self.events.append((DATA, sid, _unpack(ptr, n) if n else b""))
-        return 0
+        self.events.append((DATA, sid, chunk))
 
     # -- callbacks (called by nghttp2 during receive/data_to_send) -----------------------
 
@@ -290,6 +356,8 @@ class ServerSession(SessionBase):
         return stream
 
     def _on_invalid_header(self, frame) -> int:
+        if self._drain is not None:  # what C queued before this comes first
+            self._run_queued()
         stream = self.streams.get(frame.hd.stream_id) or self._new_stream(frame)
         if stream is not None and not stream.refused:
             stream.refused = True
@@ -298,6 +366,9 @@ class ServerSession(SessionBase):
         return ng.ERR_TEMPORAL_CALLBACK_FAILURE  # nghttp2 resets it: PROTOCOL_ERROR
 
     def _on_frame_recv(self, frame) -> int:
+        """Compiled, only the frames fieldsink's C callback does not queue come here."""
+        if self._drain is not None:  # what C queued before this frame comes first
+            self._run_queued()
         hd = frame.hd
         kind = hd.type
         if kind == _DATA_FRAME:
@@ -311,7 +382,7 @@ class ServerSession(SessionBase):
             fields = self._sink.take(hd.stream_id)
             stream = self.streams.get(hd.stream_id) or self._new_stream(frame)
             if stream is not None:
-                self._headers_done(frame, stream, fields)
+                self._headers_done(stream, fields, bool(hd.flags & _END_STREAM))
         elif kind == ng.RST_STREAM:
             self._reset_budget()
             if self._violation is not None:
@@ -336,14 +407,11 @@ class ServerSession(SessionBase):
         and the DATA frames that entitle the client to WINDOW_UPDATEs."""
         hd = frame.hd
         kind = hd.type
+        if kind > _HEADERS_FRAME and self._drain is not None:
+            # a RST_STREAM or GOAWAY looks at the streams: the closes C queued first
+            self._run_queued()
         if hd.flags & _END_STREAM and kind <= _HEADERS_FRAME:
-            stream = self.streams.get(hd.stream_id)
-            if stream is not None and not stream.ended:
-                # answered before the request ended (an error mid-body): ask the client
-                # to stop sending, without error (RFC 9113 section 8.1)
-                stream.refused = True
-                self._lib.nghttp2_submit_rst_stream(self._session, ng.FLAG_NONE,
-                                                    hd.stream_id, ng.NO_ERROR)
+            self._sent_end(hd.stream_id)
         if kind == _DATA_FRAME:
             if self._window_credit < _MAX_WINDOW_CREDIT:
                 self._window_credit += 2
@@ -369,6 +437,17 @@ class ServerSession(SessionBase):
                 self._count(self.failed)
                 self._close_streams(code)
         return 0
+
+    def _sent_end(self, sid: int) -> bool:
+        """Our END_STREAM of ``sid`` was sent; True: a RST_STREAM was submitted."""
+        stream = self.streams.get(sid)
+        if stream is None or stream.ended:
+            return False
+        # answered before the request ended (an error mid-body): ask the client to stop
+        # sending, without error (RFC 9113 section 8.1)
+        stream.refused = True
+        self._lib.nghttp2_submit_rst_stream(self._session, ng.FLAG_NONE, sid, ng.NO_ERROR)
+        return True
 
     def _on_stream_close(self, sid: int, code: int) -> int:
         stream = self._forget(sid)

@@ -140,30 +140,23 @@ class Http1Connection(ClientConnection, FrontEnd):
         arrived; CLOSE: EOF or nothing in time; PARKED: handed to a watcher."""
         ws = self.ws
         now = _monotonic()
-        if self.parser.in_head:
-            self.idle = False
-            if not self.head_deadline:
-                self.head_deadline = now + ws.header_timeout
-        elif not self.idle:
+        if not (self.idle or self.head_deadline or self.closing or self.parser.in_head
+                or self.tls_resumed is not None):
+            # the common case, a request just answered on a plain connection: idle from
+            # now, for PARK_AFTER or the keep-alive timeout if shorter
             self.idle = True
             self.idle_since = now
-        if self.closing:
+            ka = ws.keepalive_timeout
+            self.deadline = now + (PARK_AFTER if ka > PARK_AFTER else ka)
+        elif self._await_deadline(ws, now):
             return CLOSE
-        d = self.head_deadline
-        timeout = d - now if d else ws.keepalive_timeout
-        idle_left = self.idle_since + ws.keepalive_timeout - now
-        # only between requests: a first request keeps its whole-head deadline
-        plain_idle = self.idle and self.tls_resumed is None and not d
-        if plain_idle and idle_left > PARK_AFTER:
-            timeout = PARK_AFTER
-        elif plain_idle:
-            timeout = idle_left
-        self.deadline = now + timeout
         try:  # the read of _fill, inline: once per request (scripts/hotpath-ab)
             n = self.recv_by(ws.rbuf, self.idle)
         except _timeout:
             if self.idle:
-                if plain_idle and idle_left > PARK_AFTER + SWEEP_SLACK:
+                # only between requests: a first request keeps its whole-head deadline
+                if (not self.head_deadline and self.tls_resumed is None
+                        and self.idle_since + ws.keepalive_timeout - now > PARK_AFTER + SWEEP_SLACK):
                     self._park()
                     return PARKED
                 return CLOSE  # nothing of a request arrived in time: just close
@@ -174,6 +167,30 @@ class Http1Connection(ClientConnection, FrontEnd):
         if not self.t_accept:  # keep-alive: the request began with these bytes
             self.t_accept = _monotonic()
         return None
+
+    def _await_deadline(self, ws, now: float) -> bool:
+        """_await_request's deadline in the other cases (inside a head, a first request,
+        still idle after a wake-up, TLS, closing); True: close instead of waiting."""
+        if self.parser.in_head:
+            self.idle = False
+            if not self.head_deadline:
+                self.head_deadline = now + ws.header_timeout
+        elif not self.idle:
+            self.idle = True
+            self.idle_since = now
+        if self.closing:
+            return True
+        d = self.head_deadline
+        timeout = d - now if d else ws.keepalive_timeout
+        idle_left = self.idle_since + ws.keepalive_timeout - now
+        # only between requests: a first request keeps its whole-head deadline
+        plain_idle = self.idle and self.tls_resumed is None and not d
+        if plain_idle and idle_left > PARK_AFTER:
+            timeout = PARK_AFTER
+        elif plain_idle:
+            timeout = idle_left
+        self.deadline = now + timeout
+        return False
 
     def _park(self) -> None:
         """Release the greenlet of a connection idle for PARK_AFTER: a greenlet parked in

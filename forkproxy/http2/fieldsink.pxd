@@ -139,6 +139,23 @@ cdef extern from *:
         s->mnext = (i + 1) % FP_SINK_MEMO;
     }
 
+    /* grow *buf (capacity *cap, doubling from first) to hold need bytes; -1: no memory */
+    static int fp_grow(char **buf, size_t *cap, size_t need, size_t first) {
+        size_t c;
+        char *grown;
+        if (need <= *cap)
+            return 0;
+        c = *cap ? *cap : first;
+        while (c < need)
+            c *= 2;
+        grown = (char *)realloc(*buf, c);
+        if (grown == NULL)
+            return -1;
+        *buf = grown;
+        *cap = c;
+        return 0;
+    }
+
     /* nghttp2's on_header_callback: copy one field of the block (no Python, no GIL) */
     static int fp_on_header(nghttp2_session *session, const nghttp2_frame *frame,
                             const uint8_t *name, size_t namelen, const uint8_t *value,
@@ -164,17 +181,8 @@ cdef extern from *:
             return s->fail ? NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE : 0;
         }
         need = s->used + 2 * sizeof(size_t) + namelen + valuelen;
-        if (need > s->cap) {
-            size_t cap = s->cap ? s->cap : 1024;
-            char *buf;
-            while (cap < need)
-                cap *= 2;
-            buf = (char *)realloc(s->buf, cap);
-            if (buf == NULL)
-                return NGHTTP2_ERR_CALLBACK_FAILURE;
-            s->buf = buf;
-            s->cap = cap;
-        }
+        if (fp_grow(&s->buf, &s->cap, need, 1024) < 0)
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
         memcpy(s->buf + s->used, &namelen, sizeof(size_t));
         memcpy(s->buf + s->used + sizeof(size_t), &valuelen, sizeof(size_t));
         s->used += 2 * sizeof(size_t);
@@ -250,17 +258,8 @@ cdef extern from *:
                           const char *bytes, size_t len, Py_ssize_t count) {
         fp_event e;
         size_t need = s->ev_used + sizeof(fp_event) + len;
-        if (need > s->ev_cap) {
-            size_t cap = s->ev_cap ? s->ev_cap : 4096;
-            char *ev;
-            while (cap < need)
-                cap *= 2;
-            ev = (char *)realloc(s->ev, cap);
-            if (ev == NULL)
-                return NGHTTP2_ERR_CALLBACK_FAILURE;
-            s->ev = ev;
-            s->ev_cap = cap;
-        }
+        if (fp_grow(&s->ev, &s->ev_cap, need, 4096) < 0)
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
         e.kind = kind;
         e.sid = sid;
         e.a = a;

@@ -3,7 +3,7 @@ cimport cython
 from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_free, fp_intern, fp_may_sample,
                                           fp_name_slot, fp_names_clear, fp_names_new, fp_rec,
                                           fp_str)
-from forkproxy.manager.spanfill cimport Filler, Template, fp_put, fp_put_u64, to_ns
+from forkproxy.manager.spanfill cimport Filler, Template, fp_put, fp_put_u64, put_attrs, to_ns
 
 cdef extern from *:
     """

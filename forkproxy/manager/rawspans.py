@@ -185,15 +185,8 @@ class RawFiller(Filler):
         buf = self.buf
         fp_put(buf, pos, tpl.image)  # noqa: F821
         self._rec_slots(pos, tpl, r, base, body)
-        at = fp_put(buf, pos + tpl.size, a_path)  # noqa: F821
-        at = fp_put(buf, at, a_client)  # noqa: F821
-        if a_out:
-            at = fp_put(buf, at, a_out)  # noqa: F821
-        if a_in:
-            at = fp_put(buf, at, a_in)  # noqa: F821
-        if a_state:
-            at = fp_put(buf, at, a_state)  # noqa: F821
-        self.pos = at
+        self.pos = put_attrs(  # noqa: F821
+            buf, pos + tpl.size, a_path, a_client, a_out, a_in, a_state)
         self.fast += 1
         return 1
 

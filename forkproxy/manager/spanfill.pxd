@@ -61,6 +61,9 @@ cdef bint same_shape(ctx, long bits, tuple key) except -1
 
 @cython.locals(t7=double, ts=double, off=double, t=double, s=Py_ssize_t, kind=int,
                at=Py_ssize_t)
+cdef Py_ssize_t put_attrs(bytearray buf, Py_ssize_t at, bytes a_path, bytes a_client,
+                          bytes a_out, bytes a_in, bytes a_state) except -1
+
 cdef void fill_slots(bytearray buf, Py_ssize_t pos, Template tpl, ctx, list times, bytes sid,
                      unsigned long long base, Py_ssize_t body) except *
 

@@ -173,6 +173,22 @@ def same_shape(ctx, bits, key):
             and m(ctx, O_RETRIES) == key[10] and m(ctx, O_PROTOCOL) == key[11])
 
 
+def put_attrs(buf, at, a_path, a_client, a_out, a_in, a_state):
+    """A request's variable attributes after its template's image: the path and the
+    client always, the body sizes and the tracestate when it had them (each given as
+    its serialised attribute, b"" for none). Returns the offset after them. Both fills
+    write them so: this one's and rawspans' from the C struct."""
+    at = fp_put(buf, at, a_path)  # noqa: F821
+    at = fp_put(buf, at, a_client)  # noqa: F821
+    if a_out:
+        at = fp_put(buf, at, a_out)  # noqa: F821
+    if a_in:
+        at = fp_put(buf, at, a_in)  # noqa: F821
+    if a_state:
+        at = fp_put(buf, at, a_state)  # noqa: F821
+    return at
+
+
 def fill_slots(buf, pos, tpl, ctx, times, sid, base, body):
     """Stores a request's ids, times (Unix nanoseconds), phase span ids and server span
     length (``body``, a 2-byte varint) in the slots of its template's image at ``pos``."""
@@ -329,15 +345,7 @@ class Filler:
                 buf = self.buf
             fp_put(buf, pos, tpl.image)  # noqa: F821
             fill_slots(buf, pos, tpl, ctx, times, sid, base, body)
-            at = fp_put(buf, pos + tpl.size, a_path)  # noqa: F821
-            at = fp_put(buf, at, a_client)  # noqa: F821
-            if a_out:
-                at = fp_put(buf, at, a_out)  # noqa: F821
-            if a_in:
-                at = fp_put(buf, at, a_in)  # noqa: F821
-            if a_state:
-                at = fp_put(buf, at, a_state)  # noqa: F821
-            pos = at
+            pos = put_attrs(buf, pos + tpl.size, a_path, a_client, a_out, a_in, a_state)
             self.pos = pos
             self.fast += 1
 

@@ -3,6 +3,7 @@ cimport cython
 from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_free, fp_intern, fp_may_sample,
                                           fp_name_slot, fp_names_clear, fp_names_new, fp_rec,
                                           fp_str)
+from forkproxy.manager.sampling cimport TraceState
 from forkproxy.manager.spanfill cimport Filler, Template, fp_put, fp_put_u64, put_attrs, to_ns
 
 cdef extern from *:
@@ -45,6 +46,7 @@ cdef class RawFiller(Filler):
     cdef fp_name_slot *path_tab
     cdef fp_name_slot *client_tab
     cdef list path_names, path_attrs, client_names, client_attrs
+    cdef dict sizes
 
     cpdef begin_raw(self)
     @cython.locals(i=Py_ssize_t, a_path=bytes, a_client=bytes)
@@ -62,12 +64,14 @@ cdef class RawFiller(Filler):
     @cython.locals(bits=long, key=tuple, tpl=Template, base=cython.ulonglong, tpls=object,
                    a_path=bytes, a_client=bytes, a_out=bytes, a_in=bytes, a_state=bytes,
                    extra=Py_ssize_t, body=Py_ssize_t, pos=Py_ssize_t, end=Py_ssize_t,
-                   at=Py_ssize_t, buf=bytearray, size="long long")
+                   at=Py_ssize_t, buf=bytearray, size="long long", sizes=dict)
     cdef int fill_rec(self, fp_rec *r) except -1
 
 
 cdef class RawTrace:
     cdef public bint on
+    cdef object owner
+    cdef TraceState st
     cdef public object tracer, enc
     cdef RawFiller filler
     cdef public list objs
@@ -77,9 +81,11 @@ cdef class RawTrace:
     cdef double slower_than
     cdef Py_ssize_t size, room, count, sampled, dropped, kept
 
+    @cython.locals(st=TraceState)
     cpdef begin(self, object tracer)
     @cython.locals(keep=int)
     cdef rec(self, fp_rec *r, object view, Py_ssize_t start, Py_ssize_t end)
     cpdef decoded(self, object view, Py_ssize_t start, Py_ssize_t end)
     cdef _append(self, object view, Py_ssize_t start, Py_ssize_t end)
+    @cython.locals(st=TraceState)
     cpdef end(self)

@@ -22,7 +22,6 @@ import msgspec
 
 from forkproxy.context import decoder
 from forkproxy.manager import spanfill
-from forkproxy.manager.sampling import ALL
 from forkproxy.manager.spanfill import Filler, slot_kind
 
 #: the template slots' kinds (spanfill's, C ints there and here) and the longest server span
@@ -38,6 +37,7 @@ class RawFiller(Filler):
         super().__init__(tpls)
         self.r_key = None  # fill_rec's last shape and its template
         self.r_tpl = None
+        self.sizes = tpls.sizes  # the body sizes' attributes (cleared, never replaced)
         #: fill_rec's paths and clients by their bytes: the ids' str and attributes
         self.path_names, self.path_attrs, self.client_names, self.client_attrs = [], [], [], []
 
@@ -164,14 +164,14 @@ class RawFiller(Filler):
         tpls = self.tpls
         a_path, a_client = self._rec_attrs(r)
         a_out = a_in = a_state = b""
+        sizes = self.sizes
         size = r.bytes_out
         if size:
-            a_out = tpls.sizes.get(size) or tpls.miss(tpls.sizes, "http.response.body.size",
-                                                      size)
+            a_out = sizes.get(size) or tpls.miss(sizes, "http.response.body.size", size)
         size = r.bytes_in
         if size:
-            a_in = tpls.sizes.get(-size) or tpls.miss(tpls.sizes, "http.request.body.size",
-                                                      size, -size)
+            a_in = sizes.get(-size) or tpls.miss(sizes, "http.request.body.size", size,
+                                                 -size)
         if r.tracestate.n:
             a_state = tpls.value(None, fp_str_new(r.tracestate))  # noqa: F821
         extra = len(a_path) + len(a_client) + len(a_out) + len(a_in) + len(a_state)
@@ -201,6 +201,8 @@ class RawTrace:
 
     def __init__(self):
         self.on = False
+        self.owner = None  # the tracer whose TraceState ``st`` is
+        self.st = None
         self.tracer = None
         self.enc = None
         self.filler = None
@@ -208,18 +210,24 @@ class RawTrace:
         self.error = None
 
     def begin(self, tracer):
-        threshold = tracer.threshold
-        self.everything = threshold >= ALL
-        self.below = 0 if self.everything else threshold
-        self.slower_than = tracer.slower_than
+        """Takes the tracer's rules, room and open export request from its TraceState
+        (C fields; the state found once per tracer: no Python attribute read per batch)."""
+        if tracer is not self.owner:
+            self.owner = tracer
+            self.st = tracer.state
+        st = self.st
+        self.everything = st.everything
+        self.below = st.below
+        self.slower_than = st.slower_than
         self.tracer = tracer
-        self.enc = tracer.encoder
-        self.filler = self.enc.filler
-        self.size = tracer.batch_size
-        self.room = tracer.queue_size - tracer.queued
-        self.count = self.enc.count  # the open export request's (enc.count when it matters)
+        self.enc = st.enc
+        self.filler = st.filler
+        self.size = st.size
+        self.room = st.queue_size - st.queued
+        self.count = self.filler.count  # the open export request's
         self.sampled = self.dropped = self.kept = 0
-        self.objs = []
+        if self.objs:  # Tracer.offer_raw takes them (and leaves an empty list)
+            self.objs = []
         self.error = None
         self.filler.begin_raw()
         self.on = True
@@ -245,7 +253,7 @@ class RawTrace:
             else:
                 self._append(view, start, end)
             if self.count >= self.size:
-                self.enc.count = self.count
+                self.filler.count = self.count
                 self.tracer._close_batch()
                 self.count = 0
         except Exception as e:  # a bug in encoding: never break the record path
@@ -263,23 +271,22 @@ class RawTrace:
         """A sampled record fill_rec did not take, decoded for SpanEncoder.append (its
         spans not written, e.g. times protobuf cannot hold: that request alone is lost,
         and counted)."""
-        enc = self.enc
-        enc.count = self.count
+        self.filler.count = self.count
         try:
-            enc.append([decoder.decode(view[start:end])])
+            self.enc.append([decoder.decode(view[start:end])])
         except Exception as e:  # the builder raised before writing anything
             self.kept -= 1
             self.tracer._failed(1, f"encoding: {e!r}")
-        self.count = enc.count
+        self.count = self.filler.count
 
     def end(self):
-        """The batch's counts into the tracer."""
-        tracer = self.tracer
-        if tracer is None:
+        """The batch's counts into the tracer's TraceState."""
+        if self.tracer is None:
             return
-        self.enc.count = self.count
-        tracer.sampled += self.sampled
-        tracer.dropped_queue += self.dropped
-        tracer.queued += self.kept
+        self.filler.count = self.count
+        st = self.st
+        st.sampled += self.sampled
+        st.dropped += self.dropped
+        st.queued += self.kept
         self.tracer = self.enc = self.filler = None
         self.on = False

@@ -23,3 +23,14 @@ cdef Py_ssize_t I_ACCEPT, I_HEADERS, I_END
                dropped=Py_ssize_t, trace_id=bytes, keep=bint, flags=long, status=long,
                error=str, t=list, start=double, end=double)
 cpdef tuple sample_batch(items, list queue, Py_ssize_t room, threshold, double slower_than)
+
+
+cdef class TraceState:
+    cdef public bint everything
+    cdef public unsigned long long below
+    cdef public double slower_than
+    cdef public Py_ssize_t size, queue_size, queued, sampled, dropped
+    cdef public object enc, filler
+
+    cpdef set_rules(self, threshold, double slower_than, Py_ssize_t size,
+                    Py_ssize_t queue_size)

@@ -89,3 +89,37 @@ def sample_batch(items, queue, room, threshold, slower_than):
         queue.append(rec)
         room -= 1
     return sampled, dropped
+
+
+class TraceState:
+    """A Tracer's rules and queue counts where the compiled record path reads and counts
+    them (rawspans.RawTrace, once per batch of ring records): C fields when compiled, so
+    a batch's start and end touch no Python object. In a running manager each 10 ms
+    batch found the Tracer's attributes out of the caches (the worker ran on the same
+    CPU meanwhile): ~12 look-ups per batch were ~0.1-0.3 µs per request at 2-5k
+    requests/s (docs/BENCHMARKS.md, "Tracing cost in the manager", round 5).
+
+    ``queued``: sampled requests not yet sent; ``sampled``, ``dropped``: kept by a
+    rule, and of those dropped for want of room (``queue_size``). ``enc``, ``filler``:
+    the tracer's spans.SpanEncoder and its compiled fill (None: none)."""
+
+    def __init__(self):
+        self.everything = False
+        self.below = 0
+        self.slower_than = 0.0
+        self.size = 1
+        self.queue_size = 1
+        self.queued = 0
+        self.sampled = 0
+        self.dropped = 0
+        self.enc = None
+        self.filler = None
+
+    def set_rules(self, threshold, slower_than, size, queue_size):
+        """sample_batch's rules (a ratio's threshold, the slow rule in seconds), the
+        requests per export request and the queue's bound."""
+        self.everything = threshold >= ALL
+        self.below = 0 if self.everything else threshold
+        self.slower_than = slower_than
+        self.size = size
+        self.queue_size = queue_size

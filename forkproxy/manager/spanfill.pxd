@@ -74,6 +74,7 @@ cdef class Filler:
     cdef Py_ssize_t pos
     cdef list spare
     cdef public Py_ssize_t fast
+    cdef public Py_ssize_t count
 
     cpdef Py_ssize_t written(self)
     cpdef add(self, bytes data)

@@ -233,6 +233,9 @@ class Filler:
         self.pos = HEAD_ROOM  # the spans written since the last take() end here
         self.spare = []
         self.fast = 0
+        #: requests in the open export request (SpanEncoder.count: a C field here, which
+        #: rawspans.RawTrace reads and writes once per batch of records)
+        self.count = 0
 
     def reserve(self, used, need):
         """Grows the buffer to at least ``need`` bytes, keeping its first ``used``."""

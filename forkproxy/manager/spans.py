@@ -79,10 +79,23 @@ class SpanEncoder:
         #: requests encoded by the struct fill and by the slow builder (tests,
         #: scripts/tracecost; the compiled fill counts its own: ``fast``)
         self._fast = self.slow = 0
-        #: the open export request: its requests, and its spans written outside the
-        #: compiled fill's buffer (the struct fill's and the slow builder's)
-        self.count = 0
+        #: the open export request: its requests (``count``: the fill's when there is
+        #: one), and its spans written outside the compiled fill's buffer (the struct
+        #: fill's and the slow builder's)
+        self._count = 0
         self.pieces: list[bytes] = []
+
+    @property
+    def count(self) -> int:
+        """Requests in the open export request."""
+        return self.filler.count if self.filler is not None else self._count
+
+    @count.setter
+    def count(self, n: int) -> None:
+        if self.filler is not None:
+            self.filler.count = n
+        else:
+            self._count = n
 
     def encode(self, batch: list[RequestContext]) -> bytes:
         """One export request: the spans of every request in ``batch`` (with no batch

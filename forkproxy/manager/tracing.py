@@ -35,7 +35,7 @@ from forkproxy.config import Endpoint, TracingConfig, parse_endpoint
 from forkproxy.context import RequestContext
 from forkproxy.http.tracecontext import ratio_threshold
 from forkproxy.manager.metrics import TextWriter
-from forkproxy.manager.sampling import sample_batch
+from forkproxy.manager.sampling import TraceState, sample_batch
 
 #: longest response body read from the collector (OTLP answers are small)
 MAX_RESPONSE = 64 * 1024
@@ -149,22 +149,20 @@ class Tracer:
 
     def __init__(self, cfg: TracingConfig | None = None, logger=None):
         self.logger = logger
+        #: the rules and the queue's counts as the compiled record path reads them
+        #: (``queued``, ``sampled`` and ``dropped_queue`` are its fields)
+        self.state = TraceState()
         #: export requests ready to send, each with its number of requests
         self.batches: deque[tuple[bytes, int]] = deque()
         #: sampled requests whose spans are not written yet (fewer than ENCODE_AT)
         self.pending: list = []
-        #: sampled requests not yet sent: in ``batches``, in the encoder's open batch and
-        #: in ``pending``
-        self.queued = 0
         self.wake = Event()
         self.greenlet: gevent.Greenlet | None = None
         self.client: OTLPClient | None = None
         self.encoder = None  # spans.SpanEncoder once an endpoint is configured
         self.cfg = cfg
         self.enabled = False
-        self.sampled = 0
         self.exported = 0
-        self.dropped_queue = 0
         self.dropped_export = 0
         self.requests_ok = 0
         self.requests_failed = 0
@@ -201,6 +199,10 @@ class Tracer:
         self.slower_than = cfg.sample_slower_than
         self.queue_size = cfg.queue_size
         self.batch_size = cfg.batch_size
+        st = self.state
+        st.set_rules(self.threshold, self.slower_than, self.batch_size, self.queue_size)
+        st.enc = self.encoder
+        st.filler = self.encoder.filler if self.encoder is not None else None
         if not self.enabled:
             self.dropped_export += self.queued
             self.batches.clear()
@@ -208,6 +210,34 @@ class Tracer:
             if self.encoder is not None:
                 self.encoder.discard()
             self.queued = 0
+
+    @property
+    def queued(self) -> int:
+        """Sampled requests not yet sent: in ``batches``, in the encoder's open batch
+        and in ``pending``."""
+        return self.state.queued
+
+    @queued.setter
+    def queued(self, n: int) -> None:
+        self.state.queued = n
+
+    @property
+    def sampled(self) -> int:
+        """Requests a sampling rule kept."""
+        return self.state.sampled
+
+    @sampled.setter
+    def sampled(self, n: int) -> None:
+        self.state.sampled = n
+
+    @property
+    def dropped_queue(self) -> int:
+        """Sampled requests dropped because the queue was full."""
+        return self.state.dropped
+
+    @dropped_queue.setter
+    def dropped_queue(self, n: int) -> None:
+        self.state.dropped = n
 
     def start(self) -> None:
         if self.greenlet is None:
@@ -249,12 +279,16 @@ class Tracer:
         the rules decided and the spans written from the C structs (rawspans.RawTrace),
         with no object per request; only records the scanner does not take come back
         decoded, for offer_batch. ``traced``: RawBatch.process did it in its pass."""
-        if self.encoder.filler is None:  # an encoder without the compiled fill
+        if traced:  # the usual case: nothing left to do unless the pass left something
+            t = batch.tr
+            if t.error is None and not t.objs:
+                return
+        elif self.encoder.filler is None:  # an encoder without the compiled fill
             self.offer_batch(batch.records())
             return
-        if not traced:
+        else:
             batch.trace(self)
-        t = batch.tr
+            t = batch.tr
         if t.error is not None:  # a bug in encoding: count, never break the record path
             lost = self.encoder.discard()
             self.queued -= lost

@@ -47,10 +47,14 @@ cdef class RawFiller(Filler):
     cdef fp_name_slot *client_tab
     cdef list path_names, path_attrs, client_names, client_attrs
     cdef dict sizes
+    cdef str last_path, last_client
+    cdef bytes last_a_path, last_a_client
 
     cpdef begin_raw(self)
     @cython.locals(i=Py_ssize_t, a_path=bytes, a_client=bytes)
     cdef tuple _rec_attrs(self, fp_rec *r)
+    @cython.locals(i=Py_ssize_t, a_path=bytes)
+    cdef bytes _path_attr(self, fp_rec *r)
     @cython.locals(t0=double, t1=double, t2=double, t3=double, t4=double, t5=double,
                    t6=double, t7=double, phases=int)
     cdef long _rec_bits(self, fp_rec *r)

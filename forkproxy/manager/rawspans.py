@@ -38,6 +38,9 @@ class RawFiller(Filler):
         self.r_key = None  # fill_rec's last shape and its template
         self.r_tpl = None
         self.sizes = tpls.sizes  # the body sizes' attributes (cleared, never replaced)
+        #: the last record's path and client, and their attributes (_rec_attrs)
+        self.last_path = self.last_client = None
+        self.last_a_path = self.last_a_client = b""
         #: fill_rec's paths and clients by their bytes: the ids' str and attributes
         self.path_names, self.path_attrs, self.client_names, self.client_attrs = [], [], [], []
 
@@ -60,24 +63,41 @@ class RawFiller(Filler):
         fp_free(self.client_tab)  # noqa: F821
 
     def _rec_attrs(self, r):
-        """The record's url.path and client.address attributes, serialised: found by
-        their bytes (fp_intern: no str made but the first time), else the caches'."""
+        """The record's url.path and client.address attributes, serialised: the last
+        record's when its bytes are the same (a keep-alive connection's requests come
+        together), else found by their bytes (fp_intern: no str made but the first
+        time), else the caches'."""
+        if self.last_path is not None and fp_str_is(r.path, self.last_path):  # noqa: F821
+            a_path = self.last_a_path
+        else:
+            a_path = self._path_attr(r)
+        if self.last_client is not None and fp_str_is(r.remote, self.last_client):  # noqa: F821
+            return a_path, self.last_a_client
         tpls = self.tpls
+        i = fp_intern(self.client_tab, self.client_names, r.remote)  # noqa: F821
+        if i < len(self.client_attrs):
+            a_client = self.client_attrs[i]
+        else:
+            remote = self.client_names[i]
+            a_client = tpls.clients.get(remote) or tpls.miss(tpls.clients, "client.address",
+                                                             remote)
+            self.client_attrs.append(a_client)
+        self.last_client = self.client_names[i]
+        self.last_a_client = a_client
+        return a_path, a_client
+
+    def _path_attr(self, r):
+        """_rec_attrs' url.path attribute found by the path's bytes."""
         i = fp_intern(self.path_tab, self.path_names, r.path)  # noqa: F821
         if i < len(self.path_attrs):
             a_path = self.path_attrs[i]
         else:
             path = self.path_names[i]
-            a_path = tpls.paths.get(path) or tpls.path_miss(path)
+            a_path = self.tpls.paths.get(path) or self.tpls.path_miss(path)
             self.path_attrs.append(a_path)
-        i = fp_intern(self.client_tab, self.client_names, r.remote)  # noqa: F821
-        if i < len(self.client_attrs):
-            return a_path, self.client_attrs[i]
-        remote = self.client_names[i]
-        a_client = tpls.clients.get(remote) or tpls.miss(tpls.clients, "client.address",
-                                                         remote)
-        self.client_attrs.append(a_client)
-        return a_path, a_client
+        self.last_path = self.path_names[i]
+        self.last_a_path = a_path
+        return a_path
 
     def _rec_bits(self, r):
         """shape_bits of the record in ``r``."""

@@ -89,8 +89,7 @@ class OTLPClient:
                     if fresh:
                         self.sock = self._connect()
                     # the body is a view of the encoder's buffer: sent as it is
-                    self.sock.sendall(self.head + b"Content-Length: %d\r\n\r\n" % len(body))
-                    self.sock.sendall(body)
+                    self._send(self.head + b"Content-Length: %d\r\n\r\n" % len(body), body)
                     return self._read_response()
                 except gevent.Timeout as t:
                     if t is not timer:
@@ -104,6 +103,22 @@ class OTLPClient:
             raise ExportError("unreachable")
         finally:
             timer.close()
+
+    def _send(self, head: bytes, body) -> None:
+        """The head and the body in one system call when the socket takes them (plain
+        TCP: one sendmsg; the head's own segment and the collector's wake-up for it
+        are saved), the rest by sendall."""
+        sock = self.sock
+        if self.endpoint.tls:  # an SSL socket has no sendmsg
+            sock.sendall(head)
+            sock.sendall(body)
+            return
+        sent = sock.sendmsg((head, body))
+        if sent < len(head):
+            sock.sendall(head[sent:])
+            sock.sendall(body)
+        elif sent < len(head) + len(body):
+            sock.sendall(body[sent - len(head):])
 
     def _read_response(self) -> int:
         buf = b""

@@ -169,8 +169,9 @@ class TracingConfig(_Section, kw_only=True):
     #: sampled requests waiting for export at most, per collector process; more are
     #: dropped and counted
     queue_size: Annotated[int, Meta(ge=1)] = 8192
-    #: requests per export request (each a server span and its phase spans)
-    batch_size: Annotated[int, Meta(ge=1)] = 512
+    #: requests per export request (each a server span and its phase spans; ~940 bytes
+    #: each, so 2048 is ~2 MB: fewer POSTs, each with its fixed cost)
+    batch_size: Annotated[int, Meta(ge=1)] = 2048
     #: longest wait before a partial batch is sent
     export_interval: Duration = Duration(1.0)
     #: an export request that takes longer is abandoned (its spans counted as dropped)

@@ -142,7 +142,7 @@ class RawFiller(Filler):
             if kind >= K_CHILD:
                 fp_put_u64(buf, at, base ^ (kind - K_CHILD))  # noqa: F821
             elif kind >= K_TIME:
-                fp_put_u64(buf, at, to_ns(r.t[kind - K_TIME], off))  # noqa: F821
+                fp_put_u64(buf, at, fp_to_ns(r.t[kind - K_TIME], off))  # noqa: F821
             elif kind == K_TID:
                 fp_put_str(buf, at, r.trace_id)  # noqa: F821
             elif kind == K_SID:
@@ -150,14 +150,14 @@ class RawFiller(Filler):
             elif kind == K_PSID:
                 fp_put_str(buf, at, r.parent_span_id)  # noqa: F821
             elif kind == K_END:
-                fp_put_u64(buf, at, to_ns(t7, off))  # noqa: F821
+                fp_put_u64(buf, at, fp_to_ns(t7, off))  # noqa: F821
             elif kind == K_START:
                 t = r.t[0]
                 if t == 0:
                     t = r.t[2]
                 if t == 0:
                     t = t7
-                fp_put_u64(buf, at, to_ns(t, off))  # noqa: F821
+                fp_put_u64(buf, at, fp_to_ns(t, off))  # noqa: F821
             else:  # K_VN
                 buf[at] = (body & 0x7F) | 0x80
                 buf[at + 1] = body >> 7

@@ -659,8 +659,9 @@ class ForkProxy(Proxy):
             self.name = "forkproxy+log"
         if trace_ratio is not None:
             self.name = f"forkproxy+trace{trace_ratio:g}"
-        if rev:
-            self.name = f"forkproxy@{rev}"
+        if rev:  # (with a ratio: --tracing --ab REV's row of REV exporting spans)
+            self.name = f"forkproxy@{rev}" + (f"+trace{trace_ratio:g}"
+                                              if trace_ratio is not None else "")
             self.source = checkout(env.run, rev)
         self.tag = self.name.replace("+", "-").replace("@", "-at-").replace("/", "-")
 
@@ -1155,12 +1156,26 @@ def tracing_table(summary: dict[str, dict], runs: dict[str, list] | None = None)
                          f"{', '.join(f'{d:+.2f}' for d in diffs)} |")
         else:
             lines.append(f"| sample_ratio = {ratio} | {us:.2f} | **{us - off:+.2f}** | |")
+    for name in summary:  # --ab REV: REV at 100% against REV with tracing off
+        rev_off = name.removesuffix("+trace1")
+        if not name.startswith("forkproxy@") or rev_off == name or rev_off not in summary:
+            continue
+        us, us_off = summary[name].get("manager_us"), summary[rev_off].get("manager_us")
+        if us is None or us_off is None:
+            continue
+        diffs = paired_differences(runs or {}, name, rev_off)
+        added = statistics.median(diffs) if diffs else us - us_off
+        lines.append(f"| {rev_off.partition('@')[2]}: off / sample_ratio = 1 | "
+                     f"{us_off:.2f} / {us:.2f} | **{added:+.2f}** | "
+                     f"{', '.join(f'{d:+.2f}' for d in diffs)} |")
     return lines if len(lines) > 3 else []
 
 
-def paired_differences(runs: dict[str, list], name: str) -> list[float]:
-    """Each round's manager µs/request of ``name`` minus the tracing-off run's."""
-    base = {r.get("round"): r.get("manager_us") for r in runs.get("forkproxy", [])}
+def paired_differences(runs: dict[str, list], name: str,
+                       base_name: str = "forkproxy") -> list[float]:
+    """Each round's manager µs/request of ``name`` minus the tracing-off run's
+    (``base_name``'s)."""
+    base = {r.get("round"): r.get("manager_us") for r in runs.get(base_name, [])}
     out = []
     for r in runs.get(name, []):
         a, b = base.get(r.get("round")), r.get("manager_us")
@@ -1614,6 +1629,9 @@ def parse_args(argv):
     if args.ab:
         proxies.insert(proxies.index("forkproxy") + 1 if "forkproxy" in proxies else 0,
                        f"forkproxy@{args.ab}")
+        if args.tracing:  # REV at 100% too: its own tracing cost in the same rounds
+            proxies.insert(proxies.index(f"forkproxy@{args.ab}") + 1,
+                           f"forkproxy@{args.ab}+trace1")
     for name in proxies:
         if name.startswith("forkproxy@"):
             continue
@@ -1685,7 +1703,8 @@ def main_bench(argv: list[str], command: str) -> int:
         any_failed = False
         for name in args.proxies:
             if name.startswith("forkproxy@"):
-                px = ForkProxy(env, rev=name.partition("@")[2])
+                rev, traced, _ = name.partition("@")[2].partition("+trace1")
+                px = ForkProxy(env, rev=rev, trace_ratio=1.0 if traced else None)
             else:
                 px = {"forkproxy": lambda: ForkProxy(env),
                       "forkproxy+log": lambda: ForkProxy(env, True),

@@ -212,3 +212,27 @@ def test_a_batch_of_distinct_labels_fills_every_kind_of_cell():
         c.times = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
         ctxs.append(c)
     assert run_both([encoder.encode(c) for c in ctxs], batch=rawbatch.MAX_RECORDS) == len(ctxs)
+
+
+def test_each_escape_and_non_ascii_byte_at_every_offset_of_a_string():
+    """The scanner checks strings eight bytes a step (and the tail as a masked word when
+    the record has the room): a special byte at each offset of strings of 0-24 bytes, in
+    the path and in the last string of the record (tracestate, at the record's end)."""
+    rng = random.Random(24)
+    specials = ["\x00", "\x1f", '"', "\\", "\x7f", "\u00e9", "!", "#", "[", "]", " ", "~"]
+    payloads = []
+    non_ascii = 0
+    for n in range(25):
+        for k in range(n):
+            for ch in specials:
+                s = "".join(rng.choice("abcXYZ019/-._") for _ in range(n))
+                s = s[:k] + ch + s[k + 1:]
+                ctx = random_context(rng)
+                ctx.path, ctx.tracestate = s, s[::-1]
+                payloads.append(encoder.encode(ctx))
+                non_ascii += ch == "\u00e9"
+        ctx = random_context(rng)
+        ctx.path = "p" * n
+        payloads.append(encoder.encode(ctx))
+    scanned = run_both(payloads, batch=512)
+    assert scanned == len(payloads) - non_ascii

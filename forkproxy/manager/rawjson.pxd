@@ -121,9 +121,12 @@ cdef extern from *:
         return (long long)v;
     }
 
-    static const char *const fp_phase_keys[6] = {
-        "\\"accept_to_headers\\":", "\\"tls_handshake\\":", "\\"upstream_connect\\":",
-        "\\"request_send\\":", "\\"upstream_first_byte\\":", "\\"response_body\\":"};
+    typedef struct { const char *s; size_t n; } fp_key;
+    #define FP_KEY(s) {(s), sizeof(s) - 1}
+    static const fp_key fp_phase_keys[6] = {
+        FP_KEY("\\"accept_to_headers\\":"), FP_KEY("\\"tls_handshake\\":"),
+        FP_KEY("\\"upstream_connect\\":"), FP_KEY("\\"request_send\\":"),
+        FP_KEY("\\"upstream_first_byte\\":"), FP_KEY("\\"response_body\\":")};
 
     /* the phases in µs (jsonline.phases_ms's conditions), -2: did not happen;
        returns -1 if one is out of range */
@@ -185,12 +188,11 @@ cdef extern from *:
         FP_LIT(w, ",\\"duration_ms\\":"); w = fp_jms(w, dur);
         FP_LIT(w, ",\\"phases\\":{");
         for (i = 0; i < 6; i++) {
-            size_t n;
             if (us[i] < 0) continue;
             if (!first) *w++ = ',';
             first = 0;
-            n = strlen(fp_phase_keys[i]);
-            memcpy(w, fp_phase_keys[i], n); w += n;
+            memcpy(w, fp_phase_keys[i].s, fp_phase_keys[i].n);
+            w += fp_phase_keys[i].n;
             w = fp_jms(w, us[i]);
         }
         FP_LIT(w, "},\\"tls_resumed\\":");

@@ -47,7 +47,7 @@ from forkproxy.manager.jsonline import (  # noqa: F401 (JsonLine, json_line: re-
 )
 from forkproxy.manager.metrics import request_duration
 
-BUFFER_BYTES = 256 * 1024
+BUFFER_BYTES = 64 * 1024
 #: more buffered chunks than this are joined and written with write(2) (IOV_MAX is 1024)
 WRITEV_MAX = 512
 
@@ -165,6 +165,14 @@ class AccessLog:
         if self.size >= BUFFER_BYTES:
             self.flush()
 
+    def write_view(self, view: memoryview, n_lines: int) -> None:
+        """Whole lines in a buffer the caller reuses after this call (RawBatch's output,
+        no copy): written at once, after what is buffered."""
+        if self.fd < 0 or not n_lines:
+            return
+        self.flush()
+        self._write([view], len(view), n_lines)
+
     def flush(self) -> None:
         if not self.buf:
             return
@@ -172,8 +180,10 @@ class AccessLog:
         self.buf = []
         self.pending = 0
         self.size = 0
-        if self.fd < 0:
-            return
+        if self.fd >= 0:
+            self._write(chunks, size, n_lines)
+
+    def _write(self, chunks: list, size: int, n_lines: int) -> None:
         t0 = time.monotonic()
         rest = None
         try:

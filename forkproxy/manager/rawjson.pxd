@@ -48,6 +48,11 @@ cdef extern from *:
         return PyBytes_FromStringAndSize(o->len ? o->buf : "", o->len);
     }
 
+    /* the bytes written so far, without a copy: valid until the next write or reset */
+    static PyObject *fp_out_view(fp_out *o) {
+        return PyMemoryView_FromMemory(o->len ? o->buf : (char *)"", o->len, PyBUF_READ);
+    }
+
     #define FP_LIT(w, s) (memcpy((w), (s), sizeof(s) - 1), (w) += sizeof(s) - 1)
 
     static const char fp_hexd[] = "0123456789abcdef";
@@ -226,6 +231,7 @@ cdef extern from *:
     fp_out *fp_out_new() except NULL
     void fp_out_free(fp_out *o) noexcept
     bytes fp_out_bytes(fp_out *o)
+    object fp_out_view(fp_out *o)
     int fp_out_put(fp_out *o, const char *p, Py_ssize_t n) except -1
     int fp_line(fp_out *o, const fp_rec *r, const char *prefix, int frac,
                 Py_ssize_t rec_len) except -1

@@ -170,8 +170,12 @@ class AccessLog:
         no copy): written at once, after what is buffered."""
         if self.fd < 0 or not n_lines:
             return
-        self.flush()
-        self._write([view], len(view), n_lines)
+        chunks, size, pending = self.buf, self.size, self.pending
+        chunks.append(view)  # the buffered lines first, in the same writev
+        self.buf = []
+        self.pending = 0
+        self.size = 0
+        self._write(chunks, size + len(view), pending + n_lines)
 
     def flush(self) -> None:
         if not self.buf:

@@ -14,12 +14,13 @@ no more system calls than one).
   doorbell, so the producer makes no system call at all while records keep coming, and
   the next drain finds a batch instead of one record. The pause adapts to the ring's
   rate: it is scaled so that the next batch should hold ``TARGET`` of ``BATCH`` records,
-  within [``COALESCE``, ``COALESCE_MAX``] (a batch costs a fixed ~10-20 µs: the wake-up,
-  the batch's set-up and its counters into the Metrics' dicts, a log write). A full
-  batch yields to the hub and continues at once, so a ring whose rate jumps is drained
-  back to back and its pause shrinks again. At most 1/COALESCE wake-ups per second per
-  busy ring, whatever the request rate; at COALESCE_MAX a 1 MiB ring takes ~90k records/s
-  of ~230 bytes before it would fill between two drains.
+  within [``COALESCE``, ``COALESCE_MAX``] (a batch has a fixed cost, ~25 µs measured in
+  the replay: the wake-up, the batch's set-up, its counters into the Metrics' dicts, a
+  log write). A full batch yields to the hub and continues at once, so a ring whose rate
+  jumps is drained back to back and its pause shrinks again. At most 1/COALESCE
+  wake-ups per second per busy ring, whatever the request rate; a 1 MiB ring holds
+  ~4,500 records of ~230 bytes, which only ~110k records/s (4x a busy worker's rate)
+  would fill in COALESCE_MAX.
 
 Records are decoded straight from the mapping (msgspec copies what it keeps) inside
 ``Ring.drain_decoded``, with no Python call per record but the decoder's; the batch is

@@ -282,6 +282,45 @@ def sched_ns(pids) -> dict[tuple[int, int], int]:
     return out
 
 
+class IpiCount:
+    """Inter-processor interrupts the proxy's processes sent during a run (perf's
+    ``ipi:ipi_send_cpu`` tracepoint on their pids; None without perf or the
+    tracepoint). A send that wakes a process sleeping on the other CPU costs one; on a
+    VM each is ~10-20 µs of the sender's system time, and how many a proxy sends per
+    request sets which mode forkproxy's worker runs in at -c64 (docs/BENCHMARKS.md,
+    "The worker's two modes at -c64"). Counted whatever else runs on the machine."""
+
+    def __init__(self, pids, path: str):
+        self.path = path
+        self.proc = None
+        if shutil.which("perf") is None or not pids:
+            return
+        with contextlib.suppress(OSError):
+            self.proc = subprocess.Popen(
+                ["perf", "stat", "-x,", "-e", "ipi:ipi_send_cpu", "-o", path,
+                 "-p", ",".join(str(p) for p in pids)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        with contextlib.suppress(OSError, ValueError), open(self.path) as f:
+            for line in f:
+                fields = line.split(",")
+                if len(fields) > 2 and fields[2].startswith("ipi:") and fields[0].isdigit():
+                    return int(fields[0])
+        return None
+
+
 def pss_kib(pids) -> int:
     total = 0
     for pid in pids:
@@ -1070,6 +1109,7 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
     o_before = cpu_snapshot(origin)
     c_before = children_cpu()
     busy_before = busy_ticks()
+    ipis = IpiCount(pids, os.path.join(env.run, "ipi.csv"))
     t0 = time.monotonic()
     gen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, process_group=0)
@@ -1084,10 +1124,12 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
         with contextlib.suppress(ProcessLookupError):
             os.kill(gen.pid, signal.SIGKILL)
         gen.wait()
+        ipis.stop()
         raise
     wall = time.monotonic() - t0
     busy_after = busy_ticks()
-    gen_cpu = children_cpu() - c_before
+    gen_cpu = children_cpu() - c_before  # before perf is reaped: not counted as wrk's
+    ipi_count = ipis.stop()
     p_after = cpu_snapshot(proxy.pids())
     m_after = sched_ns(manager_pids(proxy.pids()))
     o_after = cpu_snapshot(env.origin_pids())
@@ -1116,6 +1158,8 @@ def measure(env: Env, proxy: Proxy, scn: Scenario, duration: float) -> dict:
         "manager_us": (manager_cpu * 1e6 / res["count"] if res["count"] and m_before
                        else None),
         "sys_us": proxy_sys * 1e6 / res["count"] if res["count"] else None,
+        "ipi_per_req": ipi_count / res["count"] if res["count"] and ipi_count is not None
+        else None,
         "pss_mib": (pss or pss_kib(proxy.pids())) / 1024,
         "origin_cpu_s": origin_cpu, "loadgen_cpu_s": gen_cpu,
         "other_cpu_pct": 100 * other / wall, "wall_s": wall,
@@ -1182,7 +1226,7 @@ def summarize(runs: list[dict]) -> dict:
     s = {
         "rounds": len(runs), "rate": statistics.median(rates), "rate_min": min(rates),
         "rate_max": max(rates), "cpu_us": med("cpu_us"), "sys_us": med("sys_us"),
-        "manager_us": med("manager_us"),
+        "manager_us": med("manager_us"), "ipi_per_req": med("ipi_per_req"),
         "pss_mib": med("pss_mib"),
         "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "other_cpu_pct": med("other_cpu_pct"),
         "errors": errors,
@@ -1758,6 +1802,8 @@ def main_bench(argv: list[str], command: str) -> int:
                         f"CPU {res['cpu_us'] or 0:.1f} µs"
                         + (f" (manager {res['manager_us']:.2f} µs)" if res.get("manager_us")
                            else "")
+                        + (f", IPIs sent {res['ipi_per_req']:.2f}/request"
+                           if res.get("ipi_per_req") is not None else "")
                         + f", PSS {res['pss_mib']:.1f} MiB, "
                         f"other {res['other_cpu_pct']:.0f}%"
                         + (f", errors {res['errors']}" if res["errors"] else "")

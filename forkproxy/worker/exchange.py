@@ -240,7 +240,8 @@ class Exchange:
                     self.front.send_continue()
                 up.sendall(head)
                 self.bytes_in = self._send_body(up, send_timeout)
-            else:
+            elif not (conn.reused and self.ws.held_sends.hold(conn, head)):
+                # sent now, not held until the loop turn ends (worker/heldsends.py)
                 try:  # the plain socket's send, or SSL_write (no gevent wrapper frame)
                     n = conn.send(head)
                 except tlsnames.WOULD_BLOCK:

@@ -13,6 +13,7 @@ from forkproxy.http.tracecontext import IdGenerator, ratio_threshold
 from forkproxy.http2.limits import Http2Limits
 from forkproxy.osutil import lazy_buffer
 from forkproxy.shm.limitzone import ClientLimits
+from forkproxy.worker.heldsends import HeldSends
 from forkproxy.worker.router import Router
 from forkproxy.worker.splice import PipePool
 from forkproxy.worker.upstream import build_upstreams
@@ -51,6 +52,8 @@ class WorkerState:
         self.pid = os.getpid()
         self.hub = hub  # the gevent hub (the read watchers are made on its loop)
         self.unpark = unpark  # libev callback: a parked connection became readable
+        #: upstream request heads held until the loop turn ends (none without a hub)
+        self.held_sends = HeldSends(hub.loop if hub is not None else None)
         self.limits = Limits(srv.max_request_line, srv.max_header_size, srv.max_header_count,
                              srv.max_headers_total, srv.max_body_size)
         self.keepalive_timeout = srv.keepalive_timeout

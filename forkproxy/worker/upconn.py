@@ -30,7 +30,7 @@ class UpstreamConn:
     (None on TLS)."""
 
     __slots__ = ("sock", "server", "requests", "created", "idle_since", "reused", "reusable",
-                 "watch", "raw", "send")
+                 "watch", "raw", "send", "held")
 
     def __init__(self, sock, server, now: float = 0.0):
         self.sock = sock
@@ -45,6 +45,7 @@ class UpstreamConn:
         # its own
         self.raw = getattr(sock, "_sock", sock)
         self.send = self.raw.send
+        self.held = None  # a request head held until the loop turn ends (worker/heldsends.py)
 
     def recv_first(self, watch: ReadWatch, buf) -> int:
         """recv_into when the bytes are almost never there yet (the response right after

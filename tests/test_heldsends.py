@@ -1,0 +1,145 @@
+"""Upstream request heads held until the loop turn ends (forkproxy/worker/heldsends.py).
+
+Real socket pairs in this process's gevent hub: what is held reaches no peer until the
+hub runs the turn's callbacks, then every head arrives, in the order held; a connection
+whose send falls short or fails is shut down (its exchange reads an EOF), and the rest
+still go out. End to end, through a real proxy, the held path serves concurrent
+keep-alive requests on pooled connections, and the stale pooled connection test
+(tests/test_proxy_basic.py) retries through it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket as pysocket
+
+import gevent
+from fp import request
+from gevent import socket
+
+from forkproxy.worker.heldsends import HOLD_MAX, HeldSends
+from forkproxy.worker.upconn import UpstreamConn
+
+
+def pairs(n):
+    out = []
+    for _ in range(n):
+        a, b = socket.socketpair()
+        out.append((UpstreamConn(a, None), b))
+    return out
+
+
+def nothing_to_read(peer) -> bool:
+    peer.setblocking(False)
+    try:
+        peer._sock.recv(1)
+    except BlockingIOError:
+        return True
+    finally:
+        peer.setblocking(True)
+    return False
+
+
+def close_all(ps):
+    for conn, peer in ps:
+        conn.sock.close()
+        peer.close()
+
+
+def test_held_heads_go_out_together_when_the_turn_ends():
+    held = HeldSends(gevent.get_hub().loop)
+    ps = pairs(3)
+    try:
+        for i, (conn, _) in enumerate(ps):
+            assert held.hold(conn, b"GET /%d HTTP/1.1\r\n\r\n" % i)
+        assert all(nothing_to_read(peer) for _, peer in ps)  # held, not sent
+        assert held.conns == [c for c, _ in ps]
+        gevent.sleep(0)  # the hub runs the turn's callbacks
+        for i, (conn, peer) in enumerate(ps):
+            want = b"GET /%d HTTP/1.1\r\n\r\n" % i
+            assert peer.recv(100) == want
+            assert conn.held is None
+        assert held.conns == []
+    finally:
+        close_all(ps)
+
+
+def test_not_held_without_a_loop_for_tls_or_too_large():
+    ps = pairs(1)
+    conn, _ = ps[0]
+    try:
+        assert not HeldSends(None).hold(conn, b"GET / HTTP/1.1\r\n\r\n")
+        held = HeldSends(gevent.get_hub().loop)
+        assert not held.hold(conn, b"x" * (HOLD_MAX + 1))
+        conn.raw = None  # what a TLS connection has: bytes go through OpenSSL
+        assert not held.hold(conn, b"GET / HTTP/1.1\r\n\r\n")
+        assert held.conns == []
+    finally:
+        close_all(ps)
+
+
+def test_a_short_or_failed_send_shuts_the_connection_down_and_the_rest_go_out():
+    held = HeldSends(gevent.get_hub().loop)
+    ps = pairs(3)
+    full, closed, fine = (c for c, _ in ps)
+    try:
+        full.raw.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 4096)
+        full.raw.setblocking(False)
+        while True:  # fill its send buffer (the peer does not read)
+            try:
+                full.raw.send(b"f" * 4096)
+            except BlockingIOError:
+                break
+        assert held.hold(full, b"GET /full HTTP/1.1\r\n\r\n")
+        assert held.hold(closed, b"GET /closed HTTP/1.1\r\n\r\n")
+        closed.sock.close()  # its exchange gave up meanwhile: EBADF at the flush
+        assert held.hold(fine, b"GET /fine HTTP/1.1\r\n\r\n")
+        gevent.sleep(0)
+        assert ps[2][1].recv(100) == b"GET /fine HTTP/1.1\r\n\r\n"
+        # the exchange waiting on the full one reads an EOF: retried on a fresh connection
+        assert full.raw.recv(10) == b""
+    finally:
+        close_all(ps)
+
+
+def test_concurrent_keepalive_requests_through_held_heads(tmp_path, origin, proxies):
+    """64 clients at once, several requests each on their keep-alive connections: the
+    pooled upstream connections' heads are held and all answered, each with its own."""
+    p = proxies(tmp_path, origin.address)
+
+    def client(i):
+        got = []
+        with socket.create_connection(("127.0.0.1", p.port), timeout=20) as s:
+            for j in range(5):
+                s.sendall(b"GET /headers?c=%d-%d HTTP/1.1\r\nHost: x\r\n\r\n" % (i, j))
+                status, body = read_response(s)
+                got.append((status, json.loads(body)["path"]))
+        return got
+
+    for _ in range(2):  # the second wave reuses the pool's connections
+        jobs = [gevent.spawn(client, i) for i in range(64)]
+        gevent.joinall(jobs, timeout=60, raise_error=True)
+        for i, job in enumerate(jobs):
+            assert [status for status, _ in job.value] == [200] * 5
+            assert [path for _, path in job.value] == [f"/headers?c={i}-{j}" for j in range(5)]
+    assert request(p.port, "GET", "/")[0] == 200
+    p.stop()
+
+
+def read_response(s) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed before a response head"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "connection closed in a response body"
+        body += chunk
+    return int(head.split()[1]), body[:length]

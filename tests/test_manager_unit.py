@@ -36,7 +36,13 @@ from forkproxy.context import (
 from forkproxy.manager import accesslog, profiling
 from forkproxy.manager.accesslog import AccessLog, console_line, json_line
 from forkproxy.manager.admin import Admin
-from forkproxy.manager.collector import WAIT_LIVE, Collector
+from forkproxy.manager.collector import (
+    COALESCE,
+    COALESCE_MAX,
+    WAIT_LIVE,
+    Collector,
+    coalesce_pause,
+)
 from forkproxy.manager.metrics import (
     DURATION_BUCKETS,
     PHASE_BUCKETS,
@@ -340,6 +346,24 @@ def test_access_log_buffers_then_flushes_and_reopens(tmp_path):
     assert log.lines == n + 3 and log.errors == 0
 
 
+def test_access_log_writes_buffered_chunks_in_order_with_one_writev(tmp_path):
+    path = str(tmp_path / "access.log")
+    log = AccessLog(path, "json")
+    chunks = [b"".join(b'{"n":%d}\n' % (i * 10 + k) for k in range(i + 1)) for i in range(40)]
+    for i, chunk in enumerate(chunks):
+        log.write_lines(chunk, i + 1)
+    assert os.path.getsize(path) == 0  # under BUFFER_BYTES: buffered
+    log.flush()
+    assert log.writes == 1 and log.lines == sum(range(1, 41)) and log.errors == 0
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(chunks)
+    big = b"x" * 1000 + b"\n"
+    for _ in range(accesslog.BUFFER_BYTES // len(big) + 1):  # past the threshold: written
+        log.write_lines(big, 1)
+    assert log.writes == 2 and log.size == 0
+    log.close()
+
+
 def test_access_log_off_and_reconfigure(tmp_path):
     log = AccessLog("off", "json")
     c = ctx()
@@ -456,6 +480,18 @@ def test_collector_batches_under_load(rings):
         assert pushed / len(sizes) > 20  # coalesced into batches, not one wake-up per record
     finally:
         col.stop()
+
+
+def test_a_busy_rings_pause_follows_its_rate_within_bounds():
+    target = 768
+    # 25k records/s (a busy worker): the pause that makes a batch of ``target``
+    assert coalesce_pause(0.01, 250, target) == pytest.approx(target / 25_000)
+    # slow rings wait at most COALESCE_MAX; fast ones at least COALESCE (and a full
+    # batch is drained again at once by the loop)
+    assert coalesce_pause(0.01, 5, target) == COALESCE_MAX
+    assert coalesce_pause(0.001, 1000, target) == COALESCE
+    # at COALESCE_MAX the rate the pause was computed for fills a batch, not the ring
+    assert COALESCE <= coalesce_pause(0.04, 1023, target) <= COALESCE_MAX
 
 
 # -- admin request logic --------------------------------------------------------------------

@@ -149,10 +149,11 @@ def test_durations_at_the_edge_of_the_c_writer_range():
     assert run_both(payloads) == len(payloads)
 
 
-@pytest.mark.parametrize("fmt", ["json", "console"])
-def test_the_collector_hands_raw_batches_to_the_record_sink(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,batch", [("json", 64), ("console", 64), ("json", 1024)])
+def test_the_collector_hands_raw_batches_to_the_record_sink(tmp_path, fmt, batch):
     """The manager's wiring: Collector + RecordSink over real rings take the raw path,
-    and count, log and report decode errors as the decoded path does."""
+    and count, log and report decode errors as the decoded path does (at 1,024 a batch's
+    JSON lines pass LINES_CHUNK: written in pieces from the output buffer as they come)."""
     rng = random.Random(5)
     rings = {i: Ring.create(1 << 18) for i in range(2)}
     per_ring = [[encoder.encode(hostile_context(rng)) for _ in range(300)] for _ in rings]
@@ -162,7 +163,7 @@ def test_the_collector_hands_raw_batches_to_the_record_sink(tmp_path, fmt):
             for name in ("raw", "ref")}
     raw_metrics, ref_metrics = Metrics(), Metrics()
     try:
-        col = Collector(rings, RecordSink(raw_metrics, logs["raw"]).on_batch, batch=64)
+        col = Collector(rings, RecordSink(raw_metrics, logs["raw"]).on_batch, batch=batch)
         assert col.raw is not None  # compiled: the raw path
         for ring, payloads in zip(rings.values(), per_ring, strict=True):
             for p in payloads:
@@ -172,6 +173,8 @@ def test_the_collector_hands_raw_batches_to_the_record_sink(tmp_path, fmt):
         items = [r for payloads in per_ring for r in map(safe_decode, payloads) if r]
         for at in range(0, len(items), 64):
             ref.on_batch(items[at:at + 64])
+        if batch > 64 and fmt == "json":  # handed over while the batch was processed
+            assert logs["raw"].writes > len(rings)
         assert col.decode_errors == sum(safe_decode(p) is None for ps in per_ring for p in ps)
         assert col.records == len(items)
     finally:
@@ -212,3 +215,27 @@ def test_a_batch_of_distinct_labels_fills_every_kind_of_cell():
         c.times = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
         ctxs.append(c)
     assert run_both([encoder.encode(c) for c in ctxs], batch=rawbatch.MAX_RECORDS) == len(ctxs)
+
+
+def test_each_escape_and_non_ascii_byte_at_every_offset_of_a_string():
+    """The scanner checks strings eight bytes a step (and the tail as a masked word when
+    the record has the room): a special byte at each offset of strings of 0-24 bytes, in
+    the path and in the last string of the record (tracestate, at the record's end)."""
+    rng = random.Random(24)
+    specials = ["\x00", "\x1f", '"', "\\", "\x7f", "\u00e9", "!", "#", "[", "]", " ", "~"]
+    payloads = []
+    non_ascii = 0
+    for n in range(25):
+        for k in range(n):
+            for ch in specials:
+                s = "".join(rng.choice("abcXYZ019/-._") for _ in range(n))
+                s = s[:k] + ch + s[k + 1:]
+                ctx = random_context(rng)
+                ctx.path, ctx.tracestate = s, s[::-1]
+                payloads.append(encoder.encode(ctx))
+                non_ascii += ch == "\u00e9"
+        ctx = random_context(rng)
+        ctx.path = "p" * n
+        payloads.append(encoder.encode(ctx))
+    scanned = run_both(payloads, batch=512)
+    assert scanned == len(payloads) - non_ascii

@@ -2,7 +2,7 @@
 cimport cython
 from forkproxy.manager.histogram cimport Histogram, PhaseGroup
 from forkproxy.manager.rawjson cimport (fp_line, fp_out, fp_out_bytes, fp_out_free,
-                                        fp_out_new, fp_out_put)
+                                        fp_out_new, fp_out_put, fp_out_view)
 from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_buffer_data, fp_cell_add,
                                           fp_cells, fp_cells_clear, fp_cells_free,
                                           fp_cells_new, fp_free, fp_intern, fp_name_slot,
@@ -29,6 +29,7 @@ cdef class RawBatch:
     cdef public Py_ssize_t max_records, n, bad, lines, scanned
     cdef Py_ssize_t start, end
     cdef public bint busy
+    cdef public object sink
     cdef public list names
     cdef fp_name_slot *names_tab
     cdef fp_cells *cells
@@ -53,6 +54,7 @@ cdef class RawBatch:
 
     cdef _slow(self, object m, Py_ssize_t start, Py_ssize_t end, bint lines, bint tracing)
     cdef _put(self, bytes line)
+    cdef _hand_over(self)
 
     @cython.locals(ts=double, sec="long long", frac=int)
     cdef _line(self, fp_rec *r, Py_ssize_t start, Py_ssize_t end)

@@ -58,6 +58,8 @@ K_GRPC = 10 << 56  # grpc: listener, upstream, grpc status
 #: start (one per K_ kind): the tables are sized for them
 MAX_RECORDS = 1024
 CELLS_PER_RECORD = 10
+#: with a ``sink``, the lines go to it whenever this much is written (see process)
+LINES_CHUNK = 64 * 1024
 
 
 def _observe(p, h, v):
@@ -115,6 +117,7 @@ class RawBatch:
         self.sec = -1
         self.prefix = b""
         self.lines = 0
+        self.sink = None
 
     def __dealloc__(self):
         fp_cells_free(self.cells)  # noqa: F821
@@ -173,7 +176,13 @@ class RawBatch:
     def process(self, m, lines: bool, tracer=None) -> bytes:
         """Count the batch into Metrics ``m``; with ``lines``, return its JSON access log
         lines (``self.lines`` of them), else b"". With ``tracer``, trace it in the same
-        pass (one scan per record: see trace)."""
+        pass (one scan per record: see trace).
+
+        With a ``sink`` (``sink(view, n_lines)``, AccessLog.write_view), every
+        LINES_CHUNK bytes of lines go to it as a view of the output buffer, no copy,
+        while they are still in the CPU's cache (write(2) then copies them into the page
+        cache at about half the cost of a 256 KiB batch's lines written at its end:
+        docs/BENCHMARKS.md, "Round 5"); only the rest is returned."""
         self._check()
         if len(self.names) > FP_NAMES_MAX:  # noqa: F821 (forget labels no longer seen)
             fp_names_clear(self.names_tab)  # noqa: F821
@@ -202,6 +211,8 @@ class RawBatch:
                     self._count(m, r)
                     if lines:
                         self._line(r, start, end)
+                        if self.out.len >= LINES_CHUNK and self.sink is not None:
+                            self._hand_over()
                     if tracing and t.on:
                         t.rec(r, self.view, start, end)
                 else:
@@ -232,6 +243,16 @@ class RawBatch:
         time_batch(m, one)
         if lines:
             self._put(json_line(rec, phases_ms(rec)))
+
+    def _hand_over(self) -> None:
+        """The lines written so far to the sink, then the output buffer is reused."""
+        view = fp_out_view(self.out)  # noqa: F821
+        try:
+            self.sink(view, self.lines)
+        finally:
+            view.release()
+            self.out.len = 0
+            self.lines = 0
 
     def _put(self, line: bytes) -> None:
         fp_out_put(self.out, line, len(line))  # noqa: F821

@@ -48,6 +48,11 @@ cdef extern from *:
         return PyBytes_FromStringAndSize(o->len ? o->buf : "", o->len);
     }
 
+    /* the bytes written so far, without a copy: valid until the next write or reset */
+    static PyObject *fp_out_view(fp_out *o) {
+        return PyMemoryView_FromMemory(o->len ? o->buf : (char *)"", o->len, PyBUF_READ);
+    }
+
     #define FP_LIT(w, s) (memcpy((w), (s), sizeof(s) - 1), (w) += sizeof(s) - 1)
 
     static const char fp_hexd[] = "0123456789abcdef";
@@ -121,9 +126,12 @@ cdef extern from *:
         return (long long)v;
     }
 
-    static const char *const fp_phase_keys[6] = {
-        "\\"accept_to_headers\\":", "\\"tls_handshake\\":", "\\"upstream_connect\\":",
-        "\\"request_send\\":", "\\"upstream_first_byte\\":", "\\"response_body\\":"};
+    typedef struct { const char *s; size_t n; } fp_key;
+    #define FP_KEY(s) {(s), sizeof(s) - 1}
+    static const fp_key fp_phase_keys[6] = {
+        FP_KEY("\\"accept_to_headers\\":"), FP_KEY("\\"tls_handshake\\":"),
+        FP_KEY("\\"upstream_connect\\":"), FP_KEY("\\"request_send\\":"),
+        FP_KEY("\\"upstream_first_byte\\":"), FP_KEY("\\"response_body\\":")};
 
     /* the phases in µs (jsonline.phases_ms's conditions), -2: did not happen;
        returns -1 if one is out of range */
@@ -185,12 +193,11 @@ cdef extern from *:
         FP_LIT(w, ",\\"duration_ms\\":"); w = fp_jms(w, dur);
         FP_LIT(w, ",\\"phases\\":{");
         for (i = 0; i < 6; i++) {
-            size_t n;
             if (us[i] < 0) continue;
             if (!first) *w++ = ',';
             first = 0;
-            n = strlen(fp_phase_keys[i]);
-            memcpy(w, fp_phase_keys[i], n); w += n;
+            memcpy(w, fp_phase_keys[i].s, fp_phase_keys[i].n);
+            w += fp_phase_keys[i].n;
             w = fp_jms(w, us[i]);
         }
         FP_LIT(w, "},\\"tls_resumed\\":");
@@ -224,6 +231,7 @@ cdef extern from *:
     fp_out *fp_out_new() except NULL
     void fp_out_free(fp_out *o) noexcept
     bytes fp_out_bytes(fp_out *o)
+    object fp_out_view(fp_out *o)
     int fp_out_put(fp_out *o, const char *p, Py_ssize_t n) except -1
     int fp_line(fp_out *o, const fp_rec *r, const char *prefix, int frac,
                 Py_ssize_t rec_len) except -1

@@ -84,10 +84,54 @@ cdef extern from *:
         return 0;
     }
 
+    /* Whether a byte of a word is >= 0x80 (its bit in FP_HIGHS), and, for words without
+       one, whether a byte is < 0x20, '"' or a backslash (FP_ESCW's FP_HIGHS bits): the
+       "has a byte less than" and "has a zero byte" tests of a 64-bit word (their
+       per-byte bits may be wrong, their "any" is exact when no byte is >= 0x80, which is
+       checked first). */
+    #define FP_ONES 0x0101010101010101ULL
+    #define FP_HIGHS 0x8080808080808080ULL
+    #define FP_ESCW(v) ((((v) - 0x20 * FP_ONES) & ~(v)) \\
+                        | ((((v) ^ (0x22 * FP_ONES)) - FP_ONES) & ~((v) ^ (0x22 * FP_ONES))) \\
+                        | ((((v) ^ (0x5c * FP_ONES)) - FP_ONES) & ~((v) ^ (0x5c * FP_ONES))))
+
+    /* A string's n bytes at p (room: bytes readable from p, >= n): -1 if one is not ASCII;
+       else FP_ESC into *flags if one needs a JSON escape. Eight bytes a step; the last
+       step reads a whole word when the record has the room (its other bytes masked to
+       'A'), bytewise otherwise. */
+    static CYTHON_INLINE int fp_str_check(const unsigned char *p, Py_ssize_t n,
+                                          Py_ssize_t room, int *flags) {
+        Py_ssize_t i = 0;
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        uint64_t hi = 0, esc = 0, v, keep;
+        for (; i + 8 <= n; i += 8) {
+            memcpy(&v, p + i, 8);
+            hi |= v;
+            esc |= FP_ESCW(v);
+        }
+        if (i < n && room - i >= 8) {
+            memcpy(&v, p + i, 8);
+            keep = ~0ULL >> (8 * (8 - (n - i)));
+            v = (v & keep) | (0x41 * FP_ONES & ~keep);
+            hi |= v;
+            esc |= FP_ESCW(v);
+            i = n;
+        }
+        if (hi & FP_HIGHS) return -1;
+        if (esc & FP_HIGHS) *flags |= FP_ESC;
+    #endif
+        for (; i < n; i++) {
+            unsigned char b = p[i];
+            if (b >= 0x80) return -1;
+            if (b < 0x20 || b == '"' || b == '\\\\') *flags |= FP_ESC;
+        }
+        return 0;
+    }
+
     /* a str: ASCII only (anything else is left to msgspec, which checks UTF-8) */
     static int fp_get_str(fp_cur *c, fp_str *s) {
         unsigned char b;
-        Py_ssize_t n, i;
+        Py_ssize_t n;
         if (c->p >= c->end) return -1;
         b = *c->p++;
         if (b >= 0xa0 && b <= 0xbf) n = b & 0x1f;
@@ -96,11 +140,7 @@ cdef extern from *:
         else if (b == 0xdb) { if (fp_get_len(c, &n, 4)) return -1; }
         else return -1;
         if (c->end - c->p < n) return -1;
-        for (i = 0; i < n; i++) {
-            b = c->p[i];
-            if (b >= 0x80) return -1;
-            if (b < 0x20 || b == '"' || b == '\\\\') c->flags |= FP_ESC;
-        }
+        if (fp_str_check(c->p, n, c->end - c->p, &c->flags) < 0) return -1;
         s->p = c->p;
         s->n = n;
         c->p += n;

@@ -38,6 +38,7 @@ class RecordSink:
         tracer = self.tracer
         if tracer is not None and not tracer.enabled:
             tracer = None
+        batch.sink = log.write_view if json else None
         data = batch.process(self.metrics, json, tracer)
         if json:
             log.write_lines(data, batch.lines)

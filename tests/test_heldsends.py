@@ -17,7 +17,7 @@ import gevent
 from fp import request
 from gevent import socket
 
-from forkproxy.worker.heldsends import HOLD_MAX, HeldSends
+from forkproxy.worker.heldsends import HOLD_COUNT, HOLD_MAX, HeldSends
 from forkproxy.worker.upconn import UpstreamConn
 
 
@@ -59,6 +59,29 @@ def test_held_heads_go_out_together_when_the_turn_ends():
             want = b"GET /%d HTTP/1.1\r\n\r\n" % i
             assert peer.recv(100) == want
             assert conn.held is None
+        assert held.conns == []
+    finally:
+        close_all(ps)
+
+
+def test_a_busy_turn_sends_every_hold_count_heads_at_once():
+    """A turn with hundreds of ready connections does not hold its first heads to its end."""
+    held = HeldSends(gevent.get_hub().loop)
+    ps = pairs(HOLD_COUNT + 1)
+    try:
+        for i, (conn, _) in enumerate(ps[:-1]):
+            assert held.hold(conn, b"GET /%d HTTP/1.1\r\n\r\n" % i)
+        # the HOLD_COUNT-th hold sent them all, before the turn ends: readable at once,
+        # without yielding to the hub (a gevent recv would let the turn end)
+        for i, (conn, peer) in enumerate(ps[:-1]):
+            peer.setblocking(False)
+            assert peer._sock.recv(100) == b"GET /%d HTTP/1.1\r\n\r\n" % i
+            assert conn.held is None
+        last_conn, last_peer = ps[-1]
+        assert held.hold(last_conn, b"GET /last HTTP/1.1\r\n\r\n")
+        assert nothing_to_read(last_peer)  # one held again: waits for the turn's end
+        gevent.sleep(0)
+        assert last_peer.recv(100) == b"GET /last HTTP/1.1\r\n\r\n"
         assert held.conns == []
     finally:
         close_all(ps)

@@ -4,7 +4,8 @@ from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_free, fp_intern, fp_m
                                           fp_name_slot, fp_names_clear, fp_names_new, fp_rec,
                                           fp_str)
 from forkproxy.manager.sampling cimport TraceState
-from forkproxy.manager.spanfill cimport Filler, Template, fp_put, fp_put_u64, put_attrs
+from forkproxy.manager.spanfill cimport (Filler, Template, fp_put, fp_put_u64, phase_bits,
+                                          put_attrs)
 
 cdef extern from *:
     """
@@ -62,8 +63,7 @@ cdef class RawFiller(Filler):
     cdef tuple _rec_attrs(self, fp_rec *r)
     @cython.locals(i=Py_ssize_t, a_path=bytes)
     cdef bytes _path_attr(self, fp_rec *r)
-    @cython.locals(t0=double, t1=double, t2=double, t3=double, t4=double, t5=double,
-                   t6=double, t7=double, phases=int)
+    @cython.locals(ids=long)
     cdef long _rec_bits(self, fp_rec *r)
     cdef tuple _rec_key(self, fp_rec *r, long bits)
     @cython.locals(key=tuple)

@@ -101,15 +101,9 @@ class RawFiller(Filler):
 
     def _rec_bits(self, r):
         """shape_bits of the record in ``r``."""
-        t0, t1, t2, t3, t4, t5, t6, t7 = r.t[0], r.t[1], r.t[2], r.t[3], r.t[4], r.t[5], \
-            r.t[6], r.t[7]
-        phases = ((t0 != 0 and t1 != 0 and t1 >= t0)
-                  | (t0 != 0 and t2 != 0 and t2 >= t0) << 1
-                  | (t3 != 0 and t4 != 0 and t4 >= t3) << 2
-                  | (t4 != 0 and t5 != 0 and t5 >= t4) << 3
-                  | (t5 != 0 and t6 != 0 and t6 >= t5) << 4
-                  | (t6 != 0 and t7 != 0 and t7 >= t6) << 5)
-        return (r.trace_id.n << 8 | r.span_id.n << 4 | r.parent_span_id.n) << 6 | phases
+        ids = r.trace_id.n << 8 | r.span_id.n << 4 | r.parent_span_id.n
+        return ids << 6 | phase_bits(r.t[0], r.t[1], r.t[2], r.t[3], r.t[4],  # noqa: F821
+                                     r.t[5], r.t[6], r.t[7])
 
     def _rec_key(self, r, bits):
         """shape_key of the record in ``r`` (its strings made: only when its shape is not

@@ -50,8 +50,9 @@ cdef class Template:
 
 cdef unsigned long long to_ns(double t, double off)
 
-@cython.locals(t0=double, t1=double, t2=double, t3=double, t4=double, t5=double, t6=double,
-               t7=double, phases=int)
+cdef int phase_bits(double t0, double t1, double t2, double t3, double t4, double t5,
+                    double t6, double t7)
+
 cdef long shape_bits(ctx, list times) except? -1
 
 cpdef tuple shape_key(ctx, list times)

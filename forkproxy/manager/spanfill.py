@@ -135,21 +135,25 @@ def to_ns(t, off):
     return int((t + off) * 1e9)
 
 
+def phase_bits(t0, t1, t2, t3, t4, t5, t6, t7):
+    """Which phase spans a request has (their times present and in order), one bit
+    each: the shape keys' common part, for a decoded record and a C struct alike."""
+    return ((t0 != 0 and t1 != 0 and t1 >= t0)
+            | (t0 != 0 and t2 != 0 and t2 >= t0) << 1
+            | (t3 != 0 and t4 != 0 and t4 >= t3) << 2
+            | (t4 != 0 and t5 != 0 and t5 >= t4) << 3
+            | (t5 != 0 and t6 != 0 and t6 >= t5) << 4
+            | (t6 != 0 and t7 != 0 and t7 >= t6) << 5)
+
+
 def shape_bits(ctx, times):
-    """The part of ctx's shape key that is not a label: its ids' lengths and which phase
-    spans it has (their times present and in order), as bits (``times``: ctx.times,
-    N_TIMES of them)."""
-    t0, t1, t2, t3, t4, t5, t6, t7 = times[0], times[1], times[2], times[3], times[4], \
-        times[5], times[6], times[7]
-    phases = ((t0 != 0 and t1 != 0 and t1 >= t0)
-              | (t0 != 0 and t2 != 0 and t2 >= t0) << 1
-              | (t3 != 0 and t4 != 0 and t4 >= t3) << 2
-              | (t4 != 0 and t5 != 0 and t5 >= t4) << 3
-              | (t5 != 0 and t6 != 0 and t6 >= t5) << 4
-              | (t6 != 0 and t7 != 0 and t7 >= t6) << 5)
+    """The part of ctx's shape key that is not a label: its ids' lengths and its
+    phase_bits (``times``: ctx.times, N_TIMES of them)."""
     m = fp_member  # noqa: F821
     return (len(m(ctx, O_TRACE_ID)) << 8 | len(m(ctx, O_SPAN_ID)) << 4
-            | len(m(ctx, O_PARENT_SPAN_ID))) << 6 | phases
+            | len(m(ctx, O_PARENT_SPAN_ID))) << 6 | phase_bits(
+                times[0], times[1], times[2], times[3], times[4], times[5], times[6],
+                times[7])
 
 
 def shape_key(ctx, times) -> tuple:

@@ -147,6 +147,10 @@ class LogConfig(_Section, kw_only=True):
     error_log: str = "-"
     access_log: str = "-"
     format: Literal["json", "console"] = "json"
+    #: an access log in a regular file keeps at most ~3 windows of this size in the page
+    #: cache: each window is written back early and dropped from memory once on disk
+    #: (bounded memory and dirty backlog for a fast log; "0" = the kernel's usual caching)
+    access_log_write_behind: Size = Size(16 * 1024**2)
 
 
 class AdminConfig(_Section, kw_only=True):

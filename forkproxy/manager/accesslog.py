@@ -25,7 +25,8 @@ Lines are buffered in memory (a list of chunks, one per batch) and written with 
 called (the manager does so at least
 twice a second and on exit). ``off`` keeps nothing. :meth:`AccessLog.reopen` (USR1)
 writes what is buffered to the old file, then opens the path again (logrotate renamed
-it). Writes to a regular file never wait on a reader; ``-`` (stdout) may block the manager
+it). A regular file keeps at most a few ``write_behind`` windows in the page cache
+(manager/writebehind.py; 0 = as any other file). Writes to a regular file never wait on a reader; ``-`` (stdout) may block the manager
 if whatever reads stdout stops reading: point ``access_log`` at a file under load.
 """
 
@@ -46,8 +47,11 @@ from forkproxy.manager.jsonline import (  # noqa: F401 (JsonLine, json_line: re-
     phases_ms,
 )
 from forkproxy.manager.metrics import request_duration
+from forkproxy.manager.writebehind import WriteBehind
 
 BUFFER_BYTES = 64 * 1024
+#: the [log] access_log_write_behind default (config.py), for callers without a config
+WRITE_BEHIND = 16 * 1024 * 1024
 #: more buffered chunks than this are joined and written with write(2) (IOV_MAX is 1024)
 WRITEV_MAX = 512
 
@@ -106,13 +110,16 @@ FORMATTERS = {"json": (json_lines, json_batch), "console": (console_lines, conso
 class AccessLog:
     """Buffered access log file; all methods run in the manager's one thread."""
 
-    def __init__(self, path: str, fmt: str = "json", logger=None):
+    def __init__(self, path: str, fmt: str = "json", logger=None,
+                 write_behind: int = WRITE_BEHIND):
         self.logger = logger
+        self.write_behind = write_behind  # bytes per window; 0 = off
         self.path = path
         self.fmt = fmt
         self.format, self.format_batch = FORMATTERS[fmt]
         self.fd = -1
         self.own_fd = False
+        self.behind = WriteBehind(-1, 0)
         self.buf: list[bytes] = []
         self.pending = 0  # lines in buf
         self.size = 0
@@ -136,6 +143,7 @@ class AccessLog:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                               0o640)
             self.own_fd = True
+        self.behind = WriteBehind(self.fd, self.write_behind if self.own_fd else 0)
 
     def write(self, ctx: RequestContext, ms: dict[str, float]) -> None:
         self.write_many([(ctx, ms)])
@@ -206,6 +214,7 @@ class AccessLog:
                 n = os.write(self.fd, rest)
                 rest = rest[n:]
             self.lines += n_lines
+            self.behind.wrote(size)
         except OSError as e:
             if e.errno == errno.EINTR:  # pragma: no cover - PEP 475 retries
                 return
@@ -234,17 +243,25 @@ class AccessLog:
                 self.logger.error("cannot reopen the access log, still writing to the old file",
                                   path=self.path, error=e.strerror)
             return
+        self.behind.finish()
         old, self.fd = self.fd, fd
+        self.behind = WriteBehind(fd, self.write_behind)
         os.close(old)
 
-    def reconfigure(self, path: str, fmt: str) -> None:
-        """HUP: switch file and/or format (flushes to the old destination first)."""
+    def reconfigure(self, path: str, fmt: str, write_behind: int = WRITE_BEHIND) -> None:
+        """HUP: switch file, format and/or write-behind window (flushes to the old
+        destination first)."""
         self.fmt = fmt
         self.format, self.format_batch = FORMATTERS[fmt]
+        old_window, self.write_behind = self.write_behind, write_behind
         if path == self.path:
+            if write_behind != old_window:  # the same file: windows restart from its end
+                self.flush()
+                self.behind.finish()
+                self.behind = WriteBehind(self.fd, write_behind if self.own_fd else 0)
             return
         self.flush()
-        old_fd, old_own, old_path = self.fd, self.own_fd, self.path
+        old_fd, old_own, old_path, old_behind = self.fd, self.own_fd, self.path, self.behind
         self.path = path
         try:
             self._open()
@@ -252,13 +269,16 @@ class AccessLog:
             if self.logger is not None:
                 self.logger.error("cannot open the new access log, keeping the old one",
                                   path=path, error=e.strerror)
-            self.fd, self.own_fd, self.path = old_fd, old_own, old_path
+            self.fd, self.own_fd, self.path, self.behind = old_fd, old_own, old_path, old_behind
             return
+        old_behind.finish()
         if old_own:
             os.close(old_fd)
 
     def close(self) -> None:
         self.flush()
+        self.behind.finish()
+        self.behind = WriteBehind(-1, 0)
         if self.own_fd:
             os.close(self.fd)
         self.fd, self.own_fd = -1, False

@@ -110,7 +110,7 @@ class Manager:
         self.tracer = Tracer(cfg.tracing, logger)
         try:
             self.accesslog = AccessLog(config_mod.log_path(cfg, cfg.log.access_log),
-                                       cfg.log.format, logger)
+                                       cfg.log.format, logger, cfg.log.access_log_write_behind)
         except OSError as e:
             logger.error("cannot open the access log: access logging is off",
                          path=cfg.log.access_log, error=e.strerror)
@@ -303,8 +303,10 @@ class Manager:
         self.cfg = cfg
         self.tls_state.configure(cfg)
         self.tracer.configure(cfg.tracing)
-        self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format)
-        self._tell_shards("log", self.accesslog.path, cfg.log.format)
+        self.accesslog.reconfigure(config_mod.log_path(cfg, cfg.log.access_log), cfg.log.format,
+                                   cfg.log.access_log_write_behind)
+        self._tell_shards("log", self.accesslog.path, cfg.log.format,
+                          int(cfg.log.access_log_write_behind))
         self._tell_shards("tracing", msgspec.to_builtins(cfg.tracing, enc_hook=float))
         self.admin.serve(cfg.admin.listen, cfg.admin.token)
         self.start_stapling()
@@ -370,6 +372,7 @@ class Manager:
         self.shards = shards.fork_shards(
             self.n_collectors, self.rings, table=self.table,
             log_path=config_mod.log_path(cfg, cfg.log.access_log), log_format=cfg.log.format,
+            write_behind=cfg.log.access_log_write_behind,
             tracing=cfg.tracing, creds=(spec.uid, spec.gid, spec.groups),
             close_fds=[fd for fd in mine if fd is not None and fd >= 0])
 

@@ -34,7 +34,7 @@ from gevent.lock import Semaphore
 
 from forkproxy import log as log_mod
 from forkproxy.config import TracingConfig
-from forkproxy.manager.accesslog import AccessLog
+from forkproxy.manager.accesslog import WRITE_BEHIND, AccessLog
 from forkproxy.manager.collector import Collector
 from forkproxy.manager.errorlog import TLSFailureLog
 from forkproxy.manager.metrics import Metrics, MetricsState
@@ -158,8 +158,8 @@ class Shard:
 
 
 def fork_shards(count: int, rings: dict, *, table, log_path: str, log_format: str,
-                creds: tuple, close_fds: list[int],
-                tracing: TracingConfig | None = None) -> list[Shard]:
+                creds: tuple, close_fds: list[int], tracing: TracingConfig | None = None,
+                write_behind: int = WRITE_BEHIND) -> list[Shard]:
     """Fork collectors 1..count-1. Call before the hub runs anything (the child reinits
     it); ``close_fds`` are the manager's own descriptors (ready and lifeline pipes, its
     access log, admin sockets), which a shard must not hold."""
@@ -174,13 +174,14 @@ def fork_shards(count: int, rings: dict, *, table, log_path: str, log_format: st
                     os.close(fd)
                 except OSError:
                     pass
-            _child(index, count, rings, table, log_path, log_format, creds, child, tracing)
+            _child(index, count, rings, table, (log_path, log_format, write_behind), creds,
+                   child, tracing)
         child.close()
         shards.append(Shard(index, pid, parent.detach()))
     return shards
 
 
-def _child(index, count, rings, table, log_path, log_format, creds, sock, tracing) -> None:
+def _child(index, count, rings, table, log_spec, creds, sock, tracing) -> None:
     """A shard's main; never returns."""
     code = 0
     try:
@@ -195,7 +196,7 @@ def _child(index, count, rings, table, log_path, log_format, creds, sock, tracin
         for i, ring in rings.items():
             if i not in mine:
                 ring.close()  # this process's mapping only
-        _serve(mine, table, log_path, log_format, creds, logger,
+        _serve(mine, table, log_spec, creds, logger,
                gsocket.socket(fileno=sock.detach()), tracing)
     except BaseException as e:
         print(f"forkproxy collector shard {os.getpid()} crashed: {e!r}", file=sys.stderr)
@@ -204,9 +205,11 @@ def _child(index, count, rings, table, log_path, log_format, creds, sock, tracin
         os._exit(code)
 
 
-def _serve(rings, table, log_path, log_format, creds, logger, sock, tracing) -> None:
+def _serve(rings, table, log_spec, creds, logger, sock, tracing) -> None:
+    """``log_spec``: the access log's (path, format, write-behind window)."""
+    log_path, log_format, write_behind = log_spec
     try:
-        log = AccessLog(log_path, log_format, logger)
+        log = AccessLog(log_path, log_format, logger, write_behind)
     except OSError as e:
         logger.error("cannot open the access log: this shard logs nothing", path=log_path,
                      error=e.strerror)

@@ -149,6 +149,7 @@ def test_status_healthz_generations_and_status_verb(tmp_path, origin, proxies):
     st = json.loads(admin_get(p, "/status")[2])
     assert st["master_pid"] == p.pid and st["generation"] == 1
     assert st["config"] == p.conf
+    assert st["access_log_write_behind"] == 16 << 20  # the default, on a regular file
     assert sorted(w["pid"] for w in st["workers"]) == sorted(p.workers_pids())
     for w in st["workers"]:
         assert w["generation"] == 1 and w["rss"] > 0 and w["started"] <= time.time()
@@ -192,6 +193,29 @@ def test_usr1_reopens_the_access_log_after_rename(tmp_path, origin, proxies):
     wait_for(lambda: len(read_lines(p.access_log)) == 7, timeout=5, what="7 new lines")
     assert [ln["request_id"] for ln in read_lines(p.access_log + ".1")] == before
     assert [ln["request_id"] for ln in read_lines(p.access_log)] == after
+    p.stop()
+
+
+def test_usr1_reopen_with_a_small_write_behind_window_keeps_every_line(tmp_path, origin,
+                                                                        proxies):
+    """A 1 KiB window: nearly every flush starts writeback and drops pages, and USR1
+    restarts the windows on the new file (manager/writebehind.py)."""
+    p = proxies(tmp_path, origin.address, workers=1, admin=True, start=False)
+    p.write_config(p.config_text().replace('format = "json"',
+                                           'format = "json"\naccess_log_write_behind = "1k"'))
+    p.start()
+    assert json.loads(admin_get(p, "/status")[2])["access_log_write_behind"] == 1024
+    before = keepalive_requests(p.port, ["/tiny"] * 40, "before")
+    wait_for(lambda: len(read_lines(p.access_log)) == 40, timeout=5, what="40 lines")
+    os.rename(p.access_log, p.access_log + ".1")
+    p.send(signal.SIGUSR1)
+    wait_for(lambda: os.path.exists(p.access_log), timeout=5, what="the reopened access log")
+    after = keepalive_requests(p.port, ["/tiny"] * 60, "after")
+    wait_for(lambda: len(read_lines(p.access_log)) == 60, timeout=5, what="60 new lines")
+    assert [ln["request_id"] for ln in read_lines(p.access_log + ".1")] == before
+    assert [ln["request_id"] for ln in read_lines(p.access_log)] == after
+    assert "access log write failed" not in p.log()
+    assert json.loads(admin_get(p, "/status")[2])["access_log_write_behind"] == 1024
     p.stop()
 
 

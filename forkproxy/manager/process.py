@@ -206,6 +206,7 @@ class Manager:
             "listeners": [lcfg.listen for lcfg in cfg.listener],
             "admin": cfg.admin.listen,
             "access_log": self.accesslog.path,
+            "access_log_write_behind": self.accesslog.behind.window,
             "manager_started": self.started,
             "ring_dropped": self.ring_dropped,
             "collectors": 1 + len(self.shards),

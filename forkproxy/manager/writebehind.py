@@ -41,7 +41,7 @@ class WriteBehind:
     """Window bookkeeping of one open file; ``wrote`` after each successful append."""
 
     __slots__ = ("fd", "window", "since", "marks", "kick", "calls", "call_seconds",
-                 "call_max")
+                 "call_max", "kick_seconds")
 
     def __init__(self, fd: int, window: int):
         self.fd = fd
@@ -51,6 +51,7 @@ class WriteBehind:
         self.calls = 0  # windows handled
         self.call_seconds = 0.0  # wall time in the two calls: the writer waits on them
         self.call_max = 0.0
+        self.kick_seconds = 0.0  # of which in sync_file_range (the rest: dropping pages)
         self.kick = None
         if self.window:
             try:
@@ -79,6 +80,7 @@ class WriteBehind:
                 return
             t0 = time.perf_counter()
             self.kick(fd, marks[-1], end - marks[-1])
+            t1 = time.perf_counter()
             marks.append(end)
             if len(marks) > _MARKS:
                 del marks[0]
@@ -90,6 +92,7 @@ class WriteBehind:
             return
         self.calls += 1
         self.call_seconds += took
+        self.kick_seconds += t1 - t0
         self.call_max = max(self.call_max, took)
 
     def finish(self) -> None:

@@ -26,8 +26,9 @@ called (the manager does so at least
 twice a second and on exit). ``off`` keeps nothing. :meth:`AccessLog.reopen` (USR1)
 writes what is buffered to the old file, then opens the path again (logrotate renamed
 it). A regular file keeps at most a few ``write_behind`` windows in the page cache
-(manager/writebehind.py; 0 = as any other file). Writes to a regular file never wait on a reader; ``-`` (stdout) may block the manager
-if whatever reads stdout stops reading: point ``access_log`` at a file under load.
+(manager/writebehind.py; 0 = the kernel's usual caching). Writes to a regular file never
+wait on a reader; ``-`` (stdout) may block the manager if whatever reads stdout stops
+reading: point ``access_log`` at a file under load.
 """
 
 from __future__ import annotations

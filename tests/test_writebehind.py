@@ -97,6 +97,22 @@ def test_reopen_starts_windows_on_the_new_file(disk_dir):
     log.close()
 
 
+def test_copytruncate_restarts_the_windows(disk_dir):
+    """logrotate's copytruncate: the file shrinks to 0 under the writer, which goes on
+    appending; without the restart no window would be handled until the file grew past
+    its old size."""
+    path = os.path.join(disk_dir, "access.log")
+    log = AccessLog(path, "json", write_behind=WINDOW)
+    write_all(log, numbered(0, 60_000))  # ~12 MiB
+    log.flush()
+    os.truncate(path, 0)
+    lines = numbered(60_000, 120_000)  # ~24 MiB: the first 12 would stay cached
+    write_all(log, lines)
+    log.close()
+    assert resident(path) <= 5 * WINDOW, (resident(path), os.path.getsize(path))
+    assert read(path) == b"".join(lines)
+
+
 def test_reconfigure_changes_the_window_and_the_file(disk_dir):
     a, b = os.path.join(disk_dir, "a.log"), os.path.join(disk_dir, "b.log")
     log = AccessLog(a, "json", write_behind=0)

@@ -19,7 +19,8 @@ writeback too, but it then fails to drop them and drains every CPU's LRU caches
 (``lru_add_drain_all``), waiting on a kworker of each busy CPU: 30-80 ms stalls of the
 collector in scripts/replay-bench with 32 producers on the other CPU.
 
-Only for regular files: pipes, ttys and character devices are left alone. On tmpfs
+A file truncated under the writer (logrotate's ``copytruncate``) restarts the windows
+at offset 0. Only for regular files: pipes, ttys and character devices are left alone. On tmpfs
 nothing is dropped (tmpfs pages are the file). Offsets are the file's own (the position
 after each ``O_APPEND`` write), so several processes appending to one file (collector
 shards) each cover the whole file between their marks.
@@ -76,6 +77,8 @@ class WriteBehind:
         fd, marks = self.fd, self.marks
         try:
             end = os.lseek(fd, 0, os.SEEK_CUR)
+            if end < marks[-1]:  # truncated under us (logrotate's copytruncate)
+                marks[:] = [0]
             if end <= marks[-1]:
                 return
             t0 = time.perf_counter()

@@ -1,23 +1,32 @@
-"""Upstream request heads held until the loop turn ends (forkproxy/worker/heldsends.py).
+"""Sends held until the loop turn ends (forkproxy/worker/heldsends.py): upstream request
+heads and whole keep-alive responses to clients.
 
 Real socket pairs in this process's gevent hub: what is held reaches no peer until the
-hub runs the turn's callbacks, then every head arrives, in the order held; a connection
-whose send falls short or fails is shut down (its exchange reads an EOF), and the rest
-still go out. End to end, through a real proxy, the held path serves concurrent
-keep-alive requests on pooled connections, and the stale pooled connection test
-(tests/test_proxy_basic.py) retries through it.
+hub runs the turn's callbacks, then every head arrives, in the order held; an upstream
+connection whose send falls short or fails is shut down (its exchange reads an EOF),
+and the rest still go out; a client connection whose held response falls short sends
+the rest from its own greenlet before it reads again. End to end, through a real proxy,
+the held path serves concurrent keep-alive requests on pooled connections, pipelined
+responses to a client that reads late arrive whole and in order, and the stale pooled
+connection test (tests/test_proxy_basic.py) retries through it.
 """
 
 from __future__ import annotations
 
 import json
 import socket as pysocket
+import threading
 
 import gevent
-from fp import request
+import pytest
+from fp import connect, free_port, recv_response, request
 from gevent import socket
 
+from forkproxy import config as config_mod
+from forkproxy.worker.client import ClientConnection
 from forkproxy.worker.heldsends import HOLD_COUNT, HOLD_MAX, HeldSends
+from forkproxy.worker.process import WorkerSpec
+from forkproxy.worker.state import ListenerRuntime, WorkerState
 from forkproxy.worker.upconn import UpstreamConn
 
 
@@ -166,3 +175,103 @@ def read_response(s) -> tuple[int, bytes]:
         assert chunk, "connection closed in a response body"
         body += chunk
     return int(head.split()[1]), body[:length]
+
+
+def fill_send_buffer(raw) -> int:
+    """Fill a socket's send buffer (its peer does not read); the bytes queued."""
+    raw.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 4096)
+    raw.setblocking(False)
+    queued = 0
+    while True:
+        try:
+            queued += raw.send(b"f" * 4096)
+        except BlockingIOError:
+            return queued
+
+
+@pytest.fixture
+def worker_state():
+    cfg = config_mod.loads(f"""
+        [[listener]]
+        listen = "127.0.0.1:{free_port()}"
+        upstream = "app"
+        [upstream.app]
+        servers = [{{ address = "127.0.0.1:{free_port()}" }}]
+        """, check_files=False)
+    spec = WorkerSpec(cfg=cfg, slot=0, index=0, generation=1, cpu=None, sockets=[],
+                      ready_fd=-1, lifeline_fd=-1, ring=None)
+    ws = WorkerState(spec, gevent.get_hub())
+    yield ws
+
+
+def test_a_client_response_the_kernel_did_not_take_whole_is_finished_before_the_next_read(
+        worker_state):
+    """The flush sends what the kernel takes; the connection's greenlet, waiting for the
+    next request, is woken to send the rest, then reads the next request."""
+    ws = worker_state
+    a, b = socket.socketpair()
+    conn = ClientConnection(ws, ListenerRuntime("t", None, b"http"), a, ("192.0.2.1", 1), 0.0)
+    try:
+        filler = fill_send_buffer(conn.raw)
+        response = bytes(range(256)) * 40  # 10 KiB, under HOLD_MAX
+        assert ws.held_sends.hold(conn, response)
+        buf = bytearray(100)
+        reader = gevent.spawn(conn.recv_by, buf, True)  # waits for the next request
+        gevent.sleep(0)  # the turn ends: the flush falls short (the buffer is full)
+        got = b""
+        b.settimeout(20)  # without the wake-up the rest never comes
+        want = filler + len(response)
+        while len(got) < want:  # the client reads at last: the rest follows
+            got += b.recv(65536)
+        assert got[:filler] == b"f" * filler and got[filler:] == response
+        assert conn.held is None and not reader.ready()  # sent, and reading again
+        b.sendall(b"GET /next HTTP/1.1\r\n\r\n")
+        n = reader.get(timeout=10)
+        assert bytes(buf[:n]) == b"GET /next HTTP/1.1\r\n\r\n"
+    finally:
+        conn._unwatch()
+        a.close()
+        b.close()
+
+
+def test_a_second_response_for_a_connection_is_not_held_over_the_first(worker_state):
+    ws = worker_state
+    a, b = socket.socketpair()
+    conn = ClientConnection(ws, ListenerRuntime("t", None, b"http"), a, ("192.0.2.1", 1), 0.0)
+    try:
+        assert ws.held_sends.hold(conn, b"first")
+        assert not ws.held_sends.hold(conn, b"second")  # its owner sends it: first goes first
+        conn.send(b"second")
+        assert conn.held is None
+        got = b""
+        while len(got) < 11:
+            got += b.recv(100)
+        assert got == b"firstsecond"
+        gevent.sleep(0)  # the turn's flush finds nothing left for it
+        assert nothing_to_read(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_pipelined_responses_to_a_client_that_reads_late_arrive_whole_and_in_order(
+        tmp_path, origin, proxies):
+    """60 pipelined requests whose ~6 KiB responses are held, to a client with a small
+    receive buffer that reads only once it sent them all: the kernel's buffers fill,
+    held sends fall short, and every response still arrives whole, in order."""
+    p = proxies(tmp_path, origin.address)
+    pad = "x" * 6000
+    with connect(p.port, timeout=30) as c:
+        c.sock.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 4096)
+        requests = b"".join(b"GET /headers?i=%d&pad=%s HTTP/1.1\r\nHost: x\r\n\r\n"
+                            % (i, pad.encode()) for i in range(60))
+        # sent from a thread: the proxy stops reading requests while its responses wait
+        sender = threading.Thread(target=c.sendall, args=(requests,))
+        sender.start()
+        for i in range(60):
+            status, _, body, _ = recv_response(c)
+            assert status == 200
+            assert json.loads(body)["path"] == f"/headers?i={i}&pad={pad}"
+        sender.join(timeout=30)
+    assert request(p.port, "GET", "/")[0] == 200
+    p.stop()

@@ -18,7 +18,7 @@ from forkproxy import tlsnames
 from forkproxy.tlsnames import OpenSSLError, has_pending_function, ssl_pointer
 from forkproxy.worker.front import ClientGone
 from forkproxy.worker.readiness import ReadWatch
-from forkproxy.worker.sockio import close_plain, recv_waiting, send_all
+from forkproxy.worker.sockio import close_plain, send_all
 from forkproxy.worker.tls import close_notify, tls_handshake
 
 _timeout = socket.timeout
@@ -36,7 +36,7 @@ class ClientConnection:
     __slots__ = ("ws", "listener", "sock", "remote", "remote_b", "t_accept", "t_tls",
                  "tls_resumed", "tls_version", "deadline", "greenlet", "idle", "idle_since",
                  "parked", "counted", "linger", "raw", "rwatch", "sslobj", "sslp",
-                 "has_pending")
+                 "has_pending", "held")
 
     def __init__(self, ws, listener, sock, addr, t_accept: float):
         self.ws = ws
@@ -64,6 +64,9 @@ class ClientConnection:
         #: counts bytes read ahead but not yet decrypted; else 0 and None
         self.sslp = 0
         self.has_pending = None
+        #: a response held until the loop turn ends (worker/heldsends.py), or what the
+        #: kernel did not take of it; sent before anything else goes to this client
+        self.held = None
 
     def start_tls(self) -> bool:
         """TLS handshake on the accepted socket; False = it failed (socket closed)."""
@@ -101,6 +104,8 @@ class ClientConnection:
         sock = self.sock
         try:
             if not waiting:
+                if self.held is not None:
+                    self.settle()
                 return sock.recv_into(buf)
             if self.raw is not None:
                 watch = self.rwatch
@@ -112,7 +117,13 @@ class ClientConnection:
                         return self.raw.recv_into(buf)
                     except BlockingIOError:
                         watch = self._watch()
-                return recv_waiting(watch, sock, buf)
+                watch.wait()
+                if self.held is not None:  # woken to finish a held response (below)
+                    self.settle()
+                try:
+                    return self.raw.recv_into(buf)
+                except BlockingIOError:  # spurious wake-up
+                    return sock.recv_into(buf)
             if self.sslobj is not None:
                 return self._tls_read_waiting(buf)
             return sock.recv_into(buf)
@@ -157,6 +168,8 @@ class ClientConnection:
     def send(self, data) -> None:
         """send_all to the client: on a plain socket one direct send, without gevent's
         wrapper frame, when the kernel takes it all (nearly always)."""
+        if self.held is not None:
+            self.settle()
         raw = self.raw
         if raw is not None:
             try:
@@ -178,6 +191,43 @@ class ClientConnection:
                 raise ClientGone(str(e))
         send_all(self.sock, data)
 
+    def settle(self) -> None:
+        """Send what is held for this client (a response held until the turn ends, or
+        the rest the kernel did not take of it) before anything else goes to it or it
+        is read from again: blocking, within send_timeout; ClientGone if it fails."""
+        data = self.held
+        self.held = None
+        idle, deadline = self.idle, self.deadline
+        self.idle = False  # busy while it sends: the drain closes only idle connections
+        self.deadline = _monotonic() + self.ws.send_timeout
+        send_all(self.sock, data)
+        self.idle, self.deadline = idle, deadline
+
+    def held_short(self, data, sent: int) -> None:
+        """The turn's flush sent ``sent`` bytes of the held ``data`` (-1: the send
+        failed). The rest is this connection's to send: its greenlet, waiting for the
+        next request, is woken from the hub to send it first."""
+        if sent < 0:  # reset or closed: the connection's read sees it too
+            return
+        self.held = memoryview(data)[sent:]
+        self.ws.hub.loop.run_callback(self._wake_to_settle)
+
+    def _wake_to_settle(self) -> None:
+        watch = self.rwatch
+        g = watch.waiter() if watch is not None else None
+        if g is not None and self.held is not None:
+            g.switch()  # its wait's end disarms the watcher: not woken twice
+
+    def _send_held_nowait(self) -> None:
+        """Closing with a response still held (closed from outside the connection's
+        greenlet in the same turn): what the kernel takes now, without waiting."""
+        data = self.held
+        self.held = None
+        try:
+            self.raw.send(data)
+        except OSError:
+            pass
+
     def start_drain(self) -> None:
         """The worker began a graceful stop. HTTP/1.1 needs nothing here (the drain
         closes its idle connections); HTTP/2 sends GOAWAY."""
@@ -187,6 +237,8 @@ class ClientConnection:
     def close(self) -> None:
         """Close the socket: close_notify on TLS, a lingering close after an error."""
         self._unwatch()
+        if self.held is not None:
+            self._send_held_nowait()
         sock = self.sock
         if self.tls_resumed is not None:
             close_notify(sock)

@@ -227,6 +227,8 @@ class Http1Connection(ClientConnection, FrontEnd):
                      error: str = "") -> None:
         self.resp_started = True
         try:
+            if self.held is not None:
+                self.settle()
             send_all(self.sock, prebuilt_error(status, close))
         except ClientGone:
             pass
@@ -362,6 +364,8 @@ class Http1Connection(ClientConnection, FrontEnd):
         self.resp_started = True
         self.deadline = _monotonic() + self.ws.send_timeout
         n = len(first)
+        if n == ex.content_length and keep and self.ws.held_sends.hold(self, head + first):
+            return  # the whole response, sent with the turn's others (worker/heldsends.py)
         if n < JOIN_FIRST_BODY or n == ex.content_length:
             self.send(head + first if n else head)
         else:
@@ -396,10 +400,14 @@ class Http1Connection(ClientConnection, FrontEnd):
         keep = self.exchange.req.keep_alive and not self.closing and self.body_done
         self.resp_started = True
         try:
+            if self.held is not None:
+                self.settle()
             send_all(self.sock, head(what, not keep))
         except ClientGone:
             keep = False
         return keep
 
     def splice_fd(self) -> int:
+        if self.held is not None:  # a pipelined request's response before this one
+            self.settle()
         return self.sock.fileno() if self.tls_resumed is None else -1

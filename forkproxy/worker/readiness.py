@@ -68,6 +68,11 @@ class ReadWatch:
         finally:
             io.callback = self._idle
 
+    def waiter(self):
+        """The greenlet waiting now, or None (a wake-up from elsewhere: worker/client.py
+        finishing a held response)."""
+        return self._owner if self._io.callback is self._switch else None
+
     def close(self) -> None:
         io = self._io
         io.stop()

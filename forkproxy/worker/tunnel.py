@@ -94,6 +94,8 @@ def _relay_both_ways(c, ex: Exchange, conn, u: Upgraded) -> bool:
     ex.tunnel = True
     out = switching_protocols_head(u.head)
     try:
+        if c.held is not None:  # a pipelined request's response before the upgrade
+            c.settle()
         send_all(csock, out + u.extra if u.extra else out)
     except ClientGone:
         ex.times[T_END] = _monotonic()

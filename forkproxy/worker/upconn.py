@@ -11,6 +11,7 @@ through the socket object itself (gevent's plain or TLS socket: ``sendall``,
 from __future__ import annotations
 
 import time
+from socket import SHUT_RDWR
 
 from forkproxy import tlsnames
 from forkproxy.tls.client import shutdown as tls_shutdown
@@ -56,6 +57,15 @@ class UpstreamConn:
             return self.raw.recv_into(buf)
         except BlockingIOError:  # spurious wake-up
             return self.sock.recv_into(buf)
+
+    def held_short(self, data, sent: int) -> None:
+        """The turn's flush did not send the whole held head (worker/heldsends.py):
+        shut the connection down; the exchange waiting for the response reads its EOF
+        and retries the request on a fresh connection."""
+        try:
+            self.raw.shutdown(SHUT_RDWR)
+        except OSError:
+            pass
 
     def closed_by_peer(self) -> bool:
         """Checked before reusing it for a request that must not be sent twice."""

@@ -184,16 +184,24 @@ def test_healthz_is_503_without_workers(tmp_path, origin, proxies):
 
 def test_usr1_reopens_the_access_log_after_rename(tmp_path, origin, proxies):
     p = proxies(tmp_path, origin.address, workers=1, admin=True)
-    before = keepalive_requests(p.port, ["/tiny"] * 5, "before")
-    wait_for(lambda: len(read_lines(p.access_log)) == 5, timeout=5, what="5 lines")
+    rotate_with_usr1(p, 5, 7)
+    p.stop()
+
+
+def rotate_with_usr1(p, n_before: int, n_after: int) -> None:
+    """Requests logged, the log renamed, USR1, more requests: each file has exactly its
+    own requests' lines, in order."""
+    before = keepalive_requests(p.port, ["/tiny"] * n_before, "before")
+    wait_for(lambda: len(read_lines(p.access_log)) == n_before, timeout=5,
+             what=f"{n_before} lines")
     os.rename(p.access_log, p.access_log + ".1")
     p.send(signal.SIGUSR1)
     wait_for(lambda: os.path.exists(p.access_log), timeout=5, what="the reopened access log")
-    after = keepalive_requests(p.port, ["/tiny"] * 7, "after")
-    wait_for(lambda: len(read_lines(p.access_log)) == 7, timeout=5, what="7 new lines")
+    after = keepalive_requests(p.port, ["/tiny"] * n_after, "after")
+    wait_for(lambda: len(read_lines(p.access_log)) == n_after, timeout=5,
+             what=f"{n_after} new lines")
     assert [ln["request_id"] for ln in read_lines(p.access_log + ".1")] == before
     assert [ln["request_id"] for ln in read_lines(p.access_log)] == after
-    p.stop()
 
 
 def test_usr1_reopen_with_a_small_write_behind_window_keeps_every_line(tmp_path, origin,
@@ -205,15 +213,7 @@ def test_usr1_reopen_with_a_small_write_behind_window_keeps_every_line(tmp_path,
                                            'format = "json"\naccess_log_write_behind = "1k"'))
     p.start()
     assert json.loads(admin_get(p, "/status")[2])["access_log_write_behind"] == 1024
-    before = keepalive_requests(p.port, ["/tiny"] * 40, "before")
-    wait_for(lambda: len(read_lines(p.access_log)) == 40, timeout=5, what="40 lines")
-    os.rename(p.access_log, p.access_log + ".1")
-    p.send(signal.SIGUSR1)
-    wait_for(lambda: os.path.exists(p.access_log), timeout=5, what="the reopened access log")
-    after = keepalive_requests(p.port, ["/tiny"] * 60, "after")
-    wait_for(lambda: len(read_lines(p.access_log)) == 60, timeout=5, what="60 new lines")
-    assert [ln["request_id"] for ln in read_lines(p.access_log + ".1")] == before
-    assert [ln["request_id"] for ln in read_lines(p.access_log)] == after
+    rotate_with_usr1(p, 40, 60)
     assert "access log write failed" not in p.log()
     assert json.loads(admin_get(p, "/status")[2])["access_log_write_behind"] == 1024
     p.stop()

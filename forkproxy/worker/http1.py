@@ -364,10 +364,11 @@ class Http1Connection(ClientConnection, FrontEnd):
         self.resp_started = True
         self.deadline = _monotonic() + self.ws.send_timeout
         n = len(first)
-        if n == ex.content_length and keep and self.ws.held_sends.hold(self, head + first):
-            return  # the whole response, sent with the turn's others (worker/heldsends.py)
         if n < JOIN_FIRST_BODY or n == ex.content_length:
-            self.send(head + first if n else head)
+            data = head + first if n else head
+            if n == ex.content_length and keep and self.ws.held_sends.hold(self, data):
+                return  # the whole response, sent with the turn's others (worker/heldsends.py)
+            self.send(data)
         else:
             self.send(head)
             self.send(first)

@@ -74,7 +74,7 @@ def odd_payloads() -> list[bytes]:
 def run_both(payloads: list[bytes], batch: int = 97) -> int:
     """Through the ring: the C path and the reference, batch by batch."""
     ring = Ring.create(1 << 20)
-    raw = rawbatch.RawBatch(ring.data_size, batch)
+    raw = rawbatch.RawBatch(batch)
     fast, ref = Metrics(), Metrics()
     fast_errors, ref_errors = [], []  # the records Metrics.on_error is given
     fast.on_error, ref.on_error = fast_errors.append, ref_errors.append
@@ -84,8 +84,9 @@ def run_both(payloads: list[bytes], batch: int = 97) -> int:
         for i in range(0, len(payloads), batch):
             for p in payloads[i:i + batch]:
                 assert ring.push(p)
-            raw.n = ring.drain_raw(raw.data, raw.ends, batch)
+            raw.n, tail = ring.drain_spans(raw.starts, raw.ends, batch)
             assert raw.n == len(payloads[i:i + batch])
+            raw.attach(ring.buffer)  # read where they stand, as the Collector does
             fast_lines.append(raw.process(fast, True))
             bad += raw.bad
             scanned += raw.scanned
@@ -98,6 +99,8 @@ def run_both(payloads: list[bytes], batch: int = 97) -> int:
             ref.observe_batch(items)
             ref_lines.append(json_batch(items)[0])
             assert raw.records() == items
+            raw.detach()
+            ring.release(tail)
     finally:
         ring.close()
     assert bad == sum(1 for p in payloads if safe_decode(p) is None)
@@ -189,17 +192,24 @@ def test_the_collector_hands_raw_batches_to_the_record_sink(tmp_path, fmt, batch
 
 def test_a_batch_that_does_not_describe_its_data_is_refused():
     with pytest.raises(ValueError):
-        rawbatch.RawBatch(1024, rawbatch.MAX_RECORDS + 1)
-    raw = rawbatch.RawBatch(1024, 4)
+        rawbatch.RawBatch(rawbatch.MAX_RECORDS + 1)
+    raw = rawbatch.RawBatch(4)
+    raw.n = 1
+    with pytest.raises(ValueError):  # no buffer attached
+        raw.process(Metrics(), True)
+    raw.attach(bytearray(1024))
     raw.n = 5
     with pytest.raises(ValueError):
         raw.process(Metrics(), True)
-    raw.n, raw.ends[0], raw.ends[1] = 2, 10, 2000
+    raw.n, raw.ends[0], raw.starts[1], raw.ends[1] = 2, 10, 10, 2000
     with pytest.raises(ValueError):
         raw.records()
-    raw.ends[1] = 5
+    raw.starts[1], raw.ends[1] = 10, 5
     with pytest.raises(ValueError):
         raw.trace(None)  # (checked before the tracer is read)
+    raw.starts[1], raw.ends[1] = -1, 5
+    with pytest.raises(ValueError):
+        raw.process(Metrics(), True)
 
 
 def test_a_batch_of_distinct_labels_fills_every_kind_of_cell():

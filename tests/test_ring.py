@@ -597,24 +597,72 @@ def test_sigkilled_producer_never_yields_torn_duplicated_or_reordered_records(ma
     assert len(records) > 1000
 
 
-def test_drain_raw_copies_records_back_to_back_in_ring_order(make_ring):
-    ring = make_ring(1 << 16)
-    msgs = [bytes([i % 256]) * (i % 50 + 1) for i in range(300)]
-    dst, ends = bytearray(ring.data_size), array("q", bytes(8 * 300))
-    got = []
-    for i in range(0, 300, 100):
-        for m in msgs[i:i + 100]:
-            assert ring.push(m)
-        for most in (64, 300):  # a partial batch, then the rest
-            n = ring.drain_raw(dst, ends, most)
-            assert n == min(most, 100) if most == 64 else n == 36
-            start = 0
-            for k in range(n):
-                got.append(bytes(dst[start:ends[k]]))
-                start = ends[k]
-    assert got == msgs
-    assert ring.drain_raw(dst, ends, 10) == 0
+def spans_of(ring: Ring, n: int, starts, ends) -> list[bytes]:
+    buf = ring.buffer
+    return [bytes(buf[starts[k]:ends[k]]) for k in range(n)]
+
+
+def test_drain_spans_gives_records_where_they_stand_and_releases_on_request(make_ring):
+    """Ring.drain_spans (the compiled manager's drain): each record's place in the
+    mapping, in ring order, across many wrap markers; nothing is consumed until
+    release(tail), and until then the producer cannot reuse the space."""
+    ring = make_ring(1 << 12)
+    rnd = random.Random(5)
+    starts, ends = array("q", bytes(8 * 64)), array("q", bytes(8 * 64))
+    sent, got = [], []
+    for _ in range(400):
+        for _ in range(rnd.randrange(1, 12)):
+            m = bytes([rnd.randrange(256)]) * rnd.randrange(1, 200)
+            if ring.push(m):
+                sent.append(m)
+        most = rnd.choice((1, 5, 64))
+        tail0 = ring.tail
+        n, tail = ring.drain_spans(starts, ends, most)
+        assert ring.tail == tail0  # not consumed yet
+        assert n <= most and (n == 0 or tail > tail0)
+        got += spans_of(ring, n, starts, ends)
+        ring.release(tail)
+        assert ring.tail == tail
+    while True:
+        n, tail = ring.drain_spans(starts, ends, 64)
+        got += spans_of(ring, n, starts, ends)
+        ring.release(tail)
+        if not n:
+            break
+    assert got == sent and ring.head > 20 * ring.data_size and ring.lost == 0
+    assert ring.drain_spans(starts, ends, 10) == (0, ring.tail)
     with pytest.raises(ValueError):
-        ring.drain_raw(bytearray(ring.data_size - 1), ends, 10)
+        ring.drain_spans(array("q", bytes(8 * 9)), ends, 10)
+
+
+def test_a_batch_held_in_place_keeps_its_space_until_released(make_ring):
+    ring = make_ring(1 << 12)
+    starts, ends = array("q", bytes(8 * 64)), array("q", bytes(8 * 64))
+    msgs = [bytes([i]) * 100 for i in range(36)]  # 36 x 112 B: most of 4 KiB
+    for m in msgs:
+        assert ring.push(m)
+    n, tail = ring.drain_spans(starts, ends, 64)
+    assert n == 36
+    assert not ring.push(b"x" * 600)  # the held batch's space is not free yet
+    assert spans_of(ring, n, starts, ends) == msgs  # and not overwritten
     with pytest.raises(ValueError):
-        ring.drain_raw(dst, ends, 301)
+        ring.release(ring.head + 8)  # past head
+    ring.release(tail)
+    with pytest.raises(ValueError):
+        ring.release(tail - 8)  # behind the published tail
+    assert ring.push(b"x" * 600)
+
+
+def test_drain_spans_skips_a_torn_record_and_resynchronises_on_release(make_ring):
+    ring = make_ring(1 << 12)
+    starts, ends = array("q", bytes(8 * 64)), array("q", bytes(8 * 64))
+    for m in (b"a" * 10, b"b" * 10, b"c" * 10):
+        assert ring.push(m)
+    q = memoryview(ring._map).cast("Q")
+    q[(ring_mod._DATA + 24) >> 3] ^= 1 << 40  # the second record's seq: not this lap
+    n, tail = ring.drain_spans(starts, ends, 64)
+    assert spans_of(ring, n, starts, ends) == [b"a" * 10]
+    assert tail == ring.head and ring.lost == 1
+    ring.release(tail)
+    q.release()
+    assert ring.drain_spans(starts, ends, 64) == (0, ring.head)

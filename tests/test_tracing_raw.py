@@ -46,7 +46,7 @@ def export_bodies(payloads: list[bytes], raw: bool, batch: int = 64, passes: int
             tracer.encoder.recycle(body)
 
     try:
-        rb = rawbatch.RawBatch(ring.data_size, batch)
+        rb = rawbatch.RawBatch(batch)
         for n in range(passes):
             if n == passes - 1:  # the last pass: its bytes
                 tracer._encode_pending()
@@ -57,7 +57,8 @@ def export_bodies(payloads: list[bytes], raw: bool, batch: int = 64, passes: int
             for at in range(0, len(payloads), batch):
                 for p in payloads[at:at + batch]:
                     assert ring.push(p)
-                rb.n = ring.drain_raw(rb.data, rb.ends, batch)
+                rb.n, tail = ring.drain_spans(rb.starts, rb.ends, batch)
+                rb.attach(ring.buffer)
                 if raw == "process":  # as RecordSink.on_raw_batch: in the metrics pass
                     rb.process(metrics, True, tracer)
                     tracer.offer_raw(rb, traced=True)
@@ -66,6 +67,8 @@ def export_bodies(payloads: list[bytes], raw: bool, batch: int = 64, passes: int
                 else:
                     tracer.offer_batch(rb.records())
                 take()
+                rb.detach()
+                ring.release(tail)
     finally:
         ring.close()
     counts = (tracer.sampled, tracer.dropped_queue, tracer.queued)

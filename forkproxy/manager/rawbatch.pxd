@@ -22,10 +22,10 @@ cdef _flush_rare(object m, unsigned long long kind, str a, str b, unsigned long 
 cdef void _observe(Histogram p, Histogram h, double v) noexcept
 
 cdef class RawBatch:
-    cdef public object data
     cdef public object view
     cdef const unsigned char *base
-    cdef public long long[::1] ends
+    cdef public long long[::1] starts, ends
+    cdef Py_ssize_t size
     cdef public Py_ssize_t max_records, n, bad, lines, scanned
     cdef Py_ssize_t start, end
     cdef public bint busy
@@ -43,6 +43,9 @@ cdef class RawBatch:
 
     @cython.locals(start="long long", end="long long", size="long long", k=Py_ssize_t)
     cdef _check(self)
+
+    cpdef attach(self, object buf)
+    cpdef detach(self)
 
     @cython.locals(r="fp_rec *", start=Py_ssize_t, end=Py_ssize_t, k=Py_ssize_t,
                    t=RawTrace)

@@ -1,9 +1,10 @@
 # cython: boundscheck=False, wraparound=False
 """The manager's record path without a Python object per record (compiled only).
 
-A batch of ring records is copied out of the ring as bytes (``Ring.drain_raw``), and each
-record is read by a C scanner (rawrecord.pxd) into one reusable C struct: numbers as C
-values, strings as pointers into the batch's bytes. From the struct the counters and
+A batch of ring records is read where it stands in the ring (``Ring.drain_spans`` says
+where; the Collector releases the space after the batch), each record by a C scanner
+(rawrecord.pxd) into one reusable C struct: numbers as C values, strings as pointers into
+the ring's bytes. From the struct the counters and
 histograms are updated (recordpass.count_batch and time_batch's semantics, record by
 record in ring order, so the float sums are the same additions in the same order) and
 the JSON access log line is written in C (rawjson.pxd: the bytes msgspec writes).
@@ -20,7 +21,6 @@ every record with msgspec as before. Measured in docs/BENCHMARKS.md ("Round 4").
 
 from __future__ import annotations
 
-import mmap
 import time
 from array import array
 
@@ -86,18 +86,16 @@ def _flush_rare(m, kind, a: str, b: str, x: int, n: int) -> None:
 
 
 class RawBatch:
-    """A batch of ring records as bytes: ``data`` (an anonymous mapping) holds them back
-    to back, record ``k`` ends at ``ends[k]``; ``n`` records. :meth:`process` counts them
-    into a Metrics and returns their JSON lines. One per Collector (``busy`` while it is
-    being processed).
+    """A batch of ring records where they stand: record ``k`` is ``view[starts[k]:
+    ends[k]]`` (:meth:`attach` gives the buffer, a ring's mapping); ``n`` records.
+    :meth:`process` counts them into a Metrics and returns their JSON lines. One per
+    Collector (``busy`` while it is being processed).
     """
 
-    def __init__(self, data_size: int, max_records: int = MAX_RECORDS):
-        # anonymous memory: pages appear as batches fill them (a bytearray would
-        # zero, and so make resident, all of it at once)
-        self.data = mmap.mmap(-1, data_size)
-        self.view = memoryview(self.data)  # also keeps the mapping from being closed
-        self.base = fp_buffer_data(self.data)  # noqa: F821
+    def __init__(self, max_records: int = MAX_RECORDS):
+        self.view = None
+        self.size = 0
+        self.starts = array("q", bytes(8 * max_records))
         self.ends = array("q", bytes(8 * max_records))
         self.max_records = max_records
         self.n = 0
@@ -125,32 +123,41 @@ class RawBatch:
         fp_free(self.rec)  # noqa: F821
         fp_out_free(self.out)  # noqa: F821
 
+    def attach(self, buf) -> None:
+        """The batch's records are in ``buf`` (a writable buffer: Ring.buffer), which
+        must stay mapped until :meth:`detach`."""
+        self.base = fp_buffer_data(buf)  # noqa: F821
+        self.view = buf
+        self.size = len(buf)
+
+    def detach(self) -> None:
+        self.view = None
+        self.size = 0
+        self.n = 0
+
     def _check(self) -> None:
-        """``n`` and ``ends`` describe records inside ``data`` (the loops read them
-        unchecked: set by Ring.drain_raw, but both are public)."""
+        """``n``, ``starts`` and ``ends`` describe records inside the attached buffer
+        (the loops read them unchecked: set by Ring.drain_spans, but all are public)."""
         if not 0 <= self.n <= self.max_records:
             raise ValueError(f"RawBatch: {self.n} records, room for {self.max_records}")
-        start = 0
-        size = len(self.data)
+        if self.n and self.view is None:
+            raise ValueError("RawBatch: no buffer attached")
+        size = self.size
         for k in range(self.n):
-            end = self.ends[k]
-            if end < start or end > size:
-                raise ValueError(f"RawBatch: record {k} ends at {end}")
-            start = end
+            start, end = self.starts[k], self.ends[k]
+            if start < 0 or end < start or end > size:
+                raise ValueError(f"RawBatch: record {k} at [{start}, {end})")
 
     def records(self) -> list:
         """The batch decoded by msgspec (records that do not decode are left out): what
         the tracer and the console format read."""
         self._check()
         out = []
-        start = 0
         for k in range(self.n):
-            end = self.ends[k]
             try:
-                out.append(decoder.decode(self.view[start:end]))
+                out.append(decoder.decode(self.view[self.starts[k]:self.ends[k]]))
             except msgspec.DecodeError:
                 pass
-            start = end
         return out
 
     def trace(self, tracer) -> None:
@@ -161,15 +168,13 @@ class RawBatch:
         t = self.tr
         t.begin(tracer)
         r = self.rec
-        start = 0
         try:
             for k in range(self.n):
-                end = self.ends[k]
+                start, end = self.starts[k], self.ends[k]
                 if fp_scan(self.base + start, end - start, r) != 0:  # noqa: F821
                     t.decoded(self.view, start, end)
                 elif t.on:
                     t.rec(r, self.view, start, end)
-                start = end
         finally:
             t.end()
 
@@ -201,10 +206,9 @@ class RawBatch:
         tracing = tracer is not None
         if tracing:
             t.begin(tracer)
-        start = 0
         try:
             for k in range(self.n):
-                end = self.ends[k]
+                start, end = self.starts[k], self.ends[k]
                 self.start, self.end = start, end
                 if fp_scan(self.base + start, end - start, r) == 0:  # noqa: F821
                     fast += 1
@@ -217,7 +221,6 @@ class RawBatch:
                         t.rec(r, self.view, start, end)
                 else:
                     self._slow(m, start, end, lines, tracing)
-                start = end
         finally:
             m.records += fast
             self.scanned = fast

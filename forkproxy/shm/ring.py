@@ -267,18 +267,36 @@ class Ring:
         return walk(self._q, self._buf, self._size, self._max, None, decode, out, errors,
                     max_records)
 
-    def drain_raw(self, dst, ends, max_records: int = 4096) -> int:
-        """Copy up to ``max_records`` records' bytes into ``dst`` back to back; record
-        ``k`` ends at ``ends[k]`` (an ``array('q')`` of at least ``max_records``).
+    def drain_spans(self, starts, ends, max_records: int = 4096) -> tuple[int, int]:
+        """Where up to ``max_records`` records stand, without copying or consuming them:
+        record ``k`` is ``buffer[starts[k]:ends[k]]`` (``array('q')`` of at least
+        ``max_records`` each). Returns (records, the tail that consumes them).
 
-        The compiled manager's drain (manager/rawbatch.py reads the copies after ``tail``
-        is published and the ring space freed). ``dst`` must hold ``data_size`` bytes: a
-        batch never holds more than the data area. Returns the number of records.
+        The compiled manager's drain (manager/rawbatch.py reads the records in the ring
+        and then calls :meth:`release` with that tail): the records stay the consumer's
+        until then, so the producer has a batch less of free space meanwhile (a 1 MiB
+        ring holds ~4,500 records of ~230 bytes, a batch at most ``max_records``). A
+        record never straddles the end of the data area, so each is contiguous.
         """
-        if len(dst) < self._size or len(ends) < max_records:  # the walk writes unchecked
-            raise ValueError("drain_raw: dst smaller than the data area, or too few ends")
+        if len(starts) < max_records or len(ends) < max_records:  # the walk writes unchecked
+            raise ValueError("drain_spans: too few starts or ends for max_records")
         return walk(self._q, self._buf, self._size, self._max, None, None, None, (),
-                    max_records, dst, ends)[0]
+                    max_records, starts, ends)
+
+    def release(self, tail: int) -> None:
+        """Publish ``tail`` from :meth:`drain_spans` once its records have been read: the
+        producer may overwrite them from then on. A tail behind the published one, or
+        past ``head``, is refused (it would hand the producer space it has not read, or
+        re-deliver records)."""
+        q = self._q
+        if not q[_TAIL] <= tail <= q[_HEAD]:
+            raise ValueError(f"release: tail {tail} outside [{q[_TAIL]}, {q[_HEAD]}]")
+        q[_TAIL] = tail
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole mapping as bytes (what :meth:`drain_spans`'s offsets index)."""
+        return self._buf
 
     def wait(self, timeout: float = 0.05) -> None:
         """Sleep (cooperatively, in gevent) until the producer rings or ``timeout`` passes.

@@ -23,31 +23,33 @@ _TAIL = 64 // 8
 _LOST = 72 // 8
 
 
-def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, dst=None, ends=None):
+def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, starts=None,
+         ends=None):
     """Up to ``max_records`` committed records, oldest first: ``handler(view)`` on each,
     or with ``decode``, ``out.append(decode(view))`` (Ring.drain, Ring.drain_decoded),
-    or with ``dst``, each record's bytes copied into ``dst`` back to back, record ``k``
-    ending at ``ends[k]`` (Ring.drain_raw; ``dst`` has room for the ring's data area).
+    or with ``starts``, where each record stands: record ``k`` is ``buf[starts[k]:
+    ends[k]]`` (Ring.drain_spans; both have room for ``max_records``).
 
     ``size``: the data area's size (a power of two), ``maxp``: the longest payload.
-    Publishes ``tail`` once, at the end (also when the handler raises). Returns
-    (records consumed, records whose decode raised one of ``errors``).
+    Publishes ``tail`` once, at the end (also when the handler raises), and returns
+    (records consumed, records whose decode raised one of ``errors``); with ``starts``
+    it publishes nothing and returns (records, the tail to publish once they are read).
     """
     mask = size - 1
     tail = q[_TAIL]
     head = q[_HEAD]
+    spans = starts is not None
     if head == tail:
-        return 0, 0
+        return 0, tail if spans else 0
     if not (head > tail and head - tail <= size):  # corrupt: nothing below head is trustworthy
         q[_LOST] += 1
+        if spans:
+            return 0, head
         q[_TAIL] = head
         return 0, 0
-    count = bad = used = 0
+    count = bad = 0
     data, m32, hi = _DATA, _M32, _HI  # C integers when compiled (ringwalk.pxd)
     append = out.append if out is not None else None
-    copy = dst is not None
-    if copy:
-        src = buf
     try:
         while tail != head and count < max_records:
             off = tail & mask
@@ -67,10 +69,9 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, dst=None
             at = data + off + 8
             tail += need
             count += 1
-            if copy:
-                dst[used : used + n] = src[at : at + n]
-                used += n
-                ends[count - 1] = used
+            if spans:
+                starts[count - 1] = at
+                ends[count - 1] = at + n
                 continue
             if append is not None:
                 try:
@@ -84,9 +85,10 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, dst=None
             finally:
                 view.release()
         else:
-            return count, bad
+            return count, tail if spans else bad
         q[_LOST] += 1  # a break: skip everything committed so far and resynchronise
         tail = head
     finally:
-        q[_TAIL] = tail
-    return count, bad
+        if not spans:
+            q[_TAIL] = tail
+    return count, tail if spans else bad

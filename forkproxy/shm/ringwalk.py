@@ -22,6 +22,18 @@ _HEAD = 0
 _TAIL = 64 // 8
 _LOST = 72 // 8
 
+#: the spans walk asks for the cache lines this many bytes ahead of the record it reads
+#: (compiled only: ringwalk.pxd's fp_ring_prefetch). The records were written by other
+#: CPUs and each header's place depends on the length before it, so without this every
+#: record is a serial cache miss (~0.1 µs per record in scripts/replay-bench).
+PREFETCH_BYTES = 2048
+try:
+    import cython
+
+    _PREFETCH = cython.compiled
+except ImportError:  # pragma: no cover - plain Python without Cython installed
+    _PREFETCH = False
+
 
 def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, starts=None,
          ends=None):
@@ -50,8 +62,17 @@ def walk(q, buf, size, maxp, handler, decode, out, errors, max_records, starts=N
     count = bad = 0
     data, m32, hi = _DATA, _M32, _HI  # C integers when compiled (ringwalk.pxd)
     append = out.append if out is not None else None
+    prefetch = spans and _PREFETCH
+    if prefetch:
+        base = fp_ring_base(buf)  # noqa: F821 (ringwalk.pxd)
+        pf = tail & ~63
+        ahead = PREFETCH_BYTES
     try:
         while tail != head and count < max_records:
+            if prefetch:
+                while pf < head and pf < tail + ahead:
+                    fp_ring_prefetch(base + data + (pf & mask))  # noqa: F821
+                    pf += 64
             off = tail & mask
             word = q[(data + off) >> 3]
             n = word & m32

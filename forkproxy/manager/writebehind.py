@@ -34,9 +34,8 @@ import time
 
 from forkproxy.osutil import sync_file_range_writer
 
-#: marks kept: the newest window's start and end, the one kicked a mark before (left to
-#: finish its writeback), and the two being dropped
-_MARKS = 5
+#: marks kept: the newest window's start and end, the window being dropped, the one before
+_MARKS = 4
 
 
 class WriteBehind:
@@ -88,8 +87,8 @@ class WriteBehind:
             marks.append(end)
             if len(marks) > _MARKS:
                 del marks[0]
-            if len(marks) > 3:
-                os.posix_fadvise(fd, marks[0], marks[-3] - marks[0], os.POSIX_FADV_DONTNEED)
+            if len(marks) > 2:
+                os.posix_fadvise(fd, marks[0], marks[-2] - marks[0], os.POSIX_FADV_DONTNEED)
             took = time.perf_counter() - t0
         except OSError:
             self.window = 0  # a file system that refuses: writes go on without it

@@ -6,15 +6,17 @@ that do not decode), in batches drained from a real ring."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import msgspec
 import pytest
-from test_manager_aggregation import random_context
+from test_manager_aggregation import assert_same, random_context, reference_metrics
 
 from forkproxy.context import N_TIMES, RequestContext, WorkerGauges, decoder, encoder
 from forkproxy.manager import accesslog, rawbatch
 from forkproxy.manager.collector import Collector
+from forkproxy.manager.histogram import DURATION_BUCKETS, FINE_BUCKETS
 from forkproxy.manager.jsonline import json_batch
 from forkproxy.manager.metrics import Metrics
 from forkproxy.manager.records import RecordSink
@@ -150,6 +152,41 @@ def test_durations_at_the_edge_of_the_c_writer_range():
             1_700_000_000.999, "r", 1, "a:1", "h", "GET", "/", 200, 0, 0, "", "", False,
             None, "", t)))
     assert run_both(payloads) == len(payloads)
+
+
+def test_phases_and_durations_on_every_bucket_bound():
+    """Each phase and the duration at, just under and just over every histogram bound
+    (below the first, past the last): the C bucket search puts each where
+    bisect_left does, so the exposition is the same."""
+    bounds = sorted(set(FINE_BUCKETS) | set(DURATION_BUCKETS))
+    values = [1e-9, 1e4]
+    for b in bounds:
+        values += [math.nextafter(b, 0.0), b, math.nextafter(b, math.inf)]
+    ctxs = []
+    for v in values:
+        # differences of doubles that are exact (2v - v == v): the phases at v, 2v, 4v
+        # and 8v, the duration and the total at v
+        for t in ([v, 2 * v, 2 * v, v, 2 * v, 4 * v, 8 * v, 16 * v],
+                  [v, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2 * v]):
+            assert t[2] - t[0] == v or t[7] - t[0] == v
+            ctxs.append(RequestContext(1_700_000_000.5, "r", 1, "a:1", "h", "GET", "/", 200,
+                                       0, 0, "app", "", False, None, "", t))
+    payloads = [encoder.encode(c) for c in ctxs]
+    assert run_both(payloads) == len(payloads)  # the same as time_batch's search
+    ring = Ring.create(1 << 20)  # and as bisect_left's (Histogram.observe)
+    raw, fast = rawbatch.RawBatch(), Metrics()
+    try:
+        for at in range(0, len(payloads), 256):
+            for p in payloads[at:at + 256]:
+                assert ring.push(p)
+            raw.n, tail = ring.drain_spans(raw.starts, raw.ends, 256)
+            raw.attach(ring.buffer)
+            raw.process(fast, False)
+            raw.detach()
+            ring.release(tail)
+    finally:
+        ring.close()
+    assert_same(fast, reference_metrics(ctxs))
 
 
 @pytest.mark.parametrize("fmt,batch", [("json", 64), ("console", 64), ("json", 1024)])

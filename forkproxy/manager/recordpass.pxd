@@ -7,10 +7,10 @@ cdef long[::1] _F2P
 cdef Py_ssize_t _N_FINE, _N_DURATION
 cdef bint COMPILED
 
-@cython.locals(lo=Py_ssize_t, n=Py_ssize_t, half=Py_ssize_t)
+@cython.locals(lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t)
 cdef Py_ssize_t _fine_bucket(double v) noexcept
 
-@cython.locals(lo=Py_ssize_t, n=Py_ssize_t, half=Py_ssize_t)
+@cython.locals(lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t)
 cdef Py_ssize_t _duration_bucket(double v) noexcept
 
 @cython.locals(requests=dict, tls=dict, reuse=dict, bytes_in=dict, bytes_out=dict)

@@ -44,27 +44,29 @@ COMPILED = not isinstance(_compiled_probe, FunctionType)
 
 def _fine_bucket(v):
     """``bisect_left(FINE_BUCKETS, v)`` over C doubles (compiled only: as Python it would
-    be slower than bisect). Branch-free: the answer is in [lo, lo + n], and each step
-    halves n by a comparison the C compiler turns into a conditional move (a branch
-    there is mispredicted every other step, as the phases' values are spread)."""
+    be slower than bisect)."""
     lo = 0
-    n = _N_FINE
-    while n > 1:
-        half = n >> 1
-        lo += half * (_FINE[lo + half - 1] < v)
-        n -= half
-    return lo + (_FINE[lo] < v)
+    hi = _N_FINE
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if _FINE[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _duration_bucket(v):
-    """``bisect_left(DURATION_BUCKETS, v)`` over C doubles (compiled only; as above)."""
+    """``bisect_left(DURATION_BUCKETS, v)`` over C doubles (compiled only)."""
     lo = 0
-    n = _N_DURATION
-    while n > 1:
-        half = n >> 1
-        lo += half * (_DURATION[lo + half - 1] < v)
-        n -= half
-    return lo + (_DURATION[lo] < v)
+    hi = _N_DURATION
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if _DURATION[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def count_batch(m, reqs):

@@ -58,8 +58,10 @@ K_GRPC = 10 << 56  # grpc: listener, upstream, grpc status
 #: start (one per K_ kind): the tables are sized for them
 MAX_RECORDS = 1024
 CELLS_PER_RECORD = 10
-#: with a ``sink``, the lines go to it whenever this much is written (see process)
-LINES_CHUNK = 64 * 1024
+#: with a ``sink``, the lines go to it whenever this much is written (see process;
+#: 128 KiB: half the write(2) calls of 64 KiB and 0.04 µs less system time per record
+#: in scripts/replay-bench, docs/BENCHMARKS.md "Round 6")
+LINES_CHUNK = 128 * 1024
 #: process() asks for the cache lines of the record this many ahead (rawrecord.pxd,
 #: fp_prefetch: ~1 KiB, a few records' work before they are read)
 PREFETCH_AHEAD = 4

@@ -6,13 +6,12 @@ from forkproxy.manager.rawjson cimport (fp_line, fp_out, fp_out_bytes, fp_out_fr
 from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_buffer_data, fp_cell_add,
                                           fp_cells, fp_cells_clear, fp_cells_free,
                                           fp_cells_new, fp_free, fp_intern, fp_name_slot,
-                                          fp_names_clear, fp_names_new, fp_prefetch, fp_rec,
-                                          fp_rec_new, fp_scan)
+                                          fp_names_clear, fp_names_new, fp_rec, fp_rec_new,
+                                          fp_scan)
 from forkproxy.manager.rawspans cimport RawTrace
 from forkproxy.manager.recordpass cimport _duration_bucket, _fine_bucket
 
 cdef long[::1] _F2P
-cdef Py_ssize_t PREFETCH_AHEAD
 cdef unsigned long long K_REQ, K_REUSE, K_BIN, K_BOUT, K_DUR, K_GRP, K_REJ, K_RETRY
 cdef unsigned long long K_TUN, K_GRPC
 
@@ -53,7 +52,7 @@ cdef class RawBatch:
     cpdef trace(self, object tracer)
 
     @cython.locals(fast=Py_ssize_t, r="fp_rec *", start=Py_ssize_t, end=Py_ssize_t,
-                   k=Py_ssize_t, t=RawTrace, tracing=bint, ahead=Py_ssize_t)
+                   k=Py_ssize_t, t=RawTrace, tracing=bint)
     cpdef bytes process(self, object m, bint lines, object tracer=*)
 
     cdef _slow(self, object m, Py_ssize_t start, Py_ssize_t end, bint lines, bint tracing)

@@ -62,9 +62,6 @@ CELLS_PER_RECORD = 10
 #: 128 KiB: half the write(2) calls of 64 KiB and 0.04 µs less system time per record
 #: in scripts/replay-bench, docs/BENCHMARKS.md "Round 6")
 LINES_CHUNK = 128 * 1024
-#: process() asks for the cache lines of the record this many ahead (rawrecord.pxd,
-#: fp_prefetch: ~1 KiB, a few records' work before they are read)
-PREFETCH_AHEAD = 4
 
 
 def _observe(p, h, v):
@@ -213,10 +210,6 @@ class RawBatch:
             t.begin(tracer)
         try:
             for k in range(self.n):
-                ahead = k + PREFETCH_AHEAD
-                if ahead < self.n:
-                    fp_prefetch(self.base + self.starts[ahead],  # noqa: F821
-                                self.ends[ahead] - self.starts[ahead])
                 start, end = self.starts[k], self.ends[k]
                 self.start, self.end = start, end
                 if fp_scan(self.base + start, end - start, r) == 0:  # noqa: F821

@@ -95,15 +95,6 @@ cdef extern from *:
                         | ((((v) ^ (0x22 * FP_ONES)) - FP_ONES) & ~((v) ^ (0x22 * FP_ONES))) \\
                         | ((((v) ^ (0x5c * FP_ONES)) - FP_ONES) & ~((v) ^ (0x5c * FP_ONES))))
 
-    /* Ask for the cache lines of n bytes at p ahead of their use: records read where
-       they stand in the ring were written by the workers' CPUs, and the scanner's reads
-       depend on the lengths it parses, so without this each line is a serial miss. */
-    static CYTHON_INLINE void fp_prefetch(const unsigned char *p, Py_ssize_t n) {
-        const unsigned char *e = p + n;
-        p = (const unsigned char *)((uintptr_t)p & ~(uintptr_t)63);
-        for (; p < e; p += 64) __builtin_prefetch(p, 0, 3);
-    }
-
     /* A string's n bytes at p (room: bytes readable from p, >= n): -1 if one is not ASCII;
        else FP_ESC into *flags if one needs a JSON escape. Eight bytes a step; the last
        step reads a whole word when the record has the room (its other bytes masked to
@@ -428,7 +419,6 @@ cdef extern from *:
 
     int FP_ESC, FP_NAMES_SLOTS, FP_NAMES_MAX, FP_CELL_SLOTS
     int fp_scan(const unsigned char *p, Py_ssize_t n, fp_rec *r) noexcept
-    void fp_prefetch(const unsigned char *p, Py_ssize_t n) noexcept
     int fp_may_sample(const fp_rec *r, int everything, unsigned long long below,
                       double slower_than) noexcept
     Py_ssize_t fp_intern(fp_name_slot *tab, list names, fp_str s) except -1

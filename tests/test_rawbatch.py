@@ -154,6 +154,26 @@ def test_durations_at_the_edge_of_the_c_writer_range():
     assert run_both(payloads) == len(payloads)
 
 
+def test_integers_at_every_power_of_ten_match_msgspec():
+    """The line writer's integers (worker, status, byte counts, stream, and the phases'
+    and duration's milliseconds) at 10^k - 1, 10^k and 10^k + 1 for every k, and the
+    int64 extremes: msgspec's digits."""
+    edges = sorted({0, 1, 2**48, 2**63 - 1, *(
+        x for k in range(1, 19) for x in (10**k - 1, 10**k, 10**k + 1))})
+    payloads = []
+    for i, x in enumerate(edges):
+        t = [0.0] * N_TIMES
+        us = x % 10**12  # the writer's range for milliseconds (us / 1000)
+        t[0], t[2] = 10.0, 10.0 + us / 1e6
+        t[7] = t[2] + us / 1e6
+        for worker in (x, -x, -(2**63)):
+            payloads.append(encoder.encode(RequestContext(
+                1_700_000_000.25, "r", worker, "a:1", "h", "GET", "/", x % 65536,
+                min(x, 2**48), min(x, 2**48), "app", "", False, None, "", t,
+                protocol="HTTP/2", stream=x if i % 2 else 0)))
+    assert run_both(payloads) > 0.9 * len(payloads)
+
+
 def test_phases_and_durations_on_every_bucket_bound():
     """Each phase and the duration at, just under and just over every histogram bound
     (below the first, past the last): the C bucket search puts each where

@@ -94,33 +94,15 @@ cdef extern from *:
         return w;
     }
 
-    /* "00" to "99" */
-    static const char fp_d2[201] =
-        "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
-        "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
-        "8081828384858687888990919293949596979899";
-
-    /* v in decimal. The digits are counted first (against powers of ten) and written
-       from the last, two at a time, straight into w: no copy through a scratch array,
-       whose byte-by-byte reversal was the line writer's hottest loop. */
     static char *fp_jint(char *w, long long v) {
-        unsigned long long u, p = 10;
-        int n = 1, r;
-        char *e;
+        char tmp[24];
+        int n = 0;
+        unsigned long long u;
         if (v < 0) { *w++ = '-'; u = 0ULL - (unsigned long long)v; }
         else u = (unsigned long long)v;
-        while (n < 20 && u >= p) { n++; p *= 10; }  /* p wraps only after its last use */
-        e = w + n;
-        while (u >= 100) {
-            r = (int)(u % 100);
-            u /= 100;
-            e -= 2;
-            e[0] = fp_d2[2 * r];
-            e[1] = fp_d2[2 * r + 1];
-        }
-        if (u >= 10) { e[-2] = fp_d2[2 * u]; e[-1] = fp_d2[2 * u + 1]; }
-        else e[-1] = (char)('0' + u);
-        return w + n;
+        do { tmp[n++] = (char)('0' + u % 10); u /= 10; } while (u);
+        while (n) *w++ = tmp[--n];
+        return w;
     }
 
     /* us / 1000.0 as msgspec prints it (the shortest repr): for 0 <= us < 1e12 it is

@@ -25,6 +25,9 @@ from forkproxy.shm.ring import Ring
 pytestmark = pytest.mark.skipif(not rawbatch.COMPILED,
                                 reason="the C record path exists only when compiled")
 
+#: rawrecord.pxd's FP_NAMES_MAX: a RawBatch forgets its names past this many
+NAMES_MAX = 1 << 14
+
 HOSTILE = ["", "/", "/a\"b", "/back\\slash", "/ctl\x01\x1f\x7f", "/tab\tnl\nret\r",
            "/b\bf\f", "/caf\u00e9", "/\u2603snow", "x" * 40, "y" * 300, "z" * 5000,
            "/emoji\U0001f600", "/nul\x00"]
@@ -282,6 +285,24 @@ def test_a_batch_of_distinct_labels_fills_every_kind_of_cell():
         c.times = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
         ctxs.append(c)
     assert run_both([encoder.encode(c) for c in ctxs], batch=rawbatch.MAX_RECORDS) == len(ctxs)
+
+
+def test_labels_in_runs_across_the_forgetting_of_the_names():
+    """Runs of records with one listener, upstream and route (each field remembers its
+    last name: rawrecord's fp_intern_field), names longer than it keeps, and more
+    distinct routes than FP_NAMES_MAX, so the names are forgotten between two batches
+    while a run goes on: every count under its own labels."""
+    rng = random.Random(12)
+    long_name = "L" * 57
+    ctxs = []
+    for i in range(2 * NAMES_MAX + 4000):  # half of them with a route of its own
+        c = random_context(rng)
+        run = i // 7
+        c.listener = ("a:1", "b:2", long_name, "")[run % 4]
+        c.upstream = ("app", "api", "", long_name + "u")[run % 3]
+        c.route = f"r{i}" if i % 2 else ("* /api", "")[run % 2]
+        ctxs.append(c)
+    assert run_both([encoder.encode(c) for c in ctxs], batch=1024) == len(ctxs)
 
 
 def test_each_escape_and_non_ascii_byte_at_every_offset_of_a_string():

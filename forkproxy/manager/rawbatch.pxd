@@ -5,7 +5,8 @@ from forkproxy.manager.rawjson cimport (fp_line, fp_out, fp_out_bytes, fp_out_fr
                                         fp_out_new, fp_out_put, fp_out_view)
 from forkproxy.manager.rawrecord cimport (FP_NAMES_MAX, fp_buffer_data, fp_cell_add,
                                           fp_cells, fp_cells_clear, fp_cells_free,
-                                          fp_cells_new, fp_free, fp_intern, fp_name_slot,
+                                          fp_cells_new, fp_free, fp_intern,
+                                          fp_intern_field, fp_name_slot,
                                           fp_names_clear, fp_names_new, fp_rec, fp_rec_new,
                                           fp_scan)
 from forkproxy.manager.rawspans cimport RawTrace

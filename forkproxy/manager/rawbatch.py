@@ -282,9 +282,9 @@ class RawBatch:
         """count_batch for one scanned record (into the batch's cells), then time_batch."""
         c = self.cells
         tab, names = self.names_tab, self.names
-        lid = fp_intern(tab, names, r.listener)  # noqa: F821
-        uid = fp_intern(tab, names, r.upstream)  # noqa: F821
-        rid = fp_intern(tab, names, r.route)  # noqa: F821
+        lid = fp_intern_field(tab, names, r.listener, 0)  # noqa: F821
+        uid = fp_intern_field(tab, names, r.upstream, 1)  # noqa: F821
+        rid = fp_intern_field(tab, names, r.route, 2)  # noqa: F821
         fp_cell_add(c, K_REQ | (r.status << 32) | (uid << 16) | lid, 1)  # noqa: F821
         if r.t[1]:  # T_TLS
             if r.tls_resumed == 1:

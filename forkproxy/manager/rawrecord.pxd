@@ -365,14 +365,39 @@ cdef extern from *:
         return NULL;
     }
 
+    /* After a names table's slots: the last name of each of FP_LASTS record fields
+       (fp_intern_field), a copy of its bytes and its id + 1 (0: none yet). */
+    #define FP_LASTS 4
+    #define FP_LAST_MAX 56
+    typedef struct { Py_ssize_t n, id1; unsigned char s[FP_LAST_MAX]; } fp_last;
+    #define FP_NAMES_BYTES (FP_NAMES_SLOTS * sizeof(fp_name_slot) + FP_LASTS * sizeof(fp_last))
+
     static fp_name_slot *fp_names_new(void) {
-        fp_name_slot *t = (fp_name_slot *)PyMem_Calloc(FP_NAMES_SLOTS, sizeof(fp_name_slot));
+        fp_name_slot *t = (fp_name_slot *)PyMem_Calloc(1, FP_NAMES_BYTES);
         if (t == NULL) PyErr_NoMemory();
         return t;
     }
 
     static void fp_names_clear(fp_name_slot *t) {
-        memset(t, 0, FP_NAMES_SLOTS * sizeof(fp_name_slot));
+        memset(t, 0, FP_NAMES_BYTES);
+    }
+
+    /* fp_intern for field k (< FP_LASTS) of a record: a name equal to the field's last
+       one (consecutive records of one listener, upstream, route) takes its id without
+       the hash and the table probe. */
+    static CYTHON_INLINE Py_ssize_t fp_intern_field(fp_name_slot *tab, PyObject *names,
+                                                    fp_str s, int k) {
+        fp_last *last = (fp_last *)(tab + FP_NAMES_SLOTS) + k;
+        Py_ssize_t id;
+        if (last->id1 && s.n == last->n && memcmp(s.p, last->s, (size_t)s.n) == 0)
+            return last->id1 - 1;
+        id = fp_intern(tab, names, s);
+        if (id >= 0 && s.n <= FP_LAST_MAX) {
+            last->n = s.n;
+            last->id1 = id + 1;
+            memcpy(last->s, s.p, (size_t)s.n);
+        }
+        return id;
     }
 
     static void fp_free(void *p) { PyMem_Free(p); }
@@ -422,6 +447,7 @@ cdef extern from *:
     int fp_may_sample(const fp_rec *r, int everything, unsigned long long below,
                       double slower_than) noexcept
     Py_ssize_t fp_intern(fp_name_slot *tab, list names, fp_str s) except -1
+    Py_ssize_t fp_intern_field(fp_name_slot *tab, list names, fp_str s, int k) except -1
     ctypedef struct fp_cells:
         Py_ssize_t n, cap
         unsigned long long *keys

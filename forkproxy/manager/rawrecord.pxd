@@ -32,15 +32,7 @@ cdef extern from *:
 
     typedef struct { const unsigned char *p, *end; int flags; } fp_cur;
 
-    /* the field readers, inlined into fp_scan: the cursor then stays in registers
-       instead of being reloaded and stored around ~25 calls per record */
-    #if defined(__GNUC__)
-    #define FP_HOT inline __attribute__((always_inline))
-    #else
-    #define FP_HOT CYTHON_INLINE
-    #endif
-
-    static FP_HOT int fp_get_int(fp_cur *c, long long *v) {
+    static int fp_get_int(fp_cur *c, long long *v) {
         unsigned char b;
         unsigned long long u = 0;
         int n, i, sign;
@@ -82,7 +74,7 @@ cdef extern from *:
         return 0;
     }
 
-    static FP_HOT int fp_get_len(fp_cur *c, Py_ssize_t *n, int nbytes) {
+    static int fp_get_len(fp_cur *c, Py_ssize_t *n, int nbytes) {
         Py_ssize_t v = 0;
         int i;
         if (c->end - c->p < nbytes) return -1;
@@ -137,7 +129,7 @@ cdef extern from *:
     }
 
     /* a str: ASCII only (anything else is left to msgspec, which checks UTF-8) */
-    static FP_HOT int fp_get_str(fp_cur *c, fp_str *s) {
+    static int fp_get_str(fp_cur *c, fp_str *s) {
         unsigned char b;
         Py_ssize_t n;
         if (c->p >= c->end) return -1;
@@ -155,7 +147,7 @@ cdef extern from *:
         return 0;
     }
 
-    static FP_HOT int fp_get_bin(fp_cur *c, fp_str *s) {
+    static int fp_get_bin(fp_cur *c, fp_str *s) {
         unsigned char b;
         Py_ssize_t n;
         if (c->p >= c->end) return -1;

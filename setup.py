@@ -23,6 +23,7 @@ COMPILED = [
     "forkproxy.manager.recordpass",
     "forkproxy.manager.jsonline",
     "forkproxy.shm.ringwalk",
+    "forkproxy.shm.ringpush",
     "forkproxy.http2.fieldsink",
     "forkproxy.http2.sendpath",
     "forkproxy.manager.rawspans",

@@ -94,6 +94,8 @@ class WorkerState:
         self.ids = IdGenerator()
         self.trace_threshold = ratio_threshold(cfg.tracing.sample_ratio)
         self.ring = spec.ring
+        #: the ring's push as one callable (the C push when shm/ringpush.py is compiled)
+        self.push_record = spec.ring.pusher() if spec.ring is not None else None
         self.pipes = PipePool() if srv.splice else None
         self.encbuf = bytearray(512)  # the ring records are encoded into it
         self.client_limits = None
@@ -139,4 +141,4 @@ class WorkerState:
         counts when full). One reused buffer: no allocation per record."""
         buf = self.encbuf
         encoder.encode_into(record, buf)
-        self.ring.push(buf)
+        self.push_record(buf)

@@ -24,6 +24,7 @@ COMPILED = [
     "forkproxy.manager.jsonline",
     "forkproxy.shm.ringwalk",
     "forkproxy.shm.ringpush",
+    "forkproxy.http.traceids",
     "forkproxy.http2.fieldsink",
     "forkproxy.http2.sendpath",
     "forkproxy.manager.rawspans",

@@ -5,6 +5,7 @@ head and tail sampling, and a collector that is down or slow."""
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import re
 import statistics
@@ -16,6 +17,7 @@ from fp import children_of, comm, connect, free_port, recv_response, request, wa
 from otlputil import Receiver, attrs
 
 from forkproxy.http import tracecontext as tc
+from forkproxy.http import traceids
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -642,3 +644,23 @@ def test_a_busy_shapes_spans_are_the_same_from_the_builder_and_the_template(
     # the connection's first request connected upstream; all the others are alike
     counts = sorted(collections.Counter(shapes).values())
     assert counts in ([n], [1, n - 1]), counts
+
+
+@pytest.mark.skipif(not traceids.COMPILED, reason="plain-Python job: no C id generator built")
+def test_compiled_new_trace_makes_the_bytes_of_the_python_one():
+    # http/traceids.py compiled (the worker's) against the same file run as Python, from
+    # the same sequence state, at every kind of threshold (all, some, none sampled)
+    spec = importlib.util.spec_from_file_location("traceids_py", traceids.__file__[
+        :traceids.__file__.index(".cpython")] + ".py")
+    pure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pure)
+    assert not pure.COMPILED
+    ids, py_ids = traceids.IdGenerator(), pure.IdGenerator()
+    py_ids.high, py_ids.high_hex = ids.high, ids.high_hex
+    thresholds = (tc.ratio_threshold(1.0), tc.ratio_threshold(0.5), 0, 1, (1 << 64) - 1)
+    for i in range(5000):
+        threshold = thresholds[i % len(thresholds)]
+        got = ids.new_trace(threshold)
+        trace_id = got[0][0]
+        py_ids._next = (int.from_bytes(trace_id[8:], "big") - pure._STEP) % (1 << 64)
+        assert got == py_ids.new_trace(threshold), i

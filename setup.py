@@ -25,6 +25,7 @@ COMPILED = [
     "forkproxy.shm.ringwalk",
     "forkproxy.shm.ringpush",
     "forkproxy.http.traceids",
+    "forkproxy.http.headbuild",
     "forkproxy.http2.fieldsink",
     "forkproxy.http2.sendpath",
     "forkproxy.manager.rawspans",

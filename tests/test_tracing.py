@@ -5,7 +5,6 @@ head and tail sampling, and a collector that is down or slow."""
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import re
 import statistics
@@ -15,6 +14,7 @@ import urllib.request
 import pytest
 from fp import children_of, comm, connect, free_port, recv_response, request, wait_for
 from otlputil import Receiver, attrs
+from puremod import pure_twin
 
 from forkproxy.http import tracecontext as tc
 from forkproxy.http import traceids
@@ -650,11 +650,7 @@ def test_a_busy_shapes_spans_are_the_same_from_the_builder_and_the_template(
 def test_compiled_new_trace_makes_the_bytes_of_the_python_one():
     # http/traceids.py compiled (the worker's) against the same file run as Python, from
     # the same sequence state, at every kind of threshold (all, some, none sampled)
-    spec = importlib.util.spec_from_file_location("traceids_py", traceids.__file__[
-        :traceids.__file__.index(".cpython")] + ".py")
-    pure = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pure)
-    assert not pure.COMPILED
+    pure = pure_twin(traceids)
     ids, py_ids = traceids.IdGenerator(), pure.IdGenerator()
     py_ids.high, py_ids.high_hex = ids.high, ids.high_hex
     thresholds = (tc.ratio_threshold(1.0), tc.ratio_threshold(0.5), 0, 1, (1 << 64) - 1)

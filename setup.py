@@ -24,7 +24,7 @@ COMPILED = [
     "forkproxy.manager.jsonline",
     "forkproxy.shm.ringwalk",
     "forkproxy.shm.ringpush",
-    "forkproxy.http.traceids",
+    "forkproxy.http.ids",
     "forkproxy.http.headbuild",
     "forkproxy.http2.fieldsink",
     "forkproxy.http2.sendpath",

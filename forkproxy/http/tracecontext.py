@@ -2,7 +2,7 @@
 ``traceparent`` and ``tracestate``, format the ``traceparent`` sent upstream, make ids.
 
 The worker calls these once per request, so they allocate little and make no system call:
-ids come from :class:`~forkproxy.http.traceids.IdGenerator` (random per worker, then a
+ids come from :class:`~forkproxy.http.ids.IdGenerator` (random per worker, then a
 counter; compiled), not from ``os.urandom`` per request. The ratio sampler is a function of the trace id alone (the
 OpenTelemetry TraceIdRatioBased rule on its low 8 bytes), so the worker (which sets the
 sampled flag of a trace it starts) and the manager (which decides what it exports) agree
@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from binascii import hexlify, unhexlify
 
-from forkproxy.http.traceids import SAMPLED, IdGenerator  # noqa: F401 (re-exported)
+from forkproxy.http.ids import SAMPLED, IdGenerator  # noqa: F401 (re-exported)
 
 #: version-00 traceparent: version, trace-id, parent-id, flags (lower-case hex only)
 _TRACEPARENT_RE = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")

@@ -8,8 +8,9 @@ import os
 
 from forkproxy.config import config_dir
 from forkproxy.context import encoder
+from forkproxy.http.ids import IdGenerator, RequestIds
 from forkproxy.http.request import Limits
-from forkproxy.http.tracecontext import IdGenerator, ratio_threshold
+from forkproxy.http.tracecontext import ratio_threshold
 from forkproxy.http2.limits import Http2Limits
 from forkproxy.osutil import lazy_buffer
 from forkproxy.shm.limitzone import ClientLimits
@@ -87,8 +88,8 @@ class WorkerState:
         self.http2_errors: dict[str, int] = {}
         self.requests = 0
         self.stats_errors = 0
-        self._rid_prefix = b"%08x" % (int.from_bytes(os.urandom(4), "big"))
-        self._rid = 0
+        #: X-Request-Id values (the C writer when http/ids.py is compiled)
+        self.new_request_id = RequestIds().next
         #: trace and span ids (W3C trace context), and the head-sampling threshold of
         #: the traces this worker starts ([tracing] sample_ratio)
         self.ids = IdGenerator()
@@ -113,10 +114,6 @@ class WorkerState:
         for reason, n in errors.items():
             totals[reason] = totals.get(reason, 0) + n
         errors.clear()
-
-    def new_request_id(self) -> bytes:
-        self._rid += 1
-        return b"%s%08x" % (self._rid_prefix, self._rid)
 
     def get_buffer(self) -> mmap.mmap:
         """A relay buffer of buffer_size: its pages are resident once a response has

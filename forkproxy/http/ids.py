@@ -1,11 +1,11 @@
-"""Trace and span ids for the worker, one call per request (compiled: setup.py's
-COMPILED, traceids.pxd).
+"""The ids a request gets in the worker, one call each (compiled: setup.py's COMPILED,
+ids.pxd): its X-Request-Id, and forkproxy's span with the ``traceparent`` line sent
+upstream (forkproxy/http/tracecontext.py has the rest of W3C Trace Context).
 
-:class:`IdGenerator` makes forkproxy's span for each request and the ``traceparent``
-line it sends upstream (forkproxy/http/tracecontext.py has the rest of W3C Trace
-Context). As plain Python ``new_trace`` is two additions, two ``to_bytes`` and a bytes
-format with two ``%016x``, ~450 ns; compiled (a C struct, the ids and the line written by
-traceids.pxd's helpers) it is ~100 ns. The same bytes either way (tests/test_tracing.py).
+As plain Python ``new_trace`` is two additions, two ``to_bytes`` and a bytes format with
+two ``%016x`` (~450 ns), and a request id a ``%08x`` format (~150 ns); compiled, the ids
+and the line are written by ids.pxd's helpers into bytes objects (~100 and ~40 ns). The
+same bytes either way (tests/test_tracing.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,21 @@ SAMPLED = 0x01
 _M64 = 0xFFFFFFFFFFFFFFFF
 #: an odd constant near 2**64 / golden ratio: successive ids differ in every byte
 _STEP = 0x9E3779B97F4A7C15
+
+
+class RequestIds:
+    """X-Request-Id values: a random 32-bit prefix per worker (one ``os.urandom`` when
+    made, after fork), then a counter, both in lower-case hex (at least 8 digits each)."""
+
+    def __init__(self) -> None:
+        self.prefix = b"%08x" % int.from_bytes(os.urandom(4), "big")
+        self.count = 0
+
+    def next(self) -> bytes:
+        count = self.count = self.count + 1
+        if COMPILED:
+            return fp_request_id(self.prefix, count)  # noqa: F821
+        return b"%s%08x" % (self.prefix, count)
 
 
 class IdGenerator:
@@ -61,7 +76,7 @@ class IdGenerator:
         span = self._next = (low + _STEP) & _M64
         if not (low and span):  # once in 2**64 ids
             return self.new_trace(threshold)
-        if COMPILED:  # the ids and the line written in C (traceids.pxd)
+        if COMPILED:  # the ids and the line written in C (ids.pxd)
             sampled = threshold > _M64 or low < threshold
             return ((fp_trace_id(self.high, low), fp_id8(span), b"",  # noqa: F821
                      SAMPLED if sampled else 0, ""),

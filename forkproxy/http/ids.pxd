@@ -1,5 +1,5 @@
-# C types for traceids.py (Cython pure-Python mode, setup.py's COMPILED), and the C
-# helpers its compiled new_trace calls: the ids as big-endian bytes, and the traceparent
+# C types for ids.py (Cython pure-Python mode, setup.py's COMPILED), and the C
+# helpers its compiled code calls: request ids, trace ids as big-endian bytes, the traceparent
 # line written straight into a bytes object.
 cimport cython
 
@@ -17,6 +17,29 @@ cdef extern from *:
         static const char digits[] = "0123456789abcdef";
         int i;
         for (i = 15; i >= 0; i--) { out[i] = digits[v & 0xF]; v >>= 4; }
+    }
+
+    /* PREFIX then the count in lower-case hex, at least 8 digits (b"%s%08x") */
+    static PyObject *fp_request_id(PyObject *prefix, uint64_t count) {
+        static const char digits[] = "0123456789abcdef";
+        char hex[16];
+        int n = 0, i;
+        Py_ssize_t plen;
+        PyObject *b;
+        char *o;
+        if (!PyBytes_Check(prefix)) {
+            PyErr_SetString(PyExc_TypeError, "the request id prefix is not bytes");
+            return NULL;
+        }
+        do { hex[n++] = digits[count & 0xF]; count >>= 4; } while (count);
+        while (n < 8) hex[n++] = '0';
+        plen = PyBytes_GET_SIZE(prefix);
+        b = PyBytes_FromStringAndSize(NULL, plen + n);
+        if (b == NULL) return NULL;
+        o = PyBytes_AS_STRING(b);
+        memcpy(o, PyBytes_AS_STRING(prefix), plen);
+        for (i = 0; i < n; i++) o[plen + i] = hex[n - 1 - i];
+        return b;
     }
 
     /* 8 bytes, big-endian */
@@ -62,12 +85,20 @@ cdef extern from *:
         return b;
     }
     """
+    object fp_request_id(object prefix, unsigned long long count)
     object fp_id8(unsigned long long v)
     object fp_trace_id(object high, unsigned long long low)
     object fp_traceparent_line(object high_hex, unsigned long long low,
                                unsigned long long span, bint sampled)
 
 cdef unsigned long long _M64, _STEP
+
+cdef class RequestIds:
+    cdef public bytes prefix
+    cdef public unsigned long long count
+
+    @cython.locals(count="unsigned long long")
+    cpdef bytes next(self)
 
 cdef class IdGenerator:
     cdef unsigned long long _next

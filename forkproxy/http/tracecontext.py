@@ -3,10 +3,10 @@
 
 The worker calls these once per request, so they allocate little and make no system call:
 ids come from :class:`~forkproxy.http.ids.IdGenerator` (random per worker, then a
-counter; compiled), not from ``os.urandom`` per request. The ratio sampler is a function of the trace id alone (the
-OpenTelemetry TraceIdRatioBased rule on its low 8 bytes), so the worker (which sets the
-sampled flag of a trace it starts) and the manager (which decides what it exports) agree
-without talking.
+counter; compiled), not from ``os.urandom`` per request. The ratio sampler is a function
+of the trace id alone (the OpenTelemetry TraceIdRatioBased rule on its low 8 bytes), so
+the worker (which sets the sampled flag of a trace it starts) and the manager (which
+decides what it exports) agree without talking.
 """
 
 from __future__ import annotations

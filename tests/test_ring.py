@@ -666,3 +666,38 @@ def test_drain_spans_skips_a_torn_record_and_resynchronises_on_release(make_ring
     ring.release(tail)
     q.release()
     assert ring.drain_spans(starts, ends, 64) == (0, ring.head)
+
+
+@pytest.mark.skipif(not ring_mod.PUSH_COMPILED, reason="plain-Python job: no C push built")
+def test_c_push_writes_the_same_bytes_as_the_python_push(make_ring):
+    # shm/ringpush.py (the worker's push, compiled) against Ring.push_python, step for
+    # step on two rings: records of every length up to past max_payload, wrap markers at
+    # every offset, full rings and a drain at random moments, a bytes, bytearray and
+    # memoryview payload each
+    c_ring, py_ring = make_ring(2048), make_ring(2048)
+    c_push = c_ring.pusher()
+    assert c_push != c_ring.push_python  # the compiled producer's own push
+    rnd = random.Random(7)
+    kinds = (bytes, bytearray, lambda b: memoryview(b)[1:])
+    for step in range(6000):
+        n = rnd.choice((rnd.randrange(0, 64), rnd.randrange(0, 1100)))
+        payload = kinds[step % 3](bytes([step % 251]) * (n + 1))
+        assert c_push(payload) == py_ring.push_python(payload), step
+        if rnd.random() < 0.2:
+            most = rnd.randrange(1, 40)
+            assert drain_all(c_ring, most) == drain_all(py_ring, most), step
+        assert bytes(c_ring._map) == bytes(py_ring._map), step
+    assert c_ring.dropped == py_ring.dropped > 0
+    assert c_ring.head == py_ring.head > 2048 * 50  # many laps
+    c_ring.reset_producer()
+    assert c_ring.push(b"after reset")
+    assert drain_all(c_ring)[-1] == b"after reset"
+
+
+def test_push_into_a_closed_ring_raises(make_ring):
+    ring = make_ring(1024)
+    push = ring.pusher()
+    assert push(b"x")
+    ring.close()
+    with pytest.raises(ValueError):
+        push(b"y")

@@ -14,7 +14,9 @@ import urllib.request
 import pytest
 from fp import children_of, comm, connect, free_port, recv_response, request, wait_for
 from otlputil import Receiver, attrs
+from puremod import pure_twin
 
+from forkproxy.http import ids as idmod
 from forkproxy.http import tracecontext as tc
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -642,3 +644,36 @@ def test_a_busy_shapes_spans_are_the_same_from_the_builder_and_the_template(
     # the connection's first request connected upstream; all the others are alike
     counts = sorted(collections.Counter(shapes).values())
     assert counts in ([n], [1, n - 1]), counts
+
+
+@pytest.mark.skipif(not idmod.COMPILED, reason="plain-Python job: no C id generator built")
+def test_compiled_new_trace_makes_the_bytes_of_the_python_one():
+    # http/ids.py compiled (the worker's) against the same file run as Python, from
+    # the same sequence state, at every kind of threshold (all, some, none sampled)
+    pure = pure_twin(idmod)
+    ids, py_ids = idmod.IdGenerator(), pure.IdGenerator()
+    py_ids.high, py_ids.high_hex = ids.high, ids.high_hex
+    thresholds = (tc.ratio_threshold(1.0), tc.ratio_threshold(0.5), 0, 1, (1 << 64) - 1)
+    for i in range(5000):
+        threshold = thresholds[i % len(thresholds)]
+        got = ids.new_trace(threshold)
+        trace_id = got[0][0]
+        py_ids._next = (int.from_bytes(trace_id[8:], "big") - pure._STEP) % (1 << 64)
+        assert got == py_ids.new_trace(threshold), i
+
+
+def test_request_ids_are_a_worker_prefix_and_a_hex_counter():
+    ids, other = idmod.RequestIds(), idmod.RequestIds()
+    first = [ids.next() for _ in range(1000)]
+    assert first[0][8:] == b"00000001" and first[-1][8:] == b"000003e8"
+    assert all(len(r) == 16 and r[:8] == ids.prefix and re.fullmatch(rb"[0-9a-f]{16}", r)
+               for r in first)
+    assert ids.prefix != other.prefix  # random per worker
+    ids.count = 0xFFFFFFFF  # past 2**32 the counter takes more digits, never wraps
+    assert ids.next() == ids.prefix + b"100000000"
+    if idmod.COMPILED:  # the C writer makes the bytes of the Python format
+        pure = pure_twin(idmod).RequestIds()
+        pure.prefix = ids.prefix
+        for count in (0, 9, 0xF, 0x10, 0xABCDEF, 0xFFFFFFFE, 1 << 40, (1 << 64) - 2):
+            ids.count = pure.count = count
+            assert ids.next() == pure.next(), count

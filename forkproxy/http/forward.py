@@ -8,6 +8,7 @@ what they produce (scripts/fuzz re-parses every forwarded head).
 from __future__ import annotations
 
 from forkproxy.http.framing import Framing
+from forkproxy.http.headbuild import request_head
 from forkproxy.http.messages import connection_tokens
 
 #: the connection options a client may name that are not header fields to strip
@@ -20,12 +21,13 @@ _DROP_FROM_101 = frozenset({b"connection", b"keep-alive", b"proxy-connection", b
 
 def upstream_head(req, rid: bytes, remote: bytes, scheme: bytes, host_fallback: bytes,
                   extra: bytes = b"") -> bytes:
-    """The HTTP/1.1 request head sent upstream for ``req`` (one bytes format: hot path).
+    """The HTTP/1.1 request head sent upstream for ``req`` (hot path).
 
     Hop-by-hop fields were dropped by the parser; the fields the client's Connection
     header names are dropped here. X-Forwarded-For is appended to, X-Forwarded-Proto and
     X-Request-Id are set, ``extra`` (whole header lines: the trace context) is added,
-    and the body is framed as parsed (chunked stays chunked)."""
+    and the body is framed as parsed (chunked stays chunked). Written by
+    headbuild.request_head (in C when compiled)."""
     headers = req.headers
     if req.connection:
         drop = connection_tokens(req.connection) - _OPTIONS
@@ -37,12 +39,8 @@ def upstream_head(req, rid: bytes, remote: bytes, scheme: bytes, host_fallback: 
         tail = b"Content-Length: %d\r\n\r\n" % req.content_length
     else:
         tail = b"\r\n"
-    return (b"%s %s HTTP/1.1\r\nHost: %s\r\n%sX-Forwarded-For: %s%s\r\n"
-            b"X-Forwarded-Proto: %s\r\nX-Request-Id: %s\r\n%s%s") % (
-        req.method.encode(), req.path, req.host or host_fallback,
-        b"".join([b"%s: %s\r\n" % h for h in headers]) if headers else b"",
-        req.forwarded_for + b", " if req.forwarded_for else b"", remote,
-        scheme, rid, extra, tail)
+    return request_head(req.method, req.path, req.host or host_fallback, headers,
+                        req.forwarded_for, remote, scheme, rid, extra, tail)
 
 
 def upgrade_head(head: bytes, upgrade: bytes, leftover: bytes) -> bytes:

@@ -40,7 +40,8 @@ compiles to a single ``mov``: atomic on x86-64 (measured, and re-checked by a te
 property of the CPython build, not a language guarantee). Each access is a separate
 bytecode behind opaque calls, so the C compiler cannot reorder them either. The
 consumer's walk (ringwalk.py) is compiled, but it too makes each access as one call on
-these memoryview objects.
+these memoryview objects. The producer's push, when compiled (ringpush.py), makes its
+stores as C11 atomics with release order, which the C compiler keeps in this order too.
 
 * x86-64 (TSO): stores are seen in program order and loads are not reordered with other
   loads or with later stores. Hence payload/header stores are visible before ``head``
@@ -69,6 +70,8 @@ from collections.abc import Callable
 
 from gevent.socket import wait_read
 
+from forkproxy.shm.ringpush import COMPILED as PUSH_COMPILED
+from forkproxy.shm.ringpush import Producer
 from forkproxy.shm.ringwalk import (  # noqa: F401 (HEADER_SIZE: re-exported)
     _DATA,
     _HEAD,
@@ -135,7 +138,8 @@ class Ring:
     reap a dead worker before it forks the replacement that pushes into the same ring.
     """
 
-    __slots__ = ("_map", "_q", "_buf", "_efd", "_size", "_mask", "_half", "_max", "_limit")
+    __slots__ = ("_map", "_q", "_buf", "_efd", "_size", "_mask", "_half", "_max", "_limit",
+                 "_producer")
 
     def __init__(self, mapping, doorbell_fd: int) -> None:
         self._map = mapping
@@ -155,6 +159,9 @@ class Ring:
         # Producer-local: head may grow up to here before tail must be re-read. A stale
         # value only underestimates free space (tail never moves backwards).
         self._limit = self._q[_TAIL] + self._size
+        #: the push in C when ringpush.py is compiled (None: pushed in Python below)
+        self._producer = (Producer(mapping, doorbell_fd, self._size, self._q[_TAIL])
+                          if PUSH_COMPILED else None)
 
     @classmethod
     def create(cls, data_size: int = 1 << 20) -> Ring:
@@ -175,6 +182,13 @@ class Ring:
 
     # -- producer ---------------------------------------------------------------------------
 
+    def pusher(self) -> Callable[[Payload], bool]:
+        """The fastest callable with :meth:`push`'s semantics: the compiled producer's
+        own push (one C call, ringpush.py), or :meth:`push`. For the worker's per-request
+        record (worker/state.py keeps it)."""
+        producer = self._producer
+        return producer.push if producer is not None else self.push
+
     def push(self, payload: Payload) -> bool:
         """Append one record (a bytes-like object of single bytes); False if dropped.
 
@@ -182,6 +196,13 @@ class Ring:
         ``head`` is read from shared memory on every push, so a replacement producer
         continues where the previous one last committed.
         """
+        producer = self._producer
+        if producer is not None:
+            return producer.push(payload)
+        return self.push_python(payload)
+
+    def push_python(self, payload: Payload) -> bool:
+        """:meth:`push` in Python (the plain build's; tests compare it with the C one)."""
         n = len(payload)
         q = self._q
         head = q[_HEAD]
@@ -236,6 +257,8 @@ class Ring:
         the replacement overwrites.
         """
         self._limit = self._q[_TAIL] + self._size
+        if self._producer is not None:
+            self._producer.reset()
 
     # -- consumer ---------------------------------------------------------------------------
 
@@ -367,6 +390,9 @@ class Ring:
         """Unmap and close the doorbell in this process (other processes keep theirs)."""
         if self._efd < 0:
             return
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
         self._q.release()
         self._buf.release()
         self._map.close()

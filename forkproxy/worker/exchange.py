@@ -430,5 +430,5 @@ class Exchange:
             self.route, trace[0], trace[1], trace[2], trace[3], trace[4],
             grpc.recorded_status(self, status) if req.grpc else None,
         ), buf)
-        ws.ring.push(buf)  # never blocks: the ring drops and counts when full
+        ws.push_record(buf)  # never blocks: the ring drops and counts when full
         self.reject = ""

@@ -8,8 +8,9 @@ import os
 
 from forkproxy.config import config_dir
 from forkproxy.context import encoder
+from forkproxy.http.ids import IdGenerator, RequestIds
 from forkproxy.http.request import Limits
-from forkproxy.http.tracecontext import IdGenerator, ratio_threshold
+from forkproxy.http.tracecontext import ratio_threshold
 from forkproxy.http2.limits import Http2Limits
 from forkproxy.osutil import lazy_buffer
 from forkproxy.shm.limitzone import ClientLimits
@@ -87,13 +88,15 @@ class WorkerState:
         self.http2_errors: dict[str, int] = {}
         self.requests = 0
         self.stats_errors = 0
-        self._rid_prefix = b"%08x" % (int.from_bytes(os.urandom(4), "big"))
-        self._rid = 0
+        #: X-Request-Id values (the C writer when http/ids.py is compiled)
+        self.new_request_id = RequestIds().next
         #: trace and span ids (W3C trace context), and the head-sampling threshold of
         #: the traces this worker starts ([tracing] sample_ratio)
         self.ids = IdGenerator()
         self.trace_threshold = ratio_threshold(cfg.tracing.sample_ratio)
         self.ring = spec.ring
+        #: the ring's push as one callable (the C push when shm/ringpush.py is compiled)
+        self.push_record = spec.ring.pusher() if spec.ring is not None else None
         self.pipes = PipePool() if srv.splice else None
         self.encbuf = bytearray(512)  # the ring records are encoded into it
         self.client_limits = None
@@ -111,10 +114,6 @@ class WorkerState:
         for reason, n in errors.items():
             totals[reason] = totals.get(reason, 0) + n
         errors.clear()
-
-    def new_request_id(self) -> bytes:
-        self._rid += 1
-        return b"%s%08x" % (self._rid_prefix, self._rid)
 
     def get_buffer(self) -> mmap.mmap:
         """A relay buffer of buffer_size: its pages are resident once a response has
@@ -139,4 +138,4 @@ class WorkerState:
         counts when full). One reused buffer: no allocation per record."""
         buf = self.encbuf
         encoder.encode_into(record, buf)
-        self.ring.push(buf)
+        self.push_record(buf)

@@ -35,17 +35,33 @@ def _block(size: int, n: int):
 
 def take_free_blocks() -> int:
     """Allocate objects until every size class draws from a fresh pool; returns how many
-    blocks were taken. The objects are kept for the master's life."""
+    blocks were taken. The objects are kept for the master's life.
+
+    Two passes. The first takes blocks until a fresh pool shows (its first block, then
+    the one after it). The second takes what the first pass's own work freed again, and
+    the holes the first could not see (a pool whose first two blocks were free, as a list
+    freed in reverse leaves them), until two blocks in a row are adjacent. No range or
+    other object of a probed size is made inside the loops (a freed one is a new hole)."""
     taken = 0
     for size in SIZE_CLASSES:
-        prev = None
-        for n in range(MAX_PER_CLASS):
-            obj = _block(size, n)
-            addr = id(obj)
-            _plugs.append(obj)
-            taken += 1
-            # a fresh pool is carved in order: its first block, then the one after it
-            if prev is not None and prev % POOL_SIZE == POOL_FIRST_BLOCK and addr == prev + size:
-                break
-            prev = addr
+        taken += _take(size, True)
+    for size in SIZE_CLASSES:
+        taken += _take(size, False)
     return taken
+
+
+def _take(size: int, fresh_pool: bool) -> int:
+    """Blocks of class ``size`` until two in a row are adjacent (``fresh_pool``: and the
+    first of them is a pool's first block); returns how many."""
+    n = 0
+    prev = 0
+    while n < MAX_PER_CLASS:
+        obj = _block(size, n)
+        addr = id(obj)
+        _plugs.append(obj)
+        n += 1
+        # a fresh pool is carved in order: its first block, then the one after it
+        if addr == prev + size and (not fresh_pool or prev % POOL_SIZE == POOL_FIRST_BLOCK):
+            break
+        prev = addr
+    return n

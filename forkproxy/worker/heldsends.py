@@ -31,8 +31,11 @@ from __future__ import annotations
 
 #: the largest send held: tcp_wmem's default send buffer (16 KiB) takes it whole
 HOLD_MAX = 16384
-#: the most sends held at once (the one that reaches it sends them all)
-HOLD_COUNT = 32
+#: the most sends held at once (the one that reaches it sends them all): with heads and
+#: responses both held, 16 is ~8 requests' sends. At 1,000 connections 32 made the peers'
+#: bursts larger and the p99 ~20-30% longer; -c32/-c64 pay 0.7-1.4 µs per request for 16
+#: (docs/BENCHMARKS.md, "The hold cap, again")
+HOLD_COUNT = 16
 
 
 class HeldSends:

@@ -103,6 +103,9 @@ cdef class RequestIds:
 cdef class IdGenerator:
     cdef unsigned long long _next
     cdef public bytes high, high_hex
+    cdef object _threshold
+    cdef bint _sample_all
+    cdef unsigned long long _below
 
     cpdef unsigned long long next(self)
     cpdef bytes span_id(self)

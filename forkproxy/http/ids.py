@@ -56,6 +56,11 @@ class IdGenerator:
         self._next = int.from_bytes(seed[:8], "big")
         self.high = seed[8:] if any(seed[8:]) else b"\x00" * 7 + b"\x01"
         self.high_hex = hexlify(self.high)
+        # the last threshold new_trace was given, as C values: it is the worker's one
+        # setting, so comparing C integers needs no int object per request
+        self._threshold = None
+        self._sample_all = False
+        self._below = 0
 
     def next(self) -> int:
         """The next 64-bit value of the sequence (never 0)."""
@@ -77,7 +82,11 @@ class IdGenerator:
         if not (low and span):  # once in 2**64 ids
             return self.new_trace(threshold)
         if COMPILED:  # the ids and the line written in C (ids.pxd)
-            sampled = threshold > _M64 or low < threshold
+            if threshold is not self._threshold:
+                self._threshold = threshold
+                self._sample_all = threshold > _M64
+                self._below = 0 if self._sample_all else threshold
+            sampled = self._sample_all or low < self._below
             return ((fp_trace_id(self.high, low), fp_id8(span), b"",  # noqa: F821
                      SAMPLED if sampled else 0, ""),
                     fp_traceparent_line(self.high_hex, low, span, sampled))  # noqa: F821

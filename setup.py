@@ -30,6 +30,7 @@ COMPILED = [
     "forkproxy.http2.sendpath",
     "forkproxy.manager.rawspans",
     "forkproxy.manager.rawbatch",
+    "forkproxy.libcalls",
 ]
 
 #: Cython's shared utility module: one copy of the code Cython adds to every module (the

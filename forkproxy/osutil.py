@@ -1,17 +1,15 @@
-"""Small operating-system helpers that several floors need (the lowest floor: imports
-nothing from forkproxy). One copy of each, so that the master, the manager, the workers
+"""Small operating-system helpers that several floors need (the leaves' floor: imports
+only libcalls, the floor below). One copy of each, so that the master, the manager, the workers
 and the shared-memory code agree on what "alive", "loopback" and "dropped" mean."""
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import mmap
 import os
 import signal
 
-PR_SET_PDEATHSIG = 1
-SYNC_FILE_RANGE_WRITE = 2
+from forkproxy import libcalls
 
 
 def pid_alive(pid: int) -> bool:
@@ -36,12 +34,8 @@ def lazy_buffer(size: int) -> mmap.mmap:
 
 def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send ``sig`` when our parent (the master) dies. A second line
-    of defence besides the lifeline pipe: best effort where prctl is missing."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    of defence besides the lifeline pipe."""
+    libcalls.set_pdeathsig(sig)
 
 
 def sync_file_range_writer():
@@ -50,16 +44,9 @@ def sync_file_range_writer():
     Unlike ``posix_fadvise(DONTNEED)`` it never tries to drop the pages, so a range that
     is still dirty costs no drain of every CPU's LRU caches. OSError on failure, and
     AttributeError where libc lacks it."""
-    fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-
-    def write(fd: int, offset: int, nbytes: int) -> None:
-        if fn(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    return write
+    if not libcalls.has_sync_file_range():
+        raise AttributeError("this libc has no sync_file_range")
+    return libcalls.start_writeback
 
 
 def drop_privileges(uid: int | None, gid: int | None, groups: list[int] | None) -> bool:

@@ -3,14 +3,9 @@ the master's children apart: fp-worker-N, fp-manager."""
 
 from __future__ import annotations
 
-import ctypes
-
-_PR_SET_NAME = 15
+from forkproxy import libcalls
 
 
 def set_name(name: str) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    """Name this process; the kernel keeps the first 15 bytes."""
+    libcalls.set_name(name)

@@ -3,8 +3,9 @@ heap memory back to the OS after many connections closed."""
 
 from __future__ import annotations
 
-import ctypes
 import gc
+
+from forkproxy import libcalls
 
 #: gc.collect() + malloc_trim(0) once the connection count fell by TRIM_MIN_DROP and to half of
 #: its high-water mark, checked at most every TRIM_INTERVAL seconds (see HeapTrimmer)
@@ -50,12 +51,7 @@ class HeapTrimmer:
         self.peak = 0
         self.next_check = 0.0
         self.trims = 0
-        try:
-            self._trim = ctypes.CDLL(None).malloc_trim
-            self._trim.argtypes = [ctypes.c_size_t]
-            self._trim.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            self._trim = None
+        self._trim = libcalls.malloc_trim if libcalls.has_malloc_trim() else None
 
     def check(self, connections: int, now: float) -> bool:
         """Track the high-water mark; trim if due. True if it trimmed."""
@@ -67,7 +63,7 @@ class HeapTrimmer:
         if self.peak - connections < TRIM_MIN_DROP or connections > self.peak // 2:
             return False
         gc.collect()
-        self._trim(0)
+        self._trim()
         self.peak = connections
         self.trims += 1
         return True

@@ -4,6 +4,8 @@ health verdicts, the shared health table, passive ejection and slow start."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -333,3 +335,13 @@ def test_config_validation_of_the_new_keys():
     assert up.health_check.interval == 0.5 and up.health_check.fall == 3
     assert up.tcp_keepalive.idle == 30.0 and up.tcp_keepalive.count == 6
     assert cfg.route[0].split[0].weight == 3 and cfg.route[0].canary_header == "X-Canary"
+
+
+def test_balancing_and_health_checks_load_no_random_module():
+    """They use random.Random's C generator (_random): the random module's Python layer
+    would be resident in every process of the tree for nothing (docs/BENCHMARKS.md)."""
+    code = ("import sys\nimport forkproxy.worker.balancer, forkproxy.manager.healthcheck\n"
+            "print('random' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

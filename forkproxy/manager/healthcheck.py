@@ -28,8 +28,8 @@ The checks restart on every reload (the helper re-reads the config on HUP).
 
 from __future__ import annotations
 
-import random
 import time
+from _random import Random  # random.Random's C generator (balancer.py says why)
 
 import gevent
 from gevent import socket
@@ -304,7 +304,7 @@ class HealthChecker:
         state, since = table.state(i)
         verdict = Verdict(hc.rise, hc.fall, state, since)
         # spread the first checks a little (many servers, one helper)
-        gevent.sleep(random.uniform(0, min(hc.interval, 1.0) * 0.2))
+        gevent.sleep(Random().random() * min(hc.interval, 1.0) * 0.2)
         while True:
             t0 = time.monotonic()
             ok, status = check_once(host, port, hc.path, host_header, hc.timeout, tls,

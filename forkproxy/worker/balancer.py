@@ -37,7 +37,7 @@ All of them skip peers that are not ``usable`` (down, ejected) and peers in ``ex
 from __future__ import annotations
 
 import math
-import random as _random
+from _random import Random  # random.Random's C generator: not the random module's ~0.2 MiB
 from bisect import bisect_right
 
 from forkproxy.context import WEIGHT_SCALE
@@ -118,8 +118,8 @@ class RandomTwo:
     name = "random_two"
     keyed = False
 
-    def __init__(self, rng: _random.Random | None = None):
-        self.random = (rng or _random.Random()).random
+    def __init__(self, rng: Random | None = None):
+        self.random = (rng or Random()).random
 
     def pick(self, peers, exclude=None, key=None):
         cands = [p for p in peers if p.usable and (exclude is None or p not in exclude)]

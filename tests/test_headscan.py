@@ -34,7 +34,9 @@ NAMES = [
     b"Keep-Alive", b"keep-alive", b"Keep-Alivee", b"Proxy-Connection", b"TE", b"te", b"Te", b"T",
     b"TES", b"Trailer", b"trailers", b"Transfer-Encoding", b"TRANSFER-ENCODING", b"Upgrade",
     b"upgradE", b"Proxy-Authenticate", b"proxy-authorization", b"Proxy-Authorizations",
-    b"Host", b"User-Agent", b"Cookie", b"X-Request-Id", b"X-Forwarded-For", b"traceparent",
+    b"Host", b"HOST", b"Hosts", b"User-Agent", b"Cookie", b"X-Request-Id", b"x-request-ID",
+    b"X-Forwarded-For", b"traceparent", b"TraceState", b"tracestat", b"Expect", b"EXPECT",
+    b"Transfer_Encoding", b"content_length", b"Content-Type",
 ]
 LENGTHS = [
     b"0", b"2", b"12345", b"007", b"00", b"0 ", b" 5", b"\t5", b"5 ", b"", b"+5", b"-1", b"1_0",
@@ -145,6 +147,10 @@ def test_the_smuggling_corpus_scans_the_same():
     for head in heads:
         assert headscan.judge_response_head(head) == pure.judge_response_head(head), head
         assert headscan.scan_request_head(head) == pure.scan_request_head(head), head
+
+
+def test_the_random_heads_have_every_field_the_request_fast_path_acts_on():
+    assert {name.lower() for name in NAMES} >= headscan.REQUEST_SPECIAL
 
 
 def test_a_head_without_a_connection_line_is_relayed_as_it_came():

@@ -95,35 +95,27 @@ cdef extern from *:
         return -1;
     }
 
-    /* a new 4-tuple of the four new references, each stolen (all dropped when one is
-       NULL: the error is set) */
-    static PyObject *fp_tuple4(PyObject *a, PyObject *b, PyObject *c, PyObject *d) {
-        PyObject *t = (a && b && c && d) ? PyTuple_New(4) : NULL;
+    /* a new tuple of n new references, each stolen (all dropped when one is NULL: its
+       error is set) */
+    static PyObject *fp_tuple(Py_ssize_t n, PyObject *const *items) {
+        PyObject *t = NULL;
+        Py_ssize_t i;
+        for (i = 0; i < n && items[i] != NULL; i++) {}
+        if (i == n) t = PyTuple_New(n);
         if (t == NULL) {
-            Py_XDECREF(a); Py_XDECREF(b); Py_XDECREF(c); Py_XDECREF(d);
+            for (i = 0; i < n; i++) Py_XDECREF(items[i]);
             return NULL;
         }
-        PyTuple_SET_ITEM(t, 0, a);
-        PyTuple_SET_ITEM(t, 1, b);
-        PyTuple_SET_ITEM(t, 2, c);
-        PyTuple_SET_ITEM(t, 3, d);
+        for (i = 0; i < n; i++) PyTuple_SET_ITEM(t, i, items[i]);
         return t;
     }
 
     /* a new (name, value) tuple of two slices of h */
     static PyObject *fp_pair(const unsigned char *h, Py_ssize_t a, Py_ssize_t an,
                              Py_ssize_t b, Py_ssize_t bn) {
-        PyObject *t, *x, *y;
-        x = PyBytes_FromStringAndSize((const char *)h + a, an);
-        y = x ? PyBytes_FromStringAndSize((const char *)h + b, bn) : NULL;
-        t = y ? PyTuple_New(2) : NULL;
-        if (t == NULL) {
-            Py_XDECREF(x); Py_XDECREF(y);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(t, 0, x);
-        PyTuple_SET_ITEM(t, 1, y);
-        return t;
+        PyObject *items[2] = {PyBytes_FromStringAndSize((const char *)h + a, an),
+                              PyBytes_FromStringAndSize((const char *)h + b, bn)};
+        return fp_tuple(2, items);
     }
 
     /* headscan.judge_response_head for a bytes head: None, or (status, length, keep,
@@ -176,17 +168,49 @@ cdef extern from *:
             memcpy(o + cut, h + cut_end, n - cut_end);
             o[7] = '1';  /* an HTTP/1.0 upstream's head is relayed as HTTP/1.1 */
         }
-        return fp_tuple4(PyLong_FromLong((h[9] - '0') * 100 + (h[10] - '0') * 10 + h[11] - '0'),
-                         PyLong_FromLongLong(length), PyBool_FromLong(keep), out);
+        {
+            PyObject *items[4] = {
+                PyLong_FromLong((h[9] - '0') * 100 + (h[10] - '0') * 10 + h[11] - '0'),
+                PyLong_FromLongLong(length), PyBool_FromLong(keep), out};
+            return fp_tuple(4, items);
+        }
+    }
+
+    /* the request fields the fast path acts on (headscan.REQUEST_SPECIAL) */
+    static const struct { const char *name; Py_ssize_t len; } fp_special[] = {
+    #define FP_NAME(s) {s, sizeof(s) - 1}
+        FP_NAME("te"), FP_NAME("host"), FP_NAME("expect"), FP_NAME("upgrade"),
+        FP_NAME("trailer"), FP_NAME("connection"), FP_NAME("keep-alive"),
+        FP_NAME("tracestate"), FP_NAME("traceparent"), FP_NAME("x-request-id"),
+        FP_NAME("content-length"), FP_NAME("content_length"), FP_NAME("x-forwarded-for"),
+        FP_NAME("proxy-connection"), FP_NAME("transfer-encoding"),
+        FP_NAME("transfer_encoding"),
+    #undef FP_NAME
+    };
+
+    /* the lower-case name of REQUEST_SPECIAL that s[0:n] is (a new reference), NULL when
+       it is none of them (no error set) */
+    static PyObject *fp_special_name(const unsigned char *s, Py_ssize_t n, int *failed) {
+        size_t i;
+        *failed = 0;
+        if (n < 2 || n > 17) return NULL;
+        for (i = 0; i < sizeof(fp_special) / sizeof(fp_special[0]); i++) {
+            if (fp_special[i].len == n && fp_ieq(s, fp_special[i].name, n)) {
+                PyObject *b = PyBytes_FromStringAndSize(fp_special[i].name, n);
+                *failed = b == NULL;
+                return b;
+            }
+        }
+        return NULL;
     }
 
     /* headscan.scan_request_head for a bytes head: None, or (is_get, target,
-       minor_is_0, [(name, value), ...]) */
+       minor_is_0, fields, specials, header_bytes) */
     static PyObject *fp_scan_request_head(PyObject *obj) {
         const unsigned char *h = (const unsigned char *)PyBytes_AS_STRING(obj);
-        Py_ssize_t n = PyBytes_GET_SIZE(obj), p, target, colon, end, v;
-        int is_get;
-        PyObject *fields, *field;
+        Py_ssize_t n = PyBytes_GET_SIZE(obj), p, target, colon, end, v, header_bytes;
+        int is_get, failed;
+        PyObject *lists[2], *field, *low;
         if (!fp_class_ready) fp_class_init();
         if (n >= 4 && !memcmp(h, "GET ", 4)) is_get = 1, p = 4;
         else if (n >= 5 && !memcmp(h, "HEAD ", 5)) is_get = 0, p = 5;
@@ -197,31 +221,51 @@ cdef extern from *:
         if (n - p < 13 || memcmp(h + p, " HTTP/1.", 8) || (h[p + 8] != '0' && h[p + 8] != '1')
                 || h[p + 9] != '\\r' || h[p + 10] != '\\n')
             Py_RETURN_NONE;
-        fields = PyList_New(0);
-        if (fields == NULL) return NULL;
+        header_bytes = p - target;
+        lists[0] = PyList_New(0);  /* forwarded as they came */
+        lists[1] = PyList_New(0);  /* REQUEST_SPECIAL's */
+        if (lists[0] == NULL || lists[1] == NULL) goto error;
         for (end = p + 11; end < n && h[end] != '\\r'; end += 2) {
             Py_ssize_t start = end;
             end = fp_field(h, n, start, &colon);
             if (end < 0) {
-                Py_DECREF(fields);
+                Py_DECREF(lists[0]);
+                Py_DECREF(lists[1]);
                 Py_RETURN_NONE;
             }
             for (v = colon + 1; v < end && (h[v] == ' ' || h[v] == '\\t'); v++) {}
-            field = fp_pair(h, start, colon - start, v, end - v);
-            if (field == NULL || PyList_Append(fields, field) < 0) {
+            header_bytes += (colon - start) + (end - v) + 4;
+            low = fp_special_name(h + start, colon - start, &failed);
+            if (failed) goto error;
+            if (low == NULL) {
+                field = fp_pair(h, start, colon - start, v, end - v);
+            } else {
+                PyObject *items[2] = {low, PyBytes_FromStringAndSize((const char *)h + v, end - v)};
+                field = fp_tuple(2, items);
+            }
+            if (field == NULL || PyList_Append(lists[low != NULL], field) < 0) {
                 Py_XDECREF(field);
-                Py_DECREF(fields);
-                return NULL;
+                goto error;
             }
             Py_DECREF(field);
         }
         if (end + 2 != n || h[end + 1] != '\\n') {
-            Py_DECREF(fields);
+            Py_DECREF(lists[0]);
+            Py_DECREF(lists[1]);
             Py_RETURN_NONE;
         }
-        return fp_tuple4(PyBool_FromLong(is_get),
-                         PyBytes_FromStringAndSize((const char *)h + target, p - target),
-                         PyBool_FromLong(h[p + 8] == '0'), fields);
+        {
+            PyObject *items[6] = {
+                PyBool_FromLong(is_get),
+                PyBytes_FromStringAndSize((const char *)h + target, p - target),
+                PyBool_FromLong(h[p + 8] == '0'), lists[0], lists[1],
+                PyLong_FromSsize_t(header_bytes)};
+            return fp_tuple(6, items);
+        }
+    error:
+        Py_XDECREF(lists[0]);
+        Py_XDECREF(lists[1]);
+        return NULL;
     }
     """
     object fp_judge_response_head(object head)

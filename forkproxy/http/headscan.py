@@ -89,10 +89,24 @@ def judge_response_head(head: bytes) -> tuple[int, int, bool, bytes] | None:
     return int(head[9:12]), int(value), keep, head
 
 
-def scan_request_head(head: bytes) -> tuple[bool, bytes, bool, list] | None:
-    """A whole GET/HEAD request head split into (is_get, target, minor_is_0, fields),
-    fields a list of ``(name, value)`` as sent (the value without the blanks after the
-    colon). None: not the simple shape, llhttp's to judge."""
+#: the request fields the fast path acts on (lower case: request.py's fields but
+#: Content-Type); scan_request_head hands them over apart from the fields forwarded as
+#: they came
+REQUEST_SPECIAL = frozenset({
+    b"content-length", b"transfer-encoding", b"host", b"connection", b"x-request-id",
+    b"x-forwarded-for", b"expect", b"upgrade", b"traceparent", b"tracestate",
+    b"keep-alive", b"proxy-connection", b"te", b"trailer", b"content_length",
+    b"transfer_encoding",
+})
+
+
+def scan_request_head(head: bytes) -> tuple[bool, bytes, bool, list, list, int] | None:
+    """A whole GET/HEAD request head split into (is_get, target, minor_is_0, fields,
+    specials, header_bytes): ``fields`` the ``(name, value)`` pairs to forward as sent,
+    ``specials`` those of REQUEST_SPECIAL as ``(lower-cased name, value)``, in order (a
+    value without the blanks after its colon), and ``header_bytes`` what the size limits
+    count (the target, and name + value + 4 per field). None: not the simple shape,
+    llhttp's to judge."""
     if COMPILED and type(head) is bytes:
         return fp_scan_request_head(head)  # noqa: F821
     m = _SIMPLE_REQUEST_RE.fullmatch(head)
@@ -100,7 +114,15 @@ def scan_request_head(head: bytes) -> tuple[bool, bytes, bool, list] | None:
         return None
     method, target, minor, block = m.groups()
     fields = []
+    specials = []
+    header_bytes = len(target)
     for line in block.split(b"\r\n")[:-1]:
         name, _, value = line.partition(b":")
-        fields.append((name, value.lstrip(b" \t")))
-    return method == b"GET", target, minor == b"0", fields
+        value = value.lstrip(b" \t")
+        header_bytes += len(name) + len(value) + 4
+        low = name.lower()
+        if low in REQUEST_SPECIAL:
+            specials.append((low, value))
+        else:
+            fields.append((name, value))
+    return method == b"GET", target, minor == b"0", fields, specials, header_bytes

@@ -63,7 +63,7 @@ _SPECIAL = {
 #: fields the fast path handles itself; any other special field sends the head to llhttp
 _FAST_SPECIAL = frozenset({_HOST, _CONN, _RID, _XFF, _TP, _TS})
 #: the fields the fast path acts on: content-type is forwarded as any other field there
-#: (a GET or HEAD is never a gRPC call)
+#: (a GET or HEAD is never a gRPC call); headscan.REQUEST_SPECIAL has the same names
 _FAST_FIELDS = {name: what for name, what in _SPECIAL.items() if what != _CT}
 #: what a gRPC request's content-type starts with (gRPC over HTTP/2, and gRPC-Web)
 GRPC_CONTENT_TYPE = b"application/grpc"
@@ -281,22 +281,17 @@ class RequestParser:
         scanned = scan_request_head(head)
         if scanned is None:
             return False
-        is_get, target, minor_is_0, fields = scanned
-        if len(fields) > limits.header_count:
+        is_get, target, minor_is_0, fields, specials, header_bytes = scanned
+        if len(fields) + len(specials) > limits.header_count:
             return False
         req = Request()
-        headers = req.headers
+        req.headers = fields
         special = _FAST_FIELDS
-        header_bytes = len(target)
-        for field in fields:
-            name, value = field
-            header_bytes += len(name) + len(value) + 4
-            what = special.get(name.lower())
-            if what is None:
-                headers.append(field)
-            elif what not in _FAST_SPECIAL:
+        for name, value in specials:
+            what = special[name]
+            if what not in _FAST_SPECIAL:
                 return False
-            elif what == _HOST:
+            if what == _HOST:
                 value = value.rstrip(b" \t")
                 if req.host or not HOST_RE.match(value):
                     return False

@@ -268,8 +268,9 @@ class RequestParser:
 
     def _fast(self, data) -> bool:
         """One whole GET/HEAD head without a body, alone in ``data``: parsed here with one
-        scan instead of five llhttp callbacks (~1.5 us instead of ~4 for a wrk request,
-        ~4 instead of ~10 for a browser's). False: nothing was consumed, use llhttp."""
+        scan (http/headscan.py) instead of llhttp and its callbacks (compiled ~1.8
+        us for a wrk head, ~2.9 for a browser's; llhttp's way ~4 and ~10). False: nothing
+        was consumed, use llhttp."""
         limits = self.limits
         size = len(data)
         if size > limits.request_line or size > limits.header_size or size > limits.headers_total:

@@ -26,6 +26,7 @@ COMPILED = [
     "forkproxy.shm.ringpush",
     "forkproxy.http.ids",
     "forkproxy.http.headbuild",
+    "forkproxy.http.headscan",
     "forkproxy.http2.fieldsink",
     "forkproxy.http2.sendpath",
     "forkproxy.manager.rawspans",

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from forkproxy.http import headscan, request
 from forkproxy.http.request import END, ERROR, HEAD, Limits, Request, RequestParser
 
 WRK = b"GET /tiny HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
@@ -116,3 +117,9 @@ def test_a_repeated_head_gives_an_equal_but_separate_request():
     small = Limits(header_count=2)  # other limits: judged again, not taken from the last one
     assert _events(BROWSER, True, small) == _events(BROWSER, False, small)
     assert _events(BROWSER, True, small)[-1][0] == ERROR
+
+
+def test_the_scan_sets_apart_the_fields_the_fast_path_acts_on():
+    """headscan hands over the fields the fast path acts on by their names: the same
+    names, or a field would be forwarded that the fast path must judge (or the reverse)."""
+    assert set(request._FAST_FIELDS) == headscan.REQUEST_SPECIAL

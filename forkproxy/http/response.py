@@ -20,10 +20,9 @@ relayed: fast_head() takes only a ``Connection`` of exactly ``close`` or ``keep-
 
 from __future__ import annotations
 
-import re
-
 import httptools
 
+from forkproxy.http.headscan import judge_response_head
 from forkproxy.http.messages import (
     BAD_VALUE_RE,
     HOP_BY_HOP,
@@ -38,74 +37,22 @@ HEAD_END = b"\r\n\r\n"
 MAX_HEAD = 64 * 1024
 
 
-_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"
-#: a whole response head the fast path may take: HTTP/1.x, a 1xx-5xx status, a reason
-#: and field values of HTAB/SP/VCHAR/obs-text only, every field name a token directly
-#: followed by ':'. Whatever llhttp's strict mode refuses (obs-fold, bare CR or LF, CTLs,
-#: whitespace before the colon) does not match, and goes the httptools way to be judged.
-_SIMPLE_HEAD_RE = re.compile(
-    rb"HTTP/1\.[01] [1-5][0-9][0-9] " + _VALUE
-    + rb"\r\n(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:" + _VALUE + rb"\r\n)*\r\n")
-#: hop-by-hop fields the fast path leaves to the full parser (lower-cased head)
-_HOP_RE = re.compile(rb"\r\n(?:keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
-                     rb"|proxy-authenticate|proxy-authorization):")
-_CL = b"\r\ncontent-length:"
-_CONN = b"\r\nconnection:"
-
-
 #: the last head fast_head() judged and its verdict: an origin answers the same resource
 #: with the same bytes until its Date changes, so most heads are this one again (a bytes
-#: compare instead of the regexes). Per process; fast_head is a pure function.
+#: compare instead of a scan). Per process; fast_head is a pure function.
 _last_head: list = [b"", None]
 
 
 def fast_head(head: bytes) -> tuple[int, int, bool, bytes] | None:
+    """headscan.judge_response_head's verdict on ``head``: (status, content_length,
+    upstream_keep_alive, the head to relay), or None for the full parser."""
     last = _last_head
     if head == last[0]:
         return last[1]
-    verdict = _judge_head(head)
+    verdict = judge_response_head(head)
     last[0] = head
     last[1] = verdict
     return verdict
-
-
-def _judge_head(head: bytes) -> tuple[int, int, bool, bytes] | None:
-    """The common upstream answer without httptools: a final (non-1xx) response framed
-    by one Content-Length, no hop-by-hop field but one ``Connection: keep-alive|close``
-    (a Connection naming any other field is declined: the parser removes named fields).
-
-    Returns (status, content_length, upstream_keep_alive, head) where head is the
-    response head to relay, the upstream's own bytes as HTTP/1.1 minus its Connection
-    line (~1.5 us for an nginx head; the callback parser took ~10). None: anything else,
-    which parse_head() then parses and judges."""
-    if _SIMPLE_HEAD_RE.fullmatch(head) is None or head[9] == 49:  # b"1": interim / 101
-        return None
-    low = head.lower()
-    if _HOP_RE.search(low) is not None:
-        return None
-    i = low.find(_CL)
-    if i < 0 or low.find(_CL, i + 17) >= 0:
-        return None
-    value = head[i + 17 : low.index(b"\r\n", i + 17)].lstrip(b" \t")
-    if not value.isdigit() or len(value) > 18 or (value[0] == 48 and len(value) > 1):
-        return None  # leading zeros: the full parser re-frames it as a plain number
-    keep = head[7] == 49  # HTTP/1.1: persistent unless "Connection: close"
-    i = low.find(_CONN)
-    if i >= 0:
-        end = low.index(b"\r\n", i + 13)
-        token = low[i + 13 : end].strip(b" \t")
-        if token == b"close":
-            keep = False
-        elif token == b"keep-alive":
-            keep = True
-        else:
-            return None
-        if low.find(_CONN, end) >= 0:
-            return None
-        head = head[:i] + head[end:]
-    if head[7] == 48:  # HTTP/1.0 upstream: relayed as HTTP/1.1
-        head = b"HTTP/1.1" + head[8:]
-    return int(head[9:12]), int(value), keep, head
 
 
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})

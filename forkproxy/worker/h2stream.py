@@ -226,9 +226,27 @@ class Http2Stream(Http2FrontEnd):
             try:
                 self._wait(send_timeout)
             except Deadline:
+                self._send_timed_out()
                 raise ClientGone("client not reading (send_timeout)")
             finally:
                 self.blocked = False
+
+    def _send_timed_out(self) -> None:
+        """Logged when a stream waited send_timeout for its queued bytes to drain (once
+        per such stream, not the hot path): whether the client's window held them
+        (send_window <= 0) or the connection never framed them (window open, nghttp2
+        wanting to write: the connection's loop slept through the stream's wake-up)."""
+        log = self.ws.spec.logger
+        if log is None:
+            return
+        conn = self.conn
+        session = conn.session
+        sid = self.stream
+        out = session.streams.get(sid)
+        log.warning("HTTP/2 stream send timed out", remote=self.remote, stream=sid,
+                    pending=session.pending(sid), send_window=session.send_window(sid),
+                    want_write=session.want_write, deferred=out is not None and out.deferred,
+                    connection_woken=conn.wake.is_set(), readable=conn.readable)
 
     # -- the exchange's front end --------------------------------------------------------
 

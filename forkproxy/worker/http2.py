@@ -127,6 +127,12 @@ class Http2Connection(ClientConnection):
         ws = self.ws
         was_busy = False
         while True:
+            # cleared before the flush, not after: a stream that queues while the flush
+            # is blocked writing (a full socket) sets it then, and, above send_buffer, waits
+            # for this loop to frame its bytes (_flush only wakes streams whose bytes
+            # drained): cleared after, that wake-up was lost and the stream waited for
+            # send_timeout unless the client happened to send a frame
+            wake.clear()
             self._flush()
             if session.failed is not None or session.finished:
                 return
@@ -148,7 +154,6 @@ class Http2Connection(ClientConnection):
             else:
                 self.deadline = 0.0
             was_busy = busy
-            wake.clear()
             got = self._read()
             if got is None:
                 return

@@ -256,6 +256,10 @@ class Http2Config(_Section, kw_only=True):
     #: response bytes queued per stream before reading from the upstream pauses (the
     #: client's window is closed or its connection slow)
     send_buffer: Size = Size(65536)
+    #: when a worker drains (HUP, QUIT, USR2): the longest wait between the shutdown
+    #: notice (GOAWAY with the largest stream id, and a PING) and the final GOAWAY; the
+    #: client's PING acknowledgement ends it sooner (Envoy's drain_timeout)
+    drain_timeout: Duration = Duration(2.0)
 
 
 class SplitTarget(_Section, kw_only=True):

@@ -482,3 +482,67 @@ def test_pooled_streams_answer_each_request_with_its_own_response(tmp_path, reco
             assert heads[sid][b"content-length"] == b"%d" % len(want), (batch, sid)
     c.close()
     assert len(recording.seen) == 80 and not recording.errors
+
+
+def read_frames(sock, buf: bytearray):
+    """The whole HTTP/2 frames in ``buf`` after one more read, as (type, flags, stream,
+    payload); what is left of a frame stays in ``buf``. EOF: None."""
+    data = sock.recv(65536)
+    if not data:
+        return None
+    buf += data
+    frames = []
+    while len(buf) >= 9:
+        length = int.from_bytes(buf[:3], "big")
+        if len(buf) < 9 + length:
+            break
+        frames.append((buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF,
+                       bytes(buf[9:9 + length])))
+        del buf[:9 + length]
+    return frames
+
+
+GOAWAY, PING, ACK = 7, 6, 1
+
+
+@pytest.mark.parametrize("ack, drain_timeout", [(True, "60s"), (False, "1s")],
+                         ids=["acked", "never-acked"])
+def test_a_drain_sends_the_shutdown_notice_at_once_and_the_final_goaway_on_its_ack(
+        tmp_path, recording, proxies, ack, drain_timeout):
+    """QUIT drains the worker: an idle HTTP/2 connection gets the shutdown notice (GOAWAY
+    with the largest stream id, and a PING) at once, and the final GOAWAY (the last
+    stream it served) as soon as the PING is acknowledged, long before [http2]
+    drain_timeout. The notice was once queued after the connection loop's flush and
+    left only with the final GOAWAY when drain_timeout ended: here the worker would be
+    stopped by graceful_timeout (5 s) before that, and the client would see no GOAWAY.
+    A client that never acknowledges gets the final GOAWAY after drain_timeout. The
+    frames are read raw: the h2 library takes no PING after a GOAWAY."""
+    p = proxies(tmp_path, recording.address, listener_extra=H2C,
+                extra=f'[http2]\ndrain_timeout = "{drain_timeout}"\n')
+    c = SocketClient(p.port, timeout=30)
+    try:
+        sid = c.send(_req(b"/"))
+        assert c.wait(sid)["status"] == 200
+        p.send(signal.SIGQUIT)
+        buf = bytearray()
+        goaways: list[tuple[int, int]] = []
+        pings = 0
+        while len(goaways) < 2:
+            frames = read_frames(c.sock, buf)
+            assert frames is not None, f"the connection closed after {goaways}\n{p.log()}"
+            for kind, flags, stream, payload in frames:
+                if kind in (GOAWAY, PING):
+                    assert stream == 0, (kind, stream)  # connection frames
+                if kind == GOAWAY:
+                    goaways.append((int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
+                                    int.from_bytes(payload[4:8], "big")))
+                elif kind == PING and not flags & ACK:  # nghttp2 sends it first
+                    pings += 1
+                    if ack:
+                        c.sock.sendall(b"\x00\x00\x08\x06\x01\x00\x00\x00\x00" + payload)
+        assert pings == 1, "one PING comes with the shutdown notice"
+        assert goaways == [(2**31 - 1, 0), (sid, 0)]
+        assert read_frames(c.sock, buf) is None  # then the worker closes the connection
+    finally:
+        c.close()
+    assert p.proc.wait(15) == 0

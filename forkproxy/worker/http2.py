@@ -40,10 +40,6 @@ from forkproxy.worker.h2stream import Http2Stream, StreamBuffers
 _monotonic = time.monotonic
 #: the client connection preface (RFC 9113 section 3.4): what h2c prior knowledge begins with
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-#: the final GOAWAY of a graceful close follows the first once the client acknowledged
-#: the PING sent with it (streams it opened before seeing the first GOAWAY have then all
-#: arrived and are served), or after this long if it never does
-GOAWAY_GRACE = 2.0
 #: socket reads per wake-up before the connection writes and yields (fairness)
 READS_PER_WAKE = 16
 #: finished streams kept per connection for its next requests (each a parked greenlet,
@@ -144,7 +140,7 @@ class Http2Connection(ClientConnection):
             if ws.draining and not self.final_sent:
                 self._goaway_step()
             if self.notice_at and not self.final_sent:
-                self.deadline = self.notice_at + GOAWAY_GRACE
+                self.deadline = self.notice_at + ws.h2_drain_timeout
             elif not busy:  # idle: first the pooled streams go, then the connection
                 if was_busy:  # since now (not a clock read per finished stream)
                     self.idle_since = _monotonic()
@@ -179,15 +175,22 @@ class Http2Connection(ClientConnection):
         return False
 
     def _goaway_step(self) -> None:
+        """A drain's GOAWAYs: first the shutdown notice and its PING; the final GOAWAY
+        once the client acknowledged the PING (the streams it opened before it saw the
+        notice have then all arrived, and are served), or [http2] drain_timeout after
+        the notice if it never does. Each is queued after the loop's flush: the wake-up
+        has the loop go round and write it now, not when something else wakes it."""
         now = _monotonic()
         if not self.notice_at:
             self.notice_at = now
             self.session.shutdown_notice()
-        elif self.session.notice_acked or now >= self.notice_at + GOAWAY_GRACE:
+            self.wake.set()
+        elif self.session.notice_acked or now >= self.notice_at + self.ws.h2_drain_timeout:
             # not sooner, even when idle: requests the client sent before it saw the
             # first GOAWAY may still be on the way, and the final one refuses them
             self.final_sent = True
             self.session.goaway()
+            self.wake.set()
 
     def _read(self) -> bool | None:
         """Read what the socket has (up to READS_PER_WAKE times) into the session and

@@ -81,6 +81,8 @@ class WorkerState:
             h2.max_header_list_size, h2.header_table_size, h2.max_continuations,
             h2.reset_burst, h2.reset_rate, h2.control_frame_burst, h2.control_frame_rate,
             send_buffer=h2.send_buffer)
+        #: [http2] drain_timeout: between a drain's first and final GOAWAY
+        self.h2_drain_timeout = h2.drain_timeout
         self.h2_connections = 0  # HTTP/2 client connections open
         #: running totals for the gauges record: connections by "listener protocol",
         #: HTTP/2 errors by reason

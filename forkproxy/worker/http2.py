@@ -153,7 +153,9 @@ class Http2Connection(ClientConnection):
             got = self._read()
             if got is None:
                 return
-            if not got and not wake.is_set():  # nothing read, nothing new: sleep
+            # nothing read, nothing new, and nghttp2 has nothing framed to write (a frame
+            # queued after the flush, as a drain's GOAWAY is, goes round once more): sleep
+            if not got and not wake.is_set() and not session.want_write:
                 try:
                     wake.wait()
                 except Deadline:
@@ -178,19 +180,17 @@ class Http2Connection(ClientConnection):
         """A drain's GOAWAYs: first the shutdown notice and its PING; the final GOAWAY
         once the client acknowledged the PING (the streams it opened before it saw the
         notice have then all arrived, and are served), or [http2] drain_timeout after
-        the notice if it never does. Each is queued after the loop's flush: the wake-up
-        has the loop go round and write it now, not when something else wakes it."""
+        the notice if it never does. Each is queued after the loop's flush: the loop
+        does not sleep while nghttp2 wants to write, so it goes round and sends it now."""
         now = _monotonic()
         if not self.notice_at:
             self.notice_at = now
             self.session.shutdown_notice()
-            self.wake.set()
         elif self.session.notice_acked or now >= self.notice_at + self.ws.h2_drain_timeout:
             # not sooner, even when idle: requests the client sent before it saw the
             # first GOAWAY may still be on the way, and the final one refuses them
             self.final_sent = True
             self.session.goaway()
-            self.wake.set()
 
     def _read(self) -> bool | None:
         """Read what the socket has (up to READS_PER_WAKE times) into the session and
